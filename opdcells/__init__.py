@@ -1,0 +1,24 @@
+"""opdcells: tell cancer cells from blood cells in label-free optical path delay (OPD) maps.
+
+The data side (readers, preprocessing, dataset, simulator) imports no deep-learning library;
+``load_model`` imports Keras only when called.
+"""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__", "open_dataset", "load_model"]
+
+
+def open_dataset(path):
+    """Open an opdcells HDF5 dataset lazily (see :func:`opdcells.dataset.open_dataset`)."""
+    from .dataset import open_dataset as _open
+
+    return _open(path)
+
+
+def load_model(path, **kwargs):
+    """Load a saved model folder (see :func:`opdcells.train.load_model`)."""
+    from .train import load_model as _load
+
+    return _load(path, **kwargs)

@@ -1,0 +1,67 @@
+"""Acquisition metadata schema (qpimage style): required and optional keys, checked on the way in."""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+from .errors import MetadataError
+
+UNITS = ("nm", "um", "rad")
+
+#: Keys every map needs before it can become OPD in nanometres at a known scale.
+REQUIRED_KEYS = ("units", "pixel_size_um")
+#: Keys that are stored when known; ``wavelength_nm`` becomes required when ``units == "rad"``.
+OPTIONAL_KEYS = ("wavelength_nm", "medium_index")
+
+
+@dataclass(frozen=True)
+class Meta:
+    """Metadata of one map or file. ``None`` means unknown.
+
+    units: unit of the stored values: "nm" or "um" (optical path delay) or "rad" (phase).
+    wavelength_nm: vacuum imaging wavelength in nanometres.
+    pixel_size_um: object-plane pixel size in micrometres.
+    medium_index: refractive index of the medium around the cells.
+    """
+
+    units: str | None = None
+    wavelength_nm: float | None = None
+    pixel_size_um: float | None = None
+    medium_index: float | None = None
+
+    def __post_init__(self):
+        if self.units is not None and self.units not in UNITS:
+            raise ValueError(f"units must be one of {UNITS}, not {self.units!r}")
+        for key in ("wavelength_nm", "pixel_size_um", "medium_index"):
+            value = getattr(self, key)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{key} must be a positive finite number, not {value!r}")
+
+    def over(self, fallback: "Meta") -> "Meta":
+        """Return metadata taking each key from ``self`` where known, else from ``fallback``.
+
+        ``user_meta.over(file_meta)``: what the user gave wins; the file fills the gaps.
+        """
+        return Meta(**{f.name: getattr(self, f.name) if getattr(self, f.name) is not None
+                       else getattr(fallback, f.name) for f in dataclasses.fields(self)})
+
+    def missing(self) -> list[str]:
+        """Names of required keys that are still unknown."""
+        keys = [k for k in REQUIRED_KEYS if getattr(self, k) is None]
+        if self.units == "rad" and self.wavelength_nm is None:
+            keys.append("wavelength_nm")
+        return keys
+
+    def check(self, path) -> "Meta":
+        """Raise :class:`MetadataError` naming ``path`` and the missing keys; return self if complete."""
+        missing = self.missing()
+        if missing:
+            hints = {"units": "--units nm|um|rad", "pixel_size_um": "--pixel-size-um",
+                     "wavelength_nm": "--wavelength-nm"}
+            raise MetadataError(path, "missing metadata " + ", ".join(
+                f"{k} (give {hints[k]} or a manifest column)" for k in missing))
+        return self
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)

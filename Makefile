@@ -1,0 +1,42 @@
+# Two commands matter: `make demo` (the main job on simulated exports) and `make test`.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+DATA   := data
+SIM    := $(DATA)/simulated_exports
+DATASET := $(DATA)/opd_dataset.h5
+N_PER_CLASS ?= 400
+SEED ?= 0
+PROFILE ?= quick
+
+.PHONY: demo test venv lint bench clean-demo
+
+venv: $(STAMP)
+
+$(STAMP): requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -r requirements.txt
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+demo: $(STAMP) $(SIM)/truth.csv
+	$(BIN)/python load_data.py $(SIM) --out $(DATASET)
+	$(BIN)/python -m opdcells notebooks --data $(DATASET) --profile $(PROFILE)
+
+# Simulated once: re-running the demo re-uses the exports (load_data then adds nothing new).
+$(SIM)/truth.csv: | $(STAMP)
+	$(BIN)/python -m opdcells simulate --out $(SIM) --n-per-class $(N_PER_CLASS) --seed $(SEED)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+bench: $(STAMP)
+	for b in benchmarks/bench_*.py; do $(BIN)/python $$b || exit 1; done
+
+clean-demo:
+	rm -rf $(SIM) $(DATASET)

@@ -1,0 +1,301 @@
+"""Load microscope OPD/phase exports into an opdcells HDF5 dataset (appending, atomically).
+
+Usage:
+  python load_data.py SOURCE... --out DATASET.h5            # SOURCE/<class>/**/<exports>
+  python load_data.py FOLDER_OR_FILES... --label NAME --out DATASET.h5
+  python load_data.py --manifest FILES.csv --out DATASET.h5  # columns path,label[,units,...]
+
+Files already in the dataset (same SHA-256 and reading options) are skipped before decoding; a run
+writes a temporary copy beside the dataset and replaces the original only when complete, so an
+interrupted run leaves the old dataset intact.
+
+Exit status: 0 everything loaded (or nothing new), 1 some files or maps were skipped,
+2 nothing could be loaded, a usage / metadata / dataset error, or a bad file under --strict
+(the dataset is then left untouched). 130 when interrupted.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from opdcells.dataset import DatasetWriter, open_dataset
+from opdcells.errors import ExportError, OPDCellsError
+from opdcells.ingest import (
+    Found,
+    IngestOptions,
+    ProcessedExport,
+    discover,
+    file_key,
+    read_manifest,
+    stack_group,
+)
+from opdcells.metadata import UNITS
+from opdcells.preprocess import PreprocessConfig
+
+log = logging.getLogger("load_data")
+
+EXIT_OK, EXIT_SKIPPED, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+EPILOG = """\
+layouts:
+  SOURCE/<class>/**/<export>     one sub-folder per class, exports at any depth below it
+  --label NAME FOLDER|FILE...    everything given is of class NAME
+  --manifest CSV                 path,label[,units,wavelength_nm,pixel_size_um,medium_index,var]
+
+Metadata: a manifest row wins over the options, the options win over what the file says;
+missing units or pixel size (or wavelength for rad) is an error naming the file.
+Acquisition group of each map: the stack / field-of-view file, else the folder of the file.
+
+exit status:
+  0  everything loaded, or nothing new      1  some files or maps were skipped
+  2  nothing could be loaded, usage / metadata / dataset error, or --strict stop (dataset unchanged)
+"""
+
+
+def _positive(text: str) -> float:
+    value = float(text)
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, not {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="load_data.py", description=__doc__.split("\n\n")[0], epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("sources", nargs="*", metavar="SOURCE",
+                   help="folder with one sub-folder per class (or, with --label, folders/files of one class)")
+    p.add_argument("--out", required=True, type=Path, metavar="DATASET.h5",
+                   help="dataset to create or extend")
+    p.add_argument("--label", metavar="NAME", help="class of every SOURCE (no class sub-folders)")
+    p.add_argument("--manifest", type=Path, metavar="CSV",
+                   help="CSV with columns path,label and optional units,wavelength_nm,pixel_size_um,"
+                        "medium_index,var per row (row values win over the options below)")
+    p.add_argument("--var", metavar="NAME", help="variable / key / dataset holding the maps in each export")
+    p.add_argument("--stack-axis", type=int, metavar="N", help="axis of a 3-D array that indexes the maps")
+    p.add_argument("--units", choices=UNITS, help="units of the stored values (rad needs a wavelength)")
+    p.add_argument("--wavelength-nm", type=_positive, metavar="NM", help="vacuum imaging wavelength")
+    p.add_argument("--pixel-size-um", type=_positive, metavar="UM", help="object-plane pixel size of exports")
+    p.add_argument("--medium-index", type=_positive, metavar="N", help="refractive index of the medium")
+    p.add_argument("--fields", action="store_true", help="exports are fields of view: segment single cells")
+    p.add_argument("--hologram", action="store_true", help="exports are off-axis holograms to reconstruct")
+    p.add_argument("--out-pixel-size-um", type=_positive, metavar="UM",
+                   help="pixel size of the dataset maps (default: the existing dataset's, else 0.25)")
+    p.add_argument("--out-size", type=int, metavar="PX",
+                   help="side of the dataset maps (default: the existing dataset's, else 128)")
+    p.add_argument("--strict", action="store_true", help="stop at the first bad file, changing nothing")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary, only problems")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug messages")
+    return p
+
+
+# --------------------------------------------------------------------------------------- set-up
+
+
+class _Format(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        message = super().format(record)
+        return message if record.levelno == logging.INFO else f"{record.levelname.lower()}: {message}"
+
+
+def _setup_logging(args: argparse.Namespace) -> tuple[logging.Handler, dict]:
+    """Messages to stderr: our summary (INFO) and the package's problems (WARNING); -v shows all.
+
+    Returns what :func:`_restore_logging` undoes (main() may run several times in one process).
+    """
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Format("%(message)s"))
+    ours = logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO
+    levels = {"load_data": ours, "opdcells": logging.DEBUG if args.verbose else logging.WARNING}
+    saved = {}
+    for name, level in levels.items():
+        logger = logging.getLogger(name)
+        saved[name] = logger.level
+        logger.setLevel(level)
+        logger.addHandler(handler)
+    return handler, saved
+
+
+def _restore_logging(handler: logging.Handler, saved: dict) -> None:
+    for name, level in saved.items():
+        logging.getLogger(name).removeHandler(handler)
+        logging.getLogger(name).setLevel(level)
+
+
+def resolve_config(args: argparse.Namespace) -> PreprocessConfig:
+    """Output geometry: given options, else the existing dataset's, else the defaults."""
+    settings = {}
+    if args.out.exists():
+        with open_dataset(args.out) as ds:
+            settings = ds.settings
+    given = {"pixel_size_um": args.out_pixel_size_um, "out_size": args.out_size}
+    settings.update({k: v for k, v in given.items() if v is not None})
+    defaults = PreprocessConfig()
+    return PreprocessConfig(
+        out_pixel_size_um=float(settings.get("pixel_size_um", defaults.out_pixel_size_um)),
+        out_size=int(settings.get("out_size", defaults.out_size)),
+        background_order=int(settings.get("background_order", defaults.background_order)),
+        alpha_ml_per_g=float(settings.get("alpha_ml_per_g", defaults.alpha_ml_per_g)))
+
+
+@dataclass
+class Job:
+    """One export file to load: where it is, its class and group, and how to read it."""
+
+    found: Found
+    options: IngestOptions
+
+
+def collect_jobs(args: argparse.Namespace, options: IngestOptions) -> list[Job]:
+    """Jobs from SOURCE folders/files and the manifest, in a deterministic order."""
+    jobs = [Job(f, options) for f in discover(args.sources, args.label, exclude=[args.out])]
+    if args.manifest is not None:
+        jobs += [Job(f, options.replace(**overrides)) for f, overrides in read_manifest(args.manifest)]
+    return jobs
+
+
+# --------------------------------------------------------------------------------------- loading
+
+
+@dataclass
+class Summary:
+    maps_added: int = 0
+    files_added: int = 0
+    files_present: int = 0
+    skipped: list[str] = field(default_factory=list)   # "path: reason" of each skipped file
+    bad_maps: int = 0                                  # bad maps/cells inside files that were loaded
+
+    def status(self) -> int:
+        if not self.skipped and not self.bad_maps:
+            return EXIT_OK
+        return EXIT_SKIPPED if self.files_added or self.files_present else EXIT_FAILED
+
+
+class StrictStop(ExportError):
+    """A bad file or map under --strict."""
+
+
+def load_job(job: Job, writer: DatasetWriter, summary: Summary, *, strict: bool) -> None:
+    """Append one export to ``writer``, updating ``summary``; raises ExportError for a bad file."""
+    path = job.found.path
+    if job.found.label is None:
+        raise ExportError(path, "not inside a class folder (give --label or move it into SOURCE/<class>/)")
+    sha, key = file_key(path, job.options)
+    if writer.has_file(key):
+        log.debug("%s: already in the dataset", path)
+        summary.files_present += 1
+        return
+
+    bad: list[ExportError] = []
+
+    def bad_map(exc: ExportError) -> None:
+        if strict:
+            raise StrictStop(exc.path, exc.reason)
+        bad.append(exc)
+
+    try:
+        with ProcessedExport(path, job.options, on_error=bad_map) as export:
+            is_stack = job.options.fields or len(export) > 1
+            group = stack_group(job.found.group, path) if is_stack else job.found.group
+            added = writer.add_file(key, path=str(path.absolute()), sha256=sha, label=job.found.label,
+                                    group=group, maps=export)
+    finally:
+        report_bad_maps(path, bad)
+    summary.bad_maps += len(bad)
+    if not added:
+        why = "no usable isolated cells found" if job.options.fields else "none of its maps is usable"
+        raise ExportError(path, why)
+    summary.maps_added += added
+    summary.files_added += 1
+
+
+def report_bad_maps(path: Path, errors: list[ExportError], shown: int = 5) -> None:
+    """One line per distinct reason for the bad maps (or cells) of one file."""
+    by_reason: dict[str, list[str]] = {}
+    for exc in errors:
+        by_reason.setdefault(exc.reason, []).append(exc.path[len(str(path)):].strip(" []"))
+    for reason, where in by_reason.items():
+        listed = "; ".join(where[:shown]) + (f" and {len(where) - shown} more" if len(where) > shown else "")
+        log.warning("skipped %s of %s (%s): %s", _count(len(where), "map"), path, listed, reason)
+
+
+def load_all(jobs: list[Job], writer: DatasetWriter, *, strict: bool, progress: bool) -> Summary:
+    """Load every job into ``writer``; bad files are logged and skipped (raised under ``strict``)."""
+    from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    summary = Summary()
+    loggers = [logging.getLogger("opdcells"), log]
+    bar = tqdm(jobs, unit="file", file=sys.stderr, mininterval=0.5, delay=1.0,  # long runs only
+               disable=None if progress else True)  # None: only on a terminal
+    with logging_redirect_tqdm(loggers=loggers), bar:
+        for job in bar:
+            try:
+                load_job(job, writer, summary, strict=strict)
+            except ExportError as exc:
+                if strict:
+                    raise StrictStop(exc.path, exc.reason) from None
+                log.warning("skipped %s", exc)
+                summary.skipped.append(str(exc))
+    return summary
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "es" if noun.endswith("s") else "s")
+
+
+def report(summary: Summary, writer: DatasetWriter, out: Path) -> None:
+    """The summary line: what was added, what was already there, what was skipped."""
+    bad = f"; {_count(summary.bad_maps, 'bad map')} skipped" if summary.bad_maps else ""
+    log.info("%s: added %s from %s (now %s, %s); %s already present; %s skipped%s", out,
+             _count(summary.maps_added, "map"), _count(summary.files_added, "file"),
+             _count(len(writer), "map"), _count(len(writer.class_names), "class"),
+             _count(summary.files_present, "file"), _count(len(summary.skipped), "file"), bad)
+
+
+def run(args: argparse.Namespace) -> int:
+    options = IngestOptions(var=args.var, stack_axis=args.stack_axis, units=args.units,
+                            wavelength_nm=args.wavelength_nm, pixel_size_um=args.pixel_size_um,
+                            medium_index=args.medium_index, fields=args.fields, hologram=args.hologram,
+                            config=resolve_config(args))
+    jobs = collect_jobs(args, options)
+    if not jobs:
+        log.error("no export files found in %s", ", ".join(map(str, args.sources or [args.manifest])))
+        return EXIT_FAILED
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with DatasetWriter(args.out, options.config) as writer:
+        summary = load_all(jobs, writer, strict=args.strict, progress=not args.quiet)
+    report(summary, writer, args.out)
+    return summary.status()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # usage error (2) or --help (0)
+        return int(exc.code or 0)
+    if not args.sources and args.manifest is None:
+        parser.print_usage(sys.stderr)
+        print("load_data.py: error: give at least one SOURCE or --manifest", file=sys.stderr)
+        return EXIT_FAILED
+    handler, saved = _setup_logging(args)
+    try:
+        return run(args)
+    except StrictStop as exc:
+        log.error("stopped at a bad file (--strict), dataset unchanged: %s", exc)
+    except (OPDCellsError, ValueError) as exc:
+        log.error("%s", exc)
+    except KeyboardInterrupt:
+        log.error("interrupted, dataset unchanged")
+        return EXIT_INTERRUPTED
+    finally:
+        _restore_logging(handler, saved)
+    return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,405 @@
+"""Classification metrics with bootstrap confidence intervals, printable reports and comparison tables.
+
+Point estimates come from scikit-learn. Bootstrap resamples (maps drawn with replacement) are scored
+in batches: accuracy, balanced accuracy and macro F1 from a stack of confusion matrices, sensitivity
+at a fixed false-positive rate from weighted cumulative counts, so 1000 resamples of thousands of maps
+take a fraction of a second. The batched formulas follow scikit-learn's conventions (tests compare
+them on the same resamples).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import warnings
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import (
+    accuracy_score,
+    balanced_accuracy_score,
+    confusion_matrix,
+    f1_score,
+    precision_recall_fscore_support,
+    roc_auc_score,
+    roc_curve,
+)
+
+log = logging.getLogger(__name__)
+
+HEADLINE = ("accuracy", "balanced_accuracy", "macro_f1")
+FPR_TARGETS = (0.01, 0.001)
+ECE_BINS = 15
+CI_LEVEL = 0.95
+_BOOT_CHUNK_ELEMENTS = 4_000_000  # resamples x maps held in memory at once
+
+
+def classification_report(y_true, proba, class_names, *, n_boot: int = 1000, seed: int = 0,
+                          positive_class: str | None = None) -> dict:
+    """JSON-serialisable report of a K-class prediction (``proba``: N x K, column k = class_names[k]).
+
+    Keys: n, class_names, class_counts, accuracy / balanced_accuracy / macro_f1 as
+    {"value", "ci_low", "ci_high"} (95% percentile bootstrap over maps), per_class
+    {precision, recall, f1, support}, confusion_matrix {labels, counts (rows true, columns predicted)},
+    roc_auc {macro, per_class, notes}, ece (15 equal-width bins on the top probability), and for two
+    classes sensitivity_at_fpr {positive_class, "0.01", "0.001"} (else None). ``n_boot=0`` skips the CIs.
+    """
+    y_true, proba, names = _check_inputs(y_true, proba, class_names)
+    y_pred = proba.argmax(axis=1)
+    boot = _bootstrap(y_true, y_pred, n_boot, seed, _binary_scores(y_true, proba, names, positive_class))
+    with warnings.catch_warnings():  # a class predicted but absent from y_true is normal here
+        warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
+        point = {
+            "accuracy": accuracy_score(y_true, y_pred),
+            "balanced_accuracy": balanced_accuracy_score(y_true, y_pred),
+            "macro_f1": f1_score(y_true, y_pred, average="macro", zero_division=0),
+        }
+    report = {
+        "n": int(y_true.size),
+        "class_names": names,
+        "class_counts": dict(zip(names, np.bincount(y_true, minlength=len(names)).tolist(), strict=True)),
+        **{key: _estimate(point[key], boot.get(key)) for key in HEADLINE},
+        "per_class": _per_class(y_true, y_pred, names),
+        "confusion_matrix": {"labels": names,
+                             "counts": confusion_matrix(y_true, y_pred, labels=range(len(names))).tolist()},
+        "roc_auc": roc_auc(y_true, proba, names, positive_class=positive_class),
+        "ece": expected_calibration_error(y_true, proba),
+        "sensitivity_at_fpr": None,
+    }
+    if len(names) == 2:
+        report["sensitivity_at_fpr"] = _sensitivity_report(y_true, proba, names, positive_class, boot)
+    return report
+
+
+def metrics_from_confusion(cms) -> dict[str, np.ndarray]:
+    """Accuracy, balanced accuracy and macro F1 of each confusion matrix in a (B, K, K) stack.
+
+    Same conventions as scikit-learn: balanced accuracy averages recall over classes present in
+    y_true; macro F1 averages over classes present in y_true or y_pred.
+    """
+    cms = np.asarray(cms, dtype=float)
+    cms = cms[None] if cms.ndim == 2 else cms
+    tp = np.diagonal(cms, axis1=1, axis2=2)
+    true, pred = cms.sum(axis=2), cms.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        recall = np.where(true > 0, tp / true, np.nan)
+        f1 = np.where(true + pred > 0, 2 * tp / (true + pred), np.nan)
+        return {
+            "accuracy": tp.sum(axis=1) / cms.sum(axis=(1, 2)),
+            "balanced_accuracy": _nanmean_rows(recall),
+            "macro_f1": _nanmean_rows(f1),
+        }
+
+
+def sensitivity_at_fpr(y_pos, score, fpr: float) -> dict:
+    """Highest true-positive rate reachable with false-positive rate <= ``fpr`` (step ROC, no interpolation).
+
+    Returns {"fpr", "value", "threshold", "achieved_fpr", "reason"}; value is None (with the reason)
+    when there are no positives, or fewer than ceil(1/fpr) negatives (the target FPR is not resolvable).
+    """
+    y_pos = np.asarray(y_pos, dtype=bool)
+    score = np.asarray(score, dtype=float)
+    out = {"fpr": fpr, "value": None, "threshold": None, "achieved_fpr": None, "reason": None}
+    out["reason"] = _fpr_unresolvable(int(y_pos.sum()), int((~y_pos).sum()), fpr)
+    if out["reason"] is None:
+        fprs, tprs, thresholds = roc_curve(y_pos, score, drop_intermediate=False)
+        i = int(np.searchsorted(fprs, fpr * (1 + 1e-9), side="right") - 1)
+        out.update(value=float(tprs[i]), threshold=_finite_or_none(thresholds[i]),
+                   achieved_fpr=float(fprs[i]))
+    return out
+
+
+def roc_auc(y_true, proba, class_names, *, positive_class: str | None = None) -> dict:
+    """One-vs-rest ROC AUC per class and their macro mean (two classes: the positive class's AUC);
+    classes absent from y_true are skipped with a note."""
+    per_class, notes = {}, []
+    for k, name in enumerate(class_names):
+        positives = y_true == k
+        if positives.all() or not positives.any():
+            per_class[name] = None
+            which = "only" if positives.all() else "no"
+            notes.append(f"{name}: AUC undefined ({which} maps of this class)")
+        else:
+            per_class[name] = float(roc_auc_score(positives, proba[:, k]))
+    defined = [v for v in per_class.values() if v is not None]
+    macro = float(np.mean(defined)) if defined else None
+    if len(class_names) == 2:
+        macro = per_class[class_names[positive_index(class_names, positive_class)]]
+    return {"macro": macro, "per_class": per_class, "notes": notes}
+
+
+def positive_index(class_names, positive_class: str | None = None) -> int:
+    """Index of the positive class in ``class_names`` (default: the first); ValueError if unknown."""
+    names = [str(n) for n in class_names]
+    positive_class = names[0] if positive_class is None else str(positive_class)
+    if positive_class not in names:
+        raise ValueError(f"positive_class {positive_class!r} is not one of {names}")
+    return names.index(positive_class)
+
+
+def expected_calibration_error(y_true, proba, n_bins: int = ECE_BINS) -> float:
+    """Expected calibration error: |accuracy - mean confidence| per equal-width bin of the top
+    probability, weighted by the bin's share of maps."""
+    proba = np.asarray(proba, dtype=float)
+    confidence = proba.max(axis=1)
+    correct = (proba.argmax(axis=1) == np.asarray(y_true)).astype(float)
+    inner_edges = np.linspace(0.0, 1.0, n_bins + 1)[1:-1]
+    bins = np.digitize(confidence, inner_edges, right=True)
+    gap = np.bincount(bins, correct, n_bins) - np.bincount(bins, confidence, n_bins)
+    return float(np.abs(gap).sum() / confidence.size)
+
+
+def format_report(report: Mapping) -> str:
+    """Compact printable table: headline numbers with CIs, per-class table, confusion matrix."""
+    names = report["class_names"]
+    counts = ", ".join(f"{k} {v}" for k, v in report["class_counts"].items())
+    lines = [f"n = {report['n']}  ({counts})"]
+    for key in HEADLINE:
+        lines.append(f"{key.replace('_', ' '):<22}{_fmt_estimate(report[key])}")
+    lines.append(f"{'ROC AUC (macro)':<22}{_fmt(report['roc_auc']['macro'])}")
+    lines.append(f"{f'ECE ({ECE_BINS} bins)':<22}{_fmt(report['ece'])}")
+    sens = report.get("sensitivity_at_fpr")
+    if sens:
+        for key, entry in sens.items():
+            if key != "positive_class":
+                label = f"sens. @ FPR {_pct(entry['fpr'])}"
+                lines.append(f"{label:<22}{_fmt_estimate(entry)}  (positive: {sens['positive_class']})")
+    width = max(len(n) for n in names) + 2
+    lines += ["", f"{'class':<{width}}{'precision':>10}{'recall':>8}{'F1':>7}{'AUC':>7}{'support':>9}"]
+    for name in names:
+        pc = report["per_class"][name]
+        lines.append(f"{name:<{width}}{_fmt(pc['precision']):>10}{_fmt(pc['recall']):>8}{_fmt(pc['f1']):>7}"
+                     f"{_fmt(report['roc_auc']['per_class'][name]):>7}{pc['support']:>9}")
+    cell = max(len(n) for n in names + [str(report["n"])]) + 2
+    lines += ["", "confusion matrix (rows: true, columns: predicted)",
+              " " * width + "".join(f"{n:>{cell}}" for n in names)]
+    for name, row in zip(names, report["confusion_matrix"]["counts"], strict=True):
+        lines.append(f"{name:<{width}}" + "".join(f"{c:>{cell}}" for c in row))
+    return "\n".join(lines)
+
+
+def flatten_report(report: Mapping) -> dict:
+    """One row of scalars from a report: headline metrics with CI columns, AUC, ECE, sensitivities, n."""
+    row = {}
+    for key in HEADLINE:
+        row.update(_estimate_columns(key, report[key]))
+    row.update(roc_auc_macro=report["roc_auc"]["macro"], ece=report["ece"])
+    for key, entry in (report.get("sensitivity_at_fpr") or {}).items():
+        if key != "positive_class":
+            row.update(_estimate_columns(f"sensitivity_at_fpr_{key}", entry))
+    row["n"] = report["n"]
+    return row
+
+
+def comparison_table(rows: Iterable[Mapping]) -> pd.DataFrame:
+    """DataFrame of model/task results; each row's "report" (a classification_report) is flattened
+    into metric columns, every other key (task, model, init, ...) is kept as an identifying column."""
+    records = []
+    for row in rows:
+        record = {k: v for k, v in row.items() if k != "report"}
+        if "report" in row:
+            record.update(flatten_report(row["report"]))
+        records.append(record)
+    return pd.DataFrame.from_records(records)
+
+
+def write_table(df: pd.DataFrame, path_stem: str | os.PathLike) -> tuple[Path, Path]:
+    """Write ``df`` as ``<stem>.csv`` (full precision) and ``<stem>.md`` (3 decimals, CIs merged as
+    "value [low, high]"); return both paths."""
+    stem = Path(path_stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    csv_path, md_path = stem.with_name(stem.name + ".csv"), stem.with_name(stem.name + ".md")
+    df.to_csv(csv_path, index=False)
+    md_path.write_text(markdown_table(df), encoding="utf-8")
+    log.info("wrote %s and %s", csv_path, md_path)
+    return csv_path, md_path
+
+
+def markdown_table(df: pd.DataFrame) -> str:
+    """GitHub Markdown table (no ``tabulate`` needed); ``X_ci_low``/``X_ci_high`` merge into column X."""
+    cols = [c for c in df.columns if not str(c).endswith(("_ci_low", "_ci_high"))]
+    integral = {c: _is_integral(df[c]) for c in cols}
+    body = [[_md_cell(row, c, df.columns, integral[c]) for c in cols] for _, row in df.iterrows()]
+    lines = ["| " + " | ".join(map(str, cols)) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    lines += ["| " + " | ".join(cells) + " |" for cells in body]
+    return "\n".join(lines) + "\n"
+
+
+# --- internals -------------------------------------------------------------------------------------
+
+
+def _check_inputs(y_true, proba, class_names) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Validate shapes and values; return int labels, float probabilities and the class names."""
+    names = [str(n) for n in class_names]
+    y_true, proba = np.asarray(y_true), np.asarray(proba, dtype=float)
+    if len(set(names)) != len(names) or len(names) < 2:
+        raise ValueError(f"class_names must hold at least two distinct names, got {names}")
+    if proba.ndim != 2 or proba.shape[1] != len(names) or y_true.shape != (proba.shape[0],):
+        raise ValueError(f"need y_true (N,) and proba (N, {len(names)}); "
+                         f"got {y_true.shape} and {proba.shape}")
+    if y_true.size == 0:
+        raise ValueError("cannot evaluate zero maps")
+    if not np.issubdtype(y_true.dtype, np.integer) or y_true.min() < 0 or y_true.max() >= len(names):
+        raise ValueError(f"y_true must hold integer class ids in [0, {len(names)})")
+    if not np.isfinite(proba).all():
+        raise ValueError("proba contains NaN or infinite values")
+    return y_true.astype(np.int64), proba, names
+
+
+def _binary_scores(y_true, proba, names, positive_class):
+    """(is_positive, positive-class score) for two-class tasks; None otherwise."""
+    if len(names) != 2:
+        return None
+    k = positive_index(names, positive_class)
+    return y_true == k, proba[:, k]
+
+
+def _bootstrap(y_true, y_pred, n_boot, seed, binary) -> dict[str, np.ndarray]:
+    """Metric values over ``n_boot`` resamples of the maps (chunked to bound memory)."""
+    if n_boot <= 0:
+        return {}
+    n, k = y_true.size, int(max(y_true.max(), y_pred.max())) + 1
+    rng = np.random.default_rng(seed)
+    chunk = max(1, _BOOT_CHUNK_ELEMENTS // n)
+    parts: dict[str, list[np.ndarray]] = {}
+    for start in range(0, n_boot, chunk):
+        idx = rng.integers(0, n, size=(min(chunk, n_boot - start), n))
+        values = metrics_from_confusion(_batched_confusion(y_true, y_pred, idx, k))
+        if binary is not None:
+            sens = _batched_sensitivity(*binary, _resample_counts(idx, n), FPR_TARGETS)
+            values.update({f"sens_{fpr:g}": v for fpr, v in zip(FPR_TARGETS, sens, strict=True)})
+        for key, val in values.items():
+            parts.setdefault(key, []).append(val)
+    return {key: np.concatenate(val) for key, val in parts.items()}
+
+
+def _batched_confusion(y_true, y_pred, idx, k) -> np.ndarray:
+    """(B, K, K) confusion matrices of the resamples ``idx`` (B, N)."""
+    offsets = (np.arange(idx.shape[0]) * k * k)[:, None]
+    flat = (y_true * k + y_pred)[idx] + offsets
+    return np.bincount(flat.ravel(), minlength=idx.shape[0] * k * k).reshape(-1, k, k)
+
+
+def _resample_counts(idx, n) -> np.ndarray:
+    """(B, N) number of times each map was drawn in each resample."""
+    offsets = (np.arange(idx.shape[0]) * n)[:, None]
+    return np.bincount((idx + offsets).ravel(), minlength=idx.shape[0] * n).reshape(-1, n)
+
+
+def _batched_sensitivity(y_pos, score, weights, fprs) -> list[np.ndarray]:
+    """:func:`sensitivity_at_fpr` at each of ``fprs`` for each row of map weights (B, N);
+    NaN where unresolvable."""
+    order = np.argsort(-score, kind="stable")
+    last_of_tie = np.r_[score[order][1:] != score[order][:-1], True]
+    w = weights[:, order]
+    tp = np.cumsum(w * y_pos[order], axis=1)[:, last_of_tie]
+    fp = np.cumsum(w * ~y_pos[order], axis=1)[:, last_of_tie]
+    n_pos, n_neg = tp[:, -1], fp[:, -1]
+    out = []
+    for fpr in fprs:
+        reachable = fp <= fpr * n_neg[:, None] * (1 + 1e-9)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            sens = np.where(reachable, tp, 0).max(axis=1) / n_pos
+        out.append(np.where((n_pos > 0) & (n_neg >= _min_negatives(fpr)), sens, np.nan))
+    return out
+
+
+def _sensitivity_report(y_true, proba, names, positive_class, boot) -> dict:
+    """Sensitivity at each target FPR for the positive class, with bootstrap CIs."""
+    k = positive_index(names, positive_class)
+    out = {"positive_class": names[k]}
+    for fpr in FPR_TARGETS:
+        entry = sensitivity_at_fpr(y_true == k, proba[:, k], fpr)
+        ci = _estimate(entry["value"], boot.get(f"sens_{fpr:g}") if entry["value"] is not None else None)
+        out[f"{fpr:g}"] = {**entry, "ci_low": ci["ci_low"], "ci_high": ci["ci_high"]}
+    return out
+
+
+def _min_negatives(fpr) -> int:
+    """Negatives needed so that one false positive is a rate <= ``fpr``."""
+    return math.ceil(1.0 / fpr - 1e-9)
+
+
+def _fpr_unresolvable(n_pos, n_neg, fpr) -> str | None:
+    """Why sensitivity at ``fpr`` cannot be reported, or None if it can."""
+    if n_pos == 0:
+        return "no maps of the positive class"
+    if n_neg < _min_negatives(fpr):
+        return f"needs >= {_min_negatives(fpr)} negative maps to resolve FPR {_pct(fpr)}; have {n_neg}"
+    return None
+
+
+def _estimate(value, samples) -> dict:
+    """{"value", "ci_low", "ci_high"} with a percentile CI from bootstrap ``samples`` (None if absent)."""
+    value = None if value is None else float(value)
+    low = high = None
+    if samples is not None and np.isfinite(samples).any():
+        tail = 100 * (1 - CI_LEVEL) / 2
+        low, high = (float(v) for v in np.nanpercentile(samples, [tail, 100 - tail]))
+    return {"value": value, "ci_low": low, "ci_high": high}
+
+
+def _estimate_columns(name: str, entry: Mapping) -> dict:
+    """{name, name_ci_low, name_ci_high} from an estimate entry."""
+    return {name: entry["value"], f"{name}_ci_low": entry["ci_low"], f"{name}_ci_high": entry["ci_high"]}
+
+
+def _per_class(y_true, y_pred, names) -> dict:
+    """Precision, recall, F1 and support per class (scikit-learn, zero_division=0)."""
+    p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=range(len(names)), zero_division=0)
+    return {name: {"precision": float(p[k]), "recall": float(r[k]), "f1": float(f[k]), "support": int(s[k])}
+            for k, name in enumerate(names)}
+
+
+def _nanmean_rows(a) -> np.ndarray:
+    """Row means ignoring NaN (NaN for all-NaN rows, without a warning)."""
+    count = np.sum(~np.isnan(a), axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 0, np.nansum(a, axis=1) / count, np.nan)
+
+
+def _finite_or_none(x) -> float | None:
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def _pct(fraction: float) -> str:
+    """0.001 -> '0.1%'."""
+    return f"{fraction * 100:g}%"
+
+
+def _fmt(x) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
+
+
+def _fmt_estimate(entry: Mapping) -> str:
+    """'0.912 [0.884, 0.938]', or 'n/a (reason)'."""
+    if entry.get("value") is None:
+        return "n/a" + (f" ({entry['reason']})" if entry.get("reason") else "")
+    if entry.get("ci_low") is None:
+        return _fmt(entry["value"])
+    return f"{_fmt(entry['value'])} [{_fmt(entry['ci_low'])}, {_fmt(entry['ci_high'])}]"
+
+
+def _md_cell(row, col, columns, integral: bool) -> str:
+    """Markdown text of one cell: numbers to 3 decimals with their CI when its columns exist."""
+    value = row[col]
+    if value is None or (not isinstance(value, str) and pd.isna(value)):
+        return ""
+    if isinstance(value, float | np.floating) and not integral:
+        entry = {"value": float(value)}
+        low, high = row.get(f"{col}_ci_low"), row.get(f"{col}_ci_high")
+        if f"{col}_ci_low" in columns and not (pd.isna(low) or pd.isna(high)):
+            entry.update(ci_low=float(low), ci_high=float(high))
+        return _fmt_estimate(entry)
+    if isinstance(value, float | np.floating):
+        return str(int(value))
+    return str(value).replace("|", "\\|")
+
+
+def _is_integral(series: pd.Series) -> bool:
+    """True for numeric columns whose values are all whole numbers (counts such as n)."""
+    values = pd.to_numeric(series, errors="coerce").dropna()
+    return pd.api.types.is_numeric_dtype(series) and bool(np.all(np.mod(values, 1) == 0))

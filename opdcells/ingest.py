@@ -1,0 +1,329 @@
+"""The one path from export files to processed OPD maps, shared by ``load_data.py`` and ``predict``.
+
+``discover`` / ``read_manifest`` find export files with their class and acquisition group;
+``file_key`` identifies an export cheaply (SHA-256 of its bytes plus the reading options) so a
+re-run can skip it before decoding; ``iter_processed`` / ``ProcessedExport`` turn one export into
+``(source_index, ProcessedMap, Meta)`` items: readers -> metadata merge and check -> (segment fields of
+view into cells) -> preprocess. Every failure surfaces as an ExportError naming the file.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+from .errors import ExportError, OPDCellsError
+from .metadata import UNITS, Meta
+from .preprocess import PreprocessConfig, ProcessedMap, check_map, fill_nonfinite, preprocess_map, to_opd_nm
+from .readers import EXPORT_SUFFIXES, open_export
+from .segment import segment_field
+
+log = logging.getLogger(__name__)
+
+_META_KEYS = ("units", "wavelength_nm", "pixel_size_um", "medium_index")
+
+
+@dataclass(frozen=True)
+class IngestOptions:
+    """How to read and preprocess exports. Metadata given here wins over what a file says.
+
+    var: variable/key/dataset name inside the export (None: the reader picks).
+    stack_axis: axis of a 3-D array that indexes maps (None: format default).
+    units, wavelength_nm, pixel_size_um, medium_index: user metadata (see :class:`Meta`).
+    fields: each map is a field of view, segmented into single cells first.
+    hologram: exports are raw off-axis holograms to reconstruct.
+    config: preprocessing settings (output pixel size and size, background order, alpha).
+    """
+
+    var: str | None = None
+    stack_axis: int | None = None
+    units: str | None = None
+    wavelength_nm: float | None = None
+    pixel_size_um: float | None = None
+    medium_index: float | None = None
+    fields: bool = False
+    hologram: bool = False
+    config: PreprocessConfig = field(default_factory=PreprocessConfig)
+
+    def __post_init__(self):
+        self.user_meta  # noqa: B018 - validates units and numbers (ValueError)
+
+    @property
+    def user_meta(self) -> Meta:
+        return Meta(**{k: getattr(self, k) for k in _META_KEYS})
+
+    @property
+    def identity(self) -> str:
+        """The options that change which maps a file yields (part of the file key)."""
+        return json.dumps({"var": self.var, "stack_axis": self.stack_axis, "fields": self.fields,
+                           "hologram": self.hologram}, sort_keys=True, separators=(",", ":"))
+
+    def replace(self, **changes) -> IngestOptions:
+        return dataclasses.replace(self, **changes)
+
+
+# --------------------------------------------------------------------------------------- identity
+
+
+def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
+    """SHA-256 hex digest of a file's bytes (streamed); ExportError if it cannot be read."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as fh:
+            while chunk := fh.read(chunk_size):
+                digest.update(chunk)
+    except FileNotFoundError:
+        raise ExportError(path, "no such file") from None
+    except IsADirectoryError:
+        raise ExportError(path, "is a folder, not an export file") from None
+    except OSError as exc:
+        raise ExportError(path, f"cannot read ({exc.strerror or exc})") from None
+    return digest.hexdigest()
+
+
+def file_key(path: str | os.PathLike, options: IngestOptions) -> tuple[str, str]:
+    """``(sha256, key)``: the file's hash and its identity under ``options`` (stored in datasets)."""
+    sha = sha256_file(path)
+    return sha, f"{sha}:{options.identity}"
+
+
+# --------------------------------------------------------------------------------------- discovery
+
+
+class Found(NamedTuple):
+    """An export file found on disk: its class (None if unknown) and acquisition-group folder."""
+
+    path: Path
+    label: str | None
+    group: str
+
+
+def is_export_name(name: str) -> bool:
+    """True for a visible file whose name ends in one of ``readers.EXPORT_SUFFIXES``."""
+    lower = name.lower()
+    return not name.startswith(".") and any(lower.endswith(s.lower()) for s in EXPORT_SUFFIXES)
+
+
+def group_of(folder: Path, root: Path) -> str:
+    """Folder relative to ``root`` as a POSIX path (``root``'s own name for ``root`` itself)."""
+    try:
+        rel = folder.relative_to(root).as_posix()
+    except ValueError:
+        return folder.as_posix()
+    return root.name if rel == "." else rel
+
+
+def stack_group(found_group: str, path: Path) -> str:
+    """Group of a multi-map (stack or field-of-view) file: the file itself, under its folder group."""
+    return f"{found_group}/{path.name}" if found_group else path.name
+
+
+def _walk(root: Path) -> list[Path]:
+    """Export files below ``root`` sorted by path, skipping hidden files/folders and non-export names."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for name in filenames:
+            if is_export_name(name):
+                found.append(Path(dirpath, name))
+            else:
+                log.debug("ignoring %s (not an export file name)", Path(dirpath, name))
+    return sorted(found, key=lambda p: p.relative_to(root).parts)
+
+
+def discover(sources: Iterable[str | os.PathLike], label: str | None = None, *,
+             exclude: Iterable[str | os.PathLike] = ()) -> list[Found]:
+    """Export files under ``sources`` with their class and group, in a deterministic order.
+
+    Without ``label`` every source is a folder with one sub-folder per class (files at any depth);
+    groups are folders relative to the source (``SW480/session_2``); an export directly in the
+    source has ``label=None``. With ``label`` every source is a folder or file of that one class;
+    groups are relative to the source's parent (``day1/session_2``). ``exclude``: files to leave
+    out (e.g. the output dataset). Raises ExportError for a missing source or a file without label.
+    """
+    skip = {Path(p).resolve() for p in exclude}
+    found: list[Found] = []
+    for source in map(Path, sources):
+        if not source.exists():
+            raise ExportError(source, "no such file or folder")
+        root = Path(os.path.abspath(source))  # absolute, symbolic links kept
+        if root.is_file():
+            if label is None:
+                raise ExportError(source, "a file given as SOURCE needs --label NAME")
+            items = [Found(root, label, group_of(root.parent, root.parent.parent))]
+        elif label is None:
+            items = [Found(p, _class_of(p, root), group_of(p.parent, root)) for p in _walk(root)]
+        else:
+            items = [Found(p, label, group_of(p.parent, root.parent)) for p in _walk(root)]
+        found.extend(f for f in items if f.path.resolve() not in skip)
+    return found
+
+
+def _class_of(path: Path, root: Path) -> str | None:
+    parts = path.relative_to(root).parts
+    return parts[0] if len(parts) > 1 else None
+
+
+# --------------------------------------------------------------------------------------- manifest
+
+MANIFEST_COLUMNS = ("path", "label", *_META_KEYS, "var")
+
+
+def read_manifest(csv_path: str | os.PathLike) -> list[tuple[Found, dict]]:
+    """Rows of a manifest CSV as ``(Found, overrides)``; overrides are IngestOptions fields per row.
+
+    Columns: ``path``, ``label`` (required), ``units``, ``wavelength_nm``, ``pixel_size_um``,
+    ``medium_index``, ``var`` (optional, empty = not given). Relative paths are relative to the CSV;
+    groups are folders relative to the CSV's folder. ExportError names the CSV and the line.
+    """
+    csv_path = Path(csv_path)
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as fh:
+            rows = list(csv.DictReader(fh))
+    except FileNotFoundError:
+        raise ExportError(csv_path, "no such manifest file") from None
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise ExportError(csv_path, f"cannot read manifest ({exc})") from None
+    if not rows:
+        raise ExportError(csv_path, "manifest has no rows")
+    root = csv_path.resolve().parent
+    return [_manifest_row(row, line, root, csv_path) for line, row in enumerate(rows, start=2)]
+
+
+def _manifest_row(row: dict, line: int, root: Path, csv_path: Path) -> tuple[Found, dict]:
+    clean = {(k or "").strip().lower(): (v or "").strip() for k, v in row.items() if k is not None}
+    for required in ("path", "label"):
+        if not clean.get(required):
+            raise ExportError(csv_path, f"line {line}: empty or missing column {required!r}")
+    values: dict = {k: clean.get(k) or None for k in MANIFEST_COLUMNS[2:]}
+    try:
+        for key in ("wavelength_nm", "pixel_size_um", "medium_index"):
+            if values[key] is not None:
+                values[key] = float(values[key])
+        if values["units"] is not None and values["units"] not in UNITS:
+            raise ValueError(f"units must be one of {UNITS}, not {values['units']!r}")
+        Meta(**{k: values[k] for k in _META_KEYS})
+    except ValueError as exc:
+        raise ExportError(csv_path, f"line {line}: {exc}") from None
+    path = Path(clean["path"])
+    path = path if path.is_absolute() else root / path
+    found = Found(path, clean["label"], group_of(path.parent, root))
+    return found, {k: v for k, v in values.items() if v is not None}
+
+
+# --------------------------------------------------------------------------------------- processing
+
+
+@contextlib.contextmanager
+def _export_errors(path: Path) -> Iterator[None]:
+    """Let opdcells errors through; turn any other library error into an ExportError naming ``path``."""
+    try:
+        yield
+    except OPDCellsError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - reader/decoder failures of arbitrary libraries
+        log.debug("error reading %s", path, exc_info=True)
+        raise ExportError(path, f"{type(exc).__name__}: {exc}") from exc
+
+
+class ProcessedExport:
+    """One opened export: ``len()`` is the number of maps in the file, iterating yields
+    ``(source_index, ProcessedMap, Meta)`` (several per map with ``options.fields``).
+
+    ``on_error``: called with the ExportError of a bad map of a stack (or a bad cell of a field), which
+    is then skipped; without it, the error is raised. File-level failures (cannot open, missing
+    metadata, truncated stream, the only map of the file is bad) always raise ExportError.
+    """
+
+    def __init__(self, path: str | os.PathLike, options: IngestOptions, *,
+                 on_error: Callable[[ExportError], None] | None = None):
+        self.path = Path(path)
+        self.options = options
+        self.on_error = on_error
+        with _export_errors(self.path):
+            self._reader = open_export(self.path, var=options.var, stack_axis=options.stack_axis,
+                                       hologram=options.hologram)
+            try:
+                self._n = len(self._reader)
+            except BaseException:
+                self._reader.close()
+                raise
+
+    def __len__(self) -> int:
+        return self._n
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._reader.close()
+
+    def __enter__(self) -> ProcessedExport:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __iter__(self) -> Iterator[tuple[int, ProcessedMap, Meta]]:
+        with _export_errors(self.path):
+            file_meta = self._reader.file_meta
+            for raw in self._reader:
+                meta = self.options.user_meta.over(raw.meta.over(file_meta)).check(self.path)
+                yield from self._process(raw.data, raw.index, meta)
+
+    def _where(self, index: int, cell: int | None = None) -> str:
+        """How errors name a map: the file, plus the map (in a stack) and cell (in a field)."""
+        if self._n <= 1 and cell is None:
+            return str(self.path)
+        return f"{self.path} [map {index}" + ("]" if cell is None else f", cell {cell}]")
+
+    def _bad(self, exc: ExportError, *, whole_file: bool = False) -> None:
+        """Report a bad map/cell to ``on_error``; raise it when there is no handler or it is the file."""
+        if self.on_error is None or whole_file:
+            raise exc
+        self.on_error(exc)
+
+    def _process(self, data, index: int, meta: Meta) -> Iterator[tuple[int, ProcessedMap, Meta]]:
+        config = self.options.config
+        single = self._n <= 1
+        if not self.options.fields:
+            try:
+                yield index, preprocess_map(data, meta, config, path=self._where(index)), meta
+            except ExportError as exc:
+                self._bad(exc, whole_file=single)
+            return
+        try:
+            crops, crop_meta = _segment(data, meta, self._where(index))
+        except ExportError as exc:
+            self._bad(exc, whole_file=single)
+            return
+        for cell, crop in enumerate(crops):
+            try:
+                yield index, preprocess_map(crop.data, crop_meta, config, path=self._where(index, cell)), meta
+            except ExportError as exc:
+                self._bad(exc)
+
+
+def _segment(data, meta: Meta, where: str):
+    """Cell crops (in nm) of one field of view and the metadata that describes them."""
+    check_map(data, where)
+    opd_nm = to_opd_nm(fill_nonfinite(data), meta.units, meta.wavelength_nm, path=where)
+    crops = segment_field(opd_nm, meta.pixel_size_um, path=where)
+    return crops, dataclasses.replace(meta, units="nm")
+
+
+def iter_processed(path: str | os.PathLike, options: IngestOptions, *,
+                   on_error: Callable[[ExportError], None] | None = None,
+                   ) -> Iterator[tuple[int, ProcessedMap, Meta]]:
+    """Yield ``(source_index, ProcessedMap, Meta)`` for every map (or cell) of one export.
+
+    Raises ExportError naming the file; ``on_error`` as in :class:`ProcessedExport`.
+    """
+    with ProcessedExport(path, options, on_error=on_error) as export:
+        yield from export

@@ -1,0 +1,439 @@
+"""Keras models for OPD maps, all built by one path: an OPD encoder plus a softmax head.
+
+Encoder (:func:`build_encoder`), input ``(S, S, 1)`` float32 OPD in nm at the dataset pixel size:
+
+1. :class:`OPDScale` divides by ``norm_scale_nm`` -- a fixed, serialised layer, so a saved ``.keras``
+   file carries its own normalisation and prediction cannot apply a different one;
+2. ``keras.layers.Resizing`` to ``input_size`` (bilinear with antialiasing, i.e. area-weighted when
+   shrinking);
+3. the OPD channel repeated to 3 channels: ImageNet filters were learnt on RGB, and feeding the same
+   image to all three colour inputs is what they see for a grey image, so pretrained filters keep their
+   meaning; for random initialisation the repeat is harmless (the first layer can learn any mix);
+4. the backbone -- ``keras.applications`` MobileNetV2 / ResNet50 / VGG16 (``include_top=False``) or
+   ``keras_hub`` DINOV2Backbone -- and pooling (global average of the last feature map; the CLS token,
+   DINOv2's pooled output, for DINOv2) to an embedding vector.
+
+:func:`build_model` adds dropout and a Dense softmax head. Every BatchNormalization layer gets momentum
+``bn_momentum`` (default 0.9): with Keras' 0.99/0.999 the moving statistics never settle when training
+from scratch on a few thousand maps, and evaluation-mode accuracy stays at chance while training accuracy
+climbs (measured in tests/test_models.py).
+
+Weights (``weights=``): ``"none"`` (random), ``"imagenet"`` (keras.applications' own cache/download
+mechanism; if that fails the model is random and says so, loudly, in the log and in ``info["init"]``),
+or a path to encoder weights -- a ``.weights.h5`` file or a folder written by :func:`save_encoder`.
+``opd_mobilenetv2`` is MobileNetV2 initialised from OPD-pretrained encoder weights (default folder
+:data:`OPD_PRETRAINED_DIR`). DINOv2 presets come through ``dinov2_preset``. Pretrained backbones see
+``OPD / norm_scale_nm`` (about 0-6 for cells), not ImageNet-normalised RGB: fine-tuning adapts to it.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import keras
+import keras_hub  # imported eagerly: registers DINOV2Backbone for keras.saving.load_model
+
+from . import __version__
+
+log = logging.getLogger(__name__)
+
+ARCHITECTURES = ("mobilenetv2", "resnet50", "vgg16", "dinov2", "opd_mobilenetv2")
+DEFAULT_NORM_SCALE_NM = 100.0
+DEFAULT_ALPHA = 0.35  # MobileNetV2 width for CPU training; 1.0 is the full network
+IMAGENET_ALPHAS = (0.35, 0.5, 0.75, 1.0, 1.3, 1.4)  # MobileNetV2 widths with ImageNet weights
+IMAGENET_SIZES = (96, 128, 160, 192, 224)  # MobileNetV2 sizes with their own ImageNet weights
+# CPU-sized DINOv2 (ViT-S/14 has 12 layers, hidden 384, 6 heads): ~1.9 M parameters at 56 px.
+DINOV2_CPU_CONFIG = {
+    "patch_size": 14,
+    "num_layers": 4,
+    "hidden_dim": 192,
+    "num_heads": 3,
+    "intermediate_dim": 768,
+    "use_mask_token": False,  # masked-image pretraining only; unused weights otherwise
+}
+OPD_PRETRAINED_DIR = Path(__file__).resolve().parents[1] / "saved_models" / "opd_mobilenetv2_pretrained"
+ENCODER_WEIGHTS = "encoder.weights.h5"
+ENCODER_CONFIG = "config.json"
+ENCODER_FORMAT = "opdcells-encoder"
+_ENCODER_CONFIG_KEYS = (
+    "architecture", "input_shape", "input_size", "alpha", "norm_scale_nm", "bn_momentum",
+    "embedding_dim", "dinov2_config", "init", "weights_source",
+)
+
+_APPLICATIONS = {
+    "mobilenetv2": keras.applications.MobileNetV2,
+    "resnet50": keras.applications.ResNet50,
+    "vgg16": keras.applications.VGG16,
+}
+
+
+@keras.saving.register_keras_serializable(package="opdcells")
+class OPDScale(keras.layers.Layer):
+    """Fixed normalisation of OPD maps: ``x / scale_nm`` (no weights; the scale is in the config)."""
+
+    def __init__(self, scale_nm: float = DEFAULT_NORM_SCALE_NM, **kwargs):
+        super().__init__(**kwargs)
+        if not scale_nm > 0:
+            raise ValueError(f"norm_scale_nm must be positive, got {scale_nm}")
+        self.scale_nm = float(scale_nm)
+
+    def call(self, x):
+        return keras.ops.divide(keras.ops.cast(x, self.compute_dtype), self.scale_nm)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "scale_nm": self.scale_nm}
+
+
+@keras.saving.register_keras_serializable(package="opdcells")
+class ClassToken(keras.layers.Layer):
+    """First token of a transformer sequence ``(B, T, D) -> (B, D)``: the CLS embedding."""
+
+    def call(self, x):
+        return x[:, 0, :]
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], input_shape[2])
+
+
+def _family(name: str) -> str:
+    """Backbone family of an architecture name (opd_mobilenetv2 is a MobileNetV2)."""
+    if name not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {name!r}; choose one of {', '.join(ARCHITECTURES)}")
+    return "mobilenetv2" if name == "opd_mobilenetv2" else name
+
+
+def _is_random(weights) -> bool:
+    return weights is None or (isinstance(weights, str) and weights.lower() in ("none", "random"))
+
+
+def _weights_files(weights: str | os.PathLike) -> tuple[Path, dict | None]:
+    """(weights file, saved encoder config or None) for a weights path; ValueError if unusable."""
+    path = Path(weights).expanduser()
+    if path.is_dir():
+        files = path / ENCODER_WEIGHTS, path / ENCODER_CONFIG
+        absent = [f.name for f in files if not f.is_file()]
+        if absent:
+            raise ValueError(f"{path}: encoder weights folder lacks {', '.join(absent)}")
+        try:
+            return files[0], json.loads(files[1].read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{files[1]}: unreadable encoder config ({err})") from err
+    if path.is_file():
+        return path, None
+    raise ValueError(
+        f"weights {str(weights)!r} is neither 'none', 'imagenet' nor an existing weights file/folder"
+    )
+
+
+def _same(a, b) -> bool:
+    """Config values equal, lists and tuples alike."""
+    return list(a) == list(b) if isinstance(a, list | tuple) and isinstance(b, list | tuple) else a == b
+
+
+def _settle_with_saved(name, alpha, dinov2_config, input_size, norm_scale_nm, saved, source):
+    """Fill unset arguments from a saved encoder config; ValueError where they contradict it."""
+    arch = saved.get("architecture")
+    if arch not in ARCHITECTURES or _family(arch) != _family(name):
+        raise ValueError(f"{source}: encoder weights are for architecture {arch!r}, not {name!r}")
+    if alpha is None:
+        alpha = saved.get("alpha")
+    elif saved.get("alpha") is not None and float(alpha) != float(saved["alpha"]):
+        raise ValueError(f"{source}: encoder weights have alpha {saved['alpha']}, requested {alpha}")
+    saved_dinov2 = saved.get("dinov2_config") or {}
+    asked = dinov2_config or {}
+    conflicts = {k: v for k, v in asked.items() if k in saved_dinov2 and not _same(v, saved_dinov2[k])}
+    if conflicts:
+        raise ValueError(f"{source}: encoder weights have DINOv2 config {saved_dinov2}, not {conflicts}")
+    dinov2_config = {**saved_dinov2, **(dinov2_config or {})} or None
+    for key, value in (("input_size", input_size), ("norm_scale_nm", norm_scale_nm)):
+        if saved.get(key) is not None and float(saved[key]) != float(value):
+            log.warning("%s: encoder pretrained with %s=%s, built with %s", source, key, saved[key], value)
+    return alpha, dinov2_config
+
+
+def _dinov2_config(config: dict | None) -> dict:
+    """DINOv2 constructor arguments: DINOV2_CPU_CONFIG updated by ``config`` (image shape excluded)."""
+    merged = {**DINOV2_CPU_CONFIG, **(config or {})}
+    for key in ("image_shape", "name", "dtype", "trainable"):
+        merged.pop(key, None)
+    if "position_embedding_shape" in merged:
+        merged["position_embedding_shape"] = tuple(merged["position_embedding_shape"])
+    return merged
+
+
+def _patch_size_multiple(input_size: int, patch: int) -> int:
+    """``input_size`` rounded to the nearest multiple of the patch size (at least one patch)."""
+    rounded = max(patch, int(round(input_size / patch)) * patch)
+    if rounded != input_size:
+        log.info("DINOv2 uses %d-pixel patches: input_size %d rounded to %d", patch, input_size, rounded)
+    return rounded
+
+
+def _loud_random(what: str, err: BaseException) -> None:
+    log.warning(
+        "!!! %s could not be loaded (%s: %s). THE MODEL IS RANDOMLY INITIALISED (init='random') !!!",
+        what,
+        type(err).__name__,
+        str(err).splitlines()[0][:300] if str(err) else "",
+    )
+
+
+def _imagenet_file(family: str, alpha: float, size: int) -> str:
+    """Name of the no-top ImageNet weights file keras.applications uses (for the record only)."""
+    if family == "mobilenetv2":
+        rows = size if size in IMAGENET_SIZES else 224
+        return f"mobilenet_v2_weights_tf_dim_ordering_tf_kernels_{float(alpha)}_{rows}_no_top.h5"
+    return f"{family}_weights_tf_dim_ordering_tf_kernels_notop.h5"
+
+
+def _application_backbone(family: str, size: int, alpha: float, imagenet: bool) -> tuple[Any, dict]:
+    """keras.applications backbone (no top, no pooling) and its init record."""
+    kwargs = {"input_shape": (size, size, 3), "include_top": False, "weights": None, "name": "backbone"}
+    if family == "mobilenetv2":
+        kwargs["alpha"] = alpha
+    if not imagenet:
+        return _APPLICATIONS[family](**kwargs), {"init": "random", "weights_source": None}
+    if family == "mobilenetv2" and alpha not in IMAGENET_ALPHAS:
+        raise ValueError(f"MobileNetV2 ImageNet weights exist for alpha in {IMAGENET_ALPHAS}, not {alpha}")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            backbone = _APPLICATIONS[family](**{**kwargs, "weights": "imagenet"})
+    except Exception as err:  # offline, no cached file, hash mismatch, corrupt file
+        _loud_random(f"ImageNet weights for {family}", err)
+        return _APPLICATIONS[family](**kwargs), {"init": "random", "weights_source": None}
+    notes = [str(w.message) for w in caught if "Weights for input shape" in str(w.message)]
+    for note in notes:
+        log.info("%s ImageNet weights at input_size %d: %s", family, size, note)
+    cache = Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")) / "models"
+    file = cache / _imagenet_file(family, alpha, size)
+    source = str(file) if file.is_file() else f"keras.applications:{file.name}"
+    return backbone, {"init": "imagenet", "weights_source": source, "weights_note": "; ".join(notes) or None}
+
+
+def _dinov2_backbone(size: int, preset: str | None, config: dict) -> tuple[Any, dict]:
+    """keras_hub DINOV2Backbone from ``preset`` (if given and loadable) or random with ``config``."""
+    shape = (size, size, 3)
+    if preset:
+        try:
+            backbone = keras_hub.models.DINOV2Backbone.from_preset(preset, image_shape=shape, name="backbone")
+            return backbone, {"init": f"dinov2-preset:{preset}", "weights_source": str(preset)}
+        except Exception as err:  # offline, unknown preset, unreadable folder
+            _loud_random(f"DINOv2 preset {preset!r}", err)
+    config = {"position_embedding_shape": shape, **config}
+    backbone = keras_hub.models.DINOV2Backbone(**config, image_shape=shape, name="backbone")
+    return backbone, {"init": "random", "weights_source": None}
+
+
+def _freeze_position_embeddings(backbone) -> None:
+    """Keep DINOv2's position embeddings fixed so a saved model predicts exactly as before saving.
+
+    keras_hub 0.32 ``DINOV2Embedding.save_own_variables`` detects trained position embeddings by a
+    signed sum of differences (> epsilon) and otherwise saves the untrained ones; when it does detect
+    them it resamples them through ``position_embedding_shape`` (518 px for presets). Either way a
+    reloaded fine-tuned model predicted differently (max |dp| 6e-4 measured). Fixed (random or
+    pretrained) position embeddings still encode position and round-trip exactly.
+    """
+    backbone.embeddings.interpolated_position_embeddings.trainable = False
+
+
+def _dinov2_record(backbone) -> dict:
+    cfg = backbone.get_config()
+    keys = (*DINOV2_CPU_CONFIG, "position_embedding_shape", "num_register_tokens", "use_swiglu_ffn",
+            "layer_scale_init_value")
+    return {k: list(cfg[k]) if isinstance(cfg[k], tuple) else cfg[k] for k in keys if k in cfg}
+
+
+def _all_layers(model) -> list:
+    """Layers of ``model``, descending into nested models."""
+    found = []
+    for layer in model.layers:
+        found.append(layer)
+        if isinstance(layer, keras.Model):
+            found.extend(_all_layers(layer))
+    return found
+
+
+def batch_norm_layers(model) -> list:
+    """Every BatchNormalization layer of ``model``, nested models included."""
+    return [layer for layer in _all_layers(model) if isinstance(layer, keras.layers.BatchNormalization)]
+
+
+def set_bn_momentum(model, momentum: float) -> int:
+    """Set every BatchNormalization layer's momentum (nested models included); returns how many."""
+    layers = batch_norm_layers(model)
+    for layer in layers:
+        layer.momentum = float(momentum)
+    return len(layers)
+
+
+def _default_opd_weights() -> Path | str:
+    """The shipped OPD-pretrained folder, or "none" (with a loud warning) when it is absent."""
+    if (OPD_PRETRAINED_DIR / ENCODER_WEIGHTS).is_file():
+        return OPD_PRETRAINED_DIR
+    _loud_random("OPD-pretrained MobileNetV2 weights", FileNotFoundError(f"no {OPD_PRETRAINED_DIR}"))
+    return "none"
+
+
+def _load_encoder_weights(encoder, file: Path, name: str) -> None:
+    """Load encoder weights from ``file``; ValueError naming the file if they do not fit exactly."""
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            encoder.load_weights(file)
+    except Exception as err:
+        raise ValueError(f"{file}: weights do not fit a {name} encoder ({str(err).splitlines()[0]})") from err
+    skipped = [str(w.message) for w in caught if any(k in str(w.message) for k in ("Skipping", "could not"))]
+    if skipped:
+        raise ValueError(f"{file}: weights do not fit a {name} encoder ({skipped[0].splitlines()[0]})")
+
+
+def _resolve_weights(name: str, weights, alpha, dinov2_config, input_size: int, norm_scale_nm: float):
+    """``(kind, file, alpha, dinov2_config)``: kind is "random", "imagenet" or "file"."""
+    if name == "opd_mobilenetv2" and _is_random(weights):
+        weights = _default_opd_weights()
+    if _is_random(weights):
+        return "random", None, alpha, dinov2_config
+    if weights == "imagenet":
+        if name in ("dinov2", "opd_mobilenetv2"):
+            raise ValueError(f"{name} has no ImageNet weights: use dinov2_preset (DINOv2) or mobilenetv2")
+        return "imagenet", None, alpha, dinov2_config
+    file, saved = _weights_files(weights)
+    if saved is not None:
+        alpha, dinov2_config = _settle_with_saved(
+            name, alpha, dinov2_config, input_size, norm_scale_nm, saved, file.parent
+        )
+    return "file", file, alpha, dinov2_config
+
+
+def _backbone(family: str, input_size: int, alpha, imagenet: bool, dinov2_preset, dinov2_config):
+    """``(backbone, pooling layer, input size used, init record)`` for one backbone family."""
+    if family != "dinov2":
+        backbone, record = _application_backbone(family, input_size, alpha, imagenet)
+        return backbone, keras.layers.GlobalAveragePooling2D(name="pool"), input_size, record
+    config = _dinov2_config(dinov2_config)
+    input_size = _patch_size_multiple(input_size, int(config["patch_size"]))
+    backbone, record = _dinov2_backbone(input_size, dinov2_preset, config)
+    if input_size % backbone.patch_size:
+        raise ValueError(f"input_size {input_size} is not a multiple of DINOv2 patch {backbone.patch_size}")
+    _freeze_position_embeddings(backbone)
+    return backbone, ClassToken(name="pool"), input_size, record
+
+
+def build_encoder(
+    name: str,
+    *,
+    input_shape: tuple[int, int, int] = (128, 128, 1),
+    input_size: int = 64,
+    weights: str | os.PathLike | None = "none",
+    norm_scale_nm: float = DEFAULT_NORM_SCALE_NM,
+    bn_momentum: float = 0.9,
+    alpha: float | None = None,
+    seed: int = 0,
+    dinov2_preset: str | None = None,
+    dinov2_config: dict | None = None,
+) -> tuple[keras.Model, dict]:
+    """OPD encoder ``(S, S, 1)`` nm -> embedding vector, and a JSON-ready record of how it was built.
+
+    ``weights``: "none", "imagenet" (CNNs only), or encoder weights (a ``.weights.h5`` file or a
+    :func:`save_encoder` folder, whose config fills ``alpha``/``dinov2_config`` when unset).
+    ``opd_mobilenetv2`` with "none" uses :data:`OPD_PRETRAINED_DIR`. ``alpha`` is MobileNetV2's width
+    (default 0.35). DINOv2: ``input_size`` is rounded to a multiple of the patch size (logged);
+    ``dinov2_config`` overrides :data:`DINOV2_CPU_CONFIG`; ``dinov2_preset`` is a keras_hub preset name
+    or folder. ``seed`` seeds Keras' global RNGs (``keras.utils.set_random_seed``) before building.
+    """
+    family = _family(name)
+    kind, weights_file, alpha, dinov2_config = _resolve_weights(
+        name, weights, alpha, dinov2_config, input_size, norm_scale_nm
+    )
+    alpha = float(alpha if alpha is not None else DEFAULT_ALPHA) if family == "mobilenetv2" else None
+    keras.utils.set_random_seed(seed)
+    backbone, pool, size, record = _backbone(
+        family, int(input_size), alpha, kind == "imagenet", dinov2_preset, dinov2_config
+    )
+
+    inputs = keras.Input(shape=tuple(input_shape), name="opd_nm")
+    x = OPDScale(norm_scale_nm, name="opd_scale")(inputs)
+    x = keras.layers.Resizing(size, size, interpolation="bilinear", antialias=True, name="resize")(x)
+    x = keras.layers.Concatenate(axis=-1, name="opd_to_rgb")([x, x, x])
+    features = backbone({"images": x} if family == "dinov2" else x)
+    encoder = keras.Model(inputs, pool(features), name="encoder")
+    n_bn = set_bn_momentum(encoder, bn_momentum)
+    if weights_file is not None:
+        _load_encoder_weights(encoder, weights_file, name)
+        record = {"init": "opd-pretrained", "weights_source": str(weights_file)}
+
+    info = {
+        "architecture": name,
+        "weights_note": None,
+        **record,
+        "input_shape": [int(v) for v in input_shape],
+        "input_size": size,
+        "input_size_requested": int(input_size),
+        "norm_scale_nm": float(norm_scale_nm),
+        "bn_momentum": float(bn_momentum) if n_bn else None,
+        "alpha": alpha,
+        "embedding_dim": int(encoder.output_shape[-1]),
+        "dinov2_config": _dinov2_record(backbone) if family == "dinov2" else None,
+        "dinov2_preset": dinov2_preset if family == "dinov2" else None,
+        "seed": seed,
+        "encoder_params": count_params(encoder),
+    }
+    log.info("built encoder: %s", describe(info))
+    return encoder, info
+
+
+def build_model(
+    name: str, n_classes: int, *, dropout: float = 0.2, **encoder_kwargs
+) -> tuple[keras.Model, dict]:
+    """Classifier: :func:`build_encoder` (same keyword arguments) + dropout + Dense softmax head."""
+    if n_classes < 2:
+        raise ValueError(f"n_classes must be at least 2, got {n_classes}")
+    encoder, info = build_encoder(name, **encoder_kwargs)
+    inputs = keras.Input(shape=encoder.input_shape[1:], name="opd_nm")
+    x = keras.layers.Dropout(dropout, seed=info["seed"], name="dropout")(encoder(inputs))
+    outputs = keras.layers.Dense(n_classes, activation="softmax", name="classifier")(x)
+    model = keras.Model(inputs, outputs, name=f"opdcells_{name}")
+    info.update(n_classes=int(n_classes), dropout=float(dropout), params=count_params(model))
+    return model, info
+
+
+def save_encoder(encoder: keras.Model, info: dict, folder: str | os.PathLike) -> Path:
+    """Write ``folder/encoder.weights.h5`` and ``folder/config.json`` (loadable as ``weights=folder``)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    encoder.save_weights(folder / ENCODER_WEIGHTS)
+    config = {
+        "format": ENCODER_FORMAT,
+        "format_version": 1,
+        **{k: info.get(k) for k in _ENCODER_CONFIG_KEYS},
+        "opdcells_version": __version__,
+        "keras_version": keras.__version__,
+    }
+    (folder / ENCODER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    log.info("saved encoder weights to %s", folder)
+    return folder
+
+
+def count_params(model: keras.Model) -> int:
+    """Number of parameters (trainable and not)."""
+    return int(model.count_params())
+
+
+def describe(info: dict) -> str:
+    """One line summary of a build record from :func:`build_encoder` / :func:`build_model`."""
+    arch = info["architecture"] + (f" (alpha {info['alpha']})" if info.get("alpha") else "")
+    source = f" from {info['weights_source']}" if info.get("weights_source") else ""
+    params = info.get("params", info.get("encoder_params"))
+    head = f", {info['n_classes']} classes" if "n_classes" in info else ""
+    return (
+        f"{arch}, init {info['init']}{source}; input {info['input_size']} px, "
+        f"OPD / {info['norm_scale_nm']:g} nm, embedding {info['embedding_dim']}{head}, {params:,} parameters"
+    )

@@ -1,0 +1,340 @@
+"""Figures for results/: each function takes data and an output path, saves a PNG and returns the path.
+
+Figures are built with the object-oriented API (``matplotlib.figure.Figure``, rendered by the Agg
+canvas), so nothing is registered with pyplot: no GUI backend is needed and no figure is left open.
+Class colours are fixed per class name (``class_colour``) and model colours per model name.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import zlib
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import matplotlib as mpl
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from scipy import stats
+from sklearn.metrics import auc, roc_curve
+
+from .evaluate import FPR_TARGETS, positive_index, sensitivity_at_fpr
+
+log = logging.getLogger(__name__)
+
+DPI = 120
+STYLE = {
+    "font.size": 9,
+    "axes.titlesize": 10,
+    "axes.labelsize": 9,
+    "legend.fontsize": 8,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "axes.grid": True,
+    "grid.alpha": 0.3,
+    "image.interpolation": "nearest",
+}
+CLASS_COLOURS = {
+    "sw480": "#d62728", "sw620": "#ff7f0e", "cancer": "#c0392b",
+    "granulocytes": "#1f77b4", "monocytes": "#2ca02c", "pbmcs": "#9467bd", "blood": "#1f6fb4",
+}
+MODEL_COLOURS = {
+    "mobilenetv2": "#1f77b4", "opd_mobilenetv2": "#17becf", "resnet50": "#ff7f0e", "vgg16": "#2ca02c",
+    "dinov2": "#9467bd", "features": "#7f7f7f",
+}
+_PALETTE = ("#8c564b", "#e377c2", "#bcbd22", "#17becf", "#393b79", "#637939", "#8c6d31", "#843c39")
+OPD_CMAP = "viridis"
+
+
+def class_colour(name: str) -> str:
+    """Fixed colour of a class name (case-insensitive); unknown names get a stable palette colour."""
+    return _named_colour(name, CLASS_COLOURS)
+
+
+def model_colour(name: str) -> str:
+    """Fixed colour of a model name; unknown names get a stable palette colour."""
+    return _named_colour(name, MODEL_COLOURS)
+
+
+def training_curves(history, path, title: str = "Training") -> Path:
+    """Loss and accuracy per epoch, train (solid) vs validation (dashed); Keras history dict or DataFrame."""
+    df = pd.DataFrame(history)
+    panels = [(key, cols) for key in ("loss", "accuracy")
+              if (cols := [c for c in (key, f"val_{key}") if c in df.columns])]
+    if not panels:
+        raise ValueError(f"history has no loss/accuracy columns: {list(df.columns)}")
+    epochs = np.arange(1, len(df) + 1)
+    best = int(np.nanargmin(df["val_loss"])) + 1 if "val_loss" in df.columns else None
+    with _figure(path, 1, len(panels), figsize=(4.2 * len(panels), 3.2)) as (fig, axes):
+        for ax, (key, cols) in zip(axes[0], panels, strict=True):
+            for col in cols:
+                val = col.startswith("val_")
+                ax.plot(epochs, df[col], "--" if val else "-", color="#ff7f0e" if val else "#1f77b4",
+                        marker="o", ms=3, label="validation" if val else "train")
+            if best is not None:
+                ax.axvline(best, color="grey", lw=0.8, ls=":", label=f"lowest val loss (epoch {best})")
+            ax.set(xlabel="epoch", ylabel=key, title=key)
+            ax.legend()
+        fig.suptitle(title)
+    return Path(path)
+
+
+def confusion_matrix(cm, class_names: Sequence[str], path, title: str = "Confusion matrix",
+                     normalise: bool = True) -> Path:
+    """Confusion matrix (rows true, columns predicted): colours row-normalised (or counts), counts
+    written in."""
+    cm = np.asarray(cm)
+    rows = cm.sum(axis=1, keepdims=True)
+    colour = np.divide(cm, rows, out=np.zeros(cm.shape), where=rows > 0) if normalise else cm
+    k = len(class_names)
+    size = 1.2 + 0.75 * k
+    with _figure(path, figsize=(size + 1.2, size)) as (fig, axes):
+        ax = axes[0, 0]
+        im = ax.imshow(colour, cmap="Blues", vmin=0, vmax=1 if normalise else max(cm.max(), 1))
+        vmax = im.get_clim()[1]
+        for i in range(k):
+            for j in range(k):
+                text = f"{cm[i, j]}\n{colour[i, j]:.0%}" if normalise else f"{cm[i, j]}"
+                ax.text(j, i, text, ha="center", va="center", fontsize=8,
+                        color="white" if colour[i, j] > 0.6 * vmax else "black")
+        ax.set_xticks(range(k), class_names, rotation=30, ha="right")
+        ax.set_yticks(range(k), class_names)
+        ax.set(xlabel="predicted", ylabel="true", title=title)
+        ax.grid(False)
+        fig.colorbar(im, ax=ax, label="fraction of true class" if normalise else "maps", shrink=0.8)
+    return Path(path)
+
+
+def accuracy_bars(df: pd.DataFrame, path, metric: str = "accuracy", *, bar: str = "model",
+                  group: str = "task", title: str | None = None) -> Path:
+    """Bars of ``metric`` per model with 95% CI error bars (``<metric>_ci_low/_ci_high`` columns when
+    present), grouped by task when the table has a ``task`` column; duplicate rows are averaged."""
+    df = df.copy()
+    if group not in df.columns:
+        df[group] = ""
+    cols = [c for c in (metric, f"{metric}_ci_low", f"{metric}_ci_high") if c in df.columns]
+    if df.duplicated([group, bar]).any():
+        log.warning("accuracy_bars: several rows per (%s, %s); plotting their mean", group, bar)
+    table = df.groupby([group, bar], sort=False)[cols].mean()
+    groups, bars = list(dict.fromkeys(df[group])), list(dict.fromkeys(df[bar]))
+    width = 0.8 / len(bars)
+    with _figure(path, figsize=(max(4.0, 1.0 + 0.5 * len(groups) * len(bars)), 3.4)) as (fig, axes):
+        ax = axes[0, 0]
+        for j, name in enumerate(bars):
+            keys = [(g, name) for g in groups if (g, name) in table.index]
+            x = np.array([groups.index(g) for g, _ in keys]) + (j - (len(bars) - 1) / 2) * width
+            values = table.loc[keys, metric].to_numpy(float)
+            ax.bar(x, values, width * 0.92, yerr=_yerr(table.loc[keys], metric), capsize=3,
+                   color=model_colour(name), label=name)
+            for xi, v in zip(x[np.isfinite(values)], values[np.isfinite(values)], strict=True):
+                ax.text(xi, 0.01, f"{v:.2f}", ha="center", va="bottom", fontsize=7, rotation=90,
+                        color="white")
+        ax.set_xticks(range(len(groups)), groups)
+        label = metric.replace("_", " ")
+        ax.set(ylabel=label, ylim=(0, 1.05), title=title or f"{label} (95% CI)")
+        ax.grid(axis="x", visible=False)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
+    return Path(path)
+
+
+def roc_curves(y_true, proba, class_names: Sequence[str], path, *, positive_class: str | None = None,
+               log_x: bool = False, title: str = "ROC") -> Path:
+    """One-vs-rest ROC curves with AUC in the legend; for two classes one curve for the positive class
+    (default: class_names[0]) with the operating points at FPR 1% and 0.1% marked."""
+    y_true, proba = np.asarray(y_true), np.asarray(proba, dtype=float)
+    names = list(class_names)
+    if len(names) == 2:
+        shown = [positive_index(names, positive_class)]
+    else:
+        shown = [k for k in range(len(names)) if 0 < np.sum(y_true == k) < y_true.size]
+    with _figure(path, figsize=(4.6, 4.0)) as (fig, axes):
+        ax = axes[0, 0]
+        min_fpr = 1.0
+        for k in shown:
+            fpr, tpr, _ = roc_curve(y_true == k, proba[:, k])
+            min_fpr = min(min_fpr, 1.0 / max(1, np.sum(y_true != k)))
+            ax.plot(fpr, tpr, color=class_colour(names[k]), label=f"{names[k]} (AUC {auc(fpr, tpr):.3f})")
+        if len(names) == 2:
+            _mark_fpr_points(ax, y_true == shown[0], proba[:, shown[0]])
+        if log_x:
+            ax.set_xscale("log")
+            ax.set_xlim(min_fpr / 2, 1.0)
+        else:
+            ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls=":", label="chance")
+        ax.set(xlabel="false-positive rate" + (" (log)" if log_x else ""), ylabel="true-positive rate",
+               ylim=(0, 1.02), title=title)
+        ax.legend(loc="lower right")
+    return Path(path)
+
+
+def gallery(maps, y_true, y_pred, class_names: Sequence[str], path, per_class: int = 4, *,
+            seed: int = 0, title: str = "Correct (left) and misclassified (right) maps") -> Path:
+    """OPD maps in nm, one row per class: up to ``per_class`` correct then ``per_class`` wrong examples,
+    titled true->pred (green right, red wrong), with one shared colour bar."""
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    rng = np.random.default_rng(seed)
+    images, titles, colours = [], [], []
+    for k in range(len(class_names)):
+        for correct in (True, False):
+            pick = np.flatnonzero((y_true == k) & ((y_pred == k) == correct))
+            pick = np.sort(rng.permutation(pick)[:per_class])
+            for slot in range(per_class):
+                i = pick[slot] if slot < pick.size else None
+                images.append(None if i is None else np.squeeze(np.asarray(maps[int(i)], dtype=float)))
+                titles.append("" if i is None else f"{class_names[k]}→{class_names[y_pred[i]]}")
+                colours.append("#2ca02c" if correct else "#d62728")
+    return image_grid(images, titles, path, OPD_CMAP, ncols=2 * per_class, title=title,
+                      title_colours=colours)
+
+
+def image_grid(images: Sequence, titles: Sequence[str], path, cmap: str = OPD_CMAP, *,
+               ncols: int | None = None, vmin: float | None = None, vmax: float | None = None,
+               colorbar_label: str = "OPD (nm)", title: str | None = None,
+               title_colours: Sequence[str] | None = None, overlays: Sequence | None = None,
+               overlay_cmap: str = "jet", overlay_alpha: float = 0.45) -> Path:
+    """Grid of 2-D images sharing one colour scale and colour bar; ``None`` entries leave a blank cell.
+
+    With ``overlays`` (one heatmap per image, any size, rescaled to [0, 1] each) the images are drawn
+    in ``cmap`` and the heatmaps on top, and the colour bar shows the heatmap scale.
+    """
+    n = len(images)
+    ncols = ncols or min(n, 6)
+    nrows = math.ceil(n / ncols)
+    shown = [np.asarray(im, dtype=float) for im in images if im is not None]
+    if not shown:
+        raise ValueError("image_grid: no images to show")
+    values = np.concatenate([im.ravel() for im in shown])
+    vmin = np.nanpercentile(values, 1) if vmin is None else vmin
+    vmax = np.nanpercentile(values, 99.5) if vmax is None else vmax
+    with _figure(path, nrows, ncols, figsize=(1.5 * ncols + 1.0, 1.55 * nrows + 0.4)) as (fig, axes):
+        mappable = None
+        for i, ax in enumerate(axes.ravel()):
+            ax.set_axis_off()
+            if i >= n or images[i] is None:
+                continue
+            image = np.asarray(images[i], dtype=float)
+            mappable = ax.imshow(image, cmap=cmap, vmin=vmin, vmax=vmax)
+            if overlays is not None:
+                h, w = image.shape
+                mappable = ax.imshow(_unit_range(overlays[i]), cmap=overlay_cmap, alpha=overlay_alpha,
+                                     vmin=0, vmax=1, extent=(-0.5, w - 0.5, h - 0.5, -0.5),
+                                     interpolation="bilinear")
+            ax.set_title(titles[i], fontsize=7, color=title_colours[i] if title_colours else "black")
+        label = "relative importance" if overlays is not None else colorbar_label
+        fig.colorbar(mappable, ax=axes, shrink=0.8, label=label)
+        if title:
+            fig.suptitle(title)
+    return Path(path)
+
+
+def overlay_grid(maps: Sequence, heatmaps: Sequence, titles: Sequence[str], path, *,
+                 ncols: int | None = None, title: str | None = None) -> Path:
+    """OPD maps in grey with attention / Grad-CAM heatmaps on top (see :func:`image_grid`)."""
+    if len(maps) != len(heatmaps):
+        raise ValueError(f"overlay_grid: {len(maps)} maps but {len(heatmaps)} heatmaps")
+    maps = [np.squeeze(np.asarray(m, dtype=float)) for m in maps]
+    return image_grid(maps, titles, path, "gray", ncols=ncols, title=title, overlays=heatmaps)
+
+
+def label_efficiency(df: pd.DataFrame, path, metric: str = "accuracy", *, title: str | None = None) -> Path:
+    """``metric`` vs labelled fraction (log x) per model: seeds as dots, mean line and 95% t-band over
+    seeds; one panel per task (columns: model, fraction, <metric>, optional seed and task)."""
+    df = df.copy()
+    if "task" not in df.columns:
+        df["task"] = ""
+    tasks = list(dict.fromkeys(df["task"]))
+    with _figure(path, 1, len(tasks), figsize=(4.2 * len(tasks) + 1.2, 3.4), sharey=True) as (fig, axes):
+        for ax, task in zip(axes[0], tasks, strict=True):
+            sub = df[df["task"] == task]
+            for model, rows in sub.groupby("model", sort=False):
+                colour = model_colour(model)
+                ax.scatter(rows["fraction"], rows[metric], s=10, color=colour, alpha=0.4, lw=0)
+                mean, low, high = _mean_band(rows, "fraction", metric)
+                ax.plot(mean.index, mean, "-o", ms=3, color=colour, label=model)
+                ax.fill_between(mean.index, low, high, color=colour, alpha=0.2, lw=0)
+            ax.set_xscale("log")
+            ax.set(xlabel="labelled fraction of training maps", title=task or None)
+        axes[0, 0].set_ylabel(metric.replace("_", " "))
+        axes[0, -1].legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
+        fig.suptitle(title or "Label efficiency (mean and 95% CI over seeds)")
+    return Path(path)
+
+
+def embedding_scatter(emb2d, labels, class_names: Sequence[str], path, extra=None, *,
+                      title: str = "Embedding") -> Path:
+    """2-D embedding coloured by class; ``extra`` = [(points (M, 2), name, marker), ...] drawn on top."""
+    emb2d, labels = np.asarray(emb2d, dtype=float), np.asarray(labels)
+    with _figure(path, figsize=(5.4, 4.2)) as (fig, axes):
+        ax = axes[0, 0]
+        for k, name in enumerate(class_names):
+            pts = emb2d[labels == k]
+            ax.scatter(pts[:, 0], pts[:, 1], s=8, alpha=0.6, lw=0, color=class_colour(name),
+                       label=f"{name} ({len(pts)})")
+        for i, (points, name, marker) in enumerate(extra or []):
+            points = np.asarray(points, dtype=float).reshape(-1, 2)
+            ax.scatter(points[:, 0], points[:, 1], s=36, marker=marker, color=("black", "#555555")[i % 2],
+                       lw=1.0, label=f"{name} ({len(points)})")
+        ax.set(xlabel="dimension 1", ylabel="dimension 2", title=title)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False, markerscale=1.5)
+    return Path(path)
+
+
+# --- internals -------------------------------------------------------------------------------------
+
+
+@contextmanager
+def _figure(path, nrows: int = 1, ncols: int = 1, *, figsize,
+            **subplot_kw) -> Iterator[tuple[Figure, np.ndarray]]:
+    """A styled Figure with a 2-D array of axes; saved as PNG to ``path`` on exit."""
+    path = Path(path)
+    with mpl.rc_context(STYLE):
+        fig = Figure(figsize=figsize, layout="constrained")
+        axes = fig.subplots(nrows, ncols, squeeze=False, **subplot_kw)
+        yield fig, axes
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=DPI, bbox_inches="tight", facecolor="white")
+    log.info("wrote %s", path)
+
+
+def _named_colour(name: str, table: Mapping[str, str]) -> str:
+    key = str(name).lower()
+    return table.get(key) or _PALETTE[zlib.crc32(key.encode()) % len(_PALETTE)]
+
+
+def _yerr(rows: pd.DataFrame, metric: str):
+    """Asymmetric error bars (2, n) from CI columns, or None when they are absent."""
+    low, high = f"{metric}_ci_low", f"{metric}_ci_high"
+    if low not in rows.columns or high not in rows.columns:
+        return None
+    value = rows[metric].to_numpy(float)
+    err = np.vstack([value - rows[low].to_numpy(float), rows[high].to_numpy(float) - value])
+    return np.clip(np.nan_to_num(err), 0, None)
+
+
+def _mark_fpr_points(ax, y_pos, score) -> None:
+    """Mark the operating points at the target FPRs (skipped where not resolvable)."""
+    for fpr, marker in zip(FPR_TARGETS, ("o", "s"), strict=False):
+        point = sensitivity_at_fpr(y_pos, score, fpr)
+        if point["value"] is None:
+            log.info("ROC: FPR %g not marked: %s", fpr, point["reason"])
+            ax.plot([], [], " ", label=f"FPR {fpr * 100:g}%: n/a (only {np.sum(~y_pos)} negatives)")
+            continue
+        ax.plot(fpr, point["value"], marker, color="black", mfc="none",  # on the step curve
+                label=f"TPR {point['value']:.2f} at FPR {fpr * 100:g}%")
+
+
+def _mean_band(rows: pd.DataFrame, x: str, y: str) -> tuple[pd.Series, pd.Series, pd.Series]:
+    """Mean of ``y`` per ``x`` and its 95% t confidence band (band = mean where only one seed)."""
+    grouped = rows.groupby(x)[y]
+    mean, sem, n = grouped.mean(), grouped.sem().fillna(0.0), grouped.count()
+    half = sem * stats.t.ppf(0.975, np.maximum(n - 1, 1))
+    return mean, mean - half, mean + half
+
+
+def _unit_range(heatmap) -> np.ndarray:
+    """Heatmap rescaled to [0, 1] (constant maps become 0)."""
+    h = np.squeeze(np.asarray(heatmap, dtype=float))
+    span = np.nanmax(h) - np.nanmin(h)
+    return (h - np.nanmin(h)) / span if span > 0 else np.zeros_like(h)

@@ -1,0 +1,345 @@
+"""Single-cell preprocessing: phase/OPD -> OPD in nm, checks, background removal, cell mask, dry mass,
+integral-conserving resampling to one pixel size and centring on the cell.
+
+Pipeline (:func:`preprocess_map`): check -> to nm -> background -> mask -> dry mass (native resolution)
+-> resample -> centre/crop -> :class:`ProcessedMap`.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage as ndi
+from scipy.interpolate import CubicSpline
+from skimage import filters, measure, morphology
+
+from .errors import ExportError, MetadataError
+from .metadata import Meta
+
+log = logging.getLogger(__name__)
+
+#: Smallest accepted map side in pixels.
+MIN_SIDE_PX = 8
+#: Largest fraction of NaN/inf pixels that is filled (nearest finite neighbour) instead of rejected.
+MAX_NONFINITE_FRACTION = 0.01
+#: Gaussian smoothing before thresholding, about half the optical resolution.
+SMOOTH_SIGMA_UM = 0.25
+#: Dilation of the thresholded cell: covers the faint edge and the diffraction halo.
+MASK_MARGIN_UM = 1.0
+#: Foreground threshold in robust noise standard deviations above the background level.
+NOISE_K = 5.0
+#: Specks smaller than this equivalent diameter are ignored when looking for cells.
+MIN_OBJECT_DIAMETER_UM = 1.0
+#: At least this fraction of the map must be background to fit the background surface.
+MIN_BACKGROUND_FRACTION = 0.05
+#: Width of the border frame used for the first background guess, as a fraction of the side.
+BORDER_FRACTION = 0.1
+#: Output pixels covering less than this fraction of the resampled cell mask are set to exactly 0
+#: (this also drops the faint spline ringing of :func:`resample` beyond the mask edge).
+SUPPORT_FRACTION = 0.01
+#: Nominal pixel size assumed by :func:`remove_background` when none is given (the default output).
+DEFAULT_PIXEL_SIZE_UM = 0.25
+
+
+def _check_order(order: int) -> None:
+    if order not in (0, 1, 2):
+        raise ValueError(f"background order must be 0 (offset), 1 (plane) or 2 (quadratic), not {order!r}")
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """Output geometry and physical constants of preprocessing.
+
+    out_pixel_size_um: 0.25 um samples the ~0.5 um optical resolution (Abbe lambda / 2NA for NA ~0.6 at
+        633 nm) at Nyquist, so resampling to it loses no resolved detail of typical QPI microscopes.
+    out_size: 128 px = 32 um at 0.25 um/px, so the largest cells (~20 um) fit with margin.
+    background_order: 1 fits a plane (tilt + offset), 2 a quadratic surface (also curvature).
+    alpha_ml_per_g: specific refraction increment of cell dry mass, 0.18-0.19 mL/g.
+    """
+
+    out_pixel_size_um: float = 0.25
+    out_size: int = 128
+    background_order: int = 1
+    alpha_ml_per_g: float = 0.19
+
+    def __post_init__(self):
+        _check_order(self.background_order)
+        if not (math.isfinite(self.out_pixel_size_um) and self.out_pixel_size_um > 0):
+            raise ValueError(f"out_pixel_size_um must be positive, not {self.out_pixel_size_um!r}")
+        if self.out_size < MIN_SIDE_PX:
+            raise ValueError(f"out_size must be at least {MIN_SIDE_PX} px, not {self.out_size!r}")
+        if not (math.isfinite(self.alpha_ml_per_g) and self.alpha_ml_per_g > 0):
+            raise ValueError(f"alpha_ml_per_g must be positive, not {self.alpha_ml_per_g!r}")
+
+
+DEFAULT_CONFIG = PreprocessConfig()
+
+
+@dataclass
+class ProcessedMap:
+    """One cell: OPD (nm, float32, ``out_size`` square, background ~0, cell centred) and its dry mass."""
+
+    opd: np.ndarray
+    dry_mass_pg: float
+    area_um2: float
+
+
+def to_opd_nm(data, units: str, wavelength_nm: float | None = None, *, path="<array>") -> np.ndarray:
+    """Convert a map to optical path delay in nm (float64 copy).
+
+    nm: as is; um: x 1000; rad: phase * wavelength / (2 pi). Raises MetadataError for unknown units or a
+    missing/invalid wavelength with phase data.
+    """
+    values = np.array(data, dtype=np.float64)
+    if units == "nm":
+        return values
+    if units == "um":
+        return values * 1000.0
+    if units == "rad":
+        if wavelength_nm is None or not (math.isfinite(wavelength_nm) and wavelength_nm > 0):
+            raise MetadataError(path, f"phase in rad needs a positive wavelength_nm, got {wavelength_nm!r}")
+        return values * (wavelength_nm / (2.0 * np.pi))
+    raise MetadataError(path, f"unknown units {units!r} (expected nm, um or rad)")
+
+
+def check_map(data, path) -> None:
+    """Raise ExportError naming ``path`` if ``data`` is not a usable 2-D map.
+
+    Rejects: not 2-D, non-real values, a side under ``MIN_SIDE_PX``, more than ``MAX_NONFINITE_FRACTION``
+    NaN/inf pixels (fewer are filled by :func:`fill_nonfinite`), all-zero and constant maps.
+    """
+    arr = np.asarray(data)
+    if arr.ndim != 2:
+        raise ExportError(path, f"expected one 2-D map, got an array of shape {arr.shape}")
+    if not np.issubdtype(arr.dtype, np.number) or np.iscomplexobj(arr):
+        raise ExportError(path, f"map values must be real numbers, not {arr.dtype}")
+    if min(arr.shape) < MIN_SIDE_PX:
+        raise ExportError(path, f"map of {arr.shape[0]} x {arr.shape[1]} px is too small "
+                                f"(at least {MIN_SIDE_PX} px a side)")
+    finite = np.isfinite(arr)
+    bad = 1.0 - finite.mean()
+    if bad > MAX_NONFINITE_FRACTION:
+        raise ExportError(path, f"{bad:.1%} of the pixels are NaN or infinite "
+                                f"(at most {MAX_NONFINITE_FRACTION:.0%} can be filled)")
+    values = arr[finite]
+    if not np.any(values):
+        raise ExportError(path, "map is all zeros")
+    if values.min() == values.max():
+        raise ExportError(path, f"map is constant ({values.flat[0]!r} everywhere)")
+
+
+def fill_nonfinite(data) -> np.ndarray:
+    """Float64 copy of ``data`` with each NaN/inf pixel replaced by its nearest finite neighbour."""
+    values = np.array(data, dtype=np.float64)
+    bad = ~np.isfinite(values)
+    if bad.any():
+        nearest = ndi.distance_transform_edt(bad, return_distances=False, return_indices=True)
+        values = values[tuple(nearest)]
+        log.debug("filled %d non-finite pixels", int(bad.sum()))
+    return values
+
+
+def smooth(opd_nm: np.ndarray, pixel_size_um: float) -> np.ndarray:
+    """Gaussian smoothing over ``SMOOTH_SIGMA_UM`` (suppresses pixel noise before thresholding)."""
+    return filters.gaussian(opd_nm, sigma=SMOOTH_SIGMA_UM / pixel_size_um, preserve_range=True)
+
+
+def _robust_level(values: np.ndarray) -> tuple[float, float]:
+    """Median and robust standard deviation (1.4826 MAD) of ``values``."""
+    level = float(np.median(values))
+    return level, 1.4826 * float(np.median(np.abs(values - level)))
+
+
+def noise_threshold(smoothed: np.ndarray) -> float:
+    """Foreground threshold: the lower of Otsu and background level + ``NOISE_K`` robust sigma.
+
+    Level and sigma come from the pixels below Otsu (mostly background), so the threshold follows any
+    offset, and a cell with a bright nucleus cannot push it above its faint cytoplasm.
+    """
+    otsu = filters.threshold_otsu(smoothed)
+    level, sigma = _robust_level(smoothed[smoothed <= otsu])
+    return float(min(otsu, level + NOISE_K * sigma))
+
+
+def _stands_out(smoothed: np.ndarray, core: np.ndarray, mask: np.ndarray) -> bool:
+    """True if the cell's peak rises ``2 * NOISE_K`` robust sigmas above the background outside ``mask``
+    (or if no background is left outside it to compare with)."""
+    if not (~mask).any():
+        return True
+    level, sigma = _robust_level(smoothed[~mask])
+    return bool(smoothed[core].max() > level + 2 * NOISE_K * sigma)
+
+
+def dilate(mask: np.ndarray, radius_px: float) -> np.ndarray:
+    """Grow a boolean mask by ``radius_px`` (Euclidean)."""
+    if radius_px <= 0 or not mask.any():
+        return mask.copy()
+    return ndi.distance_transform_edt(~mask) <= radius_px
+
+
+def objects_above(smoothed: np.ndarray, threshold: float, pixel_size_um: float) -> np.ndarray:
+    """Boolean map of the objects above ``threshold``: holes filled, specks under
+    ``MIN_OBJECT_DIAMETER_UM`` removed."""
+    objects = ndi.binary_fill_holes(smoothed > threshold)
+    speck_px = int(np.pi / 4 * (MIN_OBJECT_DIAMETER_UM / pixel_size_um) ** 2)
+    return morphology.remove_small_objects(objects, max_size=speck_px)
+
+
+def _objects(opd_nm: np.ndarray, pixel_size_um: float) -> np.ndarray:
+    """Everything above the background noise (:func:`noise_threshold`)."""
+    smoothed = smooth(opd_nm, pixel_size_um)
+    return objects_above(smoothed, noise_threshold(smoothed), pixel_size_um)
+
+
+def foreground_mask(opd_nm, pixel_size_um: float, *, margin_um: float = MASK_MARGIN_UM) -> np.ndarray:
+    """All objects above background noise, dilated by ``margin_um`` (pixels excluded from background fits)."""
+    return dilate(_objects(np.asarray(opd_nm, dtype=np.float64), pixel_size_um), margin_um / pixel_size_um)
+
+
+def cell_mask(opd_nm, pixel_size_um: float, *, margin_um: float = MASK_MARGIN_UM) -> np.ndarray:
+    """Mask of the cell: the connected object with the largest integrated OPD, dilated by ``margin_um``.
+
+    Expects a background-removed map (background ~0). All False if nothing rises above the noise.
+    """
+    opd = np.asarray(opd_nm, dtype=np.float64)
+    labels = measure.label(_objects(opd, pixel_size_um))
+    if labels.max() == 0:
+        return np.zeros(opd.shape, dtype=bool)
+    integrated = ndi.sum_labels(opd, labels, index=np.arange(1, labels.max() + 1))
+    cell = labels == 1 + int(np.argmax(integrated))
+    return dilate(cell, margin_um / pixel_size_um)
+
+
+def _border_frame(shape: tuple[int, int]) -> np.ndarray:
+    width = max(2, int(BORDER_FRACTION * min(shape)))
+    frame = np.ones(shape, dtype=bool)
+    frame[width:-width, width:-width] = False
+    return frame
+
+
+def _fit_surface(opd: np.ndarray, use: np.ndarray, order: int, path) -> np.ndarray:
+    """Least-squares polynomial surface of total degree ``order`` through ``opd[use]``, over the whole map."""
+    powers = [(i, j) for i in range(order + 1) for j in range(order + 1 - i)]
+    if use.mean() < MIN_BACKGROUND_FRACTION or use.sum() < 10 * len(powers):
+        raise ExportError(path, f"only {use.mean():.1%} of the map is background: too little to fit the "
+                                f"background (a cell filling the field of view, or no clear cell at all)")
+    y = np.linspace(-1.0, 1.0, opd.shape[0])[:, None]
+    x = np.linspace(-1.0, 1.0, opd.shape[1])[None, :]
+    rows, cols = np.nonzero(use)
+    design = np.stack([x[0, cols] ** i * y[rows, 0] ** j for i, j in powers], axis=1)
+    coef = np.linalg.lstsq(design, opd[rows, cols], rcond=None)[0]
+    return sum(c * x ** i * y ** j for c, (i, j) in zip(coef, powers, strict=True))
+
+
+def remove_background(opd_nm, mask=None, order: int = 1, *, pixel_size_um: float = DEFAULT_PIXEL_SIZE_UM,
+                      path="<array>") -> np.ndarray:
+    """Subtract a polynomial background (order 0 offset, 1 plane, 2 quadratic) fitted outside the cells.
+
+    With ``mask`` (True = cell) one fit over ``~mask``. Without: a first fit over the border frame,
+    then twice: mask all objects of the corrected map (:func:`foreground_mask`) and refit outside them.
+    ``pixel_size_um`` only scales smoothing and mask margins. Raises ExportError if too little background.
+    """
+    _check_order(order)
+    opd = np.asarray(opd_nm, dtype=np.float64)
+    if mask is not None:
+        return opd - _fit_surface(opd, ~np.asarray(mask, dtype=bool), order, path)
+    corrected = opd - _fit_surface(opd, _border_frame(opd.shape), order, path)
+    for _ in range(2):
+        corrected = opd - _fit_surface(opd, ~foreground_mask(corrected, pixel_size_um), order, path)
+    return corrected
+
+
+def _resample_axis(values: np.ndarray, axis: int, scale: float) -> np.ndarray:
+    """Area-weighted resampling along ``axis`` by ``scale`` (output px per input px), integral-conserving.
+
+    The cumulative integral is interpolated with a cubic spline through the input pixel edges and
+    differenced at the output edges: each output pixel is the mean of a smooth interpolant over its area,
+    so the total is exact. The output grid covers the input, centred; uncovered parts are 0.
+    """
+    n_in = values.shape[axis]
+    n_out = max(1, math.ceil(n_in * scale - 1e-9))
+    shape = list(values.shape)
+    shape[axis] = 1
+    cumulative = np.concatenate([np.zeros(shape), np.cumsum(values, axis=axis)], axis=axis)
+    integral = CubicSpline(np.arange(n_in + 1), cumulative, axis=axis)
+    edges = np.clip((np.arange(n_out + 1) - n_out / 2) / scale + n_in / 2, 0, n_in)
+    return np.diff(integral(edges), axis=axis) * scale
+
+
+def resample(opd_nm, pixel_size_um: float, out_pixel_size_um: float) -> np.ndarray:
+    """Resample to ``out_pixel_size_um``, conserving sum(OPD) * pixel area (dry mass).
+
+    Area-weighted (anti-aliased when shrinking), separable; see :func:`_resample_axis`.
+    """
+    values = np.asarray(opd_nm, dtype=np.float64)
+    scale = pixel_size_um / out_pixel_size_um
+    if np.isclose(scale, 1.0, rtol=1e-9, atol=0):
+        return values.copy()
+    for axis in (0, 1):
+        values = _resample_axis(values, axis, scale)
+    return values
+
+
+def centre_crop(opd_nm, out_size: int, mask=None) -> np.ndarray:
+    """``out_size`` square window centred on the OPD-weighted centroid of the cell, zero-padded.
+
+    Weights are the positive OPD inside ``mask`` (whole map if None); the centroid lands on pixel
+    ``out_size // 2`` (integer shift, no interpolation).
+    """
+    opd = np.asarray(opd_nm, dtype=np.float64)
+    weights = np.clip(opd if mask is None else np.where(mask, opd, 0.0), 0.0, None)
+    if weights.sum() > 0:
+        centre = ndi.center_of_mass(weights)
+    else:
+        centre = ((opd.shape[0] - 1) / 2, (opd.shape[1] - 1) / 2)
+    r0, c0 = (int(round(c)) - out_size // 2 + out_size for c in centre)
+    padded = np.pad(opd, out_size, mode="constant")
+    return padded[r0:r0 + out_size, c0:c0 + out_size]
+
+
+def dry_mass_pg(opd_nm, pixel_size_um: float, mask=None, alpha_ml_per_g: float = 0.19) -> float:
+    """Dry mass in pg: m = (1 / alpha) * integral of OPD over the cell area (whole map if ``mask`` is None).
+
+    alpha is the specific refraction increment, 0.18-0.19 mL/g for cell protein/dry mass (Barer 1952,
+    Nature 169:366; Zangle & Teitell 2014, Nat. Methods 11:1221). With OPD in um, area in um^2 and
+    alpha in mL/g = um^3/pg, m is in pg.
+    """
+    if not (pixel_size_um > 0 and alpha_ml_per_g > 0):
+        raise ValueError(f"pixel size and alpha must be positive, got {pixel_size_um!r}, {alpha_ml_per_g!r}")
+    opd = np.asarray(opd_nm, dtype=np.float64)
+    total_nm = opd[np.asarray(mask, dtype=bool)].sum() if mask is not None else opd.sum()
+    return float(total_nm * 1e-3 * pixel_size_um ** 2 / alpha_ml_per_g)
+
+
+def preprocess_map(data, meta: Meta, config: PreprocessConfig = DEFAULT_CONFIG,
+                   path="<array>") -> ProcessedMap:
+    """One raw map -> :class:`ProcessedMap` (OPD nm at ``config`` pixel size, centred, dry mass, area).
+
+    Dry mass and area are measured at native resolution. Outside the (dilated) cell mask the output is
+    exactly 0 (``opdcells.pipeline`` relies on it): neighbours, debris and background noise do not reach
+    the model, and neither does the outline of the original field of view, whose size in the output
+    would betray the source microscope.
+
+    Raises MetadataError if ``meta`` is incomplete and ExportError if the map is unusable or holds no cell.
+    """
+    meta.check(path)
+    check_map(data, path)
+    px = meta.pixel_size_um
+    opd = to_opd_nm(fill_nonfinite(data), meta.units, meta.wavelength_nm, path=path)
+    opd = remove_background(opd, order=config.background_order, pixel_size_um=px, path=path)
+    core = cell_mask(opd, px, margin_um=0.0)
+    mask = dilate(core, MASK_MARGIN_UM / px)
+    if not core.any() or not _stands_out(smooth(opd, px), core, mask):
+        raise ExportError(path, "no cell found: nothing rises clearly above the background noise")
+    mass = dry_mass_pg(opd, px, mask, config.alpha_ml_per_g)
+    support = resample(mask.astype(np.float64), px, config.out_pixel_size_um) > SUPPORT_FRACTION
+    resampled = np.where(support, resample(np.where(mask, opd, 0.0), px, config.out_pixel_size_um), 0.0)
+    window = centre_crop(resampled, config.out_size, support)
+    kept = window.sum() / resampled.sum() if resampled.sum() > 0 else 1.0
+    if kept < 0.99:
+        log.warning("%s: the cell does not fit the %d px output window; %.1f%% of its OPD is cut off",
+                    path, config.out_size, 100 * (1 - kept))
+    return ProcessedMap(opd=window.astype(np.float32), dry_mass_pg=mass,
+                        area_um2=float(core.sum() * px ** 2))

@@ -1,0 +1,256 @@
+"""Train / validation / test splits that never put one acquisition group in two parts.
+
+Maps from one acquisition (session, dish, donor, slide) share optics, background and biology, so a
+random map-level split leaks: the model learns the session, not the cell. :func:`group_split` keeps
+every group whole and stratifies by class as far as the groups allow.
+
+How a part is carved out of a pool of maps: candidate group partitions come from scikit-learn
+(``StratifiedGroupKFold`` folds over several seeded shuffles, plus ``GroupShuffleSplit`` draws); each
+candidate is scored, first by class-coverage violations (a class with >= 2 groups in the pool must
+appear on both sides; every class must keep maps on the training side), then by how far its size and
+class mix are from the target. The best candidate wins; ties go to the first, so the result is a pure
+function of the seed.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+from sklearn.model_selection import GroupShuffleSplit, StratifiedGroupKFold
+
+log = logging.getLogger(__name__)
+
+PARTS = ("train", "val", "test")
+N_SHUFFLES = 3  # seeded StratifiedGroupKFold shuffles tried per carve and fold count
+N_DRAWS = 24  # GroupShuffleSplit draws tried per carve
+NEAR_BEST = 0.25  # candidates within NEAR_BEST * fraction of the best size/mix error are equally good
+
+
+@dataclass(frozen=True, eq=False)
+class Split:
+    """Sorted index arrays of the three parts, the seed, and the group names in each part."""
+
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+    seed: int | None = None
+    groups: dict[str, list[str]] = field(default_factory=dict)
+
+    def __post_init__(self):
+        for name in PARTS:
+            object.__setattr__(self, name, np.sort(np.asarray(getattr(self, name), dtype=np.int64)))
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        """Number of maps in each part."""
+        return {name: int(getattr(self, name).size) for name in PARTS}
+
+    def to_dict(self) -> dict:
+        """Plain-Python form (index lists, seed, sizes, groups per part)."""
+        out = {name: getattr(self, name).tolist() for name in PARTS}
+        out.update(seed=self.seed, sizes=self.sizes, groups={k: list(v) for k, v in self.groups.items()})
+        return out
+
+    def to_json(self, path: str | os.PathLike | None = None) -> str:
+        """JSON text of :meth:`to_dict`; also written to ``path`` when given."""
+        text = json.dumps(self.to_dict(), indent=1)
+        if path is not None:
+            with open(path, "w", encoding="utf-8") as fh:
+                fh.write(text)
+        return text
+
+    @classmethod
+    def from_json(cls, source: str | os.PathLike) -> Split:
+        """Rebuild a split from JSON text or from a file path holding it."""
+        text = str(source)
+        if not text.lstrip().startswith("{"):
+            with open(source, encoding="utf-8") as fh:
+                text = fh.read()
+        data = json.loads(text)
+        return cls(*(data[name] for name in PARTS), seed=data.get("seed"), groups=data.get("groups") or {})
+
+    def check_disjoint(self, groups) -> None:
+        """Raise ValueError if an index or an acquisition group appears in two parts."""
+        groups = np.asarray(groups).astype(str)
+        for a, b in _pairs(PARTS):
+            ia, ib = getattr(self, a), getattr(self, b)
+            for idx in (ia, ib):
+                if idx.size and (idx.min() < 0 or idx.max() >= groups.size):
+                    raise ValueError(f"split indices out of range for {groups.size} maps")
+            shared_idx = np.intersect1d(ia, ib)
+            if shared_idx.size:
+                raise ValueError(f"{shared_idx.size} map indices in both {a} and {b}: "
+                                 f"{shared_idx[:5].tolist()}")
+            shared = np.intersect1d(groups[ia], groups[ib])
+            if shared.size:
+                raise ValueError(f"acquisition groups in both {a} and {b}: {shared[:5].tolist()}")
+
+
+def group_split(y, groups, *, test_size: float = 0.2, val_size: float = 0.15, seed: int = 0) -> Split:
+    """Split maps into train/val/test by whole acquisition groups, stratified by class.
+
+    ``test_size`` and ``val_size`` are fractions of all maps (reached as closely as whole groups
+    allow); ``val_size=0`` gives an empty validation part. Warns (UserWarning) when a class cannot
+    appear in every part. Raises ValueError on unusable input (too few groups, bad fractions).
+    """
+    y, groups = _check_inputs(y, groups, test_size, val_size, seed)
+    y_codes = np.unique(y, return_inverse=True)[1]
+    g_codes = np.unique(groups, return_inverse=True)[1]
+    seeds = np.random.SeedSequence(seed).generate_state(2)
+    test, pool = _carve(y_codes, g_codes, np.arange(y.size), test_size, int(seeds[0]),
+                        rest_groups_needed=2 if val_size > 0 else 1)
+    if val_size > 0:
+        val, train = _carve(y_codes, g_codes, pool, val_size / (1.0 - test_size), int(seeds[1]))
+    else:
+        val, train = np.array([], dtype=np.int64), pool
+    parts = {"train": train, "val": val, "test": test}
+    split = Split(**parts, seed=seed, groups={k: sorted(set(groups[v].tolist())) for k, v in parts.items()})
+    split.check_disjoint(groups)
+    _warn_coverage(y, groups, split, want_val=val_size > 0)
+    log.info("group split (seed %d): %s maps, %s groups", seed, split.sizes,
+             {k: len(v) for k, v in split.groups.items()})
+    return split
+
+
+def subsample_labelled(train_idx, y, fraction: float, seed: int = 0) -> np.ndarray:
+    """Stratified subset of ``train_idx`` with ~``fraction`` of each class (at least one map per class).
+
+    ``y`` is the label array of ALL maps (indexed by ``train_idx``). Subsets drawn with the same seed
+    are nested (a smaller fraction is contained in a larger one), as label-efficiency curves need.
+    scikit-learn's stratified samplers may drop a rare class entirely, hence the per-class draw.
+    """
+    train_idx = np.asarray(train_idx, dtype=np.int64)
+    y = np.asarray(y)
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    if train_idx.size == 0:
+        raise ValueError("train_idx is empty: nothing to subsample")
+    labels = y[train_idx]
+    rng = np.random.default_rng(seed)
+    keep = []
+    for cls in np.unique(labels):
+        members = rng.permutation(train_idx[labels == cls])
+        keep.append(members[: max(1, round(fraction * members.size))])
+    return np.sort(np.concatenate(keep))
+
+
+def _check_inputs(y, groups, test_size, val_size, seed) -> tuple[np.ndarray, np.ndarray]:
+    """Validate arguments; return ``y`` and ``groups`` (as str) as 1-D arrays."""
+    y, groups = np.asarray(y), np.asarray(groups)
+    if y.ndim != 1 or groups.shape != y.shape:
+        raise ValueError(f"y and groups must be 1-D of equal length, got shapes {y.shape} and {groups.shape}")
+    if y.size == 0:
+        raise ValueError("cannot split an empty set of maps")
+    if not 0.0 < test_size < 1.0:
+        raise ValueError(f"test_size must be in (0, 1), got {test_size}")
+    if not 0.0 <= val_size < 1.0 or test_size + val_size >= 1.0:
+        raise ValueError(f"val_size must be in [0, 1) with test_size + val_size < 1, got {val_size}")
+    if not isinstance(seed, int | np.integer) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    groups = groups.astype(str)
+    n_groups, needed = np.unique(groups).size, 3 if val_size > 0 else 2
+    if n_groups < needed:
+        parts, hint = ("train/val/test", " or set val_size=0") if val_size > 0 else ("train/test", "")
+        raise ValueError(f"a {parts} split needs at least {needed} acquisition groups; got {n_groups} "
+                         f"({sorted(set(groups.tolist()))[:5]}). Acquire more sessions{hint}.")
+    return y, groups
+
+
+def _carve(y, g, pool, fraction, seed, *, rest_groups_needed=1) -> tuple[np.ndarray, np.ndarray]:
+    """Take whole groups holding ~``fraction`` of ``pool``'s maps; return (part, rest) indices.
+
+    The rest keeps at least ``rest_groups_needed`` groups (room for a later carve), per class where
+    the class has enough groups. Among the candidates with the fewest coverage violations, one whose
+    size/mix error is within ``NEAR_BEST * fraction`` of the best is drawn with the seed, so different
+    seeds give different (equally good) splits.
+    """
+    yp = y[pool]
+    local = np.unique(g[pool], return_inverse=True)[1]
+    counts = np.zeros((local.max() + 1, y.max() + 1))
+    np.add.at(counts, (local, yp), 1)
+    masks, scores = [], []
+    for tier in _candidate_tiers(yp, local, fraction, seed, rest_groups_needed):
+        tier = [m for m in tier if m.any() and (~m).sum() >= rest_groups_needed]
+        masks += tier
+        scores += [_score(counts, m, fraction, rest_groups_needed) for m in tier]
+        if scores and min(scores)[0] == 0:
+            break
+    scores = np.array(scores)
+    ok = scores[:, 0] == scores[:, 0].min()
+    ok &= scores[:, 1] <= scores[ok, 1].min() + NEAR_BEST * fraction
+    in_part = masks[np.random.default_rng(seed).choice(np.flatnonzero(ok))][local]
+    return pool[in_part], pool[~in_part]
+
+
+def _candidate_tiers(yp, local, fraction, seed, rest_groups_needed) -> Iterator[list[np.ndarray]]:
+    """Lists of boolean masks over groups (True = in the part) from scikit-learn group splitters.
+
+    First tier: GroupShuffleSplit draws and StratifiedGroupKFold folds of about ``fraction``; later
+    tiers use fewer, larger folds (tried only when rare classes are not covered yet).
+    """
+    n_groups = local.max() + 1
+    max_splits = min(n_groups, int(np.bincount(yp).max()), max(2, round(1.0 / fraction)))
+    n_test = min(n_groups - rest_groups_needed, max(1, round(fraction * n_groups)))
+    x = np.zeros(yp.size)
+    shuffles = np.random.SeedSequence(seed).generate_state(N_SHUFFLES).tolist()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
+        parts = [part for _, part in
+                 GroupShuffleSplit(N_DRAWS, test_size=n_test, random_state=shuffles[0]).split(x, yp, local)]
+        for n_splits in [*range(max_splits, 1, -1), None]:
+            if n_splits is not None:
+                parts += [part for s in shuffles for _, part in
+                          StratifiedGroupKFold(n_splits, shuffle=True, random_state=s).split(x, yp, local)]
+            yield [m for part in parts for m in _group_masks(local, part)]
+            parts = []
+
+
+def _group_masks(local, part) -> tuple[np.ndarray, np.ndarray]:
+    """Mask of the groups holding the maps ``part``, and its complement."""
+    mask = np.zeros(local.max() + 1, dtype=bool)
+    mask[local[part]] = True
+    return mask, ~mask
+
+
+def _score(counts, mask, fraction, rest_groups_needed) -> tuple[int, float]:
+    """(coverage violations, size error + class-mix error) of putting the ``mask`` groups in the part.
+
+    ``counts`` is (groups, classes) map counts. Violations: a class with >= 2 groups missing from the
+    part, or a class keeping fewer groups in the rest than it needs (1, or ``rest_groups_needed``
+    where it has enough groups).
+    """
+    present = counts > 0
+    n_class_groups = present.sum(axis=0)
+    keep = np.minimum(np.maximum(n_class_groups - 1, 1), rest_groups_needed) * (n_class_groups > 0)
+    violations = int(np.sum(present[~mask].sum(axis=0) < keep)
+                     + np.sum((n_class_groups >= 2) & (present[mask].sum(axis=0) == 0)))
+    part, total = counts[mask].sum(axis=0), counts.sum(axis=0)
+    size_error = abs(part.sum() / total.sum() - fraction)
+    mix_error = 0.5 * np.abs(part / max(part.sum(), 1) - total / total.sum()).sum()
+    return violations, size_error + mix_error
+
+
+def _warn_coverage(y, groups, split: Split, *, want_val: bool) -> None:
+    """Warn about classes missing from a part, saying why (too few acquisition groups)."""
+    for cls in np.unique(y).tolist():
+        cls_groups = np.unique(groups[y == cls]).tolist()
+        missing = [name for name in PARTS
+                   if (name != "val" or want_val) and not np.any(y[getattr(split, name)] == cls)]
+        if not missing:
+            continue
+        if len(cls_groups) == 1:
+            reason = f"it has only one acquisition group ({cls_groups[0]!r}), which cannot be in two parts"
+        else:
+            reason = f"its {len(cls_groups)} acquisition groups cannot cover every part"
+        message = f"class {cls!r} has no maps in {'/'.join(missing)}: {reason}"
+        warnings.warn(message, UserWarning, stacklevel=3)
+
+
+def _pairs(items):
+    """All unordered pairs of ``items``."""
+    return [(a, b) for i, a in enumerate(items) for b in items[i + 1:]]

@@ -1,0 +1,332 @@
+"""Models: one build path for every architecture, weights loading, BatchNormalization momentum.
+
+Models are tiny (32 px maps, MobileNetV2 alpha 0.35, a 2-layer DINOv2) so the file runs on 2 CPU cores.
+Single training steps run eagerly (``run_eagerly=True``): tracing a graph costs far more than one step.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import socket
+
+import keras
+import numpy as np
+import pytest
+
+from opdcells import models
+from opdcells.models import (
+    ARCHITECTURES,
+    batch_norm_layers,
+    build_encoder,
+    build_model,
+    count_params,
+    describe,
+    save_encoder,
+)
+
+S = 32
+TINY_DINOV2 = {"num_layers": 2, "hidden_dim": 64, "num_heads": 2, "intermediate_dim": 128}
+# The file keras.applications.MobileNetV2(alpha=0.35, include_top=False, weights="imagenet") looks for in
+# $KERAS_HOME/models at inputs outside {96, 128, 160, 192, 224} (keras/src/applications/mobilenet_v2.py).
+ENCODER_FILE = "encoder.weights.h5"
+MOBILENETV2_035_NOTOP = "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_224_no_top.h5"
+
+
+def discs_and_rings(n: int, seed: int = 0, size: int = S) -> tuple[np.ndarray, np.ndarray]:
+    """OPD maps (nm) of discs (label 0) and 3-px rings (label 1), radius 7-11 px, jittered, noisy."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size] - (size - 1) / 2
+    maps = np.empty((n, size, size, 1), np.float32)
+    labels = np.arange(n) % 2
+    for i, label in enumerate(labels):
+        cy, cx = rng.uniform(-3, 3, 2)
+        r = np.hypot(yy - cy, xx - cx)
+        radius = rng.uniform(7, 11)
+        inside = (r < radius) & ((r > radius - 3) if label else True)
+        maps[i, ..., 0] = 250.0 * inside + rng.normal(0, 10, (size, size))
+    return maps, labels
+
+
+def tiny_kwargs(name: str, **kw) -> dict:
+    base = {"input_shape": (S, S, 1), "input_size": 28 if name == "dinov2" else S}
+    if name == "dinov2":
+        base["dinov2_config"] = TINY_DINOV2
+    return {**base, **kw}
+
+
+def weights_equal(a, b) -> bool:
+    wa, wb = a.get_weights(), b.get_weights()
+    return len(wa) == len(wb) and all(np.array_equal(x, y) for x, y in zip(wa, wb, strict=True))
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Every host name unresolvable, as on an offline machine (so no test ever downloads)."""
+
+    def offline(*args, **kwargs):
+        raise socket.gaierror(socket.EAI_NONAME, "offline (test)")
+
+    monkeypatch.setattr(socket, "getaddrinfo", offline)
+
+
+@pytest.fixture
+def keras_home(tmp_path, monkeypatch):
+    """An empty ``$KERAS_HOME`` (with ``models/``) that keras.applications really uses.
+
+    Keras resolves $KERAS_HOME once, at import, into ``keras.src.backend.config._KERAS_DIR``; setting the
+    variable now is therefore not enough, and the resolved value is patched too.
+    """
+    import keras.src.backend.config as keras_config
+
+    home = tmp_path / "keras_home"
+    (home / "models").mkdir(parents=True)
+    monkeypatch.setenv("KERAS_HOME", str(home))
+    monkeypatch.setattr(keras_config, "_KERAS_DIR", str(home))
+    assert keras_config.keras_home() == str(home)
+    return home
+
+
+@pytest.fixture
+def no_shipped_opd_weights(tmp_path, monkeypatch):
+    monkeypatch.setattr(models, "OPD_PRETRAINED_DIR", tmp_path / "no_opd_weights")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One build path for every architecture
+
+
+# DINOv2's position embeddings are frozen at build (see models._freeze_position_embeddings); a variable's
+# trainable flag is not saved, so the reloaded DINOv2 optimizer has 2 more slots (harmless for prediction).
+@pytest.mark.filterwarnings("ignore:Skipping variable loading for optimizer")
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_every_architecture_trains_predicts_and_reloads(name, tmp_path, no_shipped_opd_weights):
+    model, info = build_model(name, 3, **tiny_kwargs(name))
+    assert info["architecture"] == name and info["init"] == "random"
+    assert info["n_classes"] == 3 and info["params"] == count_params(model) > 0
+    assert model.input_shape == (None, S, S, 1) and model.output_shape == (None, 3)
+    assert json.loads(json.dumps(info)) == info  # the record goes into config.json as it is
+
+    x = discs_and_rings(8, seed=1)[0]
+    head = model.get_layer("classifier").get_weights()[0].copy()
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", run_eagerly=True)
+    model.fit(x, np.arange(8) % 3, batch_size=8, epochs=1, verbose=0)
+    assert not np.array_equal(model.get_layer("classifier").get_weights()[0], head)  # one step trained it
+
+    proba = np.asarray(model(x, training=False))
+    assert proba.shape == (8, 3) and (proba >= 0).all()
+    np.testing.assert_allclose(proba.sum(axis=1), 1.0, atol=1e-5)
+
+    model.save(tmp_path / "model.keras")
+    loaded = keras.saving.load_model(tmp_path / "model.keras")
+    np.testing.assert_array_equal(np.asarray(loaded(x, training=False)), proba)  # raw nm in, same out
+
+    encoder = loaded.get_layer("encoder")  # the normalisation travels inside the file
+    scale = keras.Model(encoder.input, encoder.get_layer("opd_scale").output)
+    np.testing.assert_allclose(np.asarray(scale(x)), x / 100.0, rtol=1e-6)
+    bns = batch_norm_layers(loaded)
+    assert all(layer.momentum == 0.9 for layer in bns)
+    assert info["bn_momentum"] == (0.9 if bns else None)
+    assert bool(bns) == (name not in ("vgg16", "dinov2"))
+
+
+def test_encoder_layers_and_embedding():
+    encoder, info = build_encoder("mobilenetv2", input_shape=(40, 40, 1), input_size=S, norm_scale_nm=250.0)
+    assert [layer.name for layer in encoder.layers] == [
+        "opd_nm", "opd_scale", "resize", "opd_to_rgb", "backbone", "pool"
+    ]
+    assert encoder.get_layer("backbone").input_shape == (None, S, S, 3)
+    assert encoder.output_shape == (None, info["embedding_dim"]) == (None, 1280)
+    assert info["alpha"] == 0.35 and info["norm_scale_nm"] == 250.0 and info["input_size"] == S
+    rgb = keras.Model(encoder.input, encoder.get_layer("opd_to_rgb").output)(np.ones((1, 40, 40, 1)) * 250)
+    np.testing.assert_allclose(np.asarray(rgb), 1.0, rtol=1e-6)  # 250 nm / 250 nm, in all three channels
+    assert "mobilenetv2 (alpha 0.35), init random" in describe(info)
+
+
+def test_seed_makes_builds_reproducible():
+    a, _ = build_encoder("mobilenetv2", input_shape=(S, S, 1), input_size=S, seed=3)
+    b, _ = build_encoder("mobilenetv2", input_shape=(S, S, 1), input_size=S, seed=3)
+    c, _ = build_encoder("mobilenetv2", input_shape=(S, S, 1), input_size=S, seed=4)
+    assert weights_equal(a, b) and not weights_equal(a, c)
+
+
+def test_bad_names_and_arguments_are_refused():
+    with pytest.raises(ValueError, match="unknown architecture 'resnet18'.*mobilenetv2, resnet50"):
+        build_model("resnet18", 3)
+    with pytest.raises(ValueError, match="n_classes"):
+        build_model("mobilenetv2", 1)
+    with pytest.raises(ValueError, match="norm_scale_nm must be positive"):
+        build_encoder("mobilenetv2", input_shape=(S, S, 1), input_size=S, norm_scale_nm=0)
+    with pytest.raises(ValueError, match="neither 'none', 'imagenet' nor"):
+        build_encoder("mobilenetv2", weights="imagnet")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# BatchNormalization momentum: evaluation-mode accuracy must move when training from scratch.
+# Measured here (2 shared CPU cores, keras 3.15): MobileNetV2 alpha 0.35, 32 px, 64 discs/rings, batch 8,
+# Adam 2e-3, 12 epochs. Training-mode accuracy is identical for both momenta (0.47 -> 1.00: momentum only
+# changes the moving statistics), but in evaluation mode (model.evaluate):
+#   bn_momentum 0.9:            train maps 0.95, unseen maps 0.72
+#   bn_momentum 0.999 (Keras):  train maps 0.50, unseen maps 0.50 (chance after every one of the 12 epochs)
+# (After 10 epochs, re-estimating the moving statistics of either model on the train maps gave 0.69 on
+# unseen maps: the weights are the same, only the statistics differ.) Each run takes 25-50 s here.
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("momentum", [0.9, 0.999])
+def test_bn_momentum_lets_evaluation_accuracy_move(momentum):
+    x, y = discs_and_rings(64, seed=0)
+    x_val, y_val = discs_and_rings(64, seed=1)
+    model, info = build_model(
+        "mobilenetv2", 2, input_shape=(S, S, 1), input_size=S, bn_momentum=momentum, dropout=0.0
+    )
+    assert {layer.momentum for layer in batch_norm_layers(model)} == {momentum}
+    model.compile(keras.optimizers.Adam(2e-3), "sparse_categorical_crossentropy", metrics=["accuracy"])
+    history = model.fit(x, y, batch_size=8, epochs=12, verbose=0)
+    train_eval = model.evaluate(x, y, verbose=0)[1]
+    val_eval = model.evaluate(x_val, y_val, verbose=0)[1]
+    logging.getLogger(__name__).info("momentum %s: eval train %.2f val %.2f", momentum, train_eval, val_eval)
+    assert history.history["accuracy"][-1] >= 0.9  # training-mode accuracy climbs either way
+    if momentum == 0.9:
+        assert train_eval >= 0.75 and val_eval >= 0.6
+    else:  # Keras' default: moving statistics still near their initial values, evaluation at chance
+        assert train_eval <= 0.6 and val_eval <= 0.6
+
+
+# ---------------------------------------------------------------------------------------------------------
+# ImageNet weights through keras.applications' own cache
+
+
+def test_imagenet_weights_load_from_keras_cache(keras_home, no_network):
+    reference = keras.applications.MobileNetV2(
+        input_shape=(S, S, 3), alpha=0.35, include_top=False, weights=None, name="reference"
+    )
+    cached = keras_home / "models" / MOBILENETV2_035_NOTOP
+    reference.save(cached)  # legacy HDF5, the format Keras' ImageNet files use (MobileNetV2 checks no hash)
+
+    encoder, info = build_encoder(
+        "mobilenetv2", input_shape=(S, S, 1), input_size=S, weights="imagenet", seed=5
+    )
+    assert weights_equal(encoder.get_layer("backbone"), reference)
+    assert info["init"] == "imagenet" and info["weights_source"] == str(cached)
+    assert "(224, 224)" in info["weights_note"]  # 32 px is not an ImageNet size: Keras used the 224 file
+    assert {layer.momentum for layer in batch_norm_layers(encoder)} == {0.9}  # kept when weights are loaded
+
+
+@pytest.mark.parametrize("name", ["mobilenetv2", "resnet50", "vgg16"])
+def test_imagenet_offline_falls_back_to_random_loudly(name, keras_home, no_network, caplog):
+    with caplog.at_level(logging.WARNING, logger="opdcells.models"):
+        encoder, info = build_encoder(name, input_shape=(S, S, 1), input_size=S, weights="imagenet")
+    assert info["init"] == "random" and info["weights_source"] is None
+    assert "RANDOMLY INITIALISED" in caplog.text and name in caplog.text
+    assert encoder.output_shape[-1] == info["embedding_dim"]
+
+
+def test_imagenet_file_with_wrong_hash_falls_back_to_random(keras_home, no_network, caplog):
+    (keras_home / "models" / "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5").write_bytes(b"not weights")
+    with caplog.at_level(logging.WARNING, logger="opdcells.models"):
+        _, info = build_encoder("vgg16", input_shape=(S, S, 1), input_size=S, weights="imagenet")
+    assert info["init"] == "random" and "RANDOMLY INITIALISED" in caplog.text
+
+
+def test_imagenet_refused_where_no_such_weights_exist():
+    with pytest.raises(ValueError, match="alpha in"):
+        build_encoder("mobilenetv2", input_shape=(S, S, 1), input_size=S, weights="imagenet", alpha=0.6)
+    for name in ("dinov2", "opd_mobilenetv2"):
+        with pytest.raises(ValueError, match="no ImageNet weights"):
+            build_encoder(name, weights="imagenet")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Encoder weights files (OPD pretraining)
+
+
+def test_save_encoder_round_trip_gives_opd_pretrained_model(tmp_path, monkeypatch):
+    encoder, info = build_encoder("mobilenetv2", input_shape=(S, S, 1), input_size=S, alpha=0.5, seed=1)
+    folder = save_encoder(encoder, info, tmp_path / "opd_mobilenetv2_pretrained")
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "encoder.weights.h5"]
+    config = json.loads((folder / "config.json").read_text())
+    assert config["architecture"] == "mobilenetv2" and config["alpha"] == 0.5
+    assert config["input_size"] == S and config["norm_scale_nm"] == 100.0
+
+    model, minfo = build_model(
+        "opd_mobilenetv2", 3, input_shape=(S, S, 1), input_size=S, weights=folder, seed=2
+    )
+    assert weights_equal(model.get_layer("encoder"), encoder)  # alpha 0.5 came from config.json
+    assert minfo["init"] == "opd-pretrained" and minfo["alpha"] == 0.5
+    assert minfo["weights_source"] == str(folder / ENCODER_FILE)
+
+    monkeypatch.setattr(models, "OPD_PRETRAINED_DIR", folder)  # opd_mobilenetv2's default weights
+    default, dinfo = build_encoder("opd_mobilenetv2", input_shape=(S, S, 1), input_size=S, seed=3)
+    assert weights_equal(default, encoder) and dinfo["init"] == "opd-pretrained"
+
+    bare, binfo = build_encoder(  # a bare .weights.h5 file needs the right alpha from the caller
+        "mobilenetv2", input_shape=(S, S, 1), input_size=S, alpha=0.5, weights=folder / ENCODER_FILE
+    )
+    assert weights_equal(bare, encoder) and binfo["init"] == "opd-pretrained"
+
+
+def test_opd_mobilenetv2_without_shipped_weights_is_random_and_says_so(no_shipped_opd_weights, caplog):
+    with caplog.at_level(logging.WARNING, logger="opdcells.models"):
+        _, info = build_encoder("opd_mobilenetv2", input_shape=(S, S, 1), input_size=S)
+    assert info["init"] == "random" and "RANDOMLY INITIALISED" in caplog.text
+
+
+def test_mismatched_encoder_weights_name_the_file(tmp_path):
+    encoder, info = build_encoder("mobilenetv2", input_shape=(S, S, 1), input_size=S, alpha=0.5)
+    folder = save_encoder(encoder, info, tmp_path / "pre")
+    with pytest.raises(ValueError, match=f"{folder}.*architecture 'mobilenetv2', not 'resnet50'"):
+        build_encoder("resnet50", weights=folder)
+    with pytest.raises(ValueError, match=f"{folder}.*alpha 0.5, requested 1.0"):
+        build_encoder("opd_mobilenetv2", weights=folder, alpha=1.0)
+    with pytest.raises(ValueError, match=f"{folder / ENCODER_FILE}: weights do not fit"):
+        build_encoder("mobilenetv2", input_shape=(S, S, 1), input_size=S, weights=folder / ENCODER_FILE)
+    (folder / "config.json").unlink()
+    with pytest.raises(ValueError, match=f"{folder}: encoder weights folder lacks config.json"):
+        build_encoder("mobilenetv2", weights=folder)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# DINOv2
+
+
+def test_dinov2_rounds_input_size_to_patches_and_logs_it(caplog):
+    with caplog.at_level(logging.INFO, logger="opdcells.models"):
+        encoder, info = build_encoder("dinov2", **tiny_kwargs("dinov2", input_size=32))
+    assert "input_size 32 rounded to 28" in caplog.text
+    assert info["input_size"] == 28 and info["input_size_requested"] == 32
+    backbone = encoder.get_layer("backbone")
+    assert tuple(backbone.image_shape) == (28, 28, 3) and backbone.output_shape == (None, 1 + 2 * 2, 64)
+    assert encoder.output_shape == (None, 64) == (None, info["embedding_dim"])  # the CLS token
+    assert info["dinov2_config"]["num_layers"] == 2 and info["dinov2_config"]["patch_size"] == 14
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="opdcells.models"):
+        _, info = build_encoder("dinov2", **tiny_kwargs("dinov2", input_size=56))
+    assert info["input_size"] == 56 and "rounded" not in caplog.text
+
+
+def test_dinov2_preset_offline_falls_back_to_random_loudly(no_network, caplog):
+    with caplog.at_level(logging.WARNING, logger="opdcells.models"):
+        _, info = build_encoder("dinov2", **tiny_kwargs("dinov2", dinov2_preset="dinov2_small"))
+    assert info["init"] == "random"
+    assert "dinov2_small" in caplog.text and "RANDOMLY INITIALISED" in caplog.text
+
+
+def test_dinov2_local_preset_and_encoder_weights_round_trip(tmp_path):
+    import keras_hub
+
+    shape = (28, 28, 3)
+    preset = keras_hub.models.DINOV2Backbone(
+        **models.DINOV2_CPU_CONFIG | TINY_DINOV2, image_shape=shape, position_embedding_shape=shape
+    )
+    preset.save_to_preset(tmp_path / "preset")
+    encoder, info = build_encoder(
+        "dinov2", input_shape=(S, S, 1), input_size=28, dinov2_preset=str(tmp_path / "preset")
+    )
+    assert info["init"] == f"dinov2-preset:{tmp_path / 'preset'}"
+    assert weights_equal(encoder.get_layer("backbone"), preset)
+
+    folder = save_encoder(encoder, info, tmp_path / "encoder")
+    again, again_info = build_encoder("dinov2", input_shape=(S, S, 1), input_size=28, weights=folder, seed=9)
+    assert weights_equal(again, encoder) and again_info["init"] == "opd-pretrained"
+    assert again_info["dinov2_config"] == info["dinov2_config"]  # the architecture came from config.json

@@ -10,10 +10,16 @@ import logging
 import os
 from pathlib import Path
 
+from .errors import OPDCellsError
+
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ("Final_Project.ipynb", "OPD_Model_and_DinoV2.ipynb")
 
 log = logging.getLogger(__name__)
+
+
+class NotebookError(OPDCellsError, RuntimeError):
+    """A notebook cell failed while executing headless."""
 
 
 def parameter_cell_source(parameters: dict) -> str:
@@ -39,7 +45,7 @@ def execute_notebook(path, parameters: dict | None = None, output_dir=None, time
                      cwd=None) -> Path:
     """Execute notebook ``path`` with ``parameters``; write the executed copy and return its path.
 
-    Raises ``RuntimeError`` naming the notebook and the failing cell when a cell fails.
+    Raises :class:`NotebookError` naming the notebook and the failing cell when a cell fails.
     """
     import nbformat
     from nbclient import NotebookClient
@@ -59,7 +65,46 @@ def execute_notebook(path, parameters: dict | None = None, output_dir=None, time
     try:
         client.execute()
     except CellExecutionError as err:
-        raise RuntimeError(f"{path}: a cell failed while executing headless:\n{err}") from None
+        raise NotebookError(f"{path}: a cell failed while executing headless:\n{err}") from None
     finally:
         nbformat.write(nb, out_path)
     return out_path
+
+
+def notebook_parameters(args) -> dict:
+    """Parameters injected into every notebook from the command line."""
+    params = {"QUICK": args.profile == "quick", "DATA_PATH": str(args.data), "SEED": args.seed,
+              "SAVED_MODELS": str(args.saved_models), "RESULTS": str(args.results)}
+    if args.epochs is not None:
+        params["EPOCHS"] = args.epochs
+    return params
+
+
+def register(subparsers) -> None:
+    """Add the ``notebooks`` subcommand (see ``opdcells.cli``)."""
+    from .cli import _common
+
+    p = subparsers.add_parser("notebooks", parents=[_common()], help="execute the project notebooks headless",
+                              description="Execute the notebooks headless with injected parameters; the "
+                                          "executed copies (with outputs) go to RESULTS/notebooks/.")
+    p.add_argument("names", nargs="*", default=list(NOTEBOOKS), help="notebooks to run (default: both)")
+    p.add_argument("--data", default="data/opd_dataset.h5", help="dataset the notebooks use")
+    p.add_argument("--profile", choices=("quick", "full"), default="quick")
+    p.add_argument("--epochs", type=int, default=None, help="override the profile's epochs")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--saved-models", default="saved_models")
+    p.add_argument("--results", default="results")
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    """Execute each notebook in turn; a failing cell stops with a clear error (exit 2 via the CLI)."""
+    import time
+
+    parameters = notebook_parameters(args)
+    for name in args.names:
+        start = time.perf_counter()
+        path = Path(name) if Path(name).exists() else REPO / name
+        out = execute_notebook(path, parameters, output_dir=Path(args.results) / "notebooks", cwd=Path.cwd())
+        log.info("%s done in %.0f s -> %s", name, time.perf_counter() - start, out)
+    return 0

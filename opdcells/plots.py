@@ -284,6 +284,23 @@ def embedding_scatter(emb2d, labels, class_names: Sequence[str], path, extra=Non
 # --- internals -------------------------------------------------------------------------------------
 
 
+def feature_histograms(frame: pd.DataFrame, columns: Sequence[str], by: str, path, *, bins: int = 40,
+                       title: str | None = None) -> Path:
+    """One panel per column of ``frame``: overlaid per-class histograms (``by`` names the class column)."""
+    classes = list(dict.fromkeys(frame[by]))
+    with _figure(path, 1, len(columns), figsize=(4.2 * len(columns), 3.2)) as (fig, axes):
+        for ax, column in zip(axes[0], columns, strict=True):
+            edges = np.histogram_bin_edges(frame[column].dropna(), bins=bins)
+            for name in classes:
+                ax.hist(frame.loc[frame[by] == name, column].dropna(), bins=edges, histtype="step", lw=1.4,
+                        color=class_colour(name), label=str(name))
+            ax.set(xlabel=column, ylabel="maps")
+        axes[0, 0].legend()
+        if title:
+            fig.suptitle(title)
+    return Path(path)
+
+
 @contextmanager
 def _figure(path, nrows: int = 1, ncols: int = 1, *, figsize,
             **subplot_kw) -> Iterator[tuple[Figure, np.ndarray]]:

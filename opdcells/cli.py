@@ -1,0 +1,259 @@
+"""Command line: ``python -m opdcells {simulate,train,evaluate,predict} ...``.
+
+Each command is a ``register_<name>(subparsers)`` function that adds its parser and sets ``run``;
+commands of other modules (``pretrain``, ``notebooks``) are listed in ``EXTRA_COMMANDS`` and imported
+only when invoked (their module defines ``register(subparsers)``). Heavy imports (TensorFlow) happen
+inside the ``run`` functions, so ``simulate`` and ``--help`` stay fast.
+
+Exit status: 0 success; 1 some export files/maps skipped (predict); 2 usage error, an opdcells error
+(bad dataset, model, export or task: one line on stderr) or nothing done; 130 interrupted.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from .errors import OPDCellsError
+from .tasks import TASKS
+
+log = logging.getLogger("opdcells.cli")
+
+EXIT_OK, EXIT_ERROR, EXIT_INTERRUPTED = 0, 2, 130
+#: command name -> (module defining ``register(subparsers)``, one-line help)
+EXTRA_COMMANDS = {
+    "pretrain": ("opdcells.pretrain", "self-supervised pretraining of the OPD encoder"),
+    "notebooks": ("opdcells.notebooks", "execute the project notebooks headless"),
+}
+
+
+def _common() -> argparse.ArgumentParser:
+    """Options every command takes."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug messages (and tracebacks)")
+    return p
+
+
+# ------------------------------------------------------------------------------------------- simulate
+
+
+def register_simulate(subparsers) -> None:
+    p = subparsers.add_parser("simulate", parents=[_common()], help="write simulated OPD exports",
+                              description="Simulate the five classes as MATLAB exports (one folder per "
+                                          "class and session) plus truth.csv.")
+    p.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder")
+    p.add_argument("--n-per-class", type=int, default=400, metavar="N", help="maps per class (400)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sessions-per-class", type=int, default=5, metavar="K",
+                   help="acquisition sessions per class (5)")
+    p.set_defaults(run=run_simulate)
+
+
+def run_simulate(args) -> int:
+    from .simulate import simulate_dataset
+
+    truth = simulate_dataset(args.out, args.n_per_class, args.seed,
+                             sessions_per_class=args.sessions_per_class, progress=not args.quiet)
+    print(f"simulated exports in {args.out} (truth: {truth})")
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------------------------------- train
+
+
+def register_train(subparsers) -> None:
+    p = subparsers.add_parser("train", parents=[_common()], help="train a model on a dataset",
+                              description="Train a classifier on an opdcells dataset and write the model "
+                                          "folder (model, config.json, history.csv, metrics.json, "
+                                          "split.json).")
+    p.add_argument("--data", required=True, type=Path, metavar="DATASET.h5")
+    p.add_argument("--model", default="mobilenetv2",
+                   help="mobilenetv2, resnet50, vgg16, dinov2, opd_mobilenetv2 or features "
+                        "(default mobilenetv2)")
+    p.add_argument("--task", default="five_class", choices=list(TASKS))
+    p.add_argument("--out", type=Path, metavar="DIR", help="model folder (default saved_models/MODEL_TASK)")
+    p.add_argument("--profile", default="quick", help="quick (CPU) or full (default quick)")
+    p.add_argument("--epochs", type=int, metavar="N",
+                   help="maximum epochs (boosting iterations for features)")
+    p.add_argument("--input-size", type=int, metavar="PX", help="side the model resizes maps to")
+    p.add_argument("--batch-size", type=int, metavar="B")
+    p.add_argument("--learning-rate", type=float, metavar="LR")
+    p.add_argument("--patience", type=int, metavar="N", help="early-stopping patience (epochs)")
+    p.add_argument("--weights", default="none", metavar="imagenet|none|PATH", help="initial weights (none)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--split-seed", type=int, metavar="S", help="seed of the group split (default --seed)")
+    p.add_argument("--no-augment", action="store_true", help="train without augmentation")
+    p.add_argument("--n-boot", type=int, default=1000, metavar="N", help="bootstrap resamples for the CIs")
+    p.set_defaults(run=run_train)
+
+
+def run_train(args) -> int:
+    from .evaluate import format_report
+    from .train import train
+
+    kwargs = {} if not args.no_augment else {"augment": None}
+    result = train(args.data, args.model, args.task, args.out, epochs=args.epochs, input_size=args.input_size,
+                   seed=args.seed, profile=args.profile, weights=args.weights, batch_size=args.batch_size,
+                   learning_rate=args.learning_rate, patience=args.patience, split_seed=args.split_seed,
+                   n_boot=args.n_boot, verbose=0 if args.quiet else 2, **kwargs)
+    training = result.config["training"]
+    print(f"model saved to {result.model_dir} (init {result.config['init']}, {training['epochs_run']} "
+          f"{training['epoch_unit']}s, {training['time_s']:.0f} s)")
+    print("test groups:")
+    print(format_report(result.metrics))
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------------------------------- evaluate
+
+
+def register_evaluate(subparsers) -> None:
+    p = subparsers.add_parser("evaluate", parents=[_common()], help="evaluate a saved model",
+                              description="Evaluate a model on its stored test split (or on every map of "
+                                          "the task's classes with --all); write metrics and figures.")
+    p.add_argument("model", metavar="MODEL", help="model folder or run name under saved_models/")
+    p.add_argument("--data", required=True, type=Path, metavar="DATASET.h5")
+    p.add_argument("--results", type=Path, default=Path("results"), metavar="DIR",
+                   help="results folder; files go to DIR/<run name>/ (default results)")
+    p.add_argument("--all", action="store_true", help="every map of the task's classes, not the test split")
+    p.add_argument("--batch-size", type=int, default=64, metavar="B")
+    p.add_argument("--n-boot", type=int, default=1000, metavar="N", help="bootstrap resamples for the CIs")
+    p.set_defaults(run=run_evaluate)
+
+
+def run_evaluate(args) -> int:
+    from .dataset import open_dataset
+    from .evaluate import format_report
+    from .train import evaluate_model, load_model, stored_test_indices, write_results
+
+    with open_dataset(args.data) as ds:
+        model = load_model(args.model, dataset=ds)
+        indices = None if args.all else stored_test_indices(model, ds)
+        evaluation = evaluate_model(model, ds, indices, batch_size=args.batch_size, n_boot=args.n_boot)
+        written = write_results(evaluation, model, ds, args.results / model.name)
+    which = "all maps of the task's classes" if args.all else "stored test split"
+    print(f"{model.name} on {args.data} ({which}):")
+    print(format_report(evaluation.report))
+    print(f"results in {written['metrics'].parent}")
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------------------------------- predict
+
+
+def register_predict(subparsers) -> None:
+    from .metadata import UNITS
+
+    p = subparsers.add_parser("predict", parents=[_common()], help="predict classes of new exports",
+                              description="Read exports exactly like load_data.py (at the model's pixel "
+                                          "size and map size) and write one CSV row per map.",
+                              epilog="Exit status: 0 all predicted; 1 some files or maps skipped; "
+                                     "2 nothing predicted or an error.")
+    p.add_argument("model", metavar="MODEL", help="model folder or run name under saved_models/")
+    p.add_argument("exports", nargs="+", type=Path, metavar="EXPORT", help="export files or folders")
+    p.add_argument("--out", required=True, type=Path, metavar="PREDS.csv")
+    p.add_argument("--var", metavar="NAME", help="variable / key / dataset holding the maps in each export")
+    p.add_argument("--stack-axis", type=int, metavar="N", help="axis of a 3-D array that indexes the maps")
+    p.add_argument("--units", choices=UNITS, help="units of the stored values (rad needs a wavelength)")
+    p.add_argument("--wavelength-nm", type=float, metavar="NM")
+    p.add_argument("--pixel-size-um", type=float, metavar="UM", help="object-plane pixel size of the exports")
+    p.add_argument("--medium-index", type=float, metavar="N")
+    p.add_argument("--fields", action="store_true", help="exports are fields of view: segment single cells")
+    p.add_argument("--hologram", action="store_true", help="exports are off-axis holograms to reconstruct")
+    p.add_argument("--batch-size", type=int, default=64, metavar="B")
+    p.set_defaults(run=run_predict)
+
+
+def run_predict(args) -> int:
+    from .predict import ingest_options, predict_files
+    from .train import load_model
+
+    model = load_model(args.model)
+    options = ingest_options(model, var=args.var, stack_axis=args.stack_axis, units=args.units,
+                             wavelength_nm=args.wavelength_nm, pixel_size_um=args.pixel_size_um,
+                             medium_index=args.medium_index, fields=args.fields, hologram=args.hologram)
+    result = predict_files(model, args.exports, args.out, options=options, batch_size=args.batch_size,
+                           progress=not args.quiet)
+    print(f"{result.n_maps} maps from {result.n_files} files -> {result.out}"
+          + (f"; {len(result.skipped_files)} files skipped" if result.skipped_files else ""))
+    return result.status
+
+
+# ------------------------------------------------------------------------------------------- main
+
+COMMANDS: list[Callable] = [register_simulate, register_train, register_evaluate, register_predict]
+
+
+def _requested(argv: Sequence[str]) -> str | None:
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The CLI parser; the module of an ``EXTRA_COMMANDS`` entry is imported only for ``command``."""
+    parser = argparse.ArgumentParser(prog="python -m opdcells",
+                                     description="Tell cancer cells from blood cells in OPD maps.")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for register in COMMANDS:
+        register(subparsers)
+    for name, (module, help_text) in EXTRA_COMMANDS.items():
+        if name == command:
+            try:
+                register = importlib.import_module(module).register
+            except (ImportError, AttributeError) as exc:
+                raise OPDCellsError(f"command {name!r} is not available ({module}: {exc})") from None
+            register(subparsers)
+        else:
+            subparsers.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+class _Format(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        message = super().format(record)
+        return message if record.levelno == logging.INFO else f"{record.levelname.lower()}: {message}"
+
+
+def _setup_logging(level: int) -> Callable[[], None]:
+    """opdcells' log records to stderr at ``level``; returns the function that undoes it."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Format("%(message)s"))
+    logger = logging.getLogger("opdcells")
+    saved = logger.level
+    logger.setLevel(level)
+    logger.addHandler(handler)
+
+    def restore():
+        logger.removeHandler(handler)
+        logger.setLevel(saved)
+
+    return restore
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI with ``argv`` (default ``sys.argv[1:]``); return the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        parser = build_parser(_requested(argv))
+        args = parser.parse_args(argv)
+    except OPDCellsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except SystemExit as exc:  # usage error (2) or --help (0)
+        return int(exc.code or 0)
+    quiet, verbose = getattr(args, "quiet", False), getattr(args, "verbose", False)
+    restore = _setup_logging(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO)
+    try:
+        return int(args.run(args))
+    except (OPDCellsError, ValueError) as exc:
+        log.debug("traceback", exc_info=True)
+        print(f"error: {exc}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    finally:
+        restore()
+    return EXIT_ERROR

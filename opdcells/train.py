@@ -1,0 +1,799 @@
+"""Train, save, load and evaluate classifiers of OPD maps: deep Keras models and the features baseline.
+
+One folder per trained model (``saved_models/RUN/``)::
+
+    model.keras | model.joblib   the fitted model (Keras, or the scikit-learn features baseline)
+    config.json                  everything needed to use and judge it (see ``_make_config``)
+    history.csv                  per-epoch (per boosting iteration for ``features``) losses and accuracy
+    metrics.json                 classification_report on the held-out test groups
+    split.json                   train/val/test map indices (by acquisition group), seed, groups
+
+Deep models and the ``features`` baseline share every step (task targets, group split, class
+weights, config, evaluation, loading); only fitting and ``predict_proba`` differ (``_KerasLearner``,
+``_FeaturesLearner``).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as _dt
+import hashlib
+import json
+import logging
+import math
+import os
+import platform
+import shutil
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from . import __version__
+from .dataset import open_dataset
+from .errors import DatasetError, OPDCellsError
+from .evaluate import classification_report
+from .pipeline import AugmentConfig, make_tf_dataset
+from .splits import Split, group_split
+from .tasks import Task, TaskError, canonical_class, get_task, task_targets
+
+log = logging.getLogger(__name__)
+
+FORMAT = "opdcells-model"
+FORMAT_VERSION = 1
+FEATURES = "features"
+#: Where run names are looked up: ``saved_models/`` in the working folder, then in the repository.
+MODEL_ROOTS = (Path("saved_models"), Path(__file__).resolve().parents[1] / "saved_models")
+FILES = ("config.json", "history.csv", "metrics.json", "split.json")
+POSITIVE_CLASS = "cancer"   # sensitivity at low FPR is reported for this class in binary tasks
+DEFAULT_AUGMENT = AugmentConfig()
+
+__all__ = ["PROFILES", "Profile", "Settings", "TrainResult", "SavedModel", "Evaluation", "ModelError",
+           "train", "load_model", "evaluate_model", "stored_test_indices", "write_results",
+           "predictions_table", "estimate_norm_scale", "make_split", "task_labels", "resolve_settings",
+           "resolve_model_dir"]
+
+
+class ModelError(OPDCellsError, OSError):
+    """A saved model folder is missing, incomplete or unusable."""
+
+    def __init__(self, path, reason: str):
+        self.path = str(path)
+        self.reason = reason
+        OPDCellsError.__init__(self, f"{self.path}: {reason}")
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.reason}"
+
+
+# --------------------------------------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Default training settings; explicit arguments to :func:`train` override them.
+
+    input_size: side the model resizes maps to (``dinov2_input_size`` for DINOv2, a multiple of 14).
+    mobilenet_alpha: width of the MobileNetV2 backbones. For ``features`` an epoch is one boosting
+    iteration: ``features_epochs``, ``features_patience`` and ``features_learning_rate`` apply.
+    """
+
+    input_size: int
+    dinov2_input_size: int
+    epochs: int
+    patience: int
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    mobilenet_alpha: float = 0.35
+    features_epochs: int = 200
+    features_patience: int = 10
+    features_learning_rate: float = 0.1
+
+
+PROFILES = {
+    "quick": Profile(input_size=64, dinov2_input_size=56, epochs=8, patience=3, mobilenet_alpha=0.35,
+                     features_epochs=200),
+    "full": Profile(input_size=128, dinov2_input_size=112, epochs=40, patience=8, mobilenet_alpha=1.0,
+                    learning_rate=5e-4, features_epochs=500),
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Resolved training settings (profile defaults plus explicit overrides)."""
+
+    model: str
+    profile: str
+    epochs: int
+    input_size: int | None
+    batch_size: int
+    learning_rate: float
+    patience: int
+    weights: str
+    seed: int
+    model_kw: dict = field(default_factory=dict)
+    augment: AugmentConfig | None = DEFAULT_AUGMENT
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def resolve_settings(model: str, profile: str = "quick", *, epochs=None, input_size=None, batch_size=None,
+                     learning_rate=None, patience=None, weights="none", seed=0, model_kw=None,
+                     augment: AugmentConfig | None = DEFAULT_AUGMENT) -> Settings:
+    """Profile defaults for ``model`` with every non-None argument taking precedence."""
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
+    p = PROFILES[profile]
+
+    def pick(value, default):
+        return default if value is None else value
+
+    if model == FEATURES:
+        return Settings(model=model, profile=profile, epochs=int(pick(epochs, p.features_epochs)),
+                        input_size=None, batch_size=int(pick(batch_size, p.batch_size)),
+                        learning_rate=float(pick(learning_rate, p.features_learning_rate)),
+                        patience=int(pick(patience, p.features_patience)), weights="none", seed=int(seed),
+                        model_kw={}, augment=None)
+    kw = {"alpha": p.mobilenet_alpha} if "mobilenetv2" in model else {}
+    kw.update(model_kw or {})
+    default_size = p.dinov2_input_size if model == "dinov2" else p.input_size
+    return Settings(model=model, profile=profile, epochs=int(pick(epochs, p.epochs)),
+                    input_size=int(pick(input_size, default_size)),
+                    batch_size=int(pick(batch_size, p.batch_size)),
+                    learning_rate=float(pick(learning_rate, p.learning_rate)),
+                    patience=int(pick(patience, p.patience)), weights=str(weights or "none"), seed=int(seed),
+                    model_kw=kw, augment=augment)
+
+
+# --------------------------------------------------------------------------------------------- data
+
+
+@contextlib.contextmanager
+def _opened(data):
+    """The dataset ``data``: opened here (and closed after) when it is a path."""
+    if isinstance(data, (str, os.PathLike)):
+        with open_dataset(data) as ds:
+            yield ds
+    else:
+        yield data
+
+
+def task_labels(dataset, task: Task) -> np.ndarray:
+    """Task label id of every map of ``dataset`` (-1 for maps of classes outside the task)."""
+    idx, y = task_targets(dataset.class_names, dataset.labels, task)
+    y_all = np.full(len(dataset), -1, dtype=np.int64)
+    y_all[idx] = y
+    return y_all
+
+
+def make_split(dataset, task: Task, *, seed: int = 0, test_size: float = 0.2,
+               val_size: float = 0.15) -> Split:
+    """Group split (``splits.group_split``) of the task's maps, as indices into the dataset."""
+    y_all = task_labels(dataset, task)
+    idx = np.flatnonzero(y_all >= 0)
+    part = group_split(y_all[idx], dataset.groups[idx], test_size=test_size, val_size=val_size, seed=seed)
+    return Split(idx[part.train], idx[part.val], idx[part.test], seed=part.seed, groups=part.groups)
+
+
+def iter_maps(dataset, indices, batch_size: int = 256):
+    """Yield ``dataset`` maps ``indices`` as float32 (n, S, S) batches (bounded memory)."""
+    indices = np.asarray(indices, dtype=np.int64)
+    for start in range(0, len(indices), batch_size):
+        yield dataset.read(indices[start:start + batch_size])
+
+
+def estimate_norm_scale(dataset, indices, *, percentile: float = 99.0, max_maps: int = 512,
+                        seed: int = 0) -> float:
+    """Normalisation scale in nm: the ``percentile`` of |OPD| over the cell (non-zero) pixels of
+    (up to ``max_maps`` randomly chosen of) the maps ``indices`` -- pass the TRAINING maps only."""
+    indices = np.asarray(indices, dtype=np.int64)
+    if len(indices) > max_maps:
+        indices = np.sort(np.random.default_rng(seed).choice(indices, max_maps, replace=False))
+    values = [np.abs(m[m != 0]) for m in iter_maps(dataset, indices)]
+    values = np.concatenate(values) if values else np.empty(0)
+    scale = float(np.percentile(values, percentile)) if values.size else 0.0
+    if not (math.isfinite(scale) and scale > 0):
+        log.warning("cannot estimate a normalisation scale from %d maps; using 1 nm", len(indices))
+        return 1.0
+    return scale
+
+
+def _class_weights(y_train, n_classes: int) -> dict[int, float]:
+    from sklearn.utils.class_weight import compute_class_weight
+
+    present = np.unique(y_train)
+    weights = compute_class_weight("balanced", classes=present, y=y_train)
+    out = dict.fromkeys(range(n_classes), 1.0)
+    out.update({int(c): float(w) for c, w in zip(present, weights, strict=True)})
+    return out
+
+
+# --------------------------------------------------------------------------------------------- learners
+
+
+class _KerasLearner:
+    """A Keras model from ``opdcells.models.build_model`` (normalisation and resizing inside)."""
+
+    file_name = "model.keras"
+
+    def __init__(self, model, info: dict):
+        self.model = model
+        self.info = info
+
+    @classmethod
+    def create(cls, settings: Settings, n_classes: int, input_shape, norm_scale_nm: float):
+        from .models import build_model
+
+        model, info = build_model(settings.model, n_classes, input_shape=tuple(input_shape),
+                                  input_size=settings.input_size, weights=settings.weights,
+                                  norm_scale_nm=norm_scale_nm, seed=settings.seed, **settings.model_kw)
+        return cls(model, dict(info))
+
+    def fit(self, dataset, split: Split, y_all, settings: Settings, class_weight, verbose) -> dict:
+        import keras
+
+        def stream(indices, training):
+            return make_tf_dataset(dataset, indices, y_all[indices], batch_size=settings.batch_size,
+                                   training=training, augment=settings.augment, seed=settings.seed)
+
+        has_val = len(split.val) > 0
+        monitor = "val_loss" if has_val else "loss"
+        self.model.compile(optimizer=keras.optimizers.Adam(settings.learning_rate),
+                           loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+        callbacks = [keras.callbacks.EarlyStopping(monitor=monitor, patience=settings.patience,
+                                                   restore_best_weights=True),
+                     keras.callbacks.TerminateOnNaN()]
+        history = self.model.fit(stream(split.train, True), epochs=settings.epochs,
+                                 validation_data=stream(split.val, False) if has_val else None,
+                                 class_weight=class_weight, callbacks=callbacks, verbose=verbose,
+                                 shuffle=False)   # the stream shuffles every epoch itself
+        return {k: [float(v) for v in values] for k, values in history.history.items()}
+
+    def predict_proba(self, maps, batch_size: int = 64) -> np.ndarray:
+        return np.asarray(self.model.predict(maps[..., None], batch_size=batch_size, verbose=0))
+
+    def predict_indices(self, dataset, indices, batch_size: int = 64) -> np.ndarray:
+        stream = make_tf_dataset(dataset, indices, None, batch_size=batch_size, training=False)
+        return np.asarray(self.model.predict(stream, verbose=0))
+
+    def save(self, folder: Path) -> None:
+        self.model.save(folder / self.file_name)
+
+    @classmethod
+    def load(cls, folder: Path, config: dict):
+        import keras
+
+        from . import models  # noqa: F401 - registers opdcells' layers (and keras_hub's) for loading
+
+        model = keras.saving.load_model(folder / cls.file_name, compile=False)  # predicting only
+        return cls(model, config.get("model_info", {}))
+
+
+class _FeaturesLearner:
+    """OPD morphology features (``opdcells.features.feature_matrix``) + HistGradientBoostingClassifier."""
+
+    file_name = "model.joblib"
+
+    def __init__(self, estimator, pixel_size_um: float, info: dict, feature_names=None):
+        self.estimator = estimator
+        self.pixel_size_um = pixel_size_um
+        self.info = info
+        self.feature_names = feature_names
+
+    @classmethod
+    def create(cls, settings: Settings, n_classes: int, pixel_size_um: float):
+        from sklearn.ensemble import HistGradientBoostingClassifier
+
+        estimator = HistGradientBoostingClassifier(
+            max_iter=settings.epochs, learning_rate=settings.learning_rate, early_stopping=True,
+            n_iter_no_change=settings.patience, random_state=settings.seed)
+        info = {"architecture": FEATURES, "init": "random", "weights_source": None,
+                "estimator": "HistGradientBoostingClassifier"}
+        return cls(estimator, pixel_size_um, info)
+
+    def features(self, maps) -> np.ndarray:
+        from .features import feature_matrix
+
+        x, names = feature_matrix(maps, self.pixel_size_um)
+        if self.feature_names is None:
+            self.feature_names = list(names)
+        elif list(names) != list(self.feature_names):
+            raise ValueError(f"opdcells.features now computes {names}; the model was fit on "
+                             f"{self.feature_names}")
+        return x
+
+    def dataset_features(self, dataset, indices) -> np.ndarray:
+        blocks = [self.features(maps) for maps in iter_maps(dataset, indices)]
+        return np.concatenate(blocks) if blocks else np.empty((0, 0))
+
+    def fit(self, dataset, split: Split, y_all, settings: Settings, class_weight, verbose) -> dict:
+        w = np.array([class_weight[k] for k in sorted(class_weight)])
+        x_train, y_train = self.dataset_features(dataset, split.train), y_all[split.train]
+        val = {}
+        if len(split.val):
+            x_val, y_val = self.dataset_features(dataset, split.val), y_all[split.val]
+            val = {"X_val": x_val, "y_val": y_val, "sample_weight_val": w[y_val]}
+        self.estimator.fit(x_train, y_train, sample_weight=w[y_train], **val)
+        history = {"loss": [-float(s) for s in self.estimator.train_score_[1:]],
+                   "accuracy": _staged_accuracy(self.estimator, x_train, y_train)}
+        if val:
+            history["val_loss"] = [-float(s) for s in self.estimator.validation_score_[1:]]
+            history["val_accuracy"] = _staged_accuracy(self.estimator, val["X_val"], val["y_val"])
+        log.info("features model: %d boosting iterations", self.estimator.n_iter_)
+        return history
+
+    def predict_proba(self, maps, batch_size: int = 64) -> np.ndarray:
+        return self.estimator.predict_proba(self.features(maps))
+
+    def predict_indices(self, dataset, indices, batch_size: int = 256) -> np.ndarray:
+        return self.estimator.predict_proba(self.dataset_features(dataset, indices))
+
+    def save(self, folder: Path) -> None:
+        import joblib
+
+        joblib.dump({"estimator": self.estimator, "feature_names": self.feature_names,
+                     "pixel_size_um": self.pixel_size_um}, folder / self.file_name)
+
+    @classmethod
+    def load(cls, folder: Path, config: dict):
+        import joblib
+
+        saved = joblib.load(folder / cls.file_name)
+        return cls(saved["estimator"], saved["pixel_size_um"], config.get("model_info", {}),
+                   saved["feature_names"])
+
+
+def _staged_accuracy(estimator, x, y) -> list[float]:
+    return [float(np.mean(p.argmax(axis=1) == y)) for p in estimator.staged_predict_proba(x)]
+
+
+def _learner_class(model: str):
+    return _FeaturesLearner if model == FEATURES else _KerasLearner
+
+
+# --------------------------------------------------------------------------------------------- saved model
+
+
+class SavedModel:
+    """A trained model folder, loaded: ``predict_proba(maps)``, ``class_names``, ``config``."""
+
+    def __init__(self, folder: Path, config: dict, learner):
+        self.folder = Path(folder)
+        self.config = config
+        self.learner = learner
+
+    def __repr__(self) -> str:
+        cfg = self.config
+        return f"SavedModel({str(self.folder)!r}, model={cfg['model']!r}, task={cfg['task']!r})"
+
+    @property
+    def name(self) -> str:
+        return self.config.get("name") or self.folder.name
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.config["class_names"])
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.config["input_shape"])
+
+    @property
+    def preprocess_config(self):
+        """PreprocessConfig that makes maps like the training maps (for new exports)."""
+        from .preprocess import PreprocessConfig
+
+        pp, default = self.config.get("preprocess", {}), PreprocessConfig()
+        return PreprocessConfig(out_pixel_size_um=float(self.config["pixel_size_um"]),
+                                out_size=int(self.config["out_size"]),
+                                background_order=int(pp.get("background_order", default.background_order)),
+                                alpha_ml_per_g=float(pp.get("alpha_ml_per_g", default.alpha_ml_per_g)))
+
+    def _check_maps(self, maps) -> np.ndarray:
+        maps = np.asarray(maps, dtype=np.float32)
+        if maps.ndim == 4 and maps.shape[-1] == 1:
+            maps = maps[..., 0]
+        if maps.ndim == 2:
+            maps = maps[None]
+        if maps.shape[1:] != self.input_shape[:2]:
+            raise ValueError(f"model {self.name} takes {self.input_shape[0]}x{self.input_shape[1]} maps at "
+                             f"{self.config['pixel_size_um']} um/px, got shape {maps.shape}")
+        return maps
+
+    def predict_proba(self, maps, batch_size: int = 64) -> np.ndarray:
+        """Class probabilities (N, K) of OPD maps in nm, (N, S, S) or (N, S, S, 1), at the model's
+        pixel size and map size (``config['pixel_size_um']``, ``config['out_size']``)."""
+        maps = self._check_maps(maps)
+        if len(maps) == 0:
+            return np.empty((0, len(self.class_names)), dtype=np.float32)
+        return self.learner.predict_proba(maps, batch_size=batch_size)
+
+    def predict_dataset(self, dataset, indices=None, batch_size: int = 64) -> np.ndarray:
+        """Class probabilities of maps ``indices`` (default all) of a dataset, streamed from HDF5."""
+        with _opened(dataset) as ds:
+            self.check_dataset(ds, need_classes=False)
+            indices = np.arange(len(ds)) if indices is None else np.asarray(indices, dtype=np.int64)
+            if len(indices) == 0:
+                return np.empty((0, len(self.class_names)), dtype=np.float32)
+            return self.learner.predict_indices(ds, indices, batch_size=batch_size)
+
+    def check_dataset(self, dataset, *, need_classes: bool = True) -> None:
+        """Raise DatasetError/TaskError (clear message) if ``dataset`` does not fit this model."""
+        with _opened(dataset) as ds:
+            cfg = self.config
+            fix = "ingest the exports again with the model's settings (or train a model on this dataset)"
+            if not math.isclose(ds.pixel_size_um, cfg["pixel_size_um"], rel_tol=1e-6):
+                raise DatasetError(ds.path, f"maps are at {ds.pixel_size_um:g} um/px but model {self.name} "
+                                            f"expects {cfg['pixel_size_um']:g} um/px; {fix}")
+            if ds.out_size != cfg["out_size"]:
+                raise DatasetError(ds.path, f"maps are {ds.out_size} px but model {self.name} expects "
+                                            f"{cfg['out_size']} px; {fix}")
+            if need_classes:
+                try:
+                    task_targets(ds.class_names, ds.labels, self.config["task"])
+                except TaskError as exc:
+                    raise TaskError(f"{ds.path}: does not fit model {self.name}: {exc}") from None
+
+
+def resolve_model_dir(path) -> Path:
+    """Model folder from a folder path or a run name under ``saved_models/``; ModelError if none."""
+    candidates = [Path(path)] + [root / str(path) for root in MODEL_ROOTS]
+    for folder in candidates:
+        if (folder / "config.json").is_file():
+            return folder
+    if Path(path).is_dir():
+        raise ModelError(path, "not a model folder (no config.json)")
+    raise ModelError(path, f"no such model folder or run name (looked in {', '.join(map(str, MODEL_ROOTS))})")
+
+
+def _read_config(folder: Path) -> dict:
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelError(folder, f"cannot read config.json ({exc})") from None
+    if config.get("format") != FORMAT:
+        raise ModelError(folder, "config.json is not an opdcells model config")
+    if int(config.get("format_version", 0)) > FORMAT_VERSION:
+        raise ModelError(folder, f"model format {config['format_version']} is newer than this opdcells "
+                                 f"({__version__}); upgrade opdcells")
+    return config
+
+
+def load_model(path, dataset=None) -> SavedModel:
+    """Load a model folder (path, or run name under ``saved_models/``).
+
+    With ``dataset`` (path or opened dataset) the model is checked against it: pixel size, map size
+    and the task's classes must match, else DatasetError / TaskError says what differs.
+    """
+    folder = resolve_model_dir(path)
+    config = _read_config(folder)
+    learner_cls = _learner_class(config["model"])
+    if not (folder / learner_cls.file_name).is_file():
+        raise ModelError(folder, f"missing {learner_cls.file_name}")
+    try:
+        learner = learner_cls.load(folder, config)
+    except OPDCellsError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - Keras/joblib raise many kinds
+        reason = f"cannot load {learner_cls.file_name} ({type(exc).__name__}: {exc})"
+        raise ModelError(folder, reason) from exc
+    saved = SavedModel(folder, config, learner)
+    if dataset is not None:
+        saved.check_dataset(dataset)
+    return saved
+
+
+# --------------------------------------------------------------------------------------------- evaluation
+
+
+@dataclass
+class Evaluation:
+    """Predictions of a model on dataset maps and their ``classification_report``."""
+
+    report: dict
+    indices: np.ndarray
+    y_true: np.ndarray
+    proba: np.ndarray
+    class_names: list[str]
+
+
+def _positive_class(class_names) -> str | None:
+    return POSITIVE_CLASS if POSITIVE_CLASS in class_names and len(class_names) == 2 else None
+
+
+def evaluate_model(model: SavedModel, dataset, indices=None, *, batch_size: int = 64, n_boot: int = 1000,
+                   seed: int = 0) -> Evaluation:
+    """Evaluate on maps ``indices`` of ``dataset`` (default: every map of the model's task classes)."""
+    with _opened(dataset) as ds:
+        model.check_dataset(ds)
+        y_all = task_labels(ds, get_task(model.config["task"]))
+        if indices is None:
+            indices = np.flatnonzero(y_all >= 0)
+        indices = np.asarray(indices, dtype=np.int64)
+        outside = indices[y_all[indices] < 0]
+        if len(outside):
+            raise DatasetError(ds.path, f"{len(outside)} of the maps to evaluate are not of the task's "
+                                        "classes")
+        proba = model.predict_dataset(ds, indices, batch_size=batch_size)
+        y_true = y_all[indices]
+        report = classification_report(y_true, proba, model.class_names, n_boot=n_boot, seed=seed,
+                                       positive_class=_positive_class(model.class_names))
+        return Evaluation(report, indices, y_true, proba, model.class_names)
+
+
+def rows_digest(dataset, indices) -> str:
+    """SHA-256 identifying the maps at rows ``indices`` (their source file hashes and positions)."""
+    idx = np.asarray(indices, dtype=np.int64)
+    with _opened(dataset) as ds:
+        rows = list(zip(ds.source_sha256[idx].tolist(), ds.source_index[idx].tolist(), strict=True))
+    return hashlib.sha256(json.dumps(rows, separators=(",", ":")).encode()).hexdigest()
+
+
+def stored_test_indices(model: SavedModel, dataset) -> np.ndarray:
+    """Test-split indices of ``model`` into ``dataset``; DatasetError unless the dataset is the one the
+    model was trained on (same fingerprint, or the same maps at the test rows after appends)."""
+    with _opened(dataset) as ds:
+        split = Split.from_json(model.folder / "split.json")
+        if ds.fingerprint == model.config["dataset"]["fingerprint"]:
+            return split.test
+        in_range = len(split.test) == 0 or split.test.max() < len(ds)
+        if in_range and rows_digest(ds, split.test) == model.config["split"].get("test_rows_sha256"):
+            log.warning("%s changed since model %s was trained; its test maps are still at the stored rows",
+                        ds.path, model.name)
+            return split.test
+        raise DatasetError(ds.path, f"is not the dataset model {model.name} was trained on "
+                                    f"({model.config['dataset']['path']}); evaluate on all its maps (--all)")
+
+
+class _LazyMaps:
+    """Read-on-access sequence of dataset maps (for figures that pick a few of many maps)."""
+
+    def __init__(self, dataset, indices):
+        self.dataset, self.indices = dataset, np.asarray(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i) -> np.ndarray:
+        return self.dataset.read(int(self.indices[i]))
+
+
+def predictions_table(evaluation: Evaluation, dataset) -> pd.DataFrame:
+    """One row per evaluated map: dataset index, source, group, true and predicted class, probabilities."""
+    idx, names = evaluation.indices, evaluation.class_names
+    with _opened(dataset) as ds:
+        frame = pd.DataFrame({"dataset_index": idx, "source_file": ds.source_file[idx],
+                              "source_index": ds.source_index[idx], "group": ds.groups[idx],
+                              "true": [names[k] for k in evaluation.y_true],
+                              "predicted": [names[k] for k in evaluation.proba.argmax(axis=1)]})
+    for k, name in enumerate(names):
+        frame[f"p_{name}"] = evaluation.proba[:, k]
+    return frame
+
+
+def write_results(evaluation: Evaluation, model: SavedModel, dataset, folder) -> dict[str, Path]:
+    """Write metrics.json, predictions.csv and the figures (confusion matrix, ROC, training curves,
+    gallery) of an evaluation into ``folder``; return their paths by name."""
+    from . import plots
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    names, report = evaluation.class_names, evaluation.report
+    out = {"metrics": folder / "metrics.json", "predictions": folder / "predictions.csv"}
+    _write_json(out["metrics"], report)
+    predictions_table(evaluation, dataset).to_csv(out["predictions"], index=False)
+    title = f"{model.name} ({model.config['task']})"
+    out["confusion_matrix"] = plots.confusion_matrix(np.asarray(report["confusion_matrix"]["counts"]), names,
+                                                     folder / "confusion_matrix.png", title=title)
+    if len(np.unique(evaluation.y_true)) > 1:
+        out["roc"] = plots.roc_curves(evaluation.y_true, evaluation.proba, names, folder / "roc.png",
+                                      positive_class=_positive_class(names), log_x=len(names) == 2,
+                                      title=title)
+    history = model.folder / "history.csv"
+    if history.is_file():
+        frame = pd.read_csv(history).drop(columns="epoch", errors="ignore")
+        out["training_curves"] = plots.training_curves(frame, folder / "training_curves.png", title=title)
+    with _opened(dataset) as ds:
+        out["gallery"] = plots.gallery(_LazyMaps(ds, evaluation.indices), evaluation.y_true,
+                                       evaluation.proba.argmax(axis=1), names, folder / "gallery.png")
+    log.info("wrote %s", ", ".join(str(p) for p in out.values()))
+    return out
+
+
+# --------------------------------------------------------------------------------------------- training
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` made: the model folder, per-epoch history, test metrics, the config and the
+    trained model itself (as :func:`load_model` would give it back)."""
+
+    model_dir: Path
+    history: dict[str, list[float]]
+    metrics: dict
+    config: dict
+    model: SavedModel | None = None
+
+
+def _versions() -> dict:
+    import h5py
+    import sklearn
+
+    out = {"opdcells": __version__, "numpy": np.__version__, "scikit-learn": sklearn.__version__,
+           "h5py": h5py.__version__, "python": platform.python_version()}
+    with contextlib.suppress(ImportError):
+        import keras
+        import tensorflow as tf
+
+        out.update(keras=keras.__version__, tensorflow=tf.__version__)
+    return out
+
+
+def _class_members(task: Task, dataset_class_names) -> dict[str, list[str]]:
+    """Task class -> the dataset class names that map to it."""
+    names = [str(c) for c in dataset_class_names]
+    return {cls: [n for n in names if canonical_class(n) in task.members[cls]] for cls in task.classes}
+
+
+def _best_epoch(history: dict) -> int | None:
+    key = "val_loss" if history.get("val_loss") else "loss"
+    values = history.get(key) or []
+    return int(np.nanargmin(values)) + 1 if values else None
+
+
+def _make_config(*, name, settings: Settings, task: Task, dataset, split: Split, split_seed, test_size,
+                 val_size, info, norm_scale, class_weight, history, train_time_s) -> dict:
+    size = int(dataset.out_size)
+    return {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "name": name,
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "model": settings.model,
+        "model_file": _learner_class(settings.model).file_name,
+        "init": info.get("init"),
+        "weights": settings.weights,
+        "model_info": info,
+        "task": task.name,
+        "class_names": list(task.classes),
+        "class_members": _class_members(task, dataset.class_names),
+        "dataset_class_names": [str(c) for c in dataset.class_names],
+        "input_shape": [size, size, 1],
+        "input_size": info.get("input_size", settings.input_size),
+        "pixel_size_um": float(dataset.pixel_size_um),
+        "out_size": size,
+        "preprocess": {k: v.item() if isinstance(v, np.generic) else v for k, v in dataset.settings.items()},
+        "normalisation": {"norm_scale_nm": norm_scale,
+                          "method": None if norm_scale is None else
+                          "x / norm_scale_nm inside the model; 99th percentile of |OPD| over cell pixels "
+                          "of training maps"},
+        "dataset": {"path": str(Path(dataset.path).resolve()), "fingerprint": dataset.fingerprint,
+                    "n_maps": len(dataset)},
+        "split": {"seed": split_seed, "test_size": test_size, "val_size": val_size, "sizes": split.sizes,
+                  "file": "split.json", "test_rows_sha256": rows_digest(dataset, split.test)},
+        "training": {"profile": settings.profile, "epochs": settings.epochs,
+                     "epochs_run": len(history.get("loss", [])),  # boosting iterations for features
+                     "best_epoch": _best_epoch(history), "batch_size": settings.batch_size,
+                     "learning_rate": settings.learning_rate, "patience": settings.patience,
+                     "seed": settings.seed, "model_kw": settings.model_kw,
+                     "epoch_unit": "boosting iteration" if settings.model == FEATURES else "epoch",
+                     "class_weight": {task.classes[k]: w for k, w in class_weight.items()},
+                     "augment": None if settings.augment is None else settings.augment.as_dict(),
+                     "time_s": round(train_time_s, 3)},
+        "versions": _versions(),
+    }
+
+
+def _write_json(path: Path, data) -> None:
+    path.write_text(json.dumps(data, indent=1, default=_json_default) + "\n", encoding="utf-8")
+
+
+def _json_default(obj):
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
+
+
+def write_history(path: Path, history: dict) -> None:
+    n = max((len(v) for v in history.values()), default=0)
+    frame = pd.DataFrame({"epoch": np.arange(1, n + 1)})
+    for key, values in history.items():
+        frame[key] = list(values) + [np.nan] * (n - len(values))
+    frame.to_csv(path, index=False)
+
+
+@contextlib.contextmanager
+def _staging(out: Path):
+    """A temporary sibling folder that replaces ``out`` only when the block succeeds."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+        log.info("replaced the previous model in %s", out)
+    else:
+        os.replace(tmp, out)
+
+
+def _check_model_name(model: str) -> None:
+    if model != FEATURES:
+        from .models import ARCHITECTURES
+
+        if model not in ARCHITECTURES:
+            raise ValueError(f"unknown model {model!r}; choose one of {', '.join(ARCHITECTURES)} "
+                             f"or {FEATURES}")
+
+
+def _create_learner(settings: Settings, dataset, split: Split, n_classes: int):
+    """(untrained learner, normalisation scale in nm or None); the scale comes from training maps."""
+    if settings.model == FEATURES:
+        return _FeaturesLearner.create(settings, n_classes, dataset.pixel_size_um), None
+    norm_scale = estimate_norm_scale(dataset, split.train, seed=settings.seed)
+    log.info("normalisation scale %.1f nm (training maps)", norm_scale)
+    size = dataset.out_size
+    return _KerasLearner.create(settings, n_classes, (size, size, 1), norm_scale), norm_scale
+
+
+def _write_model_folder(folder: Path, learner, config: dict, history: dict, split: Split) -> None:
+    """The model file, config.json, history.csv and split.json (metrics.json comes after evaluation)."""
+    learner.save(folder)
+    _write_json(folder / "config.json", config)
+    write_history(folder / "history.csv", history)
+    split.to_json(folder / "split.json")
+
+
+def train(data, model: str = "mobilenetv2", task: str = "five_class", out=None, *, epochs: int | None = None,
+          input_size: int | None = None, seed: int = 0, profile: str = "quick", weights: str = "none",
+          batch_size: int | None = None, learning_rate: float | None = None, patience: int | None = None,
+          augment: AugmentConfig | None = DEFAULT_AUGMENT, split_seed: int | None = None,
+          test_size: float = 0.2, val_size: float = 0.15, model_kw: dict | None = None, verbose=0,
+          n_boot: int = 1000) -> TrainResult:
+    """Train ``model`` (an architecture of ``opdcells.models`` or ``"features"``) for ``task`` on the
+    dataset ``data``; write the model folder ``out`` (default ``saved_models/<model>_<task>``).
+
+    The group split (``split_seed``, default ``seed``) keeps every acquisition group in one part;
+    the normalisation scale is estimated on the training maps; classes are weighted 'balanced';
+    training stops early on the validation loss (best weights restored). ``verbose`` is passed to
+    Keras (0 silent, 1 progress bar, 2 one line per epoch). Returns a :class:`TrainResult`.
+    """
+    import keras
+
+    _check_model_name(model)
+    settings = resolve_settings(model, profile, epochs=epochs, input_size=input_size, batch_size=batch_size,
+                                learning_rate=learning_rate, patience=patience, weights=weights, seed=seed,
+                                model_kw=model_kw, augment=augment)
+    task = get_task(task)
+    split_seed = seed if split_seed is None else int(split_seed)
+    keras.utils.set_random_seed(seed)
+    with _opened(data) as ds:
+        split = make_split(ds, task, seed=split_seed, test_size=test_size, val_size=val_size)
+        y_all = task_labels(ds, task)
+        class_weight = _class_weights(y_all[split.train], len(task.classes))
+        out = Path(out) if out is not None else MODEL_ROOTS[0] / f"{model}_{task.name}"
+        log.info("training %s for %s on %s: %s maps (train/val/test)", model, task.name, ds.path, split.sizes)
+        learner, norm_scale = _create_learner(settings, ds, split, len(task.classes))
+        with _staging(out) as folder:
+            start = time.perf_counter()
+            history = learner.fit(ds, split, y_all, settings, class_weight, verbose)
+            config = _make_config(name=out.name, settings=settings, task=task, dataset=ds, split=split,
+                                  split_seed=split_seed, test_size=test_size, val_size=val_size,
+                                  info=learner.info, norm_scale=norm_scale, class_weight=class_weight,
+                                  history=history, train_time_s=time.perf_counter() - start)
+            _write_model_folder(folder, learner, config, history, split)
+            evaluation = evaluate_model(SavedModel(folder, config, learner), ds, split.test, n_boot=n_boot,
+                                        seed=seed)
+            _write_json(folder / "metrics.json", evaluation.report)
+    log.info("saved %s (test accuracy %.3f)", out, evaluation.report["accuracy"]["value"])
+    return TrainResult(out, history, evaluation.report, config, SavedModel(out, config, learner))

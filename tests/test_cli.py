@@ -1,0 +1,132 @@
+"""python -m opdcells {simulate,train,evaluate,predict}: run through cli.main, errors as one line, exit 2."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+from helpers import REPO_ROOT, tiny_dataset, tiny_run, write_exports, write_tiny_dataset
+
+from opdcells.cli import main
+
+pytest.importorskip("tensorflow")
+
+
+def error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err, "no error message"
+    assert "Traceback" not in "\n".join(err)
+    return err[-1]
+
+
+@pytest.fixture(scope="module")
+def features_run(tmp_path_factory):
+    """A features model trained through the CLI (fast: no deep learning)."""
+    data = tiny_dataset(tmp_path_factory)
+    out = tmp_path_factory.mktemp("cli_runs") / "feat"
+    assert main(["train", "--data", str(data), "--model", "features", "--task", "cancer_vs_blood",
+                 "--out", str(out), "--n-boot", "20", "-q"]) == 0
+    return data, out
+
+
+def test_help_lists_every_command(capsys):
+    assert main(["--help"]) == 0
+    text = capsys.readouterr().out
+    for command in ("simulate", "train", "evaluate", "predict", "pretrain"):
+        assert command in text
+
+
+def test_python_dash_m_runs_the_cli():
+    done = subprocess.run([sys.executable, "-m", "opdcells", "predict", "--help"], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "--pixel-size-um" in done.stdout
+
+
+def test_simulate(tmp_path, capsys):
+    out = tmp_path / "sim"
+    assert main(["simulate", "--out", str(out), "--n-per-class", "1", "--sessions-per-class", "1", "-q"]) == 0
+    assert (out / "truth.csv").is_file()
+    truth = pd.read_csv(out / "truth.csv")
+    assert len(truth) == 5 and truth["class"].nunique() == 5
+    assert str(out) in capsys.readouterr().out
+
+
+def test_train_writes_the_model_folder_and_prints_the_report(features_run, capsys):
+    _, out = features_run
+    for name in ("model.joblib", "config.json", "history.csv", "metrics.json", "split.json"):
+        assert (out / name).is_file()
+    assert json.loads((out / "config.json").read_text())["task"] == "cancer_vs_blood"
+
+
+def test_evaluate_writes_metrics_and_figures(features_run, tmp_path, capsys):
+    data, out = features_run
+    argv = ["evaluate", str(out), "--data", str(data), "--results", str(tmp_path), "--n-boot", "20"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "sens. @ FPR 1%" in printed and "sens. @ FPR 0.1%" in printed and "(positive: cancer)" in printed
+    folder = tmp_path / out.name
+    for name in ("metrics.json", "predictions.csv", "confusion_matrix.png", "roc.png", "training_curves.png",
+                 "gallery.png"):
+        assert (folder / name).is_file(), name
+    metrics = json.loads((folder / "metrics.json").read_text())
+    stored = json.loads((out / "metrics.json").read_text())
+    assert metrics["confusion_matrix"] == stored["confusion_matrix"]
+    assert metrics["sensitivity_at_fpr"]["positive_class"] == "cancer"
+
+
+def test_evaluate_all_maps_of_a_new_dataset(features_run, tmp_path, capsys):
+    _, out = features_run
+    other = write_tiny_dataset(tmp_path / "other.h5", sessions_per_class=1, maps_per_session=2, seed=7)
+    assert main(["evaluate", str(out), "--data", str(other), "--results", str(tmp_path)]) == 2
+    assert "--all" in error_line(capsys)
+    assert main(["evaluate", str(out), "--data", str(other), "--results", str(tmp_path), "--all",
+                 "--n-boot", "0"]) == 0
+    assert json.loads((tmp_path / out.name / "metrics.json").read_text())["n"] == 10
+
+
+def test_evaluate_a_deep_model(tmp_path_factory, tmp_path, capsys):
+    run = tiny_run(tmp_path_factory, "mobilenetv2", "five_class")
+    data = run.config["dataset"]["path"]
+    argv = ["evaluate", str(run.model_dir), "--data", data, "--results", str(tmp_path), "--n-boot", "0"]
+    assert main(argv) == 0
+    assert (tmp_path / run.model_dir.name / "training_curves.png").is_file()
+
+
+def test_predict(features_run, tmp_path, capsys):
+    _, out = features_run
+    exports = write_exports(tmp_path / "exports", per_class=1)
+    (tmp_path / "exports" / "broken.mat").write_bytes(b"\x00" * 100)
+    preds = tmp_path / "preds.csv"
+    assert main(["predict", str(out), str(tmp_path / "exports"), "--out", str(preds)]) == 1
+    captured = capsys.readouterr()
+    assert "broken.mat" in captured.err
+    table = pd.read_csv(preds)
+    assert list(table.columns) == ["file", "index", "cell", "predicted", "p_cancer", "p_blood"]
+    assert len(table) == len(exports)
+    assert main(["predict", str(out), *map(str, exports), "--out", str(preds), "-q"]) == 0
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["train", "--data", "{tmp}/missing.h5", "--model", "features"], "missing.h5"),
+    (["train", "--data", "{data}", "--model", "no_such_net"], "no_such_net"),
+    (["evaluate", "{tmp}/no_run", "--data", "{data}"], "no_run"),
+    (["predict", "{tmp}/no_run", "x.mat", "--out", "{tmp}/p.csv"], "no_run"),
+    (["train", "--data", "{data}", "--task", "blood_subtypes", "--model", "features", "--out", "{tmp}/r"],
+     "blood_subtypes"),
+])
+def test_errors_print_one_line_and_exit_2(argv, words, tmp_path, tmp_path_factory, capsys):
+    data = tiny_dataset(tmp_path_factory)
+    if "blood_subtypes" in argv:   # a dataset without blood cells: the task's classes are missing
+        data = write_tiny_dataset(tmp_path / "cancer.h5", classes=("SW480", "SW620"), sessions_per_class=1,
+                                  maps_per_session=1)
+    argv = [a.format(tmp=tmp_path, data=data) for a in argv]
+    assert main(argv) == 2
+    line = error_line(capsys)
+    assert line.startswith("error:") and words in line
+
+
+def test_usage_error_exits_2(capsys):
+    assert main(["train", "--model", "features"]) == 2   # --data is required
+    assert "--data" in capsys.readouterr().err

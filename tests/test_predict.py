@@ -1,0 +1,102 @@
+"""opdcells.predict: new exports -> the same ingest path as load_data.py -> batched predictions CSV."""
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.io
+from helpers import simulated_opd, tiny_run, write_exports
+
+pytest.importorskip("tensorflow")
+
+from opdcells.ingest import iter_processed  # noqa: E402
+from opdcells.predict import csv_columns, ingest_options, predict_files  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return tiny_run(tmp_path_factory, "mobilenetv2", "five_class").model
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    return write_exports(tmp_path_factory.mktemp("exports"), per_class=2)
+
+
+class CountingModel:
+    """A SavedModel whose predict_proba calls are recorded."""
+
+    def __init__(self, model):
+        self._model, self.calls = model, []
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def predict_proba(self, maps, batch_size=64):
+        self.calls.append(len(maps))
+        return self._model.predict_proba(maps, batch_size=batch_size)
+
+
+def test_csv_has_one_row_per_map_and_probabilities_summing_to_one(model, exports, tmp_path):
+    result = predict_files(model, [exports[0].parent], tmp_path / "preds.csv")
+    table = pd.read_csv(result.out)
+    assert list(table.columns) == csv_columns(model.class_names)
+    assert [f"p_{c}" for c in model.class_names] == list(table.columns[4:])
+    assert sorted(table["file"]) == sorted(str(p) for p in exports)
+    assert (table["index"] == 0).all() and (table["cell"] == 0).all()
+    proba = table[[f"p_{c}" for c in model.class_names]].to_numpy()
+    np.testing.assert_allclose(proba.sum(axis=1), 1.0, atol=1e-5)
+    assert list(table["predicted"]) == [model.class_names[k] for k in proba.argmax(axis=1)]
+    assert (result.n_maps, result.n_files, result.status) == (len(exports), len(exports), 0)
+
+
+def test_predictions_use_the_ingest_path_at_the_models_pixel_size(model, exports, tmp_path):
+    options = ingest_options(model)
+    assert options.config.out_pixel_size_um == model.config["pixel_size_um"]
+    assert options.config.out_size == model.config["out_size"]
+    maps = np.stack([p.opd for path in exports for _, p, _ in iter_processed(path, options)])
+    expected = model.predict_proba(maps)
+    table = pd.read_csv(predict_files(model, exports, tmp_path / "preds.csv").out)
+    np.testing.assert_allclose(table[[f"p_{c}" for c in model.class_names]].to_numpy(), expected,
+                               rtol=1e-4, atol=1e-6)
+
+
+def test_maps_of_several_files_share_batches(model, exports, tmp_path):
+    counting = CountingModel(model)
+    result = predict_files(counting, exports, tmp_path / "preds.csv", batch_size=3)
+    assert counting.calls == [3, len(exports) - 3]
+    assert result.n_maps == len(exports)
+
+
+def test_bad_files_are_reported_and_skipped(model, exports, tmp_path, caplog):
+    garbage = tmp_path / "garbage.mat"
+    garbage.write_bytes(b"not a MATLAB file at all")
+    empty = tmp_path / "nan_map.mat"
+    scipy.io.savemat(empty, {"phase": np.full((64, 64), np.nan), "units": "rad", "wavelength_nm": 633.0,
+                             "pixel_size_um": 0.5})
+    missing = tmp_path / "missing.mat"
+    with caplog.at_level(logging.WARNING, logger="opdcells"):
+        paths = [exports[0], garbage, empty, missing, exports[1]]
+        result = predict_files(model, paths, tmp_path / "preds.csv")
+    assert result.status == 1 and result.n_files == 2
+    assert len(result.skipped_files) == 3
+    for bad in (garbage, empty, missing):
+        assert any(str(bad) in line for line in result.skipped_files)
+        assert any(str(bad) in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    table = pd.read_csv(result.out)
+    assert list(table["file"]) == [str(exports[0]), str(exports[1])]
+
+
+def test_user_metadata_fills_what_the_export_lacks(model, tmp_path):
+    opd, session = simulated_opd("monocytes", 2, 0, seed=3)
+    bare = tmp_path / "bare.mat"
+    scipy.io.savemat(bare, {"phase": opd * 2 * math.pi / session.wavelength_nm})
+    result = predict_files(model, [bare], tmp_path / "a.csv")
+    assert result.status == 2 and "metadata" in result.skipped_files[0]
+    options = ingest_options(model, units="rad", wavelength_nm=session.wavelength_nm,
+                             pixel_size_um=session.pixel_size_um)
+    result = predict_files(model, [bare], tmp_path / "b.csv", options=options)
+    assert result.status == 0 and result.n_maps == 1

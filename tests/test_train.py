@@ -1,0 +1,216 @@
+"""opdcells.train: model folders, config, split, normalisation, loading and refusing mismatched data."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+from helpers import scaled_test_dataset, tiny_dataset, tiny_run, write_tiny_dataset
+
+pytest.importorskip("tensorflow")
+
+from opdcells.dataset import open_dataset  # noqa: E402
+from opdcells.errors import DatasetError  # noqa: E402
+from opdcells.splits import Split  # noqa: E402
+from opdcells.tasks import TaskError, task_targets  # noqa: E402
+from opdcells.train import (  # noqa: E402
+    FILES,
+    ModelError,
+    estimate_norm_scale,
+    evaluate_model,
+    load_model,
+    resolve_settings,
+    stored_test_indices,
+)
+
+CONFIG_FIELDS = ("task", "class_names", "class_members", "dataset_class_names", "input_shape", "input_size",
+                 "pixel_size_um", "out_size", "preprocess", "normalisation", "init", "weights", "model_info",
+                 "dataset", "split", "training", "versions", "model", "model_file", "name", "created")
+
+
+@pytest.fixture(scope="module")
+def mobilenet(tmp_path_factory):
+    return tiny_run(tmp_path_factory, "mobilenetv2", "five_class")
+
+
+@pytest.fixture(scope="module")
+def features(tmp_path_factory):
+    return tiny_run(tmp_path_factory, "features", "cancer_vs_blood")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    with open_dataset(scaled_test_dataset(tmp_path_factory)) as ds:
+        yield ds
+
+
+def check_folder(result, model_file):
+    folder = result.model_dir
+    for name in (model_file, *FILES):
+        assert (folder / name).is_file(), name
+    config = json.loads((folder / "config.json").read_text())
+    missing = [k for k in CONFIG_FIELDS if k not in config]
+    assert not missing
+    assert config == json.loads(json.dumps(result.config))
+    assert config["dataset"]["fingerprint"] and config["split"]["seed"] == 0
+    assert {"opdcells", "keras", "tensorflow", "numpy"} <= set(config["versions"])
+    assert config["training"]["epochs_run"] >= 1 and config["training"]["time_s"] > 0
+    history = pd.read_csv(folder / "history.csv")
+    assert {"epoch", "loss", "accuracy", "val_loss", "val_accuracy"} <= set(history.columns)
+    assert len(history) == config["training"]["epochs_run"]
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert metrics["class_names"] == config["class_names"]
+    assert metrics["n"] == config["split"]["sizes"]["test"]
+    return config
+
+
+def test_deep_model_folder_and_config(mobilenet, data):
+    config = check_folder(mobilenet, "model.keras")
+    assert config["model"] == "mobilenetv2" and config["init"] == "random"
+    assert config["model_info"]["alpha"] == 0.35
+    assert config["input_shape"] == [data.out_size, data.out_size, 1] and config["input_size"] == 32
+    assert config["pixel_size_um"] == data.pixel_size_um and config["out_size"] == data.out_size
+    assert config["class_names"] == ["SW480", "SW620", "granulocytes", "monocytes", "PBMCs"]
+    assert config["class_members"]["SW480"] == ["SW480"]
+    assert config["normalisation"]["norm_scale_nm"] == config["model_info"]["norm_scale_nm"]
+    assert config["training"]["augment"]["rotate90"] is True
+
+
+def test_early_stopping_keeps_the_best_validation_epoch(mobilenet, data):
+    history = pd.read_csv(mobilenet.model_dir / "history.csv")
+    best = int(history["val_loss"].idxmin())
+    assert mobilenet.config["training"]["best_epoch"] == best + 1
+    split = Split.from_json(mobilenet.model_dir / "split.json")
+    _, y = task_targets(data.class_names, data.labels[split.val], "five_class")
+    proba = load_model(mobilenet.model_dir).predict_dataset(data, split.val)
+    val_loss = -np.mean(np.log(np.clip(proba[np.arange(len(y)), y], 1e-7, 1)))
+    assert val_loss == pytest.approx(history["val_loss"][best], rel=1e-3)
+
+
+def test_features_model_has_the_same_folder_and_fields(features, mobilenet):
+    config = check_folder(features, "model.joblib")
+    assert config["model"] == "features" and config["class_names"] == ["cancer", "blood"]
+    assert config["class_members"] == {"cancer": ["SW480", "SW620"],
+                                       "blood": ["granulocytes", "monocytes", "PBMCs"]}
+    assert set(config) == set(mobilenet.config)
+    assert features.metrics["sensitivity_at_fpr"]["positive_class"] == "cancer"
+
+
+@pytest.mark.parametrize("which", ["mobilenet", "features"])
+def test_load_model_round_trip_gives_identical_probabilities(which, request, data):
+    result = request.getfixturevalue(which)
+    loaded = load_model(result.model_dir, dataset=data)
+    assert loaded.class_names == result.config["class_names"] and loaded.config == result.model.config
+    maps = data.read(np.arange(0, len(data), 3))
+    proba = loaded.predict_proba(maps)
+    assert proba.shape == (len(maps), len(loaded.class_names))
+    np.testing.assert_allclose(proba.sum(axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_array_equal(proba, result.model.predict_proba(maps))
+    streamed = loaded.predict_dataset(data, np.arange(0, len(data), 3))
+    np.testing.assert_allclose(streamed, proba, rtol=1e-5, atol=1e-6)
+
+
+def test_load_model_by_run_name(mobilenet, tmp_path, monkeypatch):
+    (tmp_path / "saved_models").symlink_to(mobilenet.model_dir.parent, target_is_directory=True)
+    monkeypatch.chdir(tmp_path)
+    assert load_model(mobilenet.model_dir.name).folder.resolve() == mobilenet.model_dir.resolve()
+    with pytest.raises(ModelError, match="no such model"):
+        load_model("no_such_run")
+
+
+def test_reevaluation_on_stored_test_split_reproduces_metrics(mobilenet, data):
+    model = load_model(mobilenet.model_dir, dataset=data)
+    evaluation = evaluate_model(model, data, stored_test_indices(model, data), n_boot=0)
+    assert evaluation.report["confusion_matrix"] == mobilenet.metrics["confusion_matrix"]
+    assert evaluation.report["accuracy"]["value"] == pytest.approx(mobilenet.metrics["accuracy"]["value"])
+
+
+def test_split_keeps_groups_whole(mobilenet, features, data):
+    for result in (mobilenet, features):
+        split = Split.from_json(result.model_dir / "split.json")
+        split.check_disjoint(data.groups)
+        parts = [set(data.groups[getattr(split, p)]) for p in ("train", "val", "test")]
+        assert not (parts[0] & parts[1] or parts[0] & parts[2] or parts[1] & parts[2])
+        idx, _ = task_targets(data.class_names, data.labels, result.config["task"])
+        assert sorted(np.concatenate([split.train, split.val, split.test])) == sorted(idx)
+
+
+def test_normalisation_is_estimated_on_training_maps_only(mobilenet, data):
+    # the test groups of this dataset carry 3x the OPD: a scale estimated on them (or on all maps) differs
+    split = Split.from_json(mobilenet.model_dir / "split.json")
+    scale = mobilenet.config["normalisation"]["norm_scale_nm"]
+    assert scale == pytest.approx(estimate_norm_scale(data, split.train))
+    assert scale < 0.6 * estimate_norm_scale(data, split.test)
+    assert scale < 0.9 * estimate_norm_scale(data, np.arange(len(data)))
+
+
+def test_class_weights_balance_the_training_classes(features, data):
+    split = Split.from_json(features.model_dir / "split.json")
+    _, y = task_targets(data.class_names, data.labels[split.train], "cancer_vs_blood")
+    counts = np.bincount(y, minlength=2)
+    weights = features.config["training"]["class_weight"]
+    assert counts[0] != counts[1]
+    for k, name in enumerate(("cancer", "blood")):
+        assert weights[name] == pytest.approx(len(y) / (2 * counts[k]))
+
+
+def test_load_model_refuses_other_pixel_size_or_map_size(mobilenet, tmp_path):
+    for i, (kwargs, words) in enumerate((({"pixel_size_um": 0.5}, "um/px"), ({"out_size": 24}, "24 px"))):
+        path = write_tiny_dataset(tmp_path / f"other{i}.h5", sessions_per_class=1, maps_per_session=1,
+                                  **kwargs)
+        with pytest.raises(DatasetError, match=words) as info:
+            load_model(mobilenet.model_dir, dataset=path)
+        assert mobilenet.model_dir.name in str(info.value)
+
+
+def test_load_model_refuses_dataset_missing_task_classes(mobilenet, tmp_path):
+    path = write_tiny_dataset(tmp_path / "cancer_only.h5", classes=("SW480", "SW620"), sessions_per_class=1,
+                              maps_per_session=1)
+    with pytest.raises(TaskError, match="granulocytes") as info:
+        load_model(mobilenet.model_dir, dataset=path)
+    assert mobilenet.model_dir.name in str(info.value)
+
+
+def test_stored_split_refused_on_another_dataset(mobilenet, tmp_path_factory):
+    with open_dataset(tiny_dataset(tmp_path_factory)) as other:
+        model = load_model(mobilenet.model_dir, dataset=other)
+        with pytest.raises(DatasetError, match="--all"):
+            stored_test_indices(model, other)
+        report = evaluate_model(model, other, None, n_boot=0).report   # --all: every map of the task
+        assert report["n"] == len(other)
+
+
+def test_stored_split_still_found_after_maps_are_appended(mobilenet, data, tmp_path):
+    grown = tmp_path / "grown.h5"
+    shutil.copyfile(data.path, grown)
+    write_tiny_dataset(grown, classes=("SW480",), sessions_per_class=1, maps_per_session=2, seed=5)
+    with open_dataset(grown) as ds:
+        assert len(ds) == len(data) + 2 and ds.fingerprint != data.fingerprint
+        model = load_model(mobilenet.model_dir, dataset=ds)
+        np.testing.assert_array_equal(stored_test_indices(model, ds), Split.from_json(
+            mobilenet.model_dir / "split.json").test)
+
+
+def test_profiles_and_explicit_overrides():
+    quick = resolve_settings("mobilenetv2", "quick")
+    assert (quick.input_size, quick.epochs, quick.patience, quick.model_kw["alpha"]) == (64, 8, 3, 0.35)
+    assert resolve_settings("dinov2", "quick").input_size == 56
+    full = resolve_settings("resnet50", "full")
+    assert 96 <= full.input_size <= 128 and full.epochs > quick.epochs and full.patience > quick.patience
+    custom = resolve_settings("mobilenetv2", "full", epochs=2, input_size=48, batch_size=4,
+                              model_kw={"alpha": 0.5})
+    assert (custom.epochs, custom.input_size, custom.batch_size, custom.model_kw["alpha"]) == (2, 48, 4, 0.5)
+    assert resolve_settings("features").augment is None
+    with pytest.raises(ValueError, match="profile"):
+        resolve_settings("mobilenetv2", "fast")
+
+
+def test_another_architecture_trains_and_reloads(tmp_path_factory, data):
+    result = tiny_run(tmp_path_factory, "dinov2", "sw480_vs_sw620", input_size=28)
+    check_folder(result, "model.keras")
+    assert result.config["model_info"]["architecture"] == "dinov2"
+    loaded = load_model(result.model_dir, dataset=data)
+    maps = data.read(np.arange(4))
+    np.testing.assert_array_equal(loaded.predict_proba(maps), result.model.predict_proba(maps))

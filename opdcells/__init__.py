@@ -5,6 +5,12 @@ The data side (readers, preprocessing, dataset, simulator) imports no deep-learn
 """
 from __future__ import annotations
 
+import os as _os
+
+# TensorFlow's C++ start-up chatter (CUDA probing, oneDNN notes) drowns the useful log lines on CPU
+# machines; users can still set TF_CPP_MIN_LOG_LEVEL themselves.
+_os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
 __version__ = "0.1.0"
 
 __all__ = ["__version__", "open_dataset", "load_model"]

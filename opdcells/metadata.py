@@ -38,7 +38,7 @@ class Meta:
             if value is not None and not (math.isfinite(value) and value > 0):
                 raise ValueError(f"{key} must be a positive finite number, not {value!r}")
 
-    def over(self, fallback: "Meta") -> "Meta":
+    def over(self, fallback: Meta) -> Meta:
         """Return metadata taking each key from ``self`` where known, else from ``fallback``.
 
         ``user_meta.over(file_meta)``: what the user gave wins; the file fills the gaps.
@@ -53,7 +53,7 @@ class Meta:
             keys.append("wavelength_nm")
         return keys
 
-    def check(self, path) -> "Meta":
+    def check(self, path) -> Meta:
         """Raise :class:`MetadataError` naming ``path`` and the missing keys; return self if complete."""
         missing = self.missing()
         if missing:

@@ -92,11 +92,14 @@ class Profile:
     features_epochs: int = 200
     features_patience: int = 10
     features_learning_rate: float = 0.1
+    epochs_by_model: dict = field(default_factory=dict)   # per-architecture epochs (heavy backbones)
 
 
 PROFILES = {
+    # ResNet50 and VGG16 cost 7-10x a MobileNetV2-0.35 epoch on 2 CPU cores: the quick profile gives
+    # them 3 epochs so the demo stays within minutes (their quick figures are a smoke test, not a verdict).
     "quick": Profile(input_size=64, dinov2_input_size=56, epochs=8, patience=3, mobilenet_alpha=0.35,
-                     features_epochs=200),
+                     features_epochs=200, epochs_by_model={"resnet50": 3, "vgg16": 3}),
     "full": Profile(input_size=128, dinov2_input_size=112, epochs=40, patience=8, mobilenet_alpha=1.0,
                     learning_rate=5e-4, features_epochs=500),
 }
@@ -142,7 +145,8 @@ def resolve_settings(model: str, profile: str = "quick", *, epochs=None, input_s
     kw = {"alpha": p.mobilenet_alpha} if "mobilenetv2" in model else {}
     kw.update(model_kw or {})
     default_size = p.dinov2_input_size if model == "dinov2" else p.input_size
-    return Settings(model=model, profile=profile, epochs=int(pick(epochs, p.epochs)),
+    default_epochs = p.epochs_by_model.get(model, p.epochs)
+    return Settings(model=model, profile=profile, epochs=int(pick(epochs, default_epochs)),
                     input_size=int(pick(input_size, default_size)),
                     batch_size=int(pick(batch_size, p.batch_size)),
                     learning_rate=float(pick(learning_rate, p.learning_rate)),
@@ -292,7 +296,7 @@ class _FeaturesLearner:
         estimator = HistGradientBoostingClassifier(
             max_iter=settings.epochs, learning_rate=settings.learning_rate, early_stopping=True,
             n_iter_no_change=settings.patience, random_state=settings.seed)
-        info = {"architecture": FEATURES, "init": "random", "weights_source": None,
+        info = {"architecture": FEATURES, "init": "none (hand-crafted features)", "weights_source": None,
                 "estimator": "HistGradientBoostingClassifier"}
         return cls(estimator, pixel_size_um, info)
 

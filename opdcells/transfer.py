@@ -1,0 +1,511 @@
+"""Experiments behind ``OPD_Model_and_DinoV2.ipynb``: DINOv2 and the OPD-pretrained MobileNetV2 used as
+frozen encoders (linear and k-NN probes), label efficiency, looking inside the models, and real cells.
+
+* :class:`Encoders` builds each encoder once (``models.build_encoder``) and caches the embeddings of
+  every dataset map. Random-init CNN encoders get their BatchNormalization statistics recalibrated on the
+  task's TRAINING maps first (``pretrain.recalibrate_batchnorm``: with mean 0 / variance 1 moving
+  statistics a random MobileNetV2's inference-mode embeddings vanish). ``features`` (OPD morphology
+  features) takes the place of an encoder for the reference rows.
+* :func:`task_split` is the group split of a task's fine-tuned run (its ``split.json``); without a run it
+  is ``train.make_split`` with the same seed -- what :func:`opdcells.train.train` would have made.
+* :func:`frozen_probes` -> table of frozen-linear / frozen-kNN / fine-tuned accuracy per encoder and task.
+* :func:`label_efficiency` -> accuracy vs labelled fraction of the training maps
+  (``splits.subsample_labelled``, several seeds): linear probes on frozen embeddings (on the morphology
+  features for ``features``), and optionally fine-tuning (``finetune=``) with ``train.train``'s fitting.
+* :func:`embedding_view`, :func:`explain_examples`, :func:`load_real_cells`: 2-D embeddings, Grad-CAM /
+  DINOv2 attention on example cells, and real measured cells preprocessed like the dataset.
+
+Each function returns what it made (tables, paths); the notebook displays them.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from . import plots
+from .dataset import open_dataset
+from .evaluate import classification_report, flatten_report, write_table
+from .splits import Split, subsample_labelled
+from .tasks import get_task
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ENCODER_MODELS", "Encoders", "task_split", "frozen_probes", "label_efficiency",
+           "embedding_view", "explain_examples", "load_real_cells", "preprocess_config_of",
+           "init_table", "ProbeResult"]
+
+#: Models that are (or contain) a Keras encoder; ``features`` is the non-deep reference.
+ENCODER_MODELS = ("mobilenetv2", "opd_mobilenetv2", "dinov2", "resnet50", "vgg16")
+FEATURES = "features"
+N_CALIBRATION = 256          # maps used to recalibrate BatchNormalization of random-init encoders
+KNN_K = 5
+#: lbfgs iterations of the logistic-regression probes: 200 give the accuracy of 2000 (0.663 vs 0.665,
+#: OPD encoder, five_class) in a third of the time.
+PROBE_MAX_ITER = 200
+METRIC_COLUMNS = ("accuracy", "accuracy_ci_low", "accuracy_ci_high", "balanced_accuracy",
+                  "balanced_accuracy_ci_low", "balanced_accuracy_ci_high")
+
+
+def _opened(data):
+    return open_dataset(data) if isinstance(data, (str, Path)) else data
+
+
+def preprocess_config_of(ds):
+    """PreprocessConfig that makes maps like the dataset's (for real exports)."""
+    from .preprocess import PreprocessConfig
+
+    s = ds.settings
+    return PreprocessConfig(out_pixel_size_um=float(s["pixel_size_um"]), out_size=int(s["out_size"]),
+                            background_order=int(s["background_order"]),
+                            alpha_ml_per_g=float(s["alpha_ml_per_g"]))
+
+
+# ---------------------------------------------------------------------- splits
+
+
+def run_dir(saved_models, name: str, model: str, task: str) -> Path:
+    """Folder ``experiments.compare_models`` writes the run of ``model`` on ``task`` to."""
+    return Path(saved_models) / f"{name}_{model}_{task}"
+
+
+def task_split(ds, task: str, *, saved_models="saved_models", name="opd_dinov2", models=(), seed=0
+               ) -> tuple[Split, str]:
+    """(split, where it came from) for ``task``: the ``split.json`` of the first fine-tuned run
+    ``<name>_<model>_<task>`` (``models`` in order) made on this dataset, else ``train.make_split``
+    with ``seed`` -- the split :func:`opdcells.train.train` makes with that seed."""
+    import json
+
+    from .train import make_split
+
+    for model in models:
+        folder = run_dir(saved_models, name, model, task)
+        if (folder / "split.json").is_file() and (folder / "config.json").is_file():
+            config = json.loads((folder / "config.json").read_text())
+            if config.get("dataset", {}).get("fingerprint") == ds.fingerprint:
+                return Split.from_json(folder / "split.json"), str(folder / "split.json")
+            log.warning("%s was trained on another dataset; not using its split", folder)
+    return make_split(ds, get_task(task), seed=seed), f"train.make_split(seed={seed})"
+
+
+# ---------------------------------------------------------------------- encoders
+
+
+def _saved_encoder_config(weights) -> dict | None:
+    import json
+
+    if weights is None or str(weights).lower() in ("none", "random"):
+        return None
+    path = Path(weights)
+    config = path / "config.json" if path.is_dir() else None
+    return json.loads(config.read_text()) if config is not None and config.is_file() else None
+
+
+@dataclass
+class Encoders:
+    """Frozen encoders of one dataset, built once, with cached embeddings of all its maps.
+
+    ``dinov2_weights`` (an OPD-pretrained DINOv2 folder) or ``dinov2_preset`` initialise DINOv2;
+    otherwise it is random. ``opd_mobilenetv2`` uses the shipped OPD-pretrained folder. Random-init
+    encoders with BatchNormalization are recalibrated on the training maps they are given.
+    """
+
+    ds: object
+    profile: str = "quick"
+    input_size: int | None = None
+    dinov2_weights: str | None = None
+    dinov2_preset: str | None = None
+    seed: int = 0
+    batch_size: int = 128
+    infos: dict = field(default_factory=dict)
+    _built: dict = field(default_factory=dict, repr=False)
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    def weights_of(self, model: str):
+        from .models import OPD_PRETRAINED_DIR
+
+        if model == "opd_mobilenetv2":
+            return OPD_PRETRAINED_DIR
+        if model == "dinov2" and self.dinov2_weights:
+            return self.dinov2_weights
+        return "none"
+
+    def encoder(self, model: str, calibration=None):
+        """(encoder, info) of ``model``; ``calibration`` = training map indices for BN recalibration
+        (used only when the encoder is random-init and has BatchNormalization layers)."""
+        from .models import DEFAULT_NORM_SCALE_NM, batch_norm_layers, build_encoder
+        from .pretrain import recalibrate_batchnorm
+        from .train import PROFILES
+
+        if model not in self._built:
+            p = PROFILES[self.profile]
+            weights = self.weights_of(model)
+            saved = _saved_encoder_config(weights)
+            kw = {}
+            if saved is not None:
+                size, norm = saved.get("input_size") or p.input_size, saved.get("norm_scale_nm") or 100.0
+            else:
+                size = self.input_size or (p.dinov2_input_size if model == "dinov2" else p.input_size)
+                norm = DEFAULT_NORM_SCALE_NM   # fixed, not estimated: no test map may shape it
+                if "mobilenetv2" in model:
+                    kw["alpha"] = p.mobilenet_alpha
+            if model == "dinov2":
+                kw["dinov2_preset"] = self.dinov2_preset
+            encoder, info = build_encoder(model, input_shape=(self.ds.out_size, self.ds.out_size, 1),
+                                          input_size=int(size), weights=weights, norm_scale_nm=float(norm),
+                                          seed=self.seed, **kw)
+            info["has_batchnorm"] = bool(batch_norm_layers(encoder))
+            self._built[model] = (encoder, info)
+            self.infos[model] = info
+        encoder, info = self._built[model]
+        if info["init"] == "random" and info["has_batchnorm"] and calibration is not None:
+            idx = np.asarray(calibration, dtype=np.int64)
+            if len(idx) > N_CALIBRATION:
+                idx = np.sort(np.random.default_rng(self.seed).choice(idx, N_CALIBRATION, replace=False))
+            recalibrate_batchnorm(encoder, self.ds.read(idx)[..., None], info.get("bn_momentum") or 0.9)
+        return encoder, info
+
+    def needs_calibration(self, model: str) -> bool:
+        if model == FEATURES:
+            return False
+        _, info = self.encoder(model)
+        return info["init"] == "random" and info["has_batchnorm"]
+
+    def embeddings(self, model: str, calibration=None) -> np.ndarray:
+        """(N, D) embeddings of every dataset map (``features``: the morphology feature matrix);
+        random-init BN encoders are recalibrated on ``calibration`` first (cached per calibration set)."""
+        key = (model, None)
+        if model != FEATURES and self.needs_calibration(model):
+            if calibration is None:
+                raise ValueError(f"{model} is random-init with BatchNormalization: give calibration maps")
+            key = (model, hash(np.asarray(calibration, dtype=np.int64).tobytes()))
+        if key not in self._cache:
+            self._cache[key] = self._embed_all(model, calibration)
+        return self._cache[key]
+
+    def _embed_all(self, model: str, calibration) -> np.ndarray:
+        from .train import iter_maps
+
+        if model == FEATURES:
+            from .features import feature_matrix
+
+            every = np.arange(len(self.ds))
+            blocks = [feature_matrix(m, self.ds.pixel_size_um)[0] for m in iter_maps(self.ds, every)]
+            self.infos[FEATURES] = {"architecture": FEATURES, "init": "n/a (hand-made OPD features)"}
+            return np.nan_to_num(np.concatenate(blocks).astype(np.float32))
+        from .explain import embed
+
+        encoder, _ = self.encoder(model, calibration)
+        blocks = [embed(encoder, m, self.batch_size)
+                  for m in iter_maps(self.ds, np.arange(len(self.ds)), batch_size=512)]
+        log.info("embedded %d maps with %s", len(self.ds), model)
+        return np.concatenate(blocks)
+
+
+def init_table(encoders: Encoders, models, comparison=None) -> pd.DataFrame:
+    """How each model was initialised: frozen encoder (this module) and fine-tuned run (its config)."""
+    rows = []
+    for model in models:
+        if model == FEATURES:
+            rows.append({"model": model, "frozen_encoder_init": "n/a", "weights_source": None,
+                         "fine_tuned_init": "n/a"})
+            continue
+        _, info = encoders.encoder(model)
+        tuned = sorted({str(r.config.get("init")) for (t, m), r in (comparison.runs.items() if comparison
+                                                                    else []) if m == model})
+        rows.append({"model": model, "frozen_encoder_init": info["init"],
+                     "weights_source": info.get("weights_source"), "input_size": info.get("input_size"),
+                     "fine_tuned_init": ", ".join(tuned) or None})
+    return pd.DataFrame(rows)
+
+
+# ---------------------------------------------------------------------- probes
+
+
+def _task_labels(ds, task):
+    from .train import task_labels
+
+    return task_labels(ds, get_task(task))
+
+
+def _metrics(y_true, pred, class_names, n_boot, seed) -> dict:
+    proba = np.eye(len(class_names))[pred]
+    row = flatten_report(classification_report(y_true, proba, class_names, n_boot=n_boot, seed=seed))
+    return {k: row[k] for k in METRIC_COLUMNS}
+
+
+def _probe(train_emb, y_train, test_emb, y_test, method: str) -> np.ndarray:
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+
+    from .explain import knn_probe, linear_probe
+
+    fn = linear_probe if method == "linear" else knn_probe
+    kw = {"k": KNN_K} if method == "knn" else {"max_iter": PROBE_MAX_ITER}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        return np.asarray(fn(train_emb, y_train, test_emb, y_test, **kw)["predictions"])
+
+
+@dataclass
+class ProbeResult:
+    """What :func:`frozen_probes` made: the table, the splits used per task, written files."""
+
+    table: pd.DataFrame
+    splits: dict = field(default_factory=dict)      # task -> (Split, source)
+    files: dict = field(default_factory=dict)
+
+
+def frozen_probes(encoders: Encoders, tasks, models, *, comparison=None, name="opd_dinov2",
+                  saved_models="saved_models", results="results", seed=0, n_boot=1000) -> ProbeResult:
+    """Frozen-embedding linear probe (logistic regression) and 5-NN for each model and task, fitted on
+    the training maps of the task's group split and scored on its test maps; fine-tuned rows from
+    ``comparison`` (an ``experiments.Comparison``) alongside. Writes ``results/<name>/probes.{csv,md}``."""
+    ds = encoders.ds
+    rows, splits = [], {}
+    for task in tasks:
+        split, source = task_split(ds, task, saved_models=saved_models, name=name, models=models, seed=seed)
+        splits[task] = (split, source)
+        y_all, names = _task_labels(ds, task), list(get_task(task).classes)
+        for model in models:
+            emb = encoders.embeddings(model, calibration=split.train)
+            init = encoders.infos.get(model, {}).get("init")
+            for method, label in (("linear", "frozen linear probe"), ("knn", f"frozen {KNN_K}-NN")):
+                tr, te = split.train, split.test
+                pred = _probe(emb[tr], y_all[tr], emb[te], y_all[te], method)
+                rows.append({"task": task, "model": model, "method": label, "init": init,
+                             **_metrics(y_all[split.test], pred, names, n_boot, seed),
+                             "n_train": len(split.train), "n_test": len(split.test), "split": source})
+            if comparison is not None and (task, model) in comparison.runs:
+                run = comparison.runs[(task, model)]
+                rows.append({"task": task, "model": model, "method": "fine-tuned", "init": run.config["init"],
+                             **{k: flatten_report(run.metrics)[k] for k in METRIC_COLUMNS},
+                             "n_train": len(split.train), "n_test": run.metrics["n"],
+                             "split": str(run.model_dir / "split.json")})
+    table = pd.DataFrame(rows)
+    out = Path(results) / name
+    csv_path, md_path = write_table(table.drop(columns="split"), out / "probes")
+    files = {"table_csv": csv_path, "table_md": md_path}
+    if len(table):
+        bars = table.assign(bar=table["model"] + " | " + table["method"])
+        files["accuracy"] = plots.accuracy_bars(bars, out / "probes_accuracy.png", bar="bar",
+                                                title="Frozen probes vs fine-tuning: test accuracy (95% CI)")
+    return ProbeResult(table, splits, files)
+
+
+# ---------------------------------------------------------------------- label efficiency
+
+
+def finetune_subset(ds, model: str, task: str, split: Split, train_indices, *, profile="quick", epochs=None,
+                    input_size=None, seed=0, batch_size=None, dinov2_preset=None, weights=None) -> np.ndarray:
+    """Fine-tune ``model`` exactly as :func:`opdcells.train.train` does, but on ``train_indices`` (a
+    subset of ``split.train``) with the split's own validation maps; return test-map predictions.
+
+    Uses train's private learner (``_create_learner``); see the module docs: a public
+    ``train(..., train_indices=...)`` would replace this.
+    """
+    import keras
+
+    from .train import _class_weights, _create_learner, resolve_settings
+
+    kw = {"dinov2_preset": dinov2_preset} if model == "dinov2" and dinov2_preset else None
+    settings = resolve_settings(model, profile, epochs=epochs, input_size=input_size, seed=seed,
+                                batch_size=batch_size, weights=weights or "none", model_kw=kw)
+    task_obj = get_task(task)
+    y_all = _task_labels(ds, task)
+    sub = Split(np.asarray(train_indices), split.val, split.test, seed=split.seed, groups=split.groups)
+    keras.utils.set_random_seed(seed)
+    learner, _ = _create_learner(settings, ds, sub, len(task_obj.classes))
+    learner.fit(ds, sub, y_all, settings, _class_weights(y_all[sub.train], len(task_obj.classes)), 0)
+    return learner.predict_indices(ds, sub.test).argmax(axis=1)
+
+
+def _curve_label(model: str, curve: str) -> str:
+    return f"{model} ({curve})"
+
+
+def label_efficiency(encoders: Encoders, tasks, models, *, fractions, seeds, splits=None, finetune=(),
+                     finetune_tasks=None, finetune_kw=None, name="opd_dinov2", saved_models="saved_models",
+                     results="results", seed=0) -> tuple[pd.DataFrame, dict]:
+    """Test accuracy vs fraction of labelled training maps for each model and task.
+
+    For every fraction and seed the labelled maps are ``splits.subsample_labelled(split.train, y,
+    fraction, seed)`` (nested across fractions); the test maps are the split's test groups. Curves:
+    ``frozen linear probe`` (the probe of :func:`frozen_probes`) on each encoder's embeddings (computed
+    once; BN of random-init CNNs recalibrated on all training maps -- no labels used) and on the
+    standardised morphology features for ``features``, and ``fine-tuned``
+    for models in ``finetune`` on ``finetune_tasks`` (default: all ``tasks``), trained by
+    :func:`finetune_subset` with ``finetune_kw`` (epochs, input_size, profile, ...).
+    Writes ``results/<name>/label_efficiency.{csv,md,png}``; returns (table, files).
+    """
+    ds = encoders.ds
+    splits = dict(splits or {})
+    finetune_tasks = list(tasks if finetune_tasks is None else finetune_tasks)
+    rows = []
+    for task in tasks:
+        split = splits[task][0] if task in splits else task_split(ds, task, saved_models=saved_models,
+                                                                  name=name, models=models, seed=seed)[0]
+        y_all = _task_labels(ds, task)
+        test_y = y_all[split.test]
+        curves = [(m, "frozen linear probe") for m in models]
+        curves += [(m, "fine-tuned") for m in finetune if task in finetune_tasks and m != FEATURES]
+        for model, curve in curves:
+            emb = None if curve == "fine-tuned" else encoders.embeddings(model, calibration=split.train)
+            for s in seeds:
+                for fraction in sorted(fractions):
+                    sub = subsample_labelled(split.train, y_all, fraction, seed=s)
+                    if curve == "fine-tuned":
+                        pred = finetune_subset(ds, model, task, split, sub, seed=seed, **(finetune_kw or {}))
+                    elif len(np.unique(y_all[sub])) < 2:
+                        pred = np.full(len(test_y), y_all[sub][0])
+                    else:
+                        pred = _probe(emb[sub], y_all[sub], emb[split.test], test_y, "linear")
+                    rows.append({"task": task, "model": _curve_label(model, curve), "encoder": model,
+                                 "curve": curve, "fraction": float(fraction), "seed": int(s),
+                                 "n_labelled": len(sub), "n_test": len(test_y),
+                                 "accuracy": float(np.mean(pred == test_y)),
+                                 "balanced_accuracy": _balanced(test_y, pred)})
+            log.info("label efficiency: %s %s on %s done", model, curve, task)
+    table = pd.DataFrame(rows)
+    out = Path(results) / name
+    csv_path, md_path = write_table(_summary(table), out / "label_efficiency")
+    table.to_csv(out / "label_efficiency_runs.csv", index=False)
+    files = {"table_csv": csv_path, "table_md": md_path, "runs_csv": out / "label_efficiency_runs.csv",
+             "figure": plots.label_efficiency(
+                 table, out / "label_efficiency.png",
+                 title="Label efficiency on unseen groups: linear probes on frozen embeddings / features"
+                       + (" and fine-tuned models" if finetune else "") + " (mean, 95% CI over seeds)")}
+    return table, files
+
+
+def _balanced(y_true, pred) -> float:
+    from sklearn.metrics import balanced_accuracy_score
+
+    return float(balanced_accuracy_score(y_true, pred))
+
+
+def _summary(table: pd.DataFrame) -> pd.DataFrame:
+    """Mean and 95% t-interval over seeds per (task, model, fraction)."""
+    from scipy import stats
+
+    if table.empty:
+        return table
+    keys = ["task", "model", "curve", "fraction"]
+    g = table.groupby(keys, sort=False)
+    out = g.agg(n_labelled=("n_labelled", "mean"), seeds=("seed", "nunique"), accuracy=("accuracy", "mean"),
+                sem=("accuracy", "sem"), balanced_accuracy=("balanced_accuracy", "mean")).reset_index()
+    half = out["sem"].fillna(0.0) * stats.t.ppf(0.975, np.maximum(out["seeds"] - 1, 1))
+    out["accuracy_ci_low"] = (out["accuracy"] - half).clip(0.0, 1.0)
+    out["accuracy_ci_high"] = (out["accuracy"] + half).clip(0.0, 1.0)
+    out["n_labelled"] = out["n_labelled"].round().astype(int)
+    return out.drop(columns="sem")
+
+
+# ---------------------------------------------------------------------- looking inside
+
+
+def example_indices(ds, indices, per_class: int = 2, seed: int = 0) -> np.ndarray:
+    """``per_class`` maps of every class among ``indices`` (dataset class labels)."""
+    rng = np.random.default_rng(seed)
+    indices = np.asarray(indices)
+    labels = ds.labels[indices]
+    picks = [rng.choice(indices[labels == k], min(per_class, int((labels == k).sum())), replace=False)
+             for k in range(len(ds.class_names))]
+    return np.concatenate([np.sort(p) for p in picks if len(p)]).astype(np.int64)
+
+
+def embedding_view(encoders: Encoders, model: str, indices, path, *, method="pca", calibration=None,
+                   real: dict | None = None, seed=0, title=None) -> Path:
+    """2-D embedding (PCA or t-SNE, fitted jointly) of the dataset maps ``indices`` by ``model``'s frozen
+    encoder, coloured by class; ``real`` = {name: maps (M, S, S)} drawn on top (embedded the same way)."""
+    from .explain import embed, embedding_2d
+
+    ds = encoders.ds
+    indices = np.asarray(indices, dtype=np.int64)
+    emb = encoders.embeddings(model, calibration=calibration)[indices]
+    extra_emb, extra = [], []
+    if real:
+        encoder, _ = encoders.encoder(model)
+        extra_emb = [embed(encoder, maps, encoders.batch_size) for maps in real.values() if len(maps)]
+    joint = embedding_2d(np.concatenate([emb, *extra_emb]), method=method, seed=seed)
+    start = len(emb)
+    names = [n for n, maps in (real or {}).items() if len(maps)]
+    for name, block, marker in zip(names, extra_emb, ("x", "+", "^", "s"), strict=False):
+        extra.append((joint[start:start + len(block)], name, marker))
+        start += len(block)
+    init = encoders.infos[model]["init"]
+    return plots.embedding_scatter(joint[:len(emb)], ds.labels[indices], [str(c) for c in ds.class_names],
+                                   path, extra=extra,
+                                   title=title or f"{model} frozen embedding ({init}), {method.upper()}")
+
+
+def explain_examples(ds, runs: dict, indices, out_dir, *, min_grid=4) -> dict[str, Path]:
+    """Grad-CAM (CNNs) or last-layer CLS attention (DINOv2) of fine-tuned models on the maps ``indices``.
+
+    ``runs`` maps a model name to a ``train.SavedModel`` (Keras); one overlay grid per model is written
+    to ``out_dir/<model>_explain.png``. Titles give the true class and the model's prediction.
+    """
+    from .explain import dino_attention, grad_cam
+
+    out_dir = Path(out_dir)
+    maps = ds.read(np.asarray(indices, dtype=np.int64))
+    names = [str(c) for c in ds.class_names]
+    files = {}
+    for model, saved in runs.items():
+        keras_model = getattr(saved.learner, "model", None)
+        if keras_model is None:
+            continue
+        proba = saved.predict_proba(maps)
+        if saved.config["model"] == "dinov2":
+            heat, what = dino_attention(keras_model, maps), "CLS attention, last layer"
+        else:
+            heat, what = grad_cam(keras_model, maps, min_grid=min_grid), "Grad-CAM"
+        titles = [f"{names[ds.labels[i]]}\n-> {saved.class_names[p]}"
+                  for i, p in zip(indices, proba.argmax(axis=1), strict=True)]
+        title = f"{model} ({saved.config['task']}, init {saved.config['init']}): {what}"
+        files[model] = plots.overlay_grid(list(maps), list(heat), titles, out_dir / f"{model}_explain.png",
+                                          ncols=min(len(maps), 10), title=title)
+    return files
+
+
+# ---------------------------------------------------------------------- real cells
+
+
+#: Estimated by the segmentation work (tests/test_segment.py): RBC diameter 20.5 px for ~7.8 um.
+RBC_PIXEL_SIZE_UM = 0.38
+RBC_WAVELENGTH_NM = 532.0
+
+
+def load_real_cells(real_qpi, config, *, hl60_every: int = 10, rbc_files=("gt_phase1.mat",),
+                    rbc_pixel_size_um: float = RBC_PIXEL_SIZE_UM) -> dict[str, np.ndarray]:
+    """Real measured cells preprocessed like the dataset (``ingest.iter_processed``, ``config``).
+
+    ``HL60 (real)``: every ``hl60_every``-th map of the qpimage series (one HL60 leukaemia cell seen from
+    140 angles; radians, metadata in the file). ``RBC (real)``: red blood cells segmented from the fields
+    ``rbc_files`` (radians, 532 nm, ``rbc_pixel_size_um`` estimated). Returns {name: (M, S, S) maps};
+    an empty dict when ``real_qpi`` is missing.
+    """
+    from .ingest import IngestOptions, iter_processed
+
+    root = Path(real_qpi)
+    if not root.is_dir():
+        log.warning("real QPI folder %s not found: no real cells", root)
+        return {}
+    out = {}
+    series = root / "hl60_qlsi_series" / "series.h5"
+    if series.is_file():
+        maps = [p.opd for i, p, _ in iter_processed(series, IngestOptions(config=config))
+                if i % hl60_every == 0]
+        out["HL60 (real)"] = np.stack(maps).astype(np.float32)
+    rbc_opts = IngestOptions(units="rad", wavelength_nm=RBC_WAVELENGTH_NM, pixel_size_um=rbc_pixel_size_um,
+                             fields=True, config=config)
+    rbc = [p.opd for f in rbc_files if (root / "rbc_phase_fields" / f).is_file()
+           for _, p, _ in iter_processed(root / "rbc_phase_fields" / f, rbc_opts)]
+    if rbc:
+        out["RBC (real)"] = np.stack(rbc).astype(np.float32)
+    log.info("real cells: %s", {k: len(v) for k, v in out.items()})
+    return out

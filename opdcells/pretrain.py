@@ -868,7 +868,7 @@ def _pretrain_config(*, info, method, backbone, trainer, data_record, history, e
 
 def _write_folder(out: Path, encoder, info: dict, config: dict, history: dict) -> Path:
     """Encoder weights + config (``models.save_encoder``) with the pretraining record, history, README."""
-    from .train import _staging, write_history
+    from .train import _json_default, _staging, write_history
 
     with _staging(out) as tmp:
         models.save_encoder(encoder, {**info, "init": "opd-pretrained", "weights_source": None}, tmp)
@@ -880,14 +880,6 @@ def _write_folder(out: Path, encoder, info: dict, config: dict, history: dict) -
     config.clear()
     config.update(merged)
     return out
-
-
-def _json_default(obj):
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
 
 
 def _data_summary(data: dict) -> str:

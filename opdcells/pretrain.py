@@ -25,6 +25,7 @@ and ``README.md``.
 """
 from __future__ import annotations
 
+import abc
 import datetime as _dt
 import json
 import logging
@@ -253,8 +254,10 @@ class Pretrainer(keras.Model):
         """Encoder embeddings of both views in one batch (2B, D): batch statistics over both."""
         return self.encoder(tf.concat([v1, v2], axis=0), training=training)
 
+    @abc.abstractmethod
     def pretext_loss(self, v1, v2, y, training: bool):
-        raise NotImplementedError
+        """Loss of one batch of two views (``y``: labels, used by supervised-sim only); every method
+        subclass defines it."""
 
     def after_step(self, state) -> None:
         """Called after each optimiser step (EMA teachers, centres)."""

@@ -12,6 +12,7 @@ Every failure is an :class:`~opdcells.errors.ExportError` naming the file and th
 """
 from __future__ import annotations
 
+import abc
 import contextlib
 import importlib
 import logging
@@ -222,8 +223,8 @@ def meta_from_qpimage(meta: dict, path) -> Meta:
 # Reader base classes
 # --------------------------------------------------------------------------------------------------
 
-class Reader:
-    """Base class: one subclass per export format (see docs/architecture.md)."""
+class Reader(abc.ABC):
+    """Abstract base class: one subclass per export format (see docs/architecture.md)."""
 
     name: str = ""
     suffixes: tuple[str, ...] = ()
@@ -246,19 +247,22 @@ class Reader:
             return False
 
     @classmethod
+    @abc.abstractmethod
     def _sniff(cls, path: Path) -> bool:
-        raise NotImplementedError
+        """Whether the content of ``path`` looks like this format (may raise; ``verify`` catches)."""
 
     @property
+    @abc.abstractmethod
     def map_shape(self) -> tuple[int, int]:
         """(rows, columns) of each map."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def __len__(self) -> int:
-        raise NotImplementedError
+        """Number of maps in the file."""
 
+    @abc.abstractmethod
     def __iter__(self) -> Iterator[RawMap]:
-        raise NotImplementedError
+        """Stream the maps one at a time."""
 
     def close(self) -> None:
         self._resources.close()

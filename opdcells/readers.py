@@ -301,9 +301,9 @@ class ArrayReader(Reader):
             self.file_meta = replace(self.file_meta, units="rad")
         log.debug("%s: %s, %d map(s) of %s %s", self.path, self.name, len(self), self.map_shape, self.dtype)
 
+    @abc.abstractmethod
     def _open_array(self):
         """Open the file; return the array-like to read (shape, dtype, numpy-style indexing)."""
-        raise NotImplementedError
 
     def variable_array(self, name: str) -> np.ndarray | None:
         """Another variable of a container file (e.g. the background hologram), None if absent."""

@@ -20,7 +20,8 @@ climbs (measured in tests/test_models.py).
 
 Weights (``weights=``): ``"none"`` (random), ``"imagenet"`` (keras.applications' own cache/download
 mechanism; if that fails the model is random and says so, loudly, in the log and in ``info["init"]``),
-or a path to encoder weights -- a ``.weights.h5`` file or a folder written by :func:`save_encoder`.
+``"opd"`` (the shipped OPD-pretrained encoder of the family), or a path to encoder weights -- a
+``.weights.h5`` file or a folder written by :func:`save_encoder`.
 ``opd_mobilenetv2`` is MobileNetV2 initialised from OPD-pretrained encoder weights (default folder
 :data:`OPD_PRETRAINED_DIR`). DINOv2 presets come through ``dinov2_preset``. Pretrained backbones see
 ``OPD / norm_scale_nm`` (about 0-6 for cells), not ImageNet-normalised RGB: fine-tuning adapts to it.
@@ -56,6 +57,8 @@ DINOV2_CPU_CONFIG = {
     "use_mask_token": False,  # masked-image pretraining only; unused weights otherwise
 }
 OPD_PRETRAINED_DIR = Path(__file__).resolve().parents[1] / "saved_models" / "opd_mobilenetv2_pretrained"
+#: The shipped OPD-pretrained DINOv2 (CPU config), used for ``weights="opd"`` with ``dinov2``.
+OPD_DINOV2_DIR = Path(__file__).resolve().parents[1] / "saved_models" / "opd_dinov2_pretrained"
 ENCODER_WEIGHTS = "encoder.weights.h5"
 ENCODER_CONFIG = "config.json"
 ENCODER_FORMAT = "opdcells-encoder"
@@ -274,12 +277,26 @@ def set_bn_momentum(model, momentum: float) -> int:
     return len(layers)
 
 
-def _default_opd_weights() -> Path | str:
-    """The shipped OPD-pretrained folder, or "none" (with a loud warning) when it is absent."""
-    if (OPD_PRETRAINED_DIR / ENCODER_WEIGHTS).is_file():
-        return OPD_PRETRAINED_DIR
-    _loud_random("OPD-pretrained MobileNetV2 weights", FileNotFoundError(f"no {OPD_PRETRAINED_DIR}"))
+def _default_opd_weights(family: str = "mobilenetv2") -> Path | str:
+    """The shipped OPD-pretrained folder of ``family``, or "none" (with a loud warning) when absent."""
+    folder = OPD_DINOV2_DIR if family == "dinov2" else OPD_PRETRAINED_DIR
+    if (folder / ENCODER_WEIGHTS).is_file():
+        return folder
+    _loud_random(f"OPD-pretrained {family} weights", FileNotFoundError(f"no {folder}"))
     return "none"
+
+
+def saved_encoder_config(name: str, weights) -> dict | None:
+    """The ``config.json`` of the encoder folder ``build_encoder(name, weights=weights)`` would load
+    (``opd_mobilenetv2``'s default and "opd" included), or None (random, ImageNet, a bare file, absent)."""
+    if (name == "opd_mobilenetv2" and _is_random(weights)) or weights == "opd":
+        weights = OPD_DINOV2_DIR if _family(name) == "dinov2" else OPD_PRETRAINED_DIR
+    if _is_random(weights) or weights == "imagenet" or not (Path(weights) / ENCODER_CONFIG).is_file():
+        return None
+    try:
+        return json.loads((Path(weights) / ENCODER_CONFIG).read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{Path(weights) / ENCODER_CONFIG}: unreadable encoder config ({err})") from err
 
 
 def _load_encoder_weights(encoder, file: Path, name: str) -> None:
@@ -297,8 +314,10 @@ def _load_encoder_weights(encoder, file: Path, name: str) -> None:
 
 def _resolve_weights(name: str, weights, alpha, dinov2_config, input_size: int, norm_scale_nm: float):
     """``(kind, file, alpha, dinov2_config)``: kind is "random", "imagenet" or "file"."""
-    if name == "opd_mobilenetv2" and _is_random(weights):
-        weights = _default_opd_weights()
+    if (name == "opd_mobilenetv2" and _is_random(weights)) or weights == "opd":
+        if name not in ("opd_mobilenetv2", "mobilenetv2", "dinov2"):
+            raise ValueError(f"no shipped OPD-pretrained weights for {name}: use mobilenetv2 or dinov2")
+        weights = _default_opd_weights(_family(name))
     if _is_random(weights):
         return "random", None, alpha, dinov2_config
     if weights == "imagenet":
@@ -342,9 +361,12 @@ def build_encoder(
 ) -> tuple[keras.Model, dict]:
     """OPD encoder ``(S, S, 1)`` nm -> embedding vector, and a JSON-ready record of how it was built.
 
-    ``weights``: "none", "imagenet" (CNNs only), or encoder weights (a ``.weights.h5`` file or a
+    ``weights``: "none", "imagenet" (CNNs only), "opd" (the shipped OPD-pretrained encoder of the family:
+    :data:`OPD_PRETRAINED_DIR` or :data:`OPD_DINOV2_DIR`), or encoder weights (a ``.weights.h5`` file or a
     :func:`save_encoder` folder, whose config fills ``alpha``/``dinov2_config`` when unset).
-    ``opd_mobilenetv2`` with "none" uses :data:`OPD_PRETRAINED_DIR`. ``alpha`` is MobileNetV2's width
+    ``opd_mobilenetv2`` with "none" uses :data:`OPD_PRETRAINED_DIR`. DINOv2 with both a loadable
+    ``dinov2_preset`` and weights uses the preset; if the preset cannot be loaded, the weights.
+    ``alpha`` is MobileNetV2's width
     (default 0.35). DINOv2: ``input_size`` is rounded to a multiple of the patch size (logged);
     ``dinov2_config`` overrides :data:`DINOV2_CPU_CONFIG`; ``dinov2_preset`` is a keras_hub preset name
     or folder. ``seed`` seeds Keras' global RNGs (``keras.utils.set_random_seed``) before building.
@@ -366,7 +388,9 @@ def build_encoder(
     features = backbone({"images": x} if family == "dinov2" else x)
     encoder = keras.Model(inputs, pool(features), name="encoder")
     n_bn = set_bn_momentum(encoder, bn_momentum)
-    if weights_file is not None:
+    if weights_file is not None and record["init"].startswith("dinov2-preset"):
+        log.info("DINOv2 preset %s loaded: the weights %s are not used", dinov2_preset, weights_file)
+    elif weights_file is not None:
         _load_encoder_weights(encoder, weights_file, name)
         record = {"init": "opd-pretrained", "weights_source": str(weights_file)}
 

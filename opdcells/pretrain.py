@@ -41,7 +41,6 @@ import numpy as np
 import tensorflow as tf
 
 from . import __version__, models
-from .errors import OPDCellsError
 from .explain import embed, knn_probe, linear_probe
 from .pipeline import AugmentConfig, augment_batch, iter_batches, make_tf_dataset
 
@@ -426,19 +425,9 @@ class SimCorpus:
         return len(self.labels)
 
 
-def _sim_map(class_name: str, rng: np.random.Generator, session, config):
-    from .metadata import Meta
-    from .preprocess import preprocess_map
-    from .simulate import simulate_cell
-
-    opd, _ = simulate_cell(class_name, rng, session)
-    meta = Meta(units="nm", wavelength_nm=session.wavelength_nm, pixel_size_um=session.pixel_size_um,
-                medium_index=session.medium_index)
-    return preprocess_map(opd, meta, config, path=f"<sim {class_name}/{session.session_id}>").opd
-
-
 def simulate_corpus(n_maps: int, seed: int = 0, *, first_session: int = SIM_FIRST_SESSION,
-                    maps_per_session: int = SIM_MAPS_PER_SESSION, config=None, cache_dir=None) -> SimCorpus:
+                    maps_per_session: int = SIM_MAPS_PER_SESSION, config=None, cache_dir=None,
+                    workers: int = 1) -> SimCorpus:
     """Simulate ``n_maps`` preprocessed maps, balanced over the five classes, in memory.
 
     Session ``k`` of a class (k = first_session, first_session + 1, ...) holds ``maps_per_session``
@@ -446,6 +435,7 @@ def simulate_corpus(n_maps: int, seed: int = 0, *, first_session: int = SIM_FIRS
     from 1, so with ``first_session`` above any real session count the corpus shares no random stream
     (and no session) with an evaluation dataset, whatever its seed. Maps the preprocessing rejects are
     skipped (counted in the record). ``cache_dir``: reuse/save the corpus as an ``.npz`` there.
+    ``workers`` > 1 simulates sessions in that many processes; the corpus is the same.
     """
     from .preprocess import PreprocessConfig
     from .simulate import CLASS_NAMES, cell_rng, sample_session
@@ -464,31 +454,52 @@ def simulate_corpus(n_maps: int, seed: int = 0, *, first_session: int = SIM_FIRS
     if cache is not None and cache.is_file():
         log.info("simulated corpus from cache %s", cache)
         return _load_corpus(cache, record)
+    jobs = [(label, class_name, first_session + j, min(maps_per_session, per_class - j * maps_per_session))
+            for label, class_name in enumerate(CLASS_NAMES) for j in range(n_sessions)]
     maps, labels, sessions, rejected = [], [], [], 0
     start = time.perf_counter()
-    for label, class_name in enumerate(CLASS_NAMES):
-        for j in range(n_sessions):
-            k = first_session + j
-            session = sample_session(cell_rng(seed, class_name, k), class_name, k)
-            for i in range(min(maps_per_session, per_class - j * maps_per_session)):
-                try:
-                    maps.append(_sim_map(class_name, cell_rng(seed, class_name, k, i), session, config))
-                except OPDCellsError as err:
-                    rejected += 1
-                    log.debug("simulated map rejected: %s", err)
-                    continue
-                labels.append(label)
-                sessions.append(f"{class_name}/{session.session_id}")
-        log.info("simulated %s: %d maps so far (%.0f s)", class_name, len(labels),
-                 time.perf_counter() - start)
+    for (label, class_name, k, _), (made, n_rejected) in zip(
+            jobs, _map_sessions(jobs, seed, config, workers), strict=True):
+        session_id = sample_session(cell_rng(seed, class_name, k), class_name, k).session_id
+        maps += made
+        labels += [label] * len(made)
+        sessions += [f"{class_name}/{session_id}"] * len(made)
+        rejected += n_rejected
     record.update(n_maps=len(labels), n_rejected=rejected,
                   class_counts={c: int(np.sum(np.asarray(labels) == i)) for i, c in enumerate(CLASS_NAMES)},
                   time_s=round(time.perf_counter() - start, 1))
+    log.info("simulated %d maps in %.0f s (%d rejected)", len(labels), record["time_s"], rejected)
     corpus = SimCorpus(np.stack(maps).astype(np.float32), np.asarray(labels, np.int64), tuple(CLASS_NAMES),
                        np.asarray(sessions), record)
     if cache is not None:
         _save_corpus(cache, corpus)
     return corpus
+
+
+def _map_sessions(jobs, seed: int, config, workers: int):
+    """``simulate.simulate_preprocessed`` of each (label, class, session, n) job, in order, with a
+    progress bar; in ``workers`` spawned processes when > 1 (TensorFlow is not forked)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from tqdm import tqdm
+
+    from .simulate import simulate_preprocessed
+
+    args = [(seed, class_name, k, n, config) for _, class_name, k, n in jobs]
+    total = sum(job[3] for job in jobs)
+    with tqdm(total=total, desc="simulating corpus", unit="map", disable=total < 200) as bar:
+        if workers <= 1:
+            for a in args:
+                result = simulate_preprocessed(*a)
+                bar.update(a[3])
+                yield result
+            return
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            columns = [list(column) for column in zip(*args, strict=True)]
+            for a, result in zip(args, pool.map(simulate_preprocessed, *columns), strict=True):
+                bar.update(a[3])
+                yield result
 
 
 def _corpus_cache(cache_dir, record: dict) -> Path | None:
@@ -737,8 +748,10 @@ def pretrain(data=None, *, backbone: str = "mobilenetv2", method: str = "simclr"
              alpha: float | None = None, norm_scale_nm: float = models.DEFAULT_NORM_SCALE_NM,
              dinov2_config: dict | None = None,
              views: ViewConfig = ViewConfig(), exclude_test=(), n_probe: int = 0,
-             max_minutes: float | None = None, sim_cache=None, method_kw: dict | None = None,
-             command: str | None = None, verbose=0) -> PretrainResult:
+             max_minutes: float | None = None, sim_cache=None,
+             sim_maps_per_session: int = SIM_MAPS_PER_SESSION,
+             workers: int = 1, method_kw: dict | None = None, command: str | None = None,
+             verbose=0) -> PretrainResult:
     """Pretrain a ``backbone`` encoder with ``method`` and write it to ``out`` (see the module docstring).
 
     data: opdcells dataset path(s). Self-supervised methods train on their maps (no labels; test maps
@@ -748,6 +761,8 @@ def pretrain(data=None, *, backbone: str = "mobilenetv2", method: str = "simclr"
     n_probe: if > 0, simulate that many maps from further unseen sessions and record linear / k-NN
         probe accuracy of the random-init and of the pretrained encoder in the config.
     max_minutes: stop early after this much training time (recorded).
+    sim_maps_per_session: maps per simulated session (fewer -> more sessions, more acquisition variety).
+    workers: processes that simulate the corpus.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
@@ -762,7 +777,7 @@ def pretrain(data=None, *, backbone: str = "mobilenetv2", method: str = "simclr"
     try:
         stream, n_maps, data_record, n_classes = _training_data(
             method, datasets, n_sim=n_sim, seed=seed, batch_size=batch_size, exclude_test=exclude_test,
-            sim_cache=sim_cache)
+            sim_cache=sim_cache, maps_per_session=sim_maps_per_session, workers=workers)
         size = int(data_record["out_size"])
         steps_per_epoch = n_maps // batch_size
         if steps_per_epoch < 1:
@@ -813,7 +828,8 @@ def _common_geometry(datasets) -> tuple[float, int]:
     return next(iter(geometry))
 
 
-def _training_data(method, datasets, *, n_sim, seed, batch_size, exclude_test, sim_cache):
+def _training_data(method, datasets, *, n_sim, seed, batch_size, exclude_test, sim_cache,
+                   maps_per_session=SIM_MAPS_PER_SESSION, workers=1):
     """(stream, number of maps, data record, number of classes or None) for ``method``."""
     if datasets and method != "supervised-sim":
         pixel_size, size = _common_geometry(datasets)
@@ -821,7 +837,8 @@ def _training_data(method, datasets, *, n_sim, seed, batch_size, exclude_test, s
                                                  exclude_test=exclude_test)
         return stream, n_maps, {"kind": "datasets", "labels_used": False, "pixel_size_um": pixel_size,
                                 "out_size": size, "datasets": records}, None
-    corpus = simulate_corpus(n_sim, seed, cache_dir=sim_cache)
+    corpus = simulate_corpus(n_sim, seed, cache_dir=sim_cache, maps_per_session=maps_per_session,
+                             workers=workers)
     labelled = method == "supervised-sim"
     record = {"kind": "simulated", "labels_used": labelled, "pixel_size_um": corpus.record["pixel_size_um"],
               "out_size": corpus.record["out_size"], "simulated": corpus.record,
@@ -960,6 +977,9 @@ def register(subparsers) -> None:
                    help="simulate N maps from unseen sessions and record linear/k-NN probe accuracy")
     p.add_argument("--max-minutes", type=float, default=None, help="stop training after this long")
     p.add_argument("--sim-cache", default=None, metavar="DIR", help="cache simulated maps as .npz here")
+    p.add_argument("--sim-maps-per-session", type=int, default=SIM_MAPS_PER_SESSION, metavar="N",
+                   help="maps per simulated session (fewer: more sessions, more acquisition variety)")
+    p.add_argument("--workers", type=int, default=1, help="processes that simulate the corpus")
     p.set_defaults(run=run)
 
 
@@ -967,7 +987,7 @@ _CLI_OPTIONS = (("data", "--data"), ("backbone", "--backbone"), ("method", "--me
                 ("epochs", "--epochs"), ("input_size", "--input-size"), ("n_sim", "--n-sim"),
                 ("seed", "--seed"), ("batch_size", "--batch-size"), ("lr", "--lr"), ("alpha", "--alpha"),
                 ("exclude_test", "--exclude-test"), ("probe", "--probe"), ("max_minutes", "--max-minutes"),
-                ("sim_cache", "--sim-cache"))
+                ("sim_cache", "--sim-cache"), ("sim_maps_per_session", "--sim-maps-per-session"))
 
 
 def cli_command(args) -> str:
@@ -988,7 +1008,8 @@ def run(args) -> int:
                       epochs=args.epochs, input_size=args.input_size, n_sim=args.n_sim, seed=args.seed,
                       batch_size=args.batch_size, learning_rate=args.lr, alpha=args.alpha,
                       exclude_test=args.exclude_test, n_probe=args.probe, max_minutes=args.max_minutes,
-                      sim_cache=args.sim_cache, command=command, verbose=0 if args.quiet else 2)
+                      sim_cache=args.sim_cache, sim_maps_per_session=args.sim_maps_per_session,
+                      workers=args.workers, command=command, verbose=0 if args.quiet else 2)
     cfg = result.config
     print(f"{result.folder}: {cfg['method']} {cfg['backbone']}, {cfg['steps']} steps, final loss "
           f"{cfg['final_loss']:.4f}, {cfg['time_s']:.0f} s")

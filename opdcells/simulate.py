@@ -809,6 +809,31 @@ def _simulate_session(out_dir: Path, seed: int, class_name: str, k: int, n_maps:
             stack.close()
 
 
+def simulate_preprocessed(seed: int, class_name: str, k: int, n_maps: int, config=None
+                          ) -> tuple[list[np.ndarray], int]:
+    """Maps ``0 .. n_maps-1`` of session ``k`` of ``class_name``, simulated and preprocessed in memory
+    (``preprocess.preprocess_map`` with ``config``): (maps, number the preprocessing rejected).
+    Deterministic for (seed, class, k, index); picklable, so corpora can be made in worker processes."""
+    from .errors import OPDCellsError
+    from .metadata import Meta
+    from .preprocess import PreprocessConfig, preprocess_map
+
+    config = config or PreprocessConfig()
+    session = sample_session(cell_rng(seed, class_name, k), class_name, k)
+    meta = Meta(units="nm", wavelength_nm=session.wavelength_nm, pixel_size_um=session.pixel_size_um,
+                medium_index=session.medium_index)
+    maps, rejected = [], 0
+    for i in range(n_maps):
+        opd_nm, _ = simulate_cell(class_name, cell_rng(seed, class_name, k, i), session)
+        try:
+            maps.append(preprocess_map(opd_nm, meta, config, path=f"<sim {class_name}/{session.session_id}>")
+                        .opd)
+        except OPDCellsError as err:
+            rejected += 1
+            log.debug("simulated map rejected: %s", err)
+    return maps, rejected
+
+
 def simulate_dataset(out_dir: str | os.PathLike, n_per_class: int = 400, seed: int = 0, *,
                      sessions_per_class: int = 5, progress: bool = True) -> Path:
     """Write a simulated dataset of the five classes to ``out_dir`` and return the path of truth.csv.

@@ -131,7 +131,9 @@ class Settings:
 def resolve_settings(model: str, profile: str = "quick", *, epochs=None, input_size=None, batch_size=None,
                      learning_rate=None, patience=None, weights="none", seed=0, model_kw=None,
                      augment: AugmentConfig | None = DEFAULT_AUGMENT) -> Settings:
-    """Profile defaults for ``model`` with every non-None argument taking precedence."""
+    """Profile defaults for ``model`` with every non-None argument taking precedence. A pretrained
+    encoder (``weights`` folder, "opd", ``opd_mobilenetv2``) sets the MobileNetV2 width and the default
+    input size to its own."""
     if profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
     p = PROFILES[profile]
@@ -145,9 +147,13 @@ def resolve_settings(model: str, profile: str = "quick", *, epochs=None, input_s
                         learning_rate=float(pick(learning_rate, p.features_learning_rate)),
                         patience=int(pick(patience, p.features_patience)), weights="none", seed=int(seed),
                         model_kw={}, augment=None)
-    kw = {"alpha": p.mobilenet_alpha} if "mobilenetv2" in model else {}
+    from .models import saved_encoder_config
+
+    saved = saved_encoder_config(model, weights)   # a pretrained encoder fixes alpha and suggests the size
+    kw = {"alpha": (saved or {}).get("alpha") or p.mobilenet_alpha} if "mobilenetv2" in model else {}
     kw.update(model_kw or {})
-    default_size = p.dinov2_input_size if model == "dinov2" else p.input_size
+    profile_size = p.dinov2_input_size if model == "dinov2" else p.input_size
+    default_size = (saved or {}).get("input_size") or profile_size
     default_epochs = p.epochs_by_model.get(model, p.epochs)
     default_rate = p.learning_rate_by_model.get(model, p.learning_rate)
     return Settings(model=model, profile=profile, epochs=int(pick(epochs, default_epochs)),
@@ -655,7 +661,7 @@ def _best_epoch(history: dict) -> int | None:
 
 
 def _make_config(*, name, settings: Settings, task: Task, dataset, split: Split, split_seed, test_size,
-                 val_size, info, norm_scale, class_weight, history, train_time_s) -> dict:
+                 val_size, info, normalisation, class_weight, history, train_time_s) -> dict:
     size = int(dataset.out_size)
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION, "name": name,
@@ -674,10 +680,7 @@ def _make_config(*, name, settings: Settings, task: Task, dataset, split: Split,
         "pixel_size_um": float(dataset.pixel_size_um),
         "out_size": size,
         "preprocess": {k: v.item() if isinstance(v, np.generic) else v for k, v in dataset.settings.items()},
-        "normalisation": {"norm_scale_nm": norm_scale,
-                          "method": None if norm_scale is None else
-                          "x / norm_scale_nm inside the model; 99th percentile of |OPD| over cell pixels "
-                          "of training maps"},
+        "normalisation": normalisation,
         "dataset": {"path": str(Path(dataset.path).resolve()), "fingerprint": dataset.fingerprint,
                     "n_maps": len(dataset)},
         "split": {"seed": split_seed, "test_size": test_size, "val_size": val_size, "sizes": split.sizes,
@@ -744,14 +747,47 @@ def _check_model_name(model: str) -> None:
                              f"or {FEATURES}")
 
 
+def _checked_split(ds, y_all, split: Split) -> Split:
+    """``split`` if its indices are maps of the task's classes and its parts share no group."""
+    split.check_disjoint(ds.groups)
+    used = np.concatenate([split.train, split.val, split.test])
+    if np.any(y_all[used] < 0):
+        raise ValueError("the split holds maps of classes outside the task")
+    return split
+
+
+def labelled_subset(split: Split, train_indices) -> Split:
+    """``split`` with its training maps cut down to ``train_indices`` (ValueError unless a non-empty
+    subset of ``split.train``)."""
+    sub = np.unique(np.asarray(train_indices, dtype=np.int64))
+    if sub.size == 0 or not np.isin(sub, split.train).all():
+        raise ValueError("train_indices must be a non-empty subset of the split's training maps")
+    return Split(sub, split.val, split.test, seed=split.seed, groups=split.groups)
+
+
 def _create_learner(settings: Settings, dataset, split: Split, n_classes: int):
-    """(untrained learner, normalisation scale in nm or None); the scale comes from training maps."""
+    """(untrained learner, normalisation record: scale in nm and where it came from)."""
     if settings.model == FEATURES:
-        return _FeaturesLearner.create(settings, n_classes, dataset.pixel_size_um), None
-    norm_scale = estimate_norm_scale(dataset, split.train, seed=settings.seed)
-    log.info("normalisation scale %.1f nm (training maps)", norm_scale)
+        return _FeaturesLearner.create(settings, n_classes, dataset.pixel_size_um), {"norm_scale_nm": None,
+                                                                                     "method": None}
+    norm = _normalisation(settings, dataset, split)
+    log.info("normalisation scale %.1f nm (%s)", norm["norm_scale_nm"], norm["method"])
     size = dataset.out_size
-    return _KerasLearner.create(settings, n_classes, (size, size, 1), norm_scale), norm_scale
+    return _KerasLearner.create(settings, n_classes, (size, size, 1), norm["norm_scale_nm"]), norm
+
+
+def _normalisation(settings: Settings, dataset, split: Split) -> dict:
+    """Scale the model divides OPD by: a pretrained encoder's own (its features expect it), otherwise
+    the 99th percentile of |OPD| over cell pixels of the training maps."""
+    from .models import saved_encoder_config
+
+    saved = saved_encoder_config(settings.model, settings.weights)
+    if saved is not None and saved.get("norm_scale_nm"):
+        return {"norm_scale_nm": float(saved["norm_scale_nm"]),
+                "method": "x / norm_scale_nm inside the model; the pretrained encoder's own scale"}
+    return {"norm_scale_nm": estimate_norm_scale(dataset, split.train, seed=settings.seed),
+            "method": "x / norm_scale_nm inside the model; 99th percentile of |OPD| over cell pixels of "
+                      "training maps"}
 
 
 def _write_model_folder(folder: Path, learner, config: dict, history: dict, split: Split) -> None:
@@ -766,8 +802,8 @@ def train(data, model: str = "mobilenetv2", task: str = "five_class", out=None, 
           input_size: int | None = None, seed: int = 0, profile: str = "quick", weights: str = "none",
           batch_size: int | None = None, learning_rate: float | None = None, patience: int | None = None,
           augment: AugmentConfig | None = DEFAULT_AUGMENT, split_seed: int | None = None,
-          test_size: float = 0.2, val_size: float = 0.15, model_kw: dict | None = None, verbose=0,
-          n_boot: int = 1000) -> TrainResult:
+          test_size: float = 0.2, val_size: float = 0.15, split: Split | None = None, train_indices=None,
+          model_kw: dict | None = None, verbose=0, n_boot: int = 1000) -> TrainResult:
     """Train ``model`` (an architecture of ``opdcells.models`` or ``"features"``) for ``task`` on the
     dataset ``data``; write the model folder ``out`` (default ``saved_models/<model>_<task>``).
 
@@ -775,6 +811,10 @@ def train(data, model: str = "mobilenetv2", task: str = "five_class", out=None, 
     the normalisation scale is estimated on the training maps; classes are weighted 'balanced';
     training stops early on the validation loss (best weights restored). ``verbose`` is passed to
     Keras (0 silent, 1 progress bar, 2 one line per epoch). Returns a :class:`TrainResult`.
+
+    split: use this split (dataset indices) instead of making one; ``train_indices``: train on these
+    maps only, a subset of the split's training maps (label-efficiency runs); validation and test maps
+    are unchanged, and the config records the subset's size.
     """
     import keras
 
@@ -786,19 +826,25 @@ def train(data, model: str = "mobilenetv2", task: str = "five_class", out=None, 
     split_seed = seed if split_seed is None else int(split_seed)
     keras.utils.set_random_seed(seed)
     with _opened(data) as ds:
-        split = make_split(ds, task, seed=split_seed, test_size=test_size, val_size=val_size)
         y_all = task_labels(ds, task)
+        split = _checked_split(ds, y_all, split) if split is not None else make_split(
+            ds, task, seed=split_seed, test_size=test_size, val_size=val_size)
+        n_train_full = len(split.train)
+        if train_indices is not None:
+            split = labelled_subset(split, train_indices)
         class_weight = _class_weights(y_all[split.train], len(task.classes))
         out = Path(out) if out is not None else MODEL_ROOTS[0] / f"{model}_{task.name}"
         log.info("training %s for %s on %s: %s maps (train/val/test)", model, task.name, ds.path, split.sizes)
-        learner, norm_scale = _create_learner(settings, ds, split, len(task.classes))
+        learner, normalisation = _create_learner(settings, ds, split, len(task.classes))
         with _staging(out) as folder:
             start = time.perf_counter()
             history = learner.fit(ds, split, y_all, settings, class_weight, verbose)
             config = _make_config(name=out.name, settings=settings, task=task, dataset=ds, split=split,
                                   split_seed=split_seed, test_size=test_size, val_size=val_size,
-                                  info=learner.info, norm_scale=norm_scale, class_weight=class_weight,
+                                  info=learner.info, normalisation=normalisation, class_weight=class_weight,
                                   history=history, train_time_s=time.perf_counter() - start)
+            config["split"]["train_subset"] = None if train_indices is None else {
+                "n_labelled": len(split.train), "of": n_train_full}
             _write_model_folder(folder, learner, config, history, split)
             evaluation = evaluate_model(SavedModel(folder, config, learner), ds, split.test, n_boot=n_boot,
                                         seed=seed)

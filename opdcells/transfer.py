@@ -20,6 +20,7 @@ Each function returns what it made (tables, paths); the notebook displays them.
 from __future__ import annotations
 
 import logging
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -94,22 +95,13 @@ def task_split(ds, task: str, *, saved_models="saved_models", name="opd_dinov2",
 # ---------------------------------------------------------------------- encoders
 
 
-def _saved_encoder_config(weights) -> dict | None:
-    import json
-
-    if weights is None or str(weights).lower() in ("none", "random"):
-        return None
-    path = Path(weights)
-    config = path / "config.json" if path.is_dir() else None
-    return json.loads(config.read_text()) if config is not None and config.is_file() else None
-
-
 @dataclass
 class Encoders:
     """Frozen encoders of one dataset, built once, with cached embeddings of all its maps.
 
-    ``dinov2_weights`` (an OPD-pretrained DINOv2 folder) or ``dinov2_preset`` initialise DINOv2;
-    otherwise it is random. ``opd_mobilenetv2`` uses the shipped OPD-pretrained folder. Random-init
+    ``dinov2_preset`` (if it loads) or ``dinov2_weights`` (an OPD-pretrained DINOv2 folder, or "opd" for
+    the shipped one, ``models.OPD_DINOV2_DIR``) initialise DINOv2; otherwise it is random.
+    ``opd_mobilenetv2`` uses the shipped OPD-pretrained folder. Random-init
     encoders with BatchNormalization are recalibrated on the training maps they are given.
     """
 
@@ -125,25 +117,28 @@ class Encoders:
     _cache: dict = field(default_factory=dict, repr=False)
 
     def weights_of(self, model: str):
-        from .models import OPD_PRETRAINED_DIR
+        from .models import ENCODER_WEIGHTS, OPD_DINOV2_DIR, OPD_PRETRAINED_DIR
 
         if model == "opd_mobilenetv2":
             return OPD_PRETRAINED_DIR
+        shipped = (OPD_DINOV2_DIR / ENCODER_WEIGHTS).is_file()
+        if model == "dinov2" and self.dinov2_weights == "opd" and shipped:
+            return OPD_DINOV2_DIR
         if model == "dinov2" and self.dinov2_weights:
-            return self.dinov2_weights
+            return self.dinov2_weights   # "opd" without the shipped folder: build_encoder warns, random
         return "none"
 
     def encoder(self, model: str, calibration=None):
         """(encoder, info) of ``model``; ``calibration`` = training map indices for BN recalibration
         (used only when the encoder is random-init and has BatchNormalization layers)."""
-        from .models import DEFAULT_NORM_SCALE_NM, batch_norm_layers, build_encoder
+        from .models import DEFAULT_NORM_SCALE_NM, batch_norm_layers, build_encoder, saved_encoder_config
         from .pretrain import recalibrate_batchnorm
         from .train import PROFILES
 
         if model not in self._built:
             p = PROFILES[self.profile]
             weights = self.weights_of(model)
-            saved = _saved_encoder_config(weights)
+            saved = saved_encoder_config(model, weights)
             kw = {}
             if saved is not None:
                 size, norm = saved.get("input_size") or p.input_size, saved.get("norm_scale_nm") or 100.0
@@ -302,26 +297,17 @@ def frozen_probes(encoders: Encoders, tasks, models, *, comparison=None, name="o
 
 def finetune_subset(ds, model: str, task: str, split: Split, train_indices, *, profile="quick", epochs=None,
                     input_size=None, seed=0, batch_size=None, dinov2_preset=None, weights=None) -> np.ndarray:
-    """Fine-tune ``model`` exactly as :func:`opdcells.train.train` does, but on ``train_indices`` (a
-    subset of ``split.train``) with the split's own validation maps; return test-map predictions.
-
-    Uses train's private learner (``_create_learner``); see the module docs: a public
-    ``train(..., train_indices=...)`` would replace this.
-    """
-    import keras
-
-    from .train import _class_weights, _create_learner, resolve_settings
+    """Fine-tune ``model`` with :func:`opdcells.train.train` on ``train_indices`` (a subset of
+    ``split.train``) and the split's own validation maps; return its predictions on ``split.test``.
+    The model folder is temporary."""
+    from .train import train
 
     kw = {"dinov2_preset": dinov2_preset} if model == "dinov2" and dinov2_preset else None
-    settings = resolve_settings(model, profile, epochs=epochs, input_size=input_size, seed=seed,
-                                batch_size=batch_size, weights=weights or "none", model_kw=kw)
-    task_obj = get_task(task)
-    y_all = _task_labels(ds, task)
-    sub = Split(np.asarray(train_indices), split.val, split.test, seed=split.seed, groups=split.groups)
-    keras.utils.set_random_seed(seed)
-    learner, _ = _create_learner(settings, ds, sub, len(task_obj.classes))
-    learner.fit(ds, sub, y_all, settings, _class_weights(y_all[sub.train], len(task_obj.classes)), 0)
-    return learner.predict_indices(ds, sub.test).argmax(axis=1)
+    with tempfile.TemporaryDirectory(prefix="opdcells-finetune-") as tmp:
+        result = train(ds, model, task, Path(tmp) / f"{model}_{task}", profile=profile, epochs=epochs,
+                       input_size=input_size, seed=seed, batch_size=batch_size, weights=weights or "none",
+                       model_kw=kw, split=split, train_indices=train_indices, n_boot=0)
+        return result.model.predict_dataset(ds, split.test).argmax(axis=1)
 
 
 def _curve_label(model: str, curve: str) -> str:
@@ -329,8 +315,8 @@ def _curve_label(model: str, curve: str) -> str:
 
 
 def label_efficiency(encoders: Encoders, tasks, models, *, fractions, seeds, splits=None, finetune=(),
-                     finetune_tasks=None, finetune_kw=None, name="opd_dinov2", saved_models="saved_models",
-                     results="results", seed=0) -> tuple[pd.DataFrame, dict]:
+                     finetune_tasks=None, finetune_fractions=None, finetune_kw=None, name="opd_dinov2",
+                     saved_models="saved_models", results="results", seed=0) -> tuple[pd.DataFrame, dict]:
     """Test accuracy vs fraction of labelled training maps for each model and task.
 
     For every fraction and seed the labelled maps are ``splits.subsample_labelled(split.train, y,
@@ -338,8 +324,9 @@ def label_efficiency(encoders: Encoders, tasks, models, *, fractions, seeds, spl
     ``frozen linear probe`` (the probe of :func:`frozen_probes`) on each encoder's embeddings (computed
     once; BN of random-init CNNs recalibrated on all training maps -- no labels used) and on the
     standardised morphology features for ``features``, and ``fine-tuned``
-    for models in ``finetune`` on ``finetune_tasks`` (default: all ``tasks``), trained by
-    :func:`finetune_subset` with ``finetune_kw`` (epochs, input_size, profile, ...).
+    for models in ``finetune`` on ``finetune_tasks`` (default: all ``tasks``) at ``finetune_fractions``
+    (default: ``fractions``), trained by :func:`finetune_subset` with ``finetune_kw`` (epochs,
+    input_size, profile, ...) from each encoder's initialisation (``encoders.weights_of``).
     Writes ``results/<name>/label_efficiency.{csv,md,png}``; returns (table, files).
     """
     ds = encoders.ds
@@ -356,10 +343,13 @@ def label_efficiency(encoders: Encoders, tasks, models, *, fractions, seeds, spl
         for model, curve in curves:
             emb = None if curve == "fine-tuned" else encoders.embeddings(model, calibration=split.train)
             for s in seeds:
-                for fraction in sorted(fractions):
+                tuned = curve == "fine-tuned" and finetune_fractions
+                for fraction in sorted(finetune_fractions if tuned else fractions):
                     sub = subsample_labelled(split.train, y_all, fraction, seed=s)
                     if curve == "fine-tuned":
-                        pred = finetune_subset(ds, model, task, split, sub, seed=seed, **(finetune_kw or {}))
+                        pred = finetune_subset(ds, model, task, split, sub, seed=seed,
+                                               weights=encoders.weights_of(model),
+                                               dinov2_preset=encoders.dinov2_preset, **(finetune_kw or {}))
                     elif len(np.unique(y_all[sub])) < 2:
                         pred = np.full(len(test_y), y_all[sub][0])
                     else:

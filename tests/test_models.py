@@ -330,3 +330,23 @@ def test_dinov2_local_preset_and_encoder_weights_round_trip(tmp_path):
     again, again_info = build_encoder("dinov2", input_shape=(S, S, 1), input_size=28, weights=folder, seed=9)
     assert weights_equal(again, encoder) and again_info["init"] == "opd-pretrained"
     assert again_info["dinov2_config"] == info["dinov2_config"]  # the architecture came from config.json
+
+
+def test_dinov2_opd_weights_are_the_shipped_folder_and_an_offline_preset_falls_back_to_them(
+        tmp_path, monkeypatch, no_network, caplog):
+    pretrained, info = build_encoder("dinov2", **tiny_kwargs("dinov2"), seed=4)
+    folder = save_encoder(pretrained, info, tmp_path / "opd_dinov2_pretrained")
+    monkeypatch.setattr(models, "OPD_DINOV2_DIR", folder)
+    shipped, shipped_info = build_encoder("dinov2", input_shape=(S, S, 1), input_size=28, weights="opd")
+    assert weights_equal(shipped, pretrained) and shipped_info["init"] == "opd-pretrained"
+    assert shipped_info["weights_source"] == str(folder / ENCODER_FILE)
+    with caplog.at_level(logging.WARNING, logger="opdcells.models"):
+        fallback, fallback_info = build_encoder("dinov2", input_shape=(S, S, 1), input_size=28, weights="opd",
+                                                dinov2_preset="dinov2_small")
+    assert "dinov2_small" in caplog.text and fallback_info["init"] == "opd-pretrained"
+    assert weights_equal(fallback, pretrained)
+    monkeypatch.setattr(models, "OPD_DINOV2_DIR", tmp_path / "absent")
+    _, absent_info = build_encoder("dinov2", **tiny_kwargs("dinov2"), weights="opd")
+    assert absent_info["init"] == "random"
+    with pytest.raises(ValueError, match="no shipped OPD-pretrained weights for resnet50"):
+        build_encoder("resnet50", weights="opd")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import h5py
 import keras
@@ -180,6 +181,14 @@ def test_simulated_corpus_is_disjoint_cached_and_recorded(tmp_path):
         pretrain.check_disjoint(corpus, [ds])
 
 
+def test_simulated_corpus_is_the_same_from_worker_processes():
+    serial = pretrain.simulate_corpus(10, seed=4, maps_per_session=1)
+    parallel = pretrain.simulate_corpus(10, seed=4, maps_per_session=1, workers=2)
+    np.testing.assert_array_equal(parallel.maps, serial.maps)
+    np.testing.assert_array_equal(parallel.labels, serial.labels)
+    np.testing.assert_array_equal(parallel.sessions, serial.sessions)
+
+
 # ---------------------------------------------------------------------- pretrain()
 
 
@@ -254,39 +263,48 @@ def test_cli_pretrain_supervised_sim(tmp_path, capsys):
 # ---------------------------------------------------------------------- shipped encoder
 
 
-@pytest.fixture(scope="module")
-def shipped_config() -> dict:
-    if not (SHIPPED / "config.json").is_file():
-        pytest.fail(f"the shipped OPD-pretrained encoder is missing from {SHIPPED}")
-    return json.loads((SHIPPED / "config.json").read_text())
+#: shipped encoder folder -> (backbone family, largest weights file in bytes)
+SHIPPED_ENCODERS = {"mobilenetv2": (SHIPPED, 5e6), "dinov2": (models.OPD_DINOV2_DIR, 10e6)}
 
 
-def test_shipped_config_is_complete_and_consistent(shipped_config):
-    cfg = shipped_config
+@pytest.fixture(scope="module", params=sorted(SHIPPED_ENCODERS))
+def shipped(request) -> tuple[str, Path, dict]:
+    family = request.param
+    folder = SHIPPED_ENCODERS[family][0]
+    if not (folder / "config.json").is_file():
+        pytest.fail(f"the shipped OPD-pretrained {family} encoder is missing from {folder}")
+    return family, folder, json.loads((folder / "config.json").read_text())
+
+
+def test_shipped_config_is_complete_and_consistent(shipped):
+    family, folder, cfg = shipped
     assert all(key in cfg for key in CONFIG_FIELDS)
     assert cfg["format"] == models.ENCODER_FORMAT and cfg["init"] == "opd-pretrained"
-    assert models._family(cfg["architecture"]) == "mobilenetv2" and cfg["backbone"] == "mobilenetv2"
+    assert models._family(cfg["architecture"]) == family and cfg["backbone"] == family
     assert cfg["alpha"] == cfg["build_info"]["alpha"] and cfg["input_size"] == cfg["build_info"]["input_size"]
     assert cfg["input_shape"] == [128, 128, 1]
     assert cfg["method"] in pretrain.METHODS and cfg["command"].startswith("python -m opdcells pretrain")
-    assert f"--method {cfg['method']}" in cfg["command"]
+    assert f"--method {cfg['method']}" in cfg["command"] and f"--backbone {family}" in cfg["command"]
     assert cfg["epochs_run"] <= cfg["epochs"] and cfg["steps"] > 0 and math.isfinite(cfg["final_loss"])
     assert cfg["data"]["kind"] in ("simulated", "datasets")
     assert (cfg["data"]["pixel_size_um"], cfg["data"]["out_size"]) == (0.25, cfg["input_shape"][0])
     assert cfg["versions"]["keras"] and cfg["versions"]["tensorflow"] and cfg["versions"]["opdcells"]
-    history = (SHIPPED / "history.csv").read_text().splitlines()
+    history = (folder / "history.csv").read_text().splitlines()
     assert len(history) == cfg["epochs_run"] + 1
-    assert cfg["command"] in (SHIPPED / "README.md").read_text()
-    assert (SHIPPED / "encoder.weights.h5").stat().st_size < 5e6
+    assert cfg["command"] in (folder / "README.md").read_text()
+    assert (folder / "encoder.weights.h5").stat().st_size < SHIPPED_ENCODERS[family][1]
+    before, after = (cfg["probe"][k]["five_class"]["linear"]["accuracy"] for k in ("before", "after"))
+    assert after > before
 
 
-def test_shipped_encoder_loads_as_opd_mobilenetv2(shipped_config):
-    encoder, info = models.build_encoder("opd_mobilenetv2", weights=SHIPPED,
-                                         input_size=shipped_config["input_size"])
-    default, default_info = models.build_encoder("opd_mobilenetv2", input_size=shipped_config["input_size"])
+def test_shipped_encoder_is_the_default_of_its_family(shipped):
+    family, folder, cfg = shipped
+    name = "opd_mobilenetv2" if family == "mobilenetv2" else "dinov2"
+    encoder, info = models.build_encoder(name, weights=folder, input_size=cfg["input_size"])
+    default, default_info = models.build_encoder(name, weights="opd", input_size=cfg["input_size"])
     assert info["init"] == default_info["init"] == "opd-pretrained"
-    assert info["alpha"] == shipped_config["alpha"]
-    assert info["embedding_dim"] == shipped_config["embedding_dim"]
+    assert info["alpha"] == cfg["alpha"] and info["dinov2_config"] == cfg["dinov2_config"]
+    assert info["embedding_dim"] == cfg["embedding_dim"]
     for a, b in zip(encoder.get_weights(), default.get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)
     maps = np.stack([np.pad(m, 48) for m in cell_maps(4)])

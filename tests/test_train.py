@@ -214,3 +214,39 @@ def test_another_architecture_trains_and_reloads(tmp_path_factory, data):
     loaded = load_model(result.model_dir, dataset=data)
     maps = data.read(np.arange(4))
     np.testing.assert_array_equal(loaded.predict_proba(maps), result.model.predict_proba(maps))
+
+
+def test_train_on_a_labelled_subset_of_a_given_split(features, data, tmp_path):
+    from opdcells.train import train
+
+    split = Split.from_json(features.model_dir / "split.json")
+    subset = split.train[::3]
+    result = train(data, "features", "cancer_vs_blood", tmp_path / "subset", split=split,
+                   train_indices=subset, n_boot=0)
+    saved = Split.from_json(result.model_dir / "split.json")
+    np.testing.assert_array_equal(saved.train, subset)
+    np.testing.assert_array_equal(saved.val, split.val)
+    np.testing.assert_array_equal(saved.test, split.test)
+    assert result.config["split"]["train_subset"] == {"n_labelled": len(subset), "of": len(split.train)}
+    assert result.metrics["n"] == len(split.test)
+    with pytest.raises(ValueError, match="subset of the split's training maps"):
+        train(data, "features", "cancer_vs_blood", tmp_path / "bad", split=split, train_indices=split.test)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_a_pretrained_encoder_sets_width_input_size_and_normalisation(data, tmp_path):
+    from opdcells import models
+    from opdcells.train import train
+
+    size = data.out_size
+    encoder, info = models.build_encoder("mobilenetv2", input_shape=(size, size, 1), input_size=32, alpha=0.5,
+                                         norm_scale_nm=250.0)
+    folder = models.save_encoder(encoder, info, tmp_path / "encoder")
+    settings = resolve_settings("mobilenetv2", "full", weights=str(folder))
+    assert settings.model_kw["alpha"] == 0.5 and settings.input_size == 32   # not the full profile's 1.0, 128
+    assert resolve_settings("mobilenetv2", "full", weights=str(folder), input_size=48).input_size == 48
+    result = train(data, "mobilenetv2", "cancer_vs_blood", tmp_path / "run", weights=str(folder), epochs=1,
+                   batch_size=16, n_boot=0)
+    norm = result.config["normalisation"]
+    assert norm["norm_scale_nm"] == 250.0 and "pretrained encoder" in norm["method"]
+    assert result.config["init"] == "opd-pretrained"

@@ -137,6 +137,7 @@ def test_notebook_runs_headless_on_a_tiny_dataset(tmp_path_factory, tmp_path):
     data = tiny_dataset(tmp_path_factory)
     params = {"EPOCHS": 1, "INPUT_SIZE": TINY_TRAINING["input_size"], "DATA_PATH": str(data),
               "TASKS": ["five_class", "cancer_vs_blood"], "LABEL_FRACTIONS": [0.5, 1.0], "LABEL_SEEDS": [0],
+              "LE_FINETUNE_FRACTIONS": [1.0],
               "N_BOOT": 20, "REAL_QPI": str(tmp_path / "no_real_qpi"),
               "SAVED_MODELS": str(tmp_path / "saved"), "RESULTS": str(tmp_path / "results")}
     executed = execute_notebook(REPO_ROOT / "OPD_Model_and_DinoV2.ipynb", params, output_dir=tmp_path,
@@ -150,6 +151,10 @@ def test_notebook_runs_headless_on_a_tiny_dataset(tmp_path_factory, tmp_path):
     probes = pd.read_csv(out / "probes.csv")
     assert set(probes["task"]) == {"five_class", "cancer_vs_blood"}
     assert "fine-tuned" in set(probes["method"])
+    curves = pd.read_csv(out / "label_efficiency.csv")
+    tuned = curves[curves["curve"] == "fine-tuned"]
+    assert set(tuned["model"]) == {"mobilenetv2 (fine-tuned)", "opd_mobilenetv2 (fine-tuned)"}
+    assert set(tuned["fraction"]) == {1.0} and set(tuned["task"]) == {"five_class"}
     text = executed.read_text()
     assert "RANDOMLY INITIALISED" in text and "real-data check skipped" in text
     assert (tmp_path / "saved" / f"{NAME}_dinov2_five_class" / "config.json").is_file()

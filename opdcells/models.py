@@ -116,6 +116,10 @@ def _is_random(weights) -> bool:
     return weights is None or (isinstance(weights, str) and weights.lower() in ("none", "random"))
 
 
+def _is_opd(weights) -> bool:
+    return isinstance(weights, str) and weights.lower() == "opd"
+
+
 def _weights_files(weights: str | os.PathLike) -> tuple[Path, dict | None]:
     """(weights file, saved encoder config or None) for a weights path; ValueError if unusable."""
     path = Path(weights).expanduser()
@@ -131,7 +135,7 @@ def _weights_files(weights: str | os.PathLike) -> tuple[Path, dict | None]:
     if path.is_file():
         return path, None
     raise ValueError(
-        f"weights {str(weights)!r} is neither 'none', 'imagenet' nor an existing weights file/folder"
+        f"weights {str(weights)!r} is neither 'none', 'imagenet', 'opd' nor an existing weights file/folder"
     )
 
 
@@ -289,7 +293,9 @@ def _default_opd_weights(family: str = "mobilenetv2") -> Path | str:
 def saved_encoder_config(name: str, weights) -> dict | None:
     """The ``config.json`` of the encoder folder ``build_encoder(name, weights=weights)`` would load
     (``opd_mobilenetv2``'s default and "opd" included), or None (random, ImageNet, a bare file, absent)."""
-    if (name == "opd_mobilenetv2" and _is_random(weights)) or weights == "opd":
+    if (name == "opd_mobilenetv2" and _is_random(weights)) or _is_opd(weights):
+        if _family(name) not in ("mobilenetv2", "dinov2"):
+            return None
         weights = OPD_DINOV2_DIR if _family(name) == "dinov2" else OPD_PRETRAINED_DIR
     if _is_random(weights) or weights == "imagenet" or not (Path(weights) / ENCODER_CONFIG).is_file():
         return None
@@ -314,7 +320,7 @@ def _load_encoder_weights(encoder, file: Path, name: str) -> None:
 
 def _resolve_weights(name: str, weights, alpha, dinov2_config, input_size: int, norm_scale_nm: float):
     """``(kind, file, alpha, dinov2_config)``: kind is "random", "imagenet" or "file"."""
-    if (name == "opd_mobilenetv2" and _is_random(weights)) or weights == "opd":
+    if (name == "opd_mobilenetv2" and _is_random(weights)) or _is_opd(weights):
         if name not in ("opd_mobilenetv2", "mobilenetv2", "dinov2"):
             raise ValueError(f"no shipped OPD-pretrained weights for {name}: use mobilenetv2 or dinov2")
         weights = _default_opd_weights(_family(name))

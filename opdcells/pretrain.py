@@ -450,6 +450,9 @@ def simulate_corpus(n_maps: int, seed: int = 0, *, first_session: int = SIM_FIRS
               "maps_per_session": maps_per_session, "n_requested": int(n_maps),
               "pixel_size_um": config.out_pixel_size_um, "out_size": config.out_size,
               "opdcells_version": __version__}
+    if first_session < PROBE_FIRST_SESSION < first_session + n_sessions:
+        raise ValueError(f"{n_sessions} sessions from {first_session} reach the probe sessions "
+                         f"({PROBE_FIRST_SESSION}...): simulate fewer maps or more maps per session")
     cache = _corpus_cache(cache_dir, record)
     if cache is not None and cache.is_file():
         log.info("simulated corpus from cache %s", cache)

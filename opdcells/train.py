@@ -632,6 +632,7 @@ class TrainResult:
     metrics: dict
     config: dict
     model: SavedModel | None = None
+    evaluation: Evaluation | None = None   # test-split predictions behind ``metrics``
 
 
 def _versions() -> dict:
@@ -756,13 +757,16 @@ def _checked_split(ds, y_all, split: Split) -> Split:
     return split
 
 
-def labelled_subset(split: Split, train_indices) -> Split:
+def labelled_subset(split: Split, train_indices, groups=None) -> Split:
     """``split`` with its training maps cut down to ``train_indices`` (ValueError unless a non-empty
-    subset of ``split.train``)."""
+    subset of ``split.train``); ``groups`` (every map's group) updates the training part's group list."""
     sub = np.unique(np.asarray(train_indices, dtype=np.int64))
     if sub.size == 0 or not np.isin(sub, split.train).all():
         raise ValueError("train_indices must be a non-empty subset of the split's training maps")
-    return Split(sub, split.val, split.test, seed=split.seed, groups=split.groups)
+    names = dict(split.groups)
+    if groups is not None:
+        names["train"] = sorted({str(g) for g in np.asarray(groups)[sub]})
+    return Split(sub, split.val, split.test, seed=split.seed, groups=names)
 
 
 def _create_learner(settings: Settings, dataset, split: Split, n_classes: int):
@@ -782,6 +786,8 @@ def _normalisation(settings: Settings, dataset, split: Split) -> dict:
     from .models import saved_encoder_config
 
     saved = saved_encoder_config(settings.model, settings.weights)
+    if settings.model_kw.get("dinov2_preset"):
+        saved = None    # a DINOv2 preset, if it loads, replaces the weights and has no OPD scale of its own
     if saved is not None and saved.get("norm_scale_nm"):
         return {"norm_scale_nm": float(saved["norm_scale_nm"]),
                 "method": "x / norm_scale_nm inside the model; the pretrained encoder's own scale"}
@@ -808,7 +814,8 @@ def train(data, model: str = "mobilenetv2", task: str = "five_class", out=None, 
     dataset ``data``; write the model folder ``out`` (default ``saved_models/<model>_<task>``).
 
     The group split (``split_seed``, default ``seed``) keeps every acquisition group in one part;
-    the normalisation scale is estimated on the training maps; classes are weighted 'balanced';
+    the normalisation scale is a pretrained encoder's own, otherwise estimated on the training maps;
+    classes are weighted 'balanced';
     training stops early on the validation loss (best weights restored). ``verbose`` is passed to
     Keras (0 silent, 1 progress bar, 2 one line per epoch). Returns a :class:`TrainResult`.
 
@@ -827,11 +834,14 @@ def train(data, model: str = "mobilenetv2", task: str = "five_class", out=None, 
     keras.utils.set_random_seed(seed)
     with _opened(data) as ds:
         y_all = task_labels(ds, task)
-        split = _checked_split(ds, y_all, split) if split is not None else make_split(
-            ds, task, seed=split_seed, test_size=test_size, val_size=val_size)
+        if split is not None:   # the caller's split: record its own seed, not sizes it was not made with
+            split = _checked_split(ds, y_all, split)
+            split_seed, test_size, val_size = split.seed, None, None
+        else:
+            split = make_split(ds, task, seed=split_seed, test_size=test_size, val_size=val_size)
         n_train_full = len(split.train)
         if train_indices is not None:
-            split = labelled_subset(split, train_indices)
+            split = labelled_subset(split, train_indices, ds.groups)
         class_weight = _class_weights(y_all[split.train], len(task.classes))
         out = Path(out) if out is not None else MODEL_ROOTS[0] / f"{model}_{task.name}"
         log.info("training %s for %s on %s: %s maps (train/val/test)", model, task.name, ds.path, split.sizes)
@@ -850,4 +860,4 @@ def train(data, model: str = "mobilenetv2", task: str = "five_class", out=None, 
                                         seed=seed)
             _write_json(folder / "metrics.json", evaluation.report)
     log.info("saved %s (test accuracy %.3f)", out, evaluation.report["accuracy"]["value"])
-    return TrainResult(out, history, evaluation.report, config, SavedModel(out, config, learner))
+    return TrainResult(out, history, evaluation.report, config, SavedModel(out, config, learner), evaluation)

@@ -117,15 +117,12 @@ class Encoders:
     _cache: dict = field(default_factory=dict, repr=False)
 
     def weights_of(self, model: str):
-        from .models import ENCODER_WEIGHTS, OPD_DINOV2_DIR, OPD_PRETRAINED_DIR
-
+        """``weights`` for ``models.build_encoder`` / ``train``: "opd" is the shipped folder of the family
+        (random, loudly, where it is absent)."""
         if model == "opd_mobilenetv2":
-            return OPD_PRETRAINED_DIR
-        shipped = (OPD_DINOV2_DIR / ENCODER_WEIGHTS).is_file()
-        if model == "dinov2" and self.dinov2_weights == "opd" and shipped:
-            return OPD_DINOV2_DIR
+            return "opd"
         if model == "dinov2" and self.dinov2_weights:
-            return self.dinov2_weights   # "opd" without the shipped folder: build_encoder warns, random
+            return str(self.dinov2_weights)
         return "none"
 
     def encoder(self, model: str, calibration=None):
@@ -307,7 +304,7 @@ def finetune_subset(ds, model: str, task: str, split: Split, train_indices, *, p
         result = train(ds, model, task, Path(tmp) / f"{model}_{task}", profile=profile, epochs=epochs,
                        input_size=input_size, seed=seed, batch_size=batch_size, weights=weights or "none",
                        model_kw=kw, split=split, train_indices=train_indices, n_boot=0)
-        return result.model.predict_dataset(ds, split.test).argmax(axis=1)
+    return result.evaluation.proba.argmax(axis=1)   # rows of split.test, in order
 
 
 def _curve_label(model: str, curve: str) -> str:
@@ -343,13 +340,13 @@ def label_efficiency(encoders: Encoders, tasks, models, *, fractions, seeds, spl
         for model, curve in curves:
             emb = None if curve == "fine-tuned" else encoders.embeddings(model, calibration=split.train)
             for s in seeds:
-                tuned = curve == "fine-tuned" and finetune_fractions
+                tuned = curve == "fine-tuned" and finetune_fractions is not None
                 for fraction in sorted(finetune_fractions if tuned else fractions):
                     sub = subsample_labelled(split.train, y_all, fraction, seed=s)
                     if curve == "fine-tuned":
-                        pred = finetune_subset(ds, model, task, split, sub, seed=seed,
-                                               weights=encoders.weights_of(model),
-                                               dinov2_preset=encoders.dinov2_preset, **(finetune_kw or {}))
+                        kw = {"weights": encoders.weights_of(model), "dinov2_preset": encoders.dinov2_preset,
+                              **(finetune_kw or {})}
+                        pred = finetune_subset(ds, model, task, split, sub, seed=seed, **kw)
                     elif len(np.unique(y_all[sub])) < 2:
                         pred = np.full(len(test_y), y_all[sub][0])
                     else:

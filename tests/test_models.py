@@ -350,3 +350,4 @@ def test_dinov2_opd_weights_are_the_shipped_folder_and_an_offline_preset_falls_b
     assert absent_info["init"] == "random"
     with pytest.raises(ValueError, match="no shipped OPD-pretrained weights for resnet50"):
         build_encoder("resnet50", weights="opd")
+    assert models.saved_encoder_config("resnet50", "opd") is None

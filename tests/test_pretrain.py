@@ -181,6 +181,12 @@ def test_simulated_corpus_is_disjoint_cached_and_recorded(tmp_path):
         pretrain.check_disjoint(corpus, [ds])
 
 
+def test_simulated_corpus_never_reaches_the_probe_sessions():
+    n_sessions = pretrain.PROBE_FIRST_SESSION - pretrain.SIM_FIRST_SESSION + 1
+    with pytest.raises(ValueError, match="reach the probe sessions"):
+        pretrain.simulate_corpus(5 * n_sessions, maps_per_session=1)
+
+
 def test_simulated_corpus_is_the_same_from_worker_processes():
     serial = pretrain.simulate_corpus(10, seed=4, maps_per_session=1)
     parallel = pretrain.simulate_corpus(10, seed=4, maps_per_session=1, workers=2)

@@ -2,6 +2,8 @@
 OPD_Model_and_DinoV2 notebook executed headless on a tiny dataset."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -95,7 +97,7 @@ def test_label_efficiency_rows(encoders, tmp_path):
     assert files["figure"].is_file()
 
 
-def test_finetune_subset_trains_on_the_given_maps_only(tmp_path_factory, ds):
+def test_finetune_subset_trains_on_the_given_maps_only(tmp_path_factory, ds, monkeypatch):
     from opdcells.splits import subsample_labelled
     from opdcells.tasks import get_task
     from opdcells.train import task_labels
@@ -103,9 +105,24 @@ def test_finetune_subset_trains_on_the_given_maps_only(tmp_path_factory, ds):
     split, _ = transfer.task_split(ds, "cancer_vs_blood", saved_models=tmp_path_factory.mktemp("none"))
     y = task_labels(ds, get_task("cancer_vs_blood"))
     sub = subsample_labelled(split.train, y, 0.5, seed=0)
+    import opdcells.train
+
+    runs = []
+
+    def recording_train(*args, **kwargs):
+        runs.append(real_train(*args, **kwargs))
+        return runs[-1]
+
+    real_train = opdcells.train.train
+    monkeypatch.setattr(opdcells.train, "train", recording_train)
     pred = transfer.finetune_subset(ds, "mobilenetv2", "cancer_vs_blood", split, sub, epochs=1, input_size=32,
                                     batch_size=16)
+    (run,) = runs
+    assert run.config["split"]["train_subset"] == {"n_labelled": len(sub), "of": len(split.train)}
+    np.testing.assert_array_equal(run.evaluation.indices, split.test)
     assert pred.shape == (len(split.test),) and set(pred.tolist()) <= {0, 1}
+    np.testing.assert_array_equal(pred, run.evaluation.proba.argmax(axis=1))
+    assert not run.model_dir.exists()                      # the fine-tuned model folder was temporary
 
 
 def test_explain_examples_on_fine_tuned_cnn(tmp_path_factory, tmp_path):
@@ -156,5 +173,8 @@ def test_notebook_runs_headless_on_a_tiny_dataset(tmp_path_factory, tmp_path):
     assert set(tuned["model"]) == {"mobilenetv2 (fine-tuned)", "opd_mobilenetv2 (fine-tuned)"}
     assert set(tuned["fraction"]) == {1.0} and set(tuned["task"]) == {"five_class"}
     text = executed.read_text()
-    assert "RANDOMLY INITIALISED" in text and "real-data check skipped" in text
+    assert "real-data check skipped" in text
+    dinov2 = json.loads((tmp_path / "saved" / f"{NAME}_dinov2_five_class" / "config.json").read_text())
+    assert dinov2["init"] == "opd-pretrained"      # the shipped OPD-pretrained DINOv2 by default
+    assert dinov2["model_info"]["weights_source"].endswith("opd_dinov2_pretrained/encoder.weights.h5")
     assert (tmp_path / "saved" / f"{NAME}_dinov2_five_class" / "config.json").is_file()

@@ -83,7 +83,14 @@ def register_train(subparsers) -> None:
     p.add_argument("--batch-size", type=int, metavar="B")
     p.add_argument("--learning-rate", type=float, metavar="LR")
     p.add_argument("--patience", type=int, metavar="N", help="early-stopping patience (epochs)")
-    p.add_argument("--weights", default="none", metavar="imagenet|none|PATH", help="initial weights (none)")
+    p.add_argument("--weights", default="none", metavar="imagenet|opd|none|PATH",
+                   help="initial weights: none, imagenet (CNNs), opd (the shipped OPD-pretrained encoder of "
+                        "mobilenetv2 / dinov2) or an encoder folder (default none)")
+    p.add_argument("--head-epochs", type=int, metavar="N",
+                   help="first train only the head on the frozen encoder for N epochs")
+    p.add_argument("--freeze-batchnorm", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep the encoder's BatchNorm statistics fixed while fine-tuning (default: yes for "
+                        "OPD-pretrained encoders, which also get 2 head-only epochs)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--split-seed", type=int, metavar="S", help="seed of the group split (default --seed)")
     p.add_argument("--no-augment", action="store_true", help="train without augmentation")
@@ -99,7 +106,8 @@ def run_train(args) -> int:
     result = train(args.data, args.model, args.task, args.out, epochs=args.epochs, input_size=args.input_size,
                    seed=args.seed, profile=args.profile, weights=args.weights, batch_size=args.batch_size,
                    learning_rate=args.learning_rate, patience=args.patience, split_seed=args.split_seed,
-                   n_boot=args.n_boot, verbose=0 if args.quiet else 2, **kwargs)
+                   n_boot=args.n_boot, head_epochs=args.head_epochs,
+                   freeze_batchnorm=args.freeze_batchnorm, verbose=0 if args.quiet else 2, **kwargs)
     training = result.config["training"]
     print(f"model saved to {result.model_dir} (init {result.config['init']}, {training['epochs_run']} "
           f"{training['epoch_unit']}s, {training['time_s']:.0f} s)")

@@ -240,7 +240,8 @@ def overlay_grid(maps: Sequence, heatmaps: Sequence, titles: Sequence[str], path
 
 def label_efficiency(df: pd.DataFrame, path, metric: str = "accuracy", *, title: str | None = None) -> Path:
     """``metric`` vs labelled fraction (log x) per model: seeds as dots, mean line and 95% t-band over
-    seeds; one panel per task (columns: model, fraction, <metric>, optional seed and task)."""
+    seeds; one panel per task (columns: model, fraction, <metric>, optional seed and task). Curves named
+    ``"<model> (<curve>)"`` share the model's colour; frozen-probe curves are dashed."""
     df = df.copy()
     if "task" not in df.columns:
         df["task"] = ""
@@ -249,10 +250,11 @@ def label_efficiency(df: pd.DataFrame, path, metric: str = "accuracy", *, title:
         for ax, task in zip(axes[0], tasks, strict=True):
             sub = df[df["task"] == task]
             for model, rows in sub.groupby("model", sort=False):
-                colour = model_colour(model)
+                colour = model_colour(model.split(" (")[0])   # "<model> (<curve>)": one colour per model
+                style = "--o" if "frozen" in model else "-o"
                 ax.scatter(rows["fraction"], rows[metric], s=10, color=colour, alpha=0.4, lw=0)
                 mean, low, high = _mean_band(rows, "fraction", metric)
-                ax.plot(mean.index, mean, "-o", ms=3, color=colour, label=model)
+                ax.plot(mean.index, mean, style, ms=3, color=colour, label=model)
                 ax.fill_between(mean.index, low, high, color=colour, alpha=0.2, lw=0)
             ax.set_xscale("log")
             ax.set(xlabel="labelled fraction of training maps", title=task or None)

@@ -108,6 +108,10 @@ PROFILES = {
 }
 
 
+#: Head-only epochs before fine-tuning an OPD-pretrained encoder (linear probe, then fine-tune).
+PRETRAINED_HEAD_EPOCHS = 2
+
+
 @dataclass(frozen=True)
 class Settings:
     """Resolved training settings (profile defaults plus explicit overrides)."""
@@ -123,6 +127,8 @@ class Settings:
     seed: int
     model_kw: dict = field(default_factory=dict)
     augment: AugmentConfig | None = DEFAULT_AUGMENT
+    head_epochs: int = 0            # epochs training only the head on the frozen encoder, before fine-tuning
+    freeze_batchnorm: bool = False  # keep the encoder's BatchNorm statistics fixed while fine-tuning
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -130,10 +136,13 @@ class Settings:
 
 def resolve_settings(model: str, profile: str = "quick", *, epochs=None, input_size=None, batch_size=None,
                      learning_rate=None, patience=None, weights="none", seed=0, model_kw=None,
-                     augment: AugmentConfig | None = DEFAULT_AUGMENT) -> Settings:
+                     augment: AugmentConfig | None = DEFAULT_AUGMENT, head_epochs=None,
+                     freeze_batchnorm=None) -> Settings:
     """Profile defaults for ``model`` with every non-None argument taking precedence. A pretrained
     encoder (``weights`` folder, "opd", ``opd_mobilenetv2``) sets the MobileNetV2 width and the default
-    input size to its own."""
+    input size to its own, and by default is fine-tuned after :data:`PRETRAINED_HEAD_EPOCHS` head-only
+    epochs with its BatchNorm statistics frozen (they come from thousands of sessions, a training split
+    has a few)."""
     if profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
     p = PROFILES[profile]
@@ -161,7 +170,9 @@ def resolve_settings(model: str, profile: str = "quick", *, epochs=None, input_s
                     batch_size=int(pick(batch_size, p.batch_size)),
                     learning_rate=float(pick(learning_rate, default_rate)),
                     patience=int(pick(patience, p.patience)), weights=str(weights or "none"), seed=int(seed),
-                    model_kw=kw, augment=augment)
+                    model_kw=kw, augment=augment,
+                    head_epochs=int(pick(head_epochs, PRETRAINED_HEAD_EPOCHS if saved else 0)),
+                    freeze_batchnorm=bool(pick(freeze_batchnorm, saved is not None)))
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -257,16 +268,32 @@ class _KerasLearner:
 
         has_val = len(split.val) > 0
         monitor = "val_loss" if has_val else "loss"
-        self.model.compile(optimizer=keras.optimizers.Adam(settings.learning_rate),
-                           loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+        train_stream, val_stream = stream(split.train, True), stream(split.val, False) if has_val else None
+
+        def run(epochs, callbacks):
+            self.model.compile(optimizer=keras.optimizers.Adam(settings.learning_rate),
+                               loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+            return self.model.fit(train_stream, epochs=epochs, validation_data=val_stream,
+                                  class_weight=class_weight, callbacks=callbacks, verbose=verbose,
+                                  shuffle=False).history   # the stream shuffles every epoch itself
+
+        from .models import batch_norm_layers
+
+        encoder = self.model.get_layer("encoder")
+        history = {}
+        if settings.head_epochs > 0:   # linear probe, then fine-tune (LP-FT, Kumar et al. 2022)
+            encoder.trainable = False
+            history = run(settings.head_epochs, [keras.callbacks.TerminateOnNaN()])
+            encoder.trainable = True
+        if settings.freeze_batchnorm:
+            for layer in batch_norm_layers(encoder):
+                layer.trainable = False   # Keras 3: a frozen BatchNormalization runs in inference mode
         callbacks = [keras.callbacks.EarlyStopping(monitor=monitor, patience=settings.patience,
                                                    restore_best_weights=True),
                      keras.callbacks.TerminateOnNaN()]
-        history = self.model.fit(stream(split.train, True), epochs=settings.epochs,
-                                 validation_data=stream(split.val, False) if has_val else None,
-                                 class_weight=class_weight, callbacks=callbacks, verbose=verbose,
-                                 shuffle=False)   # the stream shuffles every epoch itself
-        return {k: [float(v) for v in values] for k, values in history.history.items()}
+        tuned = run(settings.epochs, callbacks)
+        return {k: [float(v) for v in history.get(k, [])] + [float(v) for v in values]
+                for k, values in tuned.items()}
 
     def predict_proba(self, maps, batch_size: int = 64) -> np.ndarray:
         return np.asarray(self.model.predict(maps[..., None], batch_size=batch_size, verbose=0))
@@ -694,6 +721,7 @@ def _make_config(*, name, settings: Settings, task: Task, dataset, split: Split,
                      "epoch_unit": "boosting iteration" if settings.model == FEATURES else "epoch",
                      "class_weight": {task.classes[k]: w for k, w in class_weight.items()},
                      "augment": None if settings.augment is None else settings.augment.as_dict(),
+                     "head_epochs": settings.head_epochs, "freeze_batchnorm": settings.freeze_batchnorm,
                      "time_s": round(train_time_s, 3)},
         "versions": _versions(),
     }
@@ -809,7 +837,8 @@ def train(data, model: str = "mobilenetv2", task: str = "five_class", out=None, 
           batch_size: int | None = None, learning_rate: float | None = None, patience: int | None = None,
           augment: AugmentConfig | None = DEFAULT_AUGMENT, split_seed: int | None = None,
           test_size: float = 0.2, val_size: float = 0.15, split: Split | None = None, train_indices=None,
-          model_kw: dict | None = None, verbose=0, n_boot: int = 1000) -> TrainResult:
+          head_epochs: int | None = None, freeze_batchnorm: bool | None = None, model_kw: dict | None = None,
+          verbose=0, n_boot: int = 1000) -> TrainResult:
     """Train ``model`` (an architecture of ``opdcells.models`` or ``"features"``) for ``task`` on the
     dataset ``data``; write the model folder ``out`` (default ``saved_models/<model>_<task>``).
 
@@ -821,14 +850,18 @@ def train(data, model: str = "mobilenetv2", task: str = "five_class", out=None, 
 
     split: use this split (dataset indices) instead of making one; ``train_indices``: train on these
     maps only, a subset of the split's training maps (label-efficiency runs); validation and test maps
-    are unchanged, and the config records the subset's size.
+    are unchanged, and the config records the subset's size. ``head_epochs``: first train only the
+    head on the frozen encoder for that many epochs (linear probe, then fine-tuning);
+    ``freeze_batchnorm``: keep the encoder's BatchNorm statistics fixed while fine-tuning (default: both
+    for OPD-pretrained encoders, see :func:`resolve_settings`; neither otherwise).
     """
     import keras
 
     _check_model_name(model)
     settings = resolve_settings(model, profile, epochs=epochs, input_size=input_size, batch_size=batch_size,
                                 learning_rate=learning_rate, patience=patience, weights=weights, seed=seed,
-                                model_kw=model_kw, augment=augment)
+                                model_kw=model_kw, augment=augment, head_epochs=head_epochs,
+                                freeze_batchnorm=freeze_batchnorm)
     task = get_task(task)
     split_seed = seed if split_seed is None else int(split_seed)
     keras.utils.set_random_seed(seed)

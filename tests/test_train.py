@@ -245,8 +245,21 @@ def test_a_pretrained_encoder_sets_width_input_size_and_normalisation(data, tmp_
     settings = resolve_settings("mobilenetv2", "full", weights=str(folder))
     assert settings.model_kw["alpha"] == 0.5 and settings.input_size == 32   # not the full profile's 1.0, 128
     assert resolve_settings("mobilenetv2", "full", weights=str(folder), input_size=48).input_size == 48
+    assert settings.head_epochs == 2 and settings.freeze_batchnorm              # pretrained: LP-FT, BN fixed
+    scratch = resolve_settings("mobilenetv2", "full")
+    assert scratch.head_epochs == 0 and not scratch.freeze_batchnorm
     result = train(data, "mobilenetv2", "cancer_vs_blood", tmp_path / "run", weights=str(folder), epochs=1,
-                   batch_size=16, n_boot=0)
+                   batch_size=16, n_boot=0, head_epochs=1, freeze_batchnorm=True)
     norm = result.config["normalisation"]
     assert norm["norm_scale_nm"] == 250.0 and "pretrained encoder" in norm["method"]
     assert result.config["init"] == "opd-pretrained"
+    # one head-only epoch, then one fine-tuning epoch: the encoder moved, its BatchNorm statistics did not
+    assert len(result.history["loss"]) == 2 and result.config["training"]["epochs_run"] == 2
+    tuned = result.model.learner.model.get_layer("encoder")
+    bn_pairs = list(zip(models.batch_norm_layers(tuned), models.batch_norm_layers(encoder), strict=True))
+    for after, before in bn_pairs:
+        np.testing.assert_array_equal(after.moving_mean.numpy(), before.moving_mean.numpy())
+        np.testing.assert_array_equal(after.moving_variance.numpy(), before.moving_variance.numpy())
+    pairs = zip(tuned.get_weights(), encoder.get_weights(), strict=True)
+    moved = [not np.array_equal(a, b) for a, b in pairs]
+    assert any(moved)

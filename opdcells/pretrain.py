@@ -777,6 +777,7 @@ def pretrain(data=None, *, backbone: str = "mobilenetv2", method: str = "simclr"
     weight_decay = float(defaults["weight_decay"] if weight_decay is None else weight_decay)
     datasets = _open_all(data)
     started = time.perf_counter()
+    git = _git_commit()    # the code that runs, recorded before a long run (the tree may change meanwhile)
     try:
         stream, n_maps, data_record, n_classes = _training_data(
             method, datasets, n_sim=n_sim, seed=seed, batch_size=batch_size, exclude_test=exclude_test,
@@ -812,7 +813,7 @@ def pretrain(data=None, *, backbone: str = "mobilenetv2", method: str = "simclr"
         history=history, epochs=epochs, steps=counter.steps, steps_per_epoch=steps_per_epoch,
         batch_size=batch_size, learning_rate=learning_rate, weight_decay=weight_decay, seed=seed,
         fit_time=fit_time, total_time=time.perf_counter() - started, stopped_early=limit.hit,
-        max_minutes=max_minutes,
+        max_minutes=max_minutes, git=git,
         probe={"before": probe_before, "after": probe_after, "record": probe.record} if probe else None,
         command=command or _python_command(data, backbone, method, out, epochs, input_size, n_sim, seed,
                                            batch_size))
@@ -859,7 +860,7 @@ def _python_command(data, backbone, method, out, epochs, input_size, n_sim, seed
 
 def _pretrain_config(*, info, method, backbone, trainer, data_record, history, epochs, steps, steps_per_epoch,
                      batch_size, learning_rate, weight_decay, seed, fit_time, total_time, stopped_early,
-                     max_minutes, probe, command) -> dict:
+                     max_minutes, probe, command, git) -> dict:
     from .train import _versions as train_versions
 
     losses = history.get("loss") or [float("nan")]
@@ -884,7 +885,7 @@ def _pretrain_config(*, info, method, backbone, trainer, data_record, history, e
         "command": command,
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "versions": train_versions(),
-        "git": _git_commit(),
+        "git": git,
         "build_info": {k: v for k, v in info.items() if k not in ("weights_note",)},
     }
 
@@ -931,9 +932,16 @@ def _probe_table(probe: dict) -> list[str]:
 def _readme(name: str, config: dict) -> str:
     """Human summary of an encoder folder, generated from its config."""
     batch = config["pretraining"]["batch_size"]
+    width = f", alpha {config['alpha']}" if config.get("alpha") else ""
+    if config["architecture"] == "dinov2":
+        use = ("Use: `models.build_encoder(\"dinov2\", weights=<this folder>)`; the folder "
+               "`saved_models/opd_dinov2_pretrained` is what `weights=\"opd\"` loads for `dinov2`.")
+    else:
+        use = ("Use: `models.build_encoder(\"opd_mobilenetv2\", weights=<this folder>)` (the folder "
+               "`saved_models/opd_mobilenetv2_pretrained` is the default of `opd_mobilenetv2`).")
     lines = [
         f"# {name}", "",
-        f"OPD encoder ({config['architecture']}, alpha {config.get('alpha')}, "
+        f"OPD encoder ({config['architecture']}{width}, "
         f"input {config['input_size']} px, OPD / {config['norm_scale_nm']:g} nm) "
         f"pretrained with **{config['method']}** by `opdcells.pretrain`.", "",
         f"* data: {_data_summary(config['data'])}",
@@ -942,9 +950,7 @@ def _readme(name: str, config: dict) -> str:
         f"* opdcells {__version__}, keras {keras.__version__}, tensorflow {tf.__version__}", "",
         *(_probe_table(config["probe"]) if config.get("probe") else []),
         "Reproduce:", "", "```", config["command"], "```", "",
-        "Use: `models.build_encoder(\"opd_mobilenetv2\", weights=<this folder>)` for MobileNetV2 encoders "
-        "(this is the default folder of `opd_mobilenetv2`), or `weights=<this folder>` with the matching "
-        "architecture.",
+        use,
     ]
     return "\n".join(lines) + "\n"
 

@@ -156,7 +156,7 @@ def test_bad_names_and_arguments_are_refused():
         build_model("mobilenetv2", 1)
     with pytest.raises(ValueError, match="norm_scale_nm must be positive"):
         build_encoder("mobilenetv2", input_shape=(S, S, 1), input_size=S, norm_scale_nm=0)
-    with pytest.raises(ValueError, match="neither 'none', 'imagenet' nor"):
+    with pytest.raises(ValueError, match="neither 'none', 'imagenet', 'opd' nor"):
         build_encoder("mobilenetv2", weights="imagnet")
 
 

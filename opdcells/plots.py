@@ -259,7 +259,12 @@ def label_efficiency(df: pd.DataFrame, path, metric: str = "accuracy", *, title:
             ax.set_xscale("log")
             ax.set(xlabel="labelled fraction of training maps", title=task or None)
         axes[0, 0].set_ylabel(metric.replace("_", " "))
-        axes[0, -1].legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
+        handles = {}   # every curve of every panel (some curves exist for some tasks only)
+        for ax in axes[0]:
+            for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+                handles.setdefault(label, handle)
+        axes[0, -1].legend(handles.values(), handles.keys(), loc="upper left", bbox_to_anchor=(1.0, 1.0),
+                           frameon=False)
         fig.suptitle(title or "Label efficiency (mean and 95% CI over seeds)")
     return Path(path)
 

@@ -7,10 +7,14 @@ saved and loaded back with ``load_model``. Maps/s of:
 
 * bare ``keras_model.predict(x)`` on an in-memory array (the reference);
 * ``SavedModel.predict_proba(dataset.read(indices))``: maps read from the HDF5 dataset, then predicted;
-* ``SavedModel.predict_dataset(dataset, indices)``: streamed from HDF5 through opdcells.pipeline.
+* ``SavedModel.predict_dataset(dataset, indices)``: streamed from HDF5 through opdcells.pipeline;
+* the same with test-time augmentation (``tta=True``, the default of trained deep models): 8 views of
+  every map, so about 1/8 of the throughput by design (reported, no goal).
 
 Interleaved repeats (the CPU is shared with other jobs): best and median wall time and the median
-process CPU time (all threads) are reported as ratios to the bare predict. Goal: >= 0.9 x bare.
+process CPU time (all threads) are reported as ratios to the bare predict. Goal: >= 0.9 x bare
+without test-time augmentation (the model is trained with ``tta=False``: this measures the overhead of
+reading and streaming, not the 8 views).
 """
 from __future__ import annotations
 
@@ -50,7 +54,7 @@ def report(times: dict, args) -> None:
         s = stats(values)
         print(f"  {name:<32}{args.maps / s[0]:12.0f}{args.maps / s[1]:15.0f}{s[2]:8.2f}   "
               + ", ".join(f"{b / a:.3f}" for a, b in zip(s, base, strict=True)))
-    print("goal: >= 0.9 x bare")
+    print("goal: >= 0.9 x bare (without tta)")
 
 
 def main(argv=None) -> int:
@@ -66,7 +70,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         path = make_dataset(Path(tmp) / "bench.h5", args.maps, args.size)
         result = train(path, "mobilenetv2", "five_class", Path(tmp) / "run", epochs=1, profile="quick",
-                       n_boot=0, val_size=0.15)
+                       n_boot=0, val_size=0.15, tta=False)
         with open_dataset(path) as ds:
             model = load_model(result.model_dir, dataset=ds)
             keras_model = model.learner.model
@@ -77,6 +81,8 @@ def main(argv=None) -> int:
                 BARE: lambda: keras_model.predict(x, batch_size=b, verbose=0),
                 "predict_proba(ds.read(...))": lambda: model.predict_proba(ds.read(indices), batch_size=b),
                 "predict_dataset (streamed)": lambda: model.predict_dataset(ds, indices, batch_size=b),
+                "predict_dataset, tta (8 views)": lambda: model.predict_dataset(ds, indices, batch_size=b,
+                                                                                tta=True),
             }
             for fn in variants.values():   # warm-up: tracing
                 fn()

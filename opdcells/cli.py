@@ -91,6 +91,9 @@ def register_train(subparsers) -> None:
     p.add_argument("--freeze-batchnorm", action=argparse.BooleanOptionalAction, default=None,
                    help="keep the encoder's BatchNorm statistics fixed while fine-tuning (default: yes for "
                         "OPD-pretrained encoders, which also get 2 head-only epochs)")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                   help="the saved model predicts with the mean over each map's 8 rotations and "
+                        "reflections (default: yes for deep models)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--split-seed", type=int, metavar="S", help="seed of the group split (default --seed)")
     p.add_argument("--no-augment", action="store_true", help="train without augmentation")
@@ -107,7 +110,8 @@ def run_train(args) -> int:
                    seed=args.seed, profile=args.profile, weights=args.weights, batch_size=args.batch_size,
                    learning_rate=args.learning_rate, patience=args.patience, split_seed=args.split_seed,
                    n_boot=args.n_boot, head_epochs=args.head_epochs,
-                   freeze_batchnorm=args.freeze_batchnorm, verbose=0 if args.quiet else 2, **kwargs)
+                   freeze_batchnorm=args.freeze_batchnorm, tta=args.tta, verbose=0 if args.quiet else 2,
+                   **kwargs)
     training = result.config["training"]
     print(f"model saved to {result.model_dir} (init {result.config['init']}, {training['epochs_run']} "
           f"{training['epoch_unit']}s, {training['time_s']:.0f} s)")
@@ -128,6 +132,8 @@ def register_evaluate(subparsers) -> None:
     p.add_argument("--results", type=Path, default=Path("results"), metavar="DIR",
                    help="results folder; files go to DIR/<run name>/ (default results)")
     p.add_argument("--all", action="store_true", help="every map of the task's classes, not the test split")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                   help="mean over each map's 8 rotations and reflections (default: as the model was saved)")
     p.add_argument("--batch-size", type=int, default=64, metavar="B")
     p.add_argument("--n-boot", type=int, default=1000, metavar="N", help="bootstrap resamples for the CIs")
     p.set_defaults(run=run_evaluate)
@@ -141,7 +147,8 @@ def run_evaluate(args) -> int:
     with open_dataset(args.data) as ds:
         model = load_model(args.model, dataset=ds)
         indices = None if args.all else stored_test_indices(model, ds)
-        evaluation = evaluate_model(model, ds, indices, batch_size=args.batch_size, n_boot=args.n_boot)
+        evaluation = evaluate_model(model, ds, indices, batch_size=args.batch_size, n_boot=args.n_boot,
+                                    tta=args.tta)
         written = write_results(evaluation, model, ds, args.results / model.name)
     which = "all maps of the task's classes" if args.all else "stored test split"
     print(f"{model.name} on {args.data} ({which}):")
@@ -173,6 +180,8 @@ def register_predict(subparsers) -> None:
     p.add_argument("--fields", action="store_true", help="exports are fields of view: segment single cells")
     p.add_argument("--hologram", action="store_true", help="exports are off-axis holograms to reconstruct")
     p.add_argument("--batch-size", type=int, default=64, metavar="B")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                   help="mean over each map's 8 rotations and reflections (default: as the model was saved)")
     p.set_defaults(run=run_predict)
 
 
@@ -185,7 +194,7 @@ def run_predict(args) -> int:
                              wavelength_nm=args.wavelength_nm, pixel_size_um=args.pixel_size_um,
                              medium_index=args.medium_index, fields=args.fields, hologram=args.hologram)
     result = predict_files(model, args.exports, args.out, options=options, batch_size=args.batch_size,
-                           progress=not args.quiet)
+                           tta=args.tta, progress=not args.quiet)
     print(f"{result.n_maps} maps from {result.n_files} files -> {result.out}"
           + (f"; {len(result.skipped_files)} files skipped" if result.skipped_files else ""))
     return result.status

@@ -15,7 +15,6 @@ import pandas as pd
 from . import plots
 from .dataset import open_dataset
 from .evaluate import comparison_table, write_table
-from .splits import Split
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +61,7 @@ def compare_models(data, models, tasks=("five_class",), *, name="comparison", pr
     Markdown) and the accuracy bar chart with 95% CIs to ``results/<name>/``.
     ``model_options`` maps a model name to extra :func:`opdcells.train.train` arguments.
     """
-    from .train import evaluate_model, train, write_results
+    from .train import train, write_results
 
     ds = open_dataset(data) if isinstance(data, (str, Path)) else data
     out_root, saved_models = Path(results) / name, Path(saved_models)
@@ -73,9 +72,7 @@ def compare_models(data, models, tasks=("five_class",), *, name="comparison", pr
             log.info("%s: training %s on %s", name, model, task)
             result = train(ds, model, task, saved_models / f"{name}_{model}_{task}", profile=profile,
                            seed=seed, verbose=verbose, **options)
-            test = Split.from_json(result.model_dir / "split.json").test
-            evaluation = evaluate_model(result.model, ds, test, seed=seed)
-            write_results(evaluation, result.model, ds, out_root / f"{model}_{task}")
+            write_results(result.evaluation, result.model, ds, out_root / f"{model}_{task}")
             runs[(task, model)] = result
             rows.append(_row(task, model, result))
     table = comparison_table(rows)

@@ -59,12 +59,21 @@ def _batches(maps: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
         yield maps[start:start + batch_size]
 
 
-def embed(encoder: keras.Model, maps, batch_size: int = 64) -> np.ndarray:
-    """Embeddings (N, D) float32 of OPD maps in nm, the encoder in inference mode."""
+def embed(encoder: keras.Model, maps, batch_size: int = 64, *, tta: bool = False) -> np.ndarray:
+    """Embeddings (N, D) float32 of OPD maps in nm, the encoder in inference mode; ``tta``: the mean
+    embedding of the map's 8 rotations and reflections (``pipeline.dihedral_views``), orientation-free."""
+    from .pipeline import dihedral_views
+
     maps = as_batch(maps)
-    out = [keras.ops.convert_to_numpy(encoder(batch, training=False)) for batch in _batches(maps, batch_size)]
     dim = int(encoder.output_shape[-1])
-    return np.concatenate(out).astype(np.float32) if out else np.empty((0, dim), np.float32)
+    if len(maps) == 0:
+        return np.empty((0, dim), np.float32)
+
+    def run(batch):
+        views = dihedral_views(batch) if tta else [batch]
+        return np.mean([keras.ops.convert_to_numpy(encoder(v, training=False)) for v in views], axis=0)
+
+    return np.concatenate([run(batch) for batch in _batches(maps, batch_size)]).astype(np.float32)
 
 
 def _scores(y_true, y_pred, n_train: int) -> dict:

@@ -21,7 +21,8 @@ import tensorflow as tf
 
 log = logging.getLogger(__name__)
 
-__all__ = ["AugmentConfig", "augment_batch", "make_tf_dataset", "iter_batches", "shuffled_windows"]
+__all__ = ["AugmentConfig", "augment_batch", "make_tf_dataset", "iter_batches", "shuffled_windows",
+           "dihedral_views"]
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,17 @@ class AugmentConfig:
 
 # ---------------------------------------------------------------------------------------------
 # augmentation (TensorFlow ops on a batch (B, S, S, 1), one random draw per map)
+
+
+def dihedral_views(maps: np.ndarray) -> list[np.ndarray]:
+    """The 8 rotations and reflections of a batch of square maps (N, S, S[, C]) on axes 1 and 2, the
+    identity first: a cell has no preferred orientation, so averaging a model over them (test-time
+    augmentation) removes orientation from its answer."""
+    maps = np.asarray(maps)
+    if maps.ndim < 3 or maps.shape[1] != maps.shape[2]:
+        raise ValueError(f"expected square maps (N, S, S[, C]), got shape {maps.shape}")
+    return [np.ascontiguousarray(np.rot90(maps[:, :, ::-1] if flip else maps, k, axes=(1, 2)))
+            for flip in (False, True) for k in range(4)]
 
 
 def _uniform(seed, shape, low, high):

@@ -85,8 +85,8 @@ class _Batcher:
     """Maps of several files gathered into batches for ``predict_proba``; rows are kept per file so a
     file that fails half-way can be dropped whole, and written in file order once complete."""
 
-    def __init__(self, model, batch_size: int):
-        self.model, self.batch_size = model, batch_size
+    def __init__(self, model, batch_size: int, tta: bool | None = None):
+        self.model, self.batch_size, self.tta = model, batch_size, tta
         self.maps: list[np.ndarray] = []
         self.keys: list[tuple[Path, int, int]] = []
         self.rows: dict[Path, list[list]] = {}
@@ -101,7 +101,7 @@ class _Batcher:
     def flush(self) -> None:
         if not self.maps:
             return
-        proba = self.model.predict_proba(np.stack(self.maps), batch_size=self.batch_size)
+        proba = self.model.predict_proba(np.stack(self.maps), batch_size=self.batch_size, tta=self.tta)
         names = self.model.class_names
         for (path, index, cell), p in zip(self.keys, proba, strict=True):
             predicted = names[int(np.argmax(p))]
@@ -120,18 +120,19 @@ class _Batcher:
 
 
 def predict_files(model, paths: Iterable[str | os.PathLike], out: str | os.PathLike, *,
-                  options: IngestOptions | None = None, batch_size: int = 64,
+                  options: IngestOptions | None = None, batch_size: int = 64, tta: bool | None = None,
                   progress: bool = False) -> PredictResult:
     """Predict every map of the exports ``paths`` (files or folders) with ``model`` (a SavedModel);
     write the CSV ``out``. Maps of consecutive files share batches; a file's rows are written only once
-    the whole file has been read (a file failing half-way leaves no rows)."""
+    the whole file has been read (a file failing half-way leaves no rows). ``tta``: test-time
+    augmentation as in ``SavedModel.predict_proba`` (default: the model's own setting)."""
     from tqdm import tqdm
 
     options = options or ingest_options(model)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     result = PredictResult(out)
-    batcher = _Batcher(model, batch_size)
+    batcher = _Batcher(model, batch_size, tta)
     done: list[Path] = []   # files read completely whose rows are not written yet
 
     def write_done(writer, final: bool = False) -> None:

@@ -37,14 +37,14 @@ from . import __version__
 from .dataset import open_dataset
 from .errors import DatasetError, OPDCellsError
 from .evaluate import classification_report
-from .pipeline import AugmentConfig, make_tf_dataset
+from .pipeline import AugmentConfig, dihedral_views, make_tf_dataset
 from .splits import Split, group_split
 from .tasks import Task, TaskError, canonical_class, get_task, task_targets
 
 log = logging.getLogger(__name__)
 
 FORMAT = "opdcells-model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2   # 2: config["test_time_augmentation"] (older opdcells would ignore it)
 FEATURES = "features"
 #: Where run names are looked up: ``saved_models/`` in the working folder, then in the repository.
 MODEL_ROOTS = (Path("saved_models"), Path(__file__).resolve().parents[1] / "saved_models")
@@ -111,6 +111,11 @@ PROFILES = {
 #: Head-only epochs before fine-tuning an OPD-pretrained encoder (linear probe, then fine-tune).
 PRETRAINED_HEAD_EPOCHS = 2
 
+#: config["test_time_augmentation"] of models that predict with the mean class probabilities of the
+#: map's 8 rotations and reflections (``pipeline.dihedral_views``); None: the map as it is.
+TTA_DIHEDRAL = "dihedral-8"
+TTA_CHUNK = 256   # maps whose 8 views are predicted together
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -129,6 +134,7 @@ class Settings:
     augment: AugmentConfig | None = DEFAULT_AUGMENT
     head_epochs: int = 0            # epochs training only the head on the frozen encoder, before fine-tuning
     freeze_batchnorm: bool = False  # keep the encoder's BatchNorm statistics fixed while fine-tuning
+    tta: bool = False               # predict with the mean over the map's 8 rotations and reflections
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -137,12 +143,13 @@ class Settings:
 def resolve_settings(model: str, profile: str = "quick", *, epochs=None, input_size=None, batch_size=None,
                      learning_rate=None, patience=None, weights="none", seed=0, model_kw=None,
                      augment: AugmentConfig | None = DEFAULT_AUGMENT, head_epochs=None,
-                     freeze_batchnorm=None) -> Settings:
+                     freeze_batchnorm=None, tta=None) -> Settings:
     """Profile defaults for ``model`` with every non-None argument taking precedence. A pretrained
     encoder (``weights`` folder, "opd", ``opd_mobilenetv2``) sets the MobileNetV2 width and the default
     input size to its own, and by default is fine-tuned after :data:`PRETRAINED_HEAD_EPOCHS` head-only
     epochs with its BatchNorm statistics frozen (they come from thousands of sessions, a training split
-    has a few)."""
+    has a few). Deep models trained with rotations and flips predict with test-time augmentation
+    (``tta``, the mean over the 8 rotations and reflections of each map) unless told not to."""
     if profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
     p = PROFILES[profile]
@@ -151,11 +158,13 @@ def resolve_settings(model: str, profile: str = "quick", *, epochs=None, input_s
         return default if value is None else value
 
     if model == FEATURES:
+        if tta:
+            log.warning("features ignore orientation: test-time augmentation would not change them; off")
         return Settings(model=model, profile=profile, epochs=int(pick(epochs, p.features_epochs)),
                         input_size=None, batch_size=int(pick(batch_size, p.batch_size)),
                         learning_rate=float(pick(learning_rate, p.features_learning_rate)),
                         patience=int(pick(patience, p.features_patience)), weights="none", seed=int(seed),
-                        model_kw={}, augment=None)
+                        model_kw={}, augment=None, tta=False)   # the features ignore orientation
     from .models import saved_encoder_config
 
     saved = saved_encoder_config(model, weights)   # a pretrained encoder fixes alpha and suggests the size
@@ -172,7 +181,8 @@ def resolve_settings(model: str, profile: str = "quick", *, epochs=None, input_s
                     patience=int(pick(patience, p.patience)), weights=str(weights or "none"), seed=int(seed),
                     model_kw=kw, augment=augment,
                     head_epochs=int(pick(head_epochs, PRETRAINED_HEAD_EPOCHS if saved else 0)),
-                    freeze_batchnorm=bool(pick(freeze_batchnorm, saved is not None)))
+                    freeze_batchnorm=bool(pick(freeze_batchnorm, saved is not None)),
+                    tta=bool(pick(tta, augment is not None and augment.rotate90 and augment.flip)))
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -446,21 +456,40 @@ class SavedModel:
                              f"{self.config['pixel_size_um']} um/px, got shape {maps.shape}")
         return maps
 
-    def predict_proba(self, maps, batch_size: int = 64) -> np.ndarray:
+    @property
+    def tta(self) -> bool:
+        """Whether the model predicts with test-time augmentation (config ``test_time_augmentation``)."""
+        return self.config.get("test_time_augmentation") == TTA_DIHEDRAL
+
+    def predict_proba(self, maps, batch_size: int = 64, *, tta: bool | None = None) -> np.ndarray:
         """Class probabilities (N, K) of OPD maps in nm, (N, S, S) or (N, S, S, 1), at the model's
-        pixel size and map size (``config['pixel_size_um']``, ``config['out_size']``)."""
+        pixel size and map size (``config['pixel_size_um']``, ``config['out_size']``). ``tta``: mean
+        over the map's 8 rotations and reflections (default: the model's own setting, :attr:`tta`)."""
         maps = self._check_maps(maps)
         if len(maps) == 0:
             return np.empty((0, len(self.class_names)), dtype=np.float32)
-        return self.learner.predict_proba(maps, batch_size=batch_size)
+        if not (self.tta if tta is None else tta):
+            return self.learner.predict_proba(maps, batch_size=batch_size)
+        chunks = []
+        for start in range(0, len(maps), TTA_CHUNK):   # 8 views of a chunk at a time: bounded memory
+            chunk = maps[start:start + TTA_CHUNK]
+            proba = self.learner.predict_proba(np.concatenate(dihedral_views(chunk)), batch_size=batch_size)
+            chunks.append(proba.reshape(8, len(chunk), -1).mean(axis=0))
+        return np.concatenate(chunks)
 
-    def predict_dataset(self, dataset, indices=None, batch_size: int = 64) -> np.ndarray:
-        """Class probabilities of maps ``indices`` (default all) of a dataset, streamed from HDF5."""
+    def predict_dataset(self, dataset, indices=None, batch_size: int = 64, *,
+                        tta: bool | None = None) -> np.ndarray:
+        """Class probabilities of maps ``indices`` (default all) of a dataset, read from HDF5 a block at a
+        time: streamed through ``opdcells.pipeline`` without test-time augmentation, with it through
+        :meth:`predict_proba` (``tta`` as there)."""
         with _opened(dataset) as ds:
             self.check_dataset(ds, need_classes=False)
             indices = np.arange(len(ds)) if indices is None else np.asarray(indices, dtype=np.int64)
             if len(indices) == 0:
                 return np.empty((0, len(self.class_names)), dtype=np.float32)
+            if self.tta if tta is None else tta:
+                return np.concatenate([self.predict_proba(maps, batch_size, tta=True)
+                                       for maps in iter_maps(ds, indices, batch_size=TTA_CHUNK)])
             return self.learner.predict_indices(ds, indices, batch_size=batch_size)
 
     def check_dataset(self, dataset, *, need_classes: bool = True) -> None:
@@ -502,6 +531,9 @@ def _read_config(folder: Path) -> dict:
     if int(config.get("format_version", 0)) > FORMAT_VERSION:
         raise ModelError(folder, f"model format {config['format_version']} is newer than this opdcells "
                                  f"({__version__}); upgrade opdcells")
+    if config.get("test_time_augmentation") not in (None, TTA_DIHEDRAL):
+        raise ModelError(folder, f"unknown test_time_augmentation {config['test_time_augmentation']!r} in "
+                                 f"config.json (this opdcells knows {TTA_DIHEDRAL!r})")
     return config
 
 
@@ -548,8 +580,9 @@ def _positive_class(class_names) -> str | None:
 
 
 def evaluate_model(model: SavedModel, dataset, indices=None, *, batch_size: int = 64, n_boot: int = 1000,
-                   seed: int = 0) -> Evaluation:
-    """Evaluate on maps ``indices`` of ``dataset`` (default: every map of the model's task classes)."""
+                   seed: int = 0, tta: bool | None = None) -> Evaluation:
+    """Evaluate on maps ``indices`` of ``dataset`` (default: every map of the model's task classes);
+    ``tta`` as in :meth:`SavedModel.predict_proba`."""
     with _opened(dataset) as ds:
         model.check_dataset(ds)
         y_all = task_labels(ds, get_task(model.config["task"]))
@@ -560,10 +593,11 @@ def evaluate_model(model: SavedModel, dataset, indices=None, *, batch_size: int 
         if len(outside):
             raise DatasetError(ds.path, f"{len(outside)} of the maps to evaluate are not of the task's "
                                         "classes")
-        proba = model.predict_dataset(ds, indices, batch_size=batch_size)
+        proba = model.predict_dataset(ds, indices, batch_size=batch_size, tta=tta)
         y_true = y_all[indices]
         report = classification_report(y_true, proba, model.class_names, n_boot=n_boot, seed=seed,
                                        positive_class=_positive_class(model.class_names))
+        report["test_time_augmentation"] = TTA_DIHEDRAL if (model.tta if tta is None else tta) else None
         return Evaluation(report, indices, y_true, proba, model.class_names)
 
 
@@ -723,6 +757,7 @@ def _make_config(*, name, settings: Settings, task: Task, dataset, split: Split,
                      "augment": None if settings.augment is None else settings.augment.as_dict(),
                      "head_epochs": settings.head_epochs, "freeze_batchnorm": settings.freeze_batchnorm,
                      "time_s": round(train_time_s, 3)},
+        "test_time_augmentation": TTA_DIHEDRAL if settings.tta else None,
         "versions": _versions(),
     }
 
@@ -837,8 +872,8 @@ def train(data, model: str = "mobilenetv2", task: str = "five_class", out=None, 
           batch_size: int | None = None, learning_rate: float | None = None, patience: int | None = None,
           augment: AugmentConfig | None = DEFAULT_AUGMENT, split_seed: int | None = None,
           test_size: float = 0.2, val_size: float = 0.15, split: Split | None = None, train_indices=None,
-          head_epochs: int | None = None, freeze_batchnorm: bool | None = None, model_kw: dict | None = None,
-          verbose=0, n_boot: int = 1000) -> TrainResult:
+          head_epochs: int | None = None, freeze_batchnorm: bool | None = None, tta: bool | None = None,
+          model_kw: dict | None = None, verbose=0, n_boot: int = 1000) -> TrainResult:
     """Train ``model`` (an architecture of ``opdcells.models`` or ``"features"``) for ``task`` on the
     dataset ``data``; write the model folder ``out`` (default ``saved_models/<model>_<task>``).
 
@@ -853,7 +888,9 @@ def train(data, model: str = "mobilenetv2", task: str = "five_class", out=None, 
     are unchanged, and the config records the subset's size. ``head_epochs``: first train only the
     head on the frozen encoder for that many epochs (linear probe, then fine-tuning);
     ``freeze_batchnorm``: keep the encoder's BatchNorm statistics fixed while fine-tuning (default: both
-    for OPD-pretrained encoders, see :func:`resolve_settings`; neither otherwise).
+    for OPD-pretrained encoders, see :func:`resolve_settings`; neither otherwise). ``tta``: the saved
+    model predicts (and is evaluated) with the mean over each map's 8 rotations and reflections
+    (default for the deep models, recorded as ``config["test_time_augmentation"]``).
     """
     import keras
 
@@ -861,7 +898,7 @@ def train(data, model: str = "mobilenetv2", task: str = "five_class", out=None, 
     settings = resolve_settings(model, profile, epochs=epochs, input_size=input_size, batch_size=batch_size,
                                 learning_rate=learning_rate, patience=patience, weights=weights, seed=seed,
                                 model_kw=model_kw, augment=augment, head_epochs=head_epochs,
-                                freeze_batchnorm=freeze_batchnorm)
+                                freeze_batchnorm=freeze_batchnorm, tta=tta)
     task = get_task(task)
     split_seed = seed if split_seed is None else int(split_seed)
     keras.utils.set_random_seed(seed)

@@ -103,6 +103,7 @@ class Encoders:
     the shipped one, ``models.OPD_DINOV2_DIR``) initialise DINOv2; otherwise it is random.
     ``opd_mobilenetv2`` uses the shipped OPD-pretrained folder. Random-init
     encoders with BatchNormalization are recalibrated on the training maps they are given.
+    ``tta``: embeddings are the mean over each map's 8 rotations and reflections (``explain.embed``).
     """
 
     ds: object
@@ -112,6 +113,7 @@ class Encoders:
     dinov2_preset: str | None = None
     seed: int = 0
     batch_size: int = 128
+    tta: bool = True
     infos: dict = field(default_factory=dict)
     _built: dict = field(default_factory=dict, repr=False)
     _cache: dict = field(default_factory=dict, repr=False)
@@ -169,11 +171,11 @@ class Encoders:
     def embeddings(self, model: str, calibration=None) -> np.ndarray:
         """(N, D) embeddings of every dataset map (``features``: the morphology feature matrix);
         random-init BN encoders are recalibrated on ``calibration`` first (cached per calibration set)."""
-        key = (model, None)
+        key = (model, None, self.tta)
         if model != FEATURES and self.needs_calibration(model):
             if calibration is None:
                 raise ValueError(f"{model} is random-init with BatchNormalization: give calibration maps")
-            key = (model, hash(np.asarray(calibration, dtype=np.int64).tobytes()))
+            key = (model, hash(np.asarray(calibration, dtype=np.int64).tobytes()), self.tta)
         if key not in self._cache:
             self._cache[key] = self._embed_all(model, calibration)
         return self._cache[key]
@@ -191,7 +193,7 @@ class Encoders:
         from .explain import embed
 
         encoder, _ = self.encoder(model, calibration)
-        blocks = [embed(encoder, m, self.batch_size)
+        blocks = [embed(encoder, m, self.batch_size, tta=self.tta)
                   for m in iter_maps(self.ds, np.arange(len(self.ds)), batch_size=512)]
         log.info("embedded %d maps with %s", len(self.ds), model)
         return np.concatenate(blocks)
@@ -417,7 +419,8 @@ def embedding_view(encoders: Encoders, model: str, indices, path, *, method="pca
     extra_emb, extra = [], []
     if real:
         encoder, _ = encoders.encoder(model)
-        extra_emb = [embed(encoder, maps, encoders.batch_size) for maps in real.values() if len(maps)]
+        extra_emb = [embed(encoder, maps, encoders.batch_size, tta=encoders.tta)
+                     for maps in real.values() if len(maps)]
     joint = embedding_2d(np.concatenate([emb, *extra_emb]), method=method, seed=seed)
     start = len(emb)
     names = [n for n, maps in (real or {}).items() if len(maps)]
@@ -450,7 +453,7 @@ def explain_examples(ds, runs: dict, indices, out_dir, *, min_grid=4) -> dict[st
         if saved.config["model"] == "dinov2":
             heat, what = dino_attention(keras_model, maps), "CLS attention, last layer"
         else:
-            heat, what = grad_cam(keras_model, maps, min_grid=min_grid), "Grad-CAM"
+            heat, what = grad_cam(keras_model, maps, proba.argmax(axis=1), min_grid=min_grid), "Grad-CAM"
         titles = [f"{names[ds.labels[i]]}\n-> {saved.class_names[p]}"
                   for i, p in zip(indices, proba.argmax(axis=1), strict=True)]
         title = f"{model} ({saved.config['task']}, init {saved.config['init']}): {what}"

@@ -94,6 +94,24 @@ def test_evaluate_a_deep_model(tmp_path_factory, tmp_path, capsys):
     assert (tmp_path / run.model_dir.name / "training_curves.png").is_file()
 
 
+def test_evaluate_passes_the_tta_choice(tmp_path_factory, tmp_path, monkeypatch):
+    import opdcells.train
+
+    run = tiny_run(tmp_path_factory, "mobilenetv2", "five_class")
+    seen, original = [], opdcells.train.evaluate_model
+    monkeypatch.setattr(opdcells.train, "evaluate_model",
+                        lambda *a, **kw: seen.append(kw["tta"]) or original(*a, **kw))
+    argv = ["evaluate", str(run.model_dir), "--data", run.config["dataset"]["path"], "--results",
+            str(tmp_path), "--n-boot", "0"]
+    assert main([*argv, "--no-tta"]) == 0
+    metrics = json.loads((tmp_path / run.model_dir.name / "metrics.json").read_text())
+    assert metrics["test_time_augmentation"] is None
+    assert main(argv) == 0
+    metrics = json.loads((tmp_path / run.model_dir.name / "metrics.json").read_text())
+    assert metrics["test_time_augmentation"] == "dihedral-8"
+    assert seen == [False, None]     # None: as the model was saved (with tta)
+
+
 def test_predict(features_run, tmp_path, capsys):
     _, out = features_run
     exports = write_exports(tmp_path / "exports", per_class=1)

@@ -75,6 +75,17 @@ def test_embed_is_batch_independent():
     np.testing.assert_allclose(emb, whole, rtol=1e-4, atol=1e-5)
 
 
+def test_embed_with_tta_ignores_orientation():
+    encoder, _ = build_encoder("dinov2", input_shape=(28, 28, 1), input_size=28, dinov2_config=TINY_DINOV2)
+    maps, _ = discs_and_rings(3, size=28)
+    maps = maps + np.linspace(0, 80, 28, dtype=np.float32)[None, None, :]    # a tilt: not symmetric
+    turned = np.rot90(maps[:, ::-1], 1, axes=(1, 2))
+    plain, plain_turned = explain.embed(encoder, maps), explain.embed(encoder, turned)
+    assert not np.allclose(plain, plain_turned, rtol=1e-3, atol=1e-3)   # the ViT itself sees orientation
+    np.testing.assert_allclose(explain.embed(encoder, turned, tta=True),
+                               explain.embed(encoder, maps, tta=True), rtol=1e-4, atol=1e-5)
+
+
 def test_find_last_conv_layer_searches_the_nested_backbone():
     model, _ = build_model("mobilenetv2", 2, input_shape=(32, 32, 1), input_size=64)
     layer = explain.find_last_conv_layer(model)  # inside the nested "backbone" model

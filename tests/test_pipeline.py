@@ -10,7 +10,13 @@ from helpers import tiny_dataset
 tf = pytest.importorskip("tensorflow")
 
 from opdcells.dataset import open_dataset  # noqa: E402
-from opdcells.pipeline import AugmentConfig, augment_batch, make_tf_dataset, shuffled_windows  # noqa: E402
+from opdcells.pipeline import (  # noqa: E402
+    AugmentConfig,
+    augment_batch,
+    dihedral_views,
+    make_tf_dataset,
+    shuffled_windows,
+)
 
 NONE = AugmentConfig.none()
 
@@ -159,3 +165,16 @@ def test_augmentation_is_reproducible_for_a_seed(ds):
     c = augment_batch(maps, [1, 3]).numpy()
     np.testing.assert_array_equal(a, b)
     assert not np.allclose(a, c)
+
+
+def test_dihedral_views_are_the_eight_symmetries_of_the_square():
+    maps = np.random.default_rng(0).normal(size=(3, 6, 6)).astype(np.float32)   # no symmetry of its own
+    views = dihedral_views(maps)
+    assert len(views) == 8 and all(v.shape == maps.shape for v in views)
+    np.testing.assert_array_equal(views[0], maps)
+    keys = {v.tobytes() for v in views}
+    assert len(keys) == 8                                                     # all distinct
+    assert {v.tobytes() for v in dihedral_views(views[5])} == keys            # a group: closed
+    np.testing.assert_array_equal(dihedral_views(maps[..., None])[3][..., 0], views[3])
+    with pytest.raises(ValueError, match="square"):
+        dihedral_views(np.zeros((2, 4, 5)))

@@ -30,14 +30,15 @@ class CountingModel:
     """A SavedModel whose predict_proba calls are recorded."""
 
     def __init__(self, model):
-        self._model, self.calls = model, []
+        self._model, self.calls, self.tta = model, [], []
 
     def __getattr__(self, name):
         return getattr(self._model, name)
 
-    def predict_proba(self, maps, batch_size=64):
+    def predict_proba(self, maps, batch_size=64, tta=None):
         self.calls.append(len(maps))
-        return self._model.predict_proba(maps, batch_size=batch_size)
+        self.tta.append(tta)
+        return self._model.predict_proba(maps, batch_size=batch_size, tta=tta)
 
 
 def test_csv_has_one_row_per_map_and_probabilities_summing_to_one(model, exports, tmp_path):
@@ -69,6 +70,16 @@ def test_maps_of_several_files_share_batches(model, exports, tmp_path):
     result = predict_files(counting, exports, tmp_path / "preds.csv", batch_size=3)
     assert counting.calls == [3, len(exports) - 3]
     assert result.n_maps == len(exports)
+    assert counting.tta == [None, None]   # None: the model's own test-time augmentation setting
+
+
+def test_test_time_augmentation_can_be_turned_off(model, exports, tmp_path):
+    counting = CountingModel(model)
+    table = pd.read_csv(predict_files(counting, exports, tmp_path / "preds.csv", tta=False).out)
+    assert counting.tta == [False]
+    maps = np.stack([p.opd for path in exports for _, p, _ in iter_processed(path, ingest_options(model))])
+    np.testing.assert_allclose(table[[f"p_{c}" for c in model.class_names]].to_numpy(),
+                               model.predict_proba(maps, tta=False), rtol=1e-4, atol=1e-6)
 
 
 def test_bad_files_are_reported_and_skipped(model, exports, tmp_path, caplog):

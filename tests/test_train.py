@@ -13,10 +13,12 @@ pytest.importorskip("tensorflow")
 
 from opdcells.dataset import open_dataset  # noqa: E402
 from opdcells.errors import DatasetError  # noqa: E402
+from opdcells.pipeline import dihedral_views  # noqa: E402
 from opdcells.splits import Split  # noqa: E402
 from opdcells.tasks import TaskError, task_targets  # noqa: E402
 from opdcells.train import (  # noqa: E402
     FILES,
+    TTA_DIHEDRAL,
     ModelError,
     estimate_norm_scale,
     evaluate_model,
@@ -27,7 +29,8 @@ from opdcells.train import (  # noqa: E402
 
 CONFIG_FIELDS = ("task", "class_names", "class_members", "dataset_class_names", "input_shape", "input_size",
                  "pixel_size_um", "out_size", "preprocess", "normalisation", "init", "weights", "model_info",
-                 "dataset", "split", "training", "versions", "model", "model_file", "name", "created")
+                 "dataset", "split", "training", "versions", "model", "model_file", "name", "created",
+                 "test_time_augmentation")
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +87,7 @@ def test_early_stopping_keeps_the_best_validation_epoch(mobilenet, data):
     assert mobilenet.config["training"]["best_epoch"] == best + 1
     split = Split.from_json(mobilenet.model_dir / "split.json")
     _, y = task_targets(data.class_names, data.labels[split.val], "five_class")
-    proba = load_model(mobilenet.model_dir).predict_dataset(data, split.val)
+    proba = load_model(mobilenet.model_dir).predict_dataset(data, split.val, tta=False)  # as Keras validates
     val_loss = -np.mean(np.log(np.clip(proba[np.arange(len(y)), y], 1e-7, 1)))
     assert val_loss == pytest.approx(history["val_loss"][best], rel=1e-3)
 
@@ -110,6 +113,31 @@ def test_load_model_round_trip_gives_identical_probabilities(which, request, dat
     np.testing.assert_array_equal(proba, result.model.predict_proba(maps))
     streamed = loaded.predict_dataset(data, np.arange(0, len(data), 3))
     np.testing.assert_allclose(streamed, proba, rtol=1e-5, atol=1e-6)
+    streamed = loaded.predict_dataset(data, np.arange(0, len(data), 3), tta=False)   # the tf.data stream
+    np.testing.assert_allclose(streamed, loaded.predict_proba(maps, tta=False), rtol=1e-5, atol=1e-6)
+
+
+def test_deep_models_predict_with_the_mean_over_rotations_and_reflections(mobilenet, features, data):
+    import keras
+
+    from opdcells.train import SavedModel, _KerasLearner
+
+    assert mobilenet.config["test_time_augmentation"] == TTA_DIHEDRAL
+    assert features.config["test_time_augmentation"] is None
+    assert resolve_settings("mobilenetv2", tta=False).tta is False
+    assert resolve_settings("features").tta is False
+    assert resolve_settings("mobilenetv2", augment=None).tta is False   # trained without rotations: no TTA
+    size = data.out_size   # a dense layer on raw pixels sees orientation (the tiny CNN predicts a constant)
+    dense = keras.Sequential([keras.Input((size, size, 1)), keras.layers.Rescaling(1 / 100),
+                              keras.layers.Flatten(), keras.layers.Dense(5, activation="softmax")])
+    model = SavedModel(mobilenet.model_dir, mobilenet.config, _KerasLearner(dense, {}))
+    maps = data.read(np.arange(0, len(data), 5))
+    proba, plain = model.predict_proba(maps), model.predict_proba(maps, tta=False)
+    assert not np.allclose(proba, plain, atol=1e-3)
+    views = [model.predict_proba(v, tta=False) for v in dihedral_views(maps)]
+    np.testing.assert_allclose(proba, np.mean(views, axis=0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(model.predict_proba(np.rot90(maps, 1, axes=(1, 2))), proba, atol=1e-5)
+    np.testing.assert_allclose(model.predict_dataset(data, np.arange(0, len(data), 5)), proba, atol=1e-6)
 
 
 def test_load_model_by_run_name(mobilenet, tmp_path, monkeypatch):

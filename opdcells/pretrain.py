@@ -44,6 +44,10 @@ from . import __version__, models
 from .explain import embed, knn_probe, linear_probe
 from .pipeline import AugmentConfig, augment_batch, iter_batches, make_tf_dataset
 
+# imported at start-up, not lazily at the end of a run: a long run must finish with the code it began with
+from .train import _json_default, _staging, write_history
+from .train import _versions as train_versions
+
 log = logging.getLogger(__name__)
 
 __all__ = ["METHODS", "BACKBONES", "ViewConfig", "zoom_crop", "make_view", "nt_xent", "SimCorpus",
@@ -753,7 +757,7 @@ def pretrain(data=None, *, backbone: str = "mobilenetv2", method: str = "simclr"
              views: ViewConfig = ViewConfig(), exclude_test=(), n_probe: int = 0,
              max_minutes: float | None = None, sim_cache=None,
              sim_maps_per_session: int = SIM_MAPS_PER_SESSION,
-             workers: int = 1, method_kw: dict | None = None, command: str | None = None,
+             workers: int = 1, init=None, method_kw: dict | None = None, command: str | None = None,
              verbose=0) -> PretrainResult:
     """Pretrain a ``backbone`` encoder with ``method`` and write it to ``out`` (see the module docstring).
 
@@ -766,6 +770,8 @@ def pretrain(data=None, *, backbone: str = "mobilenetv2", method: str = "simclr"
     max_minutes: stop early after this much training time (recorded).
     sim_maps_per_session: maps per simulated session (fewer -> more sessions, more acquisition variety).
     workers: processes that simulate the corpus.
+    init: an encoder folder (``models.save_encoder``'s, e.g. an earlier run) to start from instead of
+        random weights, at this run's ``input_size`` (continued pretraining; its width is kept).
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
@@ -787,8 +793,9 @@ def pretrain(data=None, *, backbone: str = "mobilenetv2", method: str = "simclr"
         if steps_per_epoch < 1:
             raise ValueError(f"{n_maps} maps are fewer than one batch of {batch_size}")
         encoder, info = models.build_encoder(
-            BACKBONES[backbone], input_shape=(size, size, 1), input_size=input_size, weights="none",
-            norm_scale_nm=norm_scale_nm, alpha=alpha, seed=seed, dinov2_config=dinov2_config)
+            BACKBONES[backbone], input_shape=(size, size, 1), input_size=input_size,
+            weights="none" if init is None else init, norm_scale_nm=norm_scale_nm, alpha=alpha, seed=seed,
+            dinov2_config=dinov2_config)
         probe = simulated_probe_set(n_probe, seed, cache_dir=sim_cache) if n_probe else None
         calibration = _calibration_maps(stream)
         recalibrate_batchnorm(encoder, calibration, info["bn_momentum"] or 0.9)
@@ -813,7 +820,7 @@ def pretrain(data=None, *, backbone: str = "mobilenetv2", method: str = "simclr"
         history=history, epochs=epochs, steps=counter.steps, steps_per_epoch=steps_per_epoch,
         batch_size=batch_size, learning_rate=learning_rate, weight_decay=weight_decay, seed=seed,
         fit_time=fit_time, total_time=time.perf_counter() - started, stopped_early=limit.hit,
-        max_minutes=max_minutes, git=git,
+        max_minutes=max_minutes, git=git, init=init,
         probe={"before": probe_before, "after": probe_after, "record": probe.record} if probe else None,
         command=command or _python_command(data, backbone, method, out, epochs, input_size, n_sim, seed,
                                            batch_size))
@@ -860,9 +867,7 @@ def _python_command(data, backbone, method, out, epochs, input_size, n_sim, seed
 
 def _pretrain_config(*, info, method, backbone, trainer, data_record, history, epochs, steps, steps_per_epoch,
                      batch_size, learning_rate, weight_decay, seed, fit_time, total_time, stopped_early,
-                     max_minutes, probe, command, git) -> dict:
-    from .train import _versions as train_versions
-
+                     max_minutes, probe, command, git, init=None) -> dict:
     losses = history.get("loss") or [float("nan")]
     return {
         "method": method,
@@ -885,15 +890,28 @@ def _pretrain_config(*, info, method, backbone, trainer, data_record, history, e
         "command": command,
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "versions": train_versions(),
+        "init": _init_record(init),
         "git": git,
         "build_info": {k: v for k, v in info.items() if k not in ("weights_note",)},
     }
 
 
+def _init_record(init) -> dict | None:
+    """Where a continued pretraining started: the folder and what its own config says it was."""
+    if init is None:
+        return None
+    if str(init) == "opd":
+        return {"folder": "opd (the shipped encoder of the family)"}
+    record = {"folder": str(init)}
+    config = models.saved_encoder_config("mobilenetv2", init) or {}
+    for key in ("method", "input_size", "epochs_run", "command"):
+        if key in config:
+            record[key] = config[key]
+    return record
+
+
 def _write_folder(out: Path, encoder, info: dict, config: dict, history: dict) -> Path:
     """Encoder weights + config (``models.save_encoder``) with the pretraining record, history, README."""
-    from .train import _json_default, _staging, write_history
-
     with _staging(out) as tmp:
         models.save_encoder(encoder, {**info, "init": "opd-pretrained", "weights_source": None}, tmp)
         saved = json.loads((tmp / models.ENCODER_CONFIG).read_text())
@@ -989,6 +1007,8 @@ def register(subparsers) -> None:
     p.add_argument("--sim-maps-per-session", type=int, default=SIM_MAPS_PER_SESSION, metavar="N",
                    help="maps per simulated session (fewer: more sessions, more acquisition variety)")
     p.add_argument("--workers", type=int, default=1, help="processes that simulate the corpus")
+    p.add_argument("--init", default=None, metavar="ENCODER_DIR",
+                   help="start from this encoder folder (an earlier run) instead of random weights")
     p.set_defaults(run=run)
 
 
@@ -996,7 +1016,8 @@ _CLI_OPTIONS = (("data", "--data"), ("backbone", "--backbone"), ("method", "--me
                 ("epochs", "--epochs"), ("input_size", "--input-size"), ("n_sim", "--n-sim"),
                 ("seed", "--seed"), ("batch_size", "--batch-size"), ("lr", "--lr"), ("alpha", "--alpha"),
                 ("exclude_test", "--exclude-test"), ("probe", "--probe"), ("max_minutes", "--max-minutes"),
-                ("sim_cache", "--sim-cache"), ("sim_maps_per_session", "--sim-maps-per-session"))
+                ("sim_cache", "--sim-cache"), ("sim_maps_per_session", "--sim-maps-per-session"),
+                ("init", "--init"))
 
 
 def cli_command(args) -> str:
@@ -1018,7 +1039,7 @@ def run(args) -> int:
                       batch_size=args.batch_size, learning_rate=args.lr, alpha=args.alpha,
                       exclude_test=args.exclude_test, n_probe=args.probe, max_minutes=args.max_minutes,
                       sim_cache=args.sim_cache, sim_maps_per_session=args.sim_maps_per_session,
-                      workers=args.workers, command=command, verbose=0 if args.quiet else 2)
+                      workers=args.workers, init=args.init, command=command, verbose=0 if args.quiet else 2)
     cfg = result.config
     print(f"{result.folder}: {cfg['method']} {cfg['backbone']}, {cfg['steps']} steps, final loss "
           f"{cfg['final_loss']:.4f}, {cfg['time_s']:.0f} s")

@@ -266,6 +266,29 @@ def test_cli_pretrain_supervised_sim(tmp_path, capsys):
     assert str(out) in capsys.readouterr().out
 
 
+def test_cli_pretrain_continues_from_an_encoder_folder(tmp_path):
+    common = ["pretrain", "--method", "supervised-sim", "--backbone", "dinov2", "--n-sim", "10",
+              "--batch-size", "5", "--input-size", "28", "--sim-cache", str(tmp_path / "cache"), "-q"]
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert cli.main([*common, "--epochs", "2", "--out", str(first)]) == 0
+    assert cli.main([*common, "--epochs", "1", "--max-minutes", "0", "--out", str(second),
+                     "--init", str(first)]) == 0
+    config = json.loads((second / "config.json").read_text())
+    assert config["init"]["folder"] == str(first) and config["init"]["epochs_run"] == 2
+    assert f"--init {first}" in config["command"]
+    assert json.loads((first / "config.json").read_text())["init"] is None
+
+    def weights(folder):
+        encoder, _ = models.build_encoder("dinov2", input_shape=(32, 32, 1), input_size=28, weights=folder)
+        return np.concatenate([np.ravel(w) for w in encoder.get_weights()])
+
+    fresh, _ = models.build_encoder("dinov2", input_shape=(32, 32, 1), input_size=28,
+                                    dinov2_config=models.DINOV2_CPU_CONFIG)
+    fresh = np.concatenate([np.ravel(w) for w in fresh.get_weights()])
+    start, after = weights(first), weights(second)     # one step from the first run's weights
+    assert np.abs(after - start).mean() < 0.1 * np.abs(after - fresh).mean()
+
+
 # ---------------------------------------------------------------------- shipped encoder
 
 

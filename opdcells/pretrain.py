@@ -784,6 +784,7 @@ def pretrain(data=None, *, backbone: str = "mobilenetv2", method: str = "simclr"
     datasets = _open_all(data)
     started = time.perf_counter()
     git = _git_commit()    # the code that runs, recorded before a long run (the tree may change meanwhile)
+    init_from = _init_record(init, BACKBONES[backbone])   # likewise the starting folder, before it can change
     try:
         stream, n_maps, data_record, n_classes = _training_data(
             method, datasets, n_sim=n_sim, seed=seed, batch_size=batch_size, exclude_test=exclude_test,
@@ -820,7 +821,7 @@ def pretrain(data=None, *, backbone: str = "mobilenetv2", method: str = "simclr"
         history=history, epochs=epochs, steps=counter.steps, steps_per_epoch=steps_per_epoch,
         batch_size=batch_size, learning_rate=learning_rate, weight_decay=weight_decay, seed=seed,
         fit_time=fit_time, total_time=time.perf_counter() - started, stopped_early=limit.hit,
-        max_minutes=max_minutes, git=git, init=init,
+        max_minutes=max_minutes, git=git, init_from=init_from,
         probe={"before": probe_before, "after": probe_after, "record": probe.record} if probe else None,
         command=command or _python_command(data, backbone, method, out, epochs, input_size, n_sim, seed,
                                            batch_size))
@@ -867,7 +868,7 @@ def _python_command(data, backbone, method, out, epochs, input_size, n_sim, seed
 
 def _pretrain_config(*, info, method, backbone, trainer, data_record, history, epochs, steps, steps_per_epoch,
                      batch_size, learning_rate, weight_decay, seed, fit_time, total_time, stopped_early,
-                     max_minutes, probe, command, git, init=None) -> dict:
+                     max_minutes, probe, command, git, init_from=None) -> dict:
     losses = history.get("loss") or [float("nan")]
     return {
         "method": method,
@@ -890,20 +891,22 @@ def _pretrain_config(*, info, method, backbone, trainer, data_record, history, e
         "command": command,
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "versions": train_versions(),
-        "init": _init_record(init),
+        "init_from": init_from,
         "git": git,
         "build_info": {k: v for k, v in info.items() if k not in ("weights_note",)},
     }
 
 
-def _init_record(init) -> dict | None:
-    """Where a continued pretraining started: the folder and what its own config says it was."""
+def _init_record(init, architecture: str) -> dict | None:
+    """Where a continued pretraining starts: the folder and what its own config says it was."""
     if init is None:
         return None
-    if str(init) == "opd":
-        return {"folder": "opd (the shipped encoder of the family)"}
+    if str(init).lower() == "opd":
+        init = models.OPD_DINOV2_DIR if architecture == "dinov2" else models.OPD_PRETRAINED_DIR
+    if not Path(init).exists():
+        raise ValueError(f"--init {init}: no such encoder folder or weights file")
     record = {"folder": str(init)}
-    config = models.saved_encoder_config("mobilenetv2", init) or {}
+    config = models.saved_encoder_config(architecture, init) or {}
     for key in ("method", "input_size", "epochs_run", "command"):
         if key in config:
             record[key] = config[key]
@@ -935,12 +938,17 @@ def _data_summary(data: dict) -> str:
                      for d in data["datasets"]) + "; labels NOT used"
 
 
-def _probe_table(probe: dict) -> list[str]:
+def _probe_labels(config: dict) -> tuple[tuple[str, str], ...]:
+    start = f"start ({config['init_from']['folder']})" if config.get("init_from") else "random init"
+    return (start, "before"), ("pretrained", "after")
+
+
+def _probe_table(probe: dict, labels) -> list[str]:
     rows = [f"Frozen-embedding probes on {probe['record']['n_maps']} simulated maps from unseen sessions "
             "(classifier trained on half of each class' sessions, tested on the others); accuracy:", "",
             "| encoder | 5-class linear | 5-class 5-NN | cancer vs blood linear | cancer vs blood 5-NN |",
             "|---|---|---|---|---|"]
-    for label, key in (("random init", "before"), ("pretrained", "after")):
+    for label, key in labels:
         cells = [f"{probe[key][task][kind]['accuracy']:.3f}"
                  for task in PROBE_TASKS for kind in ("linear", "knn")]
         rows.append(f"| {label} | " + " | ".join(cells) + " |")
@@ -965,8 +973,10 @@ def _readme(name: str, config: dict) -> str:
         f"* data: {_data_summary(config['data'])}",
         f"* {config['epochs_run']} epochs, {config['steps']} steps of {batch} maps, "
         f"final loss {config['final_loss']:.4f}, {config['time_s']:.0f} s",
+        *([f"* continued from `{config['init_from']['folder']}` (its command: "
+           f"`{config['init_from'].get('command', '?')}`)"] if config.get("init_from") else []),
         f"* opdcells {__version__}, keras {keras.__version__}, tensorflow {tf.__version__}", "",
-        *(_probe_table(config["probe"]) if config.get("probe") else []),
+        *(_probe_table(config["probe"], _probe_labels(config)) if config.get("probe") else []),
         "Reproduce:", "", "```", config["command"], "```", "",
         use,
     ]
@@ -1044,7 +1054,7 @@ def run(args) -> int:
     print(f"{result.folder}: {cfg['method']} {cfg['backbone']}, {cfg['steps']} steps, final loss "
           f"{cfg['final_loss']:.4f}, {cfg['time_s']:.0f} s")
     if cfg.get("probe"):
-        for label, key in (("random init", "before"), ("pretrained", "after")):
+        for label, key in _probe_labels(cfg):
             for task, probe in cfg["probe"][key].items():
                 print(f"  probe {label}, {task}: linear accuracy {probe['linear']['accuracy']:.3f}, "
                       f"k-NN accuracy {probe['knn']['accuracy']:.3f}")

@@ -266,7 +266,7 @@ def test_cli_pretrain_supervised_sim(tmp_path, capsys):
     assert str(out) in capsys.readouterr().out
 
 
-def test_cli_pretrain_continues_from_an_encoder_folder(tmp_path):
+def test_cli_pretrain_continues_from_an_encoder_folder(tmp_path, capsys):
     common = ["pretrain", "--method", "supervised-sim", "--backbone", "dinov2", "--n-sim", "10",
               "--batch-size", "5", "--input-size", "28", "--sim-cache", str(tmp_path / "cache"), "-q"]
     first, second = tmp_path / "first", tmp_path / "second"
@@ -274,9 +274,14 @@ def test_cli_pretrain_continues_from_an_encoder_folder(tmp_path):
     assert cli.main([*common, "--epochs", "1", "--max-minutes", "0", "--out", str(second),
                      "--init", str(first)]) == 0
     config = json.loads((second / "config.json").read_text())
-    assert config["init"]["folder"] == str(first) and config["init"]["epochs_run"] == 2
+    assert config["init"] == "opd-pretrained"
+    assert config["init_from"]["folder"] == str(first) and config["init_from"]["epochs_run"] == 2
     assert f"--init {first}" in config["command"]
-    assert json.loads((first / "config.json").read_text())["init"] is None
+    assert f"continued from `{first}`" in (second / "README.md").read_text()
+    assert json.loads((first / "config.json").read_text())["init_from"] is None
+    capsys.readouterr()
+    assert cli.main([*common, "--out", str(tmp_path / "third"), "--init", str(tmp_path / "absent")]) == 2
+    assert "absent: no such encoder folder" in capsys.readouterr().err
 
     def weights(folder):
         encoder, _ = models.build_encoder("dinov2", input_shape=(32, 32, 1), input_size=28, weights=folder)

@@ -18,6 +18,7 @@ from opdcells.splits import Split  # noqa: E402
 from opdcells.tasks import TaskError, task_targets  # noqa: E402
 from opdcells.train import (  # noqa: E402
     FILES,
+    PRETRAINED_LEARNING_RATE,
     TTA_DIHEDRAL,
     ModelError,
     estimate_norm_scale,
@@ -274,6 +275,7 @@ def test_a_pretrained_encoder_sets_width_input_size_and_normalisation(data, tmp_
     assert settings.model_kw["alpha"] == 0.5 and settings.input_size == 32   # not the full profile's 1.0, 128
     assert resolve_settings("mobilenetv2", "full", weights=str(folder), input_size=48).input_size == 48
     assert settings.head_epochs == 2 and settings.freeze_batchnorm              # pretrained: LP-FT, BN fixed
+    assert settings.learning_rate == PRETRAINED_LEARNING_RATE < resolve_settings("mobilenetv2").learning_rate
     scratch = resolve_settings("mobilenetv2", "full")
     assert scratch.head_epochs == 0 and not scratch.freeze_batchnorm
     result = train(data, "mobilenetv2", "cancer_vs_blood", tmp_path / "run", weights=str(folder), epochs=1,

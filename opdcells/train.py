@@ -465,6 +465,10 @@ class SavedModel:
         """Whether the model predicts with test-time augmentation (config ``test_time_augmentation``)."""
         return self.config.get("test_time_augmentation") == TTA_DIHEDRAL
 
+    def uses_tta(self, tta: bool | None = None) -> bool:
+        """``tta`` if given, else the model's own setting."""
+        return self.tta if tta is None else bool(tta)
+
     def predict_proba(self, maps, batch_size: int = 64, *, tta: bool | None = None) -> np.ndarray:
         """Class probabilities (N, K) of OPD maps in nm, (N, S, S) or (N, S, S, 1), at the model's
         pixel size and map size (``config['pixel_size_um']``, ``config['out_size']``). ``tta``: mean
@@ -472,7 +476,7 @@ class SavedModel:
         maps = self._check_maps(maps)
         if len(maps) == 0:
             return np.empty((0, len(self.class_names)), dtype=np.float32)
-        if not (self.tta if tta is None else tta):
+        if not self.uses_tta(tta):
             return self.learner.predict_proba(maps, batch_size=batch_size)
         chunks = []
         for start in range(0, len(maps), TTA_CHUNK):   # 8 views of a chunk at a time: bounded memory
@@ -491,7 +495,7 @@ class SavedModel:
             indices = np.arange(len(ds)) if indices is None else np.asarray(indices, dtype=np.int64)
             if len(indices) == 0:
                 return np.empty((0, len(self.class_names)), dtype=np.float32)
-            if self.tta if tta is None else tta:
+            if self.uses_tta(tta):
                 return np.concatenate([self.predict_proba(maps, batch_size, tta=True)
                                        for maps in iter_maps(ds, indices, batch_size=TTA_CHUNK)])
             return self.learner.predict_indices(ds, indices, batch_size=batch_size)
@@ -601,7 +605,7 @@ def evaluate_model(model: SavedModel, dataset, indices=None, *, batch_size: int 
         y_true = y_all[indices]
         report = classification_report(y_true, proba, model.class_names, n_boot=n_boot, seed=seed,
                                        positive_class=_positive_class(model.class_names))
-        report["test_time_augmentation"] = TTA_DIHEDRAL if (model.tta if tta is None else tta) else None
+        report["test_time_augmentation"] = TTA_DIHEDRAL if model.uses_tta(tta) else None
         return Evaluation(report, indices, y_true, proba, model.class_names)
 
 

@@ -283,20 +283,26 @@ def set_bn_momentum(model, momentum: float) -> int:
 
 def _default_opd_weights(family: str = "mobilenetv2") -> Path | str:
     """The shipped OPD-pretrained folder of ``family``, or "none" (with a loud warning) when absent."""
-    folder = OPD_DINOV2_DIR if family == "dinov2" else OPD_PRETRAINED_DIR
+    folder = opd_folder(family)
     if (folder / ENCODER_WEIGHTS).is_file():
         return folder
     _loud_random(f"OPD-pretrained {family} weights", FileNotFoundError(f"no {folder}"))
     return "none"
 
 
+def opd_folder(name: str) -> Path | None:
+    """The shipped OPD-pretrained encoder folder of ``name``'s family (what ``weights="opd"`` loads), or
+    None for a family without one."""
+    return {"mobilenetv2": OPD_PRETRAINED_DIR, "dinov2": OPD_DINOV2_DIR}.get(_family(name))
+
+
 def saved_encoder_config(name: str, weights) -> dict | None:
     """The ``config.json`` of the encoder folder ``build_encoder(name, weights=weights)`` would load
     (``opd_mobilenetv2``'s default and "opd" included), or None (random, ImageNet, a bare file, absent)."""
     if (name == "opd_mobilenetv2" and _is_random(weights)) or _is_opd(weights):
-        if _family(name) not in ("mobilenetv2", "dinov2"):
+        weights = opd_folder(name)
+        if weights is None:
             return None
-        weights = OPD_DINOV2_DIR if _family(name) == "dinov2" else OPD_PRETRAINED_DIR
     if _is_random(weights) or weights == "imagenet" or not (Path(weights) / ENCODER_CONFIG).is_file():
         return None
     try:
@@ -321,7 +327,7 @@ def _load_encoder_weights(encoder, file: Path, name: str) -> None:
 def _resolve_weights(name: str, weights, alpha, dinov2_config, input_size: int, norm_scale_nm: float):
     """``(kind, file, alpha, dinov2_config)``: kind is "random", "imagenet" or "file"."""
     if (name == "opd_mobilenetv2" and _is_random(weights)) or _is_opd(weights):
-        if name not in ("opd_mobilenetv2", "mobilenetv2", "dinov2"):
+        if opd_folder(name) is None:
             raise ValueError(f"no shipped OPD-pretrained weights for {name}: use mobilenetv2 or dinov2")
         weights = _default_opd_weights(_family(name))
     if _is_random(weights):

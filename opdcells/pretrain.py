@@ -902,7 +902,7 @@ def _init_record(init, architecture: str) -> dict | None:
     if init is None:
         return None
     if str(init).lower() == "opd":
-        init = models.OPD_DINOV2_DIR if architecture == "dinov2" else models.OPD_PRETRAINED_DIR
+        init = models.opd_folder(architecture)
     if not Path(init).exists():
         raise ValueError(f"--init {init}: no such encoder folder or weights file")
     record = {"folder": str(init)}

@@ -27,12 +27,14 @@ from opdcells.ingest import (
     Found,
     IngestOptions,
     ProcessedExport,
+    add_reading_options,
     discover,
     file_key,
+    positive_number,
     read_manifest,
+    reading_options,
     stack_group,
 )
-from opdcells.metadata import UNITS
 from opdcells.preprocess import PreprocessConfig
 
 log = logging.getLogger("load_data")
@@ -56,13 +58,6 @@ exit status:
 """
 
 
-def _positive(text: str) -> float:
-    value = float(text)
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number, not {text}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="load_data.py", description=__doc__.split("\n\n")[0], epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -74,15 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--manifest", type=Path, metavar="CSV",
                    help="CSV with columns path,label and optional units,wavelength_nm,pixel_size_um,"
                         "medium_index,var per row (row values win over the options below)")
-    p.add_argument("--var", metavar="NAME", help="variable / key / dataset holding the maps in each export")
-    p.add_argument("--stack-axis", type=int, metavar="N", help="axis of a 3-D array that indexes the maps")
-    p.add_argument("--units", choices=UNITS, help="units of the stored values (rad needs a wavelength)")
-    p.add_argument("--wavelength-nm", type=_positive, metavar="NM", help="vacuum imaging wavelength")
-    p.add_argument("--pixel-size-um", type=_positive, metavar="UM", help="object-plane pixel size of exports")
-    p.add_argument("--medium-index", type=_positive, metavar="N", help="refractive index of the medium")
-    p.add_argument("--fields", action="store_true", help="exports are fields of view: segment single cells")
-    p.add_argument("--hologram", action="store_true", help="exports are off-axis holograms to reconstruct")
-    p.add_argument("--out-pixel-size-um", type=_positive, metavar="UM",
+    add_reading_options(p)
+    p.add_argument("--out-pixel-size-um", type=positive_number, metavar="UM",
                    help="pixel size of the dataset maps (default: the existing dataset's, else 0.25)")
     p.add_argument("--out-size", type=int, metavar="PX",
                    help="side of the dataset maps (default: the existing dataset's, else 128)")
@@ -257,10 +245,7 @@ def report(summary: Summary, writer: DatasetWriter, out: Path) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    options = IngestOptions(var=args.var, stack_axis=args.stack_axis, units=args.units,
-                            wavelength_nm=args.wavelength_nm, pixel_size_um=args.pixel_size_um,
-                            medium_index=args.medium_index, fields=args.fields, hologram=args.hologram,
-                            config=resolve_config(args))
+    options = IngestOptions(**reading_options(args), config=resolve_config(args))
     jobs = collect_jobs(args, options)
     if not jobs:
         log.error("no export files found in %s", ", ".join(map(str, args.sources or [args.manifest])))

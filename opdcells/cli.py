@@ -161,7 +161,7 @@ def run_evaluate(args) -> int:
 
 
 def register_predict(subparsers) -> None:
-    from .metadata import UNITS
+    from .ingest import add_reading_options
 
     p = subparsers.add_parser("predict", parents=[_common()], help="predict classes of new exports",
                               description="Read exports exactly like load_data.py (at the model's pixel "
@@ -171,14 +171,7 @@ def register_predict(subparsers) -> None:
     p.add_argument("model", metavar="MODEL", help="model folder or run name under saved_models/")
     p.add_argument("exports", nargs="+", type=Path, metavar="EXPORT", help="export files or folders")
     p.add_argument("--out", required=True, type=Path, metavar="PREDS.csv")
-    p.add_argument("--var", metavar="NAME", help="variable / key / dataset holding the maps in each export")
-    p.add_argument("--stack-axis", type=int, metavar="N", help="axis of a 3-D array that indexes the maps")
-    p.add_argument("--units", choices=UNITS, help="units of the stored values (rad needs a wavelength)")
-    p.add_argument("--wavelength-nm", type=float, metavar="NM")
-    p.add_argument("--pixel-size-um", type=float, metavar="UM", help="object-plane pixel size of the exports")
-    p.add_argument("--medium-index", type=float, metavar="N")
-    p.add_argument("--fields", action="store_true", help="exports are fields of view: segment single cells")
-    p.add_argument("--hologram", action="store_true", help="exports are off-axis holograms to reconstruct")
+    add_reading_options(p)
     p.add_argument("--batch-size", type=int, default=64, metavar="B")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                    help="mean over each map's 8 rotations and reflections (default: as the model was saved)")
@@ -186,13 +179,12 @@ def register_predict(subparsers) -> None:
 
 
 def run_predict(args) -> int:
+    from .ingest import reading_options
     from .predict import ingest_options, predict_files
     from .train import load_model
 
     model = load_model(args.model)
-    options = ingest_options(model, var=args.var, stack_axis=args.stack_axis, units=args.units,
-                             wavelength_nm=args.wavelength_nm, pixel_size_um=args.pixel_size_um,
-                             medium_index=args.medium_index, fields=args.fields, hologram=args.hologram)
+    options = ingest_options(model, **reading_options(args))
     result = predict_files(model, args.exports, args.out, options=options, batch_size=args.batch_size,
                            tta=args.tta, progress=not args.quiet)
     print(f"{result.n_maps} maps from {result.n_files} files -> {result.out}"

@@ -8,12 +8,14 @@ view into cells) -> preprocess. Every failure surfaces as an ExportError naming 
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import csv
 import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -68,6 +70,42 @@ class IngestOptions:
 
     def replace(self, **changes) -> IngestOptions:
         return dataclasses.replace(self, **changes)
+
+
+# --------------------------------------------------------------------------------------- command line
+
+#: IngestOptions fields set from the command line by :func:`add_reading_options` (argparse dest names).
+READING_OPTIONS = ("var", "stack_axis", "units", "wavelength_nm", "pixel_size_um", "medium_index", "fields",
+                   "hologram")
+
+
+def positive_number(text: str) -> float:
+    """argparse type: a positive finite number."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, not {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive number, not {text}")
+    return value
+
+
+def add_reading_options(parser: argparse.ArgumentParser) -> None:
+    """Add the options that say how to read exports (shared by ``load_data.py`` and ``predict``)."""
+    add = parser.add_argument
+    add("--var", metavar="NAME", help="variable / key / dataset holding the maps in each export")
+    add("--stack-axis", type=int, metavar="N", help="axis of a 3-D array that indexes the maps")
+    add("--units", choices=UNITS, help="units of the stored values (rad needs a wavelength)")
+    add("--wavelength-nm", type=positive_number, metavar="NM", help="vacuum imaging wavelength")
+    add("--pixel-size-um", type=positive_number, metavar="UM", help="object-plane pixel size of the exports")
+    add("--medium-index", type=positive_number, metavar="N", help="refractive index of the medium")
+    add("--fields", action="store_true", help="exports are fields of view: segment single cells")
+    add("--hologram", action="store_true", help="exports are off-axis holograms to reconstruct")
+
+
+def reading_options(args: argparse.Namespace) -> dict:
+    """The IngestOptions fields given on a command line built with :func:`add_reading_options`."""
+    return {name: getattr(args, name) for name in READING_OPTIONS}
 
 
 # --------------------------------------------------------------------------------------- identity

@@ -235,6 +235,9 @@ class Reader(abc.ABC):
         self.stack_axis = stack_axis
         self.variable: str | None = None        # name of the variable read, for container formats
         self.file_meta = Meta()
+        #: True when the reader itself fixes the units (phase in rad from complex fields, holograms,
+        #: qpimage; OPD in nm from Phasics): a conflicting user ``units`` is then refused by ingest.
+        self.units_fixed = False
         self._resources = contextlib.ExitStack()
 
     @classmethod
@@ -299,6 +302,7 @@ class ArrayReader(Reader):
             raise
         if self.dtype.kind == "c":
             self.file_meta = replace(self.file_meta, units="rad")
+            self.units_fixed = True
         log.debug("%s: %s, %d map(s) of %s %s", self.path, self.name, len(self), self.map_shape, self.dtype)
 
     @abc.abstractmethod
@@ -568,6 +572,7 @@ class PhasicsTiffReader(Reader):
             with tifffile.TiffFile(self.path) as tif:
                 self._shape = tif.pages[PHASICS_OPD_PAGE].shape
             self.file_meta = Meta(units="nm", wavelength_nm=self._wavelength_nm())
+            self.units_fixed = True
 
     def _wavelength_nm(self) -> float | None:
         """Wavelength from the Phasics XML tags (via qpformat), None when absent."""
@@ -625,6 +630,7 @@ class QPImageReader(Reader):
                 first = self._image(0)
                 self._shape = tuple(first.shape)
                 self.file_meta = meta_from_qpimage(first.meta, self.path)
+                self.units_fixed = True
         except BaseException:
             self.close()
             raise
@@ -689,6 +695,7 @@ class HologramReader(Reader):
             raise
         self.variable = source.variable
         self.file_meta = replace(source.file_meta, units="rad")
+        self.units_fixed = True
 
     def _check_source(self, source: Reader) -> ArrayReader:
         if not isinstance(source, ArrayReader):

@@ -22,10 +22,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from .errors import ExportError, OPDCellsError
+from .errors import ExportError, MetadataError, OPDCellsError
 from .metadata import UNITS, Meta
-from .preprocess import PreprocessConfig, ProcessedMap, check_map, fill_nonfinite, preprocess_map, to_opd_nm
-from .readers import EXPORT_SUFFIXES, open_export
+from .preprocess import (
+    DEFAULT_RANGES,
+    PlausibleRanges,
+    PreprocessConfig,
+    ProcessedMap,
+    opd_of,
+    preprocess_map,
+)
+from .readers import EXPORT_SUFFIXES, SampleScale, open_export
 from .segment import segment_field
 
 log = logging.getLogger(__name__)
@@ -42,7 +49,12 @@ class IngestOptions:
     units, wavelength_nm, pixel_size_um, medium_index: user metadata (see :class:`Meta`).
     fields: each map is a field of view, segmented into single cells first.
     hologram: exports are raw off-axis holograms to reconstruct.
+    channel: channel holding the maps in multi-channel files (ImageJ hyperstacks, OME-TIFF, RGB pages).
+    scale, offset: calibration of the stored samples, ``value = offset + scale * sample`` (required for
+        integer samples unless the file carries its own, e.g. ImageJ's; wins over the file's).
+    invert_phase: multiply every map by -1 (exports whose phase sign convention is reversed).
     config: preprocessing settings (output pixel size and size, background order, alpha).
+    ranges: plausible physical ranges of each cell (:class:`~opdcells.preprocess.PlausibleRanges`).
     """
 
     var: str | None = None
@@ -53,10 +65,19 @@ class IngestOptions:
     medium_index: float | None = None
     fields: bool = False
     hologram: bool = False
+    channel: int | None = None
+    scale: float | None = None
+    offset: float | None = None
+    invert_phase: bool = False
     config: PreprocessConfig = field(default_factory=PreprocessConfig)
+    ranges: PlausibleRanges = field(default_factory=PlausibleRanges)
 
     def __post_init__(self):
         self.user_meta  # noqa: B018 - validates units and numbers (ValueError)
+        if self.offset is not None and self.scale is None:
+            raise ValueError("--offset needs --scale (value = offset + scale * sample)")
+        if self.scale is not None and not (math.isfinite(self.scale) and self.scale != 0):
+            raise ValueError(f"scale must be a finite non-zero number, not {self.scale!r}")
 
     @property
     def user_meta(self) -> Meta:
@@ -64,9 +85,21 @@ class IngestOptions:
 
     @property
     def identity(self) -> str:
-        """The options that change which maps a file yields (part of the file key)."""
-        return json.dumps({"var": self.var, "stack_axis": self.stack_axis, "fields": self.fields,
-                           "hologram": self.hologram}, sort_keys=True, separators=(",", ":"))
+        """The options that change which maps a file yields (part of the file key). Options added
+        later count only when set, so the keys of existing datasets stay valid."""
+        ident = {"var": self.var, "stack_axis": self.stack_axis, "fields": self.fields,
+                 "hologram": self.hologram}
+        later = {"channel": self.channel, "scale": self.scale, "offset": self.offset,
+                 "invert_phase": self.invert_phase or None}
+        ident.update({k: v for k, v in later.items() if v is not None})
+        return json.dumps(ident, sort_keys=True, separators=(",", ":"))
+
+    @property
+    def sample_scale(self) -> SampleScale | None:
+        """The user's calibration of the stored samples, None if not given."""
+        if self.scale is None:
+            return None
+        return SampleScale(self.scale, self.offset or 0.0, source="--scale")
 
     def replace(self, **changes) -> IngestOptions:
         return dataclasses.replace(self, **changes)
@@ -76,7 +109,7 @@ class IngestOptions:
 
 #: IngestOptions fields set from the command line by :func:`add_reading_options` (argparse dest names).
 READING_OPTIONS = ("var", "stack_axis", "units", "wavelength_nm", "pixel_size_um", "medium_index", "fields",
-                   "hologram")
+                   "hologram", "channel", "scale", "offset", "invert_phase")
 
 
 def positive_number(text: str) -> float:
@@ -101,11 +134,37 @@ def add_reading_options(parser: argparse.ArgumentParser) -> None:
     add("--medium-index", type=positive_number, metavar="N", help="refractive index of the medium")
     add("--fields", action="store_true", help="exports are fields of view: segment single cells")
     add("--hologram", action="store_true", help="exports are off-axis holograms to reconstruct")
+    add("--channel", type=int, metavar="K",
+        help="channel holding the OPD/phase maps in multi-channel files (ImageJ hyperstacks, OME-TIFF)")
+    add("--scale", type=float, metavar="X", help="value per stored sample: value = offset + X * sample "
+                                                 "(needed for integer samples without a calibration)")
+    add("--offset", type=float, metavar="Y", help="value of sample 0 (with --scale)")
+    add("--invert-phase", action="store_true", help="multiply every map by -1 (reversed phase sign)")
+    add("--plausible", type=plausible_range, action="append", default=[], metavar="NAME=LOW:HIGH",
+        help="widen a plausibility range: " + ", ".join(f"{f.name} ({getattr(DEFAULT_RANGES, f.name)[0]:g}"
+                                                         f"-{getattr(DEFAULT_RANGES, f.name)[1]:g})"
+                                                         for f in dataclasses.fields(PlausibleRanges)))
+
+
+def plausible_range(text: str) -> tuple[str, tuple[float, float]]:
+    """argparse type: ``NAME=LOW:HIGH`` -> ``(NAME, (LOW, HIGH))``."""
+    try:
+        name, bounds = text.split("=", 1)
+        low, high = (float(v) for v in bounds.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected NAME=LOW:HIGH, not {text!r}") from None
+    return name.strip(), (low, high)
 
 
 def reading_options(args: argparse.Namespace) -> dict:
-    """The IngestOptions fields given on a command line built with :func:`add_reading_options`."""
-    return {name: getattr(args, name) for name in READING_OPTIONS}
+    """The IngestOptions fields given on a command line built with :func:`add_reading_options`.
+
+    Raises ValueError for an unknown or empty plausibility range.
+    """
+    options = {name: getattr(args, name) for name in READING_OPTIONS}
+    if args.plausible:
+        options["ranges"] = DEFAULT_RANGES.widened(**dict(args.plausible))
+    return options
 
 
 # --------------------------------------------------------------------------------------- identity
@@ -288,7 +347,7 @@ class ProcessedExport:
         self.on_error = on_error
         with _export_errors(self.path):
             self._reader = open_export(self.path, var=options.var, stack_axis=options.stack_axis,
-                                       hologram=options.hologram)
+                                       hologram=options.hologram, channel=options.channel)
             try:
                 self._n = len(self._reader)
             except BaseException:
@@ -311,9 +370,36 @@ class ProcessedExport:
     def __iter__(self) -> Iterator[tuple[int, ProcessedMap, Meta]]:
         with _export_errors(self.path):
             file_meta = self._reader.file_meta
+            self._check_units(file_meta)
+            scale = self._sample_scale()
+            sign = -1.0 if self.options.invert_phase else 1.0
             for raw in self._reader:
-                meta = self.options.user_meta.over(raw.meta.over(file_meta)).check(self.path)
-                yield from self._process(raw.data, raw.index, meta)
+                meta = self.options.user_meta.over(raw.meta.over(file_meta)).check(
+                    self.path, self._reader.meta_problems)
+                data = raw.data if scale is None else scale.apply(raw.data)
+                yield from self._process(sign * data, raw.index, meta)
+
+    def _check_units(self, file_meta: Meta) -> None:
+        """Refuse user units that conflict with the units the reader itself fixes (phase in rad from a
+        complex field, a hologram or qpimage; OPD in nm from Phasics)."""
+        given = self.options.units
+        if self._reader.units_fixed and given is not None and given != file_meta.units:
+            raise MetadataError(self.path, f"the {self._reader.name} reader gives {file_meta.units} "
+                                           f"(the file holds {_fixed_units_reason(self._reader)}), so "
+                                           f"--units {given} cannot apply; leave --units out for this file")
+
+    def _sample_scale(self) -> SampleScale | None:
+        """The calibration to apply: the user's, else (integer samples) the file's; integer samples
+        without either are refused (counts are not OPD or phase)."""
+        scale = self.options.sample_scale
+        if scale is not None or not self._reader.integer_samples:
+            return scale
+        if self._reader.sample_scale is not None:
+            log.debug("%s: integer samples calibrated by %s", self.path, self._reader.sample_scale.source)
+            return self._reader.sample_scale
+        raise ExportError(self.path, f"holds integer samples ({self._reader.dtype}): camera counts or "
+                                     "scaled values are not OPD or phase without their scale; give --scale "
+                                     "VALUE_PER_SAMPLE (and --offset), or export floating-point values")
 
     def _where(self, index: int, cell: int | None = None) -> str:
         """How errors name a map: the file, plus the map (in a stack) and cell (in a field)."""
@@ -332,26 +418,31 @@ class ProcessedExport:
         single = self._n <= 1
         if not self.options.fields:
             try:
-                yield index, preprocess_map(data, meta, config, path=self._where(index)), meta
+                yield index, preprocess_map(data, meta, config, path=self._where(index),
+                                            ranges=self.options.ranges), meta
             except ExportError as exc:
                 self._bad(exc, whole_file=single)
             return
         try:
-            crops, crop_meta = _segment(data, meta, self._where(index))
+            crops, crop_meta = _segment(data, meta, config, self._where(index))
         except ExportError as exc:
             self._bad(exc, whole_file=single)
             return
         for cell, crop in enumerate(crops):
             try:
-                yield index, preprocess_map(crop.data, crop_meta, config, path=self._where(index, cell)), meta
+                yield index, preprocess_map(crop.data, crop_meta, config, path=self._where(index, cell),
+                                            ranges=self.options.ranges), meta
             except ExportError as exc:
                 self._bad(exc)
 
 
-def _segment(data, meta: Meta, where: str):
+def _fixed_units_reason(reader) -> str:
+    return {"rad": "phase in rad", "nm": "OPD in nm"}.get(reader.file_meta.units, reader.file_meta.units)
+
+
+def _segment(data, meta: Meta, config: PreprocessConfig, where: str):
     """Cell crops (in nm) of one field of view and the metadata that describes them."""
-    check_map(data, where)
-    opd_nm = to_opd_nm(fill_nonfinite(data), meta.units, meta.wavelength_nm, path=where)
+    opd_nm = opd_of(data, meta, config, where)
     crops = segment_field(opd_nm, meta.pixel_size_um, path=where)
     return crops, dataclasses.replace(meta, units="nm")
 

@@ -7,7 +7,9 @@ from dataclasses import dataclass
 
 from .errors import MetadataError
 
-UNITS = ("nm", "um", "rad")
+#: Units of stored values: optical path delay (nm, um), phase (rad) or dry-mass surface density (pg/um2,
+#: as Q-Phase-type instruments export it; OPD = density * alpha, see ``opdcells.preprocess.to_opd_nm``).
+UNITS = ("nm", "um", "rad", "pg/um2")
 
 #: Keys every map needs before it can become OPD in nanometres at a known scale.
 REQUIRED_KEYS = ("units", "pixel_size_um")
@@ -19,7 +21,8 @@ OPTIONAL_KEYS = ("wavelength_nm", "medium_index")
 class Meta:
     """Metadata of one map or file. ``None`` means unknown.
 
-    units: unit of the stored values: "nm" or "um" (optical path delay) or "rad" (phase).
+    units: unit of the stored values: "nm" or "um" (optical path delay), "rad" (phase) or "pg/um2"
+        (dry-mass surface density).
     wavelength_nm: vacuum imaging wavelength in nanometres.
     pixel_size_um: object-plane pixel size in micrometres.
     medium_index: refractive index of the medium around the cells.
@@ -53,14 +56,23 @@ class Meta:
             keys.append("wavelength_nm")
         return keys
 
-    def check(self, path) -> Meta:
-        """Raise :class:`MetadataError` naming ``path`` and the missing keys; return self if complete."""
+    def check(self, path, problems: dict[str, str] | None = None) -> Meta:
+        """Raise :class:`MetadataError` naming ``path`` and the missing keys; return self if complete.
+
+        ``problems``: key -> what the file's unusable variable for that key holds (see
+        ``opdcells.readers.meta_from_variables``); named in the message when that key is missing.
+        """
         missing = self.missing()
         if missing:
-            hints = {"units": "--units nm|um|rad", "pixel_size_um": "--pixel-size-um",
+            problems = problems or {}
+            hints = {"units": "--units " + "|".join(UNITS), "pixel_size_um": "--pixel-size-um",
                      "wavelength_nm": "--wavelength-nm"}
-            raise MetadataError(path, "missing metadata " + ", ".join(
-                f"{k} (give {hints[k]} or a manifest column)" for k in missing))
+
+            def why(key: str) -> str:
+                found = f"the file's {key!r} variable is {problems[key]}; " if key in problems else ""
+                return f"{key} ({found}give {hints[key]} or a manifest column)"
+
+            raise MetadataError(path, "missing metadata " + ", ".join(map(why, missing)))
         return self
 
     def as_dict(self) -> dict:

@@ -6,6 +6,7 @@ Pipeline (:func:`preprocess_map`): check -> to nm -> background -> mask -> dry m
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass
@@ -41,6 +42,12 @@ BORDER_FRACTION = 0.1
 SUPPORT_FRACTION = 0.01
 #: Nominal pixel size assumed by :func:`remove_background` when none is given (the default output).
 DEFAULT_PIXEL_SIZE_UM = 0.25
+#: A phase map (rad) is wrapped when its values stay within one 2 pi interval and at least this many
+#: neighbouring pixels differ by more than pi (unwrapped cell phase changes smoothly between pixels).
+MIN_WRAP_JUMPS = 5
+#: A map is inverted (the cell below the background) when its deepest dip below the border level is
+#: this many times its highest rise above it (halo artefacts around real cells are far shallower).
+INVERTED_RATIO = 2.0
 
 
 def _check_order(order: int) -> None:
@@ -77,6 +84,79 @@ class PreprocessConfig:
 DEFAULT_CONFIG = PreprocessConfig()
 
 
+@dataclass(frozen=True)
+class PlausibleRanges:
+    """Physical ranges that a single cell's map must fall in; maps outside are refused with the likely
+    cause (wrong ``--units``, a pixel size in nm typed as um, counts not scaled).
+
+    Each field is ``(low, high)``; an expert widens them with ``--plausible NAME=LOW:HIGH``.
+
+    peak_opd_nm: highest OPD of the cell. Cells are at most ~25 um thick with a refractive index at most
+        ~0.1 above the medium (nucleoli ~1.38-1.40 in media of 1.33-1.34; Choi et al. 2007, Nat. Methods
+        4:717), so ~2,500 nm; 5,000 nm leaves room. 10 nm is far below any cell's peak.
+    dry_mass_pg: red blood cells ~27-30 pg (Popescu et al. 2008, Am. J. Physiol. Cell Physiol.
+        295:C538); mammalian cells span tens to thousands of pg (Zangle & Teitell 2014, Nat. Methods
+        11:1221); 1 pg (platelets) to 5,000 pg (large polyploid cancer cells).
+    area_um2: projected area, from a platelet (~3 um^2) to a widely spread adherent cell (~10,000 um^2).
+    diameter_um: longest axis of the cell mask, 2 um (platelet) to 150 um (spread adherent cell).
+    """
+
+    peak_opd_nm: tuple[float, float] = (10.0, 5000.0)
+    dry_mass_pg: tuple[float, float] = (1.0, 5000.0)
+    area_um2: tuple[float, float] = (3.0, 10000.0)
+    diameter_um: tuple[float, float] = (2.0, 150.0)
+
+    def __post_init__(self):
+        for name, (low, high) in dataclasses.asdict(self).items():
+            if not (math.isfinite(low) and math.isfinite(high) and 0 <= low < high):
+                raise ValueError(f"plausible range of {name} must be 0 <= low < high, not {low}:{high}")
+
+    def widened(self, **ranges: tuple[float, float]) -> PlausibleRanges:
+        """A copy with the given ranges replaced (ValueError for unknown names)."""
+        unknown = set(ranges) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise ValueError(f"unknown plausibility range {sorted(unknown)}; known: "
+                             + ", ".join(f.name for f in dataclasses.fields(self)))
+        return dataclasses.replace(self, **ranges)
+
+
+DEFAULT_RANGES = PlausibleRanges()
+
+#: Why a value outside its range is most likely wrong, by (quantity, too low / too high).
+_LIKELY_CAUSE = {
+    ("peak_opd_nm", "high"): "values far too large: wrong --units (um or rad given for nm?), or integer "
+                             "counts not scaled (--scale)",
+    ("peak_opd_nm", "low"): "values far too small: wrong --units (nm given for um?) or a scale too small",
+    ("dry_mass_pg", "high"): "wrong --units, counts not scaled (--scale), or a pixel size too large "
+                             "(nm typed as um?)",
+    ("dry_mass_pg", "low"): "wrong --units or a pixel size too small",
+    ("area_um2", "high"): "a pixel size too large (nm typed as um?), or a field of view read as one cell "
+                          "(--fields)",
+    ("area_um2", "low"): "a pixel size too small, or debris rather than a cell",
+    ("diameter_um", "high"): "a pixel size too large (nm typed as um?), or a field of view read as one cell "
+                             "(--fields)",
+    ("diameter_um", "low"): "a pixel size too small, or debris rather than a cell",
+}
+_QUANTITY = {"peak_opd_nm": ("peak OPD", "nm"), "dry_mass_pg": ("dry mass", "pg"),
+             "area_um2": ("cell area", "um^2"), "diameter_um": ("cell diameter", "um")}
+
+
+def check_plausible(values: dict[str, float], ranges: PlausibleRanges, path) -> None:
+    """Raise ExportError naming ``path`` when a measured quantity lies outside its plausible range.
+
+    ``values``: quantity name (a field of :class:`PlausibleRanges`) -> measured value.
+    """
+    for name, value in values.items():
+        low, high = getattr(ranges, name)
+        if low <= value <= high:
+            continue
+        side = "low" if value < low else "high"
+        label, unit = _QUANTITY[name]
+        raise ExportError(path, f"implausible cell: {label} {value:,.4g} {unit} is outside "
+                                f"{low:,g}-{high:,g} {unit}; likely cause: {_LIKELY_CAUSE[(name, side)]} "
+                                f"(widen with --plausible {name}=LOW:HIGH if it is real)")
+
+
 @dataclass
 class ProcessedMap:
     """One cell: OPD (nm, float32, ``out_size`` square, background ~0, cell centred) and its dry mass."""
@@ -86,22 +166,27 @@ class ProcessedMap:
     area_um2: float
 
 
-def to_opd_nm(data, units: str, wavelength_nm: float | None = None, *, path="<array>") -> np.ndarray:
+def to_opd_nm(data, units: str, wavelength_nm: float | None = None, *, path="<array>",
+              alpha_ml_per_g: float = 0.19) -> np.ndarray:
     """Convert a map to optical path delay in nm (float64 copy).
 
-    nm: as is; um: x 1000; rad: phase * wavelength / (2 pi). Raises MetadataError for unknown units or a
-    missing/invalid wavelength with phase data.
+    nm: as is; um: x 1000; rad: phase * wavelength / (2 pi); pg/um2 (dry-mass surface density):
+    density * alpha * 1000, with the specific refraction increment ``alpha_ml_per_g`` (mL/g = um^3/pg, so
+    pg/um^2 * um^3/pg = um of OPD; the inverse of :func:`dry_mass_pg`). Raises MetadataError for unknown
+    units or a missing/invalid wavelength with phase data.
     """
     values = np.array(data, dtype=np.float64)
     if units == "nm":
         return values
     if units == "um":
         return values * 1000.0
+    if units == "pg/um2":
+        return values * (alpha_ml_per_g * 1000.0)
     if units == "rad":
         if wavelength_nm is None or not (math.isfinite(wavelength_nm) and wavelength_nm > 0):
             raise MetadataError(path, f"phase in rad needs a positive wavelength_nm, got {wavelength_nm!r}")
         return values * (wavelength_nm / (2.0 * np.pi))
-    raise MetadataError(path, f"unknown units {units!r} (expected nm, um or rad)")
+    raise MetadataError(path, f"unknown units {units!r} (expected nm, um, rad or pg/um2)")
 
 
 def check_map(data, path) -> None:
@@ -131,14 +216,43 @@ def check_map(data, path) -> None:
 
 
 def fill_nonfinite(data) -> np.ndarray:
-    """Float64 copy of ``data`` with each NaN/inf pixel replaced by its nearest finite neighbour."""
-    values = np.array(data, dtype=np.float64)
+    """Float64 (complex128 for complex input) copy of ``data`` with each NaN/inf pixel replaced by its
+    nearest finite neighbour."""
+    values = np.array(data, dtype=np.result_type(np.asarray(data).dtype, np.float64))
     bad = ~np.isfinite(values)
     if bad.any():
         nearest = ndi.distance_transform_edt(bad, return_distances=False, return_indices=True)
         values = values[tuple(nearest)]
         log.debug("filled %d non-finite pixels", int(bad.sum()))
     return values
+
+
+def check_not_wrapped(phase_rad, path) -> None:
+    """Raise ExportError if a phase map (rad) is wrapped: all values within one 2 pi interval and at
+    least ``MIN_WRAP_JUMPS`` neighbouring pixels that differ by more than pi."""
+    phase = np.asarray(phase_rad, dtype=np.float64)
+    finite = phase[np.isfinite(phase)]
+    if finite.size == 0 or np.ptp(finite) > 2 * np.pi * 1.01:
+        return
+    with np.errstate(invalid="ignore"):
+        jumps = sum(int((np.abs(np.diff(phase, axis=axis)) > np.pi).sum()) for axis in (0, 1))
+    if jumps >= MIN_WRAP_JUMPS:
+        raise ExportError(path, f"wrapped phase: the values stay within one 2 pi interval "
+                                f"({finite.min():.2f} to {finite.max():.2f} rad) with {jumps} jumps of more "
+                                "than pi between neighbouring pixels; unwrap it first (e.g. "
+                                "skimage.restoration.unwrap_phase) or export the complex field")
+
+
+def check_not_inverted(opd_nm, pixel_size_um: float, path) -> None:
+    """Raise ExportError if the cell lies below the background: the deepest dip of the smoothed map below
+    the level of its border frame is ``INVERTED_RATIO`` times its highest rise (a reversed phase sign)."""
+    smoothed = smooth(np.asarray(opd_nm, dtype=np.float64), pixel_size_um)
+    level, sigma = _robust_level(smoothed[_border_frame(smoothed.shape)])
+    rise, dip = smoothed.max() - level, level - smoothed.min()
+    if dip > INVERTED_RATIO * max(rise, 0.0) and dip > NOISE_K * sigma:
+        raise ExportError(path, f"inverted map: the cell lies below the background (deepest dip "
+                                f"{dip:.4g} nm, highest rise {rise:.4g} nm), so the phase sign is reversed; "
+                                "give --invert-phase (or, for a hologram, the other --sideband)")
 
 
 def smooth(opd_nm: np.ndarray, pixel_size_um: float) -> np.ndarray:
@@ -313,27 +427,43 @@ def dry_mass_pg(opd_nm, pixel_size_um: float, mask=None, alpha_ml_per_g: float =
     return float(total_nm * 1e-3 * pixel_size_um ** 2 / alpha_ml_per_g)
 
 
+def opd_of(data, meta: Meta, config: PreprocessConfig = DEFAULT_CONFIG, path="<array>") -> np.ndarray:
+    """A raw map (or field of view) as OPD in nm, checked: usable values (:func:`check_map`), phase not
+    wrapped, cell not below the background. Non-finite pixels are filled. Raises ExportError."""
+    check_map(data, path)
+    values = fill_nonfinite(data)
+    if meta.units == "rad":
+        check_not_wrapped(values, path)
+    opd = to_opd_nm(values, meta.units, meta.wavelength_nm, path=path, alpha_ml_per_g=config.alpha_ml_per_g)
+    check_not_inverted(opd, meta.pixel_size_um, path)
+    return opd
+
+
 def preprocess_map(data, meta: Meta, config: PreprocessConfig = DEFAULT_CONFIG,
-                   path="<array>") -> ProcessedMap:
+                   path="<array>", ranges: PlausibleRanges = DEFAULT_RANGES) -> ProcessedMap:
     """One raw map -> :class:`ProcessedMap` (OPD nm at ``config`` pixel size, centred, dry mass, area).
 
     Dry mass and area are measured at native resolution. Outside the (dilated) cell mask the output is
     exactly 0 (``opdcells.pipeline`` relies on it): neighbours, debris and background noise do not reach
     the model, and neither does the outline of the original field of view, whose size in the output
-    would betray the source microscope.
+    would betray the source microscope. The cell's peak OPD, dry mass, area and diameter must lie in
+    ``ranges`` (:class:`PlausibleRanges`).
 
-    Raises MetadataError if ``meta`` is incomplete and ExportError if the map is unusable or holds no cell.
+    Raises MetadataError if ``meta`` is incomplete and ExportError if the map is unusable, holds no cell,
+    is wrapped or inverted, or the cell is implausible.
     """
     meta.check(path)
-    check_map(data, path)
     px = meta.pixel_size_um
-    opd = to_opd_nm(fill_nonfinite(data), meta.units, meta.wavelength_nm, path=path)
+    opd = opd_of(data, meta, config, path)
     opd = remove_background(opd, order=config.background_order, pixel_size_um=px, path=path)
     core = cell_mask(opd, px, margin_um=0.0)
     mask = dilate(core, MASK_MARGIN_UM / px)
     if not core.any() or not _stands_out(smooth(opd, px), core, mask):
         raise ExportError(path, "no cell found: nothing rises clearly above the background noise")
     mass = dry_mass_pg(opd, px, mask, config.alpha_ml_per_g)
+    area = float(core.sum() * px ** 2)
+    check_plausible({"peak_opd_nm": float(opd[core].max()), "dry_mass_pg": mass, "area_um2": area,
+                     "diameter_um": _longest_axis_px(core) * px}, ranges, path)
     support = resample(mask.astype(np.float64), px, config.out_pixel_size_um) > SUPPORT_FRACTION
     resampled = np.where(support, resample(np.where(mask, opd, 0.0), px, config.out_pixel_size_um), 0.0)
     window = centre_crop(resampled, config.out_size, support)
@@ -341,5 +471,9 @@ def preprocess_map(data, meta: Meta, config: PreprocessConfig = DEFAULT_CONFIG,
     if kept < 0.99:
         log.warning("%s: the cell does not fit the %d px output window; %.1f%% of its OPD is cut off",
                     path, config.out_size, 100 * (1 - kept))
-    return ProcessedMap(opd=window.astype(np.float32), dry_mass_pg=mass,
-                        area_um2=float(core.sum() * px ** 2))
+    return ProcessedMap(opd=window.astype(np.float32), dry_mass_pg=mass, area_um2=area)
+
+
+def _longest_axis_px(mask: np.ndarray) -> float:
+    """Major axis length (px) of the ellipse with the same second moments as ``mask`` (scikit-image)."""
+    return float(measure.regionprops(mask.astype(np.uint8))[0].axis_major_length)

@@ -16,6 +16,7 @@ import abc
 import contextlib
 import importlib
 import logging
+import math
 import os
 import warnings
 import zipfile
@@ -32,12 +33,27 @@ from scipy.io.matlab import MatReadError, matfile_version
 from skimage.restoration import unwrap_phase
 
 from .errors import ExportError, MetadataError, OPDCellsError
-from .metadata import Meta
+from .metadata import UNITS, Meta
+from .preprocess import MAX_NONFINITE_FRACTION, fill_nonfinite
 
 log = logging.getLogger(__name__)
 
 #: Scalar variables (``.mat``/``.npz``) that carry acquisition metadata rather than maps.
 META_VARIABLES = ("wavelength_nm", "pixel_size_um", "medium_index", "units")
+#: Scalar variables that turn integer samples into values: ``value = offset + scale * sample``.
+SCALE_VARIABLES = ("scale", "offset")
+#: Spellings of units found in exports, mapped to opdcells' names (see :data:`opdcells.metadata.UNITS`).
+UNIT_SYNONYMS = {"rad": "rad", "radian": "rad", "radians": "rad", "nm": "nm", "nanometer": "nm",
+                 "nanometers": "nm", "nanometre": "nm", "nanometres": "nm", "um": "um", "µm": "um",
+                 "μm": "um", "micron": "um", "microns": "um", "micrometer": "um", "micrometers": "um",
+                 "micrometre": "um", "micrometres": "um", "pg/um2": "pg/um2", "pg/um^2": "pg/um2",
+                 "pg/µm2": "pg/um2", "pg/µm^2": "pg/um2", "pg/µm²": "pg/um2"}
+#: Length units of image calibrations (ImageJ ``unit``, OME ``PhysicalSizeXUnit``) in micrometres.
+LENGTH_UNITS_UM = {"um": 1.0, "µm": 1.0, "μm": 1.0, "micron": 1.0, "microns": 1.0, "micrometer": 1.0,
+                   "nm": 1e-3, "nanometer": 1e-3, "mm": 1e3, "millimeter": 1e3, "m": 1e6}
+#: Smallest plausible side (px) of a map in a stack whose side is also shorter than the stack is long:
+#: below it the stack axis is almost certainly wrong (a NumPy ``N x H x W`` stack read as ``H x W x N``).
+MIN_STACK_MAP_SIDE_PX = 32
 #: Variable holding the background hologram beside a raw hologram (qpimage convention).
 BACKGROUND_VARIABLE = "bg_data"
 #: MATLAB classes that hold numbers (``logical``, ``char``, cells, structs and sparse do not count).
@@ -65,6 +81,23 @@ class RawMap:
     data: np.ndarray
     index: int
     meta: Meta
+
+
+@dataclass(frozen=True)
+class SampleScale:
+    """Linear calibration of integer samples: ``value = offset + scale * sample`` (ImageJ ``c0 + c1 x``).
+
+    ``units``: unit of the calibrated values when the file names it (None otherwise); ``source``: where
+    the calibration was found (for messages).
+    """
+
+    scale: float
+    offset: float = 0.0
+    units: str | None = None
+    source: str = "the file"
+
+    def apply(self, samples: np.ndarray) -> np.ndarray:
+        return self.offset + self.scale * np.asarray(samples, dtype=np.float64)
 
 
 class Variable(NamedTuple):
@@ -127,6 +160,26 @@ def stack_axis_of(shape: tuple[int, ...], stack_axis: int | None, default_axis: 
     return axis % 3
 
 
+def check_stack_axis(shape: tuple[int, ...], axis: int | None, path, label: str = "array") -> None:
+    """Refuse a stack whose maps cannot be cells: narrower than ``MIN_STACK_MAP_SIDE_PX`` and than the
+    stack is long (a NumPy ``N x H x W`` stack saved to MATLAB and read as ``H x W x N``, say).
+
+    Raises ExportError naming the axis that would give plausible maps (``--stack-axis``).
+    """
+    if axis is None:
+        return
+    sides = [n for i, n in enumerate(shape) if i != axis]
+    if min(sides) >= MIN_STACK_MAP_SIDE_PX or min(sides) >= shape[axis]:
+        return
+    better = int(np.argmin(shape))
+    maps_of = " x ".join(str(n) for i, n in enumerate(shape) if i != better)
+    hint = (f"; the maps are probably along axis {better} ({shape[better]} maps of {maps_of} px): "
+            f"give --stack-axis {better}" if better != axis else "")
+    raise ExportError(path, f"{label} {' x '.join(map(str, shape))} read along axis {axis} gives "
+                            f"{shape[axis]} maps of {' x '.join(map(str, sides))} px, narrower than a cell"
+                            + hint)
+
+
 def iter_maps(array, axis: int | None) -> Iterator[np.ndarray]:
     """Yield the 2-D maps of an array-like (ndarray, memmap, h5py dataset, ...) one at a time."""
     if axis is None:
@@ -136,22 +189,39 @@ def iter_maps(array, axis: int | None) -> Iterator[np.ndarray]:
         yield np.asarray(array[(slice(None),) * axis + (i,)])
 
 
-def field_to_phase(field: np.ndarray) -> np.ndarray:
+def field_to_phase(field: np.ndarray, path="<array>") -> np.ndarray:
     """Unwrapped phase (rad) of a complex field (skimage), shifted by the multiple of 2 pi that
-    brings the median of the image border nearest to zero."""
+    brings the median of the image border nearest to zero.
+
+    Non-finite values are dealt with before unwrapping (scikit-image's ``unwrap_phase`` never returns
+    on NaN input): a few (at most ``MAX_NONFINITE_FRACTION`` of the pixels) are filled from their
+    nearest finite neighbour, more raise ExportError naming ``path``. A field that is zero everywhere
+    (a dark hologram, an empty export) has no phase and raises ExportError too.
+    """
+    field = np.asarray(field)
+    bad = ~np.isfinite(field)
+    if bad.mean() > MAX_NONFINITE_FRACTION:
+        raise ExportError(path, f"{bad.mean():.1%} of the complex field is NaN or infinite (at most "
+                                f"{MAX_NONFINITE_FRACTION:.0%} can be filled); crop the field to its "
+                                "valid aperture before export")
+    if bad.any():
+        field = fill_nonfinite(field)
+    if not np.any(np.abs(field) > 0):
+        raise ExportError(path, "the complex field is zero everywhere: no phase to read (a dark "
+                                "hologram or an empty export)")
     phase = unwrap_phase(np.angle(field))
     border = np.concatenate([phase[0], phase[-1], phase[1:-1, 0], phase[1:-1, -1]])
     return phase - 2 * np.pi * np.round(np.median(border) / (2 * np.pi))
 
 
-def as_map(values: np.ndarray) -> np.ndarray:
+def as_map(values: np.ndarray, path="<array>") -> np.ndarray:
     """A stored 2-D map as a new, writable float64 array: complex fields become unwrapped phase (rad)."""
     if np.iscomplexobj(values):
-        return field_to_phase(values)
+        return field_to_phase(values, path)
     return np.array(values, dtype=np.float64)    # a copy: never a view into a read-only memory map
 
 
-def reconstruct_hologram(hologram: np.ndarray, background: np.ndarray | None = None,
+def reconstruct_hologram(hologram: np.ndarray, background: np.ndarray | None = None, path="<array>",
                          **qpretrieve_kw) -> np.ndarray:
     """Unwrapped phase (rad) of an off-axis hologram (qpretrieve), referenced to the background
     hologram's field when one is given (processed with the same sideband and filter)."""
@@ -162,8 +232,9 @@ def reconstruct_hologram(hologram: np.ndarray, background: np.ndarray | None = N
     if background is not None:
         bg = qpretrieve.OffAxisHologram(data=background, **qpretrieve_kw)
         bg.process_like(holo)
-        field = field / bg.get_data_with_input_layout("field")
-    return field_to_phase(field)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            field = field / bg.get_data_with_input_layout("field")
+    return field_to_phase(field, path)
 
 
 def choose_variable(path, variables: list[Variable], var: str | None) -> Variable:
@@ -189,22 +260,93 @@ def choose_variable(path, variables: list[Variable], var: str | None) -> Variabl
                             + ", ".join(map(str, candidates)))
 
 
-def meta_from_variables(values: dict[str, Any], path) -> Meta:
+def _unwrap_object(value):
+    """The content of a one-element object array (a MATLAB cell ``{'rad'}``), else ``value``."""
+    arr = np.asarray(value)
+    while arr.dtype == object and arr.size == 1:
+        arr = np.asarray(arr.item())
+    return arr
+
+
+def _describe_value(arr: np.ndarray, matlab_class: str | None) -> str:
+    """What a metadata variable holds, in words (for messages; never raw object references)."""
+    if matlab_class == "string":
+        return "a MATLAB string object (save it as a char array, e.g. char(units))"
+    if arr.dtype == object or matlab_class in ("cell", "struct"):
+        return f"a {matlab_class or 'container'} of {arr.size} elements, not a value"
+    if arr.size != 1:
+        shown = ", ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in arr.ravel()[:4].tolist())
+        return f"{arr.size} values ({shown}{', ...' if arr.size > 4 else ''}), not one"
+    return repr(arr.item())
+
+
+def _meta_value(key: str, value, matlab_class: str | None):
+    """A metadata variable as a Meta value; ValueError with a description when it is unusable."""
+    arr = _unwrap_object(value)
+    if matlab_class == "string" or arr.dtype == object:
+        raise ValueError(_describe_value(arr, matlab_class))
+    if key == "units":
+        text = "".join(arr.ravel().astype(str)).strip() if arr.dtype.kind in "US" else None
+        if text is None or text.lower() not in UNIT_SYNONYMS:
+            raise ValueError(f"{text!r}, not a unit opdcells knows ({', '.join(UNITS)})" if text is not None
+                             else _describe_value(arr, matlab_class))
+        return UNIT_SYNONYMS[text.lower()]
+    if arr.size != 1 or arr.dtype.kind not in "iuf":
+        raise ValueError(_describe_value(arr, matlab_class))
+    number = float(arr.item())
+    if not (math.isfinite(number) and number > 0):
+        raise ValueError(f"{number:g}, not a positive number (a placeholder?)")
+    return number
+
+
+def meta_from_variables(values: dict[str, Any], path, classes: dict[str, str] | None = None,
+                        ) -> tuple[Meta, dict[str, str]]:
     """Meta from scalar metadata variables (``wavelength_nm``, ``pixel_size_um``, ``medium_index``,
-    ``units`` as text); raises MetadataError for non-scalar or invalid values."""
-    fields = {}
+    ``units`` as text, with the usual spellings such as ``'radians'``), and the unusable ones.
+
+    Parameters
+    ----------
+    values : dict
+        Variable name -> stored value (array, text, one-element cell).
+    path : path-like
+        The file, for messages.
+    classes : dict, optional
+        Variable name -> MATLAB class (``'string'``, ``'cell'``, ...), to describe what a variable is.
+
+    Returns
+    -------
+    meta : Meta
+        The usable values.
+    problems : dict
+        Key -> what the unusable variable holds, in words. Not an error here: a value the user gives
+        wins, and only a required key that is still missing is refused (:meth:`Meta.check`).
+    """
+    classes = classes or {}
+    fields, problems = {}, {}
     for key, value in values.items():
-        arr = np.asarray(value)
         try:
-            fields[key] = ("".join(arr.ravel().astype(str)).strip().lower() if key == "units"
-                           else float(arr.item()))
+            fields[key] = _meta_value(key, value, classes.get(key))
         except (ValueError, TypeError) as exc:
-            raise MetadataError(path, f"metadata variable {key!r} is not a scalar "
-                                      f"(shape {arr.shape}, {arr.dtype})") from exc
+            problems[key] = str(exc)
+            log.debug("%s: metadata variable %r unusable: %s", path, key, exc)
+    return Meta(**fields), problems
+
+
+def scale_from_variables(values: dict[str, Any], path) -> SampleScale | None:
+    """SampleScale from ``scale`` (and ``offset``) variables of a container file, None without ``scale``.
+
+    Raises ExportError when they are present but not finite numbers.
+    """
+    if "scale" not in values:
+        return None
     try:
-        return Meta(**fields)
-    except ValueError as exc:
-        raise MetadataError(path, f"invalid metadata in the file: {exc}") from exc
+        scale = float(_unwrap_object(values["scale"]).item())
+        offset = float(_unwrap_object(values.get("offset", 0.0)).item())
+    except (ValueError, TypeError):
+        raise ExportError(path, "the file's 'scale'/'offset' variables are not single numbers") from None
+    if not (math.isfinite(scale) and scale != 0 and math.isfinite(offset)):
+        raise ExportError(path, f"the file's sample scale {scale!r} (offset {offset!r}) is not usable")
+    return SampleScale(scale, offset, source="the file's 'scale' variable")
 
 
 def meta_from_qpimage(meta: dict, path) -> Meta:
@@ -238,6 +380,12 @@ class Reader(abc.ABC):
         #: True when the reader itself fixes the units (phase in rad from complex fields, holograms,
         #: qpimage; OPD in nm from Phasics): a conflicting user ``units`` is then refused by ingest.
         self.units_fixed = False
+        #: Metadata keys whose variable in the file is unusable -> what it holds (see meta_from_variables).
+        self.meta_problems: dict[str, str] = {}
+        #: Samples are integers (camera counts or scaled values): they need a SampleScale to mean OPD.
+        self.integer_samples = False
+        #: Calibration of integer samples found in the file (ImageJ, a 'scale' variable), None if none.
+        self.sample_scale: SampleScale | None = None
         self._resources = contextlib.ExitStack()
 
     @classmethod
@@ -297,17 +445,26 @@ class ArrayReader(Reader):
                 raise ExportError(self.path, f"{label} has dtype {self.dtype}, not numbers")
             self._axis = stack_axis_of(self._array.shape, stack_axis, self.default_stack_axis,
                                        self.path, label)
+            if stack_axis is None:   # an axis the user chose is taken as given
+                check_stack_axis(self._array.shape, self._axis, self.path, label)
         except BaseException:
             self.close()
             raise
         if self.dtype.kind == "c":
             self.file_meta = replace(self.file_meta, units="rad")
             self.units_fixed = True
+        self.integer_samples = self.dtype.kind in "iu"
         log.debug("%s: %s, %d map(s) of %s %s", self.path, self.name, len(self), self.map_shape, self.dtype)
 
     @abc.abstractmethod
     def _open_array(self):
         """Open the file; return the array-like to read (shape, dtype, numpy-style indexing)."""
+
+    def _read_meta(self, values: dict[str, Any], classes: dict[str, str] | None = None) -> None:
+        """Set file_meta, meta_problems and sample_scale from a container's metadata variables."""
+        self.file_meta, self.meta_problems = meta_from_variables(
+            {k: v for k, v in values.items() if k in META_VARIABLES}, self.path, classes)
+        self.sample_scale = scale_from_variables(values, self.path)
 
     def variable_array(self, name: str) -> np.ndarray | None:
         """Another variable of a container file (e.g. the background hologram), None if absent."""
@@ -330,7 +487,7 @@ class ArrayReader(Reader):
 
     def __iter__(self) -> Iterator[RawMap]:
         for index, values in enumerate(self.raw_maps()):
-            yield RawMap(as_map(values), index, self.file_meta)
+            yield RawMap(as_map(values, self.path), index, self.file_meta)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -385,8 +542,8 @@ class NpzReader(ArrayReader):
         variables = npz_variables(self.path)
         self.variable = choose_variable(self.path, variables, self.var).name
         self._npz = self._resources.enter_context(np.load(self.path, allow_pickle=False))
-        present = [v.name for v in variables if v.name in META_VARIABLES]
-        self.file_meta = meta_from_variables({k: self._npz[k] for k in present}, self.path)
+        self._read_meta({v.name: self._npz[v.name] for v in variables
+                         if v.name in META_VARIABLES + SCALE_VARIABLES})
         return self._npz[self.variable]
 
     def variable_array(self, name):
@@ -408,9 +565,9 @@ class MatReader(ArrayReader):
         variables = [Variable(name, tuple(shape), cls, cls in MATLAB_NUMERIC)
                      for name, shape, cls in scipy.io.whosmat(str(self.path))]
         self.variable = choose_variable(self.path, variables, self.var).name
-        present = [v.name for v in variables if v.name in META_VARIABLES]
+        present = [v.name for v in variables if v.name in META_VARIABLES + SCALE_VARIABLES]
         self._values = scipy.io.loadmat(str(self.path), variable_names=[self.variable, *present])
-        self.file_meta = meta_from_variables({k: self._values[k] for k in present}, self.path)
+        self._read_meta({k: self._values[k] for k in present}, {v.name: v.type for v in variables})
         return self._values[self.variable]
 
     def variable_array(self, name):
@@ -448,6 +605,22 @@ def _attr_text(value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def mat73_variable(name: str, obj) -> Variable:
+    """A top-level MATLAB v7.3 object described like ``scipy.io.whosmat`` describes v5 variables:
+    structs and sparse matrices (HDF5 groups) by their class, empty arrays with their zero shape."""
+    matlab_class = _attr_text(obj.attrs.get("MATLAB_class", b""))
+    if isinstance(obj, h5py.Group):
+        if "MATLAB_sparse" in obj.attrs:
+            columns = len(obj["jc"]) - 1 if "jc" in obj else 0
+            return Variable(name, (int(obj.attrs["MATLAB_sparse"]), columns), "sparse", False)
+        return Variable(name, (1, 1), matlab_class or "group", False)
+    if "MATLAB_empty" in obj.attrs:
+        dims = np.asarray(obj[()]).ravel() if obj.size else np.zeros(2, int)
+        return Variable(name, tuple(int(d) for d in reversed(dims)), matlab_class,
+                        matlab_class in MATLAB_NUMERIC)
+    return Variable(name, tuple(reversed(obj.shape)), matlab_class, matlab_class in MATLAB_NUMERIC)
+
+
 class Mat73Reader(ArrayReader):
     """MATLAB v7.3 ``.mat`` (HDF5 with a 512-byte MATLAB header), read lazily with h5py."""
 
@@ -464,13 +637,14 @@ class Mat73Reader(ArrayReader):
         h5 = self._resources.enter_context(h5py.File(self.path, "r"))
         self._arrays = {name: MatlabH5Array(obj) for name, obj in h5.items()
                         if isinstance(obj, h5py.Dataset) and not name.startswith("#")}
-        variables = [Variable(name, a.shape, a.matlab_class,
-                              a.matlab_class in MATLAB_NUMERIC and "MATLAB_empty" not in a.dataset.attrs)
-                     for name, a in self._arrays.items()]
-        self.variable = choose_variable(self.path, variables, self.var).name
-        self.file_meta = meta_from_variables(
-            {k: a.text() if a.matlab_class == "char" else a[()]
-             for k, a in self._arrays.items() if k in META_VARIABLES}, self.path)
+        variables = [mat73_variable(name, obj) for name, obj in h5.items() if not name.startswith("#")]
+        chosen = choose_variable(self.path, variables, self.var)
+        if 0 in chosen.shape:
+            raise ExportError(self.path, f"variable {chosen.name!r} is empty (shape {chosen.shape})")
+        self.variable = chosen.name
+        self._read_meta({k: a.text() if a.matlab_class == "char" else a.dataset[()]
+                         for k, a in self._arrays.items() if k in META_VARIABLES + SCALE_VARIABLES},
+                        {k: a.matlab_class for k, a in self._arrays.items()})
         return self._arrays[self.variable]
 
     def variable_array(self, name):
@@ -502,38 +676,130 @@ def _tifffile_errors(path):
         raise ExportError(path, "damaged TIFF file: " + "; ".join(errors.messages))
 
 
+def channel_index(path, n: int, channel: int | None, what: str) -> int:
+    """The channel to read among ``n``: ``channel`` if in range; ExportError if not given or out of range.
+
+    A second channel (intensity, fluorescence, a mask) is never a map, so a multi-channel file without
+    ``--channel`` is refused rather than split into maps.
+    """
+    if channel is None:
+        raise ExportError(path, f"holds {what}: a channel (intensity, fluorescence, ...) is never a map; "
+                                f"give --channel K (0 to {n - 1}) for the OPD/phase channel")
+    if not 0 <= channel < n:
+        raise ExportError(path, f"--channel {channel} is out of range: the file holds {what}")
+    return channel
+
+
 class TiffPages:
     """The pages of a TIFF as an array-like: ``(N, H, W)`` (or ``(H, W)`` for one page), each page
-    read only when indexed."""
+    read only when indexed.
 
-    def __init__(self, tif: tifffile.TiffFile, path):
+    Multi-channel files are read through their axes (tifffile's series: ImageJ hyperstacks, OME-TIFF,
+    samples per pixel): only the pages (or samples) of ``channel`` are maps, and without ``channel`` the
+    file is refused (:func:`channel_index`).
+    """
+
+    def __init__(self, tif: tifffile.TiffFile, path, channel: int | None = None):
         self.tif = tif
         with _tifffile_errors(path):
             self.pages = list(tif.pages)
+            series = tif.series[0] if len(tif.series) == 1 else None
         first = self.pages[0]
         for number, page in enumerate(self.pages):
             if page.shape != first.shape or page.dtype != first.dtype:
                 raise ExportError(path, f"TIFF page {number} is {page.shape} {page.dtype}, "
                                         f"page 0 is {first.shape} {first.dtype}: not one stack")
-        if len(first.shape) != 2:
-            raise ExportError(path, f"TIFF pages have shape {first.shape} ({first.samplesperpixel} samples "
-                                    f"per pixel, {first.photometric.name}): colour or multi-sample images "
-                                    "are not phase maps; write one single-sample page per map")
+        self._sample_axis = self._sample = None
+        if len(first.shape) == 3 and "S" in first.axes:
+            n = first.shape[first.axes.index("S")]
+            self._sample_axis = first.axes.index("S")
+            what = f"{n} samples per pixel ({first.photometric.name})"
+            self._sample = channel_index(path, n, channel, what)
+        elif len(first.shape) != 2:
+            raise ExportError(path, f"TIFF pages have shape {first.shape} (axes {first.axes}): "
+                                    "write one single-sample page per map")
+        elif series is not None:
+            self.pages = self._channel_pages(series, len(first.axes), path, channel)
         self.dtype = first.dtype
-        self.shape = first.shape if len(self.pages) == 1 else (len(self.pages), *first.shape)
+        page_shape = tuple(n for i, n in enumerate(first.shape) if i != self._sample_axis)
+        self.shape = page_shape if len(self.pages) == 1 else (len(self.pages), *page_shape)
+
+    def _channel_pages(self, series, in_page_dims: int, path, channel: int | None) -> list:
+        """The pages of ``channel`` when the series has a channel axis ``C`` (ImageJ, OME)."""
+        page_axes, page_shape = series.axes[:-in_page_dims], series.shape[:-in_page_dims]
+        if "C" not in page_axes or int(np.prod(page_shape)) != len(self.pages):
+            return self.pages
+        axis = page_axes.index("C")
+        n = page_shape[axis]
+        if n == 1:
+            return self.pages
+        k = channel_index(path, n, channel, f"{n} channels (axes {series.axes} {series.shape})")
+        order = np.take(np.arange(len(self.pages)).reshape(page_shape), k, axis=axis).ravel()
+        return [self.pages[i] for i in order]
+
+    def _page(self, number: int) -> np.ndarray:
+        values = self.pages[number].asarray()
+        return values if self._sample_axis is None else np.take(values, self._sample, axis=self._sample_axis)
 
     def __getitem__(self, key) -> np.ndarray:
         key = key if isinstance(key, tuple) else (key,)
         if len(self.pages) > 1 and len(key) == 1 and isinstance(key[0], int):
-            return self.pages[key[0]].asarray()
-        return self.tif.asarray(key=range(len(self.pages)))[key]   # other axes: whole file
+            return self._page(key[0])
+        if len(self.pages) == 1:
+            return self._page(0)[key]
+        return np.stack([self._page(i) for i in range(len(self.pages))])[key]   # other axes: whole file
+
+
+def _length_um(value: float, unit: str | None) -> float | None:
+    """A length in micrometres, None for an unknown unit or a non-positive value."""
+    factor = LENGTH_UNITS_UM.get((unit or "").strip().lower())
+    return value * factor if factor is not None and value > 0 and math.isfinite(value) else None
+
+
+def imagej_meta(tif: tifffile.TiffFile) -> tuple[Meta, SampleScale | None]:
+    """Pixel size (``XResolution`` in ImageJ's ``unit``) and the straight-line calibration of sample
+    values (``cf=0``: value = c0 + c1 * sample, in ``vunit``) of an ImageJ TIFF."""
+    info = tif.imagej_metadata or {}
+    page = tif.pages[0]
+    pixel_size_um = None
+    resolution = page.tags.get("XResolution")
+    if resolution is not None and info.get("unit"):
+        numerator, denominator = resolution.value
+        if numerator > 0:
+            pixel_size_um = _length_um(denominator / numerator, info["unit"])
+    scale = None
+    units = UNIT_SYNONYMS.get(str(info.get("vunit", "")).strip().lower())
+    if info.get("cf") == 0 and "c1" in info:
+        scale = SampleScale(float(info["c1"]), float(info.get("c0", 0.0)), units, "the ImageJ calibration")
+    return Meta(pixel_size_um=pixel_size_um, units=units if scale else None), scale
+
+
+def ome_meta(tif: tifffile.TiffFile) -> Meta:
+    """Pixel size from OME-XML (``Pixels`` ``PhysicalSizeX`` in ``PhysicalSizeXUnit``, default um)."""
+    import xml.etree.ElementTree as ElementTree
+
+    try:
+        root = ElementTree.fromstring(tif.ome_metadata or "")
+    except ElementTree.ParseError:
+        return Meta()
+    for element in root.iter():
+        if element.tag.endswith("}Pixels") or element.tag == "Pixels":
+            size = element.get("PhysicalSizeX")
+            if size is not None:
+                return Meta(pixel_size_um=_length_um(float(size), element.get("PhysicalSizeXUnit", "um")))
+    return Meta()
 
 
 class TiffReader(ArrayReader):
-    """TIFF, single or multi-page (one map per page), float or integer samples."""
+    """TIFF, single or multi-page (one map per page), float or integer samples; ImageJ hyperstacks and
+    OME-TIFF read through their axes (``channel``), pixel size and value calibration from their metadata."""
 
     name = "tiff"
     suffixes = (".tif", ".tiff")
+
+    def __init__(self, path, *, var=None, stack_axis=None, channel: int | None = None):
+        self.channel = channel
+        super().__init__(path, var=var, stack_axis=stack_axis)
 
     @classmethod
     def _sniff(cls, path):
@@ -542,7 +808,12 @@ class TiffReader(ArrayReader):
     def _open_array(self):
         self._ignore_var()
         tif = self._resources.enter_context(tifffile.TiffFile(self.path))
-        return TiffPages(tif, self.path)
+        pages = TiffPages(tif, self.path, self.channel)
+        meta, self.sample_scale = imagej_meta(tif) if tif.is_imagej else (Meta(), None)
+        if tif.is_ome:
+            meta = ome_meta(tif).over(meta)
+        self.file_meta = meta
+        return pages
 
 
 # --------------------------------------------------------------------------------------------------
@@ -681,11 +952,13 @@ class HologramReader(Reader):
         kinds = {v.name: np.dtype(v.type).kind for v in npz_variables(path)}
         return kinds.get("data") in ("i", "u") and kinds.get(BACKGROUND_VARIABLE) in ("i", "u")
 
-    def __init__(self, path, *, var=None, stack_axis=None, qpretrieve_kw: dict | None = None):
+    def __init__(self, path, *, var=None, stack_axis=None, channel: int | None = None,
+                 qpretrieve_kw: dict | None = None):
         super().__init__(path, var=var, stack_axis=stack_axis)
         self.qpretrieve_kw = dict(qpretrieve_kw or {})
+        extra = {} if channel is None else {"channel": channel}
         source = _open_with(path, [r for r in READERS if r is not HologramReader], var=var,
-                            stack_axis=stack_axis)
+                            stack_axis=stack_axis, **extra)
         self._resources.push(source)
         try:
             self._source = self._check_source(source)
@@ -724,7 +997,7 @@ class HologramReader(Reader):
     def __iter__(self):
         for index, hologram in enumerate(self._source.raw_maps()):
             with _reading(self.path, f"cannot reconstruct hologram {index}"):
-                phase = reconstruct_hologram(hologram, self._background, **self.qpretrieve_kw)
+                phase = reconstruct_hologram(hologram, self._background, self.path, **self.qpretrieve_kw)
             yield RawMap(phase, index, self.file_meta)
 
 
@@ -748,12 +1021,20 @@ def _check_file(path: Path) -> None:
         raise ExportError(path, "empty file (0 bytes)")
 
 
+def _takes_channel(reader: type[Reader]) -> bool:
+    import inspect
+
+    return "channel" in inspect.signature(reader.__init__).parameters
+
+
 def _open_with(path, readers: list[type[Reader]], **kwargs) -> Reader:
     """Open ``path`` with the first of ``readers`` whose sniff accepts it."""
     path = Path(path)
     _check_file(path)
     for reader in readers:
         if reader.verify(path):
+            if "channel" in kwargs and not _takes_channel(reader):
+                raise ExportError(path, f"a {reader.name} file has no channel axis: --channel does not apply")
             return reader(path, **kwargs)
     suffix = path.suffix.lower()
     if suffix not in EXPORT_SUFFIXES:
@@ -765,15 +1046,17 @@ def _open_with(path, readers: list[type[Reader]], **kwargs) -> Reader:
 
 
 def open_export(path: str | os.PathLike, *, var: str | None = None, stack_axis: int | None = None,
-                hologram: bool = False) -> Reader:
+                hologram: bool = False, channel: int | None = None) -> Reader:
     """Open a microscope export with the reader whose sniff accepts it.
 
     ``var``: variable to read from ``.mat``/``.npz``; ``stack_axis``: axis of a 3-D stack;
-    ``hologram``: read the images as raw off-axis holograms and reconstruct their phase.
+    ``hologram``: read the images as raw off-axis holograms and reconstruct their phase;
+    ``channel``: channel of a multi-channel file (TIFF: ImageJ, OME, samples per pixel) holding the maps.
     """
+    kwargs = {"var": var, "stack_axis": stack_axis} | ({} if channel is None else {"channel": channel})
     if hologram:
-        return HologramReader(path, var=var, stack_axis=stack_axis)
-    return _open_with(path, READERS, var=var, stack_axis=stack_axis)
+        return HologramReader(path, **kwargs)
+    return _open_with(path, READERS, **kwargs)
 
 
 def describe(path: str | os.PathLike, **kwargs) -> dict:

@@ -176,18 +176,33 @@ def test_mat_text_variable_is_not_numbers(tmp_path):
     raises_export_error(path, "note", "not a numeric array", var="note")
 
 
-@pytest.mark.parametrize("variables, words", [
-    ({"wavelength_nm": -5.0}, ["wavelength_nm must be a positive"]),
-    ({"units": "furlongs"}, ["units must be one of"]),
-    ({"pixel_size_um": np.ones(3)}, ["'pixel_size_um' is not a scalar"]),
+@pytest.mark.parametrize("variables, key, words", [
+    ({"wavelength_nm": -5.0}, "wavelength_nm", ["-5, not a positive number"]),
+    ({"units": "furlongs"}, "units", ["'furlongs', not a unit opdcells knows"]),
+    ({"pixel_size_um": np.ones(3)}, "pixel_size_um", ["3 values (1, 1, 1), not one"]),
+    ({"units": np.array(["rad", "nm"], dtype=object)}, "units", ["a cell of 2 elements"]),
 ])
-def test_mat_bad_metadata_is_metadata_error(tmp_path, variables, words):
+def test_mat_bad_metadata_is_noted_not_fatal(tmp_path, variables, key, words):
+    """An unusable metadata variable does not stop the reader (the user's value wins); when the key is
+    still missing, the message says what the variable holds."""
     path = tmp_path / "bad_meta.mat"
     scipy.io.savemat(path, {"phase": np.ones((5, 5)), **variables})
+    with open_export(path) as reader:
+        assert getattr(reader.file_meta, key) is None
+        problem = reader.meta_problems[key]
+        assert all(w in problem for w in words), problem
     with pytest.raises(MetadataError) as info:
-        open_export(path)
-    assert info.value.path == str(path)
-    assert all(w in info.value.reason for w in words), info.value.reason
+        Meta(units="rad" if key != "units" else None).check(path, {key: problem})
+    assert problem in info.value.reason and info.value.path == str(path)
+
+
+@pytest.mark.parametrize("text, units", [("radians", "rad"), ("Nanometers", "nm"), ("µm", "um"),
+                                         ("pg/um^2", "pg/um2")])
+def test_units_spellings_of_exports(tmp_path, text, units):
+    path = tmp_path / "spelled.mat"
+    scipy.io.savemat(path, {"phase": np.ones((5, 5)), "units": text})
+    with open_export(path) as reader:
+        assert reader.file_meta.units == units and not reader.meta_problems
 
 
 @pytest.mark.parametrize("number", [1, 2, 3, 4])
@@ -255,10 +270,15 @@ def test_tiff_single_and_multi_page(tmp_path, dtype):
     np.testing.assert_array_equal(by_row[5].data, maps[:, 5, :].astype(float))
 
 
-def test_colour_tiff_is_refused(tmp_path):
+def test_colour_tiff_is_refused_unless_a_channel_is_named(tmp_path):
     path = tmp_path / "rgb.tif"
-    tifffile.imwrite(path, np.zeros((8, 8, 3), np.uint8), photometric="rgb")
-    raises_export_error(path, "3 samples per pixel, RGB", "colour")
+    rgb = np.arange(8 * 8 * 3, dtype=np.uint8).reshape(8, 8, 3)
+    tifffile.imwrite(path, rgb, photometric="rgb")
+    raises_export_error(path, "3 samples per pixel (RGB)", "--channel K (0 to 2)")
+    reader, raws = read_all(path, channel=1)
+    assert len(raws) == 1 and reader.integer_samples
+    np.testing.assert_array_equal(raws[0].data, rgb[..., 1])
+    raises_export_error(path, "--channel 3 is out of range", channel=3)
 
 
 def test_real_phasics_tiff_is_opd_in_nm(real_qpi):

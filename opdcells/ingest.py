@@ -22,10 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from .errors import ExportError, OPDCellsError
+from .errors import ExportError, OPDCellsError, is_odd_library_error
 from .metadata import UNITS, Meta
 from .preprocess import PreprocessConfig, ProcessedMap, check_map, fill_nonfinite, preprocess_map, to_opd_nm
 from .readers import EXPORT_SUFFIXES, open_export
+from .retrieval import FILTER_NAMES, SIDEBANDS, Retrieval
 from .segment import segment_field
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ class IngestOptions:
     units, wavelength_nm, pixel_size_um, medium_index: user metadata (see :class:`Meta`).
     fields: each map is a field of view, segmented into single cells first.
     hologram: exports are raw off-axis holograms to reconstruct.
+    sideband, filter_name, filter_size: phase retrieval of interferograms (see :class:`Retrieval`).
     config: preprocessing settings (output pixel size and size, background order, alpha).
     """
 
@@ -53,20 +55,32 @@ class IngestOptions:
     medium_index: float | None = None
     fields: bool = False
     hologram: bool = False
+    sideband: str = "auto"
+    filter_name: str | None = None
+    filter_size: float | None = None
     config: PreprocessConfig = field(default_factory=PreprocessConfig)
 
     def __post_init__(self):
         self.user_meta  # noqa: B018 - validates units and numbers (ValueError)
+        self.retrieval  # noqa: B018 - validates sideband and filter (ValueError)
 
     @property
     def user_meta(self) -> Meta:
         return Meta(**{k: getattr(self, k) for k in _META_KEYS})
 
     @property
+    def retrieval(self) -> Retrieval:
+        return Retrieval(self.sideband, self.filter_name, self.filter_size)
+
+    @property
     def identity(self) -> str:
-        """The options that change which maps a file yields (part of the file key)."""
-        return json.dumps({"var": self.var, "stack_axis": self.stack_axis, "fields": self.fields,
-                           "hologram": self.hologram}, sort_keys=True, separators=(",", ":"))
+        """The options that change which maps a file yields (part of the file key); the phase retrieval
+        settings only where not the defaults, so keys of earlier datasets stay valid."""
+        identity = {"var": self.var, "stack_axis": self.stack_axis, "fields": self.fields,
+                    "hologram": self.hologram}
+        if not self.retrieval.is_default:
+            identity["retrieval"] = self.retrieval.as_dict()
+        return json.dumps(identity, sort_keys=True, separators=(",", ":"))
 
     def replace(self, **changes) -> IngestOptions:
         return dataclasses.replace(self, **changes)
@@ -76,7 +90,7 @@ class IngestOptions:
 
 #: IngestOptions fields set from the command line by :func:`add_reading_options` (argparse dest names).
 READING_OPTIONS = ("var", "stack_axis", "units", "wavelength_nm", "pixel_size_um", "medium_index", "fields",
-                   "hologram")
+                   "hologram", "sideband", "filter_name", "filter_size")
 
 
 def positive_number(text: str) -> float:
@@ -87,6 +101,14 @@ def positive_number(text: str) -> float:
         raise argparse.ArgumentTypeError(f"must be a number, not {text!r}") from None
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"must be a positive number, not {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    """argparse type: a number strictly between 0 and 1."""
+    value = positive_number(text)
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"must lie between 0 and 1, not {text}")
     return value
 
 
@@ -101,6 +123,12 @@ def add_reading_options(parser: argparse.ArgumentParser) -> None:
     add("--medium-index", type=positive_number, metavar="N", help="refractive index of the medium")
     add("--fields", action="store_true", help="exports are fields of view: segment single cells")
     add("--hologram", action="store_true", help="exports are off-axis holograms to reconstruct")
+    add("--sideband", choices=SIDEBANDS, default="auto",
+        help="hologram sideband: +1 the one qpretrieve finds, -1 its conjugate, auto (default) the one "
+             "giving a cell above its background")
+    add("--filter-name", choices=FILTER_NAMES, help="qpretrieve Fourier filter (default disk)")
+    add("--filter-size", type=_fraction, metavar="F",
+        help="qpretrieve filter size, fraction of the central band to sideband distance (default 1/3)")
 
 
 def reading_options(args: argparse.Namespace) -> dict:
@@ -267,7 +295,9 @@ def _export_errors(path: Path) -> Iterator[None]:
         yield
     except OPDCellsError:
         raise
-    except Exception as exc:  # noqa: BLE001 - reader/decoder failures of arbitrary libraries
+    except BaseException as exc:  # noqa: BLE001 - reader/decoder failures of arbitrary libraries
+        if not isinstance(exc, Exception) and not is_odd_library_error(exc):
+            raise
         log.debug("error reading %s", path, exc_info=True)
         raise ExportError(path, f"{type(exc).__name__}: {exc}") from exc
 
@@ -288,7 +318,7 @@ class ProcessedExport:
         self.on_error = on_error
         with _export_errors(self.path):
             self._reader = open_export(self.path, var=options.var, stack_axis=options.stack_axis,
-                                       hologram=options.hologram)
+                                       hologram=options.hologram, retrieval=options.retrieval)
             try:
                 self._n = len(self._reader)
             except BaseException:
@@ -319,7 +349,9 @@ class ProcessedExport:
         """How errors name a map: the file, plus the map (in a stack) and cell (in a field)."""
         if self._n <= 1 and cell is None:
             return str(self.path)
-        return f"{self.path} [map {index}" + ("]" if cell is None else f", cell {cell}]")
+        member = getattr(self._reader, "member_name", lambda _: None)(index)   # archive series
+        return (f"{self.path} [map {index}" + (f" ({member})" if member else "")
+                + ("]" if cell is None else f", cell {cell}]"))
 
     def _bad(self, exc: ExportError, *, whole_file: bool = False) -> None:
         """Report a bad map/cell to ``on_error``; raise it when there is no handler or it is the file."""

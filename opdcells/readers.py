@@ -818,10 +818,11 @@ def describe(path: str | os.PathLike, **kwargs) -> dict:
 def format_table() -> str:
     """The README's table of readable formats, generated from :data:`READERS` (Markdown, one row per
     reader in the order :func:`open_export` tries them, then the readers used only with ``--hologram``)."""
-    rows = ["| reader | suffixes | what it reads |", "|---|---|---|"]
+    rows = ["| reader | suffixes | what it reads | qpformat format |", "|---|---|---|---|"]
     for reader in [*READERS, *HOLOGRAM_ONLY_READERS]:
-        what = " ".join((reader.__doc__ or "").strip().split("\n\n")[0].split())
-        rows.append(f"| `{reader.name}` | {', '.join(f'`{s}`' for s in reader.suffixes)} | {what} |")
+        what = " ".join((reader.__doc__ or "").strip().split("\n\n")[0].split()).replace("``", "`")
+        fmt = f"`{reader.fmt}`" if getattr(reader, "fmt", "") else ""
+        rows.append(f"| `{reader.name}` | {', '.join(f'`{s}`' for s in reader.suffixes)} | {what} | {fmt} |")
     return "\n".join(rows) + "\n"
 
 

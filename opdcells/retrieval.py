@@ -114,3 +114,36 @@ def orient_phase(phase: np.ndarray, retrieval: Retrieval,
     log.info("%s: sideband %+d (auto: the cell %s its background with qpretrieve's sideband)", where,
              sideband, "lies above" if sideband > 0 else "lay below")
     return (phase if sideband > 0 else -phase), sideband
+
+
+#: Spatial frequencies (cycles per pixel, radius) below this belong to the image content; an off-axis
+#: hologram's carrier lies beyond (usually near 1/4 to 1/3, the sampling that separates the sidebands).
+CARRIER_MIN_FREQUENCY = 0.1
+#: An image is hologram-like when more than this fraction of its (mean-removed) spectral energy lies
+#: beyond :data:`CARRIER_MIN_FREQUENCY` ...
+HOLOGRAM_OUTER_ENERGY = 0.5
+#: ... and more than this fraction of that energy sits in the strongest 1% of those frequencies
+#: (a carrier peak). Measured: raw holograms 0.79-1.0 and 0.92-0.97; phase and OPD maps (real RBC,
+#: HL60, Phasics, Q-Phase fields, wrapped phase) at most 0.59 and 0.65.
+HOLOGRAM_PEAK_CONCENTRATION = 0.8
+
+
+def looks_like_hologram(image: np.ndarray) -> bool:
+    """Whether a 2-D image looks like a raw off-axis hologram: its spectrum is dominated by a narrow
+    carrier peak at high spatial frequency (thresholds :data:`HOLOGRAM_OUTER_ENERGY`,
+    :data:`HOLOGRAM_PEAK_CONCENTRATION`). Non-finite pixels count as the mean."""
+    image = np.asarray(image, dtype=np.float64)
+    finite = np.isfinite(image)
+    if image.ndim != 2 or not finite.any():
+        return False
+    image = np.where(finite, image, image[finite].mean()) - image[finite].mean()
+    energy = np.abs(np.fft.fftshift(np.fft.fft2(image))) ** 2
+    rows, cols = energy.shape
+    yy, xx = np.ogrid[:rows, :cols]
+    outer = energy[np.hypot((yy - rows // 2) / rows, (xx - cols // 2) / cols) > CARRIER_MIN_FREQUENCY]
+    total = energy.sum()
+    if total == 0 or outer.size == 0:
+        return False
+    strongest = np.sort(outer)[::-1][:max(1, outer.size // 100)]
+    return bool(outer.sum() / total > HOLOGRAM_OUTER_ENERGY
+                and strongest.sum() / outer.sum() > HOLOGRAM_PEAK_CONCENTRATION)

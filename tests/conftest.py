@@ -21,3 +21,17 @@ def real_qpi() -> Path:
     if not path.is_dir():
         pytest.skip(f"real QPI data not found at {path}")
     return path
+
+
+def _cases_dir() -> Path:
+    env = os.environ.get("OPDCELLS_CASES")
+    return Path(env) if env else REPO.parent / "shared" / "cases"
+
+
+@pytest.fixture(scope="session")
+def cases_dir() -> Path:
+    """Folder ``shared/cases`` (override with $OPDCELLS_CASES); tests skip loudly if absent."""
+    path = _cases_dir()
+    if not path.is_dir():
+        pytest.skip(f"failing-case folder not found at {path}")
+    return path

@@ -342,6 +342,9 @@ class ProcessedExport:
         with _export_errors(self.path):
             file_meta = self._reader.file_meta
             for raw in self._reader:
+                if getattr(raw, "error", None) is not None:    # an archive member that cannot be read
+                    self._bad(raw.error, whole_file=self._n <= 1)
+                    continue
                 meta = self.options.user_meta.over(raw.meta.over(file_meta)).check(self.path)
                 yield from self._process(raw.data, raw.index, meta)
 

@@ -826,7 +826,7 @@ def format_table() -> str:
     return "\n".join(rows) + "\n"
 
 
-# The qpformat-backed readers subclass Reader, so their module is imported last; it registers them in
-# READERS (before QPImageReader: qpformat's HDF5 layouts are recognised by content), EXPORT_SUFFIXES and
-# HOLOGRAM_ONLY_READERS.
-from . import readers_qpformat  # noqa: E402, F401
+# The qpformat-backed readers and the zip series reader subclass Reader, so their modules are imported
+# last; they register themselves in READERS (qpformat's before QPImageReader: its HDF5 layouts are
+# recognised by content; the zip series last), EXPORT_SUFFIXES and HOLOGRAM_ONLY_READERS.
+from . import readers_archive, readers_qpformat  # noqa: E402, F401, I001

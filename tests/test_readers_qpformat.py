@@ -8,12 +8,15 @@ from __future__ import annotations
 import argparse
 import logging
 import re
+import tempfile
 import warnings
+import zipfile
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
+import tifffile
 
 from load_data import main
 from opdcells.dataset import open_dataset
@@ -278,3 +281,49 @@ def test_readme_format_table_is_the_generated_one(capsys):
     assert main(["--formats"]) == 0 and capsys.readouterr().out == format_table()
     for reader in QPFORMAT_READERS + QPFORMAT_HOLOGRAM_READERS:
         assert f"`{reader.fmt}`" in table.group(1)
+
+
+# ------------------------------------------------------------------------------ zip series of any export
+
+
+def opd_cell(seed: int) -> np.ndarray:
+    """A 64 x 64 OPD map (nm) of one cell at 0.25 um/px on a noisy background."""
+    y, x = np.mgrid[:64, :64] * 0.25
+    noise = np.random.default_rng(seed).normal(0, 2, (64, 64))
+    return (20 + noise + 300 * np.sqrt(np.clip(1 - ((x - 8) ** 2 + (y - 8) ** 2) / 25, 0, None))).astype("f4")
+
+
+def test_zip_series_is_read_member_by_member_with_per_member_reasons(tmp_path, caplog, monkeypatch):
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))   # leftovers would show there
+    stack = tmp_path / "stack.npy"
+    np.save(stack, np.stack([opd_cell(1), opd_cell(2)]))
+    tifffile.imwrite(tmp_path / "one.tif", opd_cell(3))
+    archive = tmp_path / "series.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.write(stack, "day1/a_stack.npy")
+        zf.write(tmp_path / "one.tif", "day1/b_one.tif")
+        zf.writestr("day1/c_broken.npy", b"garbage")
+        zf.writestr("__MACOSX/day1/._a_stack.npy", b"resource fork")
+        zf.writestr("notes.txt", b"not an export")
+    with open_export(archive) as reader:
+        assert (reader.name, len(reader)) == ("zip-series", 4)
+        assert [reader.member_name(i) for i in range(4)] == [
+            "day1/a_stack.npy [map 0]", "day1/a_stack.npy [map 1]", "day1/b_one.tif", "day1/c_broken.npy"]
+    with caplog.at_level(logging.WARNING):
+        status, out = load(tmp_path, archive, "--units", "nm", "--pixel-size-um", "0.25")
+    assert status == 1
+    with open_dataset(out) as ds:
+        assert len(ds) == 3 and list(ds.source_index) == [0, 1, 2]
+        np.testing.assert_allclose(ds.dry_mass_pg, ds.dry_mass_pg[0], rtol=0.05)
+    (line,) = [r.getMessage() for r in caplog.records if "c_broken.npy" in r.getMessage()]
+    assert "map 3 (day1/c_broken.npy)" in line and "not a readable .npy file" in line
+    assert list((tmp_path / "tmp").iterdir()) == []       # members extracted to a private folder, removed
+
+
+def test_zip_without_exports_is_refused_in_one_line(tmp_path):
+    archive = tmp_path / "notes.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("notes.txt", b"no export here")
+    with pytest.raises(ExportError, match=r"notes\.zip: content is not a readable \.zip file"):
+        open_export(archive)

@@ -799,7 +799,8 @@ def open_export(path: str | os.PathLike, *, var: str | None = None, stack_axis: 
         _check_file(Path(path))
         for reader in [*HOLOGRAM_ONLY_READERS, *(r for r in READERS if r.reconstructs)]:
             if reader.verify(path):
-                return reader(path, var=var, stack_axis=stack_axis, retrieval=retrieval)
+                series = {"hologram": True} if getattr(reader, "holds_exports", False) else {}
+                return reader(path, var=var, stack_axis=stack_axis, retrieval=retrieval, **series)
         return HologramReader(path, var=var, stack_axis=stack_axis, retrieval=retrieval)
     return _open_with(path, READERS, var=var, stack_axis=stack_axis, retrieval=retrieval)
 

@@ -60,6 +60,8 @@ class ZipSeriesReader(Reader):
     name = "zip-series"
     suffixes = ARCHIVE_SUFFIXES
     reconstructs = True
+    #: its members are exports: ``open_export(hologram=True)`` passes ``hologram=True`` on to them
+    holds_exports = True
 
     @classmethod
     def _sniff(cls, path):
@@ -67,11 +69,12 @@ class ZipSeriesReader(Reader):
 
         return _head(path, len(ZIP_MAGIC)) == ZIP_MAGIC and bool(archive_members(path, EXPORT_SUFFIXES))
 
-    def __init__(self, path, *, var=None, stack_axis=None, retrieval: Retrieval | None = None):
+    def __init__(self, path, *, var=None, stack_axis=None, retrieval: Retrieval | None = None,
+                 hologram: bool = False):
         from .readers import EXPORT_SUFFIXES
 
         super().__init__(path, var=var, stack_axis=stack_axis)
-        self._kw = {"var": var, "stack_axis": stack_axis, "retrieval": retrieval}
+        self._kw = {"var": var, "stack_axis": stack_axis, "retrieval": retrieval, "hologram": hologram}
         self._folder = Path(tempfile.mkdtemp(prefix="opdcells-zip-"))
         self._resources.callback(shutil.rmtree, self._folder, ignore_errors=True)
         try:

@@ -24,7 +24,7 @@ from opdcells.errors import ExportError, is_odd_library_error
 from opdcells.ingest import IngestOptions, add_reading_options, iter_processed, reading_options
 from opdcells.metadata import Meta
 from opdcells.preprocess import preprocess_map
-from opdcells.readers import _reading, format_table, open_export
+from opdcells.readers import _reading, format_table, meta_from_qpimage, open_export
 from opdcells.readers_qpformat import QPFORMAT_HOLOGRAM_READERS, QPFORMAT_READERS
 from opdcells.retrieval import Retrieval, looks_like_hologram, object_sign
 
@@ -54,21 +54,20 @@ def load(tmp_path, path, *options) -> tuple[int, Path]:
     return main([str(path), "--label", "cell", "--out", str(out), "-q", *options]), out
 
 
-def qpformat_dry_masses(path, meta: Meta, hologram: bool) -> list[float]:
-    """Dry mass of every image of ``path`` from qpformat's own decoded phase, preprocessed like ours."""
+def qpformat_dry_masses(path, user: Meta, fmt: str | None = None) -> list[float]:
+    """Dry mass of every image of ``path`` from qpformat's own decoded phase (rad), preprocessed like ours
+    with the user's metadata over the file's."""
     import qpformat
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        data = qpformat.load_data(path, fmt="SingleRawOAHTif" if hologram else None)
+        data = qpformat.load_data(path, fmt=fmt)
         masses = []
         for index in range(len(data)):
             qpi = data.get_qpimage(index)
-            file_meta = {k: qpi.meta[k] for k in ("wavelength", "pixel size") if k in qpi.meta}
-            full = Meta(units="rad", wavelength_nm=file_meta.get("wavelength", 0) * 1e9 or None,
-                        pixel_size_um=file_meta.get("pixel size", 0) * 1e6 or None)
             phase = np.squeeze(np.asarray(qpi.pha, dtype=np.float64))
-            masses.append(preprocess_map(phase, meta.over(full), path=str(path)).dry_mass_pg)
+            meta = user.over(meta_from_qpimage(qpi.meta, path))
+            masses.append(preprocess_map(phase, meta, path=str(path)).dry_mass_pg)
     return masses
 
 
@@ -82,9 +81,10 @@ def test_qpformat_case_is_stored_and_agrees_with_qpformat(tmp_path, qpf_cases, n
     user = Meta(wavelength_nm=633.0 if "--wavelength-nm" in options else None,
                 pixel_size_um=float(options[options.index("--pixel-size-um") + 1])
                 if "--pixel-size-um" in options else None)
-    theirs = qpformat_dry_masses(qpf_cases / name, user, hologram="--hologram" in options)
-    if name == "single_phasics.tif":    # we read the OPD page in nm, qpformat the phase at the file's 550 nm
-        theirs = qpformat_dry_masses(qpf_cases / name, user.over(Meta(wavelength_nm=550.0)), False)
+    # qpformat's own reader of each file (for the Phasics TIFF: phase at the file's 550 nm, we read the OPD
+    # page in nm; for the hologram TIFF: qpformat's retrieval, we reconstruct with qpretrieve ourselves)
+    fmt = "SingleRawOAHTif" if "--hologram" in options else None
+    theirs = qpformat_dry_masses(qpf_cases / name, user, fmt)
     np.testing.assert_allclose(stored, theirs, rtol=0.02)
     assert np.all(stored > 0)
 
@@ -327,3 +327,15 @@ def test_zip_without_exports_is_refused_in_one_line(tmp_path):
         zf.writestr("notes.txt", b"no export here")
     with pytest.raises(ExportError, match=r"notes\.zip: content is not a readable \.zip file"):
         open_export(archive)
+
+
+def test_zip_of_holograms_is_read_with_hologram(tmp_path, cases_dir):
+    source = cases_dir / "ingest" / "hologram-sideband-sign" / "holo_int.npz"
+    archive = tmp_path / "holograms.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.write(source, "a.npz")
+        zf.write(source, "b.npz")
+    with open_export(archive, hologram=True) as reader:
+        raws = list(reader)
+    assert reader.name == "zip-series" and [r.index for r in raws] == [0, 1]
+    assert all(r.meta.units == "rad" and object_sign(r.data) > 0 for r in raws)

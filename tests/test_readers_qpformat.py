@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 #: (file, options, maps stored) as listed in cases/qpformat/README.md
 STORED = [
-    ("single_phasics.tif", ["--pixel-size-um", "0.1"], 1),
+    ("single_phasics.tif", ["--pixel-size-um", "0.3"], 1),   # SID4Bio 29.6 um pixels behind 100x
     ("single_holo.tif", ["--hologram", "--wavelength-nm", "633", "--pixel-size-um", "0.107"], 1),
     ("single_hdf5_raw-oah.h5", [], 1),
     ("series_hdf5_raw-oah.h5", [], 2),

@@ -72,7 +72,8 @@ def format_description(info: dict) -> str:
     found = [f"{key}={value:g}{_UNITS[key]}" if key in _UNITS else f"{key}={value}"
              for key, value in info["meta"].items() if value is not None]
     lines.append("  metadata in the file: " + (", ".join(found) or "none"))
-    lines.append("  missing: " + (", ".join(info["missing"]) or "nothing"))
+    lines.append("  missing: " + (", ".join(f"{key} (give --{key.replace('_', '-')})"
+                                           for key in info["missing"]) or "nothing"))
     if info["sideband"] is not None:
         lines.append(f"  hologram sideband: {info['sideband']:+d}")
     lines.extend(f"  note: {note}" for note in info["notes"])

@@ -339,3 +339,22 @@ def test_zip_of_holograms_is_read_with_hologram(tmp_path, cases_dir):
         raws = list(reader)
     assert reader.name == "zip-series" and [r.index for r in raws] == [0, 1]
     assert all(r.meta.units == "rad" and object_sign(r.data) > 0 for r in raws)
+
+
+def test_qpimage_series_subjoined_in_another_hdf5_file(tmp_path):
+    import qpimage
+
+    path = tmp_path / "experiment.h5"
+    y, x = np.mgrid[:64, :64] * 0.25
+    blob = 2.0 * np.sqrt(np.clip(1 - ((x - 8) ** 2 + (y - 8) ** 2) / 25, 0, None))
+    meta = {"wavelength": 550e-9, "pixel size": 0.25e-6, "medium index": 1.335}
+    with h5py.File(path, "w") as h5:
+        h5["other/data"] = np.arange(5)                    # the file holds more than the series
+        with qpimage.QPSeries(h5file=h5.require_group("qpseries"), h5mode="a") as series:
+            for scale in (1.0, 1.5):
+                series.add_qpimage(qpimage.QPImage(data=scale * blob, which_data="phase", meta_data=meta))
+    with open_export(path) as reader:
+        raws = list(reader)
+    assert (reader.name, len(raws)) == ("qpimage-subjoined", 2)
+    assert reader.file_meta == Meta(units="rad", wavelength_nm=550.0, pixel_size_um=0.25, medium_index=1.335)
+    np.testing.assert_allclose(raws[1].data.max() / raws[0].data.max(), 1.5, rtol=1e-3)

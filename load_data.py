@@ -4,6 +4,8 @@ Usage:
   python load_data.py SOURCE... --out DATASET.h5            # SOURCE/<class>/**/<exports>
   python load_data.py FOLDER_OR_FILES... --label NAME --out DATASET.h5
   python load_data.py --manifest FILES.csv --out DATASET.h5  # columns path,label[,units,...]
+  python load_data.py --inspect FILE_OR_FOLDER... [reading options]   # what each file is; writes nothing
+  python load_data.py --formats                               # the readable formats (README table)
 
 Files already in the dataset (same SHA-256 and reading options) are skipped before decoding; a run
 writes a temporary copy beside the dataset and replaces the original only when complete, so an
@@ -22,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from opdcells.dataset import DatasetWriter, open_dataset
+from opdcells.describe import describe_export, format_description
 from opdcells.errors import ExportError, OPDCellsError
 from opdcells.ingest import (
     Found,
@@ -36,6 +39,7 @@ from opdcells.ingest import (
     stack_group,
 )
 from opdcells.preprocess import PreprocessConfig
+from opdcells.readers import format_table
 
 log = logging.getLogger("load_data")
 
@@ -63,8 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("sources", nargs="*", metavar="SOURCE",
                    help="folder with one sub-folder per class (or, with --label, folders/files of one class)")
-    p.add_argument("--out", required=True, type=Path, metavar="DATASET.h5",
-                   help="dataset to create or extend")
+    p.add_argument("--out", type=Path, metavar="DATASET.h5",
+                   help="dataset to create or extend (required unless --inspect or --formats)")
+    p.add_argument("--inspect", action="store_true",
+                   help="print what each SOURCE file is (format, images, shape, metadata found and missing, "
+                        "hologram sideband) with the reading options given, and write nothing")
+    p.add_argument("--formats", action="store_true", help="print the table of readable formats and exit")
     p.add_argument("--label", metavar="NAME", help="class of every SOURCE (no class sub-folders)")
     p.add_argument("--manifest", type=Path, metavar="CSV",
                    help="CSV with columns path,label and optional units,wavelength_nm,pixel_size_um,"
@@ -244,6 +252,26 @@ def report(summary: Summary, writer: DatasetWriter, out: Path) -> None:
              _count(summary.files_present, "file"), _count(len(summary.skipped), "file"), bad)
 
 
+def inspect(args: argparse.Namespace) -> int:
+    """``--inspect``: describe every export given (files, or folders walked) on stdout; write nothing.
+
+    Exit status 0 when every file can be read, 1 when some cannot, 2 when none can.
+    """
+    options = IngestOptions(**reading_options(args))
+    paths = [f.path for f in discover(args.sources, "-")]
+    if args.manifest is not None:
+        paths += [f.path for f, _ in read_manifest(args.manifest)]
+    if not paths:
+        log.error("no export files found in %s", ", ".join(map(str, args.sources or [args.manifest])))
+        return EXIT_FAILED
+    failed = 0
+    for path in paths:
+        info = describe_export(path, options)
+        failed += info["error"] is not None
+        print(format_description(info))
+    return EXIT_OK if not failed else EXIT_FAILED if failed == len(paths) else EXIT_SKIPPED
+
+
 def run(args: argparse.Namespace) -> int:
     options = IngestOptions(**reading_options(args), config=resolve_config(args))
     jobs = collect_jobs(args, options)
@@ -263,13 +291,20 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # usage error (2) or --help (0)
         return int(exc.code or 0)
+    if args.formats:
+        print(format_table(), end="")
+        return EXIT_OK
+    if args.out is None and not args.inspect:
+        parser.print_usage(sys.stderr)
+        print("load_data.py: error: the following arguments are required: --out", file=sys.stderr)
+        return EXIT_FAILED
     if not args.sources and args.manifest is None:
         parser.print_usage(sys.stderr)
         print("load_data.py: error: give at least one SOURCE or --manifest", file=sys.stderr)
         return EXIT_FAILED
     handler, saved = _setup_logging(args)
     try:
-        return run(args)
+        return inspect(args) if args.inspect else run(args)
     except StrictStop as exc:
         log.error("stopped at a bad file (--strict), dataset unchanged: %s", exc)
     except (OPDCellsError, ValueError) as exc:

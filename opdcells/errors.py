@@ -31,3 +31,17 @@ class DatasetError(OPDCellsError, OSError):
 
     def __str__(self) -> str:  # OSError would otherwise format its own way
         return f"{self.path}: {self.reason}"
+
+
+#: Python's own control-flow exceptions: never turned into an error about a file.
+CONTROL_FLOW = (KeyboardInterrupt, SystemExit, GeneratorExit)
+
+
+def is_odd_library_error(exc: BaseException) -> bool:
+    """True for an error a library derived from ``BaseException`` instead of ``Exception``.
+
+    qpimage (``MetaDataMissingError``, ``IntegrityCheckError``) and qpformat (``BadFileFormatError``,
+    ``LoadTifPhasicsError``, ...) do this; such an error is about the file and must not escape every
+    handler. Python's control-flow exceptions (:data:`CONTROL_FLOW`) are not.
+    """
+    return not isinstance(exc, (Exception, *CONTROL_FLOW))

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from .errors import ExportError, MetadataError, OPDCellsError
+from .errors import ExportError, MetadataError, OPDCellsError, is_odd_library_error
 from .metadata import UNITS, Meta
 from .preprocess import (
     DEFAULT_RANGES,
@@ -33,6 +33,7 @@ from .preprocess import (
     preprocess_map,
 )
 from .readers import EXPORT_SUFFIXES, SampleScale, open_export
+from .retrieval import FILTER_NAMES, SIDEBANDS, Retrieval
 from .segment import segment_field
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,7 @@ class IngestOptions:
     scale, offset: calibration of the stored samples, ``value = offset + scale * sample`` (required for
         integer samples unless the file carries its own, e.g. ImageJ's; wins over the file's).
     invert_phase: multiply every map by -1 (exports whose phase sign convention is reversed).
+    sideband, filter_name, filter_size: phase retrieval of interferograms (see :class:`Retrieval`).
     config: preprocessing settings (output pixel size and size, background order, alpha).
     ranges: plausible physical ranges of each cell (:class:`~opdcells.preprocess.PlausibleRanges`).
     """
@@ -69,6 +71,9 @@ class IngestOptions:
     scale: float | None = None
     offset: float | None = None
     invert_phase: bool = False
+    sideband: str = "auto"
+    filter_name: str | None = None
+    filter_size: float | None = None
     config: PreprocessConfig = field(default_factory=PreprocessConfig)
     ranges: PlausibleRanges = field(default_factory=PlausibleRanges)
 
@@ -78,10 +83,15 @@ class IngestOptions:
             raise ValueError("--offset needs --scale (value = offset + scale * sample)")
         if self.scale is not None and not (math.isfinite(self.scale) and self.scale != 0):
             raise ValueError(f"scale must be a finite non-zero number, not {self.scale!r}")
+        self.retrieval  # noqa: B018 - validates sideband and filter (ValueError)
 
     @property
     def user_meta(self) -> Meta:
         return Meta(**{k: getattr(self, k) for k in _META_KEYS})
+
+    @property
+    def retrieval(self) -> Retrieval:
+        return Retrieval(self.sideband, self.filter_name, self.filter_size)
 
     @property
     def identity(self) -> str:
@@ -90,7 +100,8 @@ class IngestOptions:
         ident = {"var": self.var, "stack_axis": self.stack_axis, "fields": self.fields,
                  "hologram": self.hologram}
         later = {"channel": self.channel, "scale": self.scale, "offset": self.offset,
-                 "invert_phase": self.invert_phase or None}
+                 "invert_phase": self.invert_phase or None,
+                 "retrieval": None if self.retrieval.is_default else self.retrieval.as_dict()}
         ident.update({k: v for k, v in later.items() if v is not None})
         return json.dumps(ident, sort_keys=True, separators=(",", ":"))
 
@@ -109,7 +120,8 @@ class IngestOptions:
 
 #: IngestOptions fields set from the command line by :func:`add_reading_options` (argparse dest names).
 READING_OPTIONS = ("var", "stack_axis", "units", "wavelength_nm", "pixel_size_um", "medium_index", "fields",
-                   "hologram", "channel", "scale", "offset", "invert_phase")
+                   "hologram", "channel", "scale", "offset", "invert_phase", "sideband", "filter_name",
+                   "filter_size")
 
 
 def positive_number(text: str) -> float:
@@ -120,6 +132,14 @@ def positive_number(text: str) -> float:
         raise argparse.ArgumentTypeError(f"must be a number, not {text!r}") from None
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"must be a positive number, not {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    """argparse type: a number strictly between 0 and 1."""
+    value = positive_number(text)
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"must lie between 0 and 1, not {text}")
     return value
 
 
@@ -134,6 +154,12 @@ def add_reading_options(parser: argparse.ArgumentParser) -> None:
     add("--medium-index", type=positive_number, metavar="N", help="refractive index of the medium")
     add("--fields", action="store_true", help="exports are fields of view: segment single cells")
     add("--hologram", action="store_true", help="exports are off-axis holograms to reconstruct")
+    add("--sideband", choices=SIDEBANDS, default="auto",
+        help="hologram sideband: +1 the one qpretrieve finds, -1 its conjugate, auto (default) the one "
+             "giving a cell above its background")
+    add("--filter-name", choices=FILTER_NAMES, help="qpretrieve Fourier filter (default disk)")
+    add("--filter-size", type=_fraction, metavar="F",
+        help="qpretrieve filter size, fraction of the central band to sideband distance (default 1/3)")
     add("--channel", type=int, metavar="K",
         help="channel holding the OPD/phase maps in multi-channel files (ImageJ hyperstacks, OME-TIFF)")
     add("--scale", type=float, metavar="X", help="value per stored sample: value = offset + X * sample "
@@ -326,7 +352,9 @@ def _export_errors(path: Path) -> Iterator[None]:
         yield
     except OPDCellsError:
         raise
-    except Exception as exc:  # noqa: BLE001 - reader/decoder failures of arbitrary libraries
+    except BaseException as exc:  # noqa: BLE001 - reader/decoder failures of arbitrary libraries
+        if not isinstance(exc, Exception) and not is_odd_library_error(exc):
+            raise
         log.debug("error reading %s", path, exc_info=True)
         raise ExportError(path, f"{type(exc).__name__}: {exc}") from exc
 
@@ -347,7 +375,8 @@ class ProcessedExport:
         self.on_error = on_error
         with _export_errors(self.path):
             self._reader = open_export(self.path, var=options.var, stack_axis=options.stack_axis,
-                                       hologram=options.hologram, channel=options.channel)
+                                       hologram=options.hologram, channel=options.channel,
+                                       retrieval=options.retrieval)
             try:
                 self._n = len(self._reader)
             except BaseException:
@@ -374,6 +403,9 @@ class ProcessedExport:
             scale = self._sample_scale()
             sign = -1.0 if self.options.invert_phase else 1.0
             for raw in self._reader:
+                if getattr(raw, "error", None) is not None:    # an archive member that cannot be read
+                    self._bad(raw.error, whole_file=self._n <= 1)
+                    continue
                 meta = self.options.user_meta.over(raw.meta.over(file_meta)).check(
                     self.path, self._reader.meta_problems)
                 data = raw.data if scale is None else scale.apply(raw.data)
@@ -405,7 +437,9 @@ class ProcessedExport:
         """How errors name a map: the file, plus the map (in a stack) and cell (in a field)."""
         if self._n <= 1 and cell is None:
             return str(self.path)
-        return f"{self.path} [map {index}" + ("]" if cell is None else f", cell {cell}]")
+        member = getattr(self._reader, "member_name", lambda _: None)(index)   # archive series
+        return (f"{self.path} [map {index}" + (f" ({member})" if member else "")
+                + ("]" if cell is None else f", cell {cell}]"))
 
     def _bad(self, exc: ExportError, *, whole_file: bool = False) -> None:
         """Report a bad map/cell to ``on_error``; raise it when there is no handler or it is the file."""

@@ -32,9 +32,10 @@ import tifffile
 from scipy.io.matlab import MatReadError, matfile_version
 from skimage.restoration import unwrap_phase
 
-from .errors import ExportError, MetadataError, OPDCellsError
+from .errors import ExportError, MetadataError, OPDCellsError, is_odd_library_error
 from .metadata import UNITS, Meta
 from .preprocess import MAX_NONFINITE_FRACTION, fill_nonfinite
+from .retrieval import Retrieval, orient_phase
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +125,10 @@ def _reading(path, action: str):
     except OPDCellsError:
         raise
     except _LIBRARY_ERRORS as exc:
+        raise ExportError(path, f"{action}: {type(exc).__name__}: {exc}") from exc
+    except BaseException as exc:   # qpimage/qpformat derive some of their errors from BaseException
+        if not is_odd_library_error(exc):
+            raise
         raise ExportError(path, f"{action}: {type(exc).__name__}: {exc}") from exc
 
 
@@ -352,7 +357,10 @@ def scale_from_variables(values: dict[str, Any], path) -> SampleScale | None:
 def meta_from_qpimage(meta: dict, path) -> Meta:
     """Meta (units rad) from qpimage metadata, which is in SI units (wavelength and pixel size in m)."""
     def known(key, scale=1.0):
-        value = meta.get(key)   # 12 significant digits: 1.39e-07 m -> 0.139 um, not 0.13899999999999998
+        # ``in`` first: qpimage's MetaDict.get raises MetaDataMissingError (a BaseException) for a
+        # known key that is absent, e.g. a file without wavelength or medium index
+        value = meta[key] if key in meta else None
+        # 12 significant digits: 1.39e-07 m -> 0.139 um, not 0.13899999999999998
         return None if value is None or not np.isfinite(value) else float(f"{float(value) * scale:.12g}")
     try:
         return Meta(units="rad", wavelength_nm=known("wavelength", 1e9),
@@ -370,6 +378,9 @@ class Reader(abc.ABC):
 
     name: str = ""
     suffixes: tuple[str, ...] = ()
+    #: True for readers that retrieve phase from interferograms: they take ``retrieval=`` (a
+    #: :class:`~opdcells.retrieval.Retrieval`: sideband and Fourier filter).
+    reconstructs: bool = False
 
     def __init__(self, path, *, var: str | None = None, stack_axis: int | None = None):
         self.path = Path(path)
@@ -393,7 +404,9 @@ class Reader(abc.ABC):
         """Cheap sniff: the suffix is one of ours and the content looks like our format. Never raises."""
         try:
             return Path(path).suffix.lower() in cls.suffixes and cls._sniff(Path(path))
-        except Exception as exc:  # a sniff must never raise, whatever the file holds
+        except BaseException as exc:  # a sniff must never raise, whatever the file holds
+            if not isinstance(exc, Exception) and not is_odd_library_error(exc):
+                raise
             log.debug("%s: %s sniff failed: %s", path, cls.name, exc)
             return False
 
@@ -676,6 +689,19 @@ def _tifffile_errors(path):
         raise ExportError(path, "damaged TIFF file: " + "; ".join(errors.messages))
 
 
+def _single_series(tif: tifffile.TiffFile):
+    """The file's one series (its axes: ImageJ, OME, shaped), None for several or an inconsistent one
+    (tifffile logs, not raises, a series whose metadata do not match the pages: not damage)."""
+    logger = logging.getLogger("tifffile")
+    quiet = logging.Filter("opdcells.no-such-logger")   # rejects every record of the tifffile logger
+    logger.addFilter(quiet)
+    try:
+        series = tif.series
+        return series[0] if len(series) == 1 and series[0].shape else None
+    finally:
+        logger.removeFilter(quiet)
+
+
 def channel_index(path, n: int, channel: int | None, what: str) -> int:
     """The channel to read among ``n``: ``channel`` if in range; ExportError if not given or out of range.
 
@@ -703,7 +729,7 @@ class TiffPages:
         self.tif = tif
         with _tifffile_errors(path):
             self.pages = list(tif.pages)
-            series = tif.series[0] if len(tif.series) == 1 else None
+        series = _single_series(tif)
         first = self.pages[0]
         for number, page in enumerate(self.pages):
             if page.shape != first.shape or page.dtype != first.dtype:
@@ -944,6 +970,7 @@ class HologramReader(Reader):
 
     name = "hologram"
     suffixes = (".npz",)
+    reconstructs = True
 
     @classmethod
     def _sniff(cls, path):
@@ -953,9 +980,12 @@ class HologramReader(Reader):
         return kinds.get("data") in ("i", "u") and kinds.get(BACKGROUND_VARIABLE) in ("i", "u")
 
     def __init__(self, path, *, var=None, stack_axis=None, channel: int | None = None,
-                 qpretrieve_kw: dict | None = None):
+                 qpretrieve_kw: dict | None = None, retrieval: Retrieval | None = None):
         super().__init__(path, var=var, stack_axis=stack_axis)
-        self.qpretrieve_kw = dict(qpretrieve_kw or {})
+        self.retrieval = retrieval or Retrieval()
+        self.qpretrieve_kw = {**self.retrieval.qpretrieve_kw(), **(qpretrieve_kw or {})}
+        #: sideband (+1/-1) used for each hologram reconstructed so far, by index
+        self.sidebands: dict[int, int] = {}
         extra = {} if channel is None else {"channel": channel}
         source = _open_with(path, [r for r in READERS if r is not HologramReader], var=var,
                             stack_axis=stack_axis, **extra)
@@ -998,6 +1028,7 @@ class HologramReader(Reader):
         for index, hologram in enumerate(self._source.raw_maps()):
             with _reading(self.path, f"cannot reconstruct hologram {index}"):
                 phase = reconstruct_hologram(hologram, self._background, self.path, **self.qpretrieve_kw)
+            phase, self.sidebands[index] = orient_phase(phase, self.retrieval, f"{self.path} [map {index}]")
             yield RawMap(phase, index, self.file_meta)
 
 
@@ -1010,6 +1041,8 @@ READERS: list[type[Reader]] = [MatReader, Mat73Reader, NpyReader, HologramReader
                                PhasicsTiffReader, TiffReader, QPImageReader]
 #: Suffixes (lower case, with the dot) considered exports when walking folders.
 EXPORT_SUFFIXES: set[str] = {suffix for reader in READERS for suffix in reader.suffixes}
+#: Readers used only with ``hologram=True``: their sniff cannot tell holograms from phase maps.
+HOLOGRAM_ONLY_READERS: list[type[Reader]] = []
 
 
 def _check_file(path: Path) -> None:
@@ -1031,11 +1064,12 @@ def _open_with(path, readers: list[type[Reader]], **kwargs) -> Reader:
     """Open ``path`` with the first of ``readers`` whose sniff accepts it."""
     path = Path(path)
     _check_file(path)
+    retrieval = kwargs.pop("retrieval", None)
     for reader in readers:
         if reader.verify(path):
             if "channel" in kwargs and not _takes_channel(reader):
                 raise ExportError(path, f"a {reader.name} file has no channel axis: --channel does not apply")
-            return reader(path, **kwargs)
+            return reader(path, **kwargs, **({"retrieval": retrieval} if reader.reconstructs else {}))
     suffix = path.suffix.lower()
     if suffix not in EXPORT_SUFFIXES:
         raise ExportError(path, f"unsupported file type {suffix or '(no suffix)'!r}; readable: "
@@ -1046,17 +1080,25 @@ def _open_with(path, readers: list[type[Reader]], **kwargs) -> Reader:
 
 
 def open_export(path: str | os.PathLike, *, var: str | None = None, stack_axis: int | None = None,
-                hologram: bool = False, channel: int | None = None) -> Reader:
+                hologram: bool = False, channel: int | None = None,
+                retrieval: Retrieval | None = None) -> Reader:
     """Open a microscope export with the reader whose sniff accepts it.
 
     ``var``: variable to read from ``.mat``/``.npz``; ``stack_axis``: axis of a 3-D stack;
-    ``hologram``: read the images as raw off-axis holograms and reconstruct their phase;
-    ``channel``: channel of a multi-channel file (TIFF: ImageJ, OME, samples per pixel) holding the maps.
+    ``hologram``: read the images as raw off-axis holograms and reconstruct their phase (a format that
+    holds interferograms by its layout, e.g. qpformat's raw HDF5, is read by its own reader);
+    ``channel``: channel of a multi-channel file (TIFF: ImageJ, OME, samples per pixel) holding the maps;
+    ``retrieval``: sideband and Fourier filter of the phase retrieval (readers that reconstruct).
     """
     kwargs = {"var": var, "stack_axis": stack_axis} | ({} if channel is None else {"channel": channel})
     if hologram:
-        return HologramReader(path, **kwargs)
-    return _open_with(path, READERS, **kwargs)
+        _check_file(Path(path))
+        for reader in [*HOLOGRAM_ONLY_READERS, *(r for r in READERS if r.reconstructs)]:
+            if reader.verify(path):
+                series = {"hologram": True} if getattr(reader, "holds_exports", False) else {}
+                return reader(path, **kwargs, retrieval=retrieval, **series)
+        return HologramReader(path, **kwargs, retrieval=retrieval)
+    return _open_with(path, READERS, **kwargs, retrieval=retrieval)
 
 
 def describe(path: str | os.PathLike, **kwargs) -> dict:
@@ -1068,3 +1110,20 @@ def describe(path: str | os.PathLike, **kwargs) -> dict:
         return {"path": str(path), "format": reader.name, "n_maps": len(reader),
                 "shape": tuple(int(n) for n in reader.map_shape), "variable": reader.variable,
                 "meta": reader.file_meta.as_dict()}
+
+
+def format_table() -> str:
+    """The README's table of readable formats, generated from :data:`READERS` (Markdown, one row per
+    reader in the order :func:`open_export` tries them, then the readers used only with ``--hologram``)."""
+    rows = ["| reader | suffixes | what it reads | qpformat format |", "|---|---|---|---|"]
+    for reader in [*READERS, *HOLOGRAM_ONLY_READERS]:
+        what = " ".join((reader.__doc__ or "").strip().split("\n\n")[0].split()).replace("``", "`")
+        fmt = f"`{reader.fmt}`" if getattr(reader, "fmt", "") else ""
+        rows.append(f"| `{reader.name}` | {', '.join(f'`{s}`' for s in reader.suffixes)} | {what} | {fmt} |")
+    return "\n".join(rows) + "\n"
+
+
+# The qpformat-backed readers and the zip series reader subclass Reader, so their modules are imported
+# last; they register themselves in READERS (qpformat's before QPImageReader: its HDF5 layouts are
+# recognised by content; the zip series last), EXPORT_SUFFIXES and HOLOGRAM_ONLY_READERS.
+from . import readers_archive, readers_qpformat  # noqa: E402, F401, I001

@@ -367,7 +367,7 @@ def _cell_nm(px=0.2, peak=450.0, radius_um=5.0, size=96):
 
 @pytest.mark.parametrize("factor, options, words", [
     (1.0, ["--units", "nm", "--pixel-size-um", "10"], ["dry mass", "pixel size too large"]),
-    (1.0, ["--units", "um", "--pixel-size-um", "0.2"], ["peak OPD", "wrong --units (um or rad given for nm?)"]),
+    (1.0, ["--units", "um", "--pixel-size-um", "0.2"], ["peak OPD", "(um or rad given for nm?)"]),
     (1e-3, ["--units", "nm", "--pixel-size-um", "0.2"], ["peak OPD", "wrong --units (nm given for um?)"]),
 ])
 def test_implausible_cells_are_refused_with_the_likely_cause(tmp_path, ingest, factor, options, words):

@@ -21,7 +21,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from opdcells.dataset import DatasetWriter, open_dataset
+from opdcells.dataset import DatasetWriter, open_dataset, real_path, shard_folder
 from opdcells.errors import ExportError, OPDCellsError
 from opdcells.ingest import (
     Found,
@@ -139,7 +139,9 @@ class Job:
 
 def collect_jobs(args: argparse.Namespace, options: IngestOptions) -> list[Job]:
     """Jobs from SOURCE folders/files and the manifest, in a deterministic order."""
-    jobs = [Job(f, options) for f in discover(args.sources, args.label, exclude=[args.out])]
+    store = shard_folder(real_path(args.out))  # the output's own shards are not exports
+    jobs = [Job(f, options) for f in discover(args.sources, args.label, exclude=[args.out])
+            if store not in f.path.resolve().parents]
     if args.manifest is not None:
         jobs += [Job(f, options.replace(**overrides)) for f, overrides in read_manifest(args.manifest)]
     return jobs

@@ -52,7 +52,9 @@ def test_roundtrip_schema_and_columns(dataset):
         np.testing.assert_allclose(ds.dry_mass_pg, [10, 11, 12, 10, 11])
         np.testing.assert_allclose(ds.column("area_um2"), [50, 51, 52, 50, 51])
         assert ds.opd.dtype == np.float32 and ds.opd.shape == (5, SIZE, SIZE)
-        assert ds.opd.chunks == (1, SIZE, SIZE)
+        assert ds.opd.is_virtual and [rows for _, rows in ds.shards] == [5]
+        with h5py.File(dataset.parent / ds.shards[0][0]) as shard:
+            assert shard["opd"].chunks == (1, SIZE, SIZE)
         attrs = ds.attrs
         assert attrs["format"] == FORMAT and attrs["schema_version"] == SCHEMA_VERSION
         assert attrs["opdcells_version"] == opdcells.__version__

@@ -331,7 +331,12 @@ def test_data_side_does_not_import_tensorflow():
 
 
 def _temps(out):
-    return list(out.parent.glob(f".{out.name}.tmp-*"))
+    """What an append in progress leaves: its journal of started shards and a temporary index."""
+    return [*out.parent.glob(f".{out.name}.tmp-*"), *out.parent.glob(f".{out.name}.pending")]
+
+
+def _shard_files(out):
+    return sorted(p.name for p in out.with_name(f"{out.name}.shards").iterdir())
 
 
 def test_sigkill_leaves_old_or_new_dataset(tmp_path, capsys):
@@ -345,7 +350,12 @@ def test_sigkill_leaves_old_or_new_dataset(tmp_path, capsys):
            "--out", str(out), "--quiet", *NM]
 
     def start():
-        out.write_bytes(pristine)
+        out.write_bytes(pristine)  # back to 2 maps: the shard of a completed run is now unnamed
+        journal = out.with_name(f".{out.name}.pending")
+        pending = journal.read_text() if journal.exists() else ""  # killed runs' shards: left to load_data
+        for name in _shard_files(out):
+            if name != base_shard and name not in pending:
+                (out.with_name(f"{out.name}.shards") / name).unlink()
         return subprocess.Popen(cmd, cwd=tmp_path, stderr=subprocess.DEVNULL)
 
     def wait_for_temp(proc):
@@ -356,6 +366,8 @@ def test_sigkill_leaves_old_or_new_dataset(tmp_path, capsys):
         with open_dataset(out) as ds:  # must always open
             return len(ds), bool(_temps(out))
 
+    with open_dataset(out) as ds:
+        base_shard = ds.shards[0][0].split("/")[1]
     proc = start()  # an uninterrupted run: how long from the first temp write to the end
     wait_for_temp(proc)
     t0 = time.monotonic()
@@ -376,9 +388,12 @@ def test_sigkill_leaves_old_or_new_dataset(tmp_path, capsys):
         outcomes.append(outcome())
     assert all(n in (2, 122) for n, _ in outcomes), outcomes
     assert any(n == 2 and temp for n, temp in outcomes), f"no kill landed mid-write: {outcomes}"
+    assert len(_shard_files(out)) > 1  # killed runs left shards behind ...
     assert load([tmp_path / "new", "--label", "B", "--out", out, *NM], capsys)[0] == 0
     with open_dataset(out) as ds:
         assert len(ds) == 122 and not _temps(out)
+        named = sorted(name.split("/")[1] for name, _ in ds.shards)
+    assert named[0] == base_shard and _shard_files(out) == named  # killed runs' shards are gone
 
 
 def test_memory_stays_bounded(tmp_path, capsys):

@@ -408,6 +408,22 @@ def _is_disk_full(exc: BaseException) -> bool:
     return "No space left on device" in text or "errno = 28," in text or "Disk quota exceeded" in text
 
 
+#: Free space kept for HDF5's own metadata when a file is closed. HDF5 crashes the process (at exit)
+#: when it cannot flush a file it is closing, so a write that would leave less free is refused before
+#: HDF5 sees a full disk.
+SPACE_RESERVE = 2 * 2**20
+
+
+def _ensure_space(folder: Path, need: int) -> None:
+    """Raise OSError(ENOSPC) unless ``folder``'s file system has ``need`` + SPACE_RESERVE bytes free."""
+    try:
+        stat = os.statvfs(folder)
+    except (AttributeError, OSError):  # no statvfs (Windows): rely on the write errors
+        return
+    if stat.f_bavail * stat.f_frsize < need + SPACE_RESERVE:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(folder))
+
+
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
@@ -674,6 +690,7 @@ class DatasetWriter:
         if batch.n == 0:
             return
         try:
+            _ensure_space(self.real.parent, batch.opd[:batch.n].nbytes + 1024 * batch.n)
             h5 = self._ensure_shard()
             start, stop = self._stored - self._base, self._stored - self._base + batch.n
             h5["opd"].resize(stop, axis=0)
@@ -717,6 +734,8 @@ class DatasetWriter:
         """Write the new index (old columns copied inside HDF5, new rows from the shard) to a temp file."""
         self._tmp = self.real.with_name(f".{self.real.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
         size = self.settings["out_size"]
+        old_size = self.real.stat().st_size if self._version is not None else 0
+        _ensure_space(self.real.parent, old_size + 1024 * (self._stored - self._base) + 4096 * len(shards))
         old = h5py.File(self.real, "r") if self._version is not None else None
         try:
             with h5py.File(self._tmp, "w") as h5, h5py.File(self._shard, "r") as shard:
@@ -785,6 +804,9 @@ class DatasetWriter:
     def _discard(self) -> None:
         """Remove this run's shard, temporary index and journal (never a shard an index names)."""
         if self._shard_h5 is not None:
+            # Emptied first: on a full disk HDF5 could not flush it at close (nor at exit: a crash)
+            with contextlib.suppress(OSError):
+                os.truncate(self._shard, 0)
             with contextlib.suppress(Exception):
                 self._shard_h5.close()
             self._shard_h5 = None

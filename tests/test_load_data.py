@@ -1,7 +1,10 @@
 """load_data.py and opdcells.ingest: layouts, groups, appends, bad inputs, exit codes, kill safety."""
 from __future__ import annotations
 
+import contextlib
 import csv
+import errno
+import os
 import shutil
 import signal
 import subprocess
@@ -421,3 +424,62 @@ def test_reading_options_are_part_of_the_file_identity(classes):
     others = {file_key(path, IngestOptions(**change))[1]
               for change in ({"stack_axis": 0}, {"var": "x"}, {"fields": True}, {"hologram": True})}
     assert len(others) == 4 and key not in others and all(k.startswith(sha) for k in others)
+
+
+def test_out_through_a_symlink_updates_its_target(classes, tmp_path, capsys):
+    real = tmp_path / "store" / "ds.h5"
+    real.parent.mkdir()
+    assert load([classes / "PBMCs", "--label", "PBMCs", "--out", real, *NM], capsys)[0] == 0
+    link = tmp_path / "ds.h5"
+    link.symlink_to(real)
+    status, err = load([classes, "--out", link, *NM], capsys)
+    assert status == 0, err
+    assert link.is_symlink() and link.resolve() == real and not (tmp_path / "ds.h5.shards").exists()
+    with open_dataset(real) as ds:
+        assert len(ds) == 6 and sorted(set(ds.class_names)) == ["PBMCs", "SW480"]
+
+
+def test_failed_fsync_exits_2_with_one_line(classes, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "ds.h5"
+    assert load([classes / "PBMCs", "--label", "PBMCs", "--out", out, *NM], capsys)[0] == 0
+    before = out.read_bytes()
+
+    def failing_fsync(fd):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    status, err = load([classes, "--out", out, *NM], capsys)
+    assert status == 2 and err.count("\n") == 1 and err.startswith(f"error: {out}: cannot write"), err
+    monkeypatch.undo()
+    assert out.read_bytes() == before and not _temps(out) and len(_shard_files(out)) == 1
+
+
+@contextlib.contextmanager
+def small_tmpfs(folder, size):
+    """A ``size`` tmpfs mounted on ``folder`` (skips where mounting is not allowed)."""
+    folder.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                          capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def test_full_disk_is_one_line_exit_2_and_the_old_dataset_survives(tmp_path):
+    for i in range(100):  # 100 maps of 64 KB: more than the disk has left
+        save(tmp_path / "new" / f"m{i:02d}.npy", cell(200 + i))
+    save(tmp_path / "base" / "a.npy", cell(1))
+    with small_tmpfs(tmp_path / "disk", "5m") as disk:
+        out = disk / "ds.h5"
+        cmd = [sys.executable, str(REPO / "load_data.py"), "--out", str(out), "--quiet", *NM, "--label", "A"]
+        assert subprocess.run([*cmd, str(tmp_path / "base")], cwd=REPO).returncode == 0
+        before = out.read_bytes()
+        done = subprocess.run([*cmd, str(tmp_path / "new")], cwd=REPO, capture_output=True, text=True)
+        assert done.returncode == 2, done
+        assert done.stderr.count("\n") == 1 and f"{out}: disk full" in done.stderr, done.stderr
+        assert out.read_bytes() == before and not _temps(out) and len(_shard_files(out)) == 1
+        with open_dataset(out) as ds:
+            assert len(ds) == 1 and ds.read(0).any()

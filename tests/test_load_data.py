@@ -483,3 +483,19 @@ def test_full_disk_is_one_line_exit_2_and_the_old_dataset_survives(tmp_path):
         assert out.read_bytes() == before and not _temps(out) and len(_shard_files(out)) == 1
         with open_dataset(out) as ds:
             assert len(ds) == 1 and ds.read(0).any()
+
+
+def test_rejected_maps_keep_only_their_reason(tmp_path, capsys):
+    stack = np.full((200, 128, 128), 5.0, np.float32)  # constant maps: rejected, 64 KB each on disk
+    stack[0] = cell(1, size=128)
+    save(tmp_path / "SRC" / "X" / "stack.npy", stack)
+    del stack
+    tracemalloc.start()
+    try:
+        status, err = load([tmp_path / "SRC", "--out", tmp_path / "ds.h5", *NM], capsys)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert status == 1 and "skipped 199 maps of" in err and "and 194 more" in err, err
+    assert err.count("skipped 199 maps") == 1
+    assert peak < 200 * 128 * 128 * 4, peak  # < the stack: rejected maps (and tracebacks) are not kept

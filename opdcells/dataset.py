@@ -434,24 +434,22 @@ def _create_map_layout(h5: h5py.File, size: int) -> None:
     h5.create_dataset("opd", shape=(0, size, size), maxshape=(None, size, size), dtype=np.float32,
                       chunks=(1, size, size))
     for name, dtype in MAP_COLUMNS.items():
-        h5.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(4096,))
+        h5.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(256,))
 
 
-def _extend(dset: h5py.Dataset, values) -> None:
-    start = dset.shape[0]
-    dset.resize(start + len(values), axis=0)
+def _table(h5: h5py.File, name: str, dtype, values, old: h5py.File | None = None, block: int = 65536) -> None:
+    """Contiguous dataset ``name``: the old file's ``name`` (if any) followed by ``values``.
+
+    The index is written once and never resized, so no chunk is half empty; the old rows are
+    copied ``block`` rows at a time (bounded memory).
+    """
+    n_old = old[name].shape[0] if old is not None and name in old else 0
+    dset = h5.create_dataset(name, shape=(n_old + len(values),), dtype=dtype)
+    for start in range(0, n_old, block):
+        stop = min(start + block, n_old)
+        dset[start:stop] = old[name][start:stop]
     if len(values):
-        dset[start:] = values
-
-
-def _table(h5: h5py.File, name: str, dtype, values: list, old: h5py.File | None = None) -> None:
-    """Dataset ``name`` = the old file's ``name`` (copied inside HDF5, if any) followed by ``values``."""
-    if old is not None and name in old:
-        old.copy(old[name], h5, name=name)
-    else:
-        h5.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype,
-                          chunks=(4096,) if name in MAP_COLUMNS else (1024,))
-    _extend(h5[name], values)
+        dset[n_old:] = values
 
 
 class DatasetWriter:

@@ -729,14 +729,26 @@ class DatasetWriter:
         return [(name, self._base)]
 
     def _write_index(self, shards: list[tuple[str, int]]) -> Path:
-        """Write the new index (old columns copied inside HDF5, new rows from the shard) to a temp file."""
+        """Write the new index to a temporary file beside the old one and fsync it; return its path.
+
+        The index is built in memory and written with plain file I/O: on a full disk that is a clean
+        OSError, where HDF5 writing the file itself could crash the process when it fails to flush.
+        """
+        image = self._build_index(shards)
         self._tmp = self.real.with_name(f".{self.real.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        with open(self._tmp, "xb") as f:
+            f.write(image)
+            f.flush()
+            os.fsync(f.fileno())
+        return self._tmp
+
+    def _build_index(self, shards: list[tuple[str, int]]) -> bytes:
+        """The new index as an HDF5 file image: old columns copied in blocks, new rows from the shard."""
         size = self.settings["out_size"]
-        old_size = self.real.stat().st_size if self._version is not None else 0
-        _ensure_space(self.real.parent, old_size + 1024 * (self._stored - self._base) + 4096 * len(shards))
         old = h5py.File(self.real, "r") if self._version is not None else None
         try:
-            with h5py.File(self._tmp, "w") as h5, h5py.File(self._shard, "r") as shard:
+            with h5py.File(f"index-{uuid.uuid4().hex}", "w", driver="core", backing_store=False) as h5, \
+                    h5py.File(self._shard, "r") as shard:
                 now = _now()
                 h5.attrs.update(dict(old.attrs) if old is not None else {"created": now, **self.settings})
                 h5.attrs.update({"format": FORMAT, "schema_version": SCHEMA_VERSION,
@@ -757,11 +769,11 @@ class DatasetWriter:
                 for key in ("wavelength_nm", "medium_index"):
                     values = np.unique(h5[key][()])
                     h5.attrs[key] = float(values[0]) if values.size == 1 else math.nan
+                h5.flush()
+                return h5.id.get_file_image()
         finally:
             if old is not None:
                 old.close()
-        _fsync_path(self._tmp)
-        return self._tmp
 
     def commit(self) -> bool:
         """Make the appended maps durable and visible atomically; True if the dataset changed.

@@ -499,3 +499,31 @@ def test_rejected_maps_keep_only_their_reason(tmp_path, capsys):
     assert status == 1 and "skipped 199 maps of" in err and "and 194 more" in err, err
     assert err.count("skipped 199 maps") == 1
     assert peak < 200 * 128 * 128 * 4, peak  # < the stack: rejected maps (and tracebacks) are not kept
+
+
+def test_disk_full_while_writing_the_index_is_one_line_too(tmp_path):
+    from opdcells.dataset import DatasetWriter
+    from opdcells.metadata import Meta
+    from opdcells.preprocess import PreprocessConfig, ProcessedMap
+
+    save(tmp_path / "new" / "a.npy", cell(1, radius_um=1.0))  # fits the 16 px (4 um) maps
+    meta = Meta(units="nm", pixel_size_um=PX)
+    rows = ((i, ProcessedMap(np.full((16, 16), i, np.float32), 1.0, 1.0), meta) for i in range(3000))
+    with small_tmpfs(tmp_path / "disk", "8m") as disk:
+        out = disk / "ds.h5"
+        with DatasetWriter(out, PreprocessConfig(out_size=16)) as w:  # an index of ~1 MB
+            w.add_file("k", path="/a/long/path/to/an/export.mat", sha256="0" * 64, label="A", group="g",
+                       maps=rows)
+        before = out.read_bytes()
+        free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
+        with open(disk / "filler", "wb") as f:  # room for the new shard, not for the new index
+            f.truncate(free - 300_000)
+            os.posix_fallocate(f.fileno(), 0, free - 300_000)
+        code = ("import sys, load_data, opdcells.dataset as d; d._ensure_space = lambda folder, need: None; "
+                "sys.exit(load_data.main(sys.argv[1:]))")  # no early refusal: HDF5 or the index meet ENOSPC
+        done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "new"), "--label", "A", "--out",
+                               str(out), "--out-size", "16", "--quiet", *NM], cwd=REPO, capture_output=True,
+                              text=True)
+        assert done.returncode == 2, done
+        assert done.stderr.count("\n") == 1 and f"{out}: disk full" in done.stderr, done.stderr
+        assert out.read_bytes() == before and not _temps(out) and len(_shard_files(out)) == 1

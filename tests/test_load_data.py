@@ -359,39 +359,41 @@ def test_sigkill_leaves_old_or_new_dataset(tmp_path, capsys):
         for name in _shard_files(out):
             if name != base_shard and name not in pending:
                 (out.with_name(f"{out.name}.shards") / name).unlink()
-        return subprocess.Popen(cmd, cwd=tmp_path, stderr=subprocess.DEVNULL)
+        existing = set(_shard_files(out))
+        return subprocess.Popen(cmd, cwd=tmp_path, stderr=subprocess.DEVNULL), existing
 
-    def wait_for_temp(proc):
-        while not _temps(out) and proc.poll() is None:
+    def wait_for_temp(proc, existing):
+        """Until this run has created its shard (after its journal entry; stale journals don't count)."""
+        while not set(_shard_files(out)) - existing and proc.poll() is None:
             time.sleep(0.002)
 
     def outcome():
         with open_dataset(out) as ds:  # must always open
-            return len(ds), bool(_temps(out))
+            named = {name.split("/")[1] for name, _ in ds.shards}
+            return len(ds), bool(_temps(out)), bool(set(_shard_files(out)) - named)
 
     with open_dataset(out) as ds:
         base_shard = ds.shards[0][0].split("/")[1]
-    proc = start()  # an uninterrupted run: how long from the first temp write to the end
-    wait_for_temp(proc)
+    proc, existing = start()  # an uninterrupted run: how long from the first shard write to the end
+    wait_for_temp(proc, existing)
     t0 = time.monotonic()
     assert proc.wait(timeout=60) == 0
     window = time.monotonic() - t0
-    assert outcome() == (122, False)
+    assert outcome() == (122, False, False)
 
     outcomes = []
     for fraction in (None, 0.0, 0.3, 0.6, 0.9, 3.0):
-        proc = start()
+        proc, existing = start()
         if fraction is None:
             time.sleep(0.3)  # during start-up, before anything is written
         else:
-            wait_for_temp(proc)
+            wait_for_temp(proc, existing)
             time.sleep(fraction * window)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=60)
         outcomes.append(outcome())
-    assert all(n in (2, 122) for n, _ in outcomes), outcomes
-    assert any(n == 2 and temp for n, temp in outcomes), f"no kill landed mid-write: {outcomes}"
-    assert len(_shard_files(out)) > 1  # killed runs left shards behind ...
+    assert all(n in (2, 122) for n, _, _ in outcomes), outcomes
+    assert any(n == 2 and temp and orphan for n, temp, orphan in outcomes), f"no kill mid-write: {outcomes}"
     assert load([tmp_path / "new", "--label", "B", "--out", out, *NM], capsys)[0] == 0
     with open_dataset(out) as ds:
         assert len(ds) == 122 and not _temps(out)

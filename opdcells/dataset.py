@@ -68,8 +68,8 @@ Other datasets:
 
 Strings are variable-length UTF-8. An append (:class:`DatasetWriter`) costs what it adds plus the
 small index (a few hundred bytes per map, under 1% of the maps' bytes): the new shard is written and
-fsynced, then the new index is written to a temporary file, fsynced and ``os.replace``-d over the old
-one, and the folder is fsynced. A reader or a killed run only ever sees the old or the new dataset; a
+fsynced, then the new index is built in memory, written to a temporary file, fsynced and
+``os.replace``-d over the old one, and the folder is fsynced. A reader or a killed run only ever sees the old or the new dataset; a
 journal ``.DATASET.h5.pending`` names the shards a run has started, so the next writer deletes those
 of a killed run (and only those). The writer locks ``.DATASET.h5.lock`` beside the real file (symbolic
 links resolved), writes through a symbolic link to its target, refuses a hard-linked index, treats
@@ -330,6 +330,7 @@ class OPDDataset:
         """Read maps ``indices`` as a float32 array (n, S, S) in the requested order.
 
         Reads from disk in sorted order, one contiguous run at a time; duplicates are read once.
+        A damaged file raises DatasetError naming the dataset.
         """
         n = len(self)
         if isinstance(indices, slice):
@@ -346,8 +347,11 @@ class OPDDataset:
             raise IndexError(f"{self.path}: index out of range for {n} maps")
         uniq, inverse = np.unique(idx, return_inverse=True)
         out = np.empty((uniq.size, self.out_size, self.out_size), np.float32)
-        for start, stop, pos in _runs(uniq):
-            self.opd.read_direct(out, np.s_[start:stop], np.s_[pos:pos + stop - start])
+        try:
+            for start, stop, pos in _runs(uniq):
+                self.opd.read_direct(out, np.s_[start:stop], np.s_[pos:pos + stop - start])
+        except OSError as exc:  # a damaged shard (or schema 1 file)
+            raise DatasetError(self.path, f"cannot read maps: {_one_line(exc)}") from None
         result = out[inverse.ravel()]
         return result[0] if scalar else result
 

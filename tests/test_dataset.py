@@ -391,3 +391,16 @@ def test_disk_full_while_writing_maps_changes_nothing(dataset, monkeypatch):
         add(w, "c", 6, "SW480", seed=3)
     monkeypatch.undo()
     assert store_files(dataset) == before and not leftovers(dataset)
+
+
+def test_damaged_shard_is_an_error_naming_the_dataset(dataset):
+    with DatasetWriter(dataset, CONFIG) as w:
+        add(w, "c", 2, "SW480", seed=3)
+    with open_dataset(dataset) as ds:
+        second = dataset.parent / ds.shards[1][0]
+    os.truncate(second, 1000)
+    with open_dataset(dataset) as ds:
+        assert ds.read([0, 4])[:, 0, 0].tolist() == [100, 201]  # the intact shard still reads
+        with pytest.raises(DatasetError, match="cannot read maps.*truncated") as info:
+            ds.read([4, 5])
+    assert str(dataset) in str(info.value) and "\n" not in str(info.value)

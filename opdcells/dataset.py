@@ -69,11 +69,12 @@ Other datasets:
 Strings are variable-length UTF-8. An append (:class:`DatasetWriter`) costs what it adds plus the
 small index (a few hundred bytes per map, under 1% of the maps' bytes): the new shard is written and
 fsynced, then the new index is built in memory, written to a temporary file, fsynced and
-``os.replace``-d over the old one, and the folder is fsynced. A reader or a killed run only ever sees the old or the new dataset; a
-journal ``.DATASET.h5.pending`` names the shards a run has started, so the next writer deletes those
-of a killed run (and only those). The writer locks ``.DATASET.h5.lock`` beside the real file (symbolic
-links resolved), writes through a symbolic link to its target, refuses a hard-linked index, treats
-failed fsyncs as errors and reports a full disk as one :class:`DatasetError` with the dataset intact.
+``os.replace``-d over the old one, and the folder is fsynced. A reader or a killed run only ever sees
+the old or the new dataset; a journal ``.DATASET.h5.pending`` names the shards a run has started, so
+the next writer deletes those of a killed run (and only those). The writer locks ``.DATASET.h5.lock``
+beside the real file (symbolic links resolved), writes through a symbolic link to its target, refuses
+a hard-linked index, treats failed fsyncs as errors and reports a full disk as one
+:class:`DatasetError` with the dataset intact.
 """
 from __future__ import annotations
 
@@ -111,6 +112,8 @@ log = logging.getLogger(__name__)
 
 FORMAT = "opdcells-dataset"
 SCHEMA_VERSION = 2
+#: Version of what a map's identity means, hashed by ``OPDDataset.fingerprint`` (schema 1 and 2 alike).
+CONTENT_VERSION = 1
 #: Oldest schema still read (schema 1: one self-contained file, migrated on the next append).
 OLDEST_SCHEMA = 1
 
@@ -314,14 +317,15 @@ class OPDDataset:
     def fingerprint(self) -> str:
         """Stable SHA-256 of the content identity, independent of row order and label numbering.
 
-        Hashes the schema version, pixel size, out size and the sorted
-        (source SHA-256, source index, class name) triples.
+        Hashes the content version (``CONTENT_VERSION``, not the storage schema: sharding did not change
+        what a dataset holds, so models keep recognising their data), pixel size, out size and the
+        sorted (source SHA-256, source index, class name) triples.
         """
         if self._fingerprint is None:
             names = self.class_names
             triples = sorted(zip(self.source_sha256.tolist(), self.source_index.tolist(),
                                  (str(names[i]) for i in self.labels), strict=True))
-            payload = json.dumps({"schema_version": SCHEMA_VERSION, "pixel_size_um": self.pixel_size_um,
+            payload = json.dumps({"schema_version": CONTENT_VERSION, "pixel_size_um": self.pixel_size_um,
                                   "out_size": self.out_size, "maps": triples}, separators=(",", ":"))
             self._fingerprint = hashlib.sha256(payload.encode()).hexdigest()
         return self._fingerprint

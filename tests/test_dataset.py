@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import errno
+import hashlib
+import json
 import math
 import os
 import shutil
@@ -332,6 +334,21 @@ def test_schema1_dataset_is_read_and_migrated_on_append(tmp_path):
         assert ds.attrs["created"] == "2026-01-01T00:00:00+00:00" and ds.fingerprint != fingerprint
         assert ds.column("files/key").tolist() == ["key-old", "key-new"]
     assert path.stat().st_nlink == 1 and not leftovers(path)
+
+
+def test_fingerprint_does_not_depend_on_the_storage_schema(tmp_path):
+    """Saved models record their dataset's fingerprint: sharding must not make them disown it."""
+    old, new = tmp_path / "old.h5", tmp_path / "new.h5"
+    write_schema1(old, 4)
+    with DatasetWriter(new, CONFIG) as w:
+        w.add_file("key-old", path="/old/a.mat", sha256="sha-old", label="SW480", group="old", maps=maps(4))
+    # the formula saved models' fingerprints were computed with (opdcells 0.1.0, schema 1)
+    triples = [["sha-old", i, "SW480"] for i in range(4)]
+    recorded = hashlib.sha256(json.dumps({"schema_version": 1, "pixel_size_um": 0.5, "out_size": SIZE,
+                                          "maps": triples}, separators=(",", ":")).encode()).hexdigest()
+    with open_dataset(old) as a, open_dataset(new) as b:
+        assert a.attrs["schema_version"] == 1 and b.attrs["schema_version"] == SCHEMA_VERSION
+        assert a.fingerprint == b.fingerprint == recorded
 
 
 def test_lock_follows_the_real_file(tmp_path, dataset):

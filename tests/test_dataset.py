@@ -336,6 +336,21 @@ def test_schema1_dataset_is_read_and_migrated_on_append(tmp_path):
     assert path.stat().st_nlink == 1 and not leftovers(path)
 
 
+def test_killed_migration_is_cleaned_and_retried(tmp_path):
+    path = tmp_path / "old.h5"
+    write_schema1(path, 4)
+    folder = tmp_path / "old.h5.shards"
+    folder.mkdir()
+    os.link(path, folder / "000000-deadbeef-v1.h5")  # a run killed after linking, before the new index
+    (tmp_path / ".old.h5.pending").write_text("old.h5.shards/000000-deadbeef-v1.h5\n")
+    with DatasetWriter(path, CONFIG) as w:  # not refused as hard-linked: the journal explains the link
+        add(w, "new", 1, "SW480", seed=5)
+    with open_dataset(path) as ds:
+        assert len(ds) == 5 and [rows for _, rows in ds.shards] == [4, 1]
+        assert "deadbeef" not in ds.shards[0][0]
+    assert not (folder / "000000-deadbeef-v1.h5").exists() and not leftovers(path)
+
+
 def test_fingerprint_does_not_depend_on_the_storage_schema(tmp_path):
     """Saved models record their dataset's fingerprint: sharding must not make them disown it."""
     old, new = tmp_path / "old.h5", tmp_path / "new.h5"

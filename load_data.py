@@ -23,7 +23,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from opdcells.dataset import DatasetWriter, open_dataset
+from opdcells.dataset import DatasetWriter, open_dataset, real_path, shard_folder
 from opdcells.describe import describe_export, format_description
 from opdcells.errors import ExportError, OPDCellsError
 from opdcells.ingest import (
@@ -147,7 +147,9 @@ class Job:
 
 def collect_jobs(args: argparse.Namespace, options: IngestOptions) -> list[Job]:
     """Jobs from SOURCE folders/files and the manifest, in a deterministic order."""
-    jobs = [Job(f, options) for f in discover(args.sources, args.label, exclude=[args.out])]
+    store = shard_folder(real_path(args.out))  # the output's own shards are not exports
+    jobs = [Job(f, options) for f in discover(args.sources, args.label, exclude=[args.out])
+            if store not in f.path.resolve().parents]
     if args.manifest is not None:
         jobs += [Job(f, options.replace(**overrides)) for f, overrides in read_manifest(args.manifest)]
     return jobs
@@ -185,12 +187,12 @@ def load_job(job: Job, writer: DatasetWriter, summary: Summary, *, strict: bool)
         summary.files_present += 1
         return
 
-    bad: list[ExportError] = []
+    bad = BadMaps(path)
 
     def bad_map(exc: ExportError) -> None:
         if strict:
             raise StrictStop(exc.path, exc.reason)
-        bad.append(exc)
+        bad.add(exc)
 
     try:
         with ProcessedExport(path, job.options, on_error=bad_map) as export:
@@ -199,8 +201,8 @@ def load_job(job: Job, writer: DatasetWriter, summary: Summary, *, strict: bool)
             added = writer.add_file(key, path=str(path.absolute()), sha256=sha, label=job.found.label,
                                     group=group, maps=export)
     finally:
-        report_bad_maps(path, bad)
-    summary.bad_maps += len(bad)
+        bad.report()
+    summary.bad_maps += bad.count
     if not added:
         why = "no usable isolated cells found" if job.options.fields else "none of its maps is usable"
         raise ExportError(path, why)
@@ -208,14 +210,31 @@ def load_job(job: Job, writer: DatasetWriter, summary: Summary, *, strict: bool)
     summary.files_added += 1
 
 
-def report_bad_maps(path: Path, errors: list[ExportError], shown: int = 5) -> None:
-    """One line per distinct reason for the bad maps (or cells) of one file."""
-    by_reason: dict[str, list[str]] = {}
-    for exc in errors:
-        by_reason.setdefault(exc.reason, []).append(exc.path[len(str(path)):].strip(" []"))
-    for reason, where in by_reason.items():
-        listed = "; ".join(where[:shown]) + (f" and {len(where) - shown} more" if len(where) > shown else "")
-        log.warning("skipped %s of %s (%s): %s", _count(len(where), "map"), path, listed, reason)
+class BadMaps:
+    """The bad maps (or cells) of one file, kept as counts per one-line reason (bounded memory).
+
+    Only the reason text, a count and the first ``shown`` positions are kept, never the exceptions
+    (their tracebacks hold the maps): a file with a million bad maps costs a few lines.
+    """
+
+    def __init__(self, path: Path, shown: int = 5):
+        self.path, self.shown = path, shown
+        self.count = 0
+        self._by_reason: dict[str, list] = {}   # reason -> [count, first positions]
+
+    def add(self, exc: ExportError) -> None:
+        """Count ``exc`` under its reason; keep its position only among the first ``shown``."""
+        entry = self._by_reason.setdefault(exc.reason, [0, []])
+        entry[0] += 1
+        if len(entry[1]) < self.shown:
+            entry[1].append(exc.path[len(str(self.path)):].strip(" []"))
+        self.count += 1
+
+    def report(self) -> None:
+        """One warning line per distinct reason."""
+        for reason, (n, where) in self._by_reason.items():
+            listed = "; ".join(where) + (f" and {n - len(where)} more" if n > len(where) else "")
+            log.warning("skipped %s of %s (%s): %s", _count(n, "map"), self.path, listed, reason)
 
 
 def load_all(jobs: list[Job], writer: DatasetWriter, *, strict: bool, progress: bool) -> Summary:

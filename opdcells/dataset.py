@@ -1,10 +1,25 @@
-"""The opdcells HDF5 dataset: schema, atomic appends and lazy reading.
+"""The opdcells HDF5 dataset: schema, a sharded append-only store and lazy reading.
 
-Schema (``schema_version`` 1)
+Layout (``schema_version`` 2)
 -----------------------------
-One HDF5 file. ``N`` maps of ``S x S`` pixels, ``K`` classes, ``M`` ingested export files.
+A dataset is the file users name, ``DATASET.h5`` (the *index*), plus the folder beside it,
+``DATASET.h5.shards/``, of immutable *shards*. Each append writes one new shard (its maps and their
+per-map columns) and then a new index, which is small, atomically in place of the old one:
 
-File attributes:
+- ``DATASET.h5`` holds the attributes, the per-map columns (copied from the shards), the class names,
+  the files table, the shard table and ``opd``: an HDF5 *virtual dataset* over the shards' ``opd``,
+  so readers see one ``(N, S, S)`` array. Shard paths are stored relative to the index's folder (HDF5
+  resolves relative virtual sources against the folder of the virtual dataset's file), so moving or
+  copying the folder that holds both keeps the dataset readable. ``HDF5_VDS_PREFIX`` must not be set.
+- ``DATASET.h5.shards/NNNNNN-XXXXXXXX.h5`` hold ``opd`` and the per-map columns of the maps one run
+  appended. They are never modified, and never deleted once an index names them.
+
+A schema 1 dataset (one file holding everything) is still read as it is; the next append migrates it
+by hard-linking (else copying) the old file into the shard folder as the first shard.
+
+N maps of S x S pixels, K classes, M ingested export files, H shards.
+
+File attributes of the index:
 
 ==================  ======================================================================
 ``format``          ``"opdcells-dataset"`` (files without it are refused)
@@ -20,11 +35,12 @@ File attributes:
 ``medium_index``    medium refractive index shared by all maps, NaN when unknown or mixed
 ==================  ======================================================================
 
-Per-map datasets (first axis ``N``, resizable, rows never reordered or removed):
+Per-map datasets (first axis ``N``, rows never reordered or removed):
 
 ========================  ===========  =========================================================
 ``opd``                   (N,S,S) f4   optical path delay in nm, background ~0, cell centred;
-                                       chunked one map per chunk
+                                       virtual over the shards (chunked one map per chunk there);
+                                       NaN where a shard cannot be read
 ``label``                 (N,) i2      index into ``class_names``
 ``source_file``           (N,) str     export file the map came from
 ``source_index``          (N,) i4      position of the map inside that file (0 for single maps)
@@ -46,16 +62,25 @@ Other datasets:
                                        options (variable, stack axis, fields, hologram)
 ``files/path``            (M,) str     path of that export when it was ingested
 ``files/n_maps``          (M,) i4      maps it contributed
+``shards/name``           (H,) str     shard file, relative to the index's folder, in row order
+``shards/rows``           (H,) i8      maps in that shard
 ========================  ===========  =========================================================
 
-Strings are variable-length UTF-8. Writes are atomic: :class:`DatasetWriter` copies the dataset to
-a temporary file in the same folder, appends there, fsyncs and ``os.replace``-s it over the
-original, so a reader (or a killed run) only ever sees the old or the new content.
+Strings are variable-length UTF-8. An append (:class:`DatasetWriter`) costs what it adds plus the
+small index (a few hundred bytes per map, under 1% of the maps' bytes): the new shard is written and
+fsynced, then the new index is built in memory, written to a temporary file, fsynced and
+``os.replace``-d over the old one, and the folder is fsynced. A reader or a killed run only ever sees
+the old or the new dataset; a journal ``.DATASET.h5.pending`` names the shards a run has started, so
+the next writer deletes those of a killed run (and only those). The writer locks ``.DATASET.h5.lock``
+beside the real file (symbolic links resolved), writes through a symbolic link to its target, refuses
+a hard-linked index, treats failed fsyncs as errors and reports a full disk as one
+:class:`DatasetError` with the dataset intact.
 """
 from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
 import hashlib
 import json
 import logging
@@ -86,7 +111,11 @@ except ImportError:  # pragma: no cover - Windows
 log = logging.getLogger(__name__)
 
 FORMAT = "opdcells-dataset"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: Version of what a map's identity means, hashed by ``OPDDataset.fingerprint`` (schema 1 and 2 alike).
+CONTENT_VERSION = 1
+#: Oldest schema still read (schema 1: one self-contained file, migrated on the next append).
+OLDEST_SCHEMA = 1
 
 _STR = h5py.string_dtype("utf-8")
 #: Per-map 1-D columns: name -> dtype (``opd`` is handled apart).
@@ -103,6 +132,8 @@ MAP_COLUMNS: dict[str, object] = {
     "input_pixel_size_um": np.float32,
 }
 FILE_COLUMNS: dict[str, object] = {"key": _STR, "path": _STR, "n_maps": np.int32}
+SHARD_COLUMNS: dict[str, object] = {"name": _STR, "rows": np.int64}
+SHARD_FORMAT = "opdcells-shard"
 #: Attributes that describe how maps were preprocessed; an append must match them.
 SETTINGS = ("pixel_size_um", "out_size", "alpha_ml_per_g", "background_order")
 
@@ -121,17 +152,28 @@ def settings_of(config: PreprocessConfig) -> dict:
 # --------------------------------------------------------------------------------------------- reading
 
 
-def _open_h5(path: Path, mode: str = "r") -> h5py.File:
-    if not path.exists():
+def real_path(path: str | os.PathLike) -> Path:
+    """``path`` with every symbolic link (of the file or a folder above it) resolved."""
+    return Path(os.path.realpath(path))
+
+
+def shard_folder(real: Path) -> Path:
+    """The folder of the shards of the dataset whose (real) index is ``real``."""
+    return real.with_name(f"{real.name}.shards")
+
+
+def _open_h5(path: Path, real: Path) -> h5py.File:
+    """Open ``real`` (the resolved ``path``: relative virtual sources follow the real folder)."""
+    if not real.exists():
         raise DatasetError(path, "no such dataset file")
     try:
-        return h5py.File(path, mode)
+        return h5py.File(real, "r")
     except OSError as exc:
         raise DatasetError(path, f"not a readable HDF5 file ({exc})") from None
 
 
-def _check_layout(h5: h5py.File, path: Path) -> None:
-    """Raise DatasetError unless ``h5`` is an opdcells dataset this code can read."""
+def _check_layout(h5: h5py.File, path: Path, real: Path) -> None:
+    """Raise DatasetError unless ``h5`` is an opdcells dataset this code can read, shards included."""
     fmt = h5.attrs.get("format")
     if isinstance(fmt, bytes):
         fmt = fmt.decode()
@@ -141,10 +183,12 @@ def _check_layout(h5: h5py.File, path: Path) -> None:
     if version > SCHEMA_VERSION:
         raise DatasetError(path, f"written with schema version {version}, newer than this opdcells "
                                  f"({__version__}, schema {SCHEMA_VERSION}); upgrade opdcells")
-    if version < 1:
+    if version < OLDEST_SCHEMA:
         raise DatasetError(path, f"invalid schema_version {version}")
     missing = [k for k in ("opd", "class_names", *MAP_COLUMNS) if k not in h5]
     missing += [f"files/{k}" for k in FILE_COLUMNS if f"files/{k}" not in h5]
+    if version >= 2:
+        missing += [f"shards/{k}" for k in SHARD_COLUMNS if f"shards/{k}" not in h5]
     missing += [k for k in SETTINGS if k not in h5.attrs]
     if missing:
         raise DatasetError(path, "corrupt opdcells dataset, missing " + ", ".join(missing))
@@ -152,6 +196,28 @@ def _check_layout(h5: h5py.File, path: Path) -> None:
     ragged = [k for k in MAP_COLUMNS if h5[k].shape != (n,)]
     if ragged:
         raise DatasetError(path, f"corrupt opdcells dataset, {', '.join(ragged)} not of length {n}")
+    if version >= 2:
+        _check_shards(h5, path, real, n)
+
+
+def _shard_table(h5: h5py.File) -> list[tuple[str, int]]:
+    """(name relative to the index's folder, rows) of every shard, in row order (schema 2)."""
+    if "shards" not in h5:
+        return []
+    names = h5["shards/name"].asstr()[()].tolist()
+    return list(zip(names, (int(r) for r in h5["shards/rows"][()]), strict=True))
+
+
+def _check_shards(h5: h5py.File, path: Path, real: Path, n: int) -> None:
+    """Every shard the index names must exist (HDF5 would silently read fill values instead)."""
+    shards = _shard_table(h5)
+    if sum(rows for _, rows in shards) != n:
+        raise DatasetError(path, f"corrupt opdcells dataset, shards hold {sum(r for _, r in shards)} maps, "
+                                 f"opd {n}")
+    for name, _ in shards:
+        if not (real.parent / name).is_file():
+            raise DatasetError(path, f"shard {name} is missing; a dataset is {real.name} together with "
+                                     f"its {shard_folder(real).name}/ folder: move or copy both")
 
 
 def _read_column(h5: h5py.File, name: str) -> np.ndarray:
@@ -181,9 +247,10 @@ class OPDDataset:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        self._h5 = _open_h5(self.path)
+        self.real_path = real_path(self.path)
+        self._h5 = _open_h5(self.path, self.real_path)
         try:
-            _check_layout(self._h5, self.path)
+            _check_layout(self._h5, self.path, self.real_path)
         except BaseException:
             self._h5.close()
             raise
@@ -218,7 +285,13 @@ class OPDDataset:
 
     @property
     def opd(self) -> h5py.Dataset:
+        """All maps as one lazy ``(N, S, S)`` float32 array (virtual over the shards in schema 2)."""
         return self._h5["opd"]
+
+    @property
+    def shards(self) -> list[tuple[str, int]]:
+        """(file relative to the index's folder, maps) of each shard; empty for a schema 1 file."""
+        return _shard_table(self._h5)
 
     @property
     def attrs(self) -> dict:
@@ -244,14 +317,15 @@ class OPDDataset:
     def fingerprint(self) -> str:
         """Stable SHA-256 of the content identity, independent of row order and label numbering.
 
-        Hashes the schema version, pixel size, out size and the sorted
-        (source SHA-256, source index, class name) triples.
+        Hashes the content version (``CONTENT_VERSION``, not the storage schema: sharding did not change
+        what a dataset holds, so models keep recognising their data), pixel size, out size and the
+        sorted (source SHA-256, source index, class name) triples.
         """
         if self._fingerprint is None:
             names = self.class_names
             triples = sorted(zip(self.source_sha256.tolist(), self.source_index.tolist(),
                                  (str(names[i]) for i in self.labels), strict=True))
-            payload = json.dumps({"schema_version": SCHEMA_VERSION, "pixel_size_um": self.pixel_size_um,
+            payload = json.dumps({"schema_version": CONTENT_VERSION, "pixel_size_um": self.pixel_size_um,
                                   "out_size": self.out_size, "maps": triples}, separators=(",", ":"))
             self._fingerprint = hashlib.sha256(payload.encode()).hexdigest()
         return self._fingerprint
@@ -260,6 +334,7 @@ class OPDDataset:
         """Read maps ``indices`` as a float32 array (n, S, S) in the requested order.
 
         Reads from disk in sorted order, one contiguous run at a time; duplicates are read once.
+        A damaged file raises DatasetError naming the dataset.
         """
         n = len(self)
         if isinstance(indices, slice):
@@ -276,8 +351,11 @@ class OPDDataset:
             raise IndexError(f"{self.path}: index out of range for {n} maps")
         uniq, inverse = np.unique(idx, return_inverse=True)
         out = np.empty((uniq.size, self.out_size, self.out_size), np.float32)
-        for start, stop, pos in _runs(uniq):
-            self.opd.read_direct(out, np.s_[start:stop], np.s_[pos:pos + stop - start])
+        try:
+            for start, stop, pos in _runs(uniq):
+                self.opd.read_direct(out, np.s_[start:stop], np.s_[pos:pos + stop - start])
+        except OSError as exc:  # a damaged shard (or schema 1 file)
+            raise DatasetError(self.path, f"cannot read maps: {_one_line(exc)}") from None
         result = out[inverse.ravel()]
         return result[0] if scalar else result
 
@@ -313,42 +391,105 @@ def _nan_if_none(value) -> float:
 
 
 def _fsync_path(path: Path, directory: bool = False) -> None:
+    """fsync ``path``; a failure raises OSError (only a folder that cannot be fsynced is let pass)."""
     flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0)
     try:
         fd = os.open(path, flags)
-    except OSError:  # some platforms cannot open directories
-        return
+    except OSError:
+        if directory:  # some platforms cannot open folders
+            return
+        raise
     try:
         os.fsync(fd)
-    except OSError:
-        pass
+    except OSError as exc:
+        if not (directory and exc.errno in (errno.EINVAL, errno.ENOTSUP)):
+            raise
     finally:
         os.close(fd)
 
 
+def _is_disk_full(exc: BaseException) -> bool:
+    """True for ENOSPC / EDQUOT, also when HDF5 reports it only in its message."""
+    if getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(exc)
+    return "No space left on device" in text or "errno = 28," in text or "Disk quota exceeded" in text
+
+
+#: Free space kept for HDF5's own metadata when a file is closed. HDF5 crashes the process (at exit)
+#: when it cannot flush a file it is closing, so a write that would leave less free is refused before
+#: HDF5 sees a full disk.
+SPACE_RESERVE = 2 * 2**20
+
+
+def _ensure_space(folder: Path, need: int) -> None:
+    """Raise OSError(ENOSPC) unless ``folder``'s file system has ``need`` + SPACE_RESERVE bytes free."""
+    try:
+        stat = os.statvfs(folder)
+    except (AttributeError, OSError):  # no statvfs (Windows): rely on the write errors
+        return
+    if stat.f_bavail * stat.f_frsize < need + SPACE_RESERVE:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(folder))
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _create_map_layout(h5: h5py.File, size: int) -> None:
+    """Empty resizable ``opd`` and per-map columns (the content of a shard)."""
+    h5.create_dataset("opd", shape=(0, size, size), maxshape=(None, size, size), dtype=np.float32,
+                      chunks=(1, size, size))
+    for name, dtype in MAP_COLUMNS.items():
+        h5.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(256,))
+
+
+def _table(h5: h5py.File, name: str, dtype, values, old: h5py.File | None = None, block: int = 65536) -> None:
+    """Contiguous dataset ``name``: the old file's ``name`` (if any) followed by ``values``.
+
+    The index is written once and never resized, so no chunk is half empty; the old rows are
+    copied ``block`` rows at a time (bounded memory).
+    """
+    n_old = old[name].shape[0] if old is not None and name in old else 0
+    dset = h5.create_dataset(name, shape=(n_old + len(values),), dtype=dtype)
+    for start in range(0, n_old, block):
+        stop = min(start + block, n_old)
+        dset[start:stop] = old[name][start:stop]
+    if len(values):
+        dset[n_old:] = values
+
+
 class DatasetWriter:
-    """Atomic, append-only writer of an opdcells dataset.
+    """Atomic, append-only writer of an opdcells dataset (one new shard per run).
 
     ``with DatasetWriter(path, config) as w: w.add_file(...)`` commits on a clean exit and discards
-    everything on an exception. Nothing touches ``path`` before :meth:`commit`: the first append
-    copies the existing dataset to ``.NAME.tmp-*`` in the same folder, rows go there, and commit
-    flushes, fsyncs and ``os.replace``-s it over ``path``. A run that adds nothing writes nothing.
-    A lock file ``.NAME.lock`` keeps two writers apart; temporary files left by killed runs are
-    removed when the next writer starts.
+    everything on an exception. Rows go to a new shard in ``DATASET.h5.shards/``; :meth:`commit`
+    fsyncs it, writes the new index to ``.NAME.tmp-*``, fsyncs it and ``os.replace``-s it over the
+    index, so ``path`` changes only then, atomically. A run that adds nothing writes nothing. ``path``
+    may be a symbolic link: its target is written. Storage failures (full disk, failed fsync) raise
+    one :class:`DatasetError` after removing what the run wrote.
     """
 
     def __init__(self, path: str | os.PathLike, config: PreprocessConfig, *, batch_size: int = 64):
         self.path = Path(path)
+        self.real = real_path(self.path)
         self.settings = settings_of(config)
         self.batch_size = batch_size
         self._lock_fd: int | None = None
-        self._h5: h5py.File | None = None
+        self._shard_h5: h5py.File | None = None
+        self._shard: Path | None = None        # absolute path of the shard this run writes
+        self._shard_name = ""                  # ... relative to the index's folder
         self._tmp: Path | None = None
         self._keys: set[str] = set()
         self._class_names: list[str] = []
         self._new_files: list[tuple[str, str, int]] = []
-        self._stored = 0          # rows already in the HDF5 file
+        self._shards: list[tuple[str, int]] = []   # shards of the existing dataset
+        self._version: int | None = None       # schema of the existing dataset, None if new
+        self._base = 0            # rows in the existing dataset
+        self._stored = 0          # rows in the existing dataset plus those written to the new shard
         self._opened = False
+        self._failed: DatasetError | None = None
         self._batch = _Batch.empty(batch_size, self.settings["out_size"])
         self.n_added = 0
 
@@ -364,14 +505,17 @@ class DatasetWriter:
             self.abort()
 
     def open(self) -> None:
-        """Lock, clean stale temporary files and read what the existing dataset already holds."""
-        if not self.path.parent.is_dir():
-            raise DatasetError(self.path, f"output folder {self.path.parent} does not exist")
+        """Lock, clean what killed runs left and read what the existing dataset already holds."""
+        self.real = real_path(self.path)
+        if not self.real.parent.is_dir():
+            raise DatasetError(self.path, f"output folder {self.real.parent} does not exist")
         self._lock()
         try:
             self._remove_stale_temps()
-            if self.path.exists():
+            if self.real.exists():
                 self._load_existing()
+            self._recover_journal()
+            self._refuse_hard_links()
         except BaseException:
             self._unlock()
             raise
@@ -380,7 +524,7 @@ class DatasetWriter:
     def _lock(self) -> None:
         if fcntl is None:
             return
-        lock_path = self.path.with_name(f".{self.path.name}.lock")
+        lock_path = self.real.with_name(f".{self.real.name}.lock")
         try:
             fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
@@ -397,17 +541,43 @@ class DatasetWriter:
             os.close(self._lock_fd)  # releases the flock
             self._lock_fd = None
 
-    def _temp_glob(self) -> str:
-        return f".{self.path.name}.tmp-*"
+    def _refuse_hard_links(self) -> None:
+        if self.real.exists() and (links := os.stat(self.real).st_nlink) > 1:
+            raise DatasetError(self.path, f"has {links} hard links; an append replaces the file and would "
+                                          "split them: keep one name (symbolic links are fine)")
 
     def _remove_stale_temps(self) -> None:
-        for stale in self.path.parent.glob(self._temp_glob()):
+        for stale in self.real.parent.glob(f".{self.real.name}.tmp-*"):
             log.info("removing %s left by an interrupted run", stale)
             with contextlib.suppress(OSError):
                 stale.unlink()
 
+    # --- journal of shards started by a run: what a killed run leaves is exactly what it lists
+    @property
+    def _journal(self) -> Path:
+        return self.real.with_name(f".{self.real.name}.pending")
+
+    def _journal_add(self, name: str) -> None:
+        with open(self._journal, "a", encoding="utf-8") as f:
+            f.write(name + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_path(self.real.parent, directory=True)
+
+    def _recover_journal(self) -> None:
+        """Delete the shards a killed run started and no index names; never one the index names."""
+        if not self._journal.exists():
+            return
+        named = {name for name, _ in self._shards}
+        for name in self._journal.read_text(encoding="utf-8").split():
+            shard = self.real.parent / name
+            if name not in named and shard.parent == shard_folder(self.real) and shard.exists():
+                log.info("removing %s left by an interrupted run", shard)
+                shard.unlink()
+        self._journal.unlink()
+
     def _load_existing(self) -> None:
-        with open_dataset(self.path) as ds:
+        with open_dataset(self.real) as ds:
             theirs = ds.settings
             for key, value in self.settings.items():
                 if not math.isclose(float(theirs[key]), float(value), rel_tol=1e-9):
@@ -415,7 +585,9 @@ class DatasetWriter:
                                                   f"for {value}; omit the option or write a new dataset")
             self._class_names = [str(c) for c in ds.class_names]
             self._keys = set(_read_column(ds._h5, "files/key").tolist())
-            self._stored = len(ds)
+            self._version = int(ds.attrs["schema_version"])
+            self._shards = ds.shards
+            self._base = self._stored = len(ds)
 
     # --- queries
     def has_file(self, key: str) -> bool:
@@ -436,16 +608,20 @@ class DatasetWriter:
 
         If ``maps`` raises, the rows of this file (and a class it introduced) are rolled back and
         the exception propagates. A file that yields no map is not recorded. Returns maps added.
+        A storage failure raises DatasetError and leaves the writer able only to :meth:`abort`.
         """
         if not self._opened:
             raise RuntimeError("DatasetWriter.open() (or a with block) must come before add_file()")
+        if self._failed is not None:
+            raise self._failed
         mark, n_classes = len(self), len(self._class_names)
         try:
             for source_index, processed, meta in maps:
                 self._append(processed, meta, label=label, source_file=path, source_index=source_index,
                              sha256=sha256, group=group)
         except BaseException:
-            self._rollback(mark, n_classes)
+            if self._failed is None:
+                self._rollback(mark, n_classes)
             raise
         added = len(self) - mark
         if added:
@@ -486,111 +662,177 @@ class DatasetWriter:
         else:
             self._batch.truncate(0)
             for name in ("opd", *MAP_COLUMNS):
-                self._h5[name].resize(mark, axis=0)
+                self._shard_h5[name].resize(mark - self._base, axis=0)
             self._stored = mark
         del self._class_names[n_classes:]
 
-    def _ensure_temp(self) -> h5py.File:
-        """Open the temporary copy (copying the original, or creating a new file) on first use."""
-        if self._h5 is None:
-            self._tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-            try:
-                if self.path.exists():
-                    shutil.copyfile(self.path, self._tmp)
-                    shutil.copymode(self.path, self._tmp)
-                    self._h5 = h5py.File(self._tmp, "r+")
-                else:
-                    self._h5 = h5py.File(self._tmp, "w")
-                    self._create_layout(self._h5)
-            except OSError as exc:
-                self._discard_temp()
-                raise DatasetError(self.path, f"cannot write temporary copy {self._tmp} ({exc})") from None
-        return self._h5
+    def _storage_error(self, exc: BaseException, doing: str) -> DatasetError:
+        """The one-line DatasetError for a failed write; the writer then only aborts."""
+        if isinstance(exc, DatasetError):
+            error = exc
+        elif _is_disk_full(exc):
+            error = DatasetError(self.path, f"disk full while {doing}; nothing was changed, free some "
+                                            "space and run again")
+        else:
+            error = DatasetError(self.path, f"cannot write ({doing}): {_one_line(exc)}; nothing was changed")
+        self._failed = error
+        return error
 
-    def _create_layout(self, h5: h5py.File) -> None:
-        size = self.settings["out_size"]
-        now = _now()
-        h5.attrs.update({"format": FORMAT, "schema_version": SCHEMA_VERSION, "opdcells_version": __version__,
-                         "created": now, "modified": now, **self.settings,
-                         "wavelength_nm": math.nan, "medium_index": math.nan})
-        h5.create_dataset("opd", shape=(0, size, size), maxshape=(None, size, size), dtype=np.float32,
-                          chunks=(1, size, size))
-        for name, dtype in MAP_COLUMNS.items():
-            h5.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(4096,))
-        h5.create_dataset("class_names", shape=(0,), maxshape=(None,), dtype=_STR, chunks=(256,))
-        files = h5.create_group("files")
-        for name, dtype in FILE_COLUMNS.items():
-            files.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(1024,))
+    def _ensure_shard(self) -> h5py.File:
+        """Create this run's shard on first use (listed in the journal before it exists)."""
+        if self._shard_h5 is None:
+            folder = shard_folder(self.real)
+            self._shard_name = f"{folder.name}/{len(self._shards):06d}-{uuid.uuid4().hex[:8]}.h5"
+            self._journal_add(self._shard_name)
+            folder.mkdir(exist_ok=True)
+            self._shard = self.real.parent / self._shard_name
+            self._shard_h5 = h5py.File(self._shard, "w")
+            self._shard_h5.attrs.update({"format": SHARD_FORMAT, "opdcells_version": __version__})
+            _create_map_layout(self._shard_h5, self.settings["out_size"])
+        return self._shard_h5
 
     def _flush(self) -> None:
         batch = self._batch
         if batch.n == 0:
             return
-        h5 = self._ensure_temp()
-        start, stop = self._stored, self._stored + batch.n
-        h5["opd"].resize(stop, axis=0)
-        h5["opd"][start:stop] = batch.opd[:batch.n]
-        for name, values in batch.columns.items():
-            h5[name].resize(stop, axis=0)
-            h5[name][start:stop] = np.asarray(values, dtype=object if MAP_COLUMNS[name] is _STR
-                                              else MAP_COLUMNS[name])
-        self._stored = stop
+        try:
+            _ensure_space(self.real.parent, batch.opd[:batch.n].nbytes + 1024 * batch.n)
+            h5 = self._ensure_shard()
+            start, stop = self._stored - self._base, self._stored - self._base + batch.n
+            h5["opd"].resize(stop, axis=0)
+            h5["opd"][start:stop] = batch.opd[:batch.n]
+            for name, values in batch.columns.items():
+                h5[name].resize(stop, axis=0)
+                h5[name][start:stop] = np.asarray(values, dtype=object if MAP_COLUMNS[name] is _STR
+                                                  else MAP_COLUMNS[name])
+        except (OSError, RuntimeError) as exc:
+            raise self._storage_error(exc, f"writing {self._shard_name or 'a new shard'}") from None
+        self._stored += batch.n
         batch.truncate(0)
 
-    @staticmethod
-    def _append_column(dset: h5py.Dataset, values: list) -> None:
-        start = dset.shape[0]
-        dset.resize(start + len(values), axis=0)
-        dset[start:] = values
+    def _close_shard(self) -> None:
+        """Flush, close and fsync the new shard and its folder."""
+        self._shard_h5.attrs["rows"] = self._stored - self._base
+        self._shard_h5.close()
+        self._shard_h5 = None
+        _fsync_path(self._shard)
+        _fsync_path(self._shard.parent, directory=True)
 
-    def _finish_tables(self, h5: h5py.File) -> None:
-        """Write class names, the files table and the summary attributes."""
-        names = h5["class_names"]
-        known = names.shape[0]
-        if len(self._class_names) > known:
-            self._append_column(names, self._class_names[known:])
-        for i, name in enumerate(FILE_COLUMNS):
-            self._append_column(h5["files"][name], [row[i] for row in self._new_files])
-        for key in ("wavelength_nm", "medium_index"):
-            values = np.unique(h5[key][()])
-            h5.attrs[key] = float(values[0]) if values.size == 1 else math.nan
-        h5.attrs["modified"] = _now()
-        h5.attrs["opdcells_version"] = __version__
+    def _migrate(self) -> list[tuple[str, int]]:
+        """Shards of the existing dataset; a schema 1 file becomes the first shard (hard link, else copy)."""
+        if self._version is None or self._version >= 2:
+            return list(self._shards)
+        folder = shard_folder(self.real)
+        name = f"{folder.name}/{0:06d}-{uuid.uuid4().hex[:8]}-v1.h5"
+        self._journal_add(name)
+        folder.mkdir(exist_ok=True)
+        try:
+            os.link(self.real, self.real.parent / name)
+        except OSError:
+            shutil.copyfile(self.real, self.real.parent / name)
+            _fsync_path(self.real.parent / name)
+        _fsync_path(folder, directory=True)
+        log.info("%s: migrating schema %d to %d (old file kept as shard %s)", self.path, self._version,
+                 SCHEMA_VERSION, name)
+        return [(name, self._base)]
+
+    def _write_index(self, shards: list[tuple[str, int]]) -> Path:
+        """Write the new index to a temporary file beside the old one and fsync it; return its path.
+
+        The index is built in memory and written with plain file I/O: on a full disk that is a clean
+        OSError, where HDF5 writing the file itself could crash the process when it fails to flush.
+        """
+        image = self._build_index(shards)
+        self._tmp = self.real.with_name(f".{self.real.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        with open(self._tmp, "xb") as f:
+            f.write(image)
+            f.flush()
+            os.fsync(f.fileno())
+        return self._tmp
+
+    def _build_index(self, shards: list[tuple[str, int]]) -> bytes:
+        """The new index as an HDF5 file image: old columns copied in blocks, new rows from the shard."""
+        size = self.settings["out_size"]
+        old = h5py.File(self.real, "r") if self._version is not None else None
+        try:
+            with h5py.File(f"index-{uuid.uuid4().hex}", "w", driver="core", backing_store=False) as h5, \
+                    h5py.File(self._shard, "r") as shard:
+                now = _now()
+                h5.attrs.update(dict(old.attrs) if old is not None else {"created": now, **self.settings})
+                h5.attrs.update({"format": FORMAT, "schema_version": SCHEMA_VERSION,
+                                 "opdcells_version": __version__, "modified": now})
+                for name, dtype in MAP_COLUMNS.items():
+                    _table(h5, name, dtype, shard[name][()], old)
+                for i, (name, dtype) in enumerate(FILE_COLUMNS.items()):
+                    _table(h5, f"files/{name}", dtype, [row[i] for row in self._new_files], old)
+                _table(h5, "class_names", _STR, self._class_names)
+                for i, (name, dtype) in enumerate(SHARD_COLUMNS.items()):
+                    _table(h5, f"shards/{name}", dtype, [row[i] for row in shards])
+                layout = h5py.VirtualLayout((self._stored, size, size), np.float32)
+                start = 0
+                for name, rows in shards:
+                    layout[start:start + rows] = h5py.VirtualSource(name, "opd", shape=(rows, size, size))
+                    start += rows
+                h5.create_virtual_dataset("opd", layout, fillvalue=np.nan)
+                for key in ("wavelength_nm", "medium_index"):
+                    values = np.unique(h5[key][()])
+                    h5.attrs[key] = float(values[0]) if values.size == 1 else math.nan
+                h5.flush()
+                return h5.id.get_file_image()
+        finally:
+            if old is not None:
+                old.close()
 
     def commit(self) -> bool:
-        """Make the appended maps durable and visible atomically; True if the dataset changed."""
+        """Make the appended maps durable and visible atomically; True if the dataset changed.
+
+        Raises DatasetError (one line, the dataset unchanged) when the disk is full or an fsync fails.
+        """
+        replaced = False
         try:
+            if self._failed is not None:
+                raise self._failed
             self._flush()
-            if self._h5 is None or not self._new_files:
-                self._discard_temp()
+            if self._shard_h5 is None or not self._new_files:
+                self._discard()
                 return False
-            self._finish_tables(self._h5)
-            self._h5.flush()
-            self._h5.close()
-            self._h5 = None
-            _fsync_path(self._tmp)
-            os.replace(self._tmp, self.path)
-            self._tmp = None
-            _fsync_path(self.path.parent, directory=True)
+            self._close_shard()
+            shards = [*self._migrate(), (self._shard_name, self._stored - self._base)]
+            os.replace(self._write_index(shards), self.real)
+            replaced, self._tmp = True, None
+            _fsync_path(self.real.parent, directory=True)
+            self._journal.unlink()
             log.debug("committed %d maps to %s", self.n_added, self.path)
             return True
-        except BaseException:
-            self._discard_temp()
+        except BaseException as exc:
+            if not replaced:
+                self._discard()
+            if isinstance(exc, (OSError, RuntimeError)):
+                doing = "making the new index durable" if replaced else "committing the new maps"
+                raise self._storage_error(exc, doing) from None
             raise
         finally:
             self._unlock()
 
     def abort(self) -> None:
         """Discard everything appended; the original dataset stays as it was."""
-        self._discard_temp()
+        self._discard()
         self._unlock()
 
-    def _discard_temp(self) -> None:
-        if self._h5 is not None:
-            with contextlib.suppress(Exception):
-                self._h5.close()
-            self._h5 = None
-        if self._tmp is not None:
+    def _discard(self) -> None:
+        """Remove this run's shard, temporary index and journal (never a shard an index names)."""
+        if self._shard_h5 is not None:
+            # Emptied first: on a full disk HDF5 could not flush it at close (nor at exit: a crash)
             with contextlib.suppress(OSError):
-                self._tmp.unlink()
-            self._tmp = None
+                os.truncate(self._shard, 0)
+            with contextlib.suppress(Exception):
+                self._shard_h5.close()
+            self._shard_h5 = None
+        for path in (self._tmp, self._shard):
+            if path is not None:
+                with contextlib.suppress(OSError):
+                    path.unlink()
+        self._tmp = self._shard = None
+        if self._opened:
+            with contextlib.suppress(OSError):
+                self._recover_journal()

@@ -1,7 +1,10 @@
 """load_data.py and opdcells.ingest: layouts, groups, appends, bad inputs, exit codes, kill safety."""
 from __future__ import annotations
 
+import contextlib
 import csv
+import errno
+import os
 import shutil
 import signal
 import subprocess
@@ -331,7 +334,12 @@ def test_data_side_does_not_import_tensorflow():
 
 
 def _temps(out):
-    return list(out.parent.glob(f".{out.name}.tmp-*"))
+    """What an append in progress leaves: its journal of started shards and a temporary index."""
+    return [*out.parent.glob(f".{out.name}.tmp-*"), *out.parent.glob(f".{out.name}.pending")]
+
+
+def _shard_files(out):
+    return sorted(p.name for p in out.with_name(f"{out.name}.shards").iterdir())
 
 
 def test_sigkill_leaves_old_or_new_dataset(tmp_path, capsys):
@@ -345,40 +353,52 @@ def test_sigkill_leaves_old_or_new_dataset(tmp_path, capsys):
            "--out", str(out), "--quiet", *NM]
 
     def start():
-        out.write_bytes(pristine)
-        return subprocess.Popen(cmd, cwd=tmp_path, stderr=subprocess.DEVNULL)
+        out.write_bytes(pristine)  # back to 2 maps: the shard of a completed run is now unnamed
+        journal = out.with_name(f".{out.name}.pending")
+        pending = journal.read_text() if journal.exists() else ""  # killed runs' shards: left to load_data
+        for name in _shard_files(out):
+            if name != base_shard and name not in pending:
+                (out.with_name(f"{out.name}.shards") / name).unlink()
+        existing = set(_shard_files(out))
+        return subprocess.Popen(cmd, cwd=tmp_path, stderr=subprocess.DEVNULL), existing
 
-    def wait_for_temp(proc):
-        while not _temps(out) and proc.poll() is None:
+    def wait_for_temp(proc, existing):
+        """Until this run has created its shard (after its journal entry; stale journals don't count)."""
+        while not set(_shard_files(out)) - existing and proc.poll() is None:
             time.sleep(0.002)
 
     def outcome():
         with open_dataset(out) as ds:  # must always open
-            return len(ds), bool(_temps(out))
+            named = {name.split("/")[1] for name, _ in ds.shards}
+            return len(ds), bool(_temps(out)), bool(set(_shard_files(out)) - named)
 
-    proc = start()  # an uninterrupted run: how long from the first temp write to the end
-    wait_for_temp(proc)
+    with open_dataset(out) as ds:
+        base_shard = ds.shards[0][0].split("/")[1]
+    proc, existing = start()  # an uninterrupted run: how long from the first shard write to the end
+    wait_for_temp(proc, existing)
     t0 = time.monotonic()
     assert proc.wait(timeout=60) == 0
     window = time.monotonic() - t0
-    assert outcome() == (122, False)
+    assert outcome() == (122, False, False)
 
     outcomes = []
     for fraction in (None, 0.0, 0.3, 0.6, 0.9, 3.0):
-        proc = start()
+        proc, existing = start()
         if fraction is None:
             time.sleep(0.3)  # during start-up, before anything is written
         else:
-            wait_for_temp(proc)
+            wait_for_temp(proc, existing)
             time.sleep(fraction * window)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=60)
         outcomes.append(outcome())
-    assert all(n in (2, 122) for n, _ in outcomes), outcomes
-    assert any(n == 2 and temp for n, temp in outcomes), f"no kill landed mid-write: {outcomes}"
+    assert all(n in (2, 122) for n, _, _ in outcomes), outcomes
+    assert any(n == 2 and temp and orphan for n, temp, orphan in outcomes), f"no kill mid-write: {outcomes}"
     assert load([tmp_path / "new", "--label", "B", "--out", out, *NM], capsys)[0] == 0
     with open_dataset(out) as ds:
         assert len(ds) == 122 and not _temps(out)
+        named = sorted(name.split("/")[1] for name, _ in ds.shards)
+    assert named[0] == base_shard and _shard_files(out) == named  # killed runs' shards are gone
 
 
 def test_memory_stays_bounded(tmp_path, capsys):
@@ -406,3 +426,106 @@ def test_reading_options_are_part_of_the_file_identity(classes):
     others = {file_key(path, IngestOptions(**change))[1]
               for change in ({"stack_axis": 0}, {"var": "x"}, {"fields": True}, {"hologram": True})}
     assert len(others) == 4 and key not in others and all(k.startswith(sha) for k in others)
+
+
+def test_out_through_a_symlink_updates_its_target(classes, tmp_path, capsys):
+    real = tmp_path / "store" / "ds.h5"
+    real.parent.mkdir()
+    assert load([classes / "PBMCs", "--label", "PBMCs", "--out", real, *NM], capsys)[0] == 0
+    link = tmp_path / "ds.h5"
+    link.symlink_to(real)
+    status, err = load([classes, "--out", link, *NM], capsys)
+    assert status == 0, err
+    assert link.is_symlink() and link.resolve() == real and not (tmp_path / "ds.h5.shards").exists()
+    with open_dataset(real) as ds:
+        assert len(ds) == 6 and sorted(set(ds.class_names)) == ["PBMCs", "SW480"]
+
+
+def test_failed_fsync_exits_2_with_one_line(classes, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "ds.h5"
+    assert load([classes / "PBMCs", "--label", "PBMCs", "--out", out, *NM], capsys)[0] == 0
+    before = out.read_bytes()
+
+    def failing_fsync(fd):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    status, err = load([classes, "--out", out, *NM], capsys)
+    assert status == 2 and err.count("\n") == 1 and err.startswith(f"error: {out}: cannot write"), err
+    monkeypatch.undo()
+    assert out.read_bytes() == before and not _temps(out) and len(_shard_files(out)) == 1
+
+
+@contextlib.contextmanager
+def small_tmpfs(folder, size):
+    """A ``size`` tmpfs mounted on ``folder`` (skips where mounting is not allowed)."""
+    folder.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                          capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def test_full_disk_is_one_line_exit_2_and_the_old_dataset_survives(tmp_path):
+    for i in range(100):  # 100 maps of 64 KB: more than the disk has left
+        save(tmp_path / "new" / f"m{i:02d}.npy", cell(200 + i))
+    save(tmp_path / "base" / "a.npy", cell(1))
+    with small_tmpfs(tmp_path / "disk", "5m") as disk:
+        out = disk / "ds.h5"
+        cmd = [sys.executable, str(REPO / "load_data.py"), "--out", str(out), "--quiet", *NM, "--label", "A"]
+        assert subprocess.run([*cmd, str(tmp_path / "base")], cwd=REPO).returncode == 0
+        before = out.read_bytes()
+        done = subprocess.run([*cmd, str(tmp_path / "new")], cwd=REPO, capture_output=True, text=True)
+        assert done.returncode == 2, done
+        assert done.stderr.count("\n") == 1 and f"{out}: disk full" in done.stderr, done.stderr
+        assert out.read_bytes() == before and not _temps(out) and len(_shard_files(out)) == 1
+        with open_dataset(out) as ds:
+            assert len(ds) == 1 and ds.read(0).any()
+
+
+def test_rejected_maps_keep_only_their_reason(tmp_path, capsys):
+    stack = np.full((200, 128, 128), 5.0, np.float32)  # constant maps: rejected, 64 KB each on disk
+    stack[0] = cell(1, size=128)
+    save(tmp_path / "SRC" / "X" / "stack.npy", stack)
+    del stack
+    tracemalloc.start()
+    try:
+        status, err = load([tmp_path / "SRC", "--out", tmp_path / "ds.h5", *NM], capsys)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert status == 1 and "skipped 199 maps of" in err and "and 194 more" in err, err
+    assert err.count("skipped 199 maps") == 1
+    assert peak < 200 * 128 * 128 * 4, peak  # < the stack: rejected maps (and tracebacks) are not kept
+
+
+def test_disk_full_while_writing_the_index_is_one_line_too(tmp_path):
+    from opdcells.dataset import DatasetWriter
+    from opdcells.metadata import Meta
+    from opdcells.preprocess import PreprocessConfig, ProcessedMap
+
+    save(tmp_path / "new" / "a.npy", cell(1, radius_um=1.0))  # fits the 16 px (4 um) maps
+    meta = Meta(units="nm", pixel_size_um=PX)
+    rows = ((i, ProcessedMap(np.full((16, 16), i, np.float32), 1.0, 1.0), meta) for i in range(3000))
+    with small_tmpfs(tmp_path / "disk", "8m") as disk:
+        out = disk / "ds.h5"
+        with DatasetWriter(out, PreprocessConfig(out_size=16)) as w:  # an index of ~1 MB
+            w.add_file("k", path="/a/long/path/to/an/export.mat", sha256="0" * 64, label="A", group="g",
+                       maps=rows)
+        before = out.read_bytes()
+        free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
+        with open(disk / "filler", "wb") as f:  # room for the new shard, not for the new index
+            f.truncate(free - 300_000)
+            os.posix_fallocate(f.fileno(), 0, free - 300_000)
+        code = ("import sys, load_data, opdcells.dataset as d; d._ensure_space = lambda folder, need: None; "
+                "sys.exit(load_data.main(sys.argv[1:]))")  # no early refusal: HDF5 or the index meet ENOSPC
+        done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "new"), "--label", "A", "--out",
+                               str(out), "--out-size", "16", "--quiet", *NM], cwd=REPO, capture_output=True,
+                              text=True)
+        assert done.returncode == 2, done
+        assert done.stderr.count("\n") == 1 and f"{out}: disk full" in done.stderr, done.stderr
+        assert out.read_bytes() == before and not _temps(out) and len(_shard_files(out)) == 1

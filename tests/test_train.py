@@ -212,8 +212,8 @@ def test_stored_split_refused_on_another_dataset(mobilenet, tmp_path_factory):
 
 
 def test_stored_split_still_found_after_maps_are_appended(mobilenet, data, tmp_path):
-    grown = tmp_path / "grown.h5"
-    shutil.copyfile(data.path, grown)
+    grown = tmp_path / "copy" / data.path.name
+    shutil.copytree(data.path.parent, grown.parent)  # a dataset is its index and the shard folder beside it
     write_tiny_dataset(grown, classes=("SW480",), sessions_per_class=1, maps_per_session=2, seed=5)
     with open_dataset(grown) as ds:
         assert len(ds) == len(data) + 2 and ds.fingerprint != data.fingerprint

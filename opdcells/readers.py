@@ -522,27 +522,89 @@ class NpyReader(ArrayReader):
         return np.load(self.path, mmap_mode="r", allow_pickle=False)
 
 
+def _npy_header(fh) -> tuple[tuple[int, ...], bool, np.dtype] | None:
+    """(shape, fortran_order, dtype) from an open ``.npy`` stream, None for header versions not parsed."""
+    readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+    version = np.lib.format.read_magic(fh)
+    if version not in readers:
+        return None
+    shape, fortran_order, dtype = readers[version](fh)
+    return tuple(shape), fortran_order, np.dtype(dtype)
+
+
 def npz_variables(path) -> list[Variable]:
     """Names, shapes and dtypes of the arrays in an ``.npz``, read from the headers only."""
-    readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
     variables = []
     with zipfile.ZipFile(path) as zf:
         for info in zf.infolist():
             if not info.filename.endswith(".npy"):
                 continue
             with zf.open(info) as fh:
-                version = np.lib.format.read_magic(fh)
-                if version in readers:
-                    shape, _, dtype = readers[version](fh)
-                else:  # rare header versions: read the array itself
+                header = _npy_header(fh)
+                if header is None:  # rare header versions: read the array itself
                     array = np.lib.format.read_array(fh, allow_pickle=False)
-                    shape, dtype = array.shape, array.dtype
+                    header = (array.shape, False, array.dtype)
+            shape, _, dtype = header
             variables.append(Variable(info.filename[:-4], tuple(shape), str(dtype), dtype.kind in "iufc"))
     return variables
 
 
+class NpzMember:
+    """One array of an ``.npz``, decompressed as a stream from its zip member: the maps of a C-order
+    ``N x H x W`` stack are read one at a time in order (memory of one map, whatever the archive's
+    size); other access (a 2-D map, other axes) reads the array whole."""
+
+    def __init__(self, path: Path, name: str):
+        self.path, self.member = path, f"{name}.npy"
+        self._zip = self._stream = None
+        self._next = 0
+        with zipfile.ZipFile(path) as zf, zf.open(self.member) as fh:
+            header = _npy_header(fh)
+        self._streamable = header is not None and not header[1] and len(header[0]) == 3
+        if header is None:
+            array = self._whole()
+            header = (array.shape, False, array.dtype)
+        self.shape, _, self.dtype = header
+
+    def _restart(self) -> None:
+        self.close()
+        self._zip = zipfile.ZipFile(self.path)
+        self._stream = self._zip.open(self.member)
+        _npy_header(self._stream)
+        self._next = 0
+
+    def _map(self, index: int) -> np.ndarray:
+        if self._stream is None or index < self._next:
+            self._restart()
+        size = int(np.prod(self.shape[1:])) * self.dtype.itemsize
+        for _ in range(index - self._next):     # skip maps before ``index`` (a later start)
+            self._stream.read(size)
+        data = self._stream.read(size)
+        if len(data) < size:
+            raise EOFError(f"array {self.member!r} ends inside map {index} (truncated file)")
+        self._next = index + 1
+        return np.frombuffer(data, dtype=self.dtype).reshape(self.shape[1:]).copy()
+
+    def _whole(self) -> np.ndarray:
+        with zipfile.ZipFile(self.path) as zf, zf.open(self.member) as fh:
+            return np.lib.format.read_array(fh, allow_pickle=False)
+
+    def __getitem__(self, key) -> np.ndarray:
+        key = key if isinstance(key, tuple) else (key,)
+        if self._streamable and len(key) == 1 and isinstance(key[0], int) and 0 <= key[0] < self.shape[0]:
+            return self._map(key[0])
+        return self._whole()[key]
+
+    def close(self) -> None:
+        for handle in (self._stream, self._zip):
+            if handle is not None:
+                handle.close()
+        self._zip = self._stream = None
+
+
 class NpzReader(ArrayReader):
-    """NumPy ``.npz``: variable ``var``, else the single numeric 2-D/3-D array; metadata variables."""
+    """NumPy ``.npz``: variable ``var``, else the single numeric 2-D/3-D array; metadata variables.
+    Stacks are streamed map by map (:class:`NpzMember`)."""
 
     name = "npz"
     suffixes = (".npz",)
@@ -557,7 +619,9 @@ class NpzReader(ArrayReader):
         self._npz = self._resources.enter_context(np.load(self.path, allow_pickle=False))
         self._read_meta({v.name: self._npz[v.name] for v in variables
                          if v.name in META_VARIABLES + SCALE_VARIABLES})
-        return self._npz[self.variable]
+        member = NpzMember(self.path, self.variable)
+        self._resources.callback(member.close)
+        return member
 
     def variable_array(self, name):
         return self._npz[name] if name in self._npz.files else None

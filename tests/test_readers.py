@@ -542,3 +542,22 @@ def test_describe(tmp_path):
                     "meta": {"units": "rad", "wavelength_nm": 532.0, "pixel_size_um": None,
                              "medium_index": None}}
     assert describe(path, stack_axis=0)["n_maps"] == 12
+
+
+@pytest.mark.parametrize("compressed", [True, False])
+def test_npz_stack_is_streamed_map_by_map(tmp_path, compressed):
+    """Iterating an .npz stack holds about one map in memory, not the archive's array."""
+    import tracemalloc
+
+    maps = np.random.default_rng(0).normal(size=(40, 256, 256))     # 40 maps of 512 KiB: 20 MiB
+    path = tmp_path / "stack.npz"
+    (np.savez_compressed if compressed else np.savez)(path, opd=maps, units=np.array("nm"))
+    tracemalloc.start()
+    try:
+        with open_export(path) as reader:
+            for raw in reader:
+                np.testing.assert_array_equal(raw.data, maps[raw.index])
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert raw.index == 39 and peak < 8 * maps[0].nbytes, peak

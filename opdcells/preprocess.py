@@ -122,6 +122,8 @@ class PlausibleRanges:
 
 DEFAULT_RANGES = PlausibleRanges()
 
+_TOO_BIG = "a pixel size too large (nm typed as um?), or a field of view read as one cell (--fields)"
+_TOO_SMALL = "a pixel size too small, or debris rather than a cell"
 #: Why a value outside its range is most likely wrong, by (quantity, too low / too high).
 _LIKELY_CAUSE = {
     ("peak_opd_nm", "high"): "values far too large: wrong --units (um or rad given for nm?), or integer "
@@ -130,12 +132,8 @@ _LIKELY_CAUSE = {
     ("dry_mass_pg", "high"): "wrong --units, counts not scaled (--scale), or a pixel size too large "
                              "(nm typed as um?)",
     ("dry_mass_pg", "low"): "wrong --units or a pixel size too small",
-    ("area_um2", "high"): "a pixel size too large (nm typed as um?), or a field of view read as one cell "
-                          "(--fields)",
-    ("area_um2", "low"): "a pixel size too small, or debris rather than a cell",
-    ("diameter_um", "high"): "a pixel size too large (nm typed as um?), or a field of view read as one cell "
-                             "(--fields)",
-    ("diameter_um", "low"): "a pixel size too small, or debris rather than a cell",
+    ("area_um2", "high"): _TOO_BIG, ("area_um2", "low"): _TOO_SMALL,
+    ("diameter_um", "high"): _TOO_BIG, ("diameter_um", "low"): _TOO_SMALL,
 }
 _QUANTITY = {"peak_opd_nm": ("peak OPD", "nm"), "dry_mass_pg": ("dry mass", "pg"),
              "area_um2": ("cell area", "um^2"), "diameter_um": ("cell diameter", "um")}

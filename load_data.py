@@ -129,12 +129,7 @@ def resolve_config(args: argparse.Namespace) -> PreprocessConfig:
             settings = ds.settings
     given = {"pixel_size_um": args.out_pixel_size_um, "out_size": args.out_size}
     settings.update({k: v for k, v in given.items() if v is not None})
-    defaults = PreprocessConfig()
-    return PreprocessConfig(
-        out_pixel_size_um=float(settings.get("pixel_size_um", defaults.out_pixel_size_um)),
-        out_size=int(settings.get("out_size", defaults.out_size)),
-        background_order=int(settings.get("background_order", defaults.background_order)),
-        alpha_ml_per_g=float(settings.get("alpha_ml_per_g", defaults.alpha_ml_per_g)))
+    return PreprocessConfig.from_settings(settings)
 
 
 @dataclass

@@ -144,9 +144,7 @@ def _now() -> str:
 
 def settings_of(config: PreprocessConfig) -> dict:
     """Dataset-level preprocessing settings (the ``SETTINGS`` attrs) of a PreprocessConfig."""
-    return {"pixel_size_um": float(config.out_pixel_size_um), "out_size": int(config.out_size),
-            "alpha_ml_per_g": float(config.alpha_ml_per_g),
-            "background_order": int(config.background_order)}
+    return config.as_settings()
 
 
 # --------------------------------------------------------------------------------------------- reading

@@ -80,6 +80,20 @@ class PreprocessConfig:
         if not (math.isfinite(self.alpha_ml_per_g) and self.alpha_ml_per_g > 0):
             raise ValueError(f"alpha_ml_per_g must be positive, not {self.alpha_ml_per_g!r}")
 
+    def as_settings(self) -> dict:
+        """The settings a dataset stores (its ``pixel_size_um`` is this ``out_pixel_size_um``)."""
+        return {"pixel_size_um": float(self.out_pixel_size_um), "out_size": int(self.out_size),
+                "alpha_ml_per_g": float(self.alpha_ml_per_g), "background_order": int(self.background_order)}
+
+    @classmethod
+    def from_settings(cls, settings: dict) -> PreprocessConfig:
+        """The config of stored settings (a dataset's, a model's); missing keys take the defaults."""
+        default = cls()
+        return cls(out_pixel_size_um=float(settings.get("pixel_size_um", default.out_pixel_size_um)),
+                   out_size=int(settings.get("out_size", default.out_size)),
+                   background_order=int(settings.get("background_order", default.background_order)),
+                   alpha_ml_per_g=float(settings.get("alpha_ml_per_g", default.alpha_ml_per_g)))
+
 
 DEFAULT_CONFIG = PreprocessConfig()
 

@@ -444,11 +444,9 @@ class SavedModel:
         """PreprocessConfig that makes maps like the training maps (for new exports)."""
         from .preprocess import PreprocessConfig
 
-        pp, default = self.config.get("preprocess", {}), PreprocessConfig()
-        return PreprocessConfig(out_pixel_size_um=float(self.config["pixel_size_um"]),
-                                out_size=int(self.config["out_size"]),
-                                background_order=int(pp.get("background_order", default.background_order)),
-                                alpha_ml_per_g=float(pp.get("alpha_ml_per_g", default.alpha_ml_per_g)))
+        return PreprocessConfig.from_settings({**self.config.get("preprocess", {}),
+                                               "pixel_size_um": self.config["pixel_size_um"],
+                                               "out_size": self.config["out_size"]})
 
     def _check_maps(self, maps) -> np.ndarray:
         maps = np.asarray(maps, dtype=np.float32)

@@ -59,10 +59,7 @@ def preprocess_config_of(ds):
     """PreprocessConfig that makes maps like the dataset's (for real exports)."""
     from .preprocess import PreprocessConfig
 
-    s = ds.settings
-    return PreprocessConfig(out_pixel_size_um=float(s["pixel_size_um"]), out_size=int(s["out_size"]),
-                            background_order=int(s["background_order"]),
-                            alpha_ml_per_g=float(s["alpha_ml_per_g"]))
+    return PreprocessConfig.from_settings(ds.settings)
 
 
 # ---------------------------------------------------------------------- splits

@@ -264,3 +264,9 @@ def test_hl60_dry_mass_is_conserved_by_preprocessing(hl60_series):
         masses.append(result.dry_mass_pg)
     assert 100 < np.mean(masses) < 300           # pg, a large leukaemia cell
     assert np.std(masses) / np.mean(masses) < 0.03
+
+
+def test_config_round_trips_through_stored_settings():
+    config = pp.PreprocessConfig(out_pixel_size_um=0.5, out_size=96, background_order=2, alpha_ml_per_g=0.18)
+    assert pp.PreprocessConfig.from_settings(config.as_settings()) == config
+    assert pp.PreprocessConfig.from_settings({"out_size": 64}) == pp.PreprocessConfig(out_size=64)

@@ -52,16 +52,21 @@ def field():
     return synthetic_field()
 
 
+# touching="drop" keeps isolated cells only: the near pair and the overlapping pair are dropped. (The default,
+# "split", keeps and splits them: see the split tests further down.)
 def test_segment_field_keeps_exactly_the_isolated_whole_cells(field):
     opd, masses = field
-    crops = segment_field(opd, PX, max_diameter_um=12.0)
+    crops = segment_field(opd, PX, touching="drop", max_diameter_um=12.0)
     assert len(crops) == len(ISOLATED)
     assert match(crops, ISOLATED) == ISOLATED
     margin_px = int(np.ceil(2.0 / PX))
     cell_px = np.pi * SEMI_AXES[0] * SEMI_AXES[1] / PX ** 2
+    clean = opd - add_background(np.zeros(SHAPE), np.random.default_rng(0))   # the cells alone, no noise
     for crop in crops:
         r0, c0, r1, c1 = crop.bbox
-        np.testing.assert_array_equal(crop.data, opd[r0:r1, c0:c1])    # a crop of the input map
+        # a crop of the input map with the field's background removed (plane fit; 2 nm noise)
+        np.testing.assert_allclose(crop.data, clean[r0:r1, c0:c1], atol=10.0)
+        assert crop.mask.shape == crop.data.shape and crop.mask.sum() == crop.area_px
         # the window is the cell (~2 semi-axes) plus the margin on each side
         assert r1 - r0 >= 2 * SEMI_AXES[0] / PX + 2 * margin_px - 3
         assert c1 - c0 >= 2 * SEMI_AXES[1] / PX + 2 * margin_px - 3
@@ -70,7 +75,7 @@ def test_segment_field_keeps_exactly_the_isolated_whole_cells(field):
 
 def test_crops_feed_preprocessing_with_correct_dry_mass(field):
     opd, masses = field
-    crops = segment_field(opd, PX, max_diameter_um=12.0)
+    crops = segment_field(opd, PX, touching="drop", max_diameter_um=12.0)
     for crop, centre in zip(crops, match(crops, ISOLATED), strict=True):
         result = preprocess_map(crop.data, Meta(units="nm", pixel_size_um=PX), path="field.npy")
         assert result.dry_mass_pg == pytest.approx(masses[centre], rel=0.03)
@@ -78,11 +83,12 @@ def test_crops_feed_preprocessing_with_correct_dry_mass(field):
 
 def test_margin_decides_whether_near_neighbours_are_isolated(field):
     opd, _ = field
-    tight = segment_field(opd, PX, max_diameter_um=12.0, margin_um=0.0)
+    tight = segment_field(opd, PX, touching="drop", max_diameter_um=12.0, margin_um=0.0)
     assert match(tight, NEAR_PAIR) == NEAR_PAIR          # 1.2 um apart: their bounding boxes are clean
     assert match(tight, OVERLAPPING + AT_BORDER + [DEBRIS]) == []
     # the merged pair (equivalent diameter ~11 um) passes a generous size limit but not the solidity test
-    assert match(segment_field(opd, PX, max_diameter_um=30.0, margin_um=0.0), [OVERLAPPING[0]], 4.0) == []
+    merged = segment_field(opd, PX, touching="drop", max_diameter_um=30.0, margin_um=0.0)
+    assert match(merged, [OVERLAPPING[0]], 4.0) == []
 
 
 def test_segment_field_rejects_unusable_maps():
@@ -136,15 +142,17 @@ def rbc_fields(real_qpi):
 def test_rbc_field_count_matches_visual_count(rbc_fields, index, tmp_path):
     field = rbc_fields[index]
     assert field.shape == (256, 256)
-    crops = segment_field(field, RBC_PX, margin_um=0.0, **RBC_LIMITS, path=f"gt_phase{index}.mat")
-    save_overlay(field, crops, label_cells(field, RBC_PX), tmp_path / f"rbc_field{index}.png")
+    crops = segment_field(field, RBC_PX, touching="drop", margin_um=0.0, **RBC_LIMITS,
+                          path=f"gt_phase{index}.mat")
+    labels = label_cells(field, RBC_PX, touching="drop")
+    save_overlay(field, crops, labels, tmp_path / f"rbc_field{index}.png")
     assert abs(len(crops) - RBC_VISUAL_COUNTS[index]) <= 1
     diameters = [2 * np.sqrt(c.area_px / np.pi) * RBC_PX for c in crops]
     assert 7.0 < np.median(diameters) < 8.5
 
 
 def test_rbc_crops_have_red_blood_cell_dry_mass(rbc_fields):
-    crops = segment_field(rbc_fields[1], RBC_PX, **RBC_LIMITS, path="gt_phase1.mat")
+    crops = segment_field(rbc_fields[1], RBC_PX, touching="drop", **RBC_LIMITS, path="gt_phase1.mat")
     assert len(crops) >= 5          # the default 2 um margin keeps only the most isolated cells
     meta = Meta(units="rad", wavelength_nm=532.0, pixel_size_um=RBC_PX)
     masses = [preprocess_map(c.data, meta, path="gt_phase1.mat").dry_mass_pg for c in crops]

@@ -26,7 +26,14 @@ from .errors import ExportError, OPDCellsError
 from .metadata import UNITS, Meta
 from .preprocess import PreprocessConfig, ProcessedMap, check_map, fill_nonfinite, preprocess_map, to_opd_nm
 from .readers import EXPORT_SUFFIXES, open_export
-from .segment import segment_field
+from .segment import (
+    TOUCHING,
+    mask_path,
+    read_label_image,
+    relabel_components,
+    segment_field,
+    segment_labelled,
+)
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +48,11 @@ class IngestOptions:
     stack_axis: axis of a 3-D array that indexes maps (None: format default).
     units, wavelength_nm, pixel_size_um, medium_index: user metadata (see :class:`Meta`).
     fields: each map is a field of view, segmented into single cells first.
+    touching: with ``fields``, "split" touching cells (watershed) or "drop" them (isolated cells only; for
+        smears where cells overlap).
+    masks: with ``fields`` (implied), the cells come from a label image beside each field instead:
+        a pattern with ``{stem}`` relative to the field's folder (``"{stem}_cp_masks.png"``); each
+        connected piece of a label value is one cell (see :func:`opdcells.segment.read_label_image`).
     hologram: exports are raw off-axis holograms to reconstruct.
     config: preprocessing settings (output pixel size and size, background order, alpha).
     """
@@ -54,9 +66,16 @@ class IngestOptions:
     fields: bool = False
     hologram: bool = False
     config: PreprocessConfig = field(default_factory=PreprocessConfig)
+    touching: str = "split"
+    masks: str | None = None
 
     def __post_init__(self):
         self.user_meta  # noqa: B018 - validates units and numbers (ValueError)
+        if self.touching not in TOUCHING:
+            raise ValueError(f"touching must be one of {TOUCHING}, not {self.touching!r}")
+        if self.masks is not None:
+            mask_path("field", self.masks)  # ValueError without {stem}
+            object.__setattr__(self, "fields", True)
 
     @property
     def user_meta(self) -> Meta:
@@ -65,8 +84,11 @@ class IngestOptions:
     @property
     def identity(self) -> str:
         """The options that change which maps a file yields (part of the file key)."""
-        return json.dumps({"var": self.var, "stack_axis": self.stack_axis, "fields": self.fields,
-                           "hologram": self.hologram}, sort_keys=True, separators=(",", ":"))
+        identity = {"var": self.var, "stack_axis": self.stack_axis, "fields": self.fields,
+                    "hologram": self.hologram}
+        if self.fields:
+            identity.update(touching=self.touching, masks=self.masks)
+        return json.dumps(identity, sort_keys=True, separators=(",", ":"))
 
     def replace(self, **changes) -> IngestOptions:
         return dataclasses.replace(self, **changes)
@@ -76,7 +98,7 @@ class IngestOptions:
 
 #: IngestOptions fields set from the command line by :func:`add_reading_options` (argparse dest names).
 READING_OPTIONS = ("var", "stack_axis", "units", "wavelength_nm", "pixel_size_um", "medium_index", "fields",
-                   "hologram")
+                   "hologram", "touching", "masks")
 
 
 def positive_number(text: str) -> float:
@@ -101,6 +123,20 @@ def add_reading_options(parser: argparse.ArgumentParser) -> None:
     add("--medium-index", type=positive_number, metavar="N", help="refractive index of the medium")
     add("--fields", action="store_true", help="exports are fields of view: segment single cells")
     add("--hologram", action="store_true", help="exports are off-axis holograms to reconstruct")
+    add("--touching", choices=TOUCHING, default="split",
+        help="with --fields: split touching cells (watershed) or drop them (isolated cells only)")
+    add("--masks", metavar="PATTERN", type=_mask_pattern,
+        help="cells from a label image beside each field, e.g. '{stem}_cp_masks.png', '{stem}_seg.npy' "
+             "(cellpose) or '{stem}_labels.tif' (Fiji); implies --fields")
+
+
+def _mask_pattern(text: str) -> str:
+    """argparse type: a mask file pattern holding ``{stem}``."""
+    try:
+        mask_path("field", text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def reading_options(args: argparse.Namespace) -> dict:
@@ -128,9 +164,15 @@ def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
 
 
 def file_key(path: str | os.PathLike, options: IngestOptions) -> tuple[str, str]:
-    """``(sha256, key)``: the file's hash and its identity under ``options`` (stored in datasets)."""
+    """``(sha256, key)``: the file's hash and its identity under ``options`` (stored in datasets).
+
+    With ``options.masks`` the key also holds the hash of the field's label image (an edited mask is new).
+    """
     sha = sha256_file(path)
-    return sha, f"{sha}:{options.identity}"
+    key = f"{sha}:{options.identity}"
+    if options.masks:
+        key += ":" + sha256_file(mask_path(path, options.masks))
+    return sha, key
 
 
 # --------------------------------------------------------------------------------------- discovery
@@ -337,7 +379,7 @@ class ProcessedExport:
                 self._bad(exc, whole_file=single)
             return
         try:
-            crops, crop_meta = _segment(data, meta, self._where(index))
+            crops, crop_meta = _segment(data, meta, self._where(index), self.options, self._labels())
         except ExportError as exc:
             self._bad(exc, whole_file=single)
             return
@@ -348,11 +390,28 @@ class ProcessedExport:
                 self._bad(exc)
 
 
-def _segment(data, meta: Meta, where: str):
-    """Cell crops (in nm) of one field of view and the metadata that describes them."""
+    def _labels(self) -> tuple[Path, object] | None:
+        """``(mask file, label image)`` of the field with ``options.masks`` (one field a file), else None."""
+        if self.options.masks is None:
+            return None
+        if self._n > 1:
+            raise ExportError(self.path, f"holds {self._n} maps: --masks needs one field of view per file")
+        mask_file = mask_path(self.path, self.options.masks)
+        return mask_file, relabel_components(read_label_image(mask_file))
+
+
+def _segment(data, meta: Meta, where: str, options: IngestOptions, labels=None):
+    """Cell crops (in nm) of one field of view and the metadata that describes them.
+
+    ``labels``: ``(mask file, label image)`` of the field (cells from the user's masks); None: automatic.
+    """
     check_map(data, where)
     opd_nm = to_opd_nm(fill_nonfinite(data), meta.units, meta.wavelength_nm, path=where)
-    crops = segment_field(opd_nm, meta.pixel_size_um, path=where)
+    if labels is not None:
+        mask_file, label_image = labels
+        crops = segment_labelled(opd_nm, meta.pixel_size_um, label_image, path=where, mask_file=mask_file)
+    else:
+        crops = segment_field(opd_nm, meta.pixel_size_um, touching=options.touching, path=where)
     return crops, dataclasses.replace(meta, units="nm")
 
 

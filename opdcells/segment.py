@@ -418,3 +418,12 @@ def match_instances(predicted: np.ndarray, truth: np.ndarray, min_iou: float = 0
     area_t = np.bincount(truth.ravel())
     iou = overlap / (area_p[pairs[0]] + area_t[pairs[1]] - overlap)
     return [(int(p), int(t)) for p, t in pairs[:, iou >= min_iou].T]
+
+
+def crops_to_labels(crops: list[CellCrop], shape: tuple[int, int]) -> np.ndarray:
+    """Label image ``shape`` (int) of the kept cells: crop ``i`` painted with label ``i + 1``."""
+    labels = np.zeros(shape, dtype=np.int64)
+    for i, crop in enumerate(crops, start=1):
+        r0, c0, r1, c1 = crop.bbox
+        labels[r0:r1, c0:c1][crop.mask] = i
+    return labels

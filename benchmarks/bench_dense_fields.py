@@ -44,8 +44,8 @@ PIXEL_SIZE_UM = 0.6
 ALPHA_ML_PER_G = 0.19
 #: Annotated instances smaller than this are specks of the annotation, not cells (36 um^2 at 0.6 um/px).
 MIN_TRUE_PX = 100
-#: Dense-field limits: debris under 6 um, merged cells over 30 um (equivalent diameter).
-LIMITS = dict(min_diameter_um=9, max_diameter_um=28.0)
+#: Dense-field limits (equivalent diameter): debris and fragments under 9 um, merged cells over 28 um.
+LIMITS = dict(min_diameter_um=9.0, max_diameter_um=28.0)
 GOAL = (0.7, 0.9)   # recall, precision
 DEFAULT_DATA = Path(os.environ.get("OPDCELLS_REAL_QPI",
                                    Path(__file__).resolve().parents[2] / "shared" / "real_qpi"))

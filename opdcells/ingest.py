@@ -171,7 +171,12 @@ def file_key(path: str | os.PathLike, options: IngestOptions) -> tuple[str, str]
     sha = sha256_file(path)
     key = f"{sha}:{options.identity}"
     if options.masks:
-        key += ":" + sha256_file(mask_path(path, options.masks))
+        mask_file = mask_path(path, options.masks)
+        try:
+            key += ":" + sha256_file(mask_file)
+        except ExportError as exc:
+            reason = f"mask of {Path(path).name} (--masks {options.masks}): {exc.reason}"
+            raise ExportError(mask_file, reason) from None
     return sha, key
 
 

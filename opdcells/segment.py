@@ -48,17 +48,21 @@ log = logging.getLogger(__name__)
 #: discs have 0.88, single round cells > 0.93.
 MIN_SOLIDITY = 0.9
 #: The same limit for the cells of a split: adherent cells in dense cultures are irregular (spread, polar)
-#: and a watershed cut is not a smooth outline; 0.8 dropped the most unsplit pairs per cell lost on the
-#: 14 annotated dense fields (benchmarks/bench_dense_fields.py).
+#: and a watershed cut is not a smooth outline. On the 14 annotated dense fields
+#: (benchmarks/bench_dense_fields.py) 0.7 / 0.8 / 0.85 gave recall 0.74 / 0.72 / 0.66 at precision
+#: 0.77 / 0.79 / 0.80.
 MIN_SOLIDITY_SPLIT = 0.8
-#: Watershed seeds: maxima of the OPD smoothed over this sigma (about a nucleus radius: it merges the
-#: bright granules of one cell and keeps the nuclei of two).
-SEED_SIGMA_UM = 1.0
+#: Watershed seeds: maxima of the OPD smoothed over this sigma (merges the bright granules of one cell,
+#: keeps the bodies of two) ...
+SEED_SIGMA_UM = 1.5
 #: ... that rise at least this fraction of their height above the saddle to any higher maximum (h-maxima
 #: of the log OPD, so the rule is independent of units and of how much mass a cell has).
-SEED_DEPTH = 0.05
+SEED_DEPTH = 0.02
 #: The watershed floods the OPD smoothed over this sigma (cuts follow the dark seams between cells).
-FLOOD_SIGMA_UM = 1.0
+#: Seed sigma / depth / flood sigma were chosen on the dense fields among 1.0-1.5 um / 0.02-0.05 /
+#: 1.0-2.0 um: all lie on one trade-off (recall 0.66-0.73 at precision 0.75-0.83); merging regions across
+#: weak seams (skimage.graph.rag_boundary) moved along the same curve.
+FLOOD_SIGMA_UM = 1.5
 TOUCHING = ("split", "drop")
 
 

@@ -325,7 +325,8 @@ def test_masks_option_is_a_reading_option():
 DENSE_PX = 0.6            # um; see benchmarks/bench_dense_fields.py
 DENSE_LIMITS = dict(min_diameter_um=9.0, max_diameter_um=28.0)
 DENSE_FIELDS = (1, 7, 10)
-RECALL_MIN, PRECISION_MIN = 0.0, 0.0   # set from the measurement below
+# measured on these three fields: recall 0.802 (85/106), precision 0.896 (86/96); margin 0.05
+RECALL_MIN, PRECISION_MIN = 0.75, 0.84
 
 
 def dense_field(folder, index):

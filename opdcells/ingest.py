@@ -53,6 +53,8 @@ class IngestOptions:
     masks: with ``fields`` (implied), the cells come from a label image beside each field instead:
         a pattern with ``{stem}`` relative to the field's folder (``"{stem}_cp_masks.png"``); each
         connected piece of a label value is one cell (see :func:`opdcells.segment.read_label_image`).
+    cell_diameter_um: with automatic ``fields``, (min, max) equivalent diameter of a cell in um (smaller
+        objects are debris or fragments, larger ones clumps); None: ``segment_field``'s defaults (2, 30).
     hologram: exports are raw off-axis holograms to reconstruct.
     config: preprocessing settings (output pixel size and size, background order, alpha).
     """
@@ -68,11 +70,17 @@ class IngestOptions:
     config: PreprocessConfig = field(default_factory=PreprocessConfig)
     touching: str = "split"
     masks: str | None = None
+    cell_diameter_um: tuple[float, float] | None = None
 
     def __post_init__(self):
         self.user_meta  # noqa: B018 - validates units and numbers (ValueError)
         if self.touching not in TOUCHING:
             raise ValueError(f"touching must be one of {TOUCHING}, not {self.touching!r}")
+        if self.cell_diameter_um is not None:
+            low, high = self.cell_diameter_um
+            if not (0 < low < high and math.isfinite(high)):
+                raise ValueError(f"cell diameter limits must be 0 < MIN < MAX, not {self.cell_diameter_um!r}")
+            object.__setattr__(self, "cell_diameter_um", (float(low), float(high)))
         if self.masks is not None:
             mask_path("field", self.masks)  # ValueError without {stem}
             object.__setattr__(self, "fields", True)
@@ -87,7 +95,7 @@ class IngestOptions:
         identity = {"var": self.var, "stack_axis": self.stack_axis, "fields": self.fields,
                     "hologram": self.hologram}
         if self.fields:
-            identity.update(touching=self.touching, masks=self.masks)
+            identity.update(touching=self.touching, masks=self.masks, cell_diameter_um=self.cell_diameter_um)
         return json.dumps(identity, sort_keys=True, separators=(",", ":"))
 
     def replace(self, **changes) -> IngestOptions:
@@ -98,7 +106,7 @@ class IngestOptions:
 
 #: IngestOptions fields set from the command line by :func:`add_reading_options` (argparse dest names).
 READING_OPTIONS = ("var", "stack_axis", "units", "wavelength_nm", "pixel_size_um", "medium_index", "fields",
-                   "hologram", "touching", "masks")
+                   "hologram", "touching", "masks", "cell_diameter_um")
 
 
 def positive_number(text: str) -> float:
@@ -125,6 +133,8 @@ def add_reading_options(parser: argparse.ArgumentParser) -> None:
     add("--hologram", action="store_true", help="exports are off-axis holograms to reconstruct")
     add("--touching", choices=TOUCHING, default="split",
         help="with --fields: split touching cells (watershed) or drop them (isolated cells only)")
+    add("--cell-diameter-um", nargs=2, type=positive_number, metavar=("MIN", "MAX"),
+        help="with --fields: cells are MIN-MAX um across (equivalent diameter; default 2 30)")
     add("--masks", metavar="PATTERN", type=_mask_pattern,
         help="cells from a label image beside each field, e.g. '{stem}_cp_masks.png', '{stem}_seg.npy' "
              "(cellpose) or '{stem}_labels.tif' (Fiji); implies --fields")
@@ -416,7 +426,10 @@ def _segment(data, meta: Meta, where: str, options: IngestOptions, labels=None):
         mask_file, label_image = labels
         crops = segment_labelled(opd_nm, meta.pixel_size_um, label_image, path=where, mask_file=mask_file)
     else:
-        crops = segment_field(opd_nm, meta.pixel_size_um, touching=options.touching, path=where)
+        limits = {}
+        if options.cell_diameter_um is not None:
+            limits = dict(zip(("min_diameter_um", "max_diameter_um"), options.cell_diameter_um, strict=True))
+        crops = segment_field(opd_nm, meta.pixel_size_um, touching=options.touching, path=where, **limits)
     return crops, dataclasses.replace(meta, units="nm")
 
 

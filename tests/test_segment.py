@@ -311,9 +311,14 @@ def test_reused_annotation_values_become_one_cell_per_component():
 def test_masks_option_is_a_reading_option():
     parser = argparse.ArgumentParser()
     add_reading_options(parser)
-    options = reading_options(parser.parse_args(["--masks", "{stem}_seg.npy", "--touching", "drop"]))
+    options = reading_options(parser.parse_args(["--masks", "{stem}_seg.npy", "--touching", "drop",
+                                                 "--cell-diameter-um", "9", "28"]))
     assert options["masks"] == "{stem}_seg.npy" and options["touching"] == "drop"
-    assert IngestOptions(**options).fields
+    assert IngestOptions(**options).fields and IngestOptions(**options).cell_diameter_um == (9.0, 28.0)
+    limited = IngestOptions(fields=True, cell_diameter_um=(9, 28))
+    assert IngestOptions(fields=True).identity != limited.identity
+    with pytest.raises(ValueError, match="MIN < MAX"):
+        IngestOptions(fields=True, cell_diameter_um=(28, 9))
     assert IngestOptions(fields=True).identity != IngestOptions(masks="{stem}_seg.npy").identity
     assert IngestOptions().identity == IngestOptions(touching="drop").identity   # only fields are segmented
     with pytest.raises(SystemExit):
@@ -368,3 +373,13 @@ def test_dense_field_masks_give_every_annotated_cell(dense):
         np.testing.assert_array_equal(crop.mask, truth[r0:r1, c0:c1] == crop.label)
         others = (truth[r0:r1, c0:c1] > 0) & (truth[r0:r1, c0:c1] != crop.label)
         assert np.all(crop.data[others] == 0.0)
+
+
+def test_cell_diameter_option_sets_the_size_limits(tmp_path):
+    opd, _ = synthetic_field()                     # cells 8-9 um across, debris 1.6 um
+    np.save(tmp_path / "fov.npy", opd)
+    def n_maps(limits):
+        options = IngestOptions(fields=True, units="nm", pixel_size_um=PX, cell_diameter_um=limits)
+        return len(list(iter_processed(tmp_path / "fov.npy", options)))
+    assert n_maps((5.0, 12.0)) == len(ISOLATED + NEAR_PAIR + OVERLAPPING)   # the overlapping pair is split
+    assert n_maps((10.0, 30.0)) == 0

@@ -14,9 +14,8 @@ Two ways to find the cells of a field:
 
 Each :class:`CellCrop` holds the background-corrected window around one cell with the pixels of every
 other cell set to 0, so :func:`opdcells.preprocess.preprocess_map` measures that cell alone. Overlapping
-cells add their OPD: no split can give each its own, so a split keeps the overlap on one side of the cut
-line; split seeds need a dip of ``SEED_DEPTH`` between cells, and two discs overlapping by more than a
-few tenths of their radius show no such dip and stay one (low-solidity, dropped) object.
+cells add their OPD: no split can give each its own (the cut runs along the dip, the overlap's extra OPD
+goes to one side), so for smears where cells overlap use ``touching="drop"``.
 """
 from __future__ import annotations
 

@@ -34,7 +34,14 @@ from .preprocess import (
 )
 from .readers import EXPORT_SUFFIXES, SampleScale, open_export
 from .retrieval import FILTER_NAMES, SIDEBANDS, Retrieval
-from .segment import segment_field
+from .segment import (
+    TOUCHING,
+    mask_path,
+    read_label_image,
+    relabel_components,
+    segment_field,
+    segment_labelled,
+)
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +56,13 @@ class IngestOptions:
     stack_axis: axis of a 3-D array that indexes maps (None: format default).
     units, wavelength_nm, pixel_size_um, medium_index: user metadata (see :class:`Meta`).
     fields: each map is a field of view, segmented into single cells first.
+    touching: with ``fields``, "split" touching cells (watershed) or "drop" them (isolated cells only; for
+        smears where cells overlap).
+    masks: with ``fields`` (implied), the cells come from a label image beside each field instead:
+        a pattern with ``{stem}`` relative to the field's folder (``"{stem}_cp_masks.png"``); each
+        connected piece of a label value is one cell (see :func:`opdcells.segment.read_label_image`).
+    cell_diameter_um: with automatic ``fields``, (min, max) equivalent diameter of a cell in um (smaller
+        objects are debris or fragments, larger ones clumps); None: ``segment_field``'s defaults (2, 30).
     hologram: exports are raw off-axis holograms to reconstruct.
     channel: channel holding the maps in multi-channel files (ImageJ hyperstacks, OME-TIFF, RGB pages).
     scale, offset: calibration of the stored samples, ``value = offset + scale * sample`` (required for
@@ -76,6 +90,9 @@ class IngestOptions:
     filter_size: float | None = None
     config: PreprocessConfig = field(default_factory=PreprocessConfig)
     ranges: PlausibleRanges = field(default_factory=PlausibleRanges)
+    touching: str = "split"
+    masks: str | None = None
+    cell_diameter_um: tuple[float, float] | None = None
 
     def __post_init__(self):
         self.user_meta  # noqa: B018 - validates units and numbers (ValueError)
@@ -84,6 +101,16 @@ class IngestOptions:
         if self.scale is not None and not (math.isfinite(self.scale) and self.scale != 0):
             raise ValueError(f"scale must be a finite non-zero number, not {self.scale!r}")
         self.retrieval  # noqa: B018 - validates sideband and filter (ValueError)
+        if self.touching not in TOUCHING:
+            raise ValueError(f"touching must be one of {TOUCHING}, not {self.touching!r}")
+        if self.cell_diameter_um is not None:
+            low, high = self.cell_diameter_um
+            if not (0 < low < high and math.isfinite(high)):
+                raise ValueError(f"cell diameter limits must be 0 < MIN < MAX, not {self.cell_diameter_um!r}")
+            object.__setattr__(self, "cell_diameter_um", (float(low), float(high)))
+        if self.masks is not None:
+            mask_path("field", self.masks)  # ValueError without {stem}
+            object.__setattr__(self, "fields", True)
 
     @property
     def user_meta(self) -> Meta:
@@ -96,12 +123,16 @@ class IngestOptions:
     @property
     def identity(self) -> str:
         """The options that change which maps a file yields (part of the file key). Options added
-        later count only when set, so the keys of existing datasets stay valid."""
+        later count only when set (not at their defaults), so the keys of existing datasets stay valid:
+        a re-run skips the files already there, whatever the version that read them."""
         ident = {"var": self.var, "stack_axis": self.stack_axis, "fields": self.fields,
                  "hologram": self.hologram}
         later = {"channel": self.channel, "scale": self.scale, "offset": self.offset,
                  "invert_phase": self.invert_phase or None,
                  "retrieval": None if self.retrieval.is_default else self.retrieval.as_dict()}
+        if self.fields:
+            later.update(touching=None if self.touching == "split" else self.touching, masks=self.masks,
+                         cell_diameter_um=self.cell_diameter_um)
         ident.update({k: v for k, v in later.items() if v is not None})
         return json.dumps(ident, sort_keys=True, separators=(",", ":"))
 
@@ -121,7 +152,7 @@ class IngestOptions:
 #: IngestOptions fields set from the command line by :func:`add_reading_options` (argparse dest names).
 READING_OPTIONS = ("var", "stack_axis", "units", "wavelength_nm", "pixel_size_um", "medium_index", "fields",
                    "hologram", "channel", "scale", "offset", "invert_phase", "sideband", "filter_name",
-                   "filter_size")
+                   "filter_size", "touching", "masks", "cell_diameter_um")
 
 
 def positive_number(text: str) -> float:
@@ -170,6 +201,13 @@ def add_reading_options(parser: argparse.ArgumentParser) -> None:
         help="widen a plausibility range: " + ", ".join(f"{f.name} ({getattr(DEFAULT_RANGES, f.name)[0]:g}"
                                                          f"-{getattr(DEFAULT_RANGES, f.name)[1]:g})"
                                                          for f in dataclasses.fields(PlausibleRanges)))
+    add("--touching", choices=TOUCHING, default="split",
+        help="with --fields: split touching cells (watershed) or drop them (isolated cells only)")
+    add("--cell-diameter-um", nargs=2, type=positive_number, metavar=("MIN", "MAX"),
+        help="with --fields: cells are MIN-MAX um across (equivalent diameter; default 2 30)")
+    add("--masks", metavar="PATTERN", type=_mask_pattern,
+        help="cells from a label image beside each field, e.g. '{stem}_cp_masks.png', '{stem}_seg.npy' "
+             "(cellpose) or '{stem}_labels.tif' (Fiji); implies --fields")
 
 
 def plausible_range(text: str) -> tuple[str, tuple[float, float]]:
@@ -180,6 +218,15 @@ def plausible_range(text: str) -> tuple[str, tuple[float, float]]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected NAME=LOW:HIGH, not {text!r}") from None
     return name.strip(), (low, high)
+
+
+def _mask_pattern(text: str) -> str:
+    """argparse type: a mask file pattern holding ``{stem}``."""
+    try:
+        mask_path("field", text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def reading_options(args: argparse.Namespace) -> dict:
@@ -213,9 +260,20 @@ def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
 
 
 def file_key(path: str | os.PathLike, options: IngestOptions) -> tuple[str, str]:
-    """``(sha256, key)``: the file's hash and its identity under ``options`` (stored in datasets)."""
+    """``(sha256, key)``: the file's hash and its identity under ``options`` (stored in datasets).
+
+    With ``options.masks`` the key also holds the hash of the field's label image (an edited mask is new).
+    """
     sha = sha256_file(path)
-    return sha, f"{sha}:{options.identity}"
+    key = f"{sha}:{options.identity}"
+    if options.masks:
+        mask_file = mask_path(path, options.masks)
+        try:
+            key += ":" + sha256_file(mask_file)
+        except ExportError as exc:
+            reason = f"mask of {Path(path).name} (--masks {options.masks}): {exc.reason}"
+            raise ExportError(mask_file, reason) from None
+    return sha, key
 
 
 # --------------------------------------------------------------------------------------- discovery
@@ -458,7 +516,7 @@ class ProcessedExport:
                 self._bad(exc, whole_file=single)
             return
         try:
-            crops, crop_meta = _segment(data, meta, config, self._where(index))
+            crops, crop_meta = _segment(data, meta, config, self._where(index), self.options, self._labels())
         except ExportError as exc:
             self._bad(exc, whole_file=single)
             return
@@ -470,14 +528,34 @@ class ProcessedExport:
                 self._bad(exc)
 
 
+    def _labels(self) -> tuple[Path, object] | None:
+        """``(mask file, label image)`` of the field with ``options.masks`` (one field a file), else None."""
+        if self.options.masks is None:
+            return None
+        if self._n > 1:
+            raise ExportError(self.path, f"holds {self._n} maps: --masks needs one field of view per file")
+        mask_file = mask_path(self.path, self.options.masks)
+        return mask_file, relabel_components(read_label_image(mask_file))
+
+
 def _fixed_units_reason(reader) -> str:
     return {"rad": "phase in rad", "nm": "OPD in nm"}.get(reader.file_meta.units, reader.file_meta.units)
 
 
-def _segment(data, meta: Meta, config: PreprocessConfig, where: str):
-    """Cell crops (in nm) of one field of view and the metadata that describes them."""
+def _segment(data, meta: Meta, config: PreprocessConfig, where: str, options: IngestOptions, labels=None):
+    """Cell crops (in nm) of one field of view and the metadata that describes them.
+
+    ``labels``: ``(mask file, label image)`` of the field (cells from the user's masks); None: automatic.
+    """
     opd_nm = opd_of(data, meta, config, where)
-    crops = segment_field(opd_nm, meta.pixel_size_um, path=where)
+    if labels is not None:
+        mask_file, label_image = labels
+        crops = segment_labelled(opd_nm, meta.pixel_size_um, label_image, path=where, mask_file=mask_file)
+    else:
+        limits = {}
+        if options.cell_diameter_um is not None:
+            limits = dict(zip(("min_diameter_um", "max_diameter_um"), options.cell_diameter_um, strict=True))
+        crops = segment_field(opd_nm, meta.pixel_size_um, touching=options.touching, path=where, **limits)
     return crops, dataclasses.replace(meta, units="nm")
 
 

@@ -1,19 +1,34 @@
 """Tests of opdcells.segment on a synthetic field with known cells and on real red blood cell fields."""
 from __future__ import annotations
 
+import argparse
+
 import matplotlib
 import numpy as np
 import pytest
 import scipy.io
+import tifffile
+from skimage import io
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from test_preprocess import add_background, ellipsoid_opd  # noqa: E402  (tests/ is on sys.path)
 
 from opdcells.errors import ExportError  # noqa: E402
+from opdcells.ingest import IngestOptions, add_reading_options, iter_processed, reading_options  # noqa: E402
 from opdcells.metadata import Meta  # noqa: E402
 from opdcells.preprocess import preprocess_map  # noqa: E402
-from opdcells.segment import CellCrop, label_cells, segment_field  # noqa: E402
+from opdcells.segment import (  # noqa: E402
+    CellCrop,
+    crops_to_labels,
+    label_cells,
+    mask_path,
+    match_instances,
+    read_label_image,
+    relabel_components,
+    segment_field,
+    segment_labelled,
+)
 
 PX = 0.4
 SHAPE = (300, 300)          # 120 um field
@@ -52,16 +67,21 @@ def field():
     return synthetic_field()
 
 
+# touching="drop" keeps isolated cells only: the near pair and the overlapping pair are dropped. (The default,
+# "split", keeps and splits them: see the split tests further down.)
 def test_segment_field_keeps_exactly_the_isolated_whole_cells(field):
     opd, masses = field
-    crops = segment_field(opd, PX, max_diameter_um=12.0)
+    crops = segment_field(opd, PX, touching="drop", max_diameter_um=12.0)
     assert len(crops) == len(ISOLATED)
     assert match(crops, ISOLATED) == ISOLATED
     margin_px = int(np.ceil(2.0 / PX))
     cell_px = np.pi * SEMI_AXES[0] * SEMI_AXES[1] / PX ** 2
+    clean = opd - add_background(np.zeros(SHAPE), np.random.default_rng(0))   # the cells alone, no noise
     for crop in crops:
         r0, c0, r1, c1 = crop.bbox
-        np.testing.assert_array_equal(crop.data, opd[r0:r1, c0:c1])    # a crop of the input map
+        # a crop of the input map with the field's background removed (plane fit; 2 nm noise)
+        np.testing.assert_allclose(crop.data, clean[r0:r1, c0:c1], atol=10.0)
+        assert crop.mask.shape == crop.data.shape and crop.mask.sum() == crop.area_px
         # the window is the cell (~2 semi-axes) plus the margin on each side
         assert r1 - r0 >= 2 * SEMI_AXES[0] / PX + 2 * margin_px - 3
         assert c1 - c0 >= 2 * SEMI_AXES[1] / PX + 2 * margin_px - 3
@@ -70,7 +90,7 @@ def test_segment_field_keeps_exactly_the_isolated_whole_cells(field):
 
 def test_crops_feed_preprocessing_with_correct_dry_mass(field):
     opd, masses = field
-    crops = segment_field(opd, PX, max_diameter_um=12.0)
+    crops = segment_field(opd, PX, touching="drop", max_diameter_um=12.0)
     for crop, centre in zip(crops, match(crops, ISOLATED), strict=True):
         result = preprocess_map(crop.data, Meta(units="nm", pixel_size_um=PX), path="field.npy")
         assert result.dry_mass_pg == pytest.approx(masses[centre], rel=0.03)
@@ -78,11 +98,12 @@ def test_crops_feed_preprocessing_with_correct_dry_mass(field):
 
 def test_margin_decides_whether_near_neighbours_are_isolated(field):
     opd, _ = field
-    tight = segment_field(opd, PX, max_diameter_um=12.0, margin_um=0.0)
+    tight = segment_field(opd, PX, touching="drop", max_diameter_um=12.0, margin_um=0.0)
     assert match(tight, NEAR_PAIR) == NEAR_PAIR          # 1.2 um apart: their bounding boxes are clean
     assert match(tight, OVERLAPPING + AT_BORDER + [DEBRIS]) == []
     # the merged pair (equivalent diameter ~11 um) passes a generous size limit but not the solidity test
-    assert match(segment_field(opd, PX, max_diameter_um=30.0, margin_um=0.0), [OVERLAPPING[0]], 4.0) == []
+    merged = segment_field(opd, PX, touching="drop", max_diameter_um=30.0, margin_um=0.0)
+    assert match(merged, [OVERLAPPING[0]], 4.0) == []
 
 
 def test_segment_field_rejects_unusable_maps():
@@ -136,16 +157,229 @@ def rbc_fields(real_qpi):
 def test_rbc_field_count_matches_visual_count(rbc_fields, index, tmp_path):
     field = rbc_fields[index]
     assert field.shape == (256, 256)
-    crops = segment_field(field, RBC_PX, margin_um=0.0, **RBC_LIMITS, path=f"gt_phase{index}.mat")
-    save_overlay(field, crops, label_cells(field, RBC_PX), tmp_path / f"rbc_field{index}.png")
+    crops = segment_field(field, RBC_PX, touching="drop", margin_um=0.0, **RBC_LIMITS,
+                          path=f"gt_phase{index}.mat")
+    labels = label_cells(field, RBC_PX, touching="drop")
+    save_overlay(field, crops, labels, tmp_path / f"rbc_field{index}.png")
     assert abs(len(crops) - RBC_VISUAL_COUNTS[index]) <= 1
     diameters = [2 * np.sqrt(c.area_px / np.pi) * RBC_PX for c in crops]
     assert 7.0 < np.median(diameters) < 8.5
 
 
 def test_rbc_crops_have_red_blood_cell_dry_mass(rbc_fields):
-    crops = segment_field(rbc_fields[1], RBC_PX, **RBC_LIMITS, path="gt_phase1.mat")
+    crops = segment_field(rbc_fields[1], RBC_PX, touching="drop", **RBC_LIMITS, path="gt_phase1.mat")
     assert len(crops) >= 5          # the default 2 um margin keeps only the most isolated cells
     meta = Meta(units="rad", wavelength_nm=532.0, pixel_size_um=RBC_PX)
     masses = [preprocess_map(c.data, meta, path="gt_phase1.mat").dry_mass_pg for c in crops]
     assert 25 < np.median(masses) < 40     # pg; normal haemoglobin per cell (MCH) 27-33 pg
+
+
+# --------------------------------------------------------------------------------------- touching cells
+
+TOUCHING_PAIR = [(30.0, 30.0), (30.0, 38.6)]   # two cells whose edges meet (semi-axis 4 um along columns)
+
+
+@pytest.fixture(scope="module")
+def touching_field():
+    """A 60 um field with two cells whose edges touch, on a tilted noisy background: field, masses, truth."""
+    shape = (150, 150)
+    field, masses, truth = np.zeros(shape), [], np.zeros(shape, dtype=int)
+    for label, centre in enumerate(TOUCHING_PAIR, start=1):
+        opd, mass = ellipsoid_opd(shape, PX, centre, SEMI_AXES, supersample=2)
+        field += opd
+        masses.append(mass)
+        truth[(opd > 0) & (truth == 0)] = label
+    return add_background(field, np.random.default_rng(1)), masses, truth
+
+
+def test_touching_cells_are_split_into_one_map_each(touching_field):
+    opd, masses, _ = touching_field
+    assert segment_field(opd, PX, touching="drop", max_diameter_um=12.0) == []   # the old behaviour
+    crops = segment_field(opd, PX, max_diameter_um=12.0)
+    assert match(crops, TOUCHING_PAIR, tol_um=1.5) == TOUCHING_PAIR and len(crops) == 2
+    meta = Meta(units="nm", pixel_size_um=PX)
+    for crop, mass, other in zip(sorted(crops, key=lambda c: c.bbox[1]), masses, TOUCHING_PAIR[::-1],
+                                 strict=True):
+        r0, c0, _, _ = crop.bbox
+        inside_other = (round(other[0] / PX) - r0, round(other[1] / PX) - c0)
+        if 0 <= inside_other[1] < crop.data.shape[1]:
+            assert crop.data[inside_other] == 0.0 and not crop.mask[inside_other]   # the neighbour is gone
+        result = preprocess_map(crop.data, meta, path="pair.npy")
+        assert result.dry_mass_pg == pytest.approx(mass, rel=0.06)     # each map holds one cell's mass
+
+
+def test_split_cells_match_the_truth(touching_field):
+    opd, _, truth = touching_field
+    crops = segment_field(opd, PX, max_diameter_um=12.0)
+    assert len(match_instances(crops_to_labels(crops, opd.shape), truth, min_iou=0.7)) == 2
+
+
+def test_touching_must_be_split_or_drop(touching_field):
+    with pytest.raises(ValueError, match="touching"):
+        segment_field(touching_field[0], PX, touching="merge")
+
+
+# --------------------------------------------------------------------------------------- user masks
+
+def field_and_labels():
+    """The synthetic field and a label image of its cells: isolated, near pair, overlapping pair, border."""
+    opd, masses = synthetic_field()
+    labels = np.zeros(SHAPE, dtype=np.uint16)
+    centres = ISOLATED + NEAR_PAIR + OVERLAPPING + AT_BORDER
+    for label, centre in enumerate(centres, start=1):
+        cell = ellipsoid_opd(SHAPE, PX, centre, SEMI_AXES, supersample=1)[0] > 0
+        labels[cell & (labels == 0)] = label
+    return opd, masses, labels, centres
+
+
+def write_mask(path, labels):
+    if path.name.endswith("_seg.npy"):   # cellpose's own format: np.save of a dict (a pickle)
+        seg = {"masks": labels, "outlines": labels * 0, "filename": "f.tif", "est_diam": np.float64(30)}
+        np.save(path, seg, allow_pickle=True)
+    elif path.suffix == ".png":
+        io.imsave(path, labels, check_contrast=False)
+    else:
+        tifffile.imwrite(path, labels)
+
+
+@pytest.mark.parametrize("pattern", ["{stem}_cp_masks.png", "{stem}_seg.npy", "{stem}_labels.tif",
+                                     "masks/{stem}.tiff"])
+def test_masks_give_one_map_per_labelled_cell(tmp_path, pattern):
+    opd, masses, labels, centres = field_and_labels()
+    tifffile.imwrite(tmp_path / "fov_1.tif", opd.astype(np.float32))
+    mask_file = mask_path(tmp_path / "fov_1.tif", pattern)
+    mask_file.parent.mkdir(exist_ok=True)
+    write_mask(mask_file, labels)
+    options = IngestOptions(masks=pattern, units="nm", pixel_size_um=PX)
+    assert options.fields
+    maps = list(iter_processed(tmp_path / "fov_1.tif", options))
+    inner = [c for c in centres if c not in AT_BORDER]
+    assert len(maps) == len(inner)           # every labelled cell clear of the border, overlapping ones too
+    found = sorted(m.dry_mass_pg for _, m, _ in maps)
+    # isolated and near cells: their own mass; the overlapping pair split at the label boundary (~ their sum)
+    isolated = sorted(masses[c] for c in ISOLATED + NEAR_PAIR)
+    assert sum(found) == pytest.approx(sum(masses[c] for c in inner), rel=0.03)
+    assert sum(1 for m in found if m == pytest.approx(isolated[0], rel=0.03)) >= len(isolated)
+
+
+def test_mask_of_another_shape_is_one_clear_error(tmp_path):
+    opd, _, labels, _ = field_and_labels()
+    tifffile.imwrite(tmp_path / "fov_2.tif", opd.astype(np.float32))
+    write_mask(tmp_path / "fov_2_cp_masks.png", labels[:200])
+    with pytest.raises(ExportError, match=r"fov_2_cp_masks.png: mask of shape \(200, 300\) does not match"):
+        list(iter_processed(tmp_path / "fov_2.tif", IngestOptions(masks="{stem}_cp_masks.png", units="nm",
+                                                                  pixel_size_um=PX)))
+    with pytest.raises(ExportError, match="fov_2_missing.png: no such mask file"):
+        list(iter_processed(tmp_path / "fov_2.tif", IngestOptions(masks="{stem}_missing.png", units="nm",
+                                                                  pixel_size_um=PX)))
+
+
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_seg_npy_naming_anything_but_numpy_is_refused_unrun(tmp_path):
+    marker = tmp_path / "ran"
+    np.save(tmp_path / "fov_seg.npy", {"masks": np.ones((4, 4), int), "x": _RunsCode(str(marker))},
+            allow_pickle=True)
+    with pytest.raises(ExportError, match="refus"):
+        read_label_image(tmp_path / "fov_seg.npy")
+    assert not marker.exists()
+
+
+def test_label_images_must_be_integer_2d(tmp_path):
+    tifffile.imwrite(tmp_path / "f.tif", np.full((8, 8), 0.5, np.float32))
+    with pytest.raises(ExportError, match="integers"):
+        read_label_image(tmp_path / "f.tif")
+    tifffile.imwrite(tmp_path / "s.tif", np.ones((2, 8, 8), np.uint8))
+    with pytest.raises(ExportError, match="2-D"):
+        read_label_image(tmp_path / "s.tif")
+
+
+def test_reused_annotation_values_become_one_cell_per_component():
+    labels = np.zeros((10, 10), int)
+    labels[1:3, 1:3] = labels[6:8, 6:8] = 25      # one value, two cells that do not touch
+    labels[1:3, 6:9] = 50
+    out = relabel_components(labels)
+    assert sorted(np.unique(out)) == [0, 1, 2, 3] and out[1, 1] != out[6, 6]
+
+
+def test_masks_option_is_a_reading_option():
+    parser = argparse.ArgumentParser()
+    add_reading_options(parser)
+    options = reading_options(parser.parse_args(["--masks", "{stem}_seg.npy", "--touching", "drop",
+                                                 "--cell-diameter-um", "9", "28"]))
+    assert options["masks"] == "{stem}_seg.npy" and options["touching"] == "drop"
+    assert IngestOptions(**options).fields and IngestOptions(**options).cell_diameter_um == (9.0, 28.0)
+    limited = IngestOptions(fields=True, cell_diameter_um=(9, 28))
+    assert IngestOptions(fields=True).identity != limited.identity
+    with pytest.raises(ValueError, match="MIN < MAX"):
+        IngestOptions(fields=True, cell_diameter_um=(28, 9))
+    assert IngestOptions(fields=True).identity != IngestOptions(masks="{stem}_seg.npy").identity
+    assert IngestOptions().identity == IngestOptions(touching="drop").identity   # only fields are segmented
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--masks", "masks.png"])     # no {stem}: the same mask for every field
+
+
+# --------------------------------------------------------------------------------------- real dense fields
+
+DENSE_PX = 0.6            # um; see benchmarks/bench_dense_fields.py
+DENSE_LIMITS = dict(min_diameter_um=9.0, max_diameter_um=28.0)
+DENSE_FIELDS = (1, 7, 10)
+# measured on these three fields: recall 0.802 (85/106), precision 0.896 (86/96); margin 0.05
+RECALL_MIN, PRECISION_MIN = 0.75, 0.84
+
+
+def dense_field(folder, index):
+    values = tifffile.imread(folder / f"img_{index:03d}.tif").astype(np.float64)
+    return values * 1000 * 0.19, relabel_components(io.imread(folder / f"img_{index:03d}.png"))
+
+
+def inner_labels(labels, min_px=0):
+    edge = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+    areas = np.bincount(labels.ravel())
+    return {v for v in np.flatnonzero(areas >= max(min_px, 1)) if v and v not in edge}
+
+
+@pytest.fixture(scope="module")
+def dense(real_qpi):
+    folder = real_qpi / "qphase_dense_fields"
+    if not folder.is_dir():
+        pytest.skip(f"dense fields not found at {folder}")
+    return {i: dense_field(folder, i) for i in DENSE_FIELDS}
+
+
+def test_dense_fields_split_cells_recall_and_precision(dense):
+    counts = np.zeros(4)
+    for opd, truth in dense.values():
+        predicted = crops_to_labels(segment_field(opd, DENSE_PX, **DENSE_LIMITS), opd.shape)
+        pairs = match_instances(predicted, truth)
+        kept, true = inner_labels(predicted), inner_labels(truth, 100)
+        counts += [len({p for p, _ in pairs} & kept), len(kept), len({t for _, t in pairs} & true), len(true)]
+    precision, recall = counts[0] / counts[1], counts[2] / counts[3]
+    assert recall > RECALL_MIN and precision > PRECISION_MIN, (recall, precision)
+
+
+def test_dense_field_masks_give_every_annotated_cell(dense):
+    opd, truth = dense[1]
+    crops = segment_labelled(opd, DENSE_PX, truth)
+    assert {c.label for c in crops} == inner_labels(truth)
+    for crop in crops:
+        r0, c0, r1, c1 = crop.bbox
+        np.testing.assert_array_equal(crop.mask, truth[r0:r1, c0:c1] == crop.label)
+        others = (truth[r0:r1, c0:c1] > 0) & (truth[r0:r1, c0:c1] != crop.label)
+        assert np.all(crop.data[others] == 0.0)
+
+
+def test_cell_diameter_option_sets_the_size_limits(tmp_path):
+    opd, _ = synthetic_field()                     # cells 8-9 um across, debris 1.6 um
+    np.save(tmp_path / "fov.npy", opd)
+    def n_maps(limits):
+        options = IngestOptions(fields=True, units="nm", pixel_size_um=PX, cell_diameter_um=limits)
+        return len(list(iter_processed(tmp_path / "fov.npy", options)))
+    assert n_maps((5.0, 12.0)) == len(ISOLATED + NEAR_PAIR + OVERLAPPING)   # the overlapping pair is split
+    assert n_maps((10.0, 30.0)) == 0

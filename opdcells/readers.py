@@ -603,8 +603,11 @@ class NpzMember:
 
 
 class NpzReader(ArrayReader):
-    """NumPy ``.npz``: variable ``var``, else the single numeric 2-D/3-D array; metadata variables.
-    Stacks are streamed map by map (:class:`NpzMember`)."""
+    """NumPy ``.npz``: variable ``var``, else the single numeric 2-D/3-D array; metadata variables;
+    stacks streamed map by map.
+
+    See :class:`NpzMember` for the streaming.
+    """
 
     name = "npz"
     suffixes = (".npz",)

@@ -31,7 +31,7 @@ from .tasks import Task, resolve_task
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CrossValidation", "group_folds", "fold_splits", "cross_validate"]
+__all__ = ["CrossValidation", "group_folds", "fold_splits", "cross_validate", "cross_validate_models"]
 
 
 @dataclass
@@ -163,6 +163,17 @@ def cross_validate(data, model: str = "features", task=None, k: int = 5, *, seed
     fold_table = fold_table[keep]
     return CrossValidation(task, table, fold_table, predictions, reports,
                            _write(out, model, task, table, fold_table, predictions, reports))
+
+
+def cross_validate_models(data, models, task=None, k: int = 5, *, out, **kw) -> tuple[pd.DataFrame, dict]:
+    """:func:`cross_validate` each of ``models`` on the same folds (into ``out/cv_<model>``); returns the
+    pooled table of every model and the baselines (written to ``out/cv_comparison.csv/.md``) and the
+    :class:`CrossValidation` of each model."""
+    out = Path(out)
+    runs = {model: cross_validate(data, model, task, k, out=out / f"cv_{model}", **kw) for model in models}
+    table = pd.concat([run.table for run in runs.values()], ignore_index=True).drop_duplicates("model")
+    write_table(table, out / "cv_comparison")
+    return table, runs
 
 
 def _baseline_names() -> tuple[str, ...]:

@@ -169,7 +169,7 @@ def named_split(y, groups, test_groups, val_groups=(), *, val_size: float = 0.15
     parts = {"train": pool, "val": val, "test": test}
     split = Split(**parts, seed=seed, groups={k: sorted(set(groups[v].tolist())) for k, v in parts.items()})
     split.check_disjoint(groups)
-    _warn_coverage(y, groups, split, want_val=val.size > 0)
+    _warn_coverage(y, groups, split, want_val=val.size > 0 and not val_groups)
     return split
 
 

@@ -178,6 +178,27 @@ def resolve_task(spec: str | Task | None = None, class_names: Sequence[str] | No
     raise TaskError(f"unknown task {spec!r}; write {TASK_SYNTAX}")
 
 
+def task_slug(spec: str | Task) -> str:
+    """File-name-safe name of a task as written (``"PC3,PNT1A"`` -> ``PC3_vs_PNT1A``; a reference task name
+    or ``"all"`` as it is): what run folders of a task are called."""
+    if isinstance(spec, Task):
+        return spec.name
+    spec = str(spec).strip()
+    return spec if re.fullmatch(r"[A-Za-z0-9_.+-]+", spec) else resolve_task(spec).name
+
+
+def default_tasks(class_names: Sequence[str], labels=None) -> list[str]:
+    """The reference tasks whose classes all have maps in a dataset, or ``["all"]`` when none fits."""
+    fits = []
+    for name, task in TASKS.items():
+        try:
+            task_targets(class_names, np.arange(len(class_names)) if labels is None else labels, task)
+        except TaskError:
+            continue
+        fits.append(name)
+    return fits or [ALL]
+
+
 def task_name(classes: Sequence[str]) -> str:
     """File-name-safe task name made of its class names: ``PC3_vs_PNT1A``."""
     return "_vs_".join(re.sub(r"[^A-Za-z0-9.+-]+", "-", str(c)).strip("-") or "class" for c in classes)

@@ -31,7 +31,7 @@ from . import plots
 from .dataset import open_dataset
 from .evaluate import classification_report, flatten_report, write_table
 from .splits import Split, subsample_labelled
-from .tasks import get_task
+from .tasks import resolve_task, task_slug
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ def preprocess_config_of(ds):
 
 def run_dir(saved_models, name: str, model: str, task: str) -> Path:
     """Folder ``experiments.compare_models`` writes the run of ``model`` on ``task`` to."""
-    return Path(saved_models) / f"{name}_{model}_{task}"
+    return Path(saved_models) / f"{name}_{model}_{task_slug(task)}"
 
 
 def task_split(ds, task: str, *, saved_models="saved_models", name="opd_dinov2", models=(), seed=0
@@ -89,7 +89,8 @@ def task_split(ds, task: str, *, saved_models="saved_models", name="opd_dinov2",
             if config.get("dataset", {}).get("fingerprint") == ds.fingerprint:
                 return Split.from_json(folder / "split.json"), str(folder / "split.json")
             log.warning("%s was trained on another dataset; not using its split", folder)
-    return make_split(ds, get_task(task), seed=seed), f"train.make_split(seed={seed})"
+    return (make_split(ds, resolve_task(task, ds.class_names, ds.labels), seed=seed),
+            f"train.make_split(seed={seed})")
 
 
 # ---------------------------------------------------------------------- encoders
@@ -222,7 +223,7 @@ def init_table(encoders: Encoders, models, comparison=None) -> pd.DataFrame:
 def _task_labels(ds, task):
     from .train import task_labels
 
-    return task_labels(ds, get_task(task))
+    return task_labels(ds, resolve_task(task, ds.class_names, ds.labels))
 
 
 def _metrics(y_true, pred, class_names, n_boot, seed) -> dict:
@@ -264,7 +265,7 @@ def frozen_probes(encoders: Encoders, tasks, models, *, comparison=None, name="o
     for task in tasks:
         split, source = task_split(ds, task, saved_models=saved_models, name=name, models=models, seed=seed)
         splits[task] = (split, source)
-        y_all, names = _task_labels(ds, task), list(get_task(task).classes)
+        y_all, names = _task_labels(ds, task), list(resolve_task(task, ds.class_names, ds.labels).classes)
         for model in models:
             emb = encoders.embeddings(model, calibration=split.train)
             init = encoders.infos.get(model, {}).get("init")
@@ -303,9 +304,10 @@ def finetune_subset(ds, model: str, task: str, split: Split, train_indices, *, p
 
     kw = {"dinov2_preset": dinov2_preset} if model == "dinov2" and dinov2_preset else None
     with tempfile.TemporaryDirectory(prefix="opdcells-finetune-") as tmp:
-        result = train(ds, model, task, Path(tmp) / f"{model}_{task}", profile=profile, epochs=epochs,
-                       input_size=input_size, seed=seed, batch_size=batch_size, weights=weights or "none",
-                       model_kw=kw, split=split, train_indices=train_indices, n_boot=0)
+        result = train(ds, model, task, Path(tmp) / f"{model}_{task_slug(task)}", profile=profile,
+                       epochs=epochs, input_size=input_size, seed=seed, batch_size=batch_size,
+                       weights=weights or "none", model_kw=kw, split=split, train_indices=train_indices,
+                       n_boot=0)
     return result.evaluation.proba.argmax(axis=1)   # rows of split.test, in order
 
 

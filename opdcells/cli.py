@@ -158,7 +158,7 @@ def _run_cv(args, task, common) -> int:
     print(f"{args.cv}-fold group cross-validation of {args.model} on {cv.task.name} (every map tested once):")
     print(format_report(cv.reports[args.model]))
     print("\npooled out-of-fold predictions, model and baselines:")
-    print(markdown_table(cv.table.drop(columns=["task"])), end="")
+    print(markdown_table(cv.table.drop(columns=["task"]).dropna(axis=1, how="all")), end="")
     print("\nper fold:")
     print(markdown_table(cv.folds), end="")
     print(f"tables, predictions and figures in {cv.files['table_csv'].parent}")

@@ -881,7 +881,54 @@ def _create_learner(settings: Settings, dataset, split: Split, n_classes: int):
     norm = _normalisation(settings, dataset, split)
     log.info("normalisation scale %.1f nm (%s)", norm["norm_scale_nm"], norm["method"])
     size = dataset.out_size
-    return _KerasLearner.create(settings, n_classes, (size, size, 1), norm["norm_scale_nm"]), norm
+    learner = _KerasLearner.create(settings, n_classes, (size, size, 1), norm["norm_scale_nm"])
+    from .models import saved_encoder_config
+
+    saved = saved_encoder_config(settings.model, settings.weights)
+    warning = geometry_warning(saved, dataset.pixel_size_um, size, settings.input_size,
+                               f"the {settings.model} encoder ({settings.weights})")
+    if warning:
+        log.warning("%s", warning)
+        learner.info["geometry_warning"] = warning   # recorded in config.json's model_info
+    return learner, norm
+
+
+def geometry_warning(encoder_config: dict | None, pixel_size_um: float, out_size: int,
+                     input_size: int | None = None, what: str = "the pretrained encoder") -> str | None:
+    """A loud sentence when a pretrained encoder is used at another pixel size or window than it was
+    pretrained at, or None when they match (or the encoder config does not say).
+
+    The model resizes its maps to ``input_size``, so what the encoder sees is the window (map side in um)
+    per input pixel: another window makes cells look bigger or smaller to it; the same window at a
+    coarser pixel size keeps their size but loses detail.
+
+    Parameters
+    ----------
+    encoder_config : dict or None
+        The encoder folder's config.json (``models.saved_encoder_config``): ``pixel_size_um``,
+        ``out_size``, ``input_size``.
+    pixel_size_um, out_size : float, int
+        The maps it is used on.
+    input_size : int, optional
+        The side the model resizes them to (default: the encoder's own).
+    what : str
+        How to name the encoder in the sentence.
+    """
+    if not encoder_config or not encoder_config.get("pixel_size_um") or not encoder_config.get("out_size"):
+        return None
+    px0, size0 = float(encoder_config["pixel_size_um"]), int(encoder_config["out_size"])
+    input0 = int(encoder_config.get("input_size") or size0)
+    input_size = int(input_size or input0)
+    if math.isclose(px0, pixel_size_um, rel_tol=1e-3) and size0 == int(out_size):
+        return None
+    scale = (size0 * px0 / input0) / (out_size * pixel_size_um / input_size)   # apparent size ratio
+    same_size = math.isclose(scale, 1, rel_tol=1e-3)
+    effect = ("cells keep their size but are sampled at another pixel size" if same_size
+              else f"cells look {scale:.2g}x the size it learnt them at")
+    return (f"{what} was pretrained on {size0} px maps at {px0:g} um/px (a {size0 * px0:g} um window) but is "
+            f"used on {out_size} px maps at {pixel_size_um:g} um/px (a {out_size * pixel_size_um:g} um "
+            f"window): {effect}, so its features may not apply; to use it as pretrained, ingest the exports "
+            f"at its geometry (load_data.py --out-pixel-size-um {px0:g} --out-size {size0})")
 
 
 def _normalisation(settings: Settings, dataset, split: Split) -> dict:
@@ -978,6 +1025,8 @@ def train(data, model: str = "mobilenetv2", task: str | Task | None = None, out=
             _write_model_folder(folder, learner, config, history, split)
             evaluation = evaluate_model(SavedModel(folder, config, learner), ds, split.test, n_boot=n_boot,
                                         seed=seed)
+            if learner.info.get("geometry_warning"):
+                evaluation.report["warnings"].append(learner.info["geometry_warning"])
             evaluation.report["baselines"] = baseline_summary(ds, y_all, split, task, n_boot=n_boot,
                                                               seed=seed)
             _write_json(folder / "metrics.json", evaluation.report)

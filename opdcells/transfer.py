@@ -133,7 +133,7 @@ class Encoders:
         (used only when the encoder is random-init and has BatchNormalization layers)."""
         from .models import DEFAULT_NORM_SCALE_NM, batch_norm_layers, build_encoder, saved_encoder_config
         from .pretrain import recalibrate_batchnorm
-        from .train import PROFILES
+        from .train import PROFILES, geometry_warning
 
         if model not in self._built:
             p = PROFILES[self.profile]
@@ -153,6 +153,11 @@ class Encoders:
                                           input_size=int(size), weights=weights, norm_scale_nm=float(norm),
                                           seed=self.seed, **kw)
             info["has_batchnorm"] = bool(batch_norm_layers(encoder))
+            warning = geometry_warning(saved, self.ds.pixel_size_um, self.ds.out_size, int(size),
+                                       f"the {model} encoder")
+            if warning:
+                log.warning("%s", warning)
+                info["geometry_warning"] = warning
             self._built[model] = (encoder, info)
             self.infos[model] = info
         encoder, info = self._built[model]

@@ -207,3 +207,17 @@ def test_cli_cross_validation_prints_pooled_and_per_fold_tables(tmp_path_factory
     assert main(["train", "--data", str(data), "--model", "features", "--cv", "10", "--out",
                  str(tmp_path / "cv10")]) == 2
     assert "choose K <= 9" in capsys.readouterr().err
+
+
+def test_an_encoder_used_at_another_geometry_is_named_loudly():
+    from opdcells.train import geometry_warning
+
+    encoder = {"pixel_size_um": 0.25, "out_size": 128, "input_size": 64}
+    assert geometry_warning(encoder, 0.25, 128) is None
+    coarser = geometry_warning(encoder, 0.5, 64, 64, "the opd encoder")
+    assert coarser.startswith("the opd encoder was pretrained on 128 px maps at 0.25 um/px (a 32 um window)")
+    assert "used on 64 px maps at 0.5 um/px" in coarser and "keep their size" in coarser
+    assert "--out-pixel-size-um 0.25 --out-size 128" in coarser
+    smaller_window = geometry_warning(encoder, 0.25, 64, 64)
+    assert "cells look 2x the size it learnt them at" in smaller_window   # 16 um window, same input
+    assert geometry_warning({"architecture": "dinov2"}, 0.5, 64) is None   # nothing to compare with

@@ -231,9 +231,11 @@ def _task_labels(ds, task):
     return task_labels(ds, resolve_task(task, ds.class_names, ds.labels))
 
 
-def _metrics(y_true, pred, class_names, n_boot, seed) -> dict:
+def _metrics(y_true, pred, class_names, n_boot, seed, groups=None) -> dict:
+    """Headline metric columns; CIs resample the maps' acquisition ``groups`` when given."""
     proba = np.eye(len(class_names))[pred]
-    row = flatten_report(classification_report(y_true, proba, class_names, n_boot=n_boot, seed=seed))
+    row = flatten_report(classification_report(y_true, proba, class_names, n_boot=n_boot, seed=seed,
+                                               groups=groups))
     return {k: row[k] for k in METRIC_COLUMNS}
 
 
@@ -278,7 +280,7 @@ def frozen_probes(encoders: Encoders, tasks, models, *, comparison=None, name="o
                 tr, te = split.train, split.test
                 pred = _probe(emb[tr], y_all[tr], emb[te], y_all[te], method)
                 rows.append({"task": task, "model": model, "method": label, "init": init,
-                             **_metrics(y_all[split.test], pred, names, n_boot, seed),
+                             **_metrics(y_all[split.test], pred, names, n_boot, seed, ds.groups[split.test]),
                              "n_train": len(split.train), "n_test": len(split.test), "split": source})
             if comparison is not None and (task, model) in comparison.runs:
                 run = comparison.runs[(task, model)]
@@ -286,6 +288,7 @@ def frozen_probes(encoders: Encoders, tasks, models, *, comparison=None, name="o
                              **{k: flatten_report(run.metrics)[k] for k in METRIC_COLUMNS},
                              "n_train": len(split.train), "n_test": run.metrics["n"],
                              "split": str(run.model_dir / "split.json")})
+        rows += _baseline_probe_rows(ds, task, split, source, y_all, names, n_boot, seed)
     table = pd.DataFrame(rows)
     out = Path(results) / name
     csv_path, md_path = write_table(table.drop(columns="split"), out / "probes")
@@ -295,6 +298,17 @@ def frozen_probes(encoders: Encoders, tasks, models, *, comparison=None, name="o
         files["accuracy"] = plots.accuracy_bars(bars, out / "probes_accuracy.png", bar="bar",
                                                 title="Frozen probes vs fine-tuning: test accuracy (95% CI)")
     return ProbeResult(table, splits, files)
+
+
+def _baseline_probe_rows(ds, task, split, source, y_all, names, n_boot, seed) -> list[dict]:
+    """Rows of the baselines (``opdcells.baselines``) on the task's split, beside the probes."""
+    from .baselines import baseline_proba
+
+    probas = baseline_proba(ds, y_all, split.train, split.test, len(names), seed=seed)
+    return [{"task": task, "model": baseline, "method": "baseline", "init": "baseline",
+             **_metrics(y_all[split.test], proba.argmax(axis=1), names, n_boot, seed, ds.groups[split.test]),
+             "n_train": len(split.train), "n_test": len(split.test), "split": source}
+            for baseline, proba in probas.items()]
 
 
 # ---------------------------------------------------------------------- label efficiency

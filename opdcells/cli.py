@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from .errors import OPDCellsError
-from .tasks import TASKS
+from .tasks import TASK_SYNTAX
 
 log = logging.getLogger("opdcells.cli")
 
@@ -74,7 +74,19 @@ def register_train(subparsers) -> None:
     p.add_argument("--model", default="mobilenetv2",
                    help="mobilenetv2, resnet50, vgg16, dinov2, opd_mobilenetv2 or features "
                         "(default mobilenetv2)")
-    p.add_argument("--task", default="five_class", choices=list(TASKS))
+    p.add_argument("--task", metavar="TASK",
+                   help=f"{TASK_SYNTAX}, e.g. \"cancer=SW480,SW620 blood=granulocytes,monocytes,PBMCs\" "
+                        "(default: five_class when the dataset has the five reference classes, else all)")
+    p.add_argument("--classes", metavar="A,B,...", help="the task's classes, one task class each")
+    p.add_argument("--cv", type=int, metavar="K",
+                   help="group k-fold cross-validation: K folds of whole acquisition groups, every map "
+                        "tested once; writes the fold models and the pooled table (with baselines) to --out")
+    p.add_argument("--test-groups", metavar="G1,G2", help="acquisition groups that form the test part")
+    p.add_argument("--val-groups", metavar="G1,G2", help="acquisition groups that form the validation part")
+    p.add_argument("--test-size", type=float, default=0.2, metavar="F",
+                   help="fraction of maps (whole groups) for testing (0.2)")
+    p.add_argument("--val-size", type=float, metavar="F",
+                   help="fraction of maps (whole groups) for validation (0.15; with --cv 0)")
     p.add_argument("--out", type=Path, metavar="DIR", help="model folder (default saved_models/MODEL_TASK)")
     p.add_argument("--profile", default="quick", help="quick (CPU) or full (default quick)")
     p.add_argument("--epochs", type=int, metavar="N",
@@ -101,22 +113,55 @@ def register_train(subparsers) -> None:
     p.set_defaults(run=run_train)
 
 
+def _names(text: str | None) -> list[str] | None:
+    """'a, b' -> ['a', 'b']; None stays None."""
+    return None if text is None else [part.strip() for part in text.split(",") if part.strip()]
+
+
 def run_train(args) -> int:
     from .evaluate import format_report
+    from .tasks import resolve_task
     from .train import train
 
+    task = resolve_task(classes=args.classes) if args.classes else args.task
+    if args.classes and args.task:
+        raise ValueError("give --task or --classes, not both")
     kwargs = {} if not args.no_augment else {"augment": None}
-    result = train(args.data, args.model, args.task, args.out, epochs=args.epochs, input_size=args.input_size,
-                   seed=args.seed, profile=args.profile, weights=args.weights, batch_size=args.batch_size,
-                   learning_rate=args.learning_rate, patience=args.patience, split_seed=args.split_seed,
-                   n_boot=args.n_boot, head_epochs=args.head_epochs,
-                   freeze_batchnorm=args.freeze_batchnorm, tta=args.tta, verbose=0 if args.quiet else 2,
-                   **kwargs)
+    common = dict(epochs=args.epochs, input_size=args.input_size, seed=args.seed, profile=args.profile,
+                  weights=args.weights, batch_size=args.batch_size, learning_rate=args.learning_rate,
+                  patience=args.patience, n_boot=args.n_boot, head_epochs=args.head_epochs,
+                  freeze_batchnorm=args.freeze_batchnorm, tta=args.tta, verbose=0 if args.quiet else 2,
+                  **kwargs)
+    if args.cv is not None:
+        return _run_cv(args, task, common)
+    val_size = 0.15 if args.val_size is None else args.val_size
+    result = train(args.data, args.model, task, args.out, split_seed=args.split_seed,
+                   test_size=args.test_size, val_size=val_size, test_groups=_names(args.test_groups),
+                   val_groups=_names(args.val_groups), **common)
     training = result.config["training"]
     print(f"model saved to {result.model_dir} (init {result.config['init']}, {training['epochs_run']} "
           f"{training['epoch_unit']}s, {training['time_s']:.0f} s)")
     print("test groups:")
     print(format_report(result.metrics))
+    return EXIT_OK
+
+
+def _run_cv(args, task, common) -> int:
+    """``train --cv K``: group k-fold cross-validation, printed as the pooled table and per-fold figures."""
+    from .crossval import cross_validate
+    from .evaluate import format_report, markdown_table
+
+    if args.test_groups or args.val_groups:
+        raise ValueError("--cv leaves every group out in turn: drop --test-groups/--val-groups")
+    cv = cross_validate(args.data, args.model, task, args.cv, out=args.out,
+                        val_size=0.0 if args.val_size is None else args.val_size, **common)
+    print(f"{args.cv}-fold group cross-validation of {args.model} on {cv.task.name} (every map tested once):")
+    print(format_report(cv.reports[args.model]))
+    print("\npooled out-of-fold predictions, model and baselines:")
+    print(markdown_table(cv.table.drop(columns=["task"]).dropna(axis=1, how="all")), end="")
+    print("\nper fold:")
+    print(markdown_table(cv.folds), end="")
+    print(f"tables, predictions and figures in {cv.files['table_csv'].parent}")
     return EXIT_OK
 
 

@@ -1,7 +1,10 @@
 """Classification metrics with bootstrap confidence intervals, printable reports and comparison tables.
 
-Point estimates come from scikit-learn. Bootstrap resamples (maps drawn with replacement) are scored
-in batches: accuracy, balanced accuracy and macro F1 from a stack of confusion matrices, sensitivity
+Point estimates come from scikit-learn. Bootstrap resamples are scored in batches as per-map weights
+(how often each map is drawn): maps drawn with replacement, or -- when the maps' acquisition groups are
+given -- whole groups drawn with replacement within each class (a stratified cluster bootstrap: maps of
+one field are not independent, so resampling maps makes intervals too narrow when groups are few).
+Scores come accuracy, balanced accuracy and macro F1 from a stack of confusion matrices, sensitivity
 at a fixed false-positive rate from weighted cumulative counts, so 1000 resamples of thousands of maps
 take a fraction of a second. The batched formulas follow scikit-learn's conventions (tests compare
 them on the same resamples).
@@ -33,22 +36,32 @@ HEADLINE = ("accuracy", "balanced_accuracy", "macro_f1")
 FPR_TARGETS = (0.01, 0.001)
 ECE_BINS = 15
 CI_LEVEL = 0.95
+#: Below this many test groups in a class, the report says what its figures can and cannot show.
+MIN_GROUPS_PER_CLASS = 3
+#: Classes are imbalanced (balanced accuracy is the headline) when the largest has this many times the
+#: maps of the smallest.
+IMBALANCE_RATIO = 1.5
 _BOOT_CHUNK_ELEMENTS = 4_000_000  # resamples x maps held in memory at once
 
 
 def classification_report(y_true, proba, class_names, *, n_boot: int = 1000, seed: int = 0,
-                          positive_class: str | None = None) -> dict:
+                          positive_class: str | None = None, groups=None) -> dict:
     """JSON-serialisable report of a K-class prediction (``proba``: N x K, column k = class_names[k]).
 
     Keys: n, class_names, class_counts, accuracy / balanced_accuracy / macro_f1 as
-    {"value", "ci_low", "ci_high"} (95% percentile bootstrap over maps), per_class
+    {"value", "ci_low", "ci_high"} (95% percentile bootstrap: over acquisition groups within each class
+    when ``groups``, the maps' acquisition groups, are given, else over maps; "ci_method" says which),
+    headline (balanced_accuracy when the classes are imbalanced, else accuracy), warnings (too few test
+    groups per class: what the figures cannot show), per_class
     {precision, recall, f1, support}, confusion_matrix {labels, counts (rows true, columns predicted)},
     roc_auc {macro, per_class, notes}, ece (15 equal-width bins on the top probability), and for two
     classes sensitivity_at_fpr {positive_class, "0.01", "0.001"} (else None). ``n_boot=0`` skips the CIs.
     """
     y_true, proba, names = _check_inputs(y_true, proba, class_names)
+    groups = None if groups is None else _check_groups(groups, y_true)
     y_pred = proba.argmax(axis=1)
-    boot = _bootstrap(y_true, y_pred, n_boot, seed, _binary_scores(y_true, proba, names, positive_class))
+    boot = _bootstrap(y_true, y_pred, n_boot, seed, _binary_scores(y_true, proba, names, positive_class),
+                      groups)
     with warnings.catch_warnings():  # a class predicted but absent from y_true is normal here
         warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
         point = {
@@ -61,6 +74,10 @@ def classification_report(y_true, proba, class_names, *, n_boot: int = 1000, see
         "class_names": names,
         "class_counts": dict(zip(names, np.bincount(y_true, minlength=len(names)).tolist(), strict=True)),
         **{key: _estimate(point[key], boot.get(key)) for key in HEADLINE},
+        "headline": headline_metric(y_true),
+        "ci_method": _ci_method(n_boot, groups),
+        "groups_per_class": None if groups is None else _groups_per_class(y_true, groups, names),
+        "warnings": [] if groups is None else small_study_warnings(y_true, groups, names),
         "per_class": _per_class(y_true, y_pred, names),
         "confusion_matrix": {"labels": names,
                              "counts": confusion_matrix(y_true, y_pred, labels=range(len(names))).tolist()},
@@ -71,6 +88,29 @@ def classification_report(y_true, proba, class_names, *, n_boot: int = 1000, see
     if len(names) == 2:
         report["sensitivity_at_fpr"] = _sensitivity_report(y_true, proba, names, positive_class, boot)
     return report
+
+
+def headline_metric(y_true) -> str:
+    """"balanced_accuracy" when the classes present are imbalanced (largest / smallest count >=
+    :data:`IMBALANCE_RATIO`), else "accuracy": always answering the majority class scores the majority's
+    share in accuracy but 1/K in balanced accuracy."""
+    counts = np.bincount(np.asarray(y_true, dtype=np.int64))
+    counts = counts[counts > 0]
+    return "balanced_accuracy" if counts.max() >= IMBALANCE_RATIO * counts.min() else "accuracy"
+
+
+def small_study_warnings(y_true, groups, class_names) -> list[str]:
+    """Plain-words warnings when a class's test maps come from fewer than :data:`MIN_GROUPS_PER_CLASS`
+    acquisition groups: what the figures can and cannot show, and what to do."""
+    per_class = _groups_per_class(np.asarray(y_true), np.asarray(groups).astype(str), class_names)
+    few = {name: n for name, n in per_class.items() if 0 < n < MIN_GROUPS_PER_CLASS}
+    if not few:
+        return []
+    listed = ", ".join(f"{name} {n}" for name, n in few.items())
+    return [f"test maps come from few acquisition groups ({listed}): the figures say how these "
+            f"particular fields were classified, not how well a new field would be; maps of one field "
+            f"are not independent, so the intervals resample groups and are wide. Use cross-validation "
+            f"over groups (--cv K) so every field is tested once, and acquire more fields per class"]
 
 
 def metrics_from_confusion(cms) -> dict[str, np.ndarray]:
@@ -156,8 +196,13 @@ def format_report(report: Mapping) -> str:
     names = report["class_names"]
     counts = ", ".join(f"{k} {v}" for k, v in report["class_counts"].items())
     lines = [f"n = {report['n']}  ({counts})"]
+    headline = report.get("headline")
     for key in HEADLINE:
-        lines.append(f"{key.replace('_', ' '):<22}{_fmt_estimate(report[key])}")
+        mark = "  <- headline" + (" (classes imbalanced)" if key == "balanced_accuracy" else "")
+        mark = mark if key == headline else ""
+        lines.append(f"{key.replace('_', ' '):<22}{_fmt_estimate(report[key])}{mark}")
+    if report.get("ci_method"):
+        lines.append(f"{'95% CIs':<22}{report['ci_method']}")
     lines.append(f"{'ROC AUC (macro)':<22}{_fmt(report['roc_auc']['macro'])}")
     lines.append(f"{f'ECE ({ECE_BINS} bins)':<22}{_fmt(report['ece'])}")
     sens = report.get("sensitivity_at_fpr")
@@ -177,6 +222,13 @@ def format_report(report: Mapping) -> str:
               " " * width + "".join(f"{n:>{cell}}" for n in names)]
     for name, row in zip(names, report["confusion_matrix"]["counts"], strict=True):
         lines.append(f"{name:<{width}}" + "".join(f"{c:>{cell}}" for c in row))
+    baselines = report.get("baselines") or {}
+    if baselines:
+        lines += ["", "baselines on the same test maps (fit on the training maps)"]
+        for name, entry in baselines.items():
+            lines.append(f"{name:<28}" + "  ".join(f"{key.replace('_', ' ')} {_fmt_estimate(entry[key])}"
+                                                   for key in HEADLINE if key in entry))
+    lines += [f"warning: {w}" for w in report.get("warnings") or []]
     return "\n".join(lines)
 
 
@@ -190,6 +242,8 @@ def flatten_report(report: Mapping) -> dict:
         if key != "positive_class":
             row.update(_estimate_columns(f"sensitivity_at_fpr_{key}", entry))
     row["n"] = report["n"]
+    if report.get("groups_per_class"):
+        row["n_groups"] = sum(report["groups_per_class"].values())
     return row
 
 
@@ -256,19 +310,27 @@ def _binary_scores(y_true, proba, names, positive_class):
     return y_true == k, proba[:, k]
 
 
-def _bootstrap(y_true, y_pred, n_boot, seed, binary) -> dict[str, np.ndarray]:
-    """Metric values over ``n_boot`` resamples of the maps (chunked to bound memory)."""
-    if n_boot <= 0:
+def _bootstrap(y_true, y_pred, n_boot, seed, binary, groups=None) -> dict[str, np.ndarray]:
+    """Metric values over ``n_boot`` resamples (chunked to bound memory): of the maps, or with
+    ``groups`` of whole acquisition groups within each class (:func:`_group_weights`)."""
+    if n_boot <= 0 or (groups is not None and np.unique(groups).size < 2):
         return {}
     n, k = y_true.size, int(max(y_true.max(), y_pred.max())) + 1
     rng = np.random.default_rng(seed)
     chunk = max(1, _BOOT_CHUNK_ELEMENTS // n)
     parts: dict[str, list[np.ndarray]] = {}
     for start in range(0, n_boot, chunk):
-        idx = rng.integers(0, n, size=(min(chunk, n_boot - start), n))
-        values = metrics_from_confusion(_batched_confusion(y_true, y_pred, idx, k))
+        size = min(chunk, n_boot - start)
+        if groups is None:
+            idx = rng.integers(0, n, size=(size, n))
+            weights = _resample_counts(idx, n)
+            cms = _batched_confusion(y_true, y_pred, idx, k)
+        else:
+            weights = _group_weights(rng, size, y_true, groups)
+            cms = _weighted_confusion(y_true, y_pred, weights, k)
+        values = metrics_from_confusion(cms)
         if binary is not None:
-            sens = _batched_sensitivity(*binary, _resample_counts(idx, n), FPR_TARGETS)
+            sens = _batched_sensitivity(*binary, weights, FPR_TARGETS)
             values.update({f"sens_{fpr:g}": v for fpr, v in zip(FPR_TARGETS, sens, strict=True)})
         for key, val in values.items():
             parts.setdefault(key, []).append(val)
@@ -280,6 +342,52 @@ def _batched_confusion(y_true, y_pred, idx, k) -> np.ndarray:
     offsets = (np.arange(idx.shape[0]) * k * k)[:, None]
     flat = (y_true * k + y_pred)[idx] + offsets
     return np.bincount(flat.ravel(), minlength=idx.shape[0] * k * k).reshape(-1, k, k)
+
+
+def _group_weights(rng, size, y_true, groups) -> np.ndarray:
+    """(size, N) map weights of a stratified cluster bootstrap: each group's class is its most frequent
+    class; within each class its groups are drawn with replacement (as many as it has), and a map weighs
+    as often as its group was drawn."""
+    codes, g = np.unique(groups, return_inverse=True)
+    group_class = np.array([np.bincount(y_true[g == i]).argmax() for i in range(codes.size)])
+    counts = np.zeros((size, codes.size))
+    for cls in np.unique(group_class):
+        members = np.flatnonzero(group_class == cls)
+        draws = members[rng.integers(0, members.size, size=(size, members.size))]
+        np.add.at(counts, (np.arange(size)[:, None], draws), 1)
+    return counts[:, g]
+
+
+def _weighted_confusion(y_true, y_pred, weights, k) -> np.ndarray:
+    """(B, K, K) confusion matrices with per-map ``weights`` (B, N)."""
+    onehot = np.zeros((y_true.size, k * k))
+    onehot[np.arange(y_true.size), y_true * k + y_pred] = 1.0
+    return (weights @ onehot).reshape(-1, k, k)
+
+
+def _check_groups(groups, y_true) -> np.ndarray:
+    """``groups`` as a str array of one group per map."""
+    groups = np.asarray(groups).astype(str)
+    if groups.shape != y_true.shape:
+        raise ValueError(f"need one acquisition group per map: {groups.shape} groups for {y_true.size} maps")
+    return groups
+
+
+def _groups_per_class(y_true, groups, names) -> dict[str, int]:
+    """Number of distinct acquisition groups among each class's maps."""
+    return {name: int(np.unique(groups[y_true == k]).size) for k, name in enumerate(names)}
+
+
+def _ci_method(n_boot, groups) -> str | None:
+    """How the intervals were made, in words."""
+    if n_boot <= 0:
+        return None
+    if groups is None:
+        return f"bootstrap over maps ({n_boot} resamples)"
+    n = np.unique(groups).size
+    if n < 2:
+        return "none: one acquisition group cannot be resampled"
+    return f"cluster bootstrap over {n} acquisition groups, within class ({n_boot} resamples)"
 
 
 def _resample_counts(idx, n) -> np.ndarray:

@@ -43,6 +43,7 @@ CLASS_COLOURS = {
 MODEL_COLOURS = {
     "mobilenetv2": "#1f77b4", "opd_mobilenetv2": "#17becf", "resnet50": "#ff7f0e", "vgg16": "#2ca02c",
     "dinov2": "#9467bd", "features": "#7f7f7f",
+    "majority class": "#c7c7c7", "logistic (dry mass, area)": "#dbdb8d",   # opdcells.baselines
 }
 _PALETTE = ("#8c564b", "#e377c2", "#bcbd22", "#17becf", "#393b79", "#637939", "#8c6d31", "#843c39")
 OPD_CMAP = "viridis"

@@ -117,6 +117,62 @@ def group_split(y, groups, *, test_size: float = 0.2, val_size: float = 0.15, se
     return split
 
 
+def named_split(y, groups, test_groups, val_groups=(), *, val_size: float = 0.15, seed: int = 0) -> Split:
+    """Split with the acquisition groups the user names in the test (and validation) part.
+
+    Parameters
+    ----------
+    y, groups : array-like
+        Class label and acquisition group of every map.
+    test_groups : sequence of str
+        Groups that form the test part.
+    val_groups : sequence of str, optional
+        Groups that form the validation part; when empty, whole groups holding about ``val_size`` of
+        all maps are carved from the remaining groups (seeded), or none if ``val_size`` is 0.
+    val_size : float
+        Fraction of all maps for an automatic validation part.
+    seed : int
+        Seed of the automatic validation carve.
+
+    Returns
+    -------
+    Split
+        Every other group is training.
+
+    Raises
+    ------
+    ValueError
+        A named group is unknown or named twice, or no training group is left.
+    """
+    y, groups = np.asarray(y), np.asarray(groups).astype(str)
+    known = sorted(set(groups.tolist()))
+    test_groups, val_groups = [str(g) for g in test_groups], [str(g) for g in val_groups]
+    unknown = [g for g in test_groups + val_groups if g not in known]
+    if unknown:
+        raise ValueError(f"unknown acquisition groups {unknown}; the groups are: {', '.join(known[:20])}"
+                         + (" ..." if len(known) > 20 else ""))
+    both = sorted(set(test_groups) & set(val_groups))
+    if both:
+        raise ValueError(f"groups named for both test and validation: {both}")
+    test = np.flatnonzero(np.isin(groups, test_groups))
+    val = np.flatnonzero(np.isin(groups, val_groups))
+    pool = np.flatnonzero(~np.isin(groups, test_groups + val_groups))
+    if pool.size == 0:
+        raise ValueError("the named test and validation groups leave no group for training")
+    if not val_groups and val_size > 0:
+        if np.unique(groups[pool]).size < 2:
+            log.warning("one training group left: no validation part")
+        else:
+            y_codes = np.unique(y, return_inverse=True)[1]
+            g_codes = np.unique(groups, return_inverse=True)[1]
+            val, pool = _carve(y_codes, g_codes, pool, min(0.9, val_size * y.size / pool.size), seed)
+    parts = {"train": pool, "val": val, "test": test}
+    split = Split(**parts, seed=seed, groups={k: sorted(set(groups[v].tolist())) for k, v in parts.items()})
+    split.check_disjoint(groups)
+    _warn_coverage(y, groups, split, want_val=val.size > 0 and not val_groups)
+    return split
+
+
 def subsample_labelled(train_idx, y, fraction: float, seed: int = 0) -> np.ndarray:
     """Stratified subset of ``train_idx`` with ~``fraction`` of each class (at least one map per class).
 

@@ -1,9 +1,18 @@
 """Classification tasks, defined once, and robust matching of dataset class names to them.
 
-Every task is a grouping of the five canonical classes (``CANONICAL_CLASSES``). A dataset's own class
-names ("SW-480", "sw_480 cells", "Neutrophils", "PBMC", ...) are mapped to canonical classes by
-:func:`canonical_class`; :func:`task_targets` then selects the maps a task uses and gives their task
-label ids.
+A task groups dataset classes into task classes. The four reference tasks (``TASKS``: ``five_class``,
+``cancer_vs_blood``, ``sw480_vs_sw620``, ``blood_subtypes``) are named presets over the reference study's
+five classes (``CANONICAL_CLASSES``); any other set of classes is a task too (:func:`resolve_task`):
+
+* ``"all"``: every class of the dataset (the default when the dataset lacks a reference class);
+* ``"PC3,PNT1A"`` (or ``classes=``): these classes, one task class each;
+* ``"cancer=SW480,SW620 blood=granulocytes,monocytes,PBMCs"``: groupings ``NAME=CLASS,CLASS,...``
+  separated by spaces (or by ``;`` when class names hold spaces).
+
+Dataset class names are matched by :func:`class_key`: a reference class under any of its spellings
+("SW-480", "sw_480 cells", "Neutrophils", "PBMC", ...; :func:`canonical_class`), any other name by its
+normalised spelling (case, separators and a trailing "cells" ignored: "PC-3 cells" is "PC3").
+:func:`task_targets` then selects the maps a task uses and gives their task label ids.
 
 Alias choices (documented because they are judgement calls):
 
@@ -54,7 +63,11 @@ class TaskError(OPDCellsError, ValueError):
 
 @dataclass(frozen=True)
 class Task:
-    """A classification task: ``classes`` (label order) and the canonical classes each one groups."""
+    """A classification task: ``classes`` (label order) and the dataset classes each one groups.
+
+    Members are class names as :func:`class_key` matches them (a reference class under any spelling,
+    any other name up to case and separators).
+    """
 
     name: str
     classes: tuple[str, ...]
@@ -62,8 +75,21 @@ class Task:
 
     @property
     def canonical(self) -> tuple[str, ...]:
-        """All canonical classes the task uses, in task-class order."""
+        """All member classes the task uses, in task-class order."""
         return tuple(c for cls in self.classes for c in self.members[cls])
+
+    def to_dict(self) -> dict:
+        """JSON form stored in a model's config.json: name, classes, members and label ids."""
+        return {"name": self.name, "classes": list(self.classes),
+                "members": {cls: list(self.members[cls]) for cls in self.classes},
+                "label_ids": {cls: i for i, cls in enumerate(self.classes)}}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Task:
+        """The task :meth:`to_dict` stored (label ids are the order of ``classes``)."""
+        classes = tuple(str(c) for c in data["classes"])
+        return _checked(cls(str(data["name"]), classes,
+                            {c: tuple(str(m) for m in data["members"][c]) for c in classes}))
 
 
 def _identity_task(name: str, classes: tuple[str, ...]) -> Task:
@@ -82,14 +108,153 @@ TASKS: dict[str, Task] = {
 }
 
 
+ALL = "all"
+#: How to write a task, for error messages and the CLI's help.
+TASK_SYNTAX = (f"a reference task ({', '.join(TASKS)}), {ALL!r} (every class of the dataset), classes "
+               "'A,B,...' or groupings 'NAME=A,B NAME=C,...'")
+
+
 def get_task(name: str | Task) -> Task:
-    """The task called ``name`` (a :class:`Task` is returned as is); TaskError if unknown."""
+    """The reference task called ``name`` (a :class:`Task` is returned as is); TaskError if unknown."""
     if isinstance(name, Task):
         return name
     try:
         return TASKS[name]
     except KeyError:
-        raise TaskError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}") from None
+        raise TaskError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}; for other classes "
+                        f"write {TASK_SYNTAX}") from None
+
+
+def resolve_task(spec: str | Task | None = None, class_names: Sequence[str] | None = None,
+                 labels: Sequence[int] | np.ndarray | None = None, *,
+                 classes: str | Sequence[str] | None = None) -> Task:
+    """The task meant by ``spec`` (or by ``classes``) on a dataset with ``class_names``.
+
+    Parameters
+    ----------
+    spec : str, Task or None
+        A reference task name, ``"all"``, ``"A,B,..."`` or ``"NAME=A,B NAME=C,..."`` (see the module
+        docstring); None: ``five_class`` when the dataset has maps of all five reference classes (or no
+        dataset is given), else ``"all"``.
+    class_names, labels : optional
+        The dataset's class names and per-map label ids; needed for ``"all"`` (classes without maps are
+        left out when ``labels`` is given).
+    classes : str or sequence of str, optional
+        The task's classes, one task class each (instead of ``spec``).
+
+    Returns
+    -------
+    Task
+
+    Raises
+    ------
+    TaskError
+        Unknown or malformed task, fewer than two classes, a class in two groups, or both ``spec`` and
+        ``classes`` given.
+    """
+    if classes is not None:
+        if spec is not None:
+            raise TaskError("give either a task or its classes, not both")
+        return _class_list_task(_split_names(classes) if isinstance(classes, str) else list(classes))
+    if isinstance(spec, Task):
+        return _checked(spec)
+    present = _present_names(class_names, labels)
+    if spec is None or not str(spec).strip():
+        fits = present is None or all(any(class_key(n) == c for n in present) for c in CANONICAL_CLASSES)
+        spec = "five_class" if fits else ALL
+        log.info("task: %s (%s)", spec, "the reference classes are present" if fits else
+                 "the dataset lacks some reference classes")
+    spec = str(spec).strip()
+    if spec in TASKS:
+        return TASKS[spec]
+    if spec == ALL:
+        if present is None:
+            raise TaskError(f"task {ALL!r} needs the dataset's class names")
+        return _checked(Task(ALL, tuple(present), {c: (c,) for c in present}))
+    if "=" in spec:
+        return _grouping_task(spec)
+    if "," in spec:
+        return _class_list_task(_split_names(spec))
+    raise TaskError(f"unknown task {spec!r}; write {TASK_SYNTAX}")
+
+
+def task_slug(spec: str | Task) -> str:
+    """File-name-safe name of a task as written (``"PC3,PNT1A"`` -> ``PC3_vs_PNT1A``; a reference task name
+    or ``"all"`` as it is): what run folders of a task are called."""
+    if isinstance(spec, Task):
+        return spec.name
+    spec = str(spec).strip()
+    return spec if re.fullmatch(r"[A-Za-z0-9_.+-]+", spec) else resolve_task(spec).name
+
+
+def default_tasks(class_names: Sequence[str], labels=None) -> list[str]:
+    """The reference tasks whose classes all have maps in a dataset, or ``["all"]`` when none fits."""
+    fits = []
+    for name, task in TASKS.items():
+        try:
+            task_targets(class_names, np.arange(len(class_names)) if labels is None else labels, task)
+        except TaskError:
+            continue
+        fits.append(name)
+    return fits or [ALL]
+
+
+def task_name(classes: Sequence[str]) -> str:
+    """File-name-safe task name made of its class names: ``PC3_vs_PNT1A``."""
+    return "_vs_".join(re.sub(r"[^A-Za-z0-9.+-]+", "-", str(c)).strip("-") or "class" for c in classes)
+
+
+def _split_names(text: str) -> list[str]:
+    return [part.strip() for part in str(text).split(",") if part.strip()]
+
+
+def _class_list_task(classes: Sequence[str]) -> Task:
+    classes = tuple(str(c).strip() for c in classes)
+    return _checked(Task(task_name(classes), classes, {c: (c,) for c in classes}))
+
+
+def _grouping_task(spec: str) -> Task:
+    """Task of ``"NAME=A,B NAME=C"`` (or ``;``-separated groupings)."""
+    parts = [p.strip() for p in (spec.split(";") if ";" in spec else spec.split())]
+    members = {}
+    for part in filter(None, parts):
+        name, sep, names = part.partition("=")
+        if not sep or not name.strip() or not _split_names(names):
+            raise TaskError(f"cannot read {part!r} in task {spec!r}: write each task class as NAME=A,B "
+                            "(no spaces around '=' and ','; separate groupings by ';' if names hold spaces)")
+        if name.strip() in members:
+            raise TaskError(f"task class {name.strip()!r} is defined twice in {spec!r}")
+        members[name.strip()] = tuple(_split_names(names))
+    classes = tuple(members)
+    return _checked(Task(task_name(classes), classes, members))
+
+
+def _checked(task: Task) -> Task:
+    """``task`` if it has two or more classes, each with members, and no class in two groups."""
+    if len(task.classes) < 2 or len(set(task.classes)) != len(task.classes):
+        raise TaskError(f"task {task.name!r} needs at least two distinct classes, got {list(task.classes)}")
+    seen: dict[str, str] = {}
+    for cls in task.classes:
+        if not task.members.get(cls):
+            raise TaskError(f"task class {cls!r} of task {task.name!r} has no member classes")
+        for member in task.members[cls]:
+            key = class_key(member)
+            if key in seen and seen[key] != cls:
+                raise TaskError(f"class {member!r} is in two task classes ({seen[key]!r} and {cls!r}) of "
+                                f"task {task.name!r}; put it in one")
+            seen[key] = cls
+    return task
+
+
+def _present_names(class_names, labels) -> list[str] | None:
+    """Dataset class names that have maps (all names when ``labels`` is None), or None without names."""
+    if class_names is None:
+        return None
+    names = [str(c) for c in class_names]
+    if labels is None:
+        return names
+    counts = np.bincount(np.asarray(labels, dtype=np.int64).reshape(-1), minlength=len(names))
+    return [n for n, c in zip(names, counts, strict=False) if c > 0]
 
 
 def _normalise(name: str) -> str:
@@ -111,12 +276,18 @@ def canonical_class(name: str) -> str | None:
     return _ALIASES.get(key[:-1]) if key.endswith("s") else None
 
 
-def _canonical_ids(class_names: Sequence[str]) -> dict[str, int]:
-    """Canonical class -> dataset label id; TaskError if two dataset classes map to one class."""
+def class_key(name: str) -> str:
+    """What a class name is matched by: its reference class if it is one (:func:`canonical_class`), else
+    its normalised spelling ('PC-3 cells' -> 'pc3')."""
+    return canonical_class(name) or _normalise(name)
+
+
+def _class_ids(class_names: Sequence[str]) -> dict[str, int]:
+    """Class key -> dataset label id; TaskError if two dataset classes have one key."""
     ids: dict[str, int] = {}
     for i, name in enumerate(class_names):
-        canon = canonical_class(name)
-        if canon is None:
+        canon = class_key(name)
+        if not canon:
             continue
         if canon in ids:
             raise TaskError(
@@ -148,24 +319,26 @@ def task_targets(
     if labels.size and (labels.min() < 0 or labels.max() >= len(class_names)):
         raise TaskError(f"labels must lie in [0, {len(class_names)}); got {labels.min()}..{labels.max()}")
     counts = np.bincount(labels, minlength=len(class_names))
-    ids = {c: i for c, i in _canonical_ids(class_names).items() if counts[i] > 0}
+    ids = {c: i for c, i in _class_ids(class_names).items() if counts[i] > 0}
 
-    missing = [cls for cls in task.classes if not any(m in ids for m in task.members[cls])]
+    missing = [cls for cls in task.classes if not any(class_key(m) in ids for m in task.members[cls])]
     if missing:
-        needs = "; ".join(f"{cls} = {' or '.join(task.members[cls])}" for cls in missing)
+        needs = "; ".join(cls if task.members[cls] == (cls,) else f"{cls} = {' or '.join(task.members[cls])}"
+                          for cls in missing)
         raise TaskError(
-            f"task {task.name!r} needs classes missing from the dataset: {needs}. "
-            f"Classes present: {_present(class_names, counts)}"
+            f"task {task.name!r} needs classes missing from the dataset (no maps of a class named like "
+            f"these): {needs}. Classes present: {_present(class_names, counts)}. Choose classes present "
+            f"(--task all, or --classes A,B)"
         )
-    partial = [m for m in task.canonical if m not in ids]
+    partial = [m for m in task.canonical if class_key(m) not in ids]
     if partial:
         log.warning("task %s: no maps of %s; using the classes present", task.name, ", ".join(partial))
 
     lookup = np.full(len(class_names), -1, dtype=np.int64)
     for y, cls in enumerate(task.classes):
         for member in task.members[cls]:
-            if member in ids:
-                lookup[ids[member]] = y
+            if class_key(member) in ids:
+                lookup[ids[class_key(member)]] = y
     unused = [class_names[i] for i in range(len(class_names)) if lookup[i] < 0 and counts[i] > 0]
     if unused:
         log.info("task %s leaves out maps of classes: %s", task.name, ", ".join(unused))

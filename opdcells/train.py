@@ -38,8 +38,8 @@ from .dataset import open_dataset
 from .errors import DatasetError, OPDCellsError
 from .evaluate import classification_report
 from .pipeline import AugmentConfig, dihedral_views, make_tf_dataset
-from .splits import Split, group_split
-from .tasks import Task, TaskError, canonical_class, get_task, task_targets
+from .splits import Split, group_split, named_split
+from .tasks import Task, TaskError, class_key, resolve_task, task_targets
 
 log = logging.getLogger(__name__)
 
@@ -211,12 +211,20 @@ def task_labels(dataset, task: Task) -> np.ndarray:
     return y_all
 
 
-def make_split(dataset, task: Task, *, seed: int = 0, test_size: float = 0.2,
-               val_size: float = 0.15) -> Split:
-    """Group split (``splits.group_split``) of the task's maps, as indices into the dataset."""
+def make_split(dataset, task: Task, *, seed: int = 0, test_size: float = 0.2, val_size: float = 0.15,
+               test_groups=None, val_groups=None) -> Split:
+    """Group split of the task's maps, as indices into the dataset: ``splits.group_split`` with the
+    fractions, or ``splits.named_split`` when ``test_groups`` (and optionally ``val_groups``) are named."""
     y_all = task_labels(dataset, task)
     idx = np.flatnonzero(y_all >= 0)
-    part = group_split(y_all[idx], dataset.groups[idx], test_size=test_size, val_size=val_size, seed=seed)
+    if test_groups:
+        part = named_split(y_all[idx], dataset.groups[idx], test_groups, val_groups or (), val_size=val_size,
+                           seed=seed)
+    elif val_groups:
+        raise ValueError("--val-groups needs --test-groups (name the test groups too)")
+    else:
+        part = group_split(y_all[idx], dataset.groups[idx], test_size=test_size, val_size=val_size,
+                           seed=seed)
     return Split(idx[part.train], idx[part.val], idx[part.test], seed=part.seed, groups=part.groups)
 
 
@@ -436,6 +444,13 @@ class SavedModel:
         return list(self.config["class_names"])
 
     @property
+    def task(self) -> Task:
+        """The model's task: config ``task_definition`` (names, grouping, label ids), or for models saved
+        before it was stored, the reference task named by config ``task``."""
+        definition = self.config.get("task_definition")
+        return Task.from_dict(definition) if definition else resolve_task(self.config["task"])
+
+    @property
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.config["input_shape"])
 
@@ -512,7 +527,7 @@ class SavedModel:
                                             f"{cfg['out_size']} px; {fix}")
             if need_classes:
                 try:
-                    task_targets(ds.class_names, ds.labels, self.config["task"])
+                    task_targets(ds.class_names, ds.labels, self.task)
                 except TaskError as exc:
                     raise TaskError(f"{ds.path}: does not fit model {self.name}: {exc}") from None
 
@@ -589,10 +604,11 @@ def _positive_class(class_names) -> str | None:
 def evaluate_model(model: SavedModel, dataset, indices=None, *, batch_size: int = 64, n_boot: int = 1000,
                    seed: int = 0, tta: bool | None = None) -> Evaluation:
     """Evaluate on maps ``indices`` of ``dataset`` (default: every map of the model's task classes);
-    ``tta`` as in :meth:`SavedModel.predict_proba`."""
+    ``tta`` as in :meth:`SavedModel.predict_proba`. Confidence intervals resample the maps' acquisition
+    groups (``evaluate.classification_report``); too few test groups per class are warned about."""
     with _opened(dataset) as ds:
         model.check_dataset(ds)
-        y_all = task_labels(ds, get_task(model.config["task"]))
+        y_all = task_labels(ds, model.task)
         if indices is None:
             indices = np.flatnonzero(y_all >= 0)
         indices = np.asarray(indices, dtype=np.int64)
@@ -603,7 +619,10 @@ def evaluate_model(model: SavedModel, dataset, indices=None, *, batch_size: int 
         proba = model.predict_dataset(ds, indices, batch_size=batch_size, tta=tta)
         y_true = y_all[indices]
         report = classification_report(y_true, proba, model.class_names, n_boot=n_boot, seed=seed,
-                                       positive_class=_positive_class(model.class_names))
+                                       positive_class=_positive_class(model.class_names),
+                                       groups=ds.groups[indices])
+        for warning in report["warnings"]:
+            log.warning("%s: %s", model.name, warning)
         report["test_time_augmentation"] = TTA_DIHEDRAL if model.uses_tta(tta) else None
         return Evaluation(report, indices, y_true, proba, model.class_names)
 
@@ -720,7 +739,8 @@ def _versions() -> dict:
 def _class_members(task: Task, dataset_class_names) -> dict[str, list[str]]:
     """Task class -> the dataset class names that map to it."""
     names = [str(c) for c in dataset_class_names]
-    return {cls: [n for n in names if canonical_class(n) in task.members[cls]] for cls in task.classes}
+    return {cls: [n for n in names if class_key(n) in {class_key(m) for m in task.members[cls]}]
+            for cls in task.classes}
 
 
 def _best_epoch(history: dict) -> int | None:
@@ -741,6 +761,7 @@ def _make_config(*, name, settings: Settings, task: Task, dataset, split: Split,
         "weights": settings.weights,
         "model_info": info,
         "task": task.name,
+        "task_definition": task.to_dict(),
         "class_names": list(task.classes),
         "class_members": _class_members(task, dataset.class_names),
         "dataset_class_names": [str(c) for c in dataset.class_names],
@@ -767,6 +788,17 @@ def _make_config(*, name, settings: Settings, task: Task, dataset, split: Split,
         "test_time_augmentation": TTA_DIHEDRAL if settings.tta else None,
         "versions": _versions(),
     }
+
+
+def baseline_summary(dataset, y_all, split: Split, task: Task, *, n_boot: int = 1000, seed: int = 0) -> dict:
+    """Headline metrics (with CIs) of the baselines (``opdcells.baselines``) on the split's test maps,
+    fit on its training maps: what the model's figures are to be read against."""
+    from .baselines import baseline_reports
+    from .evaluate import HEADLINE
+
+    reports = baseline_reports(dataset, y_all, split, list(task.classes), n_boot=n_boot, seed=seed,
+                               positive_class=_positive_class(list(task.classes)))
+    return {name: {key: report[key] for key in HEADLINE} for name, report in reports.items()}
 
 
 def _write_json(path: Path, data) -> None:
@@ -847,7 +879,54 @@ def _create_learner(settings: Settings, dataset, split: Split, n_classes: int):
     norm = _normalisation(settings, dataset, split)
     log.info("normalisation scale %.1f nm (%s)", norm["norm_scale_nm"], norm["method"])
     size = dataset.out_size
-    return _KerasLearner.create(settings, n_classes, (size, size, 1), norm["norm_scale_nm"]), norm
+    learner = _KerasLearner.create(settings, n_classes, (size, size, 1), norm["norm_scale_nm"])
+    from .models import saved_encoder_config
+
+    saved = saved_encoder_config(settings.model, settings.weights)
+    warning = geometry_warning(saved, dataset.pixel_size_um, size, settings.input_size,
+                               f"the {settings.model} encoder ({settings.weights})")
+    if warning:
+        log.warning("%s", warning)
+        learner.info["geometry_warning"] = warning   # recorded in config.json's model_info
+    return learner, norm
+
+
+def geometry_warning(encoder_config: dict | None, pixel_size_um: float, out_size: int,
+                     input_size: int | None = None, what: str = "the pretrained encoder") -> str | None:
+    """A loud sentence when a pretrained encoder is used at another pixel size or window than it was
+    pretrained at, or None when they match (or the encoder config does not say).
+
+    The model resizes its maps to ``input_size``, so what the encoder sees is the window (map side in um)
+    per input pixel: another window makes cells look bigger or smaller to it; the same window at a
+    coarser pixel size keeps their size but loses detail.
+
+    Parameters
+    ----------
+    encoder_config : dict or None
+        The encoder folder's config.json (``models.saved_encoder_config``): ``pixel_size_um``,
+        ``out_size``, ``input_size``.
+    pixel_size_um, out_size : float, int
+        The maps it is used on.
+    input_size : int, optional
+        The side the model resizes them to (default: the encoder's own).
+    what : str
+        How to name the encoder in the sentence.
+    """
+    if not encoder_config or not encoder_config.get("pixel_size_um") or not encoder_config.get("out_size"):
+        return None
+    px0, size0 = float(encoder_config["pixel_size_um"]), int(encoder_config["out_size"])
+    input0 = int(encoder_config.get("input_size") or size0)
+    input_size = int(input_size or input0)
+    if math.isclose(px0, pixel_size_um, rel_tol=1e-3) and size0 == int(out_size):
+        return None
+    scale = (size0 * px0 / input0) / (out_size * pixel_size_um / input_size)   # apparent size ratio
+    same_size = math.isclose(scale, 1, rel_tol=1e-3)
+    effect = ("cells keep their size but are sampled at another pixel size" if same_size
+              else f"cells look {scale:.2g}x the size it learnt them at")
+    return (f"{what} was pretrained on {size0} px maps at {px0:g} um/px (a {size0 * px0:g} um window) but is "
+            f"used on {out_size} px maps at {pixel_size_um:g} um/px (a {out_size * pixel_size_um:g} um "
+            f"window): {effect}, so its features may not apply; to use it as pretrained, ingest the exports "
+            f"at its geometry (load_data.py --out-pixel-size-um {px0:g} --out-size {size0})")
 
 
 def _normalisation(settings: Settings, dataset, split: Split) -> dict:
@@ -874,15 +953,23 @@ def _write_model_folder(folder: Path, learner, config: dict, history: dict, spli
     split.to_json(folder / "split.json")
 
 
-def train(data, model: str = "mobilenetv2", task: str = "five_class", out=None, *, epochs: int | None = None,
-          input_size: int | None = None, seed: int = 0, profile: str = "quick", weights: str = "none",
+def train(data, model: str = "mobilenetv2", task: str | Task | None = None, out=None, *,
+          epochs: int | None = None, input_size: int | None = None, seed: int = 0, profile: str = "quick",
+          weights: str = "none",
           batch_size: int | None = None, learning_rate: float | None = None, patience: int | None = None,
           augment: AugmentConfig | None = DEFAULT_AUGMENT, split_seed: int | None = None,
-          test_size: float = 0.2, val_size: float = 0.15, split: Split | None = None, train_indices=None,
+          test_size: float = 0.2, val_size: float = 0.15, test_groups=None, val_groups=None,
+          split: Split | None = None, train_indices=None,
           head_epochs: int | None = None, freeze_batchnorm: bool | None = None, tta: bool | None = None,
           model_kw: dict | None = None, verbose=0, n_boot: int = 1000) -> TrainResult:
     """Train ``model`` (an architecture of ``opdcells.models`` or ``"features"``) for ``task`` on the
     dataset ``data``; write the model folder ``out`` (default ``saved_models/<model>_<task>``).
+
+    ``task``: a :class:`~opdcells.tasks.Task` or what :func:`opdcells.tasks.resolve_task` reads (a
+    reference task, "all", "A,B" or "NAME=A,B NAME=C"; None: five_class when the dataset has the five
+    reference classes, else every class); the resolved task is stored in config.json
+    (``task_definition``). ``test_groups``/``val_groups`` name the acquisition groups of the test and
+    validation parts (else ``test_size``/``val_size`` fractions of whole groups).
 
     The group split (``split_seed``, default ``seed``) keeps every acquisition group in one part;
     the normalisation scale is a pretrained encoder's own, otherwise estimated on the training maps;
@@ -906,16 +993,17 @@ def train(data, model: str = "mobilenetv2", task: str = "five_class", out=None, 
                                 learning_rate=learning_rate, patience=patience, weights=weights, seed=seed,
                                 model_kw=model_kw, augment=augment, head_epochs=head_epochs,
                                 freeze_batchnorm=freeze_batchnorm, tta=tta)
-    task = get_task(task)
     split_seed = seed if split_seed is None else int(split_seed)
     keras.utils.set_random_seed(seed)
     with _opened(data) as ds:
+        task = resolve_task(task, ds.class_names, ds.labels)
         y_all = task_labels(ds, task)
         if split is not None:   # the caller's split: record its own seed, not sizes it was not made with
             split = _checked_split(ds, y_all, split)
             split_seed, test_size, val_size = split.seed, None, None
         else:
-            split = make_split(ds, task, seed=split_seed, test_size=test_size, val_size=val_size)
+            split = make_split(ds, task, seed=split_seed, test_size=test_size, val_size=val_size,
+                               test_groups=test_groups, val_groups=val_groups)
         n_train_full = len(split.train)
         if train_indices is not None:
             split = labelled_subset(split, train_indices, ds.groups)
@@ -935,6 +1023,10 @@ def train(data, model: str = "mobilenetv2", task: str = "five_class", out=None, 
             _write_model_folder(folder, learner, config, history, split)
             evaluation = evaluate_model(SavedModel(folder, config, learner), ds, split.test, n_boot=n_boot,
                                         seed=seed)
+            if learner.info.get("geometry_warning"):
+                evaluation.report["warnings"].append(learner.info["geometry_warning"])
+            evaluation.report["baselines"] = baseline_summary(ds, y_all, split, task, n_boot=n_boot,
+                                                              seed=seed)
             _write_json(folder / "metrics.json", evaluation.report)
     log.info("saved %s (test accuracy %.3f)", out, evaluation.report["accuracy"]["value"])
     return TrainResult(out, history, evaluation.report, config, SavedModel(out, config, learner), evaluation)

@@ -31,7 +31,7 @@ from . import plots
 from .dataset import open_dataset
 from .evaluate import classification_report, flatten_report, write_table
 from .splits import Split, subsample_labelled
-from .tasks import get_task
+from .tasks import resolve_task, task_slug
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ def preprocess_config_of(ds):
 
 def run_dir(saved_models, name: str, model: str, task: str) -> Path:
     """Folder ``experiments.compare_models`` writes the run of ``model`` on ``task`` to."""
-    return Path(saved_models) / f"{name}_{model}_{task}"
+    return Path(saved_models) / f"{name}_{model}_{task_slug(task)}"
 
 
 def task_split(ds, task: str, *, saved_models="saved_models", name="opd_dinov2", models=(), seed=0
@@ -86,7 +86,8 @@ def task_split(ds, task: str, *, saved_models="saved_models", name="opd_dinov2",
             if config.get("dataset", {}).get("fingerprint") == ds.fingerprint:
                 return Split.from_json(folder / "split.json"), str(folder / "split.json")
             log.warning("%s was trained on another dataset; not using its split", folder)
-    return make_split(ds, get_task(task), seed=seed), f"train.make_split(seed={seed})"
+    return (make_split(ds, resolve_task(task, ds.class_names, ds.labels), seed=seed),
+            f"train.make_split(seed={seed})")
 
 
 # ---------------------------------------------------------------------- encoders
@@ -129,7 +130,7 @@ class Encoders:
         (used only when the encoder is random-init and has BatchNormalization layers)."""
         from .models import DEFAULT_NORM_SCALE_NM, batch_norm_layers, build_encoder, saved_encoder_config
         from .pretrain import recalibrate_batchnorm
-        from .train import PROFILES
+        from .train import PROFILES, geometry_warning
 
         if model not in self._built:
             p = PROFILES[self.profile]
@@ -149,6 +150,11 @@ class Encoders:
                                           input_size=int(size), weights=weights, norm_scale_nm=float(norm),
                                           seed=self.seed, **kw)
             info["has_batchnorm"] = bool(batch_norm_layers(encoder))
+            warning = geometry_warning(saved, self.ds.pixel_size_um, self.ds.out_size, int(size),
+                                       f"the {model} encoder")
+            if warning:
+                log.warning("%s", warning)
+                info["geometry_warning"] = warning
             self._built[model] = (encoder, info)
             self.infos[model] = info
         encoder, info = self._built[model]
@@ -219,12 +225,14 @@ def init_table(encoders: Encoders, models, comparison=None) -> pd.DataFrame:
 def _task_labels(ds, task):
     from .train import task_labels
 
-    return task_labels(ds, get_task(task))
+    return task_labels(ds, resolve_task(task, ds.class_names, ds.labels))
 
 
-def _metrics(y_true, pred, class_names, n_boot, seed) -> dict:
+def _metrics(y_true, pred, class_names, n_boot, seed, groups=None) -> dict:
+    """Headline metric columns; CIs resample the maps' acquisition ``groups`` when given."""
     proba = np.eye(len(class_names))[pred]
-    row = flatten_report(classification_report(y_true, proba, class_names, n_boot=n_boot, seed=seed))
+    row = flatten_report(classification_report(y_true, proba, class_names, n_boot=n_boot, seed=seed,
+                                               groups=groups))
     return {k: row[k] for k in METRIC_COLUMNS}
 
 
@@ -261,7 +269,7 @@ def frozen_probes(encoders: Encoders, tasks, models, *, comparison=None, name="o
     for task in tasks:
         split, source = task_split(ds, task, saved_models=saved_models, name=name, models=models, seed=seed)
         splits[task] = (split, source)
-        y_all, names = _task_labels(ds, task), list(get_task(task).classes)
+        y_all, names = _task_labels(ds, task), list(resolve_task(task, ds.class_names, ds.labels).classes)
         for model in models:
             emb = encoders.embeddings(model, calibration=split.train)
             init = encoders.infos.get(model, {}).get("init")
@@ -269,7 +277,7 @@ def frozen_probes(encoders: Encoders, tasks, models, *, comparison=None, name="o
                 tr, te = split.train, split.test
                 pred = _probe(emb[tr], y_all[tr], emb[te], y_all[te], method)
                 rows.append({"task": task, "model": model, "method": label, "init": init,
-                             **_metrics(y_all[split.test], pred, names, n_boot, seed),
+                             **_metrics(y_all[split.test], pred, names, n_boot, seed, ds.groups[split.test]),
                              "n_train": len(split.train), "n_test": len(split.test), "split": source})
             if comparison is not None and (task, model) in comparison.runs:
                 run = comparison.runs[(task, model)]
@@ -277,6 +285,7 @@ def frozen_probes(encoders: Encoders, tasks, models, *, comparison=None, name="o
                              **{k: flatten_report(run.metrics)[k] for k in METRIC_COLUMNS},
                              "n_train": len(split.train), "n_test": run.metrics["n"],
                              "split": str(run.model_dir / "split.json")})
+        rows += _baseline_probe_rows(ds, task, split, source, y_all, names, n_boot, seed)
     table = pd.DataFrame(rows)
     out = Path(results) / name
     csv_path, md_path = write_table(table.drop(columns="split"), out / "probes")
@@ -286,6 +295,17 @@ def frozen_probes(encoders: Encoders, tasks, models, *, comparison=None, name="o
         files["accuracy"] = plots.accuracy_bars(bars, out / "probes_accuracy.png", bar="bar",
                                                 title="Frozen probes vs fine-tuning: test accuracy (95% CI)")
     return ProbeResult(table, splits, files)
+
+
+def _baseline_probe_rows(ds, task, split, source, y_all, names, n_boot, seed) -> list[dict]:
+    """Rows of the baselines (``opdcells.baselines``) on the task's split, beside the probes."""
+    from .baselines import baseline_proba
+
+    probas = baseline_proba(ds, y_all, split.train, split.test, len(names), seed=seed)
+    return [{"task": task, "model": baseline, "method": "baseline", "init": "baseline",
+             **_metrics(y_all[split.test], proba.argmax(axis=1), names, n_boot, seed, ds.groups[split.test]),
+             "n_train": len(split.train), "n_test": len(split.test), "split": source}
+            for baseline, proba in probas.items()]
 
 
 # ---------------------------------------------------------------------- label efficiency
@@ -300,9 +320,10 @@ def finetune_subset(ds, model: str, task: str, split: Split, train_indices, *, p
 
     kw = {"dinov2_preset": dinov2_preset} if model == "dinov2" and dinov2_preset else None
     with tempfile.TemporaryDirectory(prefix="opdcells-finetune-") as tmp:
-        result = train(ds, model, task, Path(tmp) / f"{model}_{task}", profile=profile, epochs=epochs,
-                       input_size=input_size, seed=seed, batch_size=batch_size, weights=weights or "none",
-                       model_kw=kw, split=split, train_indices=train_indices, n_boot=0)
+        result = train(ds, model, task, Path(tmp) / f"{model}_{task_slug(task)}", profile=profile,
+                       epochs=epochs, input_size=input_size, seed=seed, batch_size=batch_size,
+                       weights=weights or "none", model_kw=kw, split=split, train_indices=train_indices,
+                       n_boot=0)
     return result.evaluation.proba.argmax(axis=1)   # rows of split.test, in order
 
 

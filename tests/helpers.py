@@ -52,23 +52,26 @@ def _session_maps(class_name: str, k: int, n: int, seed: int, config: Preprocess
 def write_tiny_dataset(path, *, classes: Sequence[str] = CLASS_NAMES, sessions_per_class: int = 3,
                        maps_per_session: int = 4, out_size: int = OUT_SIZE,
                        pixel_size_um: float = OUT_PIXEL_UM, seed: int = 0,
-                       group_scale: Mapping[str, float] | None = None) -> Path:
+                       group_scale: Mapping[str, float] | None = None,
+                       rename: Mapping[str, str] | None = None) -> Path:
     """Write a dataset of ``classes`` x ``sessions_per_class`` groups x ``maps_per_session`` maps.
 
     Groups are named ``<class>/session_<k>``; ``group_scale`` multiplies the OPD of whole groups
-    (e.g. to make test groups recognisable). Returns ``path``.
+    (e.g. to make test groups recognisable); ``rename`` labels a simulated class with another name (a
+    lab's own class names). Returns ``path``.
     """
     path = Path(path)
     config = PreprocessConfig(out_pixel_size_um=pixel_size_um, out_size=out_size)
     group_scale = dict(group_scale or {})
     with DatasetWriter(path, config) as writer:
         for class_name in classes:
+            label = (rename or {}).get(class_name, class_name)
             for k in range(1, sessions_per_class + 1):
-                group = f"{class_name}/session_{k}"
+                group = f"{label}/session_{k}"
                 scale = group_scale.get(group, 1.0)
                 sha = hashlib.sha256(f"{seed}:{group}:{scale}".encode()).hexdigest()  # stands for the content
                 maps = _session_maps(class_name, k, maps_per_session, seed, config, scale)
-                writer.add_file(f"{sha}:tiny", path=f"{group}/stack.mat", sha256=sha, label=class_name,
+                writer.add_file(f"{sha}:tiny", path=f"{group}/stack.mat", sha256=sha, label=label,
                                 group=group, maps=maps)
     return path
 

@@ -2,12 +2,24 @@
 from __future__ import annotations
 
 import logging
+import re
 
 import numpy as np
 import pytest
 
 from opdcells.errors import OPDCellsError
-from opdcells.tasks import CANONICAL_CLASSES, TASKS, Task, TaskError, canonical_class, get_task, task_targets
+from opdcells.tasks import (
+    CANONICAL_CLASSES,
+    TASKS,
+    Task,
+    TaskError,
+    canonical_class,
+    class_key,
+    default_tasks,
+    get_task,
+    resolve_task,
+    task_targets,
+)
 
 
 @pytest.mark.parametrize(
@@ -119,3 +131,58 @@ def test_custom_task_object_is_accepted():
     idx, y = task_targets(["PBMCs", "SW480"], [1, 0, 1], task)
     np.testing.assert_array_equal(idx, [0, 1, 2])
     np.testing.assert_array_equal(y, [0, 1, 0])
+
+
+# ---------------------------------------------------------------------- tasks from the data (issue 15)
+
+
+def test_resolve_task_reads_presets_all_class_lists_and_groupings():
+    assert resolve_task("cancer_vs_blood") is TASKS["cancer_vs_blood"]
+    grouped = resolve_task("tumour=PC-3,DU145 normal=PNT1A")
+    assert grouped.name == "tumour_vs_normal" and grouped.classes == ("tumour", "normal")
+    assert grouped.members == {"tumour": ("PC-3", "DU145"), "normal": ("PNT1A",)}
+    assert resolve_task("a b=X,Y; c=Z").members == {"a b": ("X", "Y"), "c": ("Z",)}   # names with spaces
+    pair = resolve_task(classes="PC3, PNT1A")
+    assert pair.name == "PC3_vs_PNT1A" and pair.members == {"PC3": ("PC3",), "PNT1A": ("PNT1A",)}
+    assert resolve_task("PC3,PNT1A") == pair
+    everything = resolve_task("all", ["PC3", "PNT1A", "empty"], [0, 1, 1])
+    assert everything.classes == ("PC3", "PNT1A")   # a class without maps is left out
+    assert Task.from_dict(grouped.to_dict()) == grouped
+    assert grouped.to_dict()["label_ids"] == {"tumour": 0, "normal": 1}
+
+
+def test_default_task_is_five_class_only_when_the_reference_classes_are_there():
+    assert resolve_task(None, list(CANONICAL_CLASSES), range(5)).name == "five_class"
+    assert resolve_task(None, ["SW-480", "SW620", "PMN", "Monocyte", "PBMC"], range(5)).name == "five_class"
+    assert resolve_task(None, ["PC3", "PNT1A"], [0, 1]).classes == ("PC3", "PNT1A")
+    assert default_tasks(["PC3", "PNT1A"], [0, 1]) == ["all"]
+    assert default_tasks(["SW480", "SW620", "PBMCs"], [0, 1, 2]) == ["cancer_vs_blood", "sw480_vs_sw620"]
+
+
+def test_lab_class_names_match_by_spelling():
+    task = resolve_task(classes="PC3,PNT1A")
+    idx, y = task_targets(["pc-3 cells", "PNT1A", "DU145"], [2, 0, 1, 0, 2], task)
+    np.testing.assert_array_equal(idx, [1, 2, 3])
+    np.testing.assert_array_equal(y, [0, 1, 0])
+    assert class_key("PC-3 cells") == class_key("pc3") and class_key("PMN") == "granulocytes"
+
+
+@pytest.mark.parametrize(("spec", "words"), [
+    ("three_class", "unknown task 'three_class'"),
+    ("tumour=PC3 normal", "cannot read 'normal'"),
+    ("a=PC3 b=PC3,PNT1A", "'PC3' is in two task classes"),
+    ("a=PC3 a=PNT1A", "defined twice"),
+    ("PC3", "unknown task 'PC3'"),
+    ("PC3,", "at least two distinct classes"),
+])
+def test_malformed_tasks_say_what_is_wrong(spec, words):
+    with pytest.raises(TaskError, match=re.escape(words)):
+        resolve_task(spec)
+
+
+def test_missing_lab_class_is_named_plainly():
+    with pytest.raises(TaskError) as err:
+        task_targets(["PC3", "debris"], [0, 1], resolve_task(classes="PC3,PNT1A"))
+    message = str(err.value)
+    assert "needs classes missing from the dataset" in message and ": PNT1A." in message
+    assert "Classes present: PC3 (1 maps), debris (1 maps)" in message and "--classes" in message

@@ -71,8 +71,8 @@ def test_frozen_probes_use_the_saved_runs_split(encoders, saved_run, tmp_path):
                                     results=tmp_path, n_boot=20)
     table = result.table
     stored = Split.from_json(transfer.run_dir(saved_run, NAME, "features", "five_class") / "split.json")
-    assert set(table["model"]) == set(MODELS)
-    assert set(table["method"]) == {"frozen linear probe", "frozen 5-NN"}
+    assert set(table["model"]) == set(MODELS) | {"majority class", "logistic (dry mass, area)"}
+    assert set(table["method"]) == {"frozen linear probe", "frozen 5-NN", "baseline"}   # baselines beside
     assert (table["n_test"] == len(stored.test)).all() and (table["n_train"] == len(stored.train)).all()
     assert table["split"].str.endswith("split.json").all()
     assert table["accuracy"].between(0, 1).all()

@@ -1,0 +1,219 @@
+"""Group k-fold cross-validation: every acquisition group is left out once, so every map gets exactly one
+test prediction from a model that never saw its group.
+
+With few acquisition groups (three fields per class) a single held-out split tests one or two fields and
+says little; leaving groups out in turn uses every field as test data once. Folds come from
+scikit-learn's ``StratifiedGroupKFold`` (seeded). Each fold trains a model folder with
+:func:`opdcells.train.train` on the fold's own split; the baselines (``opdcells.baselines``) are fit on
+the same training maps. The pooled out-of-fold predictions get one report per model (intervals from the
+cluster bootstrap over groups), beside the per-fold figures.
+
+Written to ``out``: ``fold_<i>/`` model folders, ``cv_table.csv/.md`` (pooled, model and baselines),
+``cv_folds.csv/.md`` (per fold), ``cv_predictions.csv`` (one row per map), ``cv_folds.png`` (per-fold
+balanced accuracy) and ``cv_confusion_<model>.png`` (pooled confusion matrices).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import StratifiedGroupKFold
+
+from . import plots
+from .baselines import baseline_proba
+from .evaluate import classification_report, comparison_table, write_table
+from .splits import Split, group_split
+from .tasks import Task, resolve_task
+
+log = logging.getLogger(__name__)
+
+__all__ = ["CrossValidation", "group_folds", "fold_splits", "cross_validate", "cross_validate_models"]
+
+
+@dataclass
+class CrossValidation:
+    """What :func:`cross_validate` made.
+
+    table: pooled out-of-fold report per model and baseline (one row each); folds: one row per fold and
+    model; predictions: one row per map (fold, group, true class, predicted class per model);
+    reports: model name -> pooled ``classification_report``; files: name -> Path.
+    """
+
+    task: Task
+    table: pd.DataFrame
+    folds: pd.DataFrame
+    predictions: pd.DataFrame
+    reports: dict = field(default_factory=dict)
+    files: dict = field(default_factory=dict)
+
+
+def group_folds(y, groups, k: int, *, seed: int = 0) -> list[np.ndarray]:
+    """Test indices of ``k`` folds of whole acquisition groups, stratified by class (every map once).
+
+    Raises ValueError (one line) when there are fewer groups than folds; warns when a class has fewer
+    groups than folds (some folds then test no map of it).
+    """
+    y, groups = np.asarray(y), np.asarray(groups).astype(str)
+    n_groups = np.unique(groups).size
+    if k < 2 or k > n_groups:
+        raise ValueError(f"--cv {k}: group k-fold needs 2 <= K <= the number of acquisition groups "
+                         f"({n_groups}); choose K <= {n_groups}")
+    fewest = min(np.unique(groups[y == c]).size for c in np.unique(y))
+    if fewest < k:
+        log.warning("a class has only %d acquisition groups for %d folds: some folds test none of its maps",
+                    fewest, k)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
+        folds = StratifiedGroupKFold(k, shuffle=True, random_state=seed).split(np.zeros(y.size), y, groups)
+        return [np.sort(test) for _, test in folds]
+
+
+def fold_splits(y, groups, k: int, *, seed: int = 0, val_size: float = 0.0) -> list[Split]:
+    """One :class:`Split` per fold (indices into ``y``): the fold's groups are the test part; with
+    ``val_size`` > 0 whole training groups holding about that fraction of the training maps validate."""
+    y, groups = np.asarray(y), np.asarray(groups).astype(str)
+    splits = []
+    for i, test in enumerate(group_folds(y, groups, k, seed=seed)):
+        train = np.setdiff1d(np.arange(y.size), test)
+        val = np.array([], dtype=np.int64)
+        if val_size > 0 and np.unique(groups[train]).size >= 2:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                inner = group_split(y[train], groups[train], test_size=val_size, val_size=0.0, seed=seed + i)
+            val, train = train[inner.test], train[inner.train]
+        parts = {"train": train, "val": val, "test": test}
+        splits.append(Split(**parts, seed=seed,
+                            groups={name: sorted(set(groups[v].tolist())) for name, v in parts.items()}))
+    return splits
+
+
+def cross_validate(data, model: str = "features", task=None, k: int = 5, *, seed: int = 0,
+                   val_size: float = 0.0, out=None, n_boot: int = 1000, **train_kw) -> CrossValidation:
+    """Group k-fold cross-validation of ``model`` on ``task``, beside the baselines.
+
+    Parameters
+    ----------
+    data : path or OPDDataset
+        The dataset.
+    model : str
+        An architecture of ``opdcells.models`` or ``"features"``.
+    task : str, Task or None
+        As :func:`opdcells.tasks.resolve_task` reads it.
+    k : int
+        Number of folds (at most the number of acquisition groups).
+    seed : int
+        Seed of the folds and of training.
+    val_size : float
+        Fraction of each fold's training maps (whole groups) used for early stopping; 0: none.
+    out : path, optional
+        Folder of the fold models, tables and figures (default ``saved_models/cv_<model>_<task>``).
+    n_boot : int
+        Bootstrap resamples of the pooled intervals (per-fold reports use fewer).
+    **train_kw
+        Passed to :func:`opdcells.train.train` (epochs, profile, weights, ...).
+
+    Returns
+    -------
+    CrossValidation
+    """
+    from .train import MODEL_ROOTS, _opened, task_labels, train
+
+    with _opened(data) as ds:
+        task = resolve_task(task, ds.class_names, ds.labels)
+        names = list(task.classes)
+        out = Path(out) if out is not None else MODEL_ROOTS[0] / f"cv_{model}_{task.name}"
+        y_all = task_labels(ds, task)
+        idx = np.flatnonzero(y_all >= 0)
+        groups = np.asarray(ds.groups).astype(str)
+        folds = fold_splits(y_all[idx], groups[idx], k, seed=seed, val_size=val_size)
+        proba = {name: np.zeros((idx.size, len(names))) for name in (model, *_baseline_names())}
+        fold_of = np.zeros(idx.size, dtype=np.int64)
+        fold_rows = []
+        for i, part in enumerate(folds, start=1):
+            split = Split(idx[part.train], idx[part.val], idx[part.test], seed=seed, groups=part.groups)
+            log.info("fold %d/%d: test groups %s", i, k, ", ".join(part.groups["test"]))
+            with _without_few_groups_warnings():   # said once below, for the pooled predictions
+                result = train(ds, model, task, out / f"fold_{i}", split=split, seed=seed,
+                               n_boot=min(n_boot, 200), **train_kw)
+            fold_proba = {model: result.evaluation.proba,
+                          **baseline_proba(ds, y_all, split.train, split.test, len(names), seed=seed)}
+            for name, p in fold_proba.items():
+                proba[name][part.test] = p
+                report = classification_report(y_all[split.test], p, names, n_boot=0)
+                fold_rows.append({"fold": i, "model": name, "test_groups": ", ".join(part.groups["test"]),
+                                  "report": report})
+            fold_of[part.test] = i
+        reports = {name: classification_report(y_all[idx], p, names, n_boot=n_boot, seed=seed,
+                                               groups=groups[idx]) for name, p in proba.items()}
+        for warning in reports[model]["warnings"]:
+            log.warning("cross-validation: %s", warning)
+        predictions = pd.DataFrame({"dataset_index": idx, "fold": fold_of, "group": groups[idx],
+                                    "source_file": np.asarray(ds.source_file)[idx],
+                                    "true": [names[c] for c in y_all[idx]],
+                                    **{f"predicted ({name})": [names[c] for c in p.argmax(axis=1)]
+                                       for name, p in proba.items()}})
+    table = comparison_table([{"task": task.name, "model": name, "folds": k, "report": r}
+                              for name, r in reports.items()])
+    fold_table = comparison_table(fold_rows)
+    keep = [c for c in fold_table.columns if not c.startswith(("roc", "ece", "sensitivity", "accuracy_ci",
+                                                                  "balanced_accuracy_ci", "macro_f1_ci"))]
+    fold_table = fold_table[keep]
+    return CrossValidation(task, table, fold_table, predictions, reports,
+                           _write(out, model, task, table, fold_table, predictions, reports))
+
+
+def cross_validate_models(data, models, task=None, k: int = 5, *, out, **kw) -> tuple[pd.DataFrame, dict]:
+    """:func:`cross_validate` each of ``models`` on the same folds (into ``out/cv_<model>``); returns the
+    pooled table of every model and the baselines (written to ``out/cv_comparison.csv/.md``) and the
+    :class:`CrossValidation` of each model."""
+    out = Path(out)
+    runs = {model: cross_validate(data, model, task, k, out=out / f"cv_{model}", **kw) for model in models}
+    table = pd.concat([run.table for run in runs.values()], ignore_index=True).drop_duplicates("model")
+    write_table(table, out / "cv_comparison")
+    return table, runs
+
+
+@contextlib.contextmanager
+def _without_few_groups_warnings():
+    """Drop ``opdcells.train``'s per-model "few acquisition groups" warnings (a fold has few by design)."""
+    from .evaluate import small_study_warnings
+
+    text = small_study_warnings([0], ["g"], ["c"])[0].split("(")[0]
+
+    def keep(record: logging.LogRecord) -> bool:
+        return text not in record.getMessage()
+
+    logger = logging.getLogger("opdcells.train")
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)
+
+
+def _baseline_names() -> tuple[str, ...]:
+    from .baselines import BASELINES
+
+    return BASELINES
+
+
+def _write(out: Path, model: str, task: Task, table, fold_table, predictions, reports) -> dict[str, Path]:
+    """Tables, per-map predictions and figures of a cross-validation into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    files = dict(zip(("table_csv", "table_md"), write_table(table, out / "cv_table"), strict=True))
+    files.update(zip(("folds_csv", "folds_md"), write_table(fold_table, out / "cv_folds"), strict=True))
+    files["predictions"] = out / "cv_predictions.csv"
+    predictions.to_csv(files["predictions"], index=False)
+    files["folds_figure"] = plots.accuracy_bars(
+        fold_table.assign(fold=fold_table["fold"].map(lambda i: f"fold {i}")), out / "cv_folds.png",
+        metric="balanced_accuracy", group="fold", title=f"{task.name}: balanced accuracy per fold")
+    report = reports[model]
+    files["confusion"] = plots.confusion_matrix(np.asarray(report["confusion_matrix"]["counts"]),
+                                                report["class_names"], out / f"cv_confusion_{model}.png",
+                                                title=f"{model} ({task.name}), all folds")
+    return files

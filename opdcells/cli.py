@@ -17,7 +17,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from .errors import OPDCellsError
+from .errors import OPDCellsError, safe_text
 from .tasks import TASKS
 
 log = logging.getLogger("opdcells.cli")
@@ -221,6 +221,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 
 class _Format(logging.Formatter):
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
+        return safe_text(super().formatMessage(record))   # a file name cannot forge or hide a line
+
     def format(self, record: logging.LogRecord) -> str:
         message = super().format(record)
         return message if record.levelno == logging.INFO else f"{record.levelname.lower()}: {message}"

@@ -419,6 +419,28 @@ class MatReader(ArrayReader):
         return self._values.get(name)
 
 
+def check_hdf5_self_contained(h5: h5py.File, path) -> None:
+    """Raise ExportError if an HDF5 file keeps data outside itself: external links, datasets with
+    external raw data, or virtual datasets. Only link and dataset headers are inspected, nothing is
+    followed or read, so a link to a FIFO or a device cannot hang the reader."""
+    links: list[str] = []
+    h5.visititems_links(lambda name, link: links.append(f"{name} -> {link.filename}")
+                        if isinstance(link, h5py.ExternalLink) else None)
+    if links:
+        raise ExportError(path, "HDF5 external links to other files are not read (exports must be "
+                                "self-contained): " + ", ".join(links[:3]))
+    outside: list[str] = []
+
+    def check(name, obj):
+        if isinstance(obj, h5py.Dataset) and (obj.external or obj.is_virtual):
+            outside.append(f"{name} ({'virtual' if obj.is_virtual else 'external raw data'})")
+
+    h5.visititems(check)
+    if outside:
+        raise ExportError(path, "HDF5 datasets stored in other files are not read (exports must be "
+                                "self-contained): " + ", ".join(outside[:3]))
+
+
 class MatlabH5Array:
     """A dataset written by MATLAB v7.3, seen in MATLAB's axis order (HDF5 stores it reversed,
     because MATLAB is column-major); compound (real, imag) datasets read as complex."""
@@ -462,6 +484,7 @@ class Mat73Reader(ArrayReader):
 
     def _open_array(self):
         h5 = self._resources.enter_context(h5py.File(self.path, "r"))
+        check_hdf5_self_contained(h5, self.path)
         self._arrays = {name: MatlabH5Array(obj) for name, obj in h5.items()
                         if isinstance(obj, h5py.Dataset) and not name.startswith("#")}
         variables = [Variable(name, a.shape, a.matlab_class,
@@ -638,6 +661,7 @@ class QPImageReader(Reader):
     def _check_layout(self) -> bool:
         """True for a QPSeries, False for a single QPImage; ExportError for other HDF5 files."""
         with h5py.File(self.path, "r") as h5:
+            check_hdf5_self_contained(h5, self.path)
             if "qpi_0" in h5:
                 return True
             if "phase" in h5 and "qpimage version" in h5.attrs:

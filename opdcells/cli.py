@@ -65,6 +65,13 @@ def run_simulate(args) -> int:
 # ------------------------------------------------------------------------------------------- train
 
 
+def add_saved_models_option(parser: argparse.ArgumentParser) -> None:
+    """``--saved-models DIR``: the one folder where run names are looked up and runs are saved."""
+    parser.add_argument("--saved-models", type=Path, metavar="DIR",
+                        help="folder of named runs (default $OPDCELLS_SAVED_MODELS, else the repository's "
+                             "saved_models/; never the current directory's unless given)")
+
+
 def register_train(subparsers) -> None:
     p = subparsers.add_parser("train", parents=[_common()], help="train a model on a dataset",
                               description="Train a classifier on an opdcells dataset and write the model "
@@ -75,7 +82,8 @@ def register_train(subparsers) -> None:
                    help="mobilenetv2, resnet50, vgg16, dinov2, opd_mobilenetv2 or features "
                         "(default mobilenetv2)")
     p.add_argument("--task", default="five_class", choices=list(TASKS))
-    p.add_argument("--out", type=Path, metavar="DIR", help="model folder (default saved_models/MODEL_TASK)")
+    p.add_argument("--out", type=Path, metavar="DIR", help="model folder (default SAVED_MODELS/MODEL_TASK)")
+    add_saved_models_option(p)
     p.add_argument("--profile", default="quick", help="quick (CPU) or full (default quick)")
     p.add_argument("--epochs", type=int, metavar="N",
                    help="maximum epochs (boosting iterations for features)")
@@ -106,7 +114,9 @@ def run_train(args) -> int:
     from .train import train
 
     kwargs = {} if not args.no_augment else {"augment": None}
-    result = train(args.data, args.model, args.task, args.out, epochs=args.epochs, input_size=args.input_size,
+    out = args.out if args.out is not None or args.saved_models is None else args.saved_models / (
+        f"{args.model}_{args.task}")
+    result = train(args.data, args.model, args.task, out, epochs=args.epochs, input_size=args.input_size,
                    seed=args.seed, profile=args.profile, weights=args.weights, batch_size=args.batch_size,
                    learning_rate=args.learning_rate, patience=args.patience, split_seed=args.split_seed,
                    n_boot=args.n_boot, head_epochs=args.head_epochs,
@@ -127,7 +137,8 @@ def register_evaluate(subparsers) -> None:
     p = subparsers.add_parser("evaluate", parents=[_common()], help="evaluate a saved model",
                               description="Evaluate a model on its stored test split (or on every map of "
                                           "the task's classes with --all); write metrics and figures.")
-    p.add_argument("model", metavar="MODEL", help="model folder or run name under saved_models/")
+    p.add_argument("model", metavar="MODEL", help="model folder, or run name in SAVED_MODELS")
+    add_saved_models_option(p)
     p.add_argument("--data", required=True, type=Path, metavar="DATASET.h5")
     p.add_argument("--results", type=Path, default=Path("results"), metavar="DIR",
                    help="results folder; files go to DIR/<run name>/ (default results)")
@@ -145,7 +156,7 @@ def run_evaluate(args) -> int:
     from .train import evaluate_model, load_model, stored_test_indices, write_results
 
     with open_dataset(args.data) as ds:
-        model = load_model(args.model, dataset=ds)
+        model = load_model(args.model, dataset=ds, saved_models=args.saved_models)
         indices = None if args.all else stored_test_indices(model, ds)
         evaluation = evaluate_model(model, ds, indices, batch_size=args.batch_size, n_boot=args.n_boot,
                                     tta=args.tta)
@@ -168,7 +179,8 @@ def register_predict(subparsers) -> None:
                                           "size and map size) and write one CSV row per map.",
                               epilog="Exit status: 0 all predicted; 1 some files or maps skipped; "
                                      "2 nothing predicted or an error.")
-    p.add_argument("model", metavar="MODEL", help="model folder or run name under saved_models/")
+    p.add_argument("model", metavar="MODEL", help="model folder, or run name in SAVED_MODELS")
+    add_saved_models_option(p)
     p.add_argument("exports", nargs="+", type=Path, metavar="EXPORT", help="export files or folders")
     p.add_argument("--out", required=True, type=Path, metavar="PREDS.csv")
     add_reading_options(p)
@@ -183,7 +195,7 @@ def run_predict(args) -> int:
     from .predict import ingest_options, predict_files
     from .train import load_model
 
-    model = load_model(args.model)
+    model = load_model(args.model, saved_models=args.saved_models)
     options = ingest_options(model, **reading_options(args))
     result = predict_files(model, args.exports, args.out, options=options, batch_size=args.batch_size,
                            tta=args.tta, progress=not args.quiet)

@@ -485,7 +485,6 @@ class Mat73Reader(ArrayReader):
 
     def _open_array(self):
         h5 = self._resources.enter_context(h5py.File(self.path, "r"))
-        check_hdf5_self_contained(h5, self.path)
         self._arrays = {name: MatlabH5Array(obj) for name, obj in h5.items()
                         if isinstance(obj, h5py.Dataset) and not name.startswith("#")}
         variables = [Variable(name, a.shape, a.matlab_class,
@@ -662,7 +661,6 @@ class QPImageReader(Reader):
     def _check_layout(self) -> bool:
         """True for a QPSeries, False for a single QPImage; ExportError for other HDF5 files."""
         with h5py.File(self.path, "r") as h5:
-            check_hdf5_self_contained(h5, self.path)
             if "qpi_0" in h5:
                 return True
             if "phase" in h5 and "qpimage version" in h5.attrs:
@@ -771,6 +769,26 @@ def _check_file(path: Path) -> None:
         raise ExportError(path, "not a regular file")
     if path.stat().st_size == 0:
         raise ExportError(path, "empty file (0 bytes)")
+    _check_hdf5_file(path)
+
+
+#: Offsets where the HDF5 library looks for its signature (0, then user blocks of 512 bytes and up).
+HDF5_SIGNATURE_OFFSETS = (0, *(512 << k for k in range(8)))
+
+
+def _check_hdf5_file(path: Path) -> None:
+    """For an HDF5 file (a v7.3 .mat, qpimage, any .h5), :func:`check_hdf5_self_contained` before any
+    reader or sniff (qpformat's too) opens it: following an external link into a FIFO blocks forever."""
+    with _reading(path, "cannot read the file"):
+        head = _head(path, HDF5_SIGNATURE_OFFSETS[-1] + len(HDF5_SIGNATURE))
+    if not any(head[o:o + len(HDF5_SIGNATURE)] == HDF5_SIGNATURE for o in HDF5_SIGNATURE_OFFSETS):
+        return
+    try:
+        h5 = h5py.File(path, "r")
+    except Exception:  # noqa: BLE001 - unreadable: the reader that takes the file says why
+        return
+    with h5, _reading(path, "cannot read the HDF5 file"):
+        check_hdf5_self_contained(h5, path)
 
 
 def _open_with(path, readers: list[type[Reader]], **kwargs) -> Reader:

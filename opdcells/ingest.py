@@ -257,7 +257,7 @@ def discover(sources: Iterable[str | os.PathLike], label: str | None = None, *,
     groups are relative to the source's parent (``day1/session_2``). ``exclude``: files to leave
     out (e.g. the output dataset). Raises ExportError for a missing source or a file without label.
     """
-    skip = {Path(p).resolve() for p in exclude}
+    skip = {os.path.realpath(p) for p in exclude}   # realpath: a link loop is not an error here
     found: list[Found] = []
     for source in map(Path, sources):
         if not source.exists():
@@ -271,7 +271,7 @@ def discover(sources: Iterable[str | os.PathLike], label: str | None = None, *,
             items = [Found(p, _class_of(p, root), group_of(p.parent, root)) for p in _walk(root)]
         else:
             items = [Found(p, label, group_of(p.parent, root.parent)) for p in _walk(root)]
-        found.extend(f for f in items if f.path.resolve() not in skip)
+        found.extend(f for f in items if os.path.realpath(f.path) not in skip)
     return found
 
 

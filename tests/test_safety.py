@@ -183,10 +183,13 @@ def test_symlinked_class_and_session_folders_are_followed(tmp_path, capsys):
     (src / "SW480").symlink_to(elsewhere / "SW480")
     (src / "PBMCs" / "session").symlink_to(elsewhere / "session")
     (src / "PBMCs" / "session_loop").symlink_to(src)               # a loop back to the top
+    (src / "PBMCs" / "self.npy").symlink_to(src / "PBMCs" / "self.npy")   # a file-name link loop
     found = discover([src])
-    assert [(f.label, f.path.name) for f in found] == [("PBMCs", "b.npy"), ("SW480", "a.npy")]
+    assert [(f.label, f.path.name) for f in found] == [("PBMCs", "self.npy"), ("PBMCs", "b.npy"),
+                                                        ("SW480", "a.npy")]
     status, err = load([src, "--out", tmp_path / "ds.h5", *NM], capsys)
-    assert status == 0 and lines_with(err, "added 2 maps from 2 files")
+    assert status == 1 and lines_with(err, "added 2 maps from 2 files")
+    assert lines_with(err, "self.npy: cannot open (Too many levels of symbolic links)")
     assert len(lines_with(err, "session_loop links back to a folder above it")) == 1
 
 

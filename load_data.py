@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from opdcells.dataset import DatasetWriter, open_dataset, real_path, shard_folder
 from opdcells.describe import describe_export, format_description
-from opdcells.errors import ExportError, OPDCellsError
+from opdcells.errors import ExportError, OPDCellsError, safe_text, storable_text
 from opdcells.ingest import (
     Found,
     IngestOptions,
@@ -33,6 +34,7 @@ from opdcells.ingest import (
     add_reading_options,
     discover,
     file_key,
+    labelled_twice,
     positive_number,
     read_manifest,
     reading_options,
@@ -92,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class _Format(logging.Formatter):
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
+        return safe_text(super().formatMessage(record))   # a file name cannot forge or hide a line
+
     def format(self, record: logging.LogRecord) -> str:
         message = super().format(record)
         return message if record.levelno == logging.INFO else f"{record.levelname.lower()}: {message}"
@@ -138,15 +143,20 @@ class Job:
 
     found: Found
     options: IngestOptions
+    conflict: str | None = None   # why the file cannot be loaded at all (e.g. given two labels)
 
 
 def collect_jobs(args: argparse.Namespace, options: IngestOptions) -> list[Job]:
-    """Jobs from SOURCE folders/files and the manifest, in a deterministic order."""
+    """Jobs from SOURCE folders/files and the manifest, in a deterministic order; an export reached
+    under two labels becomes a job that fails naming both (it is never loaded under either)."""
     store = shard_folder(real_path(args.out))  # the output's own shards are not exports
     jobs = [Job(f, options) for f in discover(args.sources, args.label, exclude=[args.out])
-            if store not in f.path.resolve().parents]
+            if store not in Path(os.path.realpath(f.path)).parents]
     if args.manifest is not None:
         jobs += [Job(f, options.replace(**overrides)) for f, overrides in read_manifest(args.manifest)]
+    conflicts = labelled_twice(job.found for job in jobs)
+    for job in jobs:
+        job.conflict = conflicts.get(os.path.realpath(job.found.path))
     return jobs
 
 
@@ -160,6 +170,7 @@ class Summary:
     files_present: int = 0
     skipped: list[str] = field(default_factory=list)   # "path: reason" of each skipped file
     bad_maps: int = 0                                  # bad maps/cells inside files that were loaded
+    content: dict[str, tuple[str, Path]] = field(default_factory=dict)   # SHA-256 -> first (label, path)
 
     def status(self) -> int:
         if not self.skipped and not self.bad_maps:
@@ -174,9 +185,12 @@ class StrictStop(ExportError):
 def load_job(job: Job, writer: DatasetWriter, summary: Summary, *, strict: bool) -> None:
     """Append one export to ``writer``, updating ``summary``; raises ExportError for a bad file."""
     path = job.found.path
+    if job.conflict:
+        raise ExportError(path, job.conflict)
     if job.found.label is None:
         raise ExportError(path, "not inside a class folder (give --label or move it into SOURCE/<class>/)")
     sha, key = file_key(path, job.options)
+    check_content_label(summary, sha, job)
     if writer.has_file(key):
         log.debug("%s: already in the dataset", path)
         summary.files_present += 1
@@ -193,8 +207,9 @@ def load_job(job: Job, writer: DatasetWriter, summary: Summary, *, strict: bool)
         with ProcessedExport(path, job.options, on_error=bad_map) as export:
             is_stack = job.options.fields or len(export) > 1
             group = stack_group(job.found.group, path) if is_stack else job.found.group
-            added = writer.add_file(key, path=str(path.absolute()), sha256=sha, label=job.found.label,
-                                    group=group, maps=export)
+            added = writer.add_file(key, path=storable_text(str(path.absolute())), sha256=sha,
+                                    label=storable_text(job.found.label), group=storable_text(group),
+                                    maps=export)
     finally:
         bad.report()
     summary.bad_maps += bad.count
@@ -230,6 +245,14 @@ class BadMaps:
         for reason, (n, where) in self._by_reason.items():
             listed = "; ".join(where) + (f" and {n - len(where)} more" if n > len(where) else "")
             log.warning("skipped %s of %s (%s): %s", _count(n, "map"), self.path, listed, reason)
+
+
+def check_content_label(summary: Summary, sha: str, job: Job) -> None:
+    """Warn, naming both, when this file's bytes were already met in this run under another label."""
+    label, first = summary.content.setdefault(sha, (job.found.label, job.found.path))
+    if label != job.found.label:
+        log.warning("%s has the same content as %s but the label %r there and %r here",
+                    job.found.path, first, label, job.found.label)
 
 
 def load_all(jobs: list[Job], writer: DatasetWriter, *, strict: bool, progress: bool) -> Summary:

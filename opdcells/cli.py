@@ -17,7 +17,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from .errors import OPDCellsError
+from .errors import OPDCellsError, safe_text
 from .tasks import TASK_SYNTAX
 
 log = logging.getLogger("opdcells.cli")
@@ -65,6 +65,13 @@ def run_simulate(args) -> int:
 # ------------------------------------------------------------------------------------------- train
 
 
+def add_saved_models_option(parser: argparse.ArgumentParser) -> None:
+    """``--saved-models DIR``: the one folder where run names are looked up and runs are saved."""
+    parser.add_argument("--saved-models", type=Path, metavar="DIR",
+                        help="folder of named runs (default $OPDCELLS_SAVED_MODELS, else the repository's "
+                             "saved_models/; never the current directory's unless given)")
+
+
 def register_train(subparsers) -> None:
     p = subparsers.add_parser("train", parents=[_common()], help="train a model on a dataset",
                               description="Train a classifier on an opdcells dataset and write the model "
@@ -87,7 +94,8 @@ def register_train(subparsers) -> None:
                    help="fraction of maps (whole groups) for testing (0.2)")
     p.add_argument("--val-size", type=float, metavar="F",
                    help="fraction of maps (whole groups) for validation (0.15; with --cv 0)")
-    p.add_argument("--out", type=Path, metavar="DIR", help="model folder (default saved_models/MODEL_TASK)")
+    p.add_argument("--out", type=Path, metavar="DIR", help="model folder (default SAVED_MODELS/MODEL_TASK)")
+    add_saved_models_option(p)
     p.add_argument("--profile", default="quick", help="quick (CPU) or full (default quick)")
     p.add_argument("--epochs", type=int, metavar="N",
                    help="maximum epochs (boosting iterations for features)")
@@ -131,7 +139,7 @@ def run_train(args) -> int:
                   weights=args.weights, batch_size=args.batch_size, learning_rate=args.learning_rate,
                   patience=args.patience, n_boot=args.n_boot, head_epochs=args.head_epochs,
                   freeze_batchnorm=args.freeze_batchnorm, tta=args.tta, verbose=0 if args.quiet else 2,
-                  **kwargs)
+                  saved_models=args.saved_models, **kwargs)
     if args.cv is not None:
         return _run_cv(args, task, common)
     val_size = 0.15 if args.val_size is None else args.val_size
@@ -172,7 +180,8 @@ def register_evaluate(subparsers) -> None:
     p = subparsers.add_parser("evaluate", parents=[_common()], help="evaluate a saved model",
                               description="Evaluate a model on its stored test split (or on every map of "
                                           "the task's classes with --all); write metrics and figures.")
-    p.add_argument("model", metavar="MODEL", help="model folder or run name under saved_models/")
+    p.add_argument("model", metavar="MODEL", help="model folder, or run name in SAVED_MODELS")
+    add_saved_models_option(p)
     p.add_argument("--data", required=True, type=Path, metavar="DATASET.h5")
     p.add_argument("--results", type=Path, default=Path("results"), metavar="DIR",
                    help="results folder; files go to DIR/<run name>/ (default results)")
@@ -190,7 +199,7 @@ def run_evaluate(args) -> int:
     from .train import evaluate_model, load_model, stored_test_indices, write_results
 
     with open_dataset(args.data) as ds:
-        model = load_model(args.model, dataset=ds)
+        model = load_model(args.model, dataset=ds, saved_models=args.saved_models)
         indices = None if args.all else stored_test_indices(model, ds)
         evaluation = evaluate_model(model, ds, indices, batch_size=args.batch_size, n_boot=args.n_boot,
                                     tta=args.tta)
@@ -213,7 +222,8 @@ def register_predict(subparsers) -> None:
                                           "size and map size) and write one CSV row per map.",
                               epilog="Exit status: 0 all predicted; 1 some files or maps skipped; "
                                      "2 nothing predicted or an error.")
-    p.add_argument("model", metavar="MODEL", help="model folder or run name under saved_models/")
+    p.add_argument("model", metavar="MODEL", help="model folder, or run name in SAVED_MODELS")
+    add_saved_models_option(p)
     p.add_argument("exports", nargs="+", type=Path, metavar="EXPORT", help="export files or folders")
     p.add_argument("--out", required=True, type=Path, metavar="PREDS.csv")
     add_reading_options(p)
@@ -228,7 +238,7 @@ def run_predict(args) -> int:
     from .predict import ingest_options, predict_files
     from .train import load_model
 
-    model = load_model(args.model)
+    model = load_model(args.model, saved_models=args.saved_models)
     options = ingest_options(model, **reading_options(args))
     result = predict_files(model, args.exports, args.out, options=options, batch_size=args.batch_size,
                            tta=args.tta, progress=not args.quiet)
@@ -266,6 +276,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 
 class _Format(logging.Formatter):
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
+        return safe_text(super().formatMessage(record))   # a file name cannot forge or hide a line
+
     def format(self, record: logging.LogRecord) -> str:
         message = super().format(record)
         return message if record.levelno == logging.INFO else f"{record.levelname.lower()}: {message}"

@@ -121,12 +121,13 @@ def cross_validate(data, model: str = "features", task=None, k: int = 5, *, seed
     -------
     CrossValidation
     """
-    from .train import MODEL_ROOTS, _opened, task_labels, train
+    from .train import _opened, saved_models_root, task_labels, train
 
     with _opened(data) as ds:
         task = resolve_task(task, ds.class_names, ds.labels)
         names = list(task.classes)
-        out = Path(out) if out is not None else MODEL_ROOTS[0] / f"cv_{model}_{task.name}"
+        root = saved_models_root(train_kw.get("saved_models"))
+        out = Path(out) if out is not None else root / f"cv_{model}_{task.name}"
         y_all = task_labels(ds, task)
         idx = np.flatnonzero(y_all >= 0)
         groups = np.asarray(ds.groups).astype(str)

@@ -1,7 +1,66 @@
-"""Exceptions raised by opdcells; every message names the file and the reason."""
+"""Exceptions raised by opdcells; every message names the file and the reason, on one line."""
 from __future__ import annotations
 
 import os
+import re
+import unicodedata
+
+#: Unicode categories escaped by :func:`safe_text`: control and format characters (newline, escape,
+#: right-to-left override), lone surrogates (undecodable bytes of file names) and line/paragraph separators.
+_UNSAFE_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
+_LINE_BREAKS = re.compile(r"\s*[\r\n]+\s*")
+
+
+def safe_text(text) -> str:
+    """``text`` (a str, path or bytes) with every character that could forge or hide output escaped.
+
+    Control and format characters become Python escapes (``"a\\nb"`` -> ``a\\nb``), so a file name
+    holding a newline cannot start a fake line of output; undecodable bytes of a file name (lone
+    surrogates from ``os.fsdecode``) become ``\\xNN``. Printable text, including non-ASCII letters and
+    backslashes, is unchanged, so applying it twice changes nothing.
+
+    Parameters
+    ----------
+    text : str, os.PathLike or bytes
+        What to print.
+
+    Returns
+    -------
+    str
+        The text, safe to print on one line.
+    """
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "backslashreplace")
+    text = os.fspath(text) if isinstance(text, os.PathLike) else str(text)
+    if text.isprintable():
+        return text
+    out = []
+    for ch in text:
+        if unicodedata.category(ch) not in _UNSAFE_CATEGORIES:
+            out.append(ch)
+        elif 0xDC80 <= ord(ch) <= 0xDCFF:      # a byte that was not UTF-8 (surrogateescape)
+            out.append(f"\\x{ord(ch) - 0xDC00:02x}")
+        else:
+            out.append(ascii(ch)[1:-1])
+    return "".join(out)
+
+
+def one_line(reason) -> str:
+    """A reason (e.g. a library's multi-line exception message) on one line, made safe to print."""
+    return safe_text(_LINE_BREAKS.sub(" ", str(reason).strip()))
+
+
+def storable_text(text: str) -> str:
+    """``text`` as valid UTF-8 for storing (HDF5 strings): undecodable bytes of a file name become
+    ``\\xNN``; text that is valid UTF-8 is returned unchanged."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        try:
+            return os.fsencode(text).decode("utf-8", "backslashreplace")
+        except UnicodeEncodeError:
+            return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 class OPDCellsError(Exception):
@@ -9,12 +68,16 @@ class OPDCellsError(Exception):
 
 
 class ExportError(OPDCellsError, ValueError):
-    """A microscope export cannot be read or is not a usable OPD/phase map."""
+    """A microscope export cannot be read or is not a usable OPD/phase map.
+
+    ``path`` and ``reason`` are kept as given; the message escapes control characters and undecodable
+    bytes (see :func:`safe_text`) and puts the reason on one line.
+    """
 
     def __init__(self, path: str | os.PathLike, reason: str):
         self.path = str(path)
         self.reason = reason
-        super().__init__(f"{self.path}: {reason}")
+        super().__init__(f"{safe_text(self.path)}: {one_line(reason)}")
 
 
 class MetadataError(ExportError):
@@ -27,10 +90,10 @@ class DatasetError(OPDCellsError, OSError):
     def __init__(self, path: str | os.PathLike, reason: str):
         self.path = str(path)
         self.reason = reason
-        OPDCellsError.__init__(self, f"{self.path}: {reason}")
+        OPDCellsError.__init__(self, f"{safe_text(self.path)}: {one_line(reason)}")
 
     def __str__(self) -> str:  # OSError would otherwise format its own way
-        return f"{self.path}: {self.reason}"
+        return f"{safe_text(self.path)}: {one_line(self.reason)}"
 
 
 #: Python's own control-flow exceptions: never turned into an error about a file.

@@ -17,12 +17,13 @@ import json
 import logging
 import math
 import os
+import stat
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from .errors import ExportError, MetadataError, OPDCellsError, is_odd_library_error
+from .errors import ExportError, MetadataError, OPDCellsError, safe_text
 from .metadata import UNITS, Meta
 from .preprocess import (
     DEFAULT_RANGES,
@@ -243,19 +244,63 @@ def reading_options(args: argparse.Namespace) -> dict:
 # --------------------------------------------------------------------------------------- identity
 
 
-def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
-    """SHA-256 hex digest of a file's bytes (streamed); ExportError if it cannot be read."""
-    digest = hashlib.sha256()
+def open_regular(path: str | os.PathLike):
+    """Open an export for reading in binary mode, refusing anything that is not a regular file.
+
+    Symbolic links to regular files are followed. The file is opened without blocking and checked with
+    ``fstat`` on the opened descriptor, so a FIFO, a device (``/dev/zero``), a socket or a folder (or a
+    link to one) is refused at once instead of hanging or streaming forever; it is ``stat``-ed first so
+    that a device is never even opened. Raises ExportError.
+    """
+    check_regular_file(path)
     try:
-        with open(path, "rb") as fh:
-            while chunk := fh.read(chunk_size):
-                digest.update(chunk)
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
     except FileNotFoundError:
-        raise ExportError(path, "no such file") from None
+        raise ExportError(path, "no such file (or a broken symbolic link)") from None
     except IsADirectoryError:
         raise ExportError(path, "is a folder, not an export file") from None
-    except OSError as exc:
-        raise ExportError(path, f"cannot read ({exc.strerror or exc})") from None
+    except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the name
+        raise ExportError(path, f"cannot open ({getattr(exc, 'strerror', None) or exc})") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise ExportError(path, f"not a regular file ({_file_kind(mode)}); exports must be regular files")
+        if hasattr(os, "O_NONBLOCK"):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def check_regular_file(path: str | os.PathLike) -> None:
+    """Raise ExportError unless ``path`` is a regular file or a symbolic link to one (never opens it)."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise ExportError(path, "no such file (or a broken symbolic link)") from None
+    except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the name; OSError: a link loop
+        raise ExportError(path, f"cannot open ({getattr(exc, 'strerror', None) or exc})") from None
+    if not stat.S_ISREG(mode):
+        raise ExportError(path, f"not a regular file ({_file_kind(mode)}); exports must be regular files")
+
+
+def _file_kind(mode: int) -> str:
+    kinds = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+    return next((name for test, name in kinds if test(mode)), "not a plain file")
+
+
+def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
+    """SHA-256 hex digest of a regular file's bytes (streamed); ExportError if it cannot be read or is
+    not a regular file (see :func:`open_regular`)."""
+    digest = hashlib.sha256()
+    with open_regular(path) as fh:
+        try:
+            while chunk := fh.read(chunk_size):
+                digest.update(chunk)
+        except OSError as exc:
+            raise ExportError(path, f"cannot read ({exc.strerror or exc})") from None
     return digest.hexdigest()
 
 
@@ -308,10 +353,35 @@ def stack_group(found_group: str, path: Path) -> str:
 
 
 def _walk(root: Path) -> list[Path]:
-    """Export files below ``root`` sorted by path, skipping hidden files/folders and non-export names."""
+    """Export files below ``root`` sorted by path, skipping hidden files/folders and non-export names.
+
+    Symbolic links to folders are followed (a class or session folder may be a link); a link back to a
+    folder above it (a loop: same device and inode as an ancestor) is skipped with a warning naming it.
+    Unreadable folders are reported, never silently dropped.
+    """
     found = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+    ancestors = {str(root): frozenset()}   # folder -> (st_dev, st_ino) of the folders above it
+
+    def unreadable(exc: OSError) -> None:
+        log.warning("cannot read folder %s (%s); its files are left out", safe_text(exc.filename),
+                    exc.strerror or exc)
+
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True, onerror=unreadable):
+        above = ancestors.pop(dirpath, frozenset())
+        try:
+            st = os.stat(dirpath)
+        except OSError as exc:   # removed or made unreadable while walking
+            unreadable(exc)
+            dirnames[:] = []
+            continue
+        here = (st.st_dev, st.st_ino)
+        if here in above:
+            log.warning("folder %s links back to a folder above it (a symbolic link loop); skipped",
+                        safe_text(dirpath))
+            dirnames[:] = []
+            continue
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        ancestors.update({os.path.join(dirpath, d): above | {here} for d in dirnames})
         for name in filenames:
             if is_export_name(name):
                 found.append(Path(dirpath, name))
@@ -330,7 +400,7 @@ def discover(sources: Iterable[str | os.PathLike], label: str | None = None, *,
     groups are relative to the source's parent (``day1/session_2``). ``exclude``: files to leave
     out (e.g. the output dataset). Raises ExportError for a missing source or a file without label.
     """
-    skip = {Path(p).resolve() for p in exclude}
+    skip = {os.path.realpath(p) for p in exclude}   # realpath: a link loop is not an error here
     found: list[Found] = []
     for source in map(Path, sources):
         if not source.exists():
@@ -344,13 +414,25 @@ def discover(sources: Iterable[str | os.PathLike], label: str | None = None, *,
             items = [Found(p, _class_of(p, root), group_of(p.parent, root)) for p in _walk(root)]
         else:
             items = [Found(p, label, group_of(p.parent, root.parent)) for p in _walk(root)]
-        found.extend(f for f in items if f.path.resolve() not in skip)
+        found.extend(f for f in items if os.path.realpath(f.path) not in skip)
     return found
 
 
 def _class_of(path: Path, root: Path) -> str | None:
     parts = path.relative_to(root).parts
     return parts[0] if len(parts) > 1 else None
+
+
+def labelled_twice(items: Iterable[Found]) -> dict[str, str]:
+    """Exports reached under two or more labels in one run (class folders, ``--label``, manifest rows,
+    symbolic links): their real path mapped to a reason naming every label and where it came from."""
+    labels: dict[str, dict[str, Path]] = {}
+    for found in items:
+        if found.label is not None:
+            labels.setdefault(os.path.realpath(found.path), {}).setdefault(found.label, found.path)
+    return {real: "given two labels: " + " and ".join(f"{label!r} (as {path})" for label, path in by.items())
+                  + "; give each export one class"
+            for real, by in labels.items() if len(by) > 1}
 
 
 # --------------------------------------------------------------------------------------- manifest
@@ -366,21 +448,33 @@ def read_manifest(csv_path: str | os.PathLike) -> list[tuple[Found, dict]]:
     groups are folders relative to the CSV's folder. ExportError names the CSV and the line.
     """
     csv_path = Path(csv_path)
+    if not os.path.lexists(csv_path):
+        raise ExportError(csv_path, "no such manifest file")
+    check_regular_file(csv_path)   # a FIFO or device would block or never end
+    rows = []
     try:
-        with open(csv_path, newline="", encoding="utf-8-sig") as fh:
-            rows = list(csv.DictReader(fh))
-    except FileNotFoundError:
-        raise ExportError(csv_path, "no such manifest file") from None
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise ExportError(csv_path, f"cannot read manifest ({exc})") from None
+        with open(csv_path, newline="", encoding="utf-8-sig", errors="surrogateescape") as fh:
+            reader = csv.DictReader(fh)
+            try:
+                rows.extend((reader.line_num, row) for row in reader)   # line where each row ends
+            except csv.Error as exc:
+                raise ExportError(csv_path, f"line {reader.line_num}: cannot read manifest ({exc})") from None
+    except OSError as exc:
+        raise ExportError(csv_path, f"cannot read manifest ({exc.strerror or exc})") from None
     if not rows:
         raise ExportError(csv_path, "manifest has no rows")
     root = csv_path.resolve().parent
-    return [_manifest_row(row, line, root, csv_path) for line, row in enumerate(rows, start=2)]
+    return [_manifest_row(row, line, root, csv_path) for line, row in rows]
 
 
 def _manifest_row(row: dict, line: int, root: Path, csv_path: Path) -> tuple[Found, dict]:
     clean = {(k or "").strip().lower(): (v or "").strip() for k, v in row.items() if k is not None}
+    for key, value in clean.items():
+        if "\0" in value:
+            raise ExportError(csv_path, f"line {line}: column {key!r} holds a NUL byte")
+        if key != "path" and not value.isprintable():   # paths may hold any byte a file name can
+            raise ExportError(csv_path, f"line {line}: column {key!r} holds control characters or bytes "
+                                        f"that are not UTF-8 ({safe_text(value)})")
     for required in ("path", "label"):
         if not clean.get(required):
             raise ExportError(csv_path, f"line {line}: empty or missing column {required!r}")
@@ -403,16 +497,20 @@ def _manifest_row(row: dict, line: int, root: Path, csv_path: Path) -> tuple[Fou
 # --------------------------------------------------------------------------------------- processing
 
 
+#: Exceptions that stop the program rather than describe a bad file: never turned into a skip.
+_NOT_FILE_ERRORS = (KeyboardInterrupt, SystemExit, GeneratorExit)
+
+
 @contextlib.contextmanager
 def _export_errors(path: Path) -> Iterator[None]:
-    """Let opdcells errors through; turn any other library error into an ExportError naming ``path``."""
+    """Let opdcells errors through; turn any other error of a reader library into an ExportError naming
+    ``path`` -- whatever its base class: qpformat raises ``BaseException`` subclasses, so everything but
+    ``KeyboardInterrupt``, ``SystemExit`` and ``GeneratorExit`` counts as a bad file."""
     try:
         yield
-    except OPDCellsError:
+    except (OPDCellsError, *_NOT_FILE_ERRORS):
         raise
     except BaseException as exc:  # noqa: BLE001 - reader/decoder failures of arbitrary libraries
-        if not isinstance(exc, Exception) and not is_odd_library_error(exc):
-            raise
         log.debug("error reading %s", path, exc_info=True)
         raise ExportError(path, f"{type(exc).__name__}: {exc}") from exc
 

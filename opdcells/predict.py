@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ExportError
+from .errors import ExportError, storable_text
 from .ingest import IngestOptions, discover, iter_processed
 
 log = logging.getLogger(__name__)
@@ -105,7 +105,8 @@ class _Batcher:
         names = self.model.class_names
         for (path, index, cell), p in zip(self.keys, proba, strict=True):
             predicted = names[int(np.argmax(p))]
-            self.rows[path].append([str(path), index, cell, predicted, *(f"{v:.6g}" for v in p)])
+            self.rows[path].append([storable_text(str(path)), index, cell, predicted,  # CSV is UTF-8
+                                    *(f"{v:.6g}" for v in p)])
         self.maps.clear()
         self.keys.clear()
 

@@ -2,7 +2,7 @@
 
 One folder per trained model (``saved_models/RUN/``)::
 
-    model.keras | model.joblib   the fitted model (Keras, or the scikit-learn features baseline)
+    model.keras | model.skops    the fitted model (Keras, or the scikit-learn features baseline)
     config.json                  everything needed to use and judge it (see ``_make_config``)
     history.csv                  per-epoch (per boosting iteration for ``features``) losses and accuracy
     metrics.json                 classification_report on the held-out test groups
@@ -11,6 +11,12 @@ One folder per trained model (``saved_models/RUN/``)::
 Deep models and the ``features`` baseline share every step (task targets, group split, class
 weights, config, evaluation, loading); only fitting and ``predict_proba`` differ (``_KerasLearner``,
 ``_FeaturesLearner``).
+
+Model folders are data, never code: ``model.keras`` is loaded with Keras' ``safe_mode`` (no Python
+lambdas; classes only from Keras and opdcells' registered layers), the features baseline is a skops
+file loaded with an explicit list of trusted types (``FEATURES_TRUSTED_TYPES``), and pickles
+(``model.joblib`` of model format 2 and older) are refused. A run name is looked up only in one
+``saved_models/`` folder (:func:`saved_models_root`), never in the current directory by surprise.
 """
 from __future__ import annotations
 
@@ -35,7 +41,7 @@ import pandas as pd
 
 from . import __version__
 from .dataset import open_dataset
-from .errors import DatasetError, OPDCellsError
+from .errors import DatasetError, OPDCellsError, one_line, safe_text
 from .evaluate import classification_report
 from .pipeline import AugmentConfig, dihedral_views, make_tf_dataset
 from .splits import Split, group_split, named_split
@@ -44,10 +50,19 @@ from .tasks import Task, TaskError, class_key, resolve_task, task_targets
 log = logging.getLogger(__name__)
 
 FORMAT = "opdcells-model"
-FORMAT_VERSION = 2   # 2: config["test_time_augmentation"] (older opdcells would ignore it)
+FORMAT_VERSION = 3   # 2: config["test_time_augmentation"]; 3: features model in model.skops, not a pickle
+#: Oldest model format this opdcells loads for the ``features`` baseline (older ones are pickles).
+FEATURES_MIN_FORMAT = 3
 FEATURES = "features"
-#: Where run names are looked up: ``saved_models/`` in the working folder, then in the repository.
-MODEL_ROOTS = (Path("saved_models"), Path(__file__).resolve().parents[1] / "saved_models")
+#: The one folder where run names live by default: the repository's ``saved_models/``.
+REPOSITORY_MODELS = Path(__file__).resolve().parents[1] / "saved_models"
+#: Environment variable naming the ``saved_models/`` folder instead (``--saved-models`` wins over it).
+SAVED_MODELS_ENV = "OPDCELLS_SAVED_MODELS"
+#: The only types a ``features`` model.skops may hold beyond skops' own safe defaults (numpy, builtins and
+#: the scikit-learn estimators skops vets): the fitted trees of HistGradientBoostingClassifier.
+FEATURES_TRUSTED_TYPES = ("sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor",)
+#: Model files that are pickles (running code when loaded): refused in model folders.
+PICKLE_FILES = ("model.joblib", "model.pkl", "model.pickle")
 FILES = ("config.json", "history.csv", "metrics.json", "split.json")
 POSITIVE_CLASS = "cancer"   # sensitivity at low FPR is reported for this class in binary tasks
 DEFAULT_AUGMENT = AugmentConfig()
@@ -55,7 +70,7 @@ DEFAULT_AUGMENT = AugmentConfig()
 __all__ = ["PROFILES", "Profile", "Settings", "TrainResult", "SavedModel", "Evaluation", "ModelError",
            "train", "load_model", "evaluate_model", "stored_test_indices", "write_results",
            "predictions_table", "estimate_norm_scale", "make_split", "task_labels", "resolve_settings",
-           "resolve_model_dir"]
+           "resolve_model_dir", "saved_models_root"]
 
 
 class ModelError(OPDCellsError, OSError):
@@ -64,10 +79,10 @@ class ModelError(OPDCellsError, OSError):
     def __init__(self, path, reason: str):
         self.path = str(path)
         self.reason = reason
-        OPDCellsError.__init__(self, f"{self.path}: {reason}")
+        OPDCellsError.__init__(self, str(self))
 
     def __str__(self) -> str:
-        return f"{self.path}: {self.reason}"
+        return f"{safe_text(self.path)}: {one_line(self.reason)}"
 
 
 # --------------------------------------------------------------------------------------------- settings
@@ -334,14 +349,15 @@ class _KerasLearner:
 
         from . import models  # noqa: F401 - registers opdcells' layers (and keras_hub's) for loading
 
-        model = keras.saving.load_model(folder / cls.file_name, compile=False)  # predicting only
+        # predicting only; safe_mode refuses Python lambdas and other code stored in the file
+        model = keras.saving.load_model(folder / cls.file_name, compile=False, safe_mode=True)
         return cls(model, config.get("model_info", {}))
 
 
 class _FeaturesLearner:
     """OPD morphology features (``opdcells.features.feature_matrix``) + HistGradientBoostingClassifier."""
 
-    file_name = "model.joblib"
+    file_name = "model.skops"
 
     def __init__(self, estimator, pixel_size_um: float, info: dict, feature_names=None):
         self.estimator = estimator
@@ -398,18 +414,29 @@ class _FeaturesLearner:
         return self.estimator.predict_proba(self.dataset_features(dataset, indices))
 
     def save(self, folder: Path) -> None:
-        import joblib
+        import skops.io
 
-        joblib.dump({"estimator": self.estimator, "feature_names": self.feature_names,
-                     "pixel_size_um": self.pixel_size_um}, folder / self.file_name)
+        skops.io.dump({"estimator": self.estimator, "feature_names": list(self.feature_names or []),
+                       "pixel_size_um": float(self.pixel_size_um)}, folder / self.file_name)
 
     @classmethod
     def load(cls, folder: Path, config: dict):
-        import joblib
+        """Load ``model.skops`` trusting only ``FEATURES_TRUSTED_TYPES`` (skops never unpickles)."""
+        import skops.io
+        from sklearn.ensemble import HistGradientBoostingClassifier
 
-        saved = joblib.load(folder / cls.file_name)
-        return cls(saved["estimator"], saved["pixel_size_um"], config.get("model_info", {}),
-                   saved["feature_names"])
+        path = folder / cls.file_name
+        untrusted = sorted(set(skops.io.get_untrusted_types(file=path)) - set(FEATURES_TRUSTED_TYPES))
+        if untrusted:
+            raise ModelError(path, "holds types opdcells does not trust, refusing to load it: "
+                                   + ", ".join(untrusted[:5]))
+        saved = skops.io.load(path, trusted=list(FEATURES_TRUSTED_TYPES))
+        estimator = saved.get("estimator") if isinstance(saved, dict) else None
+        if not isinstance(estimator, HistGradientBoostingClassifier):
+            raise ModelError(path, "is not an opdcells features model (a dict with a "
+                                   "HistGradientBoostingClassifier)")
+        return cls(saved["estimator"], float(saved["pixel_size_um"]), config.get("model_info", {}),
+                   list(saved["feature_names"]))
 
 
 def _staged_accuracy(estimator, x, y) -> list[float]:
@@ -532,15 +559,53 @@ class SavedModel:
                     raise TaskError(f"{ds.path}: does not fit model {self.name}: {exc}") from None
 
 
-def resolve_model_dir(path) -> Path:
-    """Model folder from a folder path or a run name under ``saved_models/``; ModelError if none."""
-    candidates = [Path(path)] + [root / str(path) for root in MODEL_ROOTS]
-    for folder in candidates:
+def saved_models_root(saved_models=None) -> Path:
+    """The ``saved_models/`` folder where run names are looked up and trained runs go by default.
+
+    Parameters
+    ----------
+    saved_models : str or os.PathLike, optional
+        The folder to use (the ``--saved-models`` option).
+
+    Returns
+    -------
+    pathlib.Path
+        ``saved_models`` if given, else ``$OPDCELLS_SAVED_MODELS`` if set, else the repository's
+        ``saved_models/`` -- never the current directory's unless configured so.
+    """
+    if saved_models is not None:
+        return Path(saved_models)
+    return Path(os.environ[SAVED_MODELS_ENV]) if os.environ.get(SAVED_MODELS_ENV) else REPOSITORY_MODELS
+
+
+def is_run_name(text: str) -> bool:
+    """True for a bare run name (``mnv2``), False for a path (``./mnv2``, ``runs/mnv2``, ``/abs``)."""
+    return bool(text) and text not in (".", "..") and not any(
+        sep in text for sep in (os.sep, os.altsep) if sep) and not text.startswith("~")
+
+
+def resolve_model_dir(path, saved_models=None) -> Path:
+    """Model folder from a path, or from a run name looked up only in :func:`saved_models_root`.
+
+    A bare name (no path separator) is a run name: ``saved_models_root(saved_models) / name``, even when
+    the current directory holds a folder of that name (write ``./name`` to use that one). Anything
+    else is a path. Raises ModelError if it is not a model folder.
+    """
+    text = os.fspath(path)
+    if is_run_name(text):
+        root = saved_models_root(saved_models)
+        folder = root / text
         if (folder / "config.json").is_file():
             return folder
-    if Path(path).is_dir():
+        hint = f"; to use the folder in the current directory write ./{text}" if Path(text).is_dir() else ""
+        raise ModelError(path, f"no such run in {root} (the saved_models folder; set it with --saved-models "
+                               f"or ${SAVED_MODELS_ENV}){hint}")
+    folder = Path(text)
+    if (folder / "config.json").is_file():
+        return folder
+    if folder.is_dir():
         raise ModelError(path, "not a model folder (no config.json)")
-    raise ModelError(path, f"no such model folder or run name (looked in {', '.join(map(str, MODEL_ROOTS))})")
+    raise ModelError(path, "no such model folder")
 
 
 def _read_config(folder: Path) -> dict:
@@ -559,14 +624,31 @@ def _read_config(folder: Path) -> dict:
     return config
 
 
-def load_model(path, dataset=None) -> SavedModel:
-    """Load a model folder (path, or run name under ``saved_models/``).
+def _refuse_pickles(folder: Path, config: dict) -> None:
+    """ModelError for a ``features`` folder that holds a pickle or predates model.skops (format 3)."""
+    if config.get("model") != FEATURES:
+        return
+    pickles = [name for name in PICKLE_FILES if (folder / name).exists()]
+    old = int(config.get("format_version", 0)) < FEATURES_MIN_FORMAT
+    if pickles or old:
+        what = pickles[0] if pickles else f"model format {config.get('format_version')}"
+        raise ModelError(folder, f"{what} is a pickle, which runs code when loaded; opdcells loads only "
+                                 f"model.skops (model format {FEATURES_MIN_FORMAT}): retrain it with "
+                                 "`python -m opdcells train --model features --task TASK --data DATASET.h5 "
+                                 "--out FOLDER` (seconds) and delete the pickle")
+
+
+def load_model(path, dataset=None, *, saved_models=None) -> SavedModel:
+    """Load a model folder (a path, or a run name in :func:`saved_models_root`).
 
     With ``dataset`` (path or opened dataset) the model is checked against it: pixel size, map size
-    and the task's classes must match, else DatasetError / TaskError says what differs.
+    and the task's classes must match, else DatasetError / TaskError says what differs. Only data is
+    read from the folder: pickles are refused, Keras models load in ``safe_mode``, the ``features``
+    model is a skops file with an explicit list of trusted types.
     """
-    folder = resolve_model_dir(path)
+    folder = resolve_model_dir(path, saved_models)
     config = _read_config(folder)
+    _refuse_pickles(folder, config)
     learner_cls = _learner_class(config["model"])
     if not (folder / learner_cls.file_name).is_file():
         raise ModelError(folder, f"missing {learner_cls.file_name}")
@@ -961,7 +1043,7 @@ def train(data, model: str = "mobilenetv2", task: str | Task | None = None, out=
           test_size: float = 0.2, val_size: float = 0.15, test_groups=None, val_groups=None,
           split: Split | None = None, train_indices=None,
           head_epochs: int | None = None, freeze_batchnorm: bool | None = None, tta: bool | None = None,
-          model_kw: dict | None = None, verbose=0, n_boot: int = 1000) -> TrainResult:
+          model_kw: dict | None = None, verbose=0, n_boot: int = 1000, saved_models=None) -> TrainResult:
     """Train ``model`` (an architecture of ``opdcells.models`` or ``"features"``) for ``task`` on the
     dataset ``data``; write the model folder ``out`` (default ``saved_models/<model>_<task>``).
 
@@ -1008,7 +1090,7 @@ def train(data, model: str = "mobilenetv2", task: str | Task | None = None, out=
         if train_indices is not None:
             split = labelled_subset(split, train_indices, ds.groups)
         class_weight = _class_weights(y_all[split.train], len(task.classes))
-        out = Path(out) if out is not None else MODEL_ROOTS[0] / f"{model}_{task.name}"
+        out = Path(out) if out is not None else saved_models_root(saved_models) / f"{model}_{task.name}"
         log.info("training %s for %s on %s: %s maps (train/val/test)", model, task.name, ds.path, split.sizes)
         learner, normalisation = _create_learner(settings, ds, split, len(task.classes))
         with _staging(out) as folder:

@@ -55,7 +55,7 @@ def test_simulate(tmp_path, capsys):
 
 def test_train_writes_the_model_folder_and_prints_the_report(features_run, capsys):
     _, out = features_run
-    for name in ("model.joblib", "config.json", "history.csv", "metrics.json", "split.json"):
+    for name in ("model.skops", "config.json", "history.csv", "metrics.json", "split.json"):
         assert (out / name).is_file()
     assert json.loads((out / "config.json").read_text())["task"] == "cancer_vs_blood"
 

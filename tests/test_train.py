@@ -94,7 +94,7 @@ def test_early_stopping_keeps_the_best_validation_epoch(mobilenet, data):
 
 
 def test_features_model_has_the_same_folder_and_fields(features, mobilenet):
-    config = check_folder(features, "model.joblib")
+    config = check_folder(features, "model.skops")
     assert config["model"] == "features" and config["class_names"] == ["cancer", "blood"]
     assert config["class_members"] == {"cancer": ["SW480", "SW620"],
                                        "blood": ["granulocytes", "monocytes", "PBMCs"]}
@@ -144,9 +144,14 @@ def test_deep_models_predict_with_the_mean_over_rotations_and_reflections(mobile
 def test_load_model_by_run_name(mobilenet, tmp_path, monkeypatch):
     (tmp_path / "saved_models").symlink_to(mobilenet.model_dir.parent, target_is_directory=True)
     monkeypatch.chdir(tmp_path)
-    assert load_model(mobilenet.model_dir.name).folder.resolve() == mobilenet.model_dir.resolve()
-    with pytest.raises(ModelError, match="no such model"):
-        load_model("no_such_run")
+    monkeypatch.delenv("OPDCELLS_SAVED_MODELS", raising=False)
+    name = mobilenet.model_dir.name
+    with pytest.raises(ModelError, match="no such run in .*saved_models"):   # never the cwd's by surprise
+        load_model(name)
+    assert load_model(name, saved_models="saved_models").folder.resolve() == mobilenet.model_dir.resolve()
+    assert load_model(f"saved_models/{name}").folder.resolve() == mobilenet.model_dir.resolve()
+    with pytest.raises(ModelError, match="no such run"):
+        load_model("no_such_run", saved_models="saved_models")
 
 
 def test_reevaluation_on_stored_test_split_reproduces_metrics(mobilenet, data):

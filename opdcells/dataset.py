@@ -480,6 +480,7 @@ class DatasetWriter:
         self._shard_name = ""                  # ... relative to the index's folder
         self._tmp: Path | None = None
         self._keys: set[str] = set()
+        self._labels_by_sha: dict[str, set[str]] = {}   # source SHA-256 -> class names it was stored as
         self._class_names: list[str] = []
         self._new_files: list[tuple[str, str, int]] = []
         self._shards: list[tuple[str, int]] = []   # shards of the existing dataset
@@ -583,6 +584,8 @@ class DatasetWriter:
                                                   f"for {value}; omit the option or write a new dataset")
             self._class_names = [str(c) for c in ds.class_names]
             self._keys = set(_read_column(ds._h5, "files/key").tolist())
+            for sha, label in zip(ds.column("source_sha256").tolist(), ds.labels.tolist(), strict=True):
+                self._labels_by_sha.setdefault(str(sha), set()).add(self._class_names[int(label)])
             self._version = int(ds.attrs["schema_version"])
             self._shards = ds.shards
             self._base = self._stored = len(ds)
@@ -591,6 +594,10 @@ class DatasetWriter:
     def has_file(self, key: str) -> bool:
         """True if an export with this identity (see ``files/key``) is already in the dataset."""
         return key in self._keys
+
+    def labels_of(self, sha256: str) -> set[str]:
+        """Class names under which an export with these bytes is stored (empty if it is not)."""
+        return set(self._labels_by_sha.get(sha256, ()))
 
     @property
     def class_names(self) -> list[str]:
@@ -624,6 +631,7 @@ class DatasetWriter:
         added = len(self) - mark
         if added:
             self._keys.add(key)
+            self._labels_by_sha.setdefault(sha256, set()).add(label)
             self._new_files.append((key, path, added))
             self.n_added += added
         return added

@@ -260,3 +260,17 @@ def test_safe_text_escapes_only_what_can_forge_or_hide_output():
     with contextlib.suppress(ExportError):
         raise ExportError(name, "two\nlines")
     assert str(ExportError(name, "two\nlines")) == "café \\ \\xff\\n\\x1b\\u202e.npy: two lines"
+
+
+def test_an_export_relabelled_in_a_later_run_is_an_error_naming_both(tmp_path, capsys):
+    """A re-run that meets a stored export under another class says so instead of skipping it silently."""
+    save(tmp_path / "a.npy", cell(1))
+    out = tmp_path / "ds.h5"
+    status, err = load([tmp_path / "a.npy", "--label", "SW480", "--out", out, *NM], capsys)
+    assert status == 0, err
+    status, err = load([tmp_path / "a.npy", "--label", "PBMCs", "--out", out, *NM], capsys)
+    assert status == 2
+    line = lines_with(err, "one export cannot have two labels")
+    assert len(line) == 1 and "'SW480'" in line[0] and "'PBMCs'" in line[0] and "a.npy" in line[0]
+    status, err = load([tmp_path / "a.npy", "--label", "SW480", "--out", out, *NM], capsys)
+    assert status == 0 and len(open_dataset(out)) == 1, err

@@ -194,9 +194,10 @@ def load_job(job: Job, writer: DatasetWriter, summary: Summary, *, strict: bool)
     if writer.has_file(key):
         stored_as = writer.labels_of(sha)
         if job.found.label not in stored_as:
-            raise ExportError(path, f"already in the dataset as {', '.join(map(repr, sorted(stored_as)))}, "
-                                    f"given here as {job.found.label!r}: one export cannot have two labels (to "
-                                    "relabel it, build the dataset again without it)")
+            stored = ", ".join(map(repr, sorted(stored_as)))
+            raise ExportError(path, f"already in the dataset as {stored}, given here as {job.found.label!r}: one "
+                                    "export cannot have two labels (to relabel it, build the dataset again "
+                                    "without it)")
         log.debug("%s: already in the dataset", path)
         summary.files_present += 1
         return

@@ -631,8 +631,102 @@ class NpzReader(ArrayReader):
         return self._npz[name] if name in self._npz.files else None
 
 
+#: MAT-file v5 element types of numeric data (MAT-File Format, MathWorks, table 1-1) -> NumPy type codes.
+MAT5_DATA_TYPES = {1: "i1", 2: "u1", 3: "i2", 4: "u2", 5: "i4", 6: "u4", 7: "f4", 9: "f8", 12: "i8", 13: "u8"}
+MAT5_COMPRESSED = 15
+
+
+class Mat5Stack:
+    """A real numeric ``H x W x N`` variable of a MATLAB v5/v7 file whose maps are read one at a time in
+    order, from the (zlib-compressed or plain) data element: MATLAB stores arrays column-major, so map
+    ``k`` is one contiguous run of ``H * W`` values. Memory holds one map, whatever the file's size.
+
+    Parsing uses scipy's MAT v5 reader for the file and variable headers (``scipy.io.matlab._mio5``);
+    anything it cannot stream (complex, sparse, other axes) is read whole by :meth:`whole`.
+    """
+
+    def __init__(self, path: Path, name: str, shape: tuple[int, ...], dtype: np.dtype):
+        self.path, self.name, self.shape, self.dtype = path, name, tuple(shape), np.dtype(dtype)
+        self._fh = self._data = None
+        self._next = 0
+        self.streamable = True
+        self._open()        # reads the headers: a complex variable (real, then imaginary part) is read whole
+        if not self.streamable:
+            self.dtype = np.result_type(self.dtype, np.complex64)
+            self.close()
+
+    def _open(self) -> None:
+        """Position a stream at the variable's real-part data; set ``_data`` to (stream, element dtype)."""
+        from scipy.io.matlab import _mio5
+
+        self.close()
+        self._fh = open(self.path, "rb")
+        reader = _mio5.MatFile5Reader(self._fh)
+        reader.initialize_read()
+        reader.read_file_header()
+        while not reader.end_of_stream():
+            mdtype, byte_count = reader._file_reader.read_full_tag()
+            next_position = reader.mat_stream.tell() + byte_count
+            stream = (_mio5.ZlibInputStream(reader.mat_stream, byte_count) if mdtype == MAT5_COMPRESSED
+                      else reader.mat_stream)
+            reader._matrix_reader.set_stream(stream)
+            if mdtype == MAT5_COMPRESSED:
+                byte_count = reader._matrix_reader.read_full_tag()[1]   # the miMATRIX element inside
+            start = stream.tell()
+            header = reader._matrix_reader.read_header(False)
+            if header.name.decode("latin1") == self.name:
+                tag = np.frombuffer(stream.read(8), dtype=f"{reader.byte_order}u4")
+                element, size = int(tag[0]), int(tag[1])
+                if element >> 16 or element not in MAT5_DATA_TYPES:
+                    raise EOFError("unexpected layout of the variable's data")
+                # an imaginary part follows the real one when the matrix element holds more than that
+                if byte_count - (stream.tell() - start) - (size + 7) // 8 * 8 > 0:
+                    self.streamable = False
+                    return
+                self._data = stream, np.dtype(reader.byte_order + MAT5_DATA_TYPES[element])
+                self._next = 0
+                return
+            reader.mat_stream.seek(next_position)
+        raise KeyError(f"no variable {self.name!r}")
+
+    def _map(self, index: int) -> np.ndarray:
+        if self._data is None or index < self._next:
+            self._open()
+        stream, stored = self._data
+        count = self.shape[0] * self.shape[1]
+        for _ in range(index - self._next):     # skip maps before ``index``
+            stream.read(count * stored.itemsize)
+        raw = stream.read(count * stored.itemsize)
+        if len(raw) < count * stored.itemsize:
+            raise EOFError(f"variable {self.name!r} ends inside map {index} (truncated file)")
+        self._next = index + 1
+        values = np.frombuffer(raw, dtype=stored).reshape(self.shape[1], self.shape[0]).T
+        return values.astype(self.dtype)
+
+    def whole(self) -> np.ndarray:
+        return scipy.io.loadmat(str(self.path), variable_names=[self.name])[self.name]
+
+    def __getitem__(self, key) -> np.ndarray:
+        key = key if isinstance(key, tuple) else (key,)
+        if (self.streamable and len(key) == 3 and key[:2] == (slice(None), slice(None))
+                and isinstance(key[2], int) and 0 <= key[2] < self.shape[2]):
+            return self._map(key[2])
+        return self.whole()[key]
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+        self._fh = self._data = None
+
+
+#: NumPy types of MATLAB's numeric classes (what ``whosmat`` names).
+MATLAB_DTYPES = {"double": "f8", "single": "f4", "int8": "i1", "uint8": "u1", "int16": "i2", "uint16": "u2",
+                 "int32": "i4", "uint32": "u4", "int64": "i8", "uint64": "u8"}
+
+
 class MatReader(ArrayReader):
-    """MATLAB v4/v5/v7 ``.mat`` (scipy.io); ``H x W x N`` stacks; metadata variables."""
+    """MATLAB v4/v5/v7 ``.mat`` (scipy.io); ``H x W x N`` stacks (streamed map by map); metadata
+    variables."""
 
     name = "mat"
     suffixes = (".mat",)
@@ -646,10 +740,17 @@ class MatReader(ArrayReader):
         variables = [Variable(name, tuple(shape), cls, cls in MATLAB_NUMERIC)
                      for name, shape, cls in scipy.io.whosmat(str(self.path))]
         self.variable = choose_variable(self.path, variables, self.var).name
+        chosen = next(v for v in variables if v.name == self.variable)
         present = [v.name for v in variables if v.name in META_VARIABLES + SCALE_VARIABLES]
-        self._values = scipy.io.loadmat(str(self.path), variable_names=[self.variable, *present])
+        if len(chosen.shape) == 3 and matfile_version(str(self.path))[0] == 1:   # v5/v7 stack: streamed
+            self._values = scipy.io.loadmat(str(self.path), variable_names=present)
+            array = Mat5Stack(self.path, self.variable, chosen.shape, MATLAB_DTYPES[chosen.type])
+            self._resources.callback(array.close)
+        else:
+            self._values = scipy.io.loadmat(str(self.path), variable_names=[self.variable, *present])
+            array = self._values[self.variable]
         self._read_meta({k: self._values[k] for k in present}, {v.name: v.type for v in variables})
-        return self._values[self.variable]
+        return array
 
     def variable_array(self, name):
         if name not in self._values:

@@ -561,3 +561,37 @@ def test_npz_stack_is_streamed_map_by_map(tmp_path, compressed):
     finally:
         tracemalloc.stop()
     assert raw.index == 39 and peak < 8 * maps[0].nbytes, peak
+
+
+@pytest.mark.parametrize("compressed", [True, False])
+def test_mat_v5_stack_is_streamed_map_by_map(tmp_path, compressed):
+    """Iterating a MATLAB v5/v7 H x W x N stack holds about one map in memory, not the variable."""
+    import tracemalloc
+
+    maps = np.random.default_rng(0).normal(size=(256, 200, 40))     # 40 maps of 400 KiB: 16 MiB
+    path = tmp_path / "stack.mat"
+    scipy.io.savemat(path, {"phase": maps, "units": "rad", "scale": 1.0}, do_compression=compressed)
+    tracemalloc.start()
+    try:
+        with open_export(path) as reader:
+            for raw in reader:
+                np.testing.assert_array_equal(raw.data, maps[:, :, raw.index])
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert raw.index == 39 and peak < 8 * maps[:, :, 0].nbytes, peak
+    assert reader.file_meta.units == "rad"
+
+
+@pytest.mark.parametrize("dtype", [np.complex128, np.float32, np.int16])
+def test_mat_v5_stacks_of_every_kind_read_like_loadmat(tmp_path, dtype):
+    rng = np.random.default_rng(1)
+    maps = (rng.normal(size=(12, 10, 3)) * 100).astype(dtype)
+    if np.iscomplexobj(maps):
+        maps = maps + 1j * rng.normal(size=maps.shape)
+    path = tmp_path / "kind.mat"
+    scipy.io.savemat(path, {"phase": maps}, do_compression=True)
+    with open_export(path) as reader:
+        assert reader.dtype == np.dtype(dtype) and len(reader) == 3
+        for i, values in enumerate(reader.raw_maps()):
+            np.testing.assert_array_equal(values, maps[:, :, i])

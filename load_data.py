@@ -195,9 +195,9 @@ def load_job(job: Job, writer: DatasetWriter, summary: Summary, *, strict: bool)
         stored_as = writer.labels_of(sha)
         if job.found.label not in stored_as:
             stored = ", ".join(map(repr, sorted(stored_as)))
-            raise ExportError(path, f"already in the dataset as {stored}, given here as {job.found.label!r}: one "
-                                    "export cannot have two labels (to relabel it, build the dataset again "
-                                    "without it)")
+            raise ExportError(path, f"already in the dataset as {stored}, given here as "
+                                    f"{job.found.label!r}: one export cannot have two labels (to relabel it, "
+                                    "build the dataset again without it)")
         log.debug("%s: already in the dataset", path)
         summary.files_present += 1
         return

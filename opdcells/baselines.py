@@ -78,7 +78,7 @@ def baseline_proba(dataset, y_all, train_idx, test_idx, n_classes: int, *, seed:
 def baseline_reports(dataset, y_all, split, class_names, *, n_boot: int = 1000, seed: int = 0,
                      positive_class: str | None = None) -> dict[str, dict]:
     """``classification_report`` of each baseline on ``split.test`` (fit on ``split.train``), with the
-    same cluster bootstrap over acquisition groups as the models' reports."""
+    same two-stage bootstrap over acquisition groups as the models' reports."""
     test = np.asarray(split.test, dtype=np.int64)
     groups = np.asarray(dataset.groups)[test]
     return {name: classification_report(np.asarray(y_all)[test], proba, class_names, n_boot=n_boot,

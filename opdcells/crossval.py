@@ -6,7 +6,7 @@ says little; leaving groups out in turn uses every field as test data once. Fold
 scikit-learn's ``StratifiedGroupKFold`` (seeded). Each fold trains a model folder with
 :func:`opdcells.train.train` on the fold's own split; the baselines (``opdcells.baselines``) are fit on
 the same training maps. The pooled out-of-fold predictions get one report per model (intervals from the
-cluster bootstrap over groups), beside the per-fold figures.
+two-stage bootstrap over groups), beside the per-fold figures.
 
 Written to ``out``: ``fold_<i>/`` model folders, ``cv_table.csv/.md`` (pooled, model and baselines),
 ``cv_folds.csv/.md`` (per fold), ``cv_predictions.csv`` (one row per map), ``cv_folds.png`` (per-fold

@@ -2,8 +2,9 @@
 
 Point estimates come from scikit-learn. Bootstrap resamples are scored in batches as per-map weights
 (how often each map is drawn): maps drawn with replacement, or -- when the maps' acquisition groups are
-given -- whole groups drawn with replacement within each class (a stratified cluster bootstrap: maps of
-one field are not independent, so resampling maps makes intervals too narrow when groups are few).
+given -- a two-stage bootstrap: whole groups drawn with replacement within each class, then maps within
+each drawn group (maps of one field are not independent, so resampling maps alone makes intervals too
+narrow when groups are few; resampling groups alone gives no interval where a class has one group).
 Scores come accuracy, balanced accuracy and macro F1 from a stack of confusion matrices, sensitivity
 at a fixed false-positive rate from weighted cumulative counts, so 1000 resamples of thousands of maps
 take a fraction of a second. The batched formulas follow scikit-learn's conventions (tests compare
@@ -313,7 +314,7 @@ def _binary_scores(y_true, proba, names, positive_class):
 def _bootstrap(y_true, y_pred, n_boot, seed, binary, groups=None) -> dict[str, np.ndarray]:
     """Metric values over ``n_boot`` resamples (chunked to bound memory): of the maps, or with
     ``groups`` of whole acquisition groups within each class (:func:`_group_weights`)."""
-    if n_boot <= 0 or (groups is not None and np.unique(groups).size < 2):
+    if n_boot <= 0:
         return {}
     n, k = y_true.size, int(max(y_true.max(), y_pred.max())) + 1
     rng = np.random.default_rng(seed)
@@ -345,17 +346,24 @@ def _batched_confusion(y_true, y_pred, idx, k) -> np.ndarray:
 
 
 def _group_weights(rng, size, y_true, groups) -> np.ndarray:
-    """(size, N) map weights of a stratified cluster bootstrap: each group's class is its most frequent
-    class; within each class its groups are drawn with replacement (as many as it has), and a map weighs
-    as often as its group was drawn."""
+    """(size, N) map weights of a two-stage (hierarchical) bootstrap: each group's class is its most
+    frequent class; within each class its groups are drawn with replacement (as many as it has), then
+    the maps of every drawn group are drawn with replacement (as many as it has). The first stage carries
+    the variation between acquisition groups; the second keeps the interval from collapsing to zero width
+    where a class has a single group (whose group-to-group variation no test set can show: the report's
+    warnings say so)."""
     codes, g = np.unique(groups, return_inverse=True)
     group_class = np.array([np.bincount(y_true[g == i]).argmax() for i in range(codes.size)])
-    counts = np.zeros((size, codes.size))
+    drawn = np.zeros((size, codes.size), dtype=np.int64)
     for cls in np.unique(group_class):
         members = np.flatnonzero(group_class == cls)
         draws = members[rng.integers(0, members.size, size=(size, members.size))]
-        np.add.at(counts, (np.arange(size)[:, None], draws), 1)
-    return counts[:, g]
+        np.add.at(drawn, (np.arange(size)[:, None], draws), 1)
+    weights = np.zeros((size, y_true.size))
+    for i in range(codes.size):
+        maps = np.flatnonzero(g == i)
+        weights[:, maps] = rng.multinomial(drawn[:, i] * maps.size, np.full(maps.size, 1.0 / maps.size))
+    return weights
 
 
 def _weighted_confusion(y_true, y_pred, weights, k) -> np.ndarray:
@@ -385,9 +393,8 @@ def _ci_method(n_boot, groups) -> str | None:
     if groups is None:
         return f"bootstrap over maps ({n_boot} resamples)"
     n = np.unique(groups).size
-    if n < 2:
-        return "none: one acquisition group cannot be resampled"
-    return f"cluster bootstrap over {n} acquisition groups, within class ({n_boot} resamples)"
+    return (f"two-stage bootstrap over {n} acquisition groups (groups within class, then maps within "
+            f"group; {n_boot} resamples)")
 
 
 def _resample_counts(idx, n) -> np.ndarray:

@@ -122,7 +122,7 @@ def test_cross_validation_tests_every_map_once_beside_the_baselines(tmp_path_fac
         assert tested == set(split["groups"]["test"]) and not tested & set(split["groups"]["train"])
     assert list(cv.table["model"]) == ["features", *BASELINES]
     assert cv.reports["features"]["n"] == len(in_task)
-    assert "cluster bootstrap over 6 acquisition groups" in cv.reports["features"]["ci_method"]
+    assert "two-stage bootstrap over 6 acquisition groups" in cv.reports["features"]["ci_method"]
     assert len(cv.folds) == 3 * 3 and set(cv.folds["fold"]) == {1, 2, 3}
     for name in ("table_csv", "folds_csv", "predictions", "folds_figure", "confusion"):
         assert cv.files[name].stat().st_size > 0
@@ -145,8 +145,21 @@ def test_cluster_bootstrap_widens_the_interval_when_groups_are_few():
         return report["balanced_accuracy"]["ci_high"] - report["balanced_accuracy"]["ci_low"]
 
     assert width(by_groups) > 2.5 * width(by_maps)
-    assert "cluster" in by_groups["ci_method"] and "maps" in by_maps["ci_method"]
+    assert "two-stage" in by_groups["ci_method"] and "maps" in by_maps["ci_method"]
     assert by_groups["warnings"] == [] and by_groups["groups_per_class"] == {"A": 3, "B": 3}
+
+
+def test_one_group_per_class_still_gets_an_interval_and_a_warning():
+    """With one acquisition group per class, resampling groups alone would give a zero-width interval;
+    the two-stage bootstrap keeps the maps' variation, and the report says the groups' is unknown."""
+    rng = np.random.default_rng(1)
+    y_true = np.repeat([0, 1], 80)
+    y_pred = np.where(rng.random(160) < 0.8, y_true, 1 - y_true)
+    report = classification_report(y_true, np.eye(2)[y_pred], ["A", "B"], n_boot=500,
+                                   groups=np.repeat(["a", "b"], 80))
+    ci = report["accuracy"]
+    assert ci["ci_low"] < ci["value"] < ci["ci_high"] and ci["ci_high"] - ci["ci_low"] > 0.05
+    assert len(report["warnings"]) == 1 and "A 1, B 1" in report["warnings"][0]
 
 
 def test_few_test_groups_are_warned_about_and_imbalance_makes_balanced_accuracy_the_headline():

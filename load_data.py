@@ -220,7 +220,7 @@ def load_job(job: Job, writer: DatasetWriter, summary: Summary, *, strict: bool)
         bad.report()
     summary.bad_maps += bad.count
     if not added:
-        why = "no usable isolated cells found" if job.options.fields else "none of its maps is usable"
+        why = "no usable cells found" if job.options.fields else "none of its maps is usable"
         raise ExportError(path, why)
     summary.maps_added += added
     summary.files_added += 1

@@ -153,7 +153,7 @@ def predict_files(model, paths: Iterable[str | os.PathLike], out: str | os.PathL
                     batcher.add(path, index, cell, opd)
                     n += 1
                 if n == 0:
-                    raise ExportError(path, "no usable map" + (" (no isolated cells found)" if options.fields
+                    raise ExportError(path, "no usable map" + (" (no cells found)" if options.fields
                                                                else ""))
             except ExportError as exc:
                 batcher.drop(path)

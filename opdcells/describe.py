@@ -33,12 +33,16 @@ def describe_export(path: str | os.PathLike, options: IngestOptions | None = Non
     options = options or IngestOptions()
     info = {"path": str(path), "qpformat": qpformat_format(path), "error": None, "notes": []}
     try:
-        with open_export(path, var=options.var, stack_axis=options.stack_axis, hologram=options.hologram,
-                         retrieval=options.retrieval) as reader:
+        with open_export(path, **options.open_kwargs) as reader:
             meta = reader.file_meta if reader.units_fixed else options.user_meta.over(reader.file_meta)
             info.update(format=reader.name, n_maps=len(reader), shape=tuple(int(n) for n in reader.map_shape),
                         variable=reader.variable, meta=reader.file_meta.as_dict(),
                         missing=options.user_meta.over(meta).missing(), sideband=_first_sideband(reader))
+            if reader.integer_samples and reader.sample_scale is None and options.scale is None:
+                info["notes"].append(f"integer samples ({reader.dtype}) without a calibration in the file: "
+                                     "give --scale (and --offset)")
+            info["notes"] += [f"the file's {key!r} variable is {what}"
+                              for key, what in reader.meta_problems.items()]
             if not options.hologram and isinstance(reader, ArrayReader) and reader.dtype.kind != "c":
                 first = next(reader.raw_maps(), None)
                 if first is not None and looks_like_hologram(first):

@@ -138,6 +138,12 @@ class IngestOptions:
         return json.dumps(ident, sort_keys=True, separators=(",", ":"))
 
     @property
+    def open_kwargs(self) -> dict:
+        """Keyword arguments of :func:`opdcells.readers.open_export` for these options."""
+        return {"var": self.var, "stack_axis": self.stack_axis, "hologram": self.hologram,
+                "channel": self.channel, "retrieval": self.retrieval}
+
+    @property
     def sample_scale(self) -> SampleScale | None:
         """The user's calibration of the stored samples, None if not given."""
         if self.scale is None:
@@ -530,9 +536,7 @@ class ProcessedExport:
         self.options = options
         self.on_error = on_error
         with _export_errors(self.path):
-            self._reader = open_export(self.path, var=options.var, stack_axis=options.stack_axis,
-                                       hologram=options.hologram, channel=options.channel,
-                                       retrieval=options.retrieval)
+            self._reader = open_export(self.path, **options.open_kwargs)
             try:
                 self._n = len(self._reader)
             except BaseException:

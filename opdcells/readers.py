@@ -1312,17 +1312,6 @@ def open_export(path: str | os.PathLike, *, var: str | None = None, stack_axis: 
     return _open_with(path, READERS, **kwargs, retrieval=retrieval)
 
 
-def describe(path: str | os.PathLike, **kwargs) -> dict:
-    """Format, number of maps, map shape, variable read and file metadata of an export (for the CLI).
-
-    ``kwargs`` are those of :func:`open_export`.
-    """
-    with open_export(path, **kwargs) as reader:
-        return {"path": str(path), "format": reader.name, "n_maps": len(reader),
-                "shape": tuple(int(n) for n in reader.map_shape), "variable": reader.variable,
-                "meta": reader.file_meta.as_dict()}
-
-
 def format_table() -> str:
     """The README's table of readable formats, generated from :data:`READERS` (Markdown, one row per
     reader in the order :func:`open_export` tries them, then the readers used only with ``--hologram``)."""

@@ -22,7 +22,6 @@ from opdcells.readers import (
     NpzReader,
     PhasicsTiffReader,
     TiffReader,
-    describe,
     open_export,
 )
 
@@ -535,13 +534,20 @@ def test_export_suffixes():
 
 
 def test_describe(tmp_path):
+    from opdcells.describe import describe_export
+    from opdcells.ingest import IngestOptions
+
     path = tmp_path / "d.mat"
     scipy.io.savemat(path, {"phase": np.ones((12, 10, 3)), "units": "RAD", "wavelength_nm": 532.0})
-    info = describe(path)
-    assert info == {"path": str(path), "format": "mat", "n_maps": 3, "shape": (12, 10), "variable": "phase",
-                    "meta": {"units": "rad", "wavelength_nm": 532.0, "pixel_size_um": None,
-                             "medium_index": None}}
-    assert describe(path, stack_axis=0)["n_maps"] == 12
+    info = describe_export(path)
+    assert (info["format"], info["n_maps"], info["shape"], info["variable"]) == ("mat", 3, (12, 10), "phase")
+    assert info["meta"] == {"units": "rad", "wavelength_nm": 532.0, "pixel_size_um": None,
+                            "medium_index": None}
+    assert info["missing"] == ["pixel_size_um"] and info["error"] is None
+    assert describe_export(path, IngestOptions(stack_axis=0))["n_maps"] == 12
+    counts = tmp_path / "counts.npy"
+    np.save(counts, np.arange(400, dtype=np.uint16).reshape(20, 20))
+    assert any("integer samples (uint16)" in note for note in describe_export(counts)["notes"])
 
 
 @pytest.mark.parametrize("compressed", [True, False])

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -74,6 +75,26 @@ def test_evaluate_writes_metrics_and_figures(features_run, tmp_path, capsys):
     stored = json.loads((out / "metrics.json").read_text())
     assert metrics["confusion_matrix"] == stored["confusion_matrix"]
     assert metrics["sensitivity_at_fpr"]["positive_class"] == "cancer"
+
+
+def test_evaluate_shows_where_maps_came_from_and_repeats_an_encoder_geometry_warning(features_run, tmp_path,
+                                                                                   capsys):
+    data, out = features_run
+    model = tmp_path / "model"
+    shutil.copytree(out, model)
+    config = json.loads((model / "config.json").read_text())
+    config.setdefault("model_info", {})["geometry_warning"] = "the opd encoder was pretrained on 128 px maps"
+    (model / "config.json").write_text(json.dumps(config))
+    argv = ["evaluate", str(model), "--data", str(data), "--results", str(tmp_path), "--n-boot", "0"]
+    assert main(argv) == 0
+    assert "warning: feat: the opd encoder was pretrained on 128 px maps" in capsys.readouterr().err
+    folder = tmp_path / "feat"   # the run name in config.json
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert "the opd encoder was pretrained on 128 px maps" in metrics["warnings"]
+    table = pd.read_csv(folder / "predictions.csv")
+    for column in ("source_file", "source_index", "cell", "centroid_row_um", "bbox_row0", "group"):
+        assert column in table.columns
+    assert (table["cell"] == -1).all()   # the tiny dataset holds whole maps, not cells of fields
 
 
 def test_evaluate_all_maps_of_a_new_dataset(features_run, tmp_path, capsys):

@@ -13,6 +13,7 @@ import contextlib
 import csv
 import dataclasses
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -744,8 +745,10 @@ def iter_processed(path: str | os.PathLike, options: IngestOptions, *,
 #: resolution at Nyquist (``PreprocessConfig``); coarser sizes only for cells over 64 um.
 OUT_SIZES = (128, 192, 256)
 OUT_PIXEL_SIZES_UM = (0.25, 0.5, 1.0)
-#: Cells measured (the first ones read) to choose or check the geometry.
+#: Cells measured to choose or check the geometry, at most ``GEOMETRY_CELLS_PER_FILE`` from each of the
+#: files evenly spread over the load.
 GEOMETRY_SAMPLE = 16
+GEOMETRY_CELLS_PER_FILE = 4
 #: The window must be this many times the widest measured cell (room for larger cells than those sampled).
 GEOMETRY_MARGIN = 1.25
 #: Output geometry used only to measure cells (a 256 um window at 4 um/px: no plausible cell is cut).
@@ -753,25 +756,31 @@ _MEASURING = PreprocessConfig(out_pixel_size_um=4.0, out_size=64)
 
 
 def measure_cells(items: Iterable[tuple[Path, IngestOptions]], n: int = GEOMETRY_SAMPLE,
-                  ) -> list[tuple[float, Path]]:
-    """``(extent_um, file)`` of the first ``n`` cells of the exports ``items``, read like any load.
+                  per_file: int = GEOMETRY_CELLS_PER_FILE) -> list[tuple[float, Path]]:
+    """``(extent_um, file)`` of ``n`` cells of the exports ``items``, read like any load.
 
-    ``extent_um`` is :attr:`ProcessedMap.extent_um`: the side of the centred square holding the cell.
-    Unreadable files and bad maps are passed over (the load itself reports them).
+    The files are taken evenly spread over ``items`` (every class folder of a load, not only the first),
+    at most ``per_file`` cells from each, then the others in order if that gave too few. ``extent_um`` is
+    :attr:`ProcessedMap.extent_um`: the side of the centred square holding the cell. Unreadable files and
+    bad maps are passed over (the load itself reports them).
     """
+    items = list(items)
+    spread = np.unique(np.linspace(0, len(items) - 1, min(n, len(items))).round().astype(int)).tolist()
+    order = spread + [i for i in range(len(items)) if i not in set(spread)]
     found: list[tuple[float, Path]] = []
-    for path, options in items:
+    for i in order:
+        path, options = items[i]
         measuring = options.replace(config=dataclasses.replace(
             _MEASURING, background_order=options.config.background_order,
             alpha_ml_per_g=options.config.alpha_ml_per_g))
         try:
-            for _, processed, _ in iter_processed(path, measuring, on_error=lambda exc: None):
-                found.append((processed.extent_um, Path(path)))
-                if len(found) >= n:
-                    return found
+            with contextlib.closing(iter_processed(path, measuring, on_error=lambda exc: None)) as cells:
+                found += [(p.extent_um, Path(path)) for _, p, _ in itertools.islice(cells, per_file)]
         except ExportError:
             continue
-    return found
+        if len(found) >= n:
+            break
+    return found[:n]
 
 
 def fit_geometry(extent_um: float, *, pixel_size_um: float | None = None, out_size: int | None = None,
@@ -811,13 +820,13 @@ def output_geometry(items: Iterable[tuple[Path, IngestOptions]], *, pixel_size_u
     """The output geometry of a load: an existing dataset's, else fitted to the cells of the exports.
 
     What the user does not give (``pixel_size_um``, ``out_size``) is chosen with :func:`fit_geometry`
-    from the first ``GEOMETRY_SAMPLE`` cells (:func:`measure_cells`); a window the user gives that cannot
-    hold them is refused, one with less than ``GEOMETRY_MARGIN`` is warned about.
+    from ``GEOMETRY_SAMPLE`` cells spread over the exports (:func:`measure_cells`); a window the user gives
+    that cannot hold them is refused, one with less than ``GEOMETRY_MARGIN`` is warned about.
 
     Parameters
     ----------
     items : iterable of (path, IngestOptions)
-        The exports to load, in load order (only the first cells are read).
+        The exports to load, in load order (only a few cells are read).
     pixel_size_um, out_size : optional
         ``--out-pixel-size-um`` and ``--out-size``.
     existing : dict, optional
@@ -845,7 +854,7 @@ def output_geometry(items: Iterable[tuple[Path, IngestOptions]], *, pixel_size_u
     widest, where = max(cells, key=lambda c: c[0])
     px, size = fit_geometry(widest, pixel_size_um=pixel_size_um, out_size=out_size)
     config = PreprocessConfig.from_settings({**settings, "pixel_size_um": px, "out_size": size})
-    measured = (f"the widest of the first {len(cells)} cells spans {widest:.1f} um and the window should "
+    measured = (f"the widest of {len(cells)} cells measured spans {widest:.1f} um and the window should "
                 f"hold {GEOMETRY_MARGIN:g} times it")
     if px * size < widest:
         raise ExportError(where, window_too_small(config, widest))

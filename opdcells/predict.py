@@ -238,8 +238,9 @@ def _summarise_dropped(result: PredictResult) -> None:
     if not result.dropped:
         return
     kinds = collections.Counter(_reason_kind(d.reason) for d in result.dropped)
-    log.info("%d objects dropped (%s); listed in %s", len(result.dropped),
-             ", ".join(f"{n} {kind}" for kind, n in kinds.most_common()), result.dropped_out)
+    n = len(result.dropped)
+    log.info("%d %s dropped (%s); listed in %s", n, "object" if n == 1 else "objects",
+             ", ".join(f"{k} {kind}" for kind, k in kinds.most_common()), result.dropped_out)
 
 
 def _reason_kind(reason: str) -> str:

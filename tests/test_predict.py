@@ -152,8 +152,9 @@ def test_fields_give_each_cell_its_position_and_list_dropped_objects(model, fiel
     row = dropped.iloc[0]
     assert row["reason"] == "segmentation: touches the border" and row["bbox_row0"] == 0
     assert row["file"] == str(field) and row["object"] not in set(table["object"])
-    assert any("1 objects dropped (1 segmentation: touches the border); listed in" in r.getMessage()
-               for r in caplog.records)
+    logged = [r.getMessage() for r in caplog.records]
+    assert any("1 object dropped (1 segmentation: touches the border); listed in" in m for m in logged)
+    assert "exports at 0.5 um/px are resampled to the model's 1 um/px" in "\n".join(logged)   # its geometry
 
 
 def test_an_unsegmented_field_is_refused_through_the_cli(model, field, tmp_path, capsys):

@@ -157,14 +157,21 @@ def test_fields_give_each_cell_its_position_and_list_dropped_objects(model, fiel
     assert "exports at 0.5 um/px are resampled to the model's 1 um/px" in "\n".join(logged)   # its geometry
 
 
-def test_an_unsegmented_field_is_refused_through_the_cli(model, field, tmp_path, capsys):
+@pytest.mark.parametrize(("shape", "centres", "words"), [
+    ((120, 120), [*WHOLE, (1.0, 50.0)], ("field of view", "give --fields")),        # a field read as one cell
+    ((48, 48), [(12.0, 1.5)], ("touches the edge", "larger window", "--fields")),   # a cell cut by the edge
+])
+def test_a_field_or_a_cut_cell_is_refused_through_the_cli(model, shape, centres, words, tmp_path, capsys):
+    export = tmp_path / "export.npy"
+    np.save(export, disc_field(shape, centres, px=PX))
     out = tmp_path / "preds.csv"
-    status = cli.main(["predict", str(model.folder), str(field), "--out", str(out), "--units", "nm",
+    status = cli.main(["predict", str(model.folder), str(export), "--out", str(out), "--units", "nm",
                        "--pixel-size-um", str(PX), "-q"])
     err = capsys.readouterr().err
-    assert status == 2 and err.count("\n") == 1 and str(field) in err and "give --fields" in err, err
+    assert status == 2 and err.count("\n") == 1 and str(export) in err, err
+    assert all(word in err for word in words), err
     assert pd.read_csv(out).empty
-    assert "field of view" in pd.read_csv(dropped_path(out))["reason"][0]
+    assert words[0] in pd.read_csv(dropped_path(out))["reason"][0]
 
 
 def test_an_interrupted_run_leaves_the_old_csv(model, exports, tmp_path):

@@ -695,12 +695,8 @@ def _segment(data, meta: Meta, config: PreprocessConfig, where: str, options: In
 def field_position(crop, cell: int, pixel_size_um: float) -> FieldPosition:
     """Where the cell of ``crop`` (a :class:`opdcells.segment.CellCrop`) lies in its field: its number
     ``cell``, label, the centroid of its segment and its own bounding box (px of the field)."""
-    rows, cols = np.nonzero(crop.mask)
+    rows, cols = np.nonzero(crop.mask)   # a crop's segment is never empty
     row0, col0 = crop.bbox[:2]
-    if rows.size == 0:   # an empty segment: the window stands for the cell
-        r0, c0, r1, c1 = crop.bbox
-        return FieldPosition(cell, crop.label, ((r0 + r1 - 1) / 2, (c0 + c1 - 1) / 2), tuple(crop.bbox),
-                             float(pixel_size_um))
     bbox = (row0 + int(rows.min()), col0 + int(cols.min()), row0 + int(rows.max()) + 1,
             col0 + int(cols.max()) + 1)
     return FieldPosition(cell, int(crop.label), (row0 + float(rows.mean()), col0 + float(cols.mean())), bbox,
@@ -751,6 +747,8 @@ GEOMETRY_SAMPLE = 16
 GEOMETRY_CELLS_PER_FILE = 4
 #: The window must be this many times the widest measured cell (room for larger cells than those sampled).
 GEOMETRY_MARGIN = 1.25
+#: A window the user gives is refused when more than 1 / MAX_TOO_WIDE of the cells measured do not fit it.
+MAX_TOO_WIDE = 4
 #: Output geometry used only to measure cells (a 256 um window at 4 um/px: no plausible cell is cut).
 _MEASURING = PreprocessConfig(out_pixel_size_um=4.0, out_size=64)
 
@@ -766,7 +764,8 @@ def measure_cells(items: Iterable[tuple[Path, IngestOptions]], n: int = GEOMETRY
     """
     items = list(items)
     spread = np.unique(np.linspace(0, len(items) - 1, min(n, len(items))).round().astype(int)).tolist()
-    order = spread + [i for i in range(len(items)) if i not in set(spread)]
+    taken = set(spread)
+    order = spread + [i for i in range(len(items)) if i not in taken]
     found: list[tuple[float, Path]] = []
     for i in order:
         path, options = items[i]
@@ -840,7 +839,8 @@ def output_geometry(items: Iterable[tuple[Path, IngestOptions]], *, pixel_size_u
     Raises
     ------
     ExportError
-        Naming the file of the widest cell when the window given cannot hold the cells.
+        Naming the file of the widest cell when the window given cannot hold more than
+        1 / ``MAX_TOO_WIDE`` of the cells measured (fewer: a warning, and those cells are refused one by one).
     """
     settings = dict(existing or {})
     given = {"pixel_size_um": pixel_size_um, "out_size": out_size}
@@ -856,11 +856,13 @@ def output_geometry(items: Iterable[tuple[Path, IngestOptions]], *, pixel_size_u
     config = PreprocessConfig.from_settings({**settings, "pixel_size_um": px, "out_size": size})
     measured = (f"the widest of {len(cells)} cells measured spans {widest:.1f} um and the window should "
                 f"hold {GEOMETRY_MARGIN:g} times it")
-    if px * size < widest:
-        raise ExportError(where, window_too_small(config, widest))
+    too_wide = sum(extent > px * size for extent, _ in cells)
+    if too_wide * MAX_TOO_WIDE > len(cells):
+        raise ExportError(where, f"{too_wide} of {len(cells)} cells measured do not fit: "
+                                 + window_too_small(config, widest, what="the widest"))
     if px * size < GEOMETRY_MARGIN * widest:
-        log.warning("output geometry %s leaves little room: %s; larger cells will be refused (give at "
-                    "least --out-size %d)", _geometry_text(config), measured,
+        log.warning("output geometry %s leaves little room: %s; %d of them do not fit and wider cells will "
+                    "be refused (give at least --out-size %d)", _geometry_text(config), measured, too_wide,
                     math.ceil(GEOMETRY_MARGIN * widest / px))
     chosen = [option for option, value in (("--out-pixel-size-um", pixel_size_um), ("--out-size", out_size))
               if value is None]

@@ -609,12 +609,13 @@ def preprocess_map(data, meta: Meta, config: PreprocessConfig = DEFAULT_CONFIG,
     return ProcessedMap(opd=window.astype(np.float32), dry_mass_pg=mass, area_um2=area, extent_um=extent_um)
 
 
-def window_too_small(config: PreprocessConfig, extent_um: float, cut_fraction: float | None = None) -> str:
-    """Why a cell spanning ``extent_um`` does not fit ``config``'s output window, with the numbers and the
-    smallest output size that holds it."""
+def window_too_small(config: PreprocessConfig, extent_um: float, cut_fraction: float | None = None, *,
+                     what: str = "the cell") -> str:
+    """Why a cell spanning ``extent_um`` (named ``what``) does not fit ``config``'s output window, with the
+    numbers and the smallest output size that holds it."""
     need_px = math.ceil(extent_um / config.out_pixel_size_um)
     cut = f", {100 * cut_fraction:.1f}% of its OPD cut off" if cut_fraction is not None else ""
-    return (f"the cell spans {extent_um:.1f} um but the output window is {config.out_size} px at "
+    return (f"{what} spans {extent_um:.1f} um but the output window is {config.out_size} px at "
             f"{config.out_pixel_size_um:g} um/px ({config.out_size * config.out_pixel_size_um:g} um){cut}; "
             f"it needs at least {need_px} px at that pixel size (load with a larger --out-size or "
             "--out-pixel-size-um, or leave both out to fit the cells; predict with a model trained on "

@@ -123,7 +123,8 @@ def test_a_window_too_small_for_the_cells_is_refused_with_the_numbers(tmp_path, 
             "--out-pixel-size-um", "0.25", "-q"]
     status, err = load(argv, capsys)
     assert status == 2 and err.count("\n") == 1 and str(path) in err, err
-    assert "spans 1" in err and "48 px at 0.25 um/px (12 um)" in err and "needs at least" in err
+    assert "1 of 1 cells measured do not fit: the widest spans 18." in err, err
+    assert "48 px at 0.25 um/px (12 um)" in err and "needs at least 75 px" in err
 
 
 def test_log_of_a_load_with_fields_counts_what_segmentation_dropped(field_file, caplog):

@@ -693,8 +693,22 @@ def _segment(data, meta: Meta, config: PreprocessConfig, where: str, options: In
 
 
 def field_position(crop, cell: int, pixel_size_um: float) -> FieldPosition:
-    """Where the cell of ``crop`` (a :class:`opdcells.segment.CellCrop`) lies in its field: its number
-    ``cell``, label, the centroid of its segment and its own bounding box (px of the field)."""
+    """Where the cell of a crop lies in its field.
+
+    Parameters
+    ----------
+    crop : opdcells.segment.CellCrop
+        The crop (``bbox``: its window in the field; ``mask``: the cell's segment in the window).
+    cell : int
+        The cell's number among the crops of its field.
+    pixel_size_um : float
+        The field's pixel size (um), for ``centroid_um``.
+
+    Returns
+    -------
+    FieldPosition
+        Label, centroid of the segment and the segment's own bounding box, in pixels of the field.
+    """
     rows, cols = np.nonzero(crop.mask)   # a crop's segment is never empty
     row0, col0 = crop.bbox[:2]
     bbox = (row0 + int(rows.min()), col0 + int(cols.min()), row0 + int(rows.max()) + 1,
@@ -755,12 +769,23 @@ _MEASURING = PreprocessConfig(out_pixel_size_um=4.0, out_size=64)
 
 def measure_cells(items: Iterable[tuple[Path, IngestOptions]], n: int = GEOMETRY_SAMPLE,
                   per_file: int = GEOMETRY_CELLS_PER_FILE) -> list[tuple[float, Path]]:
-    """``(extent_um, file)`` of ``n`` cells of the exports ``items``, read like any load.
+    """Measure the width of ``n`` cells of the exports, read like any load.
 
     The files are taken evenly spread over ``items`` (every class folder of a load, not only the first),
-    at most ``per_file`` cells from each, then the others in order if that gave too few. ``extent_um`` is
-    :attr:`ProcessedMap.extent_um`: the side of the centred square holding the cell. Unreadable files and
-    bad maps are passed over (the load itself reports them).
+    at most ``per_file`` cells from each, then the others in order if that gave too few. Unreadable files
+    and bad maps are passed over (the load itself reports them).
+
+    Parameters
+    ----------
+    items : iterable of (path, IngestOptions)
+        The exports of a load, in load order.
+    n, per_file : int
+        Cells to measure in all, and at most from one file.
+
+    Returns
+    -------
+    list of (extent_um, path)
+        :attr:`ProcessedMap.extent_um` (um: the side of the centred square holding the cell) and its file.
     """
     items = list(items)
     spread = np.unique(np.linspace(0, len(items) - 1, min(n, len(items))).round().astype(int)).tolist()

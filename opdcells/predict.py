@@ -79,7 +79,18 @@ class PredictResult:
 
 
 def dropped_path(out: str | os.PathLike) -> Path:
-    """The list of dropped objects beside the predictions ``out``: ``preds.csv`` -> ``preds.dropped.csv``."""
+    """The list of dropped objects beside the predictions CSV.
+
+    Parameters
+    ----------
+    out : path
+        The predictions CSV, e.g. ``preds.csv``.
+
+    Returns
+    -------
+    Path
+        ``preds.dropped.csv`` in the same folder.
+    """
     out = Path(out)
     return out.with_name(f"{out.stem}.dropped{out.suffix or '.csv'}")
 
@@ -132,7 +143,28 @@ def _position_values(processed: ProcessedMap) -> list[str]:
 
 def csv_row(path: Path, index: int, processed: ProcessedMap, proba: np.ndarray, class_names,
             ood_values: Iterable = ()) -> list:
-    """One row of the predictions CSV, in :func:`csv_columns` order."""
+    """One row of the predictions CSV, in :func:`csv_columns` order.
+
+    Parameters
+    ----------
+    path : Path
+        The export.
+    index : int
+        The map inside it.
+    processed : ProcessedMap
+        The map as preprocessing made it (dry mass, area, ``position`` in its field or None).
+    proba : (K,) array
+        The model's class probabilities.
+    class_names : sequence of str
+        The model's K classes.
+    ood_values : iterable
+        Values of ``ood_columns`` (empty while ``OOD_COLUMNS`` is).
+
+    Returns
+    -------
+    list
+        CSV fields (numbers as text with 6 significant digits, empty where not recorded).
+    """
     return [storable_text(str(path)), index, *_position_values(processed),   # CSV is UTF-8
             f"{processed.dry_mass_pg:.6g}", f"{processed.area_um2:.6g}",
             class_names[int(np.argmax(proba))], *(f"{v:.6g}" for v in proba), *ood_values]

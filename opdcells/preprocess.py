@@ -398,8 +398,20 @@ def cell_mask(opd_nm, pixel_size_um: float, *, margin_um: float = MASK_MARGIN_UM
 
 
 def object_labels(opd_nm, pixel_size_um: float) -> np.ndarray:
-    """Label image (H, W) int of the separate objects above the background noise of a background-removed
-    map (:func:`noise_threshold`; holes filled, specks removed)."""
+    """Label the separate objects above the background noise of a background-removed map.
+
+    Parameters
+    ----------
+    opd_nm : (H, W) array
+        Background-removed OPD (nm; background ~0).
+    pixel_size_um : float
+        Pixel size (um): scales smoothing and speck removal.
+
+    Returns
+    -------
+    (H, W) int array
+        0 background, 1..n objects (:func:`noise_threshold`; holes filled, specks removed).
+    """
     return measure.label(_objects(np.asarray(opd_nm, dtype=np.float64), pixel_size_um))
 
 
@@ -443,7 +455,20 @@ def check_single_cell(labels: np.ndarray, cell: np.ndarray, pixel_size_um: float
 
 
 def centred_extent_px(mask: np.ndarray, weights: np.ndarray) -> float:
-    """Side (px) of the smallest square centred on the ``weights``-weighted centroid holding ``mask``."""
+    """Side of the smallest square centred on the ``weights``-weighted centroid that holds ``mask``.
+
+    Parameters
+    ----------
+    mask : (H, W) bool array
+        The cell (dilated mask).
+    weights : (H, W) array
+        OPD (nm); only its positive values inside ``mask`` weigh, as in :func:`centre_crop`.
+
+    Returns
+    -------
+    float
+        The side in pixels (0 for an empty mask); times the pixel size: the window the cell needs.
+    """
     weights = np.clip(np.where(mask, weights, 0.0), 0.0, None)
     centre = ndi.center_of_mass(weights) if weights.sum() > 0 else ndi.center_of_mass(mask)
     rows, cols = np.nonzero(mask)
@@ -611,8 +636,24 @@ def preprocess_map(data, meta: Meta, config: PreprocessConfig = DEFAULT_CONFIG,
 
 def window_too_small(config: PreprocessConfig, extent_um: float, cut_fraction: float | None = None, *,
                      what: str = "the cell") -> str:
-    """Why a cell spanning ``extent_um`` (named ``what``) does not fit ``config``'s output window, with the
-    numbers and the smallest output size that holds it."""
+    """Why a cell does not fit an output window, with the numbers and the smallest window that holds it.
+
+    Parameters
+    ----------
+    config : PreprocessConfig
+        The output geometry (``out_size`` px at ``out_pixel_size_um``).
+    extent_um : float
+        The window the cell needs (:attr:`ProcessedMap.extent_um`), um.
+    cut_fraction : float, optional
+        The fraction of its OPD the window cuts off.
+    what : str
+        How the message names the cell.
+
+    Returns
+    -------
+    str
+        One line for an ExportError.
+    """
     need_px = math.ceil(extent_um / config.out_pixel_size_um)
     cut = f", {100 * cut_fraction:.1f}% of its OPD cut off" if cut_fraction is not None else ""
     return (f"{what} spans {extent_um:.1f} um but the output window is {config.out_size} px at "

@@ -11,6 +11,7 @@ import pytest
 from helpers import REPO_ROOT, tiny_dataset, tiny_run, write_exports, write_tiny_dataset
 
 from opdcells.cli import main
+from opdcells.predict import csv_columns, dropped_path
 
 pytest.importorskip("tensorflow")
 
@@ -142,8 +143,12 @@ def test_predict(features_run, tmp_path, capsys):
     captured = capsys.readouterr()
     assert "broken.mat" in captured.err
     table = pd.read_csv(preds)
-    assert list(table.columns) == ["file", "index", "cell", "predicted", "p_cancer", "p_blood"]
+    assert list(table.columns) == csv_columns(["cancer", "blood"])
+    assert list(table.columns[-3:]) == ["predicted", "p_cancer", "p_blood"]
     assert len(table) == len(exports)
+    dropped = pd.read_csv(dropped_path(preds))
+    assert dropped["file"].str.endswith("broken.mat").tolist() == [True] and dropped["index"].isna().all()
+    assert "1 dropped, listed in" in captured.out
     assert main(["predict", str(out), *map(str, exports), "--out", str(preds), "-q"]) == 0
 
 

@@ -127,7 +127,7 @@ def test_a_window_too_small_for_the_cells_is_refused_with_the_numbers(tmp_path, 
     assert "48 px at 0.25 um/px (12 um)" in err and "needs at least 75 px" in err
 
 
-def test_log_of_a_load_with_fields_counts_what_segmentation_dropped(field_file, caplog):
+def test_objects_segmentation_drops_are_reported_with_their_reason(field_file, caplog):
     dropped = []
     options = IngestOptions(units="nm", pixel_size_um=PX, fields=True)
     with caplog.at_level(logging.INFO, logger="opdcells"):

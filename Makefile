@@ -25,7 +25,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest
 
 demo: $(STAMP) $(SIM)/truth.csv
-	$(BIN)/python load_data.py $(SIM) --out $(DATASET)
+	$(BIN)/python load_data.py $(SIM) --out $(DATASET) --out-pixel-size-um 0.25 --out-size 128
 	$(BIN)/python -m opdcells notebooks --data $(DATASET) --profile $(PROFILE)
 
 # Simulated once: re-running the demo re-uses the exports (load_data then adds nothing new).

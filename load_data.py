@@ -35,6 +35,7 @@ from opdcells.ingest import (
     discover,
     file_key,
     labelled_twice,
+    output_geometry,
     positive_number,
     read_manifest,
     reading_options,
@@ -81,9 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "medium_index,var per row (row values win over the options below)")
     add_reading_options(p)
     p.add_argument("--out-pixel-size-um", type=positive_number, metavar="UM",
-                   help="pixel size of the dataset maps (default: the existing dataset's, else 0.25)")
+                   help="pixel size of the dataset maps (default: the existing dataset's, else fitted to "
+                        "the cells: 0.25 unless they need more than 64 um)")
     p.add_argument("--out-size", type=int, metavar="PX",
-                   help="side of the dataset maps (default: the existing dataset's, else 128)")
+                   help="side of the dataset maps (default: the existing dataset's, else fitted to the "
+                        "cells: 128 unless they need more)")
     p.add_argument("--strict", action="store_true", help="stop at the first bad file, changing nothing")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary, only problems")
     p.add_argument("-v", "--verbose", action="store_true", help="debug messages")
@@ -126,15 +129,18 @@ def _restore_logging(handler: logging.Handler, saved: dict) -> None:
         logging.getLogger(name).setLevel(level)
 
 
-def resolve_config(args: argparse.Namespace) -> PreprocessConfig:
-    """Output geometry: given options, else the existing dataset's, else the defaults."""
-    settings = {}
+def resolve_config(args: argparse.Namespace, jobs: list[Job]) -> PreprocessConfig:
+    """Output geometry: the existing dataset's, else fitted to the cells (``ingest.output_geometry``)."""
+    existing = None
     if args.out.exists():
         with open_dataset(args.out) as ds:
-            settings = ds.settings
-    given = {"pixel_size_um": args.out_pixel_size_um, "out_size": args.out_size}
-    settings.update({k: v for k, v in given.items() if v is not None})
-    return PreprocessConfig.from_settings(settings)
+            existing = ds.settings
+    config, why = output_geometry([(job.found.path, job.options) for job in jobs if not job.conflict],
+                                  pixel_size_um=args.out_pixel_size_um, out_size=args.out_size,
+                                  existing=existing)
+    if why:
+        log.info("%s", why)
+    return config
 
 
 @dataclass
@@ -316,13 +322,15 @@ def inspect(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    options = IngestOptions(**reading_options(args), config=resolve_config(args))
-    jobs = collect_jobs(args, options)
+    jobs = collect_jobs(args, IngestOptions(**reading_options(args)))
     if not jobs:
         log.error("no export files found in %s", ", ".join(map(str, args.sources or [args.manifest])))
         return EXIT_FAILED
+    config = resolve_config(args, jobs)
+    for job in jobs:
+        job.options = job.options.replace(config=config)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    with DatasetWriter(args.out, options.config) as writer:
+    with DatasetWriter(args.out, config) as writer:
         summary = load_all(jobs, writer, strict=args.strict, progress=not args.quiet)
     report(summary, writer, args.out)
     return summary.status()

@@ -242,8 +242,9 @@ def run_predict(args) -> int:
     options = ingest_options(model, **reading_options(args))
     result = predict_files(model, args.exports, args.out, options=options, batch_size=args.batch_size,
                            tta=args.tta, progress=not args.quiet)
+    dropped = f"; {len(result.dropped)} dropped, listed in {result.dropped_out}" if result.dropped else ""
     print(f"{result.n_maps} maps from {result.n_files} files -> {result.out}"
-          + (f"; {len(result.skipped_files)} files skipped" if result.skipped_files else ""))
+          + (f"; {len(result.skipped_files)} files skipped" if result.skipped_files else "") + dropped)
     return result.status
 
 

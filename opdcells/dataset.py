@@ -1,6 +1,6 @@
 """The opdcells HDF5 dataset: schema, a sharded append-only store and lazy reading.
 
-Layout (``schema_version`` 2)
+Layout (``schema_version`` 3)
 -----------------------------
 A dataset is the file users name, ``DATASET.h5`` (the *index*), plus the folder beside it,
 ``DATASET.h5.shards/``, of immutable *shards*. Each append writes one new shard (its maps and their
@@ -16,6 +16,11 @@ per-map columns) and then a new index, which is small, atomically in place of th
 
 A schema 1 dataset (one file holding everything) is still read as it is; the next append migrates it
 by hard-linking (else copying) the old file into the shard folder as the first shard.
+
+Schema 3 adds the *trace* columns (where each map lies in its file: the cell's number, centroid and
+bounding box in its field of view). Datasets of schema 1 and 2 have none: they read as the columns' fill
+values (-1 / NaN: "not recorded"), and the next append writes them, filled so, for the old rows. The
+version was raised because an older opdcells appending to a schema 3 dataset would drop these columns.
 
 N maps of S x S pixels, K classes, M ingested export files, H shards.
 
@@ -52,6 +57,17 @@ Per-map datasets (first axis ``N``, rows never reordered or removed):
 ``wavelength_nm``         (N,) f4      imaging wavelength, NaN if unknown
 ``medium_index``          (N,) f4      medium refractive index, NaN if unknown
 ``input_pixel_size_um``   (N,) f4      pixel size of the export before resampling
+``cell``                  (N,) i4      schema 3: number of the cell among those cut from its field
+                                       of view (0, 1, ...); -1 for a whole map (stacks, single maps)
+``centroid_row_px``       (N,) f4      schema 3: centroid of the cell's segment in the field, in
+                                       export pixels (times ``input_pixel_size_um``: um); NaN for
+                                       a whole map
+``centroid_col_px``       (N,) f4      schema 3: the same, column
+``bbox_row0``             (N,) i4      schema 3: the cell's bounding box in the field (export px,
+                                       end exclusive): first row; -1 for a whole map
+``bbox_col0``             (N,) i4      schema 3: first column (-1 for a whole map)
+``bbox_row1``             (N,) i4      schema 3: row after the last (-1 for a whole map)
+``bbox_col1``             (N,) i4      schema 3: column after the last (-1 for a whole map)
 ========================  ===========  =========================================================
 
 Other datasets:
@@ -111,7 +127,7 @@ except ImportError:  # pragma: no cover - Windows
 log = logging.getLogger(__name__)
 
 FORMAT = "opdcells-dataset"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 #: Version of what a map's identity means, hashed by ``OPDDataset.fingerprint`` (schema 1 and 2 alike).
 CONTENT_VERSION = 1
 #: Oldest schema still read (schema 1: one self-contained file, migrated on the next append).
@@ -131,6 +147,19 @@ MAP_COLUMNS: dict[str, object] = {
     "medium_index": np.float32,
     "input_pixel_size_um": np.float32,
 }
+#: Schema 3 per-map columns, where each map lies in its file: name -> (dtype, fill value meaning "not
+#: recorded": a whole map, or a dataset written before schema 3).
+TRACE_COLUMNS: dict[str, tuple[object, object]] = {
+    "cell": (np.int32, -1),
+    "centroid_row_px": (np.float32, math.nan),
+    "centroid_col_px": (np.float32, math.nan),
+    "bbox_row0": (np.int32, -1),
+    "bbox_col0": (np.int32, -1),
+    "bbox_row1": (np.int32, -1),
+    "bbox_col1": (np.int32, -1),
+}
+#: Every per-map column a new shard or index holds.
+WRITTEN_COLUMNS: dict[str, object] = {**MAP_COLUMNS, **{k: dtype for k, (dtype, _) in TRACE_COLUMNS.items()}}
 FILE_COLUMNS: dict[str, object] = {"key": _STR, "path": _STR, "n_maps": np.int32}
 SHARD_COLUMNS: dict[str, object] = {"name": _STR, "rows": np.int64}
 SHARD_FORMAT = "opdcells-shard"
@@ -191,7 +220,7 @@ def _check_layout(h5: h5py.File, path: Path, real: Path) -> None:
     if missing:
         raise DatasetError(path, "corrupt opdcells dataset, missing " + ", ".join(missing))
     n = h5["opd"].shape[0]
-    ragged = [k for k in MAP_COLUMNS if h5[k].shape != (n,)]
+    ragged = [k for k in WRITTEN_COLUMNS if k in h5 and h5[k].shape != (n,)]
     if ragged:
         raise DatasetError(path, f"corrupt opdcells dataset, {', '.join(ragged)} not of length {n}")
     if version >= 2:
@@ -274,12 +303,38 @@ class OPDDataset:
 
     # --- columns
     def column(self, name: str) -> np.ndarray:
-        """A per-map column (or ``class_names``) as a NumPy array, read once and cached."""
+        """A per-map column (or ``class_names``) as a NumPy array, read once and cached.
+
+        A trace column (``TRACE_COLUMNS``) of a dataset written before schema 3 reads as its fill value.
+        """
         if name not in self._cache:
-            if name not in self._h5 or name == "opd":
+            if name in TRACE_COLUMNS and name not in self._h5:
+                dtype, fill = TRACE_COLUMNS[name]
+                self._cache[name] = np.full(len(self), fill, dtype=dtype)
+            elif name not in self._h5 or name == "opd":
                 raise KeyError(f"{self.path}: no column {name!r}")
-            self._cache[name] = _read_column(self._h5, name)
+            else:
+                self._cache[name] = _read_column(self._h5, name)
         return self._cache[name]
+
+    def origins(self, indices=None) -> dict[str, np.ndarray]:
+        """Where maps ``indices`` (default all) came from inside their files.
+
+        Returns
+        -------
+        dict of (n,) arrays: ``source_file``, ``source_index`` (map in the file), ``cell`` (number of the
+        cell cut from a field of view, -1 for a whole map), ``centroid_row_px``, ``centroid_col_px``,
+        ``centroid_row_um``, ``centroid_col_um`` (centroid in the field, export px and um; NaN for a whole
+        map) and ``bbox_row0``, ``bbox_col0``, ``bbox_row1``, ``bbox_col1`` (the cell's bounding box in the
+        field, export px, end exclusive; -1 for a whole map). Datasets before schema 3 give the fill
+        values for the field columns.
+        """
+        idx = slice(None) if indices is None else np.asarray(indices, dtype=np.int64)
+        out = {name: self.column(name)[idx] for name in ("source_file", "source_index", *TRACE_COLUMNS)}
+        px = self.column("input_pixel_size_um")[idx].astype(np.float64)
+        for axis in ("row", "col"):
+            out[f"centroid_{axis}_um"] = out[f"centroid_{axis}_px"] * px
+        return out
 
     @property
     def opd(self) -> h5py.Dataset:
@@ -376,12 +431,22 @@ class _Batch:
 
     @classmethod
     def empty(cls, size: int, out_size: int) -> _Batch:
-        return cls(np.empty((size, out_size, out_size), np.float32), {k: [] for k in MAP_COLUMNS})
+        return cls(np.empty((size, out_size, out_size), np.float32), {k: [] for k in WRITTEN_COLUMNS})
 
     def truncate(self, n: int) -> None:
         self.n = n
         for values in self.columns.values():
             del values[n:]
+
+
+def _trace_row(position) -> dict:
+    """The trace columns of a map: its FieldPosition (a cell cut from a field), or the fill values."""
+    if position is None:
+        return {name: fill for name, (_, fill) in TRACE_COLUMNS.items()}
+    row0, col0, row1, col1 = position.bbox
+    return {"cell": position.cell, "centroid_row_px": position.centroid_px[0],
+            "centroid_col_px": position.centroid_px[1], "bbox_row0": row0, "bbox_col0": col0,
+            "bbox_row1": row1, "bbox_col1": col1}
 
 
 def _nan_if_none(value) -> float:
@@ -439,21 +504,24 @@ def _create_map_layout(h5: h5py.File, size: int) -> None:
     """Empty resizable ``opd`` and per-map columns (the content of a shard)."""
     h5.create_dataset("opd", shape=(0, size, size), maxshape=(None, size, size), dtype=np.float32,
                       chunks=(1, size, size))
-    for name, dtype in MAP_COLUMNS.items():
+    for name, dtype in WRITTEN_COLUMNS.items():
         h5.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(256,))
 
 
-def _table(h5: h5py.File, name: str, dtype, values, old: h5py.File | None = None, block: int = 65536) -> None:
+def _table(h5: h5py.File, name: str, dtype, values, old: h5py.File | None = None, block: int = 65536,
+           fill=None) -> None:
     """Contiguous dataset ``name``: the old file's ``name`` (if any) followed by ``values``.
 
     The index is written once and never resized, so no chunk is half empty; the old rows are
-    copied ``block`` rows at a time (bounded memory).
+    copied ``block`` rows at a time (bounded memory). ``fill``: the value of the old rows of a per-map
+    column the old file lacks (a trace column of a dataset before schema 3).
     """
-    n_old = old[name].shape[0] if old is not None and name in old else 0
+    missing = old is not None and name not in old and fill is not None
+    n_old = old["opd"].shape[0] if missing else old[name].shape[0] if old is not None and name in old else 0
     dset = h5.create_dataset(name, shape=(n_old + len(values),), dtype=dtype)
     for start in range(0, n_old, block):
         stop = min(start + block, n_old)
-        dset[start:stop] = old[name][start:stop]
+        dset[start:stop] = np.full(stop - start, fill, dtype=dtype) if missing else old[name][start:stop]
     if len(values):
         dset[n_old:] = values
 
@@ -655,7 +723,7 @@ class DatasetWriter:
                "source_sha256": sha256, "group": group, "dry_mass_pg": processed.dry_mass_pg,
                "area_um2": processed.area_um2, "wavelength_nm": _nan_if_none(meta.wavelength_nm),
                "medium_index": _nan_if_none(meta.medium_index),
-               "input_pixel_size_um": _nan_if_none(meta.pixel_size_um)}
+               "input_pixel_size_um": _nan_if_none(meta.pixel_size_um), **_trace_row(processed.position)}
         for name, value in row.items():
             batch.columns[name].append(value)
         batch.n += 1
@@ -667,7 +735,7 @@ class DatasetWriter:
             self._batch.truncate(mark - self._stored)
         else:
             self._batch.truncate(0)
-            for name in ("opd", *MAP_COLUMNS):
+            for name in ("opd", *WRITTEN_COLUMNS):
                 self._shard_h5[name].resize(mark - self._base, axis=0)
             self._stored = mark
         del self._class_names[n_classes:]
@@ -709,8 +777,8 @@ class DatasetWriter:
             h5["opd"][start:stop] = batch.opd[:batch.n]
             for name, values in batch.columns.items():
                 h5[name].resize(stop, axis=0)
-                h5[name][start:stop] = np.asarray(values, dtype=object if MAP_COLUMNS[name] is _STR
-                                                  else MAP_COLUMNS[name])
+                h5[name][start:stop] = np.asarray(values, dtype=object if WRITTEN_COLUMNS[name] is _STR
+                                                  else WRITTEN_COLUMNS[name])
         except (OSError, RuntimeError) as exc:
             raise self._storage_error(exc, f"writing {self._shard_name or 'a new shard'}") from None
         self._stored += batch.n
@@ -767,8 +835,8 @@ class DatasetWriter:
                 h5.attrs.update(dict(old.attrs) if old is not None else {"created": now, **self.settings})
                 h5.attrs.update({"format": FORMAT, "schema_version": SCHEMA_VERSION,
                                  "opdcells_version": __version__, "modified": now})
-                for name, dtype in MAP_COLUMNS.items():
-                    _table(h5, name, dtype, shard[name][()], old)
+                for name, dtype in WRITTEN_COLUMNS.items():
+                    _table(h5, name, dtype, shard[name][()], old, fill=TRACE_COLUMNS.get(name, (0, None))[1])
                 for i, (name, dtype) in enumerate(FILE_COLUMNS.items()):
                     _table(h5, f"files/{name}", dtype, [row[i] for row in self._new_files], old)
                 _table(h5, "class_names", _STR, self._class_names)

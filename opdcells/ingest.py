@@ -13,6 +13,7 @@ import contextlib
 import csv
 import dataclasses
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -23,15 +24,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
+
 from .errors import ExportError, MetadataError, OPDCellsError, safe_text
 from .metadata import UNITS, Meta
 from .preprocess import (
     DEFAULT_RANGES,
+    FieldPosition,
     PlausibleRanges,
     PreprocessConfig,
     ProcessedMap,
     opd_of,
     preprocess_map,
+    window_too_small,
 )
 from .readers import EXPORT_SUFFIXES, SampleScale, open_export
 from .retrieval import FILTER_NAMES, SIDEBANDS, Retrieval
@@ -528,13 +533,18 @@ class ProcessedExport:
     ``on_error``: called with the ExportError of a bad map of a stack (or a bad cell of a field), which
     is then skipped; without it, the error is raised. File-level failures (cannot open, missing
     metadata, truncated stream, the only map of the file is bad) always raise ExportError.
+    ``on_drop``: called with a :class:`Dropped` for every map, cell or segmented object that yields no
+    map (bad maps and cells as ``on_error`` sees them, and the objects segmentation drops).
+    Maps cut from fields carry their :class:`~opdcells.preprocess.FieldPosition` (``.position``).
     """
 
     def __init__(self, path: str | os.PathLike, options: IngestOptions, *,
-                 on_error: Callable[[ExportError], None] | None = None):
+                 on_error: Callable[[ExportError], None] | None = None,
+                 on_drop: Callable[[Dropped], None] | None = None):
         self.path = Path(path)
         self.options = options
         self.on_error = on_error
+        self.on_drop = on_drop
         with _export_errors(self.path):
             self._reader = open_export(self.path, **options.open_kwargs)
             try:
@@ -601,11 +611,23 @@ class ProcessedExport:
         return (f"{self.path} [map {index}" + (f" ({member})" if member else "")
                 + ("]" if cell is None else f", cell {cell}]"))
 
-    def _bad(self, exc: ExportError, *, whole_file: bool = False) -> None:
+    def _bad(self, exc: ExportError, *, whole_file: bool = False, index: int | None = None,
+             position: FieldPosition | None = None) -> None:
         """Report a bad map/cell to ``on_error``; raise it when there is no handler or it is the file."""
         if self.on_error is None or whole_file:
             raise exc
+        if self.on_drop is not None:
+            self.on_drop(Dropped(self.path, index, position.cell if position else None,
+                                 position.label if position else None, position.bbox if position else None,
+                                 exc.reason))
         self.on_error(exc)
+
+    def _segmentation_drop(self, index: int) -> Callable[[int, tuple, str], None] | None:
+        """``on_drop`` of :mod:`opdcells.segment` for map ``index`` (None without an ``on_drop`` here)."""
+        if self.on_drop is None:
+            return None
+        return lambda label, bbox, reason: self.on_drop(Dropped(self.path, index, None, label, bbox,
+                                                                f"segmentation: {reason}"))
 
     def _process(self, data, index: int, meta: Meta) -> Iterator[tuple[int, ProcessedMap, Meta]]:
         config = self.options.config
@@ -615,19 +637,24 @@ class ProcessedExport:
                 yield index, preprocess_map(data, meta, config, path=self._where(index),
                                             ranges=self.options.ranges), meta
             except ExportError as exc:
-                self._bad(exc, whole_file=single)
+                self._bad(exc, whole_file=single, index=index)
             return
         try:
-            crops, crop_meta = _segment(data, meta, config, self._where(index), self.options, self._labels())
+            crops, crop_meta = _segment(data, meta, config, self._where(index), self.options, self._labels(),
+                                        on_drop=self._segmentation_drop(index))
         except ExportError as exc:
-            self._bad(exc, whole_file=single)
+            self._bad(exc, whole_file=single, index=index)
             return
         for cell, crop in enumerate(crops):
+            position = field_position(crop, cell, meta.pixel_size_um)
             try:
-                yield index, preprocess_map(crop.data, crop_meta, config, path=self._where(index, cell),
-                                            ranges=self.options.ranges), meta
+                processed = preprocess_map(crop.data, crop_meta, config, path=self._where(index, cell),
+                                           ranges=self.options.ranges, single_cell_map=False)
             except ExportError as exc:
-                self._bad(exc)
+                self._bad(exc, index=index, position=position)
+                continue
+            processed.position = position
+            yield index, processed, meta
 
 
     def _labels(self) -> tuple[Path, object] | None:
@@ -644,29 +671,231 @@ def _fixed_units_reason(reader) -> str:
     return {"rad": "phase in rad", "nm": "OPD in nm"}.get(reader.file_meta.units, reader.file_meta.units)
 
 
-def _segment(data, meta: Meta, config: PreprocessConfig, where: str, options: IngestOptions, labels=None):
+def _segment(data, meta: Meta, config: PreprocessConfig, where: str, options: IngestOptions, labels=None,
+             on_drop=None):
     """Cell crops (in nm) of one field of view and the metadata that describes them.
 
     ``labels``: ``(mask file, label image)`` of the field (cells from the user's masks); None: automatic.
+    ``on_drop``: told of every object the segmentation drops (see :func:`opdcells.segment.segment_field`).
     """
     opd_nm = opd_of(data, meta, config, where)
     if labels is not None:
         mask_file, label_image = labels
-        crops = segment_labelled(opd_nm, meta.pixel_size_um, label_image, path=where, mask_file=mask_file)
+        crops = segment_labelled(opd_nm, meta.pixel_size_um, label_image, path=where, mask_file=mask_file,
+                                 on_drop=on_drop)
     else:
         limits = {}
         if options.cell_diameter_um is not None:
             limits = dict(zip(("min_diameter_um", "max_diameter_um"), options.cell_diameter_um, strict=True))
-        crops = segment_field(opd_nm, meta.pixel_size_um, touching=options.touching, path=where, **limits)
+        crops = segment_field(opd_nm, meta.pixel_size_um, touching=options.touching, path=where,
+                              on_drop=on_drop, **limits)
     return crops, dataclasses.replace(meta, units="nm")
+
+
+def field_position(crop, cell: int, pixel_size_um: float) -> FieldPosition:
+    """Where the cell of a crop lies in its field.
+
+    Parameters
+    ----------
+    crop : opdcells.segment.CellCrop
+        The crop (``bbox``: its window in the field; ``mask``: the cell's segment in the window).
+    cell : int
+        The cell's number among the crops of its field.
+    pixel_size_um : float
+        The field's pixel size (um), for ``centroid_um``.
+
+    Returns
+    -------
+    FieldPosition
+        Label, centroid of the segment and the segment's own bounding box, in pixels of the field.
+    """
+    rows, cols = np.nonzero(crop.mask)   # a crop's segment is never empty
+    row0, col0 = crop.bbox[:2]
+    bbox = (row0 + int(rows.min()), col0 + int(cols.min()), row0 + int(rows.max()) + 1,
+            col0 + int(cols.max()) + 1)
+    return FieldPosition(cell, int(crop.label), (row0 + float(rows.mean()), col0 + float(cols.mean())), bbox,
+                         float(pixel_size_um))
+
+
+@dataclass(frozen=True)
+class Dropped:
+    """A map, cell or segmented object of an export that yields no map, and why.
+
+    path: the export. index: the map in the file (None: the whole file). cell: the cell's number among its
+    field's segmented cells (preprocessing refused it), else None. label: its label in the field's label
+    image (cells and objects of fields), else None. bbox: its own (row0, col0, row1, col1) in the field
+    (px), else None. reason: one line.
+    """
+
+    path: Path
+    index: int | None
+    cell: int | None
+    label: int | None
+    bbox: tuple[int, int, int, int] | None
+    reason: str
 
 
 def iter_processed(path: str | os.PathLike, options: IngestOptions, *,
                    on_error: Callable[[ExportError], None] | None = None,
+                   on_drop: Callable[[Dropped], None] | None = None,
                    ) -> Iterator[tuple[int, ProcessedMap, Meta]]:
     """Yield ``(source_index, ProcessedMap, Meta)`` for every map (or cell) of one export.
 
-    Raises ExportError naming the file; ``on_error`` as in :class:`ProcessedExport`.
+    Raises ExportError naming the file; ``on_error`` and ``on_drop`` as in :class:`ProcessedExport`.
     """
-    with ProcessedExport(path, options, on_error=on_error) as export:
+    with ProcessedExport(path, options, on_error=on_error, on_drop=on_drop) as export:
         yield from export
+
+
+# --------------------------------------------------------------------------------------- geometry
+
+#: Output geometry when the exports decide it: the default window (128 px at 0.25 um/px, 32 um: the
+#: geometry of the shipped pretrained encoders) when the cells fit it, else the first of these windows
+#: (px) at the first of these pixel sizes (um) that holds them. 0.25 um samples a ~0.5 um optical
+#: resolution at Nyquist (``PreprocessConfig``); coarser sizes only for cells over 64 um.
+OUT_SIZES = (128, 192, 256)
+OUT_PIXEL_SIZES_UM = (0.25, 0.5, 1.0)
+#: Cells measured to choose or check the geometry, at most ``GEOMETRY_CELLS_PER_FILE`` from each of the
+#: files evenly spread over the load.
+GEOMETRY_SAMPLE = 16
+GEOMETRY_CELLS_PER_FILE = 4
+#: The window must be this many times the widest measured cell (room for larger cells than those sampled).
+GEOMETRY_MARGIN = 1.25
+#: A window the user gives is refused when more than 1 / MAX_TOO_WIDE of the cells measured do not fit it.
+MAX_TOO_WIDE = 4
+#: Output geometry used only to measure cells (a 256 um window at 4 um/px: no plausible cell is cut).
+_MEASURING = PreprocessConfig(out_pixel_size_um=4.0, out_size=64)
+
+
+def measure_cells(items: Iterable[tuple[Path, IngestOptions]], n: int = GEOMETRY_SAMPLE,
+                  per_file: int = GEOMETRY_CELLS_PER_FILE) -> list[tuple[float, Path]]:
+    """Measure the width of ``n`` cells of the exports, read like any load.
+
+    The files are taken evenly spread over ``items`` (every class folder of a load, not only the first),
+    at most ``per_file`` cells from each, then the others in order if that gave too few. Unreadable files
+    and bad maps are passed over (the load itself reports them).
+
+    Parameters
+    ----------
+    items : iterable of (path, IngestOptions)
+        The exports of a load, in load order.
+    n, per_file : int
+        Cells to measure in all, and at most from one file.
+
+    Returns
+    -------
+    list of (extent_um, path)
+        :attr:`ProcessedMap.extent_um` (um: the side of the centred square holding the cell) and its file.
+    """
+    items = list(items)
+    spread = np.unique(np.linspace(0, len(items) - 1, min(n, len(items))).round().astype(int)).tolist()
+    taken = set(spread)
+    order = spread + [i for i in range(len(items)) if i not in taken]
+    found: list[tuple[float, Path]] = []
+    for i in order:
+        path, options = items[i]
+        measuring = options.replace(config=dataclasses.replace(
+            _MEASURING, background_order=options.config.background_order,
+            alpha_ml_per_g=options.config.alpha_ml_per_g))
+        try:
+            with contextlib.closing(iter_processed(path, measuring, on_error=lambda exc: None)) as cells:
+                found += [(p.extent_um, Path(path)) for _, p, _ in itertools.islice(cells, per_file)]
+        except ExportError:
+            continue
+        if len(found) >= n:
+            break
+    return found[:n]
+
+
+def fit_geometry(extent_um: float, *, pixel_size_um: float | None = None, out_size: int | None = None,
+                 ) -> tuple[float, int]:
+    """``(pixel_size_um, out_size)`` of an output window for cells up to ``extent_um`` across.
+
+    Parameters
+    ----------
+    extent_um : float
+        The widest cell (um); the window must hold ``GEOMETRY_MARGIN`` times it.
+    pixel_size_um, out_size : optional
+        What the user fixed; the other is chosen (``OUT_PIXEL_SIZES_UM`` / ``OUT_SIZES``, else the
+        smallest multiple of 32 px).
+
+    Returns
+    -------
+    (pixel size in um, window side in px); the window may be too small when both are given.
+    """
+    need_um = GEOMETRY_MARGIN * extent_um
+    default = PreprocessConfig()
+    if pixel_size_um is None and out_size is None:
+        sizes = [(default.out_pixel_size_um, default.out_size)]
+        sizes += [(px, s) for px in OUT_PIXEL_SIZES_UM for s in OUT_SIZES]
+        return next(((px, s) for px, s in sizes if px * s >= need_um), sizes[-1])
+    if out_size is None:
+        fits = [s for s in OUT_SIZES if s * pixel_size_um >= need_um]
+        return pixel_size_um, fits[0] if fits else 32 * math.ceil(need_um / pixel_size_um / 32)
+    if pixel_size_um is None:
+        fits = [px for px in OUT_PIXEL_SIZES_UM if out_size * px >= need_um]
+        return (fits[0] if fits else OUT_PIXEL_SIZES_UM[-1]), out_size
+    return pixel_size_um, out_size
+
+
+def output_geometry(items: Iterable[tuple[Path, IngestOptions]], *, pixel_size_um: float | None = None,
+                    out_size: int | None = None, existing: dict | None = None,
+                    ) -> tuple[PreprocessConfig, str]:
+    """The output geometry of a load: an existing dataset's, else fitted to the cells of the exports.
+
+    What the user does not give (``pixel_size_um``, ``out_size``) is chosen with :func:`fit_geometry`
+    from ``GEOMETRY_SAMPLE`` cells spread over the exports (:func:`measure_cells`); a window the user gives
+    that cannot hold them is refused, one with less than ``GEOMETRY_MARGIN`` is warned about.
+
+    Parameters
+    ----------
+    items : iterable of (path, IngestOptions)
+        The exports to load, in load order (only a few cells are read).
+    pixel_size_um, out_size : optional
+        ``--out-pixel-size-um`` and ``--out-size``.
+    existing : dict, optional
+        The settings of the dataset appended to (they win: an append must match them).
+
+    Returns
+    -------
+    (PreprocessConfig, str): the geometry and one line saying what was chosen and why (for the log; empty
+    for an existing dataset's).
+
+    Raises
+    ------
+    ExportError
+        Naming the file of the widest cell when the window given cannot hold more than
+        1 / ``MAX_TOO_WIDE`` of the cells measured (fewer: a warning, and those cells are refused one by one).
+    """
+    settings = dict(existing or {})
+    given = {"pixel_size_um": pixel_size_um, "out_size": out_size}
+    settings.update({k: v for k, v in given.items() if v is not None})
+    config = PreprocessConfig.from_settings(settings)
+    if existing:
+        return config, ""
+    cells = measure_cells(items)
+    if not cells:
+        return config, f"output geometry {_geometry_text(config)}: no cell could be measured to fit it"
+    widest, where = max(cells, key=lambda c: c[0])
+    px, size = fit_geometry(widest, pixel_size_um=pixel_size_um, out_size=out_size)
+    config = PreprocessConfig.from_settings({**settings, "pixel_size_um": px, "out_size": size})
+    measured = (f"the widest of {len(cells)} cells measured spans {widest:.1f} um and the window should "
+                f"hold {GEOMETRY_MARGIN:g} times it")
+    too_wide = sum(extent > px * size for extent, _ in cells)
+    if too_wide * MAX_TOO_WIDE > len(cells):
+        raise ExportError(where, f"{too_wide} of {len(cells)} cells measured do not fit: "
+                                 + window_too_small(config, widest, what="the widest"))
+    if px * size < GEOMETRY_MARGIN * widest:
+        log.warning("output geometry %s leaves little room: %s; %d of them do not fit and wider cells will "
+                    "be refused (give at least --out-size %d)", _geometry_text(config), measured, too_wide,
+                    math.ceil(GEOMETRY_MARGIN * widest / px))
+    chosen = [option for option, value in (("--out-pixel-size-um", pixel_size_um), ("--out-size", out_size))
+              if value is None]
+    why = ("chosen from the data" if len(chosen) == 2 else
+           f"{chosen[0]} chosen from the data" if chosen else "as given")
+    return config, f"output geometry {_geometry_text(config)} ({why}): {measured}"
+
+
+def _geometry_text(config: PreprocessConfig) -> str:
+    return (f"{config.out_size} px at {config.out_pixel_size_um:g} um/px "
+            f"({config.out_size * config.out_pixel_size_um:g} um window)")

@@ -2,15 +2,25 @@
 
 Exports go through :func:`opdcells.ingest.iter_processed` -- the same readers, metadata checks and
 preprocessing as ``load_data.py`` -- with the output pixel size and map size taken from the model's
-config, so the model sees maps made exactly like its training maps. Maps are predicted in batches;
-the CSV has one row per map (or per cell with ``fields``): ``file, index, cell, predicted`` and one
-``p_<class>`` probability column per class. A bad file is reported and skipped, never fatal.
+config, so the model sees maps made exactly like its training maps (exports at another pixel size are
+resampled to the model's; the log says so). Maps are predicted in batches. The CSV has one row per map
+(or per cell with ``fields``), columns :func:`csv_columns` (documented in the README): the map's identity,
+its position in the field, dry mass and area, the predicted class and one ``p_<class>`` probability per
+class. Everything that yields no prediction -- a bad file or map, a cell cut by the edge or refused by
+preprocessing, an object segmentation dropped -- is a row of ``OUT.dropped.csv`` with its reason
+(:func:`dropped_path`), summarised in the log. Both files are written to a temporary file and renamed
+into place, so an interrupted run leaves any old CSV as it was. A bad file is reported and skipped,
+never fatal.
 """
 from __future__ import annotations
 
+import collections
+import contextlib
 import csv
 import logging
+import math
 import os
+import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,24 +28,47 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ExportError, storable_text
-from .ingest import IngestOptions, discover, iter_processed
+from .ingest import Dropped, IngestOptions, discover, iter_processed
+from .preprocess import ProcessedMap
 
 log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_SKIPPED, EXIT_FAILED = 0, 1, 2
 
-__all__ = ["PredictResult", "predict_files", "expand_exports", "ingest_options", "csv_columns"]
+__all__ = ["PredictResult", "predict_files", "expand_exports", "ingest_options", "csv_columns",
+           "dropped_path", "DROPPED_COLUMNS"]
+
+#: Which map a row is: the export, the map in it, the cell's number among those cut from its field of
+#: view and its label in the field's label image (both empty for whole maps).
+ID_COLUMNS = ("file", "index", "cell", "object")
+#: Where the cell lies in its field of view (export pixels and um; bbox end exclusive); empty for whole maps.
+POSITION_COLUMNS = ("centroid_row_px", "centroid_col_px", "centroid_row_um", "centroid_col_um",
+                    "bbox_row0", "bbox_col0", "bbox_row1", "bbox_col1")
+#: What preprocessing measured of the cell (``preprocess.dry_mass_pg``, mask area).
+MEASURE_COLUMNS = ("dry_mass_pg", "area_um2")
+#: Out-of-distribution columns (``ood_score``, ``ood_flag``) go here, after the probabilities.
+OOD_COLUMNS: tuple[str, ...] = ()
+#: Columns of ``OUT.dropped.csv``: identity (index empty for a whole file), bbox where known, reason.
+DROPPED_COLUMNS = (*ID_COLUMNS, "bbox_row0", "bbox_col0", "bbox_row1", "bbox_col1", "reason")
 
 
 @dataclass
 class PredictResult:
-    """What :func:`predict_files` did: the CSV, counts and every skipped file or map ("path: reason")."""
+    """What :func:`predict_files` did: the CSVs, counts and every skipped file or map ("path: reason").
+
+    ``dropped``: every map, cell or object that yields no prediction (see :class:`opdcells.ingest.Dropped`).
+    """
 
     out: Path
     n_maps: int = 0
     n_files: int = 0
     skipped_files: list[str] = field(default_factory=list)
     skipped_maps: list[str] = field(default_factory=list)
+    dropped: list[Dropped] = field(default_factory=list)
+
+    @property
+    def dropped_out(self) -> Path:
+        return dropped_path(self.out)
 
     @property
     def status(self) -> int:
@@ -43,6 +76,23 @@ class PredictResult:
         if not self.skipped_files and not self.skipped_maps:
             return EXIT_OK if self.n_files else EXIT_FAILED
         return EXIT_SKIPPED if self.n_files else EXIT_FAILED
+
+
+def dropped_path(out: str | os.PathLike) -> Path:
+    """The list of dropped objects beside the predictions CSV.
+
+    Parameters
+    ----------
+    out : path
+        The predictions CSV, e.g. ``preds.csv``.
+
+    Returns
+    -------
+    Path
+        ``preds.dropped.csv`` in the same folder.
+    """
+    out = Path(out)
+    return out.with_name(f"{out.stem}.dropped{out.suffix or '.csv'}")
 
 
 def expand_exports(paths: Iterable[str | os.PathLike]) -> list[Path]:
@@ -63,22 +113,92 @@ def ingest_options(model, **user) -> IngestOptions:
     return IngestOptions(**{k: v for k, v in user.items() if v is not None}, config=model.preprocess_config)
 
 
-def csv_columns(class_names) -> list[str]:
-    return ["file", "index", "cell", "predicted", *(f"p_{name}" for name in class_names)]
+def csv_columns(class_names, ood_columns: Iterable[str] = OOD_COLUMNS) -> list[str]:
+    """The header of the predictions CSV (the one place it is built; :func:`csv_row` fills it).
+
+    Parameters
+    ----------
+    class_names : sequence of str
+        The model's classes: one ``p_<class>`` probability column each.
+    ood_columns : iterable of str
+        Out-of-distribution columns, last (default ``OOD_COLUMNS``).
+    """
+    return [*ID_COLUMNS, *POSITION_COLUMNS, *MEASURE_COLUMNS, "predicted",
+            *(f"p_{name}" for name in class_names), *ood_columns]
 
 
-def _maps_of(path: Path, options: IngestOptions,
-             result: PredictResult) -> Iterator[tuple[int, int, np.ndarray]]:
-    """(source index, cell number, OPD map) of every usable map of one export; bad maps are reported."""
+def _blank(value) -> str:
+    """CSV text of ``value``; empty for None (not known)."""
+    return "" if value is None else str(value)
+
+
+def _position_values(processed: ProcessedMap) -> list[str]:
+    """cell, object and the POSITION_COLUMNS of a map (empty for whole maps)."""
+    pos = processed.position
+    if pos is None:
+        return [""] * (2 + len(POSITION_COLUMNS))
+    return [str(pos.cell), str(pos.label), *(f"{v:.6g}" for v in (*pos.centroid_px, *pos.centroid_um)),
+            *map(str, pos.bbox)]
+
+
+def csv_row(path: Path, index: int, processed: ProcessedMap, proba: np.ndarray, class_names,
+            ood_values: Iterable = ()) -> list:
+    """One row of the predictions CSV, in :func:`csv_columns` order.
+
+    Parameters
+    ----------
+    path : Path
+        The export.
+    index : int
+        The map inside it.
+    processed : ProcessedMap
+        The map as preprocessing made it (dry mass, area, ``position`` in its field or None).
+    proba : (K,) array
+        The model's class probabilities.
+    class_names : sequence of str
+        The model's K classes.
+    ood_values : iterable
+        Values of ``ood_columns`` (empty while ``OOD_COLUMNS`` is).
+
+    Returns
+    -------
+    list
+        CSV fields (numbers as text with 6 significant digits, empty where not recorded).
+    """
+    return [storable_text(str(path)), index, *_position_values(processed),   # CSV is UTF-8
+            f"{processed.dry_mass_pg:.6g}", f"{processed.area_um2:.6g}",
+            class_names[int(np.argmax(proba))], *(f"{v:.6g}" for v in proba), *ood_values]
+
+
+def dropped_row(dropped: Dropped) -> list:
+    """One row of ``OUT.dropped.csv``, in ``DROPPED_COLUMNS`` order."""
+    bbox = dropped.bbox or ("",) * 4
+    return [storable_text(str(dropped.path)), _blank(dropped.index), _blank(dropped.cell),
+            _blank(dropped.label), *bbox, storable_text(dropped.reason)]
+
+
+def _maps_of(path: Path, options: IngestOptions, result: PredictResult,
+             seen_pixel_sizes: set) -> Iterator[tuple[int, ProcessedMap]]:
+    """(source index, ProcessedMap) of every usable map of one export; bad maps are reported."""
     def bad_map(exc: ExportError) -> None:
         log.warning("skipped %s", exc)
         result.skipped_maps.append(str(exc))
 
-    last, cell = None, 0
-    for index, processed, _meta in iter_processed(path, options, on_error=bad_map):
-        cell = cell + 1 if index == last else 0
-        last = index
-        yield index, cell, processed.opd
+    maps = iter_processed(path, options, on_error=bad_map, on_drop=result.dropped.append)
+    for index, processed, meta in maps:
+        _note_resampling(meta.pixel_size_um, options, seen_pixel_sizes)
+        yield index, processed
+
+
+def _note_resampling(pixel_size_um: float, options: IngestOptions, seen: set) -> None:
+    """Log once per export pixel size that maps are resampled to the model's."""
+    model_px = options.config.out_pixel_size_um
+    if pixel_size_um in seen:
+        return
+    seen.add(pixel_size_um)
+    if not math.isclose(pixel_size_um, model_px, rel_tol=1e-6):
+        log.info("exports at %g um/px are resampled to the model's %g um/px (dry mass and area are measured "
+                 "before, at the exports' own pixel size)", pixel_size_um, model_px)
 
 
 class _Batcher:
@@ -88,13 +208,13 @@ class _Batcher:
     def __init__(self, model, batch_size: int, tta: bool | None = None):
         self.model, self.batch_size, self.tta = model, batch_size, tta
         self.maps: list[np.ndarray] = []
-        self.keys: list[tuple[Path, int, int]] = []
+        self.keys: list[tuple[Path, int, ProcessedMap]] = []
         self.rows: dict[Path, list[list]] = {}
 
-    def add(self, path: Path, index: int, cell: int, opd: np.ndarray) -> None:
+    def add(self, path: Path, index: int, processed: ProcessedMap) -> None:
         self.rows.setdefault(path, [])
-        self.maps.append(opd)
-        self.keys.append((path, index, cell))
+        self.maps.append(processed.opd)
+        self.keys.append((path, index, processed))
         if len(self.maps) >= self.batch_size:
             self.flush()
 
@@ -103,10 +223,8 @@ class _Batcher:
             return
         proba = self.model.predict_proba(np.stack(self.maps), batch_size=self.batch_size, tta=self.tta)
         names = self.model.class_names
-        for (path, index, cell), p in zip(self.keys, proba, strict=True):
-            predicted = names[int(np.argmax(p))]
-            self.rows[path].append([storable_text(str(path)), index, cell, predicted,  # CSV is UTF-8
-                                    *(f"{v:.6g}" for v in p)])
+        for (path, index, processed), p in zip(self.keys, proba, strict=True):
+            self.rows[path].append(csv_row(path, index, processed, p, names))
         self.maps.clear()
         self.keys.clear()
 
@@ -120,13 +238,80 @@ class _Batcher:
         return any(key[0] == path for key in self.keys)
 
 
+@contextlib.contextmanager
+def _atomic_csv(path: Path) -> Iterator[csv.writer]:
+    """A CSV writer on a temporary file beside ``path``, renamed over it only when the block completes
+    (an interrupted or failed run leaves ``path`` as it was, and no temporary file)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        with open(tmp, "x", newline="", encoding="utf-8") as fh:
+            yield csv.writer(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def _log_model_geometry(model, options: IngestOptions) -> None:
+    """Say at which geometry maps are made (the model's), and repeat any geometry warning of its encoder."""
+    config = options.config
+    log.info("maps are made at %s's geometry: %d px at %g um/px (a %g um window), as it was trained",
+             model.name, config.out_size, config.out_pixel_size_um,
+             config.out_size * config.out_pixel_size_um)
+    warning = model.config.get("model_info", {}).get("geometry_warning")
+    if warning:
+        log.warning("model %s: %s", model.name, warning)
+
+
+def _summarise_dropped(result: PredictResult) -> None:
+    """One log line: how many objects were dropped, by reason, and where they are listed."""
+    if not result.dropped:
+        return
+    kinds = collections.Counter(_reason_kind(d.reason) for d in result.dropped)
+    n = len(result.dropped)
+    log.info("%d %s dropped (%s); listed in %s", n, "object" if n == 1 else "objects",
+             ", ".join(f"{k} {kind}" for kind, k in kinds.most_common()), result.dropped_out)
+
+
+def _reason_kind(reason: str) -> str:
+    """The first clause of a reason ("segmentation: too small", "implausible cell", ...)."""
+    head = reason.split(";")[0]
+    if head.startswith("segmentation: "):
+        return head.split(" (")[0]
+    return head.split(":")[0].split(" (")[0][:60]
+
+
 def predict_files(model, paths: Iterable[str | os.PathLike], out: str | os.PathLike, *,
                   options: IngestOptions | None = None, batch_size: int = 64, tta: bool | None = None,
                   progress: bool = False) -> PredictResult:
-    """Predict every map of the exports ``paths`` (files or folders) with ``model`` (a SavedModel);
-    write the CSV ``out``. Maps of consecutive files share batches; a file's rows are written only once
-    the whole file has been read (a file failing half-way leaves no rows). ``tta``: test-time
-    augmentation as in ``SavedModel.predict_proba`` (default: the model's own setting)."""
+    """Predict every map of the exports ``paths`` with ``model``; write the CSV ``out`` and the list of
+    dropped objects beside it (:func:`dropped_path`).
+
+    Parameters
+    ----------
+    model : opdcells.train.SavedModel
+        The model; maps are made at its pixel size and window (:func:`ingest_options`).
+    paths : iterable of path
+        Export files or folders (walked).
+    out : path
+        The predictions CSV (columns :func:`csv_columns`); replaced atomically.
+    options : IngestOptions, optional
+        How to read the exports (default: the model's preprocessing, nothing else given).
+    batch_size : int
+        Maps per ``predict_proba`` call; maps of consecutive files share batches.
+    tta : bool, optional
+        Test-time augmentation as in ``SavedModel.predict_proba`` (default: the model's own setting).
+    progress : bool
+        Show a progress bar over the files.
+
+    Returns
+    -------
+    PredictResult
+        A file's rows are written only once the whole file has been read (a file failing half-way leaves
+        no rows, and a ``dropped`` row for the file).
+    """
     from tqdm import tqdm
 
     options = options or ingest_options(model)
@@ -135,6 +320,8 @@ def predict_files(model, paths: Iterable[str | os.PathLike], out: str | os.PathL
     result = PredictResult(out)
     batcher = _Batcher(model, batch_size, tta)
     done: list[Path] = []   # files read completely whose rows are not written yet
+    pixel_sizes: set = set()
+    _log_model_geometry(model, options)
 
     def write_done(writer, final: bool = False) -> None:
         while done and (final or not batcher.pending(done[0])):
@@ -143,14 +330,13 @@ def predict_files(model, paths: Iterable[str | os.PathLike], out: str | os.PathL
             result.n_files += 1
             result.n_maps += len(rows)
 
-    with open(out, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.writer(fh)
+    with _atomic_csv(out) as writer:
         writer.writerow(csv_columns(model.class_names))
         for path in tqdm(expand_exports(paths), unit="file", disable=not progress, mininterval=0.5):
             n = 0
             try:
-                for index, cell, opd in _maps_of(path, options, result):
-                    batcher.add(path, index, cell, opd)
+                for index, processed in _maps_of(path, options, result, pixel_sizes):
+                    batcher.add(path, index, processed)
                     n += 1
                 if n == 0:
                     raise ExportError(path, "no usable map" + (" (no cells found)" if options.fields
@@ -159,11 +345,16 @@ def predict_files(model, paths: Iterable[str | os.PathLike], out: str | os.PathL
                 batcher.drop(path)
                 log.warning("skipped %s", exc)
                 result.skipped_files.append(str(exc))
+                result.dropped.append(Dropped(path, None, None, None, None, exc.reason))
                 continue
             done.append(path)
             write_done(writer)
         batcher.flush()
         write_done(writer, final=True)
+        with _atomic_csv(result.dropped_out) as dropped_writer:
+            dropped_writer.writerow(DROPPED_COLUMNS)
+            dropped_writer.writerows(dropped_row(d) for d in result.dropped)
     log.info("%s: %d maps from %d files predicted with %s; %d files skipped", out, result.n_maps,
              result.n_files, model.name, len(result.skipped_files))
+    _summarise_dropped(result)
     return result

@@ -48,6 +48,23 @@ MIN_WRAP_JUMPS = 5
 #: A map is inverted (the cell below the background) when its deepest dip below the border level is
 #: this many times its highest rise above it (halo artefacts around real cells are far shallower).
 INVERTED_RATIO = 2.0
+#: A single-cell map holding this many separate cell-sized objects is a field of view (needs ``--fields``).
+#: Two are let through (a neighbour's edge beside the cell is common in cell crops); the shipped fields
+#: hold 27-30 objects, the shipped single-cell maps one.
+FIELD_MIN_OBJECTS = 3
+#: An object counts as cell-sized when its area is at least this fraction of the largest object's ...
+FIELD_OBJECT_FRACTION = 0.1
+#: ... and at least this area (um^2; equivalent diameter 5 um, below the smallest blood cells' 6-7 um and
+#: above debris and platelets): debris does not make a map a field.
+FIELD_MIN_CELL_AREA_UM2 = 20.0
+#: In a single-cell map, an object clear of the map's edge is the cell rather than a larger one cut by the
+#: edge (a neighbour partly in view) when its area is at least this fraction of the largest object's.
+WHOLE_CELL_FRACTION = 0.25
+#: A single-cell map at least this many times the cell's area is a field of view too (the shipped
+#: single-cell maps are 2-35 times their cell; a 256 px field at 0.25 um/px around one 8 um cell is 130).
+FIELD_AREA_RATIO = 100.0
+#: Largest fraction of a cell's OPD the output window may cut off before the map is refused.
+MAX_CUT_FRACTION = 0.01
 
 
 def _check_order(order: int) -> None:
@@ -169,13 +186,44 @@ def check_plausible(values: dict[str, float], ranges: PlausibleRanges, path) -> 
                                 f"(widen with --plausible {name}=LOW:HIGH if it is real)")
 
 
+@dataclass(frozen=True)
+class FieldPosition:
+    """Where a cell cut from a field of view lies in that field (export pixels, row-major).
+
+    cell: the cell's number among the cells kept from its field (0, 1, ... in segmentation order).
+    label: its label in the field's label image (the segmentation's or the user's mask).
+    centroid_px: (row, col) of the centroid of the cell's segment, in pixels of the field.
+    bbox: (row0, col0, row1, col1) of the crop window in the field (end exclusive, px).
+    pixel_size_um: the field's object-plane pixel size, so ``centroid_um`` = ``centroid_px`` * it.
+    """
+
+    cell: int
+    label: int
+    centroid_px: tuple[float, float]
+    bbox: tuple[int, int, int, int]
+    pixel_size_um: float
+
+    @property
+    def centroid_um(self) -> tuple[float, float]:
+        """(row, col) of the centroid in um from the field's first pixel."""
+        return (self.centroid_px[0] * self.pixel_size_um, self.centroid_px[1] * self.pixel_size_um)
+
+
 @dataclass
 class ProcessedMap:
-    """One cell: OPD (nm, float32, ``out_size`` square, background ~0, cell centred) and its dry mass."""
+    """One cell: OPD (nm, float32, ``out_size`` square, background ~0, cell centred) and what was measured.
+
+    dry_mass_pg, area_um2: the cell's dry mass (pg) and projected area (um^2) at native resolution.
+    extent_um: side (um) of the smallest square window centred like ``opd`` that holds the cell's
+        (dilated) mask: what an output window must at least be (NaN when not measured).
+    position: where the cell lies in its field of view (maps cut from fields), else None.
+    """
 
     opd: np.ndarray
     dry_mass_pg: float
     area_um2: float
+    extent_um: float = math.nan
+    position: FieldPosition | None = None
 
 
 def to_opd_nm(data, units: str, wavelength_nm: float | None = None, *, path="<array>",
@@ -324,22 +372,115 @@ def foreground_mask(opd_nm, pixel_size_um: float, *, margin_um: float = MASK_MAR
     return dilate(_objects(np.asarray(opd_nm, dtype=np.float64), pixel_size_um), margin_um / pixel_size_um)
 
 
-def cell_mask(opd_nm, pixel_size_um: float, *, margin_um: float = MASK_MARGIN_UM) -> np.ndarray:
+def cell_mask(opd_nm, pixel_size_um: float, *, margin_um: float = MASK_MARGIN_UM,
+              labels: np.ndarray | None = None, prefer_whole: bool = False) -> np.ndarray:
     """Mask of the cell: the connected object with the largest integrated OPD, dilated by ``margin_um``.
 
     Expects a background-removed map (background ~0). All False if nothing rises above the noise.
+    ``labels``: the map's objects (:func:`object_labels`) when already computed. ``prefer_whole``: only
+    objects clear of the map's edge compete when one of them has ``WHOLE_CELL_FRACTION`` of the largest
+    object's area (a single-cell export whose neighbour is partly in view).
     """
     opd = np.asarray(opd_nm, dtype=np.float64)
-    labels = measure.label(_objects(opd, pixel_size_um))
+    labels = object_labels(opd, pixel_size_um) if labels is None else labels
     if labels.max() == 0:
         return np.zeros(opd.shape, dtype=bool)
-    integrated = ndi.sum_labels(opd, labels, index=np.arange(1, labels.max() + 1))
+    ids = np.arange(1, labels.max() + 1)
+    integrated = ndi.sum_labels(opd, labels, index=ids)
+    if prefer_whole:
+        areas = np.bincount(labels.ravel(), minlength=ids.size + 1)[1:]
+        whole = ~np.isin(ids, labels[_border_frame(labels.shape, width=1)]) & (
+            areas >= WHOLE_CELL_FRACTION * areas.max())
+        if whole.any():
+            integrated = np.where(whole, integrated, -np.inf)
     cell = labels == 1 + int(np.argmax(integrated))
     return dilate(cell, margin_um / pixel_size_um)
 
 
-def _border_frame(shape: tuple[int, int]) -> np.ndarray:
-    width = max(2, int(BORDER_FRACTION * min(shape)))
+def object_labels(opd_nm, pixel_size_um: float) -> np.ndarray:
+    """Label the separate objects above the background noise of a background-removed map.
+
+    Parameters
+    ----------
+    opd_nm : (H, W) array
+        Background-removed OPD (nm; background ~0).
+    pixel_size_um : float
+        Pixel size (um): scales smoothing and speck removal.
+
+    Returns
+    -------
+    (H, W) int array
+        0 background, 1..n objects (:func:`noise_threshold`; holes filled, specks removed).
+    """
+    return measure.label(_objects(np.asarray(opd_nm, dtype=np.float64), pixel_size_um))
+
+
+def check_single_cell(labels: np.ndarray, cell: np.ndarray, pixel_size_um: float, path) -> None:
+    """Raise ExportError if a map read as one cell is a field of view or its cell is cut by the map's edge.
+
+    Parameters
+    ----------
+    labels : (H, W) int array
+        The map's objects (:func:`object_labels`).
+    cell : (H, W) bool array
+        The cell's own object (:func:`cell_mask` without margin).
+    pixel_size_um : float
+        Object-plane pixel size (um): objects under ``FIELD_MIN_CELL_AREA_UM2`` are not cell-sized.
+    path
+        What the error names.
+
+    Raises
+    ------
+    ExportError
+        When the map holds ``FIELD_MIN_OBJECTS`` or more cell-sized objects (at least
+        ``FIELD_MIN_CELL_AREA_UM2`` and ``FIELD_OBJECT_FRACTION`` of the largest object's area) or is
+        ``FIELD_AREA_RATIO`` times its cell's area (hint: ``--fields``), or when the cell (chosen by
+        :func:`cell_mask` with ``prefer_whole``) touches the map's edge (the export cut it).
+    """
+    areas = np.bincount(labels.ravel())[1:]
+    floor = max(FIELD_OBJECT_FRACTION * areas.max(initial=0), FIELD_MIN_CELL_AREA_UM2 / pixel_size_um ** 2)
+    n_cells = int((areas >= floor).sum())
+    ratio = labels.size / max(int(cell.sum()), 1)
+    if n_cells >= FIELD_MIN_OBJECTS or ratio >= FIELD_AREA_RATIO:
+        found = (f"{n_cells} separate cell-sized objects" if n_cells >= FIELD_MIN_OBJECTS else
+                 f"one cell covering 1/{ratio:.0f} of the map")
+        raise ExportError(path, f"looks like a field of view, not a single-cell map ({found} in "
+                                f"{labels.shape[0]} x {labels.shape[1]} px); give --fields to segment it "
+                                "into cells")
+    if cell[0].any() or cell[-1].any() or cell[:, 0].any() or cell[:, -1].any():
+        raise ExportError(path, f"the cell touches the edge of the {labels.shape[0]} x {labels.shape[1]} px "
+                                "map, so part of it is cut off; export a larger window around each cell, or "
+                                "give --fields if the map is a field of view (cells on its edge are then "
+                                "dropped)")
+
+
+def centred_extent_px(mask: np.ndarray, weights: np.ndarray) -> float:
+    """Side of the smallest square centred on the ``weights``-weighted centroid that holds ``mask``.
+
+    Parameters
+    ----------
+    mask : (H, W) bool array
+        The cell (dilated mask).
+    weights : (H, W) array
+        OPD (nm); only its positive values inside ``mask`` weigh, as in :func:`centre_crop`.
+
+    Returns
+    -------
+    float
+        The side in pixels (0 for an empty mask); times the pixel size: the window the cell needs.
+    """
+    weights = np.clip(np.where(mask, weights, 0.0), 0.0, None)
+    centre = ndi.center_of_mass(weights) if weights.sum() > 0 else ndi.center_of_mass(mask)
+    rows, cols = np.nonzero(mask)
+    if rows.size == 0:
+        return 0.0
+    reach = max(np.abs(rows - centre[0]).max(), np.abs(cols - centre[1]).max())
+    return float(2 * reach + 1)
+
+
+def _border_frame(shape: tuple[int, int], width: int | None = None) -> np.ndarray:
+    """Boolean frame along the map's edge, ``width`` px wide (default ``BORDER_FRACTION`` of the side)."""
+    width = max(2, int(BORDER_FRACTION * min(shape))) if width is None else width
     frame = np.ones(shape, dtype=bool)
     frame[width:-width, width:-width] = False
     return frame
@@ -452,38 +593,74 @@ def opd_of(data, meta: Meta, config: PreprocessConfig = DEFAULT_CONFIG, path="<a
 
 
 def preprocess_map(data, meta: Meta, config: PreprocessConfig = DEFAULT_CONFIG,
-                   path="<array>", ranges: PlausibleRanges = DEFAULT_RANGES) -> ProcessedMap:
+                   path="<array>", ranges: PlausibleRanges = DEFAULT_RANGES, *,
+                   single_cell_map: bool = True) -> ProcessedMap:
     """One raw map -> :class:`ProcessedMap` (OPD nm at ``config`` pixel size, centred, dry mass, area).
 
     Dry mass and area are measured at native resolution. Outside the (dilated) cell mask the output is
     exactly 0 (``opdcells.pipeline`` relies on it): neighbours, debris and background noise do not reach
     the model, and neither does the outline of the original field of view, whose size in the output
     would betray the source microscope. The cell's peak OPD, dry mass, area and diameter must lie in
-    ``ranges`` (:class:`PlausibleRanges`).
+    ``ranges`` (:class:`PlausibleRanges`). ``single_cell_map``: the map is an export of one cell, so a
+    field of view or a cell cut by the map's edge is refused (:func:`check_single_cell`); False for the
+    crops :mod:`opdcells.segment` cut from fields (segmentation already chose whole single cells).
 
     Raises MetadataError if ``meta`` is incomplete and ExportError if the map is unusable, holds no cell,
-    is wrapped or inverted, or the cell is implausible.
+    is wrapped or inverted, is a field of view or a cut cell, the cell is implausible, or more than
+    ``MAX_CUT_FRACTION`` of its OPD falls outside the output window (with the window it needs).
     """
     meta.check(path)
     px = meta.pixel_size_um
     opd = opd_of(data, meta, config, path)
     opd = remove_background(opd, order=config.background_order, pixel_size_um=px, path=path)
-    core = cell_mask(opd, px, margin_um=0.0)
+    labels = object_labels(opd, px)
+    core = cell_mask(opd, px, margin_um=0.0, labels=labels, prefer_whole=single_cell_map)
     mask = dilate(core, MASK_MARGIN_UM / px)
     if not core.any() or not _stands_out(smooth(opd, px), core, mask):
         raise ExportError(path, "no cell found: nothing rises clearly above the background noise")
+    if single_cell_map:
+        check_single_cell(labels, core, px, path)
     mass = dry_mass_pg(opd, px, mask, config.alpha_ml_per_g)
     area = float(core.sum() * px ** 2)
     check_plausible({"peak_opd_nm": float(opd[core].max()), "dry_mass_pg": mass, "area_um2": area,
                      "diameter_um": _longest_axis_px(core) * px}, ranges, path)
+    extent_um = centred_extent_px(mask, opd) * px
     support = resample(mask.astype(np.float64), px, config.out_pixel_size_um) > SUPPORT_FRACTION
     resampled = np.where(support, resample(np.where(mask, opd, 0.0), px, config.out_pixel_size_um), 0.0)
     window = centre_crop(resampled, config.out_size, support)
     kept = window.sum() / resampled.sum() if resampled.sum() > 0 else 1.0
-    if kept < 0.99:
-        log.warning("%s: the cell does not fit the %d px output window; %.1f%% of its OPD is cut off",
-                    path, config.out_size, 100 * (1 - kept))
-    return ProcessedMap(opd=window.astype(np.float32), dry_mass_pg=mass, area_um2=area)
+    if kept < 1 - MAX_CUT_FRACTION:
+        raise ExportError(path, window_too_small(config, extent_um, 1 - kept))
+    return ProcessedMap(opd=window.astype(np.float32), dry_mass_pg=mass, area_um2=area, extent_um=extent_um)
+
+
+def window_too_small(config: PreprocessConfig, extent_um: float, cut_fraction: float | None = None, *,
+                     what: str = "the cell") -> str:
+    """Why a cell does not fit an output window, with the numbers and the smallest window that holds it.
+
+    Parameters
+    ----------
+    config : PreprocessConfig
+        The output geometry (``out_size`` px at ``out_pixel_size_um``).
+    extent_um : float
+        The window the cell needs (:attr:`ProcessedMap.extent_um`), um.
+    cut_fraction : float, optional
+        The fraction of its OPD the window cuts off.
+    what : str
+        How the message names the cell.
+
+    Returns
+    -------
+    str
+        One line for an ExportError.
+    """
+    need_px = math.ceil(extent_um / config.out_pixel_size_um)
+    cut = f", {100 * cut_fraction:.1f}% of its OPD cut off" if cut_fraction is not None else ""
+    return (f"{what} spans {extent_um:.1f} um but the output window is {config.out_size} px at "
+            f"{config.out_pixel_size_um:g} um/px ({config.out_size * config.out_pixel_size_um:g} um){cut}; "
+            f"it needs at least {need_px} px at that pixel size (load with a larger --out-size or "
+            "--out-pixel-size-um, or leave both out to fit the cells; predict with a model trained on "
+            "such maps)")
 
 
 def _longest_axis_px(mask: np.ndarray) -> float:

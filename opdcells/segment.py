@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,6 +64,8 @@ SEED_DEPTH = 0.02
 #: weak seams (skimage.graph.rag_boundary) moved along the same curve.
 FLOOD_SIGMA_UM = 1.5
 TOUCHING = ("split", "drop")
+#: ``on_drop(label, bbox, reason)``: told of each object a segmentation drops.
+OnDrop = Callable[[int, tuple[int, int, int, int], str], None]
 
 
 @dataclass
@@ -208,7 +211,7 @@ def _crop(corrected: np.ndarray, labels: np.ndarray, footprints: np.ndarray, reg
 
 def segment_field(opd_nm, pixel_size_um: float, *, touching: str = "split", min_diameter_um: float = 2.0,
                   max_diameter_um: float = 30.0, margin_um: float = 2.0, min_solidity: float | None = None,
-                  background_order: int = 1, path="<array>") -> list[CellCrop]:
+                  background_order: int = 1, path="<array>", on_drop: OnDrop | None = None) -> list[CellCrop]:
     """Crops of the whole single cells of a field of view (any units; crops keep the input's).
 
     Parameters
@@ -229,6 +232,9 @@ def segment_field(opd_nm, pixel_size_um: float, *, touching: str = "split", min_
         ``MIN_SOLIDITY_SPLIT`` for split ones).
     background_order : int
         Polynomial order of the background fitted over the whole field.
+    on_drop : callable, optional
+        Called as ``on_drop(label, bbox, reason)`` for every object dropped (bbox: the object's own
+        (row0, col0, row1, col1) in the field).
 
     Returns
     -------
@@ -255,6 +261,8 @@ def segment_field(opd_nm, pixel_size_um: float, *, touching: str = "split", min_
         reason = _rejection(region, footprints, window, diameter_px, min_solidity, touching == "drop")
         if reason:
             log.debug("%s: object %d at %s dropped: %s", path, region.label, region.bbox, reason)
+            if on_drop is not None:
+                on_drop(int(region.label), tuple(int(v) for v in region.bbox), reason)
             reasons[reason.split(" ")[0]] = reasons.get(reason.split(" ")[0], 0) + 1
             continue
         crops.append(_crop(corrected, labels, footprints, region, window))
@@ -358,7 +366,8 @@ def mask_path(field_path: str | os.PathLike, pattern: str) -> Path:
 
 
 def segment_labelled(opd_nm, pixel_size_um: float, labels, *, margin_um: float = 2.0,
-                     background_order: int = 1, path="<array>", mask_file="<labels>") -> list[CellCrop]:
+                     background_order: int = 1, path="<array>", mask_file="<labels>",
+                     on_drop: OnDrop | None = None) -> list[CellCrop]:
     """Crops of the cells of a user label image (every label not touching the border, any size).
 
     Parameters
@@ -369,7 +378,7 @@ def segment_labelled(opd_nm, pixel_size_um: float, labels, *, margin_um: float =
         Object-plane pixel size (scales ``margin_um`` and background smoothing).
     labels : (H, W) int array
         0 background, one positive value per cell (relabel reused values with :func:`relabel_components`).
-    margin_um, background_order
+    margin_um, background_order, on_drop
         As in :func:`segment_field`.
 
     Raises
@@ -391,6 +400,8 @@ def segment_labelled(opd_nm, pixel_size_um: float, labels, *, margin_um: float =
     for region in measure.regionprops(labels):
         if _touches_border(region.bbox, labels.shape):
             log.debug("%s: label %d touches the border, dropped", path, region.label)
+            if on_drop is not None:
+                on_drop(int(region.label), tuple(int(v) for v in region.bbox), "touches the border")
             continue
         window = _window(region.bbox, margin_px, labels.shape)
         crops.append(_crop(corrected, labels, footprints, region, window))

@@ -687,7 +687,8 @@ def evaluate_model(model: SavedModel, dataset, indices=None, *, batch_size: int 
                    seed: int = 0, tta: bool | None = None) -> Evaluation:
     """Evaluate on maps ``indices`` of ``dataset`` (default: every map of the model's task classes);
     ``tta`` as in :meth:`SavedModel.predict_proba`. Confidence intervals resample the maps' acquisition
-    groups (``evaluate.classification_report``); too few test groups per class are warned about."""
+    groups (``evaluate.classification_report``); too few test groups per class are warned about, and so
+    is an encoder used at another geometry than it was pretrained at (config ``model_info``)."""
     with _opened(dataset) as ds:
         model.check_dataset(ds)
         y_all = task_labels(ds, model.task)
@@ -705,6 +706,10 @@ def evaluate_model(model: SavedModel, dataset, indices=None, *, batch_size: int 
                                        groups=ds.groups[indices])
         for warning in report["warnings"]:
             log.warning("%s: %s", model.name, warning)
+        geometry = model.config.get("model_info", {}).get("geometry_warning")
+        if geometry:   # its encoder was pretrained at another pixel size or window
+            log.warning("%s: %s", model.name, geometry)
+            report["warnings"].append(geometry)
         report["test_time_augmentation"] = TTA_DIHEDRAL if model.uses_tta(tta) else None
         return Evaluation(report, indices, y_true, proba, model.class_names)
 
@@ -747,11 +752,12 @@ class _LazyMaps:
 
 
 def predictions_table(evaluation: Evaluation, dataset) -> pd.DataFrame:
-    """One row per evaluated map: dataset index, source, group, true and predicted class, probabilities."""
+    """One row per evaluated map: dataset index, where it came from (``OPDDataset.origins``: source file
+    and index, the cell's number, centroid and bounding box in its field), group, true and predicted
+    class, probabilities."""
     idx, names = evaluation.indices, evaluation.class_names
     with _opened(dataset) as ds:
-        frame = pd.DataFrame({"dataset_index": idx, "source_file": ds.source_file[idx],
-                              "source_index": ds.source_index[idx], "group": ds.groups[idx],
+        frame = pd.DataFrame({"dataset_index": idx, **ds.origins(idx), "group": ds.groups[idx],
                               "true": [names[k] for k in evaluation.y_true],
                               "predicted": [names[k] for k in evaluation.proba.argmax(axis=1)]})
     for k, name in enumerate(names):
@@ -1105,8 +1111,6 @@ def train(data, model: str = "mobilenetv2", task: str | Task | None = None, out=
             _write_model_folder(folder, learner, config, history, split)
             evaluation = evaluate_model(SavedModel(folder, config, learner), ds, split.test, n_boot=n_boot,
                                         seed=seed)
-            if learner.info.get("geometry_warning"):
-                evaluation.report["warnings"].append(learner.info["geometry_warning"])
             evaluation.report["baselines"] = baseline_summary(ds, y_all, split, task, n_boot=n_boot,
                                                               seed=seed)
             _write_json(folder / "metrics.json", evaluation.report)

@@ -91,6 +91,18 @@ def write_exports(folder, *, classes: Sequence[str] = ("SW480", "granulocytes"),
     return paths
 
 
+def disc_field(shape, centres_um, *, px: float = 0.5, radius_um: float = 4.0, peak_nm: float = 300.0,
+               seed: int = 0) -> np.ndarray:
+    """OPD (nm, float32) of spherical cells of ``radius_um`` at ``centres_um`` [(row, col) um] on a noisy
+    offset background: a field of view, a single-cell map, or a cell cut by the edge (a centre near it)."""
+    rng = np.random.default_rng(seed)
+    field = 20.0 + rng.normal(0, 2, shape)
+    y, x = np.mgrid[:shape[0], :shape[1]] * px
+    for cy, cx in centres_um:
+        field += peak_nm * np.sqrt(np.clip(1 - ((x - cx) ** 2 + (y - cy) ** 2) / radius_um ** 2, 0, None))
+    return field.astype(np.float32)
+
+
 # --------------------------------------------------------------------------------------------------
 # shared across test modules: made once per test session (pytest's tmp_path_factory is session-wide)
 

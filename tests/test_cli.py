@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -10,6 +11,7 @@ import pytest
 from helpers import REPO_ROOT, tiny_dataset, tiny_run, write_exports, write_tiny_dataset
 
 from opdcells.cli import main
+from opdcells.predict import csv_columns, dropped_path
 
 pytest.importorskip("tensorflow")
 
@@ -76,6 +78,26 @@ def test_evaluate_writes_metrics_and_figures(features_run, tmp_path, capsys):
     assert metrics["sensitivity_at_fpr"]["positive_class"] == "cancer"
 
 
+def test_evaluate_shows_where_maps_came_from_and_repeats_an_encoder_geometry_warning(features_run, tmp_path,
+                                                                                   capsys):
+    data, out = features_run
+    model = tmp_path / "model"
+    shutil.copytree(out, model)
+    config = json.loads((model / "config.json").read_text())
+    config.setdefault("model_info", {})["geometry_warning"] = "the opd encoder was pretrained on 128 px maps"
+    (model / "config.json").write_text(json.dumps(config))
+    argv = ["evaluate", str(model), "--data", str(data), "--results", str(tmp_path), "--n-boot", "0"]
+    assert main(argv) == 0
+    assert "warning: feat: the opd encoder was pretrained on 128 px maps" in capsys.readouterr().err
+    folder = tmp_path / "feat"   # the run name in config.json
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert "the opd encoder was pretrained on 128 px maps" in metrics["warnings"]
+    table = pd.read_csv(folder / "predictions.csv")
+    for column in ("source_file", "source_index", "cell", "centroid_row_um", "bbox_row0", "group"):
+        assert column in table.columns
+    assert (table["cell"] == -1).all()   # the tiny dataset holds whole maps, not cells of fields
+
+
 def test_evaluate_all_maps_of_a_new_dataset(features_run, tmp_path, capsys):
     _, out = features_run
     other = write_tiny_dataset(tmp_path / "other.h5", sessions_per_class=1, maps_per_session=2, seed=7)
@@ -121,8 +143,12 @@ def test_predict(features_run, tmp_path, capsys):
     captured = capsys.readouterr()
     assert "broken.mat" in captured.err
     table = pd.read_csv(preds)
-    assert list(table.columns) == ["file", "index", "cell", "predicted", "p_cancer", "p_blood"]
+    assert list(table.columns) == csv_columns(["cancer", "blood"])
+    assert list(table.columns[-3:]) == ["predicted", "p_cancer", "p_blood"]
     assert len(table) == len(exports)
+    dropped = pd.read_csv(dropped_path(preds))
+    assert dropped["file"].str.endswith("broken.mat").tolist() == [True] and dropped["index"].isna().all()
+    assert "1 dropped, listed in" in captured.out
     assert main(["predict", str(out), *map(str, exports), "--out", str(preds), "-q"]) == 0
 
 

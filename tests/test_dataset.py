@@ -18,7 +18,7 @@ from opdcells import dataset as dataset_module
 from opdcells.dataset import FORMAT, MAP_COLUMNS, SCHEMA_VERSION, DatasetWriter, open_dataset
 from opdcells.errors import DatasetError
 from opdcells.metadata import Meta
-from opdcells.preprocess import PreprocessConfig, ProcessedMap
+from opdcells.preprocess import FieldPosition, PreprocessConfig, ProcessedMap
 
 SIZE = 16
 CONFIG = PreprocessConfig(out_pixel_size_um=0.5, out_size=SIZE)
@@ -436,3 +436,59 @@ def test_damaged_shard_is_an_error_naming_the_dataset(dataset):
         with pytest.raises(DatasetError, match="cannot read maps.*truncated") as info:
             ds.read([4, 5])
     assert str(dataset) in str(info.value) and "\n" not in str(info.value)
+
+
+# ------------------------------------------------------------------------------ trace columns (schema 3)
+
+
+def cells_of_a_field(n, *, seed=0):
+    """``n`` processed cells of one field of view, with their FieldPosition (cell i at row 10 i, col 5)."""
+    for index, processed, meta in maps(n, seed=seed):
+        processed.position = FieldPosition(cell=index, label=index + 7, centroid_px=(10.0 * index, 5.5),
+                                           bbox=(10 * index - 3, 2, 10 * index + 4, 9), pixel_size_um=0.1)
+        yield 0, processed, meta
+
+
+def test_positions_in_the_field_round_trip_and_whole_maps_have_none(tmp_path):
+    path = tmp_path / "ds.h5"
+    with DatasetWriter(path, CONFIG) as w:
+        w.add_file("key-field", path="/data/field.mat", sha256="sha-field", label="SW480", group="f",
+                   maps=cells_of_a_field(3))
+        add(w, "stack", 2, "SW480")
+    with open_dataset(path) as ds:
+        origin = ds.origins()
+        assert origin["cell"].tolist() == [0, 1, 2, -1, -1]
+        assert origin["source_index"].tolist() == [0, 0, 0, 0, 1]
+        np.testing.assert_allclose(origin["centroid_row_px"][:3], [0, 10, 20])
+        np.testing.assert_allclose(origin["centroid_col_um"][:3], 0.55, rtol=1e-6)   # 5.5 px at 0.1 um
+        assert origin["bbox_row1"].tolist() == [4, 14, 24, -1, -1]
+        assert np.isnan(origin["centroid_row_um"][3:]).all()
+        picked = ds.origins([4, 1])
+        assert picked["cell"].tolist() == [-1, 1] and picked["source_file"].tolist()[1] == "/data/field.mat"
+
+
+def test_datasets_before_trace_columns_open_read_and_append(tmp_path):
+    """Schema 1 files and schema 2 indexes have no trace columns: they read as 'not recorded', and the
+    next append keeps every old row, filled so, beside the new rows' positions."""
+    old1 = tmp_path / "v1.h5"
+    write_schema1(old1, 2)
+    old2 = tmp_path / "v2.h5"
+    with DatasetWriter(old2, CONFIG) as w:
+        add(w, "a", 2, "SW480")
+    with h5py.File(old2, "r+") as h5:   # what opdcells wrote before schema 3
+        for name in dataset_module.TRACE_COLUMNS:
+            del h5[name]
+        h5.attrs["schema_version"] = 2
+    for path in (old1, old2):
+        with open_dataset(path) as ds:
+            origin = ds.origins()
+            assert origin["cell"].tolist() == [-1, -1] and np.isnan(origin["centroid_col_um"]).all()
+            fingerprint = ds.fingerprint
+        with DatasetWriter(path, CONFIG) as w:
+            w.add_file("key-field", path="/data/field.mat", sha256="sha-field", label="SW480", group="f",
+                       maps=cells_of_a_field(2))
+        with open_dataset(path) as ds:
+            assert ds.attrs["schema_version"] == SCHEMA_VERSION == 3 and len(ds) == 4
+            assert ds.origins()["cell"].tolist() == [-1, -1, 0, 1]
+            assert ds.origins()["bbox_col0"].tolist() == [-1, -1, 2, 2]
+            assert ds.read([0, 1])[:, 0, 0].tolist() == [0, 1] and ds.fingerprint != fingerprint

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 from scipy import optimize, special, stats
@@ -295,3 +296,86 @@ def expected_yield(n_maps: int, prevalence: float, point: OperatingPoint) -> dic
     tp = n_target * point.sensitivity
     return {"expected_false_positives": fp, "expected_true_positives": tp,
             "expected_purity": tp / (tp + fp) if tp + fp > 0 else float("nan")}
+
+
+# ------------------------------------------------------------------------------- model-level calibration
+#: Class or task-class names taken for cancer (target) classes when none are named: the reference study's
+#: two colorectal lines and the usual words for tumour cells (matched case-insensitively).
+CANCER_NAMES = ("sw480", "sw620", "cancer", "tumour", "tumor", "ctc", "malignant")
+VALIDATION_FILE = "validation_scores.npz"
+DEFAULT_FPR = 1e-3
+
+
+def default_targets(class_names) -> list[str]:
+    """The model's cancer classes: names containing one of :data:`CANCER_NAMES` (may be empty)."""
+    return [name for name in class_names if any(word in name.lower() for word in CANCER_NAMES)]
+
+
+def target_score(proba: np.ndarray, class_names, targets) -> np.ndarray:
+    """Probability that a map belongs to any of ``targets``: the sum of their columns of ``proba``.
+
+    Raises
+    ------
+    ValueError
+        A target that is not one of ``class_names``, or no target.
+    """
+    class_names = list(class_names)
+    unknown = [t for t in targets if t not in class_names]
+    if unknown or not targets:
+        raise ValueError(f"target classes {', '.join(unknown) or '(none)'} are not classes of the model "
+                         f"({', '.join(class_names)})")
+    return np.asarray(proba)[:, [class_names.index(t) for t in targets]].sum(axis=1)
+
+
+def calibrate(proba: np.ndarray, labels: np.ndarray, class_names, *, groups=None, targets=None,
+              fpr: float = DEFAULT_FPR, n_boot: int = 500, seed: int = 0) -> dict:
+    """Fit the temperature and the default operating point of a model on its validation maps.
+
+    Parameters
+    ----------
+    proba : (n_val, n_classes) array
+        Uncalibrated probabilities of the validation maps.
+    labels : (n_val,) int array
+    class_names : sequence of str
+    groups : (n_val,) array, optional
+        Acquisition groups (the operating point's bootstrap resamples them).
+    targets : list of str, optional
+        Target classes; default :func:`default_targets`. Without any, no operating point is set.
+    fpr : float
+        False-positive rate of the default operating point.
+
+    Returns
+    -------
+    dict
+        JSON-ready: ``method``, ``temperature``, ``ece_before``, ``ece_after``, ``n_maps``, ``targets``,
+        ``operating_point`` (``OperatingPoint.as_dict()`` or None) for the model's config.json.
+    """
+    temperature = fit_temperature(proba, labels)
+    calibrated = apply_temperature(proba, temperature)
+    targets = list(targets) if targets is not None else default_targets(class_names)
+    point = None
+    if targets:
+        is_target = np.isin(np.asarray(labels), [list(class_names).index(t) for t in targets])
+        if is_target.any() and (~is_target).any():
+            point = operating_point(target_score(calibrated, class_names, targets), is_target, fpr,
+                                    groups=groups, n_boot=n_boot, seed=seed).as_dict()
+    return {"method": "temperature scaling (Guo et al. 2017) on the validation groups",
+            "temperature": temperature, "ece_before": reliability(proba, labels)["ece"],
+            "ece_after": reliability(calibrated, labels)["ece"], "n_maps": int(len(labels)),
+            "targets": targets, "operating_point": point}
+
+
+def save_validation_scores(folder, proba: np.ndarray, labels: np.ndarray, groups) -> None:
+    """Keep the validation maps' uncalibrated probabilities, labels and groups beside the model, so a
+    screening run can set an operating point for other targets or rates (plain arrays, no pickles)."""
+    np.savez_compressed(Path(folder) / VALIDATION_FILE, proba=np.asarray(proba, np.float32),
+                        labels=np.asarray(labels, np.int32), groups=np.asarray(groups, dtype=str))
+
+
+def load_validation_scores(folder) -> dict | None:
+    """What :func:`save_validation_scores` wrote (None when the model folder has none)."""
+    path = Path(folder) / VALIDATION_FILE
+    if not path.is_file():
+        return None
+    with np.load(path, allow_pickle=False) as data:
+        return {key: data[key] for key in ("proba", "labels", "groups")}

@@ -125,3 +125,38 @@ def test_threshold_at_fpr_is_the_empirical_quantile_when_supported():
     neg = np.linspace(0, 1, 10001)
     t, extrapolated = threshold_at_fpr(neg, 0.01)
     assert not extrapolated and t == pytest.approx(0.99, abs=1e-3)
+
+
+def test_default_targets_are_the_cancer_classes():
+    from opdcells.calibration import default_targets
+
+    assert default_targets(["SW480", "SW620", "granulocytes"]) == ["SW480", "SW620"]
+    assert default_targets(["cancer", "blood"]) == ["cancer"]
+    assert default_targets(["PC3_tumour", "PNT1A"]) == ["PC3_tumour"]
+    assert default_targets(["A", "B"]) == []
+
+
+def test_target_score_sums_the_target_columns_and_names_unknown_targets():
+    from opdcells.calibration import target_score
+
+    proba = np.array([[0.2, 0.3, 0.5], [0.6, 0.1, 0.3]])
+    assert np.allclose(target_score(proba, ["a", "b", "c"], ["a", "b"]), [0.5, 0.7])
+    with pytest.raises(ValueError, match="HeLa"):
+        target_score(proba, ["a", "b", "c"], ["HeLa"])
+
+
+def test_calibrate_fits_temperature_and_the_default_operating_point(tmp_path):
+    from opdcells.calibration import calibrate, load_validation_scores, save_validation_scores
+
+    proba, labels = overconfident(3000, 7)
+    record = calibrate(proba, labels, ["SW480", "granulocytes", "PBMCs"], fpr=0.01, n_boot=50)
+    assert record["targets"] == ["SW480"]
+    assert record["ece_after"] < record["ece_before"]
+    point = OperatingPoint.from_dict(record["operating_point"])
+    assert point.fpr == 0.01 and point.n_positive == int(np.sum(labels == 0))
+    assert calibrate(proba, labels, ["a", "b", "c"], n_boot=10)["operating_point"] is None
+    groups = np.array([f"s{i % 4}" for i in range(len(labels))])
+    save_validation_scores(tmp_path, proba, labels, groups)
+    back = load_validation_scores(tmp_path)
+    assert np.allclose(back["proba"], proba, atol=1e-6) and list(back["groups"][:2]) == ["s0", "s1"]
+    assert load_validation_scores(tmp_path / "none") is None

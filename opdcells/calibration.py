@@ -359,10 +359,18 @@ def calibrate(proba: np.ndarray, labels: np.ndarray, class_names, *, groups=None
         if is_target.any() and (~is_target).any():
             point = operating_point(target_score(calibrated, class_names, targets), is_target, fpr,
                                     groups=groups, n_boot=n_boot, seed=seed).as_dict()
+    before, after = reliability(proba, labels), reliability(calibrated, labels)
     return {"method": "temperature scaling (Guo et al. 2017) on the validation groups",
-            "temperature": temperature, "ece_before": reliability(proba, labels)["ece"],
-            "ece_after": reliability(calibrated, labels)["ece"], "n_maps": int(len(labels)),
-            "targets": targets, "operating_point": point}
+            "temperature": temperature, "ece_before": before["ece"], "ece_after": after["ece"],
+            "n_maps": int(len(labels)), "targets": targets, "operating_point": point,
+            "reliability": {"before": _jsonable(before), "after": _jsonable(after)}}
+
+
+def _jsonable(curve: dict) -> dict:
+    """Reliability bins with NaN (empty bins) as None, for config.json."""
+    return {key: (value if np.isscalar(value) else
+                  [None if not np.isfinite(v) else float(v) for v in np.asarray(value, float)])
+            for key, value in curve.items()}
 
 
 def save_validation_scores(folder, proba: np.ndarray, labels: np.ndarray, groups) -> None:

@@ -309,6 +309,30 @@ def feature_histograms(frame: pd.DataFrame, columns: Sequence[str], by: str, pat
     return Path(path)
 
 
+def reliability_diagram(record: dict, path, title: str = "Calibration on the validation groups") -> Path:
+    """Reliability diagram before and after temperature scaling (``calibration.calibrate``'s record).
+
+    Bars: accuracy of the maps in each confidence bin; the diagonal is perfect calibration. The legend
+    gives the expected calibration error (ECE) and the temperature.
+    """
+    curves = record["reliability"]
+    with _figure(path, 1, 2, figsize=(8, 3.6), sharey=True) as (fig, axes):
+        for ax, key in zip(axes[0], ("before", "after"), strict=True):
+            curve = curves[key]
+            n_bins = len(curve["count"])
+            centres = (np.arange(n_bins) + 0.5) / n_bins
+            acc = np.array([np.nan if a is None else a for a in curve["accuracy"]], float)
+            ax.bar(centres, np.nan_to_num(acc), width=1 / n_bins, edgecolor="white", color="#1f77b4",
+                   label=f"ECE {curve['ece']:.3f}")
+            ax.plot([0, 1], [0, 1], color="0.3", ls="--", lw=1, label="perfect calibration")
+            ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (top-class probability)",
+                   title=("uncalibrated" if key == "before" else f"temperature {record['temperature']:.2f}"))
+            ax.legend(loc="upper left")
+        axes[0, 0].set_ylabel("accuracy in the bin")
+        fig.suptitle(f"{title} ({record['n_maps']} maps)")
+    return Path(path)
+
+
 @contextmanager
 def _figure(path, nrows: int = 1, ncols: int = 1, *, figsize,
             **subplot_kw) -> Iterator[tuple[Figure, np.ndarray]]:

@@ -27,21 +27,16 @@ def _png(figure_or_array, **imsave_kwargs) -> str:
 
 def score_histogram(scores: np.ndarray, threshold: float) -> str:
     """base64 PNG: histogram of the target scores (log counts) with the threshold marked."""
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 3.2))
+    fig = Figure(figsize=(7, 3.2), layout="constrained")
+    ax = fig.subplots()
     ax.hist(np.asarray(scores, float), bins=np.linspace(0, 1, 51), color="0.45", log=True)
     ax.axvline(threshold, color="crimson", lw=2, label=f"threshold {threshold:.4g}")
     ax.set_xlabel("calibrated probability of a target class")
     ax.set_ylabel("maps (log scale)")
     ax.legend(loc="upper center")
-    try:
-        return _png(fig)
-    finally:
-        plt.close(fig)
+    return _png(fig)
 
 
 def _e(text) -> str:

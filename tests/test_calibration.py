@@ -160,3 +160,18 @@ def test_calibrate_fits_temperature_and_the_default_operating_point(tmp_path):
     back = load_validation_scores(tmp_path)
     assert np.allclose(back["proba"], proba, atol=1e-6) and list(back["groups"][:2]) == ["s0", "s1"]
     assert load_validation_scores(tmp_path / "none") is None
+
+
+def test_reliability_diagram_is_drawn_from_the_record(tmp_path):
+    import json
+
+    from opdcells.calibration import calibrate
+    from opdcells.plots import reliability_diagram
+
+    proba, labels = overconfident(800, 8)
+    record = json.loads(json.dumps(calibrate(proba, labels, ["SW480", "b", "c"], n_boot=10)))  # as stored
+    assert record["reliability"]["after"]["ece"] == pytest.approx(record["ece_after"])
+    path = reliability_diagram(record, tmp_path / "reliability.png")
+    from matplotlib.image import imread
+
+    assert imread(path).shape[1] > 600

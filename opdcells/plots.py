@@ -12,6 +12,7 @@ import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 import matplotlib as mpl
 import numpy as np
@@ -49,6 +50,18 @@ _PALETTE = ("#8c564b", "#e377c2", "#bcbd22", "#17becf", "#393b79", "#637939", "#
 OPD_CMAP = "viridis"
 
 
+#: Hatch patterns telling variants of one model apart (frozen probe, fine-tuned, ...).
+HATCHES = ("", "///", "...", "xxx", "\\\\", "ooo")
+
+
+def series_colours(names: Sequence[str]) -> dict[str, str]:
+    """A colour per distinct name of one figure: the fixed model colour where there is one, otherwise the
+    next unused colour of matplotlib's 20-colour table (distinct within the figure, unlike a hash)."""
+    fixed = {n: MODEL_COLOURS[n.lower()] for n in names if n.lower() in MODEL_COLOURS}
+    free = (c for c in mpl.colormaps["tab20"].colors if mpl.colors.to_hex(c) not in fixed.values())
+    return {n: fixed.get(n) or mpl.colors.to_hex(next(free)) for n in dict.fromkeys(names)}
+
+
 def class_colour(name: str) -> str:
     """Fixed colour of a class name (case-insensitive); unknown names get a stable palette colour."""
     return _named_colour(name, CLASS_COLOURS)
@@ -59,8 +72,9 @@ def model_colour(name: str) -> str:
     return _named_colour(name, MODEL_COLOURS)
 
 
-def training_curves(history, path, title: str = "Training") -> Path:
-    """Loss and accuracy per epoch, train (solid) vs validation (dashed); Keras history dict or DataFrame."""
+def training_curves(history, path, title: str = "Training", *, step: str = "epoch") -> Path:
+    """Loss and accuracy per ``step`` (an epoch; for the features model a boosting iteration), train
+    (solid) vs validation (dashed); Keras history dict or DataFrame."""
     df = pd.DataFrame(history)
     panels = [(key, cols) for key in ("loss", "accuracy")
               if (cols := [c for c in (key, f"val_{key}") if c in df.columns])]
@@ -75,8 +89,8 @@ def training_curves(history, path, title: str = "Training") -> Path:
                 ax.plot(epochs, df[col], "--" if val else "-", color="#ff7f0e" if val else "#1f77b4",
                         marker="o", ms=3, label="validation" if val else "train")
             if best is not None:
-                ax.axvline(best, color="grey", lw=0.8, ls=":", label=f"lowest val loss (epoch {best})")
-            ax.set(xlabel="epoch", ylabel=key, title=key)
+                ax.axvline(best, color="grey", lw=0.8, ls=":", label=f"lowest val loss ({step} {best})")
+            ax.set(xlabel=step, ylabel=key, title=key)
             ax.legend()
         fig.suptitle(title)
     return Path(path)
@@ -111,7 +125,11 @@ def confusion_matrix(cm, class_names: Sequence[str], path, title: str = "Confusi
 def accuracy_bars(df: pd.DataFrame, path, metric: str = "accuracy", *, bar: str = "model",
                   group: str = "task", title: str | None = None) -> Path:
     """Bars of ``metric`` per model with 95% CI error bars (``<metric>_ci_low/_ci_high`` columns when
-    present), grouped by task when the table has a ``task`` column; duplicate rows are averaged."""
+    present), grouped by task when the table has a ``task`` column; duplicate rows are averaged.
+
+    Bars named ``"<model> | <variant>"`` take the model's colour and one hatch pattern per variant, so
+    every series can be told apart however many there are.
+    """
     df = df.copy()
     if group not in df.columns:
         df[group] = ""
@@ -120,17 +138,21 @@ def accuracy_bars(df: pd.DataFrame, path, metric: str = "accuracy", *, bar: str 
         log.warning("accuracy_bars: several rows per (%s, %s); plotting their mean", group, bar)
     table = df.groupby([group, bar], sort=False)[cols].mean()
     groups, bars = list(dict.fromkeys(df[group])), list(dict.fromkeys(df[bar]))
+    colours = series_colours([name.split(" | ")[0] for name in bars])
+    variants = list(dict.fromkeys(name.partition(" | ")[2] for name in bars))
     width = 0.8 / len(bars)
-    with _figure(path, figsize=(max(4.0, 1.0 + 0.5 * len(groups) * len(bars)), 3.4)) as (fig, axes):
+    with _figure(path, figsize=(min(12.0, max(4.0, 1.0 + 0.35 * len(groups) * len(bars))), 3.6)) as (
+            fig, axes):
         ax = axes[0, 0]
         for j, name in enumerate(bars):
             keys = [(g, name) for g in groups if (g, name) in table.index]
             x = np.array([groups.index(g) for g, _ in keys]) + (j - (len(bars) - 1) / 2) * width
             values = table.loc[keys, metric].to_numpy(float)
-            ax.bar(x, values, width * 0.92, yerr=_yerr(table.loc[keys], metric), capsize=3,
-                   color=model_colour(name), label=name)
+            hatch = HATCHES[variants.index(name.partition(" | ")[2]) % len(HATCHES)]
+            ax.bar(x, values, width * 0.92, yerr=_yerr(table.loc[keys], metric), capsize=2,
+                   color=colours[name.split(" | ")[0]], hatch=hatch, edgecolor="white", label=name)
             for xi, v in zip(x[np.isfinite(values)], values[np.isfinite(values)], strict=True):
-                ax.text(xi, 0.01, f"{v:.2f}", ha="center", va="bottom", fontsize=7, rotation=90,
+                ax.text(xi, 0.01, f"{v:.2f}", ha="center", va="bottom", fontsize=6, rotation=90,
                         color="white")
         ax.set_xticks(range(len(groups)), groups)
         label = metric.replace("_", " ")
@@ -206,9 +228,8 @@ def image_grid(images: Sequence, titles: Sequence[str], path, cmap: str = OPD_CM
     shown = [np.asarray(im, dtype=float) for im in images if im is not None]
     if not shown:
         raise ValueError("image_grid: no images to show")
-    values = np.concatenate([im.ravel() for im in shown])
-    vmin = np.nanpercentile(values, 1) if vmin is None else vmin
-    vmax = np.nanpercentile(values, 99.5) if vmax is None else vmax
+    limits = colour_limits(shown, vmin, vmax)
+    vmin, vmax = limits.vmin, limits.vmax
     with _figure(path, nrows, ncols, figsize=(1.5 * ncols + 1.0, 1.55 * nrows + 0.4)) as (fig, axes):
         mappable = None
         for i, ax in enumerate(axes.ravel()):
@@ -223,11 +244,42 @@ def image_grid(images: Sequence, titles: Sequence[str], path, cmap: str = OPD_CM
                                      vmin=0, vmax=1, extent=(-0.5, w - 0.5, h - 0.5, -0.5),
                                      interpolation="bilinear")
             ax.set_title(titles[i], fontsize=7, color=title_colours[i] if title_colours else "black")
-        label = "relative importance" if overlays is not None else colorbar_label
-        fig.colorbar(mappable, ax=axes, shrink=0.8, label=label)
+        label = "relative importance" if overlays is not None else colorbar_label + limits.note
+        fig.colorbar(mappable, ax=axes, shrink=0.8, label=label,
+                     extend="neither" if overlays is not None else limits.extend)
         if title:
             fig.suptitle(title)
     return Path(path)
+
+
+class ColourLimits(NamedTuple):
+    """Colour scale of a figure: limits, the colour bar's ``extend`` and a note when values are clipped."""
+
+    vmin: float
+    vmax: float
+    extend: str
+    note: str
+
+
+def colour_limits(images: Sequence, vmin: float | None = None, vmax: float | None = None) -> ColourLimits:
+    """Colour limits that show the images' whole range unless the caller fixes them.
+
+    Defaults: the minimum and maximum of all finite values (so a 700 nm SW480 cell is not drawn at the
+    colour of a 460 nm one). Given limits that cut off data are kept, and the colour bar is extended and
+    labelled with the clipped range (" (clipped; data -12 to 700)").
+    """
+    values = np.concatenate([np.asarray(im, dtype=float).ravel() for im in images])
+    values = values[np.isfinite(values)]
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 1.0)
+    vmin = low if vmin is None else float(vmin)
+    vmax = high if vmax is None else float(vmax)
+    if vmax <= vmin:
+        vmax = vmin + 1.0
+    cut_low, cut_high = low < vmin, high > vmax
+    extend = {(False, False): "neither", (True, False): "min", (False, True): "max", (True, True): "both"}[
+        (cut_low, cut_high)]
+    note = f" (clipped; data {low:.4g} to {high:.4g})" if cut_low or cut_high else ""
+    return ColourLimits(vmin, vmax, extend, note)
 
 
 def overlay_grid(maps: Sequence, heatmaps: Sequence, titles: Sequence[str], path, *,
@@ -266,7 +318,7 @@ def label_efficiency(df: pd.DataFrame, path, metric: str = "accuracy", *, title:
                 handles.setdefault(label, handle)
         axes[0, -1].legend(handles.values(), handles.keys(), loc="upper left", bbox_to_anchor=(1.0, 1.0),
                            frameon=False)
-        fig.suptitle(title or "Label efficiency (mean and 95% CI over seeds)")
+        fig.suptitle(title or "Label efficiency (mean; 95% band over seeds and test sample)")
     return Path(path)
 
 
@@ -306,6 +358,30 @@ def feature_histograms(frame: pd.DataFrame, columns: Sequence[str], by: str, pat
         axes[0, 0].legend()
         if title:
             fig.suptitle(title)
+    return Path(path)
+
+
+def reliability_diagram(record: dict, path, title: str = "Calibration on the validation groups") -> Path:
+    """Reliability diagram before and after temperature scaling (``calibration.calibrate``'s record).
+
+    Bars: accuracy of the maps in each confidence bin; the diagonal is perfect calibration. The legend
+    gives the expected calibration error (ECE) and the temperature.
+    """
+    curves = record["reliability"]
+    with _figure(path, 1, 2, figsize=(8, 3.6), sharey=True) as (fig, axes):
+        for ax, key in zip(axes[0], ("before", "after"), strict=True):
+            curve = curves[key]
+            n_bins = len(curve["count"])
+            centres = (np.arange(n_bins) + 0.5) / n_bins
+            acc = np.array([np.nan if a is None else a for a in curve["accuracy"]], float)
+            ax.bar(centres, np.nan_to_num(acc), width=1 / n_bins, edgecolor="white", color="#1f77b4",
+                   label=f"ECE {curve['ece']:.3f}")
+            ax.plot([0, 1], [0, 1], color="0.3", ls="--", lw=1, label="perfect calibration")
+            ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (top-class probability)",
+                   title=("uncalibrated" if key == "before" else f"temperature {record['temperature']:.2f}"))
+            ax.legend(loc="upper left")
+        axes[0, 0].set_ylabel("accuracy in the bin")
+        fig.suptitle(f"{title} ({record['n_maps']} maps)")
     return Path(path)
 
 
@@ -351,11 +427,21 @@ def _mark_fpr_points(ax, y_pos, score) -> None:
 
 
 def _mean_band(rows: pd.DataFrame, x: str, y: str) -> tuple[pd.Series, pd.Series, pd.Series]:
-    """Mean of ``y`` per ``x`` and its 95% t confidence band (band = mean where only one seed)."""
+    """Mean of ``y`` per ``x`` and its 95% band, clipped to [0, 1].
+
+    Two sources of variation: the spread over seeds (t interval of the mean) and the test sample (each
+    run's bootstrap interval, ``<y>_ci_low/_ci_high``, when present: its mean half-width). They add in
+    quadrature, so a point where every seed gives the same number (e.g. all labels used) still shows the
+    uncertainty of the test set.
+    """
     grouped = rows.groupby(x)[y]
     mean, sem, n = grouped.mean(), grouped.sem().fillna(0.0), grouped.count()
     half = sem * stats.t.ppf(0.975, np.maximum(n - 1, 1))
-    return mean, mean - half, mean + half
+    low, high = f"{y}_ci_low", f"{y}_ci_high"
+    if low in rows.columns and high in rows.columns:
+        boot = ((rows[high] - rows[low]) / 2).groupby(rows[x]).mean().reindex(mean.index).fillna(0.0)
+        half = np.sqrt(half ** 2 + boot ** 2)
+    return mean, (mean - half).clip(0.0, 1.0), (mean + half).clip(0.0, 1.0)
 
 
 def _unit_range(heatmap) -> np.ndarray:

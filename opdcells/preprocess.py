@@ -7,6 +7,7 @@ Pipeline (:func:`preprocess_map`): check -> to nm -> background -> mask -> dry m
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 from dataclasses import dataclass
@@ -518,21 +519,23 @@ def remove_background(opd_nm, mask=None, order: int = 1, *, pixel_size_um: float
     return corrected
 
 
-def _resample_axis(values: np.ndarray, axis: int, scale: float) -> np.ndarray:
-    """Area-weighted resampling along ``axis`` by ``scale`` (output px per input px), integral-conserving.
+@functools.lru_cache(maxsize=64)
+def _resampling_matrix(n_in: int, scale: float) -> np.ndarray:
+    """``(n_out, n_in)`` matrix of area-weighted, integral-conserving resampling by ``scale``.
 
     The cumulative integral is interpolated with a cubic spline through the input pixel edges and
     differenced at the output edges: each output pixel is the mean of a smooth interpolant over its area,
-    so the total is exact. The output grid covers the input, centred; uncovered parts are 0.
+    so the total is exact. The output grid covers the input, centred; uncovered parts are 0. The spline
+    is linear in the data, so the whole operation is one matrix, made once per (length, scale): maps of
+    one session share it.
     """
-    n_in = values.shape[axis]
     n_out = max(1, math.ceil(n_in * scale - 1e-9))
-    shape = list(values.shape)
-    shape[axis] = 1
-    cumulative = np.concatenate([np.zeros(shape), np.cumsum(values, axis=axis)], axis=axis)
-    integral = CubicSpline(np.arange(n_in + 1), cumulative, axis=axis)
     edges = np.clip((np.arange(n_out + 1) - n_out / 2) / scale + n_in / 2, 0, n_in)
-    return np.diff(integral(edges), axis=axis) * scale
+    at_edges = CubicSpline(np.arange(n_in + 1), np.eye(n_in + 1), axis=0)(edges)   # (n_out+1, n_in+1)
+    cumulative = np.tril(np.ones((n_in + 1, n_in)), k=-1)                          # [0; cumsum] operator
+    matrix = np.diff(at_edges, axis=0) @ cumulative * scale
+    matrix.setflags(write=False)
+    return matrix
 
 
 def resample(opd_nm, pixel_size_um: float, out_pixel_size_um: float) -> np.ndarray:
@@ -544,9 +547,9 @@ def resample(opd_nm, pixel_size_um: float, out_pixel_size_um: float) -> np.ndarr
     scale = pixel_size_um / out_pixel_size_um
     if np.isclose(scale, 1.0, rtol=1e-9, atol=0):
         return values.copy()
-    for axis in (0, 1):
-        values = _resample_axis(values, axis, scale)
-    return values
+    rows = _resampling_matrix(values.shape[0], scale)
+    cols = _resampling_matrix(values.shape[1], scale)
+    return rows @ values @ cols.T
 
 
 def centre_crop(opd_nm, out_size: int, mask=None) -> np.ndarray:

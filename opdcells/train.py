@@ -786,7 +786,9 @@ def write_results(evaluation: Evaluation, model: SavedModel, dataset, folder) ->
     history = model.folder / "history.csv"
     if history.is_file():
         frame = pd.read_csv(history).drop(columns="epoch", errors="ignore")
-        out["training_curves"] = plots.training_curves(frame, folder / "training_curves.png", title=title)
+        step = "boosting iteration" if model.config["model"] == "features" else "epoch"
+        out["training_curves"] = plots.training_curves(frame, folder / "training_curves.png", title=title,
+                                                       step=step)
     with _opened(dataset) as ds:
         out["gallery"] = plots.gallery(_LazyMaps(ds, evaluation.indices), evaluation.y_true,
                                        evaluation.proba.argmax(axis=1), names, folder / "gallery.png")

@@ -119,3 +119,57 @@ def test_class_colours_fixed_and_stable():
     assert plots.class_colour("SW480") == plots.class_colour("sw480") == plots.CLASS_COLOURS["sw480"]
     assert plots.class_colour("new class") == plots.class_colour("new class")
     assert len({plots.class_colour(n) for n in ("SW480", "SW620", "granulocytes", "monocytes", "PBMCs")}) == 5
+
+
+# --- figures that do not mislead (issue 16) ----------------------------------------------------------
+
+
+def test_colour_limits_cover_the_data_unless_fixed():
+    from opdcells.plots import colour_limits
+
+    maps = [np.full((8, 8), 120.0), np.pad(np.full((4, 4), 700.0), 2)]   # a 700 nm SW480 peak
+    limits = colour_limits(maps)
+    assert limits.vmin <= 0 and limits.vmax >= 700 and limits.extend == "neither" and limits.note == ""
+    clipped = colour_limits(maps, vmax=460)
+    assert clipped.vmax == 460 and clipped.extend == "max" and "700" in clipped.note
+
+
+def test_gallery_colour_bar_reaches_the_brightest_cell(tmp_path):
+    from matplotlib.image import imread
+
+    from opdcells.plots import colour_limits, gallery
+
+    maps = np.zeros((6, 16, 16))
+    maps[:, 4:12, 4:12] = np.linspace(100, 700, 6)[:, None, None]
+    gallery(maps, np.array([0, 0, 0, 1, 1, 1]), np.array([0, 1, 0, 1, 1, 0]), ["SW480", "PBMCs"],
+            tmp_path / "g.png", per_class=2)
+    assert imread(tmp_path / "g.png").ndim == 3
+    assert colour_limits(list(maps)).vmax == 700
+
+
+def test_label_efficiency_band_stays_in_unit_range_and_has_width_where_seeds_agree():
+    from opdcells.plots import _mean_band
+
+    rows = pd.DataFrame({"fraction": [0.1, 0.1, 0.1, 1.0, 1.0, 1.0],
+                         "accuracy": [0.98, 0.9, 1.0, 0.95, 0.95, 0.95],
+                         "accuracy_ci_low": [0.9, 0.85, 0.97, 0.9, 0.9, 0.9],
+                         "accuracy_ci_high": [1.0, 0.95, 1.0, 0.99, 0.99, 0.99]})
+    mean, low, high = _mean_band(rows, "fraction", "accuracy")
+    assert (high <= 1.0).all() and (low >= 0.0).all()
+    assert high[1.0] - low[1.0] > 0.05          # the test sample's uncertainty, though the seeds agree
+
+
+def test_twelve_series_get_twelve_colours_or_patterns(tmp_path):
+    from opdcells.plots import series_colours
+
+    models = ["opd_mobilenetv2", "dinov2", "features", "logistic", "knn", "probe_a"]
+    colours = series_colours(models)
+    assert len(set(colours.values())) == len(models)
+    table = pd.DataFrame([{"task": "five_class", "bar": f"{m} | {v}", "accuracy": 0.5}
+                          for m in models for v in ("frozen", "fine-tuned")])
+    from matplotlib.image import imread
+
+    from opdcells.plots import accuracy_bars
+
+    path = accuracy_bars(table, tmp_path / "bars.png", bar="bar")
+    assert imread(path).shape[1] < 2000

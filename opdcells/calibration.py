@@ -1,0 +1,389 @@
+"""Calibrated probabilities and screening operating points, fitted on validation groups.
+
+Two questions a screening run must answer beside "which class": how far a probability can be trusted
+(calibration) and where to put the threshold so that a stated fraction of non-target cells is flagged
+(the operating point).
+
+* Calibration: temperature scaling (Guo et al. 2017, "On calibration of modern neural networks", ICML),
+  one parameter ``T`` fitted by minimising the negative log-likelihood of the validation maps. It acts on
+  log-probabilities, ``softmax(log p / T)``, which equals scaling the logits (softmax is shift-invariant),
+  so it works for any model that gives probabilities (Keras or the features model). It never changes the
+  predicted class. Judged by the expected calibration error (ECE, 15 equal-width bins, Naeini et al. 2015).
+* Operating point: the threshold on the target score (the summed calibrated probability of the target
+  classes) above which a map is flagged, chosen so that a fraction ``fpr`` of the validation NON-target
+  maps lie above it. With ``n`` non-target maps an empirical quantile resolves rates down to about
+  ``10 / n``; below that the threshold is extrapolated from a generalised Pareto distribution fitted to
+  the upper tail of the non-target scores on the logit scale (peaks over threshold; Pickands 1975,
+  Ann. Stat. 3:119), and the result says so. Bootstrap intervals resample acquisition groups when given.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from scipy import optimize, special, stats
+
+log = logging.getLogger(__name__)
+
+#: Empirical quantiles are used while at least this many validation non-target maps are expected above
+#: the threshold (``fpr * n_negative``); fewer, and the tail is extrapolated.
+MIN_EXCEEDANCES = 10
+#: Fraction of the non-target scores that forms the tail fitted by the generalised Pareto distribution.
+TAIL_FRACTION = 0.1
+ECE_BINS = 15
+_EPS = 1e-12
+
+
+def _log_proba(proba: np.ndarray) -> np.ndarray:
+    proba = np.asarray(proba, dtype=np.float64)
+    if proba.ndim != 2 or proba.shape[1] < 2:
+        raise ValueError(f"probabilities must be (n_maps, n_classes >= 2), got shape {proba.shape}")
+    return np.log(np.clip(proba, _EPS, 1.0))
+
+
+def apply_temperature(proba: np.ndarray, temperature: float) -> np.ndarray:
+    """Temperature-scaled probabilities ``softmax(log(proba) / T)``.
+
+    Parameters
+    ----------
+    proba : (n_maps, n_classes) array
+        Probabilities of a model (rows sum to 1).
+    temperature : float
+        ``T > 0``; 1 leaves ``proba`` unchanged, ``T > 1`` softens over-confident models.
+
+    Returns
+    -------
+    (n_maps, n_classes) float64 array, rows sum to 1; the argmax of each row is unchanged.
+
+    Raises
+    ------
+    ValueError
+        ``temperature`` not positive or ``proba`` not 2-D.
+    """
+    if not np.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    return special.softmax(_log_proba(proba) / temperature, axis=1)
+
+
+def fit_temperature(proba: np.ndarray, labels: np.ndarray,
+                    bounds: tuple[float, float] = (0.05, 20.0)) -> float:
+    """Temperature minimising the negative log-likelihood of ``labels`` (Guo et al. 2017).
+
+    Parameters
+    ----------
+    proba : (n_maps, n_classes) array
+        Uncalibrated probabilities of the validation maps.
+    labels : (n_maps,) int array
+        True class ids.
+    bounds : (float, float)
+        Search interval for ``T`` (searched on a log scale).
+
+    Returns
+    -------
+    float
+        The fitted temperature.
+    """
+    log_p = _log_proba(proba)
+    labels = np.asarray(labels, dtype=int)
+
+    def nll(log_t: float) -> float:
+        scaled = log_p / np.exp(log_t)
+        return float(np.mean(special.logsumexp(scaled, axis=1) - scaled[np.arange(len(labels)), labels]))
+
+    result = optimize.minimize_scalar(nll, bounds=np.log(bounds), method="bounded")
+    return float(np.exp(result.x))
+
+
+def reliability(proba: np.ndarray, labels: np.ndarray, n_bins: int = ECE_BINS) -> dict:
+    """Reliability diagram data and expected calibration error (ECE) of top-class confidences.
+
+    Parameters
+    ----------
+    proba : (n_maps, n_classes) array
+    labels : (n_maps,) int array
+    n_bins : int
+        Equal-width confidence bins on [0, 1].
+
+    Returns
+    -------
+    dict
+        ``confidence``, ``accuracy``, ``count`` (per bin, NaN where empty) and ``ece``: the
+        count-weighted mean of ``|accuracy - confidence|`` (Naeini et al. 2015, AAAI).
+    """
+    proba = np.asarray(proba, dtype=np.float64)
+    confidence = proba.max(axis=1)
+    correct = proba.argmax(axis=1) == np.asarray(labels)
+    bins = np.minimum((confidence * n_bins).astype(int), n_bins - 1)
+    count = np.bincount(bins, minlength=n_bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_conf = np.bincount(bins, confidence, n_bins) / count
+        mean_acc = np.bincount(bins, correct, n_bins) / count
+    gap = np.nan_to_num(np.abs(mean_acc - mean_conf))
+    return {"confidence": mean_conf, "accuracy": mean_acc, "count": count,
+            "ece": float(np.sum(gap * count) / max(len(confidence), 1))}
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    return special.logit(np.clip(p, 1e-9, 1 - 1e-9))
+
+
+def _tail_threshold(negatives: np.ndarray, fpr: float) -> float:
+    """Score exceeded by a fraction ``fpr`` of non-targets, from a generalised Pareto tail fit."""
+    z = np.sort(_logit(negatives))
+    u = np.quantile(z, 1 - TAIL_FRACTION)
+    excess = z[z > u] - u
+    if len(excess) < 5 or np.ptp(excess) == 0:
+        return float(special.expit(z[-1]))        # too few distinct tail scores: the largest seen
+    shape, _, scale = stats.genpareto.fit(excess, floc=0)
+    p_exceed = len(excess) / len(z)
+    return float(special.expit(u + stats.genpareto.isf(fpr / p_exceed, shape, loc=0, scale=scale)))
+
+
+def threshold_at_fpr(negatives: np.ndarray, fpr: float) -> tuple[float, bool]:
+    """Threshold on the target score with a fraction ``fpr`` of ``negatives`` above it.
+
+    Returns
+    -------
+    (threshold, extrapolated)
+        ``extrapolated`` is True when fewer than :data:`MIN_EXCEEDANCES` negatives are expected above
+        the threshold and the generalised Pareto tail fit was used.
+    """
+    negatives = np.asarray(negatives, dtype=np.float64)
+    if fpr * len(negatives) >= MIN_EXCEEDANCES:
+        return float(np.quantile(negatives, 1 - fpr, method="higher")), False
+    return _tail_threshold(negatives, fpr), True
+
+
+@dataclass
+class OperatingPoint:
+    """Threshold on the target score for a stated false-positive rate, measured on validation maps.
+
+    Attributes
+    ----------
+    fpr : float
+        Target false-positive rate (fraction of non-target maps flagged).
+    threshold : float
+        Flag a map when its target score is ``>= threshold`` (score in [0, 1]).
+    threshold_ci : (float, float)
+        95% bootstrap interval of the threshold.
+    sensitivity : float
+        Fraction of validation target maps at or above the threshold.
+    sensitivity_ci : (float, float)
+        95% bootstrap interval of ``sensitivity``.
+    n_negative, n_positive : int
+        Validation non-target / target maps it was set on.
+    extrapolated : bool
+        True when ``n_negative`` cannot support ``fpr`` empirically and the tail fit was used.
+    basis : str
+        One sentence saying how the threshold was found.
+    """
+
+    fpr: float
+    threshold: float
+    threshold_ci: tuple[float, float]
+    sensitivity: float
+    sensitivity_ci: tuple[float, float]
+    n_negative: int
+    n_positive: int
+    extrapolated: bool
+    basis: str
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> OperatingPoint:
+        data = dict(data)
+        for key in ("threshold_ci", "sensitivity_ci"):
+            data[key] = tuple(data[key])
+        return cls(**data)
+
+
+def _resample(rng: np.random.Generator, groups: np.ndarray | None, n: int) -> np.ndarray:
+    if groups is None:
+        return rng.integers(0, n, n)
+    names = np.unique(groups)
+    drawn = rng.choice(names, len(names))
+    return np.concatenate([np.flatnonzero(groups == g) for g in drawn])
+
+
+def operating_point(score: np.ndarray, is_target: np.ndarray, fpr: float = 1e-3, *,
+                    groups: np.ndarray | None = None, n_boot: int = 500, seed: int = 0) -> OperatingPoint:
+    """Set the threshold for false-positive rate ``fpr`` on validation scores.
+
+    Parameters
+    ----------
+    score : (n_maps,) array
+        Calibrated target score of each validation map (probability of any target class).
+    is_target : (n_maps,) bool array
+        True for maps of a target class.
+    fpr : float
+        Wanted fraction of non-target maps flagged, in (0, 1).
+    groups : (n_maps,) array, optional
+        Acquisition group of each map: the bootstrap resamples groups (cluster bootstrap).
+    n_boot : int
+        Bootstrap replicates.
+    seed : int
+
+    Returns
+    -------
+    OperatingPoint
+
+    Raises
+    ------
+    ValueError
+        ``fpr`` outside (0, 1), or no target or no non-target map.
+    """
+    if not 0 < fpr < 1:
+        raise ValueError(f"false-positive rate must be in (0, 1), got {fpr}")
+    score = np.asarray(score, dtype=np.float64)
+    is_target = np.asarray(is_target, dtype=bool)
+    negatives, positives = score[~is_target], score[is_target]
+    if not len(negatives) or not len(positives):
+        raise ValueError("an operating point needs validation maps of target and of non-target classes")
+    threshold, extrapolated = threshold_at_fpr(negatives, fpr)
+    rng = np.random.default_rng(seed)
+    boot_t, boot_s = [], []
+    groups = None if groups is None else np.asarray(groups)
+    for _ in range(n_boot):
+        idx = _resample(rng, groups, len(score))
+        neg, pos = score[idx][~is_target[idx]], score[idx][is_target[idx]]
+        if len(neg) and len(pos):
+            t, _ = threshold_at_fpr(neg, fpr)
+            boot_t.append(t)
+            boot_s.append(np.mean(pos >= t))
+    basis = (f"empirical {1 - fpr:.6g} quantile of {len(negatives)} validation non-target maps"
+             if not extrapolated else
+             f"extrapolated: {len(negatives)} validation non-target maps support rates down to about "
+             f"{MIN_EXCEEDANCES / len(negatives):.2g}; generalised Pareto fit to their top "
+             f"{TAIL_FRACTION:.0%} (logit scale)")
+    return OperatingPoint(fpr=fpr, threshold=threshold, threshold_ci=_interval(boot_t, threshold),
+                          sensitivity=float(np.mean(positives >= threshold)),
+                          sensitivity_ci=_interval(boot_s, float(np.mean(positives >= threshold))),
+                          n_negative=int(len(negatives)), n_positive=int(len(positives)),
+                          extrapolated=extrapolated, basis=basis)
+
+
+def _interval(values: list[float], fallback: float) -> tuple[float, float]:
+    if not values:
+        return (fallback, fallback)
+    lo, hi = np.percentile(values, [2.5, 97.5])
+    return (float(lo), float(hi))
+
+
+def expected_yield(n_maps: int, prevalence: float, point: OperatingPoint) -> dict:
+    """What a screening run of ``n_maps`` cells at ``prevalence`` should flag at ``point``.
+
+    Parameters
+    ----------
+    n_maps : int
+        Cells screened.
+    prevalence : float
+        Fraction of target cells in the sample (e.g. 1e-5 for one tumour cell in 10^5 blood cells).
+    point : OperatingPoint
+
+    Returns
+    -------
+    dict
+        ``expected_false_positives`` (n_non_target * fpr), ``expected_true_positives``
+        (n_target * sensitivity) and ``expected_purity`` (positive predictive value: true / all flagged;
+        NaN when nothing is expected to be flagged).
+    """
+    n_target = n_maps * prevalence
+    fp = (n_maps - n_target) * point.fpr
+    tp = n_target * point.sensitivity
+    return {"expected_false_positives": fp, "expected_true_positives": tp,
+            "expected_purity": tp / (tp + fp) if tp + fp > 0 else float("nan")}
+
+
+# ------------------------------------------------------------------------------- model-level calibration
+#: Class or task-class names taken for cancer (target) classes when none are named: the reference study's
+#: two colorectal lines and the usual words for tumour cells (matched case-insensitively).
+CANCER_NAMES = ("sw480", "sw620", "cancer", "tumour", "tumor", "ctc", "malignant")
+VALIDATION_FILE = "validation_scores.npz"
+DEFAULT_FPR = 1e-3
+
+
+def default_targets(class_names) -> list[str]:
+    """The model's cancer classes: names containing one of :data:`CANCER_NAMES` (may be empty)."""
+    return [name for name in class_names if any(word in name.lower() for word in CANCER_NAMES)]
+
+
+def target_score(proba: np.ndarray, class_names, targets) -> np.ndarray:
+    """Probability that a map belongs to any of ``targets``: the sum of their columns of ``proba``.
+
+    Raises
+    ------
+    ValueError
+        A target that is not one of ``class_names``, or no target.
+    """
+    class_names = list(class_names)
+    unknown = [t for t in targets if t not in class_names]
+    if unknown or not targets:
+        raise ValueError(f"target classes {', '.join(unknown) or '(none)'} are not classes of the model "
+                         f"({', '.join(class_names)})")
+    return np.asarray(proba)[:, [class_names.index(t) for t in targets]].sum(axis=1)
+
+
+def calibrate(proba: np.ndarray, labels: np.ndarray, class_names, *, groups=None, targets=None,
+              fpr: float = DEFAULT_FPR, n_boot: int = 500, seed: int = 0) -> dict:
+    """Fit the temperature and the default operating point of a model on its validation maps.
+
+    Parameters
+    ----------
+    proba : (n_val, n_classes) array
+        Uncalibrated probabilities of the validation maps.
+    labels : (n_val,) int array
+    class_names : sequence of str
+    groups : (n_val,) array, optional
+        Acquisition groups (the operating point's bootstrap resamples them).
+    targets : list of str, optional
+        Target classes; default :func:`default_targets`. Without any, no operating point is set.
+    fpr : float
+        False-positive rate of the default operating point.
+
+    Returns
+    -------
+    dict
+        JSON-ready: ``method``, ``temperature``, ``ece_before``, ``ece_after``, ``n_maps``, ``targets``,
+        ``operating_point`` (``OperatingPoint.as_dict()`` or None) for the model's config.json.
+    """
+    temperature = fit_temperature(proba, labels)
+    calibrated = apply_temperature(proba, temperature)
+    targets = list(targets) if targets is not None else default_targets(class_names)
+    point = None
+    if targets:
+        is_target = np.isin(np.asarray(labels), [list(class_names).index(t) for t in targets])
+        if is_target.any() and (~is_target).any():
+            point = operating_point(target_score(calibrated, class_names, targets), is_target, fpr,
+                                    groups=groups, n_boot=n_boot, seed=seed).as_dict()
+    before, after = reliability(proba, labels), reliability(calibrated, labels)
+    return {"method": "temperature scaling (Guo et al. 2017) on the validation groups",
+            "temperature": temperature, "ece_before": before["ece"], "ece_after": after["ece"],
+            "n_maps": int(len(labels)), "targets": targets, "operating_point": point,
+            "reliability": {"before": _jsonable(before), "after": _jsonable(after)}}
+
+
+def _jsonable(curve: dict) -> dict:
+    """Reliability bins with NaN (empty bins) as None, for config.json."""
+    return {key: (value if np.isscalar(value) else
+                  [None if not np.isfinite(v) else float(v) for v in np.asarray(value, float)])
+            for key, value in curve.items()}
+
+
+def save_validation_scores(folder, proba: np.ndarray, labels: np.ndarray, groups) -> None:
+    """Keep the validation maps' uncalibrated probabilities, labels and groups beside the model, so a
+    screening run can set an operating point for other targets or rates (plain arrays, no pickles)."""
+    np.savez_compressed(Path(folder) / VALIDATION_FILE, proba=np.asarray(proba, np.float32),
+                        labels=np.asarray(labels, np.int32), groups=np.asarray(groups, dtype=str))
+
+
+def load_validation_scores(folder) -> dict | None:
+    """What :func:`save_validation_scores` wrote (None when the model folder has none)."""
+    path = Path(folder) / VALIDATION_FILE
+    if not path.is_file():
+        return None
+    with np.load(path, allow_pickle=False) as data:
+        return {key: data[key] for key in ("proba", "labels", "groups")}

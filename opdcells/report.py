@@ -1,0 +1,112 @@
+"""Self-contained HTML report of a screening run (no external files: figures are embedded PNGs)."""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from collections.abc import Sequence
+
+import numpy as np
+
+#: Thumbnails share one colour scale: 0 nm to this percentile of the shown maps' pixels.
+THUMB_PERCENTILE = 99.9
+
+
+def _png(figure_or_array, **imsave_kwargs) -> str:
+    """base64 PNG of a matplotlib figure, or of a 2-D array (``imsave_kwargs`` as matplotlib.image.imsave)."""
+    from matplotlib.image import imsave
+
+    buf = io.BytesIO()
+    if hasattr(figure_or_array, "savefig"):
+        figure_or_array.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    else:
+        imsave(buf, figure_or_array, format="png", **imsave_kwargs)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def score_histogram(scores: np.ndarray, threshold: float) -> str:
+    """base64 PNG: histogram of the target scores (log counts) with the threshold marked."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 3.2), layout="constrained")
+    ax = fig.subplots()
+    ax.hist(np.asarray(scores, float), bins=np.linspace(0, 1, 51), color="0.45", log=True)
+    ax.axvline(threshold, color="crimson", lw=2, label=f"threshold {threshold:.4g}")
+    ax.set_xlabel("calibrated probability of a target class")
+    ax.set_ylabel("maps (log scale)")
+    ax.legend(loc="upper center")
+    return _png(fig)
+
+
+def _e(text) -> str:
+    return html.escape(str(text))
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def screening_report(summary: dict, gallery: Sequence[dict], maps: np.ndarray, rows: Sequence[dict]) -> str:
+    """The report page.
+
+    Parameters
+    ----------
+    summary : dict
+        The run's summary.json content.
+    gallery : sequence of dict
+        Candidate rows shown (most probable first), matching ``maps``.
+    maps : (n, S, S) array
+        The candidates' OPD maps in nm.
+    rows : sequence of dict
+        Every scored row (for the histogram).
+
+    Returns
+    -------
+    str
+        HTML with every figure embedded.
+    """
+    point = summary["operating_point"]
+    vmax = float(np.percentile(maps, THUMB_PERCENTILE)) if len(gallery) else 1.0
+    vmax = max(vmax, 1.0)
+    facts = [("model", summary["model"]), ("maps screened", summary["maps_read"]),
+             ("files read / skipped", f"{summary['files_read']} / {summary['files_skipped']}"),
+             ("maps skipped", summary["maps_skipped"]), ("flagged", summary["flagged"]),
+             ("out of distribution (never flagged)", summary["out_of_distribution"]),
+             ("target classes", ", ".join(summary["targets"])),
+             ("false-positive rate", point["fpr"]), ("threshold", f"{point['threshold']:.4g} "
+              f"(95% CI {point['threshold_ci'][0]:.4g}-{point['threshold_ci'][1]:.4g})"),
+             ("sensitivity on validation", f"{point['sensitivity']:.3f} (95% CI "
+              f"{point['sensitivity_ci'][0]:.3f}-{point['sensitivity_ci'][1]:.3f})"),
+             ("how the threshold was set", point["basis"]),
+             ("prevalence assumed", summary["prevalence"]),
+             ("expected false positives", summary["expected_false_positives"]),
+             ("expected purity of the flagged maps", summary["expected_purity"]),
+             ("maps per second", summary["maps_per_second"])]
+    table = "\n".join(f"<tr><th>{_e(k)}</th><td>{_e(_fmt(v))}</td></tr>" for k, v in facts)
+    cards = "\n".join(
+        f'<figure class="cand"><img alt="candidate {i + 1}" src="data:image/png;base64,'
+        f'{_png(np.clip(m.astype(np.float32), 0, vmax), vmin=0, vmax=vmax, cmap="viridis")}">'
+        f"<figcaption>#{i + 1} p={float(r['p_target']):.3f}<br>{float(r['dry_mass_pg']):.0f} pg, "
+        f"{_e(r['predicted'])}<br><small>{_e(r['file'])} [{_e(r['index'])}:{_e(r['cell'])}]</small>"
+        f"</figcaption></figure>"
+        for i, (r, m) in enumerate(zip(gallery, maps, strict=True)))
+    more = summary["flagged"] - len(gallery)
+    histogram = score_histogram([float(r["p_target"]) for r in rows], point["threshold"])
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>opdcells screening report</title>
+<style>body{{font-family:sans-serif;margin:2em;max-width:1100px}} th{{text-align:left;padding-right:1em}}
+.cand{{display:inline-block;margin:4px;width:150px;font-size:12px;vertical-align:top}}
+.cand img{{width:150px;height:150px;image-rendering:pixelated}}</style></head><body>
+<h1>Screening report</h1>
+<table id="summary">{table}</table>
+<h2>Scores</h2><img alt="score histogram" src="data:image/png;base64,{histogram}">
+<h2 id="candidates">Candidates ({summary['flagged']})</h2>
+<p>OPD thumbnails, colour scale 0-{vmax:.0f} nm (viridis; the {THUMB_PERCENTILE}th percentile of the shown
+maps, brighter pixels clipped){f"; {more} more in candidates.csv" if more > 0 else ""}.</p>
+<div id="gallery">{cards}</div>
+<h2>Settings</h2><pre id="settings">{_e(json.dumps(summary['settings'], indent=2))}</pre>
+</body></html>
+"""

@@ -1,0 +1,177 @@
+"""Temperature scaling and screening operating points on synthetic problems with a known truth."""
+import numpy as np
+import pytest
+from scipy import special
+
+from opdcells.calibration import (
+    OperatingPoint,
+    apply_temperature,
+    expected_yield,
+    fit_temperature,
+    operating_point,
+    reliability,
+    threshold_at_fpr,
+)
+
+
+def overconfident(n: int, seed: int, sharpen: float = 3.0):
+    """Three classes; the true probabilities are softmax(z), the model reports softmax(sharpen * z)."""
+    rng = np.random.default_rng(seed)
+    z = rng.normal(0, 1.2, (n, 3))
+    true_p = special.softmax(z, axis=1)
+    labels = np.array([rng.choice(3, p=p) for p in true_p])
+    return special.softmax(sharpen * z, axis=1), labels
+
+
+def test_temperature_scaling_lowers_calibration_error_on_held_out_maps():
+    fit_p, fit_y = overconfident(3000, 0)
+    test_p, test_y = overconfident(3000, 1)
+    t = fit_temperature(fit_p, fit_y)
+    assert 2.4 < t < 3.6            # recovers the sharpening that was applied
+    before = reliability(test_p, test_y)["ece"]
+    after = reliability(apply_temperature(test_p, t), test_y)["ece"]
+    assert after < before / 3
+    assert np.array_equal(apply_temperature(test_p, t).argmax(1), test_p.argmax(1))
+
+
+def test_temperature_of_a_calibrated_model_stays_near_one():
+    p, y = overconfident(4000, 2, sharpen=1.0)
+    assert 0.85 < fit_temperature(p, y) < 1.15
+
+
+def test_apply_temperature_refuses_a_non_positive_temperature():
+    with pytest.raises(ValueError, match="positive"):
+        apply_temperature(np.full((2, 2), 0.5), 0.0)
+
+
+def test_reliability_bins_hold_every_map():
+    p, y = overconfident(500, 3)
+    r = reliability(p, y, n_bins=10)
+    assert r["count"].sum() == 500
+    assert 0 <= r["ece"] <= 1
+
+
+def scores(n_neg: int, n_pos: int, seed: int):
+    """Non-target scores ~ expit(N(-3, 1)), target ~ expit(N(2, 1))."""
+    rng = np.random.default_rng(seed)
+    return special.expit(rng.normal(-3, 1, n_neg)), special.expit(rng.normal(2, 1, n_pos))
+
+
+@pytest.mark.parametrize("fpr", [0.01, 0.001])
+def test_operating_point_meets_its_false_positive_rate_on_held_out_scores(fpr):
+    neg, pos = scores(20000, 500, 0)
+    point = operating_point(np.r_[neg, pos], np.r_[np.zeros(len(neg), bool), np.ones(len(pos), bool)],
+                            fpr=fpr, n_boot=100)
+    assert not point.extrapolated
+    held_neg, held_pos = scores(200000, 5000, 1)
+    observed = np.mean(held_neg >= point.threshold)
+    assert fpr / 2 < observed < fpr * 2
+    assert point.threshold_ci[0] <= point.threshold <= point.threshold_ci[1]
+    assert abs(np.mean(held_pos >= point.threshold) - point.sensitivity) < 0.05
+
+
+def test_too_few_validation_maps_extrapolate_and_say_so():
+    neg, pos = scores(600, 100, 2)
+    point = operating_point(np.r_[neg, pos], np.r_[np.zeros(600, bool), np.ones(100, bool)],
+                            fpr=1e-3, n_boot=100)
+    assert point.extrapolated and "extrapolated" in point.basis and "600" in point.basis
+    held_neg, _ = scores(500000, 1, 3)
+    observed = np.mean(held_neg >= point.threshold)
+    assert 1e-4 < observed < 1e-2      # the right order of magnitude from 600 maps
+    # the empirical rule alone would put the threshold at the largest score seen (rate ~1/600)
+    assert point.threshold > np.quantile(neg, 0.99)
+
+
+def test_cluster_bootstrap_widens_the_interval_when_groups_differ():
+    rng = np.random.default_rng(4)
+    offsets = rng.normal(0, 1.0, 8)                  # strong session effect on non-target scores
+    groups = np.repeat(np.arange(8), 500)
+    neg = special.expit(rng.normal(-3, 1, 4000) + offsets[groups])
+    pos = special.expit(rng.normal(2, 1, 400))
+    score = np.r_[neg, pos]
+    target = np.r_[np.zeros(4000, bool), np.ones(400, bool)]
+    all_groups = np.r_[groups, np.full(400, 99)]
+    maps = operating_point(score, target, 0.01, n_boot=200)
+    clustered = operating_point(score, target, 0.01, groups=all_groups, n_boot=200)
+    width = lambda p: p.threshold_ci[1] - p.threshold_ci[0]  # noqa: E731
+    assert width(clustered) > 2 * width(maps)
+
+
+def test_operating_point_needs_both_kinds_of_maps():
+    with pytest.raises(ValueError, match="target and of non-target"):
+        operating_point(np.array([0.1, 0.2]), np.array([False, False]))
+    with pytest.raises(ValueError, match=r"\(0, 1\)"):
+        operating_point(np.array([0.1, 0.9]), np.array([False, True]), fpr=0)
+
+
+def test_operating_point_round_trips_through_a_dict():
+    neg, pos = scores(2000, 100, 5)
+    point = operating_point(np.r_[neg, pos], np.r_[np.zeros(2000, bool), np.ones(100, bool)], 0.01,
+                            n_boot=50)
+    assert OperatingPoint.from_dict(point.as_dict()) == point
+
+
+def test_expected_yield_at_a_rare_prevalence():
+    point = OperatingPoint(fpr=1e-3, threshold=0.9, threshold_ci=(0.8, 0.95), sensitivity=0.8,
+                           sensitivity_ci=(0.7, 0.9), n_negative=1000, n_positive=100, extrapolated=False,
+                           basis="")
+    y = expected_yield(100_000, 1e-4, point)
+    assert y["expected_true_positives"] == pytest.approx(8.0)
+    assert y["expected_false_positives"] == pytest.approx(99.99)
+    assert y["expected_purity"] == pytest.approx(8 / 107.99)
+
+
+def test_threshold_at_fpr_is_the_empirical_quantile_when_supported():
+    neg = np.linspace(0, 1, 10001)
+    t, extrapolated = threshold_at_fpr(neg, 0.01)
+    assert not extrapolated and t == pytest.approx(0.99, abs=1e-3)
+
+
+def test_default_targets_are_the_cancer_classes():
+    from opdcells.calibration import default_targets
+
+    assert default_targets(["SW480", "SW620", "granulocytes"]) == ["SW480", "SW620"]
+    assert default_targets(["cancer", "blood"]) == ["cancer"]
+    assert default_targets(["PC3_tumour", "PNT1A"]) == ["PC3_tumour"]
+    assert default_targets(["A", "B"]) == []
+
+
+def test_target_score_sums_the_target_columns_and_names_unknown_targets():
+    from opdcells.calibration import target_score
+
+    proba = np.array([[0.2, 0.3, 0.5], [0.6, 0.1, 0.3]])
+    assert np.allclose(target_score(proba, ["a", "b", "c"], ["a", "b"]), [0.5, 0.7])
+    with pytest.raises(ValueError, match="HeLa"):
+        target_score(proba, ["a", "b", "c"], ["HeLa"])
+
+
+def test_calibrate_fits_temperature_and_the_default_operating_point(tmp_path):
+    from opdcells.calibration import calibrate, load_validation_scores, save_validation_scores
+
+    proba, labels = overconfident(3000, 7)
+    record = calibrate(proba, labels, ["SW480", "granulocytes", "PBMCs"], fpr=0.01, n_boot=50)
+    assert record["targets"] == ["SW480"]
+    assert record["ece_after"] < record["ece_before"]
+    point = OperatingPoint.from_dict(record["operating_point"])
+    assert point.fpr == 0.01 and point.n_positive == int(np.sum(labels == 0))
+    assert calibrate(proba, labels, ["a", "b", "c"], n_boot=10)["operating_point"] is None
+    groups = np.array([f"s{i % 4}" for i in range(len(labels))])
+    save_validation_scores(tmp_path, proba, labels, groups)
+    back = load_validation_scores(tmp_path)
+    assert np.allclose(back["proba"], proba, atol=1e-6) and list(back["groups"][:2]) == ["s0", "s1"]
+    assert load_validation_scores(tmp_path / "none") is None
+
+
+def test_reliability_diagram_is_drawn_from_the_record(tmp_path):
+    import json
+
+    from opdcells.calibration import calibrate
+    from opdcells.plots import reliability_diagram
+
+    proba, labels = overconfident(800, 8)
+    record = json.loads(json.dumps(calibrate(proba, labels, ["SW480", "b", "c"], n_boot=10)))  # as stored
+    assert record["reliability"]["after"]["ece"] == pytest.approx(record["ece_after"])
+    path = reliability_diagram(record, tmp_path / "reliability.png")
+    from matplotlib.image import imread
+
+    assert imread(path).shape[1] > 600

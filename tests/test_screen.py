@@ -1,0 +1,189 @@
+"""Screening runs: outputs, operating point, out-of-distribution veto, shards merged, the report page.
+
+The model here is a transparent stand-in whose probability of SW480 rises with a map's dry mass (SW480
+cells are two to three times heavier than blood cells in the simulator), so what the screening code does
+with scores can be checked exactly; screening with a trained model is covered in test_train.
+"""
+import csv
+import json
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import special
+
+from opdcells.calibration import OperatingPoint, save_validation_scores
+from opdcells.ingest import IngestOptions
+from opdcells.preprocess import PreprocessConfig
+from opdcells.screen import ScreenError, merge_screens, screen_files, screen_settings, shard_files
+from opdcells.spikein import simulate_sample
+
+CONFIG = PreprocessConfig(out_pixel_size_um=0.5, out_size=48)
+CLASSES = ["SW480", "granulocytes", "PBMCs"]
+
+
+class MassModel:
+    """p(SW480) = expit((dry mass - 130 pg) / 10 pg); the rest split evenly."""
+
+    tta = False
+    name = "mass-model"
+    class_names = CLASSES
+
+    def __init__(self, folder: Path, calibration: dict | None):
+        self.folder = folder
+        self.config = {"calibration": calibration} if calibration else {}
+
+    def predict_proba(self, maps, batch_size=64, *, tta=None):
+        mass = np.asarray(maps, float).sum(axis=(1, 2)) * 1e-3 * 0.5 ** 2 / 0.19
+        p = special.expit((mass - 130.0) / 10.0)
+        return np.stack([p, (1 - p) / 2, (1 - p) / 2], axis=1)
+
+
+def point(threshold: float) -> dict:
+    return OperatingPoint(fpr=1e-3, threshold=threshold, threshold_ci=(threshold, threshold), sensitivity=0.9,
+                          sensitivity_ci=(0.8, 0.95), n_negative=5000, n_positive=300, extrapolated=False,
+                          basis="test").as_dict()
+
+
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sample")
+    simulate_sample(folder, 40, {"SW480": 4}, seed=2, maps_per_file=11, progress=False)
+    return folder
+
+
+@pytest.fixture
+def model(tmp_path):
+    return MassModel(tmp_path, {"temperature": 1.0, "targets": ["SW480"], "operating_point": point(0.5)})
+
+
+def run(model, paths, out, **kw):
+    settings = screen_settings(model, **kw)
+    return screen_files(model, paths, out, settings, options=IngestOptions(config=CONFIG))
+
+
+def read(path):
+    with open(path, newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_screen_finds_the_spiked_cells_and_writes_every_output(sample, model, tmp_path):
+    result = run(model, [sample], tmp_path / "out")
+    scores, candidates = read(tmp_path / "out/scores.csv"), read(tmp_path / "out/candidates.csv")
+    truth = {(f"{sample}/{r['path']}", r["index"]): r for r in read(sample / "truth.csv")}
+    assert result.n_maps == len(scores) == 44 - len(result.skipped_maps)
+    flagged = {(r["file"], r["index"]) for r in candidates}
+    assert flagged == {(r["file"], r["index"]) for r in scores if float(r["p_target"]) >= 0.5}
+    assert sum(truth[k]["spiked"] == "1" for k in flagged) >= 3        # of the 4 spiked SW480 cells
+    assert all(float(truth[k]["dry_mass_pg"]) > 100 for k in flagged)  # no ordinary blood cell
+    assert [float(r["p_target"]) for r in candidates] == sorted((float(r["p_target"]) for r in candidates),
+                                                                reverse=True)
+    summary = json.loads((tmp_path / "out/summary.json").read_text())
+    assert summary["flagged"] == len(candidates) and summary["maps_read"] == len(scores)
+    assert summary["expected_false_positives"] == pytest.approx((len(scores) * (1 - 1e-5)) * 1e-3)
+    assert summary["maps_per_second"] > 0
+
+
+class Page(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.images, self.captions, self._in_caption = [], [], False
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "img":
+            self.images.append(attrs)
+        self._in_caption = tag == "figcaption" or self._in_caption
+
+    def handle_endtag(self, tag):
+        if tag == "figcaption":
+            self._in_caption = False
+
+    def handle_data(self, data):
+        if self._in_caption:
+            self.captions.append(data)
+
+
+def test_report_is_self_contained_and_lists_the_candidates(sample, model, tmp_path):
+    run(model, [sample], tmp_path / "out")
+    page = Page()
+    page.feed((tmp_path / "out/report.html").read_text(encoding="utf-8"))
+    candidates = read(tmp_path / "out/candidates.csv")
+    thumbs = [i for i in page.images if i["alt"].startswith("candidate")]
+    assert len(thumbs) == len(candidates) > 0
+    assert all(i["src"].startswith("data:image/png;base64,") for i in page.images)
+    assert any(i["alt"] == "score histogram" for i in page.images)
+    text = " ".join(page.captions)
+    assert all(f"p={float(r['p_target']):.3f}" in text for r in candidates)
+
+
+def test_out_of_distribution_maps_are_never_flagged(sample, model, tmp_path):
+    settings = screen_settings(model)
+    veto = lambda maps: (np.full(len(maps), 9.0), np.ones(len(maps), bool))  # noqa: E731
+    result = screen_files(model, [sample], tmp_path / "out", settings, options=IngestOptions(config=CONFIG),
+                          ood=veto)
+    assert result.n_flagged == 0 and result.n_ood == result.n_maps
+    assert all(r["ood_flag"] == "True" for r in read(tmp_path / "out/scores.csv"))
+
+
+def test_shards_merge_into_the_single_run(sample, model, tmp_path):
+    run(model, [sample], tmp_path / "all")
+    for k in (1, 2, 3):
+        run(model, [sample], tmp_path / f"s{k}", shard=(k, 3))
+    merged = merge_screens([tmp_path / f"s{k}" for k in (1, 2, 3)], tmp_path / "merged")
+    for name in ("scores.csv", "candidates.csv"):
+        assert (tmp_path / "merged" / name).read_text() == (tmp_path / "all" / name).read_text()
+    whole = json.loads((tmp_path / "all/summary.json").read_text())
+    joined = json.loads((tmp_path / "merged/summary.json").read_text())
+    for key in ("maps_read", "files_read", "flagged", "expected_false_positives", "operating_point"):
+        assert joined[key] == whole[key]
+    assert merged.n_maps == whole["maps_read"]
+
+
+def test_shard_files_cover_every_file_once():
+    files = [Path(f"f{i}") for i in range(10)]
+    shards = [shard_files(files, (k, 4)) for k in range(1, 5)]
+    assert sorted(sum(shards, []), key=str) == sorted(files, key=str)
+
+
+def test_shards_of_other_models_do_not_merge(sample, model, tmp_path):
+    run(model, [sample], tmp_path / "a", shard=(1, 2))
+    other = MassModel(tmp_path, {"temperature": 1.0, "targets": ["SW480"], "operating_point": point(0.7)})
+    run(other, [sample], tmp_path / "b", shard=(2, 2))
+    with pytest.raises(ScreenError, match="operating point"):
+        merge_screens([tmp_path / "a", tmp_path / "b"], tmp_path / "m")
+
+
+def test_a_bad_export_is_skipped_and_reported(sample, model, tmp_path):
+    bad = tmp_path / "broken.npy"
+    bad.write_bytes(b"not an array")
+    result = run(model, [sample, bad], tmp_path / "out")
+    assert result.status == 1 and "broken.npy" in result.skipped_files[0]
+    assert result.n_files == 4
+
+
+def test_settings_refuse_models_without_calibration_and_unknown_targets(tmp_path):
+    with pytest.raises(ScreenError, match="no calibration"):
+        screen_settings(MassModel(tmp_path, None))
+    model = MassModel(tmp_path, {"temperature": 1.0, "targets": ["SW480"], "operating_point": point(0.5)})
+    with pytest.raises(ScreenError, match="HeLa"):
+        screen_settings(model, targets=["HeLa"])
+    with pytest.raises(ScreenError, match="validation scores"):
+        screen_settings(model, fpr=0.01)
+    with pytest.raises(ScreenError, match="shard"):
+        screen_settings(model, shard=(3, 2))
+
+
+def test_another_rate_is_set_on_the_stored_validation_scores(tmp_path):
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, 4000)
+    p0 = special.expit(np.where(labels == 0, 2.0, -3.0) + rng.normal(0, 1, 4000))
+    proba = np.stack([p0, (1 - p0) / 2, (1 - p0) / 2], axis=1)
+    save_validation_scores(tmp_path, proba, labels, np.array([f"g{i % 10}" for i in range(4000)]))
+    model = MassModel(tmp_path, {"temperature": 1.0, "targets": ["SW480"], "operating_point": point(0.5)})
+    loose, strict = screen_settings(model, fpr=0.05), screen_settings(model, fpr=0.005)
+    negatives = p0[labels != 0]
+    assert np.mean(negatives >= loose.point.threshold) == pytest.approx(0.05, abs=0.01)
+    assert strict.point.threshold > loose.point.threshold
+    assert screen_settings(model).point.threshold == 0.5     # the stored point when nothing changes

@@ -2,12 +2,14 @@
 
 Two ways to find the cells of a field:
 
-* automatic (:func:`segment_field`): background removal, smoothing, threshold, hole filling, connected
-  components; with ``touching="split"`` (default) touching cells are then split by a seeded watershed
-  (scikit-image) on the smoothed OPD, seeded by its maxima that stand out from the saddle to any higher
-  maximum (:func:`split_touching`); with ``touching="drop"`` only isolated cells are kept (a cell whose
-  crop window holds another object is dropped). Cells are dropped when too small (debris) or too large,
-  touching the image border, or not convex enough (merged cells left unsplit).
+* automatic (:func:`segment_field`, :func:`find_cells`): background removal, smoothing, threshold, hole
+  filling, connected components; with ``touching="split"`` (default) touching cells are then split by a
+  watershed (scikit-image) along the seams between them, the dark valleys of the OPD
+  (:func:`seam_response`), seeded at the centres of the regions the seams enclose (:func:`split_touching`);
+  with ``touching="drop"`` only isolated cells are kept (a cell whose crop window holds another object is
+  dropped). Objects are dropped when too small (debris) or too large, touching the image border, not convex
+  enough (merged cells left unsplit), lighter than a given dry mass, or (split cells) when their outline
+  does not follow a seam (a fragment cut from a cell); each dropped object is logged with its reason.
 * user instance masks (:func:`segment_labelled`): a label image beside the field (0 = background), e.g.
   cellpose ``_cp_masks.png`` / ``_seg.npy`` or a Fiji label image (:func:`read_label_image`); every
   labelled cell not touching the border becomes a crop.
@@ -64,25 +66,27 @@ SEAM_REFERENCE_SIGMA_UM = 4.0
 #: pixels below it. Seeds are the centres of the interiors: h-maxima of the distance to the nearest seam or
 #: background, with h = ``SEED_H_UM`` (a neck narrower by less than that does not split a cell). The
 #: watershed then floods the seam response from the seeds, so cuts run along the seams.
-#: Chosen on the odd-numbered dense fields (1, 3, ..., 13; 0.6 um/px, diameters 9-28 um, before the
-#: dry-mass and outline-contrast limits): seam scales (0.6, 1.2) / (1.2,) / (0.6, 1.2, 2.4) um with
-#: depth 0.07 and h 1.0 um gave recall 0.68 / 0.68 / 0.75 at precision 0.81 / 0.80 / 0.82; with
-#: (0.6, 1.2, 2.4) um, depth / h 0.05 / 1.5, 0.07 / 1.0, 0.08 / 0.5, 0.08 / 0.7, 0.09 / 0.7, 0.1 / 0.5
-#: gave recall 0.75 / 0.75 / 0.78 / 0.77 / 0.72 / 0.70 at precision 0.78 / 0.82 / 0.80 / 0.82 / 0.82 /
-#: 0.81. The previous seeds (maxima of the OPD smoothed over 1-1.5 um standing 2-5% above their saddle,
-#: flooding the OPD) lay on one curve, recall 0.66-0.73 at precision 0.75-0.83 on all 14 fields (0.67 /
-#: 0.76 on the odd ones): granular cells gave several maxima (halves of over-split cells were half of the
-#: false cells), flat neighbours without a dip between their maxima one; RAG boundary merging, compact
-#: watershed (compactness 0.01-1), a distance-transform weight on the OPD seeds, a minimum seed distance of
-#: 4-8 um and iterative thresholding with a dry-mass limit per seed (Vicar et al. 2021, Improved QPI
-#: Iterative Thresholding) all stayed on or below that curve.
+#: Chosen on the odd-numbered dense fields (1, 3, ..., 13; the even ones held out), with
+#: benchmarks/bench_dense_fields.py (0.6 um/px, diameters 9-28 um, dry mass >= 100 pg,
+#: ``--fields odd --seam-depth D --seed-h-um H``): D / H = 0.06 / 0.7, 0.07 / 1.0, 0.08 / 0.5, 0.08 / 0.7,
+#: 0.08 / 1.0, 0.09 / 0.7 gave recall 0.69 / 0.71 / 0.71 / 0.72 / 0.69 / 0.69 at precision 0.84 / 0.87 /
+#: 0.88 / 0.89 / 0.88 / 0.87. Seam scales (before the outline and dry-mass limits): (0.6, 1.2) / (1.2,) /
+#: (0.6, 1.2, 2.4) um gave recall 0.68 / 0.68 / 0.75 at precision 0.81 / 0.80 / 0.82.
+#: The seeds they replace (maxima of the OPD smoothed over 1-1.5 um standing 2-5% above their saddle,
+#: flooding the OPD) lay on one curve, recall 0.66-0.73 at precision 0.75-0.83 on all 14 fields: granular
+#: cells gave several maxima (halves of over-split cells were half of the false cells), flat neighbours
+#: without a dip between their maxima one (merged pairs were half of the misses). RAG boundary merging,
+#: compact watershed (compactness 0.01-1), a distance-transform weight on the OPD seeds, a minimum seed
+#: distance of 4-8 um and iterative thresholding with a dry-mass limit per seed (Vicar et al., "Cell
+#: segmentation in quantitative phase images with improved iterative thresholding method") all stayed on or
+#: below that curve.
 SEAM_DEPTH = 0.08
 SEED_H_UM = 0.7
 #: A whole cell is bounded by background or by seams; the cut through an over-split cell crosses its body.
 #: A split object whose outline (a ring of ``MASK_MARGIN_UM`` around it) has a mean relative seam response
-#: under this is taken for a fragment and dropped. On the odd dense fields 0 / 0.15 / 0.2 / 0.25 (with the
-#: 100 pg dry-mass limit of the benchmark) gave recall 0.78 / 0.76 / 0.72 / 0.69 at precision 0.82 / 0.87 /
-#: 0.89 / 0.90: kept cells had a median outline response 0.45, the false ones 0.29.
+#: under this is taken for a fragment and dropped. On the odd dense fields (as above,
+#: ``--min-outline-contrast C``) C = 0 / 0.15 / 0.2 / 0.25 gave recall 0.75 / 0.74 / 0.72 / 0.66 at
+#: precision 0.86 / 0.87 / 0.89 / 0.90; true cells had a median outline response of 0.45, false ones 0.29.
 MIN_OUTLINE_CONTRAST = 0.2
 TOUCHING = ("split", "drop")
 
@@ -144,7 +148,7 @@ def seam_response(field: np.ndarray, objects: np.ndarray, pixel_size_um: float) 
 
 
 def split_touching(field: np.ndarray, objects: np.ndarray, pixel_size_um: float, *,
-                   seam_depth: float = SEAM_DEPTH, seed_h_um: float = SEED_H_UM,
+                   seam_depth: float | None = None, seed_h_um: float | None = None,
                    seams: np.ndarray | None = None) -> np.ndarray:
     """Label image of ``objects`` with touching cells split along the seams between them (watershed).
 
@@ -156,11 +160,12 @@ def split_touching(field: np.ndarray, objects: np.ndarray, pixel_size_um: float,
         Foreground (cells above the background noise).
     pixel_size_um : float
         Object-plane pixel size; every length below is in um.
-    seam_depth : float
-        Relative seam response (:func:`seam_response`) above which a pixel lies on a seam.
-    seed_h_um : float
+    seam_depth : float, optional
+        Relative seam response (:func:`seam_response`) above which a pixel lies on a seam (default
+        ``SEAM_DEPTH``).
+    seed_h_um : float, optional
         Seeds are the h-maxima (h in um) of the distance from each cell interior to the nearest seam or
-        background pixel.
+        background pixel (default ``SEED_H_UM``).
     seams : (H, W) array, optional
         :func:`seam_response` of the field, if already computed.
 
@@ -168,6 +173,8 @@ def split_touching(field: np.ndarray, objects: np.ndarray, pixel_size_um: float,
     -------
     (H, W) int array: 0 background, one label per cell; an object without seed keeps one label.
     """
+    seam_depth = SEAM_DEPTH if seam_depth is None else seam_depth
+    seed_h_um = SEED_H_UM if seed_h_um is None else seed_h_um
     if seams is None:
         seams = seam_response(field, objects, pixel_size_um)
     depth_um = ndi.distance_transform_edt(objects & (seams < seam_depth)) * pixel_size_um

@@ -452,3 +452,23 @@ def test_cell_diameter_option_sets_the_size_limits(tmp_path):
         return len(list(iter_processed(tmp_path / "fov.npy", options)))
     assert n_maps((5.0, 12.0)) == len(ISOLATED + NEAR_PAIR + OVERLAPPING)   # the overlapping pair is split
     assert n_maps((10.0, 30.0)) == 0
+
+
+def test_min_dry_mass_option_drops_lighter_objects(tmp_path):
+    opd, masses = synthetic_field()                # cells of ~30 pg
+    np.save(tmp_path / "fov.npy", opd)
+    parser = argparse.ArgumentParser()
+    add_reading_options(parser)
+    parsed = reading_options(parser.parse_args(["--fields", "--min-dry-mass-pg", "20"]))
+    assert parsed["min_dry_mass_pg"] == 20.0
+    assert IngestOptions(**parsed).identity != IngestOptions(fields=True).identity
+    with pytest.raises(ValueError, match="dry mass"):
+        IngestOptions(fields=True, min_dry_mass_pg=-1.0)
+
+    def n_maps(min_pg):
+        options = IngestOptions(fields=True, units="nm", pixel_size_um=PX, cell_diameter_um=(5.0, 12.0),
+                                min_dry_mass_pg=min_pg)
+        return len(list(iter_processed(tmp_path / "fov.npy", options)))
+    assert max(masses.values()) < 40.0 < 2 * min(masses.values())
+    assert n_maps(0.5 * min(masses.values())) == len(ISOLATED + NEAR_PAIR + OVERLAPPING)
+    assert n_maps(40.0) == 0

@@ -25,12 +25,12 @@ segmentation is in um, so a wrong guess shifts the limits, not the method (dry m
 square of the assumed pixel size). The dry-mass prior: the annotated
 cells clear of the border on the odd fields have a median dry mass of 212 pg, 5% of them less than
 117 pg and 1% less than 82 pg; objects under 100 pg were fragments (halves of over-split cells) more
-often than cells (limits 0 / 80 / 100 / 120 pg on the odd fields: recall 0.74 / 0.73 / 0.72 / 0.70 at
-precision 0.86 / 0.88 / 0.89 / 0.90).
+often than cells. Limits of 80 / 100 / 120 pg on the odd fields gave recall 0.793 / 0.782 / 0.763 at
+precision 0.886 / 0.901 / 0.908 (100 pg: the highest recall at precision >= 0.9).
 
     .venv/bin/python benchmarks/bench_dense_fields.py [--data DIR] [--figure PNG] [--figure-field N]
         [--fields all|odd|even] [--seam-depth X] [--seed-h-um X] [--min-outline-contrast X]
-        [--min-dry-mass-pg X]
+        [--min-dry-mass-pg X] [--min-solidity X]
 """
 from __future__ import annotations
 
@@ -127,6 +127,8 @@ def _parse(argv):
     parser.add_argument("--min-outline-contrast", type=float,
                         help=f"default segment.MIN_OUTLINE_CONTRAST ({segment.MIN_OUTLINE_CONTRAST})")
     parser.add_argument("--min-dry-mass-pg", type=float, default=LIMITS["min_dry_mass_pg"])
+    parser.add_argument("--min-solidity", type=float,
+                        help=f"default segment.MIN_SOLIDITY_SPLIT ({segment.MIN_SOLIDITY_SPLIT})")
     return parser.parse_args(argv)
 
 
@@ -146,6 +148,8 @@ def main(argv=None) -> int:
     limits = {"min_dry_mass_pg": args.min_dry_mass_pg}
     if args.min_outline_contrast is not None:
         limits["min_outline_contrast"] = args.min_outline_contrast
+    if args.min_solidity is not None:
+        limits["min_solidity"] = args.min_solidity
     indices = [i for i in range(1, 15) if args.fields == "all" or (i % 2 == 1) == (args.fields == "odd")]
     totals = {"automatic": np.zeros(4, int), "masks": np.zeros(4, int)}
     halves = {"odd (chose the constants)": np.zeros(4, int), "even (held out)": np.zeros(4, int)}

@@ -50,29 +50,32 @@ log = logging.getLogger(__name__)
 #: Below this solidity (area / convex hull area) an isolated object is taken for merged cells; two touching
 #: discs have 0.88, single round cells > 0.93.
 MIN_SOLIDITY = 0.9
-#: The same limit for the cells of a split: adherent cells in dense cultures are irregular (spread, polar)
-#: and a watershed cut is not a smooth outline. On the 14 annotated dense fields
-#: (benchmarks/bench_dense_fields.py, OPD-maxima seeds) 0.7 / 0.8 / 0.85 gave recall 0.74 / 0.72 / 0.66 at
-#: precision 0.77 / 0.79 / 0.80.
-MIN_SOLIDITY_SPLIT = 0.8
+#: Every constant of the split below was chosen on the odd-numbered annotated dense fields (1, 3, ..., 13;
+#: the even ones held out) with benchmarks/bench_dense_fields.py (0.6 um/px, diameters 9-28 um, dry mass
+#: >= 100 pg; ``--fields odd`` and the option named), one at a time around the defaults, by the rule of the
+#: goal: the highest recall at precision >= 0.9. The figures are recall / precision on those fields.
+#:
+#: Solidity limit of the cells of a split: adherent cells in dense cultures are irregular (spread, polar)
+#: and a cut along a seam is not a smooth outline. ``--min-solidity`` 0.6 / 0.7 / 0.8: 0.786 / 0.899,
+#: 0.782 / 0.901, 0.749 / 0.909 (the outline-contrast limit, not solidity, drops fragments).
+MIN_SOLIDITY_SPLIT = 0.7
 #: Seams between touching cells are dark valleys of the OPD, found by the Sato tubeness filter
 #: (skimage.filters.sato, black ridges; Sato et al. 1998, Med. Image Anal. 2:143) at these scales (seams
-#: 1-5 um wide) ...
+#: 1-5 um wide; before the outline and dry-mass limits (0.6, 1.2) / (1.2,) / (0.6, 1.2, 2.4) um gave
+#: 0.68 / 0.81, 0.68 / 0.80, 0.75 / 0.82) ...
 SEAM_SIGMAS_UM = (0.6, 1.2, 2.4)
 #: ... divided by the OPD smoothed over this sigma (about a cell radius; at least the noise threshold), so
 #: the seam response is a relative depth, the same for thin and thick cells and in any units.
 SEAM_REFERENCE_SIGMA_UM = 4.0
-#: Pixels whose relative seam response exceeds this lie on a seam; the cells' interiors are the foreground
-#: pixels below it. Seeds are the centres of the interiors: h-maxima of the distance to the nearest seam or
-#: background, with h = ``SEED_H_UM`` (a neck narrower by less than that does not split a cell). The
-#: watershed then floods the seam response from the seeds, so cuts run along the seams.
-#: Chosen on the odd-numbered dense fields (1, 3, ..., 13; the even ones held out), with
-#: benchmarks/bench_dense_fields.py (0.6 um/px, diameters 9-28 um, dry mass >= 100 pg,
-#: ``--fields odd --seam-depth D --seed-h-um H``): D / H = 0.06 / 0.7, 0.07 / 1.0, 0.08 / 0.5, 0.08 / 0.7,
-#: 0.08 / 1.0, 0.09 / 0.7 gave recall 0.69 / 0.71 / 0.71 / 0.72 / 0.69 / 0.69 at precision 0.84 / 0.87 /
-#: 0.88 / 0.89 / 0.88 / 0.87. Seam scales (before the outline and dry-mass limits): (0.6, 1.2) / (1.2,) /
-#: (0.6, 1.2, 2.4) um gave recall 0.68 / 0.68 / 0.75 at precision 0.81 / 0.80 / 0.82.
-#: The seeds they replace (maxima of the OPD smoothed over 1-1.5 um standing 2-5% above their saddle,
+#: Pixels whose relative seam response exceeds ``SEAM_DEPTH`` lie on a seam; the cells' interiors are the
+#: foreground pixels below it. Seeds are the centres of the interiors: the extended h-maxima of the distance
+#: to the nearest seam or background, h = ``SEED_H_UM`` (a neck narrower by less than that does not split a
+#: cell); the watershed floods the seam response from them, so cuts run along the seams, and a segment
+#: left inside another is merged into it. ``--seam-depth`` 0.07 / 0.08 / 0.09 (h 0.7 um): 0.747 / 0.846,
+#: 0.782 / 0.901, 0.745 / 0.863; ``--seed-h-um`` 0.5 / 0.7 / 1.0: 0.759 / 0.869, 0.782 / 0.901, 0.743 /
+#: 0.874. With skimage's ``h_maxima`` (the top pixels of each dome only, so a ridge of near-equal maxima
+#: seeded one cell per top) instead of the extended maxima: 0.761 / 0.886.
+#: The seeds this replaces (maxima of the OPD smoothed over 1-1.5 um standing 2-5% above their saddle,
 #: flooding the OPD) lay on one curve, recall 0.66-0.73 at precision 0.75-0.83 on all 14 fields: granular
 #: cells gave several maxima (halves of over-split cells were half of the false cells), flat neighbours
 #: without a dip between their maxima one (merged pairs were half of the misses). RAG boundary merging,
@@ -84,9 +87,8 @@ SEAM_DEPTH = 0.08
 SEED_H_UM = 0.7
 #: A whole cell is bounded by background or by seams; the cut through an over-split cell crosses its body.
 #: A split object whose outline (a ring of ``MASK_MARGIN_UM`` around it) has a mean relative seam response
-#: under this is taken for a fragment and dropped. On the odd dense fields (as above,
-#: ``--min-outline-contrast C``) C = 0 / 0.15 / 0.2 / 0.25 gave recall 0.75 / 0.74 / 0.72 / 0.66 at
-#: precision 0.86 / 0.87 / 0.89 / 0.90; true cells had a median outline response of 0.45, false ones 0.29.
+#: under this is taken for a fragment and dropped (true cells had a median outline response of 0.45, false
+#: ones 0.29). ``--min-outline-contrast`` 0.15 / 0.2 / 0.25: 0.805 / 0.881, 0.782 / 0.901, 0.713 / 0.905.
 MIN_OUTLINE_CONTRAST = 0.2
 TOUCHING = ("split", "drop")
 
@@ -178,11 +180,34 @@ def split_touching(field: np.ndarray, objects: np.ndarray, pixel_size_um: float,
     if seams is None:
         seams = seam_response(field, objects, pixel_size_um)
     depth_um = ndi.distance_transform_edt(objects & (seams < seam_depth)) * pixel_size_um
-    markers = measure.label(morphology.h_maxima(depth_um, seed_h_um) > 0)
+    markers = measure.label(_extended_maxima(depth_um, seed_h_um) & (depth_um > 0))
     components = measure.label(objects)
     unseeded = np.where(np.isin(components, components[markers > 0]), 0, components)
     markers = np.where(unseeded > 0, unseeded + markers.max(), markers)
-    return segmentation.watershed(seams, markers, mask=objects)
+    return _merge_enclosed(segmentation.watershed(seams, markers, mask=objects))
+
+
+def _extended_maxima(image: np.ndarray, h: float) -> np.ndarray:
+    """Boolean map of the extended h-maxima (MATLAB's ``imextendedmax``): the regional maxima of the
+    h-maxima transform (morphological reconstruction of ``image - h`` under ``image``). Unlike
+    ``skimage.morphology.h_maxima``, which keeps only the top pixels of each dome, a ridge whose maxima
+    differ by less than ``h`` gives one connected seed, not one per top."""
+    return morphology.local_maxima(morphology.reconstruction(image - h, image), allow_borders=True)
+
+
+def _merge_enclosed(labels: np.ndarray) -> np.ndarray:
+    """``labels`` with every segment that lies wholly inside another merged into it: in a layer of cells
+    none lies inside another (a ring of dips around a nucleus is not a seam), and the crop of the outer cell
+    would lose the inner part."""
+    merged = labels.copy()
+    for region in sorted(measure.regionprops(labels), key=lambda r: -r.area):   # outer ones first
+        r0, c0, r1, c1 = _window(region.bbox, 1, labels.shape)
+        inside = merged[r0:r1, c0:c1]
+        own = inside == region.label
+        around = np.unique(inside[ndi.binary_dilation(own) & ~own])
+        if len(around) == 1 and around[0] != 0:
+            merged[merged == region.label] = around[0]
+    return merged
 
 
 def _noise_objects(field: np.ndarray, pixel_size_um: float) -> np.ndarray:

@@ -133,7 +133,8 @@ def seam_response(field: np.ndarray, objects: np.ndarray, pixel_size_um: float) 
     field : (H, W) array
         Background-corrected OPD (any units, cells positive).
     objects : (H, W) bool array
-        Foreground; the smoothed OPD of the background pixels sets the floor of the reference.
+        Foreground; where the field holds both foreground and background, the reference is floored at the
+        field's noise threshold (:func:`preprocess.noise_threshold`), so background noise is no seam.
     pixel_size_um : float
         Object-plane pixel size; ``SEAM_SIGMAS_UM`` and ``SEAM_REFERENCE_SIGMA_UM`` scale with it.
 
@@ -166,14 +167,15 @@ def split_touching(field: np.ndarray, objects: np.ndarray, pixel_size_um: float,
         Relative seam response (:func:`seam_response`) above which a pixel lies on a seam (default
         ``SEAM_DEPTH``).
     seed_h_um : float, optional
-        Seeds are the h-maxima (h in um) of the distance from each cell interior to the nearest seam or
-        background pixel (default ``SEED_H_UM``).
+        Seeds are the extended h-maxima (h in um) of the distance from each cell interior to the nearest
+        seam or background pixel (default ``SEED_H_UM``).
     seams : (H, W) array, optional
         :func:`seam_response` of the field, if already computed.
 
     Returns
     -------
-    (H, W) int array: 0 background, one label per cell; an object without seed keeps one label.
+    (H, W) int array: 0 background, one label per cell; an object without seed keeps one label, and a
+    segment lying wholly inside another is merged into it.
     """
     seam_depth = SEAM_DEPTH if seam_depth is None else seam_depth
     seed_h_um = SEED_H_UM if seed_h_um is None else seed_h_um

@@ -70,6 +70,8 @@ class IngestOptions:
         connected piece of a label value is one cell (see :func:`opdcells.segment.read_label_image`).
     cell_diameter_um: with automatic ``fields``, (min, max) equivalent diameter of a cell in um (smaller
         objects are debris or fragments, larger ones clumps); None: ``segment_field``'s defaults (2, 30).
+    min_dry_mass_pg: with automatic ``fields``, objects of less dry mass are debris or fragments of
+        over-split cells (None: no limit).
     hologram: exports are raw off-axis holograms to reconstruct.
     channel: channel holding the maps in multi-channel files (ImageJ hyperstacks, OME-TIFF, RGB pages).
     scale, offset: calibration of the stored samples, ``value = offset + scale * sample`` (required for
@@ -100,6 +102,7 @@ class IngestOptions:
     touching: str = "split"
     masks: str | None = None
     cell_diameter_um: tuple[float, float] | None = None
+    min_dry_mass_pg: float | None = None
 
     def __post_init__(self):
         self.user_meta  # noqa: B018 - validates units and numbers (ValueError)
@@ -115,6 +118,8 @@ class IngestOptions:
             if not (0 < low < high and math.isfinite(high)):
                 raise ValueError(f"cell diameter limits must be 0 < MIN < MAX, not {self.cell_diameter_um!r}")
             object.__setattr__(self, "cell_diameter_um", (float(low), float(high)))
+        if self.min_dry_mass_pg is not None and not (0 < self.min_dry_mass_pg < math.inf):
+            raise ValueError(f"the minimum dry mass must be a positive number, not {self.min_dry_mass_pg!r}")
         if self.masks is not None:
             mask_path("field", self.masks)  # ValueError without {stem}
             object.__setattr__(self, "fields", True)
@@ -139,7 +144,7 @@ class IngestOptions:
                  "retrieval": None if self.retrieval.is_default else self.retrieval.as_dict()}
         if self.fields:
             later.update(touching=None if self.touching == "split" else self.touching, masks=self.masks,
-                         cell_diameter_um=self.cell_diameter_um)
+                         cell_diameter_um=self.cell_diameter_um, min_dry_mass_pg=self.min_dry_mass_pg)
         ident.update({k: v for k, v in later.items() if v is not None})
         return json.dumps(ident, sort_keys=True, separators=(",", ":"))
 
@@ -165,7 +170,7 @@ class IngestOptions:
 #: IngestOptions fields set from the command line by :func:`add_reading_options` (argparse dest names).
 READING_OPTIONS = ("var", "stack_axis", "units", "wavelength_nm", "pixel_size_um", "medium_index", "fields",
                    "hologram", "channel", "scale", "offset", "invert_phase", "sideband", "filter_name",
-                   "filter_size", "touching", "masks", "cell_diameter_um")
+                   "filter_size", "touching", "masks", "cell_diameter_um", "min_dry_mass_pg")
 
 
 def positive_number(text: str) -> float:
@@ -218,6 +223,8 @@ def add_reading_options(parser: argparse.ArgumentParser) -> None:
         help="with --fields: split touching cells (watershed) or drop them (isolated cells only)")
     add("--cell-diameter-um", nargs=2, type=positive_number, metavar=("MIN", "MAX"),
         help="with --fields: cells are MIN-MAX um across (equivalent diameter; default 2 30)")
+    add("--min-dry-mass-pg", type=positive_number, metavar="PG",
+        help="with --fields: lighter objects are debris or fragments of cells (default: no limit)")
     add("--masks", metavar="PATTERN", type=_mask_pattern,
         help="cells from a label image beside each field, e.g. '{stem}_cp_masks.png', '{stem}_seg.npy' "
              "(cellpose) or '{stem}_labels.tif' (Fiji); implies --fields")
@@ -701,6 +708,7 @@ def _segment(data, meta: Meta, config: PreprocessConfig, where: str, options: In
         limits = {}
         if options.cell_diameter_um is not None:
             limits = dict(zip(("min_diameter_um", "max_diameter_um"), options.cell_diameter_um, strict=True))
+        limits["min_dry_mass_pg"] = options.min_dry_mass_pg
         crops = segment_field(opd_nm, meta.pixel_size_um, touching=options.touching, path=where,
                               on_drop=on_drop, **limits)
     return crops, dataclasses.replace(meta, units="nm")

@@ -2,12 +2,14 @@
 
 Two ways to find the cells of a field:
 
-* automatic (:func:`segment_field`): background removal, smoothing, threshold, hole filling, connected
-  components; with ``touching="split"`` (default) touching cells are then split by a seeded watershed
-  (scikit-image) on the smoothed OPD, seeded by its maxima that stand out from the saddle to any higher
-  maximum (:func:`split_touching`); with ``touching="drop"`` only isolated cells are kept (a cell whose
-  crop window holds another object is dropped). Cells are dropped when too small (debris) or too large,
-  touching the image border, or not convex enough (merged cells left unsplit).
+* automatic (:func:`segment_field`, :func:`find_cells`): background removal, smoothing, threshold, hole
+  filling, connected components; with ``touching="split"`` (default) touching cells are then split by a
+  watershed (scikit-image) along the seams between them, the dark valleys of the OPD
+  (:func:`seam_response`), seeded at the centres of the regions the seams enclose (:func:`split_touching`);
+  with ``touching="drop"`` only isolated cells are kept (a cell whose crop window holds another object is
+  dropped). Objects are dropped when too small (debris) or too large, touching the image border, not convex
+  enough (merged cells left unsplit), lighter than a given dry mass, or (split cells) when their outline
+  does not follow a seam (a fragment cut from a cell); each dropped object is logged with its reason.
 * user instance masks (:func:`segment_labelled`): a label image beside the field (0 = background), e.g.
   cellpose ``_cp_masks.png`` / ``_seg.npy`` or a Fiji label image (:func:`read_label_image`); every
   labelled cell not touching the border becomes a crop.
@@ -28,12 +30,14 @@ from pathlib import Path
 
 import numpy as np
 import tifffile
+from scipy import ndimage as ndi
 from skimage import filters, io, measure, morphology, segmentation
 
 from .errors import ExportError
 from .preprocess import (
     MASK_MARGIN_UM,
     check_map,
+    dry_mass_pg,
     fill_nonfinite,
     foreground_mask,
     noise_threshold,
@@ -47,22 +51,46 @@ log = logging.getLogger(__name__)
 #: Below this solidity (area / convex hull area) an isolated object is taken for merged cells; two touching
 #: discs have 0.88, single round cells > 0.93.
 MIN_SOLIDITY = 0.9
-#: The same limit for the cells of a split: adherent cells in dense cultures are irregular (spread, polar)
-#: and a watershed cut is not a smooth outline. On the 14 annotated dense fields
-#: (benchmarks/bench_dense_fields.py) 0.7 / 0.8 / 0.85 gave recall 0.74 / 0.72 / 0.66 at precision
-#: 0.77 / 0.79 / 0.80.
-MIN_SOLIDITY_SPLIT = 0.8
-#: Watershed seeds: maxima of the OPD smoothed over this sigma (merges the bright granules of one cell,
-#: keeps the bodies of two) ...
-SEED_SIGMA_UM = 1.5
-#: ... that rise at least this fraction of their height above the saddle to any higher maximum (h-maxima
-#: of the log OPD, so the rule is independent of units and of how much mass a cell has).
-SEED_DEPTH = 0.02
-#: The watershed floods the OPD smoothed over this sigma (cuts follow the dark seams between cells).
-#: Seed sigma / depth / flood sigma were chosen on the dense fields among 1.0-1.5 um / 0.02-0.05 /
-#: 1.0-2.0 um: all lie on one trade-off (recall 0.66-0.73 at precision 0.75-0.83); merging regions across
-#: weak seams (skimage.graph.rag_boundary) moved along the same curve.
-FLOOD_SIGMA_UM = 1.5
+#: Every constant of the split below was chosen on the odd-numbered annotated dense fields (1, 3, ..., 13;
+#: the even ones held out) with benchmarks/bench_dense_fields.py (0.6 um/px, diameters 9-28 um, dry mass
+#: >= 100 pg; ``--fields odd`` and the option named), one at a time around the defaults, by the rule of the
+#: goal: the highest recall at precision >= 0.9. The figures are recall / precision on those fields.
+#:
+#: Solidity limit of the cells of a split: adherent cells in dense cultures are irregular (spread, polar)
+#: and a cut along a seam is not a smooth outline. ``--min-solidity`` 0.6 / 0.7 / 0.8: 0.786 / 0.899,
+#: 0.782 / 0.901, 0.749 / 0.909 (the outline-contrast limit, not solidity, drops fragments).
+MIN_SOLIDITY_SPLIT = 0.7
+#: Seams between touching cells are dark valleys of the OPD, found by the Sato tubeness filter
+#: (skimage.filters.sato, black ridges; Sato et al. 1998, Med. Image Anal. 2:143) at these scales (seams
+#: 1-5 um wide; before the outline and dry-mass limits (0.6, 1.2) / (1.2,) / (0.6, 1.2, 2.4) um gave
+#: 0.68 / 0.81, 0.68 / 0.80, 0.75 / 0.82) ...
+SEAM_SIGMAS_UM = (0.6, 1.2, 2.4)
+#: ... divided by the OPD smoothed over this sigma (about a cell radius; at least the noise threshold), so
+#: the seam response is a relative depth, the same for thin and thick cells and in any units.
+SEAM_REFERENCE_SIGMA_UM = 4.0
+#: Pixels whose relative seam response exceeds ``SEAM_DEPTH`` lie on a seam; the cells' interiors are the
+#: foreground pixels below it. Seeds are the centres of the interiors: the extended h-maxima of the distance
+#: to the nearest seam or background, h = ``SEED_H_UM`` (a neck narrower by less than that does not split a
+#: cell); the watershed floods the seam response from them, so cuts run along the seams, and a segment
+#: left inside another is merged into it. ``--seam-depth`` 0.07 / 0.08 / 0.09 (h 0.7 um): 0.747 / 0.846,
+#: 0.782 / 0.901, 0.745 / 0.863; ``--seed-h-um`` 0.5 / 0.7 / 1.0: 0.759 / 0.869, 0.782 / 0.901, 0.743 /
+#: 0.874. With skimage's ``h_maxima`` (the top pixels of each dome only, so a ridge of near-equal maxima
+#: seeded one cell per top) instead of the extended maxima: 0.761 / 0.886.
+#: The seeds this replaces (maxima of the OPD smoothed over 1-1.5 um standing 2-5% above their saddle,
+#: flooding the OPD) lay on one curve, recall 0.66-0.73 at precision 0.75-0.83 on all 14 fields: granular
+#: cells gave several maxima (halves of over-split cells were half of the false cells), flat neighbours
+#: without a dip between their maxima one (merged pairs were half of the misses). RAG boundary merging,
+#: compact watershed (compactness 0.01-1), a distance-transform weight on the OPD seeds, a minimum seed
+#: distance of 4-8 um and iterative thresholding with a dry-mass limit per seed (Vicar et al., "Cell
+#: segmentation in quantitative phase images with improved iterative thresholding method") all stayed on or
+#: below that curve.
+SEAM_DEPTH = 0.08
+SEED_H_UM = 0.7
+#: A whole cell is bounded by background or by seams; the cut through an over-split cell crosses its body.
+#: A split object whose outline (a ring of ``MASK_MARGIN_UM`` around it) has a mean relative seam response
+#: under this is taken for a fragment and dropped (true cells had a median outline response of 0.45, false
+#: ones 0.29). ``--min-outline-contrast`` 0.15 / 0.2 / 0.25: 0.805 / 0.881, 0.782 / 0.901, 0.713 / 0.905.
+MIN_OUTLINE_CONTRAST = 0.2
 TOUCHING = ("split", "drop")
 #: ``on_drop(label, bbox, reason)``: told of each object a segmentation drops.
 OnDrop = Callable[[int, tuple[int, int, int, int], str], None]
@@ -100,9 +128,35 @@ def _gauss(field: np.ndarray, sigma_um: float, pixel_size_um: float) -> np.ndarr
     return filters.gaussian(field, sigma=sigma_um / pixel_size_um, preserve_range=True)
 
 
+def seam_response(field: np.ndarray, objects: np.ndarray, pixel_size_um: float) -> np.ndarray:
+    """Relative depth of the dark seams (valleys) of the OPD: where touching cells meet.
+
+    Parameters
+    ----------
+    field : (H, W) array
+        Background-corrected OPD (any units, cells positive).
+    objects : (H, W) bool array
+        Foreground; where the field holds both foreground and background, the reference is floored at the
+        field's noise threshold (:func:`preprocess.noise_threshold`), so background noise is no seam.
+    pixel_size_um : float
+        Object-plane pixel size; ``SEAM_SIGMAS_UM`` and ``SEAM_REFERENCE_SIGMA_UM`` scale with it.
+
+    Returns
+    -------
+    (H, W) float array, >= 0: Sato black-ridge response at ``SEAM_SIGMAS_UM`` over the OPD smoothed over
+    ``SEAM_REFERENCE_SIGMA_UM`` (dimensionless; 0 off any valley).
+    """
+    smoothed = smooth(field, pixel_size_um)
+    floor = noise_threshold(smoothed) if objects.any() and not objects.all() else 0.0
+    reference = np.maximum(_gauss(field, SEAM_REFERENCE_SIGMA_UM, pixel_size_um), max(floor, 1e-12))
+    sigmas = [sigma_um / pixel_size_um for sigma_um in SEAM_SIGMAS_UM]
+    return filters.sato(smoothed, sigmas=sigmas, black_ridges=True) / reference
+
+
 def split_touching(field: np.ndarray, objects: np.ndarray, pixel_size_um: float, *,
-                   seed_sigma_um: float = SEED_SIGMA_UM, seed_depth: float = SEED_DEPTH) -> np.ndarray:
-    """Label image of ``objects`` with touching cells split by a seeded watershed.
+                   seam_depth: float | None = None, seed_h_um: float | None = None,
+                   seams: np.ndarray | None = None) -> np.ndarray:
+    """Label image of ``objects`` with touching cells split along the seams between them (watershed).
 
     Parameters
     ----------
@@ -111,30 +165,59 @@ def split_touching(field: np.ndarray, objects: np.ndarray, pixel_size_um: float,
     objects : (H, W) bool array
         Foreground (cells above the background noise).
     pixel_size_um : float
-        Object-plane pixel size; ``seed_sigma_um`` and ``FLOOD_SIGMA_UM`` scale with it.
-    seed_sigma_um, seed_depth : float
-        Seeds are the h-maxima of ``log`` of the field smoothed over ``seed_sigma_um``, with
-        ``h = -log(1 - seed_depth)``: a maximum seeds a cell when the saddle to any higher one lies at
-        least ``seed_depth`` of its height below it.
+        Object-plane pixel size; every length below is in um.
+    seam_depth : float, optional
+        Relative seam response (:func:`seam_response`) above which a pixel lies on a seam (default
+        ``SEAM_DEPTH``).
+    seed_h_um : float, optional
+        Seeds are the extended h-maxima (h in um) of the distance from each cell interior to the nearest
+        seam or background pixel (default ``SEED_H_UM``).
+    seams : (H, W) array, optional
+        :func:`seam_response` of the field, if already computed.
 
     Returns
     -------
-    (H, W) int array: 0 background, one label per cell; an object without seed keeps one label.
+    (H, W) int array: 0 background, one label per cell; an object without seed keeps one label, and a
+    segment lying wholly inside another is merged into it.
     """
-    seeded = _gauss(field, seed_sigma_um, pixel_size_um)
-    floor = max(float(np.percentile(seeded[objects], 1)), 1e-12) if objects.any() else 1e-12
-    peaks = morphology.h_maxima(np.log(np.clip(seeded, floor, None)), -np.log1p(-seed_depth)) > 0
-    markers = measure.label(peaks & objects)
+    seam_depth = SEAM_DEPTH if seam_depth is None else seam_depth
+    seed_h_um = SEED_H_UM if seed_h_um is None else seed_h_um
+    if seams is None:
+        seams = seam_response(field, objects, pixel_size_um)
+    depth_um = ndi.distance_transform_edt(objects & (seams < seam_depth)) * pixel_size_um
+    markers = measure.label(_extended_maxima(depth_um, seed_h_um) & (depth_um > 0))
     components = measure.label(objects)
     unseeded = np.where(np.isin(components, components[markers > 0]), 0, components)
     markers = np.where(unseeded > 0, unseeded + markers.max(), markers)
-    return segmentation.watershed(-_gauss(field, FLOOD_SIGMA_UM, pixel_size_um), markers, mask=objects)
+    return _merge_enclosed(segmentation.watershed(seams, markers, mask=objects))
 
 
-def _noise_labels(field: np.ndarray, pixel_size_um: float) -> np.ndarray:
+def _extended_maxima(image: np.ndarray, h: float) -> np.ndarray:
+    """Boolean map of the extended h-maxima (MATLAB's ``imextendedmax``): the regional maxima of the
+    h-maxima transform (morphological reconstruction of ``image - h`` under ``image``). Unlike
+    ``skimage.morphology.h_maxima``, which keeps only the top pixels of each dome, a ridge whose maxima
+    differ by less than ``h`` gives one connected seed, not one per top."""
+    return morphology.local_maxima(morphology.reconstruction(image - h, image), allow_borders=True)
+
+
+def _merge_enclosed(labels: np.ndarray) -> np.ndarray:
+    """``labels`` with every segment that lies wholly inside another merged into it: in a layer of cells
+    none lies inside another (a ring of dips around a nucleus is not a seam), and the crop of the outer cell
+    would lose the inner part."""
+    merged = labels.copy()
+    for region in sorted(measure.regionprops(labels), key=lambda r: -r.area):   # outer ones first
+        r0, c0, r1, c1 = _window(region.bbox, 1, labels.shape)
+        inside = merged[r0:r1, c0:c1]
+        own = inside == region.label
+        around = np.unique(inside[ndi.binary_dilation(own) & ~own])
+        if len(around) == 1 and around[0] != 0:
+            merged[merged == region.label] = around[0]
+    return merged
+
+
+def _noise_objects(field: np.ndarray, pixel_size_um: float) -> np.ndarray:
     smoothed = smooth(field, pixel_size_um)
-    objects = objects_above(smoothed, noise_threshold(smoothed), pixel_size_um)
-    return split_touching(field, objects, pixel_size_um)
+    return objects_above(smoothed, noise_threshold(smoothed), pixel_size_um)
 
 
 def _check_touching(touching: str) -> None:
@@ -156,9 +239,16 @@ def label_cells(opd_nm, pixel_size_um: float, *, touching: str = "split", backgr
 
 
 def _labels(corrected: np.ndarray, pixel_size_um: float, touching: str) -> np.ndarray:
-    if touching == "split":
-        return _noise_labels(corrected, pixel_size_um)
-    return _otsu_labels(corrected, pixel_size_um)
+    return _labels_and_seams(corrected, pixel_size_um, touching)[0]
+
+
+def _labels_and_seams(corrected: np.ndarray, pixel_size_um: float, touching: str):
+    """Label image and, for ``touching="split"``, the seam response (else None)."""
+    if touching == "drop":
+        return _otsu_labels(corrected, pixel_size_um), None
+    objects = _noise_objects(corrected, pixel_size_um)
+    seams = seam_response(corrected, objects, pixel_size_um)
+    return split_touching(corrected, objects, pixel_size_um, seams=seams), seams
 
 
 def _footprints(field: np.ndarray, labels: np.ndarray, pixel_size_um: float) -> np.ndarray:
@@ -181,18 +271,84 @@ def _touches_border(bbox, shape) -> bool:
     return r0 == 0 or c0 == 0 or r1 == shape[0] or c1 == shape[1]
 
 
-def _rejection(region, footprints: np.ndarray, window, diameter_px: tuple[float, float],
-               min_solidity: float, isolated: bool) -> str | None:
-    """Why ``region`` is not a whole single cell (with ``isolated``: an isolated one); None if it is."""
-    if region.equivalent_diameter_area < diameter_px[0]:
-        return "too small"
+@dataclass
+class Limits:
+    """What a whole single cell must satisfy (lengths in um of the field's pixel size).
+
+    min_diameter_um, max_diameter_um: equivalent diameter; smaller objects are debris or fragments, larger
+        ones merged cells.
+    min_solidity: area / convex hull area; less convex objects are merged cells.
+    min_dry_mass_pg: dry mass (OPD in nm, alpha 0.19 mL/g); None = no limit.
+    min_outline_contrast: mean :func:`seam_response` along the outline; None = no limit (isolated cells).
+    isolated: no pixel of another object may lie in the cell's crop window (``touching="drop"``).
+    """
+
+    min_diameter_um: float
+    max_diameter_um: float
+    min_solidity: float
+    min_dry_mass_pg: float | None = None
+    min_outline_contrast: float | None = None
+    isolated: bool = False
+
+
+@dataclass
+class DroppedObject:
+    """An object of a field that is not kept as a whole single cell.
+
+    label: its label in the field's label image; bbox: (row0, col0, row1, col1) in the field;
+    reason: why it was dropped (one line, e.g. ``"dry mass 61 pg < 100 pg (fragment or debris?)"``).
+    """
+
+    label: int
+    bbox: tuple[int, int, int, int]
+    reason: str
+
+
+@dataclass
+class FieldSegmentation:
+    """Result of :func:`find_cells`: the kept cells' crops, the dropped objects with their reasons, and the
+    ``(H, W)`` int label image of all objects (before the limits; crops and dropped objects name its labels).
+    """
+
+    crops: list[CellCrop]
+    dropped: list[DroppedObject]
+    labels: np.ndarray
+
+
+def _outline_contrast(region, seams: np.ndarray, pixel_size_um: float) -> float:
+    """Mean seam response on the ring of ``MASK_MARGIN_UM`` around ``region`` (inside the field)."""
+    pad = int(np.ceil(MASK_MARGIN_UM / pixel_size_um)) + 1
+    r0, c0, r1, c1 = _window(region.bbox, pad, seams.shape)
+    own = np.zeros((r1 - r0, c1 - c0), dtype=bool)
+    b0, b1, b2, b3 = region.bbox
+    own[b0 - r0:b2 - r0, b1 - c0:b3 - c0] = region.image
+    ring = (ndi.distance_transform_edt(~own) * pixel_size_um <= MASK_MARGIN_UM) & ~own
+    return float(seams[r0:r1, c0:c1][ring].mean()) if ring.any() else 0.0
+
+
+def _rejection(region, corrected: np.ndarray, footprints: np.ndarray, seams, window, limits: Limits,
+               pixel_size_um: float) -> str | None:
+    """Why ``region`` is not a whole single cell under ``limits``; None if it is."""
+    diameter_um = region.equivalent_diameter_area * pixel_size_um
+    if diameter_um < limits.min_diameter_um:
+        return f"too small ({diameter_um:.1f} um < {limits.min_diameter_um:g} um; debris or fragment?)"
     if _touches_border(region.bbox, footprints.shape):
         return "touches the border"
-    if region.equivalent_diameter_area > diameter_px[1]:
-        return "too large (merged cells?)"
-    if region.solidity < min_solidity:
-        return f"solidity {region.solidity:.2f} < {min_solidity} (merged cells?)"
-    if isolated:
+    if diameter_um > limits.max_diameter_um:
+        return f"too large ({diameter_um:.1f} um > {limits.max_diameter_um:g} um; merged cells?)"
+    if region.solidity < limits.min_solidity:
+        return f"solidity {region.solidity:.2f} < {limits.min_solidity:g} (merged cells?)"
+    if limits.min_dry_mass_pg is not None:
+        r0, c0, r1, c1 = region.bbox
+        mass = dry_mass_pg(corrected[r0:r1, c0:c1], pixel_size_um, region.image)
+        if mass < limits.min_dry_mass_pg:
+            return f"dry mass {mass:.0f} pg < {limits.min_dry_mass_pg:g} pg (fragment or debris?)"
+    if limits.min_outline_contrast is not None and seams is not None:
+        contrast = _outline_contrast(region, seams, pixel_size_um)
+        if contrast < limits.min_outline_contrast:
+            return (f"outline contrast {contrast:.2f} < {limits.min_outline_contrast:g} "
+                    "(cut across a cell: fragment of an over-split cell?)")
+    if limits.isolated:
         w0, v0, w1, v1 = window
         inside = footprints[w0:w1, v0:v1]
         if np.any((inside != 0) & (inside != region.label)):
@@ -211,6 +367,7 @@ def _crop(corrected: np.ndarray, labels: np.ndarray, footprints: np.ndarray, reg
 
 def segment_field(opd_nm, pixel_size_um: float, *, touching: str = "split", min_diameter_um: float = 2.0,
                   max_diameter_um: float = 30.0, margin_um: float = 2.0, min_solidity: float | None = None,
+                  min_dry_mass_pg: float | None = None, min_outline_contrast: float | None = None,
                   background_order: int = 1, path="<array>", on_drop: OnDrop | None = None) -> list[CellCrop]:
     """Crops of the whole single cells of a field of view (any units; crops keep the input's).
 
@@ -221,8 +378,8 @@ def segment_field(opd_nm, pixel_size_um: float, *, touching: str = "split", min_
     pixel_size_um : float
         Object-plane pixel size; every length limit below is in um.
     touching : {"split", "drop"}
-        Split touching cells (watershed, :func:`split_touching`) or keep isolated cells only (a cell whose
-        window, bounding box plus ``margin_um``, holds a pixel of another object is dropped).
+        Split touching cells (watershed along the seams, :func:`split_touching`) or keep isolated cells only
+        (a cell whose window, bounding box plus ``margin_um``, holds a pixel of another object is dropped).
     min_diameter_um, max_diameter_um : float
         Limits of the equivalent diameter: smaller objects are debris, larger ones merged cells.
     margin_um : float
@@ -230,6 +387,11 @@ def segment_field(opd_nm, pixel_size_um: float, *, touching: str = "split", min_
     min_solidity : float, optional
         Objects less convex are taken for merged cells (default ``MIN_SOLIDITY`` for isolated cells,
         ``MIN_SOLIDITY_SPLIT`` for split ones).
+    min_dry_mass_pg : float, optional
+        Objects of less dry mass are debris or fragments (needs the field in nm of OPD; default: no limit).
+    min_outline_contrast : float, optional
+        With ``touching="split"``: objects whose outline has a lower mean relative seam response
+        (:func:`seam_response`) are fragments of over-split cells (default ``MIN_OUTLINE_CONTRAST``).
     background_order : int
         Polynomial order of the background fitted over the whole field.
     on_drop : callable, optional
@@ -238,37 +400,70 @@ def segment_field(opd_nm, pixel_size_um: float, *, touching: str = "split", min_
 
     Returns
     -------
-    list of CellCrop, one per kept cell; cells touching the border are counted in the log and dropped.
+    list of CellCrop, one per kept cell; every dropped object is logged (DEBUG) with its reason and counted
+    (INFO). :func:`find_cells` returns the dropped objects too.
 
     Raises
     ------
     ExportError
         For unusable maps (wrong rank, constant, too little background...), naming ``path``.
     """
+    found = find_cells(opd_nm, pixel_size_um, touching=touching, min_diameter_um=min_diameter_um,
+                       max_diameter_um=max_diameter_um, margin_um=margin_um, min_solidity=min_solidity,
+                       min_dry_mass_pg=min_dry_mass_pg, min_outline_contrast=min_outline_contrast,
+                       background_order=background_order, path=path)
+    if on_drop is not None:
+        for obj in found.dropped:
+            on_drop(obj.label, obj.bbox, obj.reason)
+    return found.crops
+
+
+def find_cells(opd_nm, pixel_size_um: float, *, touching: str = "split", min_diameter_um: float = 2.0,
+               max_diameter_um: float = 30.0, margin_um: float = 2.0, min_solidity: float | None = None,
+               min_dry_mass_pg: float | None = None, min_outline_contrast: float | None = None,
+               background_order: int = 1, path="<array>") -> FieldSegmentation:
+    """:func:`segment_field` with the dropped objects and the label image (same parameters and errors).
+
+    Returns
+    -------
+    FieldSegmentation
+        ``crops`` (one per kept cell), ``dropped`` (every other object with the reason, in label order) and
+        ``labels`` ((H, W) int, all objects).
+    """
     _check_touching(touching)
     field = np.asarray(opd_nm)
     check_map(field, path)
+    split = touching == "split"
     if min_solidity is None:
-        min_solidity = MIN_SOLIDITY_SPLIT if touching == "split" else MIN_SOLIDITY
+        min_solidity = MIN_SOLIDITY_SPLIT if split else MIN_SOLIDITY
+    if min_outline_contrast is None:
+        min_outline_contrast = MIN_OUTLINE_CONTRAST
+    limits = Limits(min_diameter_um, max_diameter_um, min_solidity, min_dry_mass_pg,
+                    min_outline_contrast if split else None, isolated=not split)
     corrected = _background_removed(field, pixel_size_um, background_order, path)
-    labels = _labels(corrected, pixel_size_um, touching)
+    labels, seams = _labels_and_seams(corrected, pixel_size_um, touching)
     footprints = _footprints(corrected, labels, pixel_size_um)
-    diameter_px = (min_diameter_um / pixel_size_um, max_diameter_um / pixel_size_um)
     margin_px = int(np.ceil(margin_um / pixel_size_um))
-    crops, reasons = [], {}
+    crops, dropped = [], []
     for region in measure.regionprops(labels):
         window = _window(region.bbox, margin_px, labels.shape)
-        reason = _rejection(region, footprints, window, diameter_px, min_solidity, touching == "drop")
+        reason = _rejection(region, corrected, footprints, seams, window, limits, pixel_size_um)
         if reason:
             log.debug("%s: object %d at %s dropped: %s", path, region.label, region.bbox, reason)
-            if on_drop is not None:
-                on_drop(int(region.label), tuple(int(v) for v in region.bbox), reason)
-            reasons[reason.split(" ")[0]] = reasons.get(reason.split(" ")[0], 0) + 1
+            dropped.append(DroppedObject(int(region.label), tuple(int(v) for v in region.bbox), reason))
             continue
         crops.append(_crop(corrected, labels, footprints, region, window))
-    log.info("%s: %d cells kept of %d objects (dropped: %s)", path, len(crops), int(labels.max()),
-             ", ".join(f"{n} {why}" for why, n in sorted(reasons.items())) or "none")
-    return crops
+    _log_summary(path, crops, dropped)
+    return FieldSegmentation(crops, dropped, labels)
+
+
+def _log_summary(path, crops: list[CellCrop], dropped: list[DroppedObject]) -> None:
+    counts: dict[str, int] = {}
+    for obj in dropped:
+        kind = obj.reason.split(" (")[0].split(" ")[0]
+        counts[kind] = counts.get(kind, 0) + 1
+    log.info("%s: %d cells kept of %d objects (dropped: %s)", path, len(crops), len(crops) + len(dropped),
+             ", ".join(f"{n} {why}" for why, n in sorted(counts.items())) or "none")
 
 
 # --------------------------------------------------------------------------------------- user masks

@@ -19,15 +19,19 @@ from opdcells.ingest import IngestOptions, add_reading_options, iter_processed, 
 from opdcells.metadata import Meta  # noqa: E402
 from opdcells.preprocess import preprocess_map  # noqa: E402
 from opdcells.segment import (  # noqa: E402
+    SEAM_DEPTH,
     CellCrop,
     crops_to_labels,
+    find_cells,
     label_cells,
     mask_path,
     match_instances,
     read_label_image,
     relabel_components,
+    seam_response,
     segment_field,
     segment_labelled,
+    split_touching,
 )
 
 PX = 0.4
@@ -219,6 +223,83 @@ def test_touching_must_be_split_or_drop(touching_field):
         segment_field(touching_field[0], PX, touching="merge")
 
 
+def test_seam_response_marks_the_seam_between_touching_cells(touching_field):
+    opd, _, _ = touching_field
+    field = opd - np.median(opd)          # the seam response is a relative depth: any offset is removed first
+    seams = seam_response(field, field > 20.0, PX)
+    (r, c0), (_, c1) = TOUCHING_PAIR
+    seam = seams[round(r / PX), round((c0 + c1) / 2 / PX)]
+    centres = [seams[round(r / PX), round(c / PX)] for c in (c0, c1)]
+    assert seam > 3 * SEAM_DEPTH and max(centres) < SEAM_DEPTH / 2, (seam, centres)
+
+
+def test_split_seeds_a_ridge_once_and_never_leaves_a_segment_inside_another():
+    # one disc-shaped object ringed inside by a closed seam: the band outside the ring is one region (its
+    # distance ridge is a circle of near-equal maxima: one seed, not one per top) and the disc inside it
+    # must not become a cell inside the cell (its pixels would be cut out of the outer cell's crop)
+    radius = np.hypot(*(np.indices((61, 61)) - 30))
+    objects = radius <= 20
+    seams = np.where(np.abs(radius - 8) <= 1, 1.0, 0.0)
+    labels = split_touching(np.where(objects, 100.0, 0.0), objects, 0.1, seams=seams, seed_h_um=0.3)
+    assert set(np.unique(labels)) == {0, 1} and np.array_equal(labels > 0, objects)
+
+
+DENSE_GRID = [(12 + 9.5 * i, 12 + 9.5 * j) for i in range(4) for j in range(4)]   # um; cells 10 um across
+SPECK = (80.0, 20.0)                # a 1.6 um speck: debris
+FLAT_DISC = (80.0, 50.0)          # a cell-sized object of 6 pg: a fragment or debris, not a cell
+MERGED_BLOB = [(80.0, 75.0), (80.0, 79.0)]     # two cells 4 um apart: one blob without a seam
+
+
+@pytest.fixture(scope="module")
+def dense_synthetic():
+    """A 100 um field with a 4 x 4 colony of touching cells (each with two granules) and, beside it, a
+    speck, a flat disc and a merged blob: field (nm), truth label image of the colony."""
+    shape, rng = (250, 250), np.random.default_rng(3)
+    field, truth, top = np.zeros(shape), np.zeros(shape, dtype=int), np.zeros(shape)
+    rows, cols = (np.indices(shape) + 0.5) * PX
+    for label, (r, c) in enumerate(DENSE_GRID, start=1):
+        centre = (r + rng.uniform(-0.5, 0.5), c + rng.uniform(-0.5, 0.5))
+        opd, _ = ellipsoid_opd(shape, PX, centre, (*rng.uniform(4.7, 5.3, 2), 3.0), supersample=2)
+        truth[opd > top] = label
+        top = np.maximum(top, opd)
+        for dc in (-2.0, 2.0):      # bright granules: two OPD maxima in one cell
+            opd += 60.0 * np.exp(-((rows - centre[0]) ** 2 + (cols - centre[1] - dc) ** 2) / (2 * 0.8 ** 2))
+        field += opd
+    for centre, semi_axes in [(SPECK, (0.8, 0.8, 1.0)), (FLAT_DISC, (5.0, 5.0, 0.4))] + [
+            (c, (5.0, 5.0, 3.0)) for c in MERGED_BLOB]:
+        field += ellipsoid_opd(shape, PX, centre, semi_axes, supersample=2)[0]
+    return add_background(field, np.random.default_rng(0)), truth
+
+
+def test_dense_colony_is_split_into_its_cells_and_the_rest_dropped_with_reasons(dense_synthetic):
+    opd, truth = dense_synthetic
+    found = find_cells(opd, PX, min_diameter_um=6.0, max_diameter_um=11.5, min_dry_mass_pg=25.0)
+    predicted = crops_to_labels(found.crops, opd.shape)
+    matched = len(match_instances(predicted, truth))
+    assert matched / len(found.crops) == 1.0 and matched / len(DENSE_GRID) == 1.0   # precision, recall
+    assert [c.label for c in found.crops] == [c.label for c in segment_field(
+        opd, PX, min_diameter_um=6.0, max_diameter_um=11.5, min_dry_mass_pg=25.0)]
+    assert {c.label for c in found.crops} | {d.label for d in found.dropped} == set(
+        np.unique(found.labels[found.labels > 0]))
+
+    def reason_at(centre_um):
+        row, col = round(centre_um[0] / PX), round(centre_um[1] / PX)
+        return [d.reason for d in found.dropped
+                if d.bbox[0] <= row < d.bbox[2] and d.bbox[1] <= col < d.bbox[3]]
+
+    assert any(r.startswith("too small") for r in reason_at(SPECK))
+    assert any(r.startswith("dry mass") for r in reason_at(FLAT_DISC))
+    assert any(r.startswith("too large") for r in reason_at(MERGED_BLOB[0]))
+
+
+def test_outline_contrast_limit_names_its_reason(dense_synthetic):
+    opd, _ = dense_synthetic           # the colony's cells are kept under the default limit (test above)
+    limits = dict(min_diameter_um=6.0, max_diameter_um=11.5)
+    assert len(segment_field(opd, PX, **limits)) >= len(DENSE_GRID)
+    dropped = find_cells(opd, PX, min_outline_contrast=50.0, **limits).dropped
+    assert sum(d.reason.startswith("outline contrast") for d in dropped) >= len(DENSE_GRID)
+
+
 # --------------------------------------------------------------------------------------- user masks
 
 def field_and_labels():
@@ -328,10 +409,11 @@ def test_masks_option_is_a_reading_option():
 # --------------------------------------------------------------------------------------- real dense fields
 
 DENSE_PX = 0.6            # um; see benchmarks/bench_dense_fields.py
-DENSE_LIMITS = dict(min_diameter_um=9.0, max_diameter_um=28.0)
-DENSE_FIELDS = (1, 7, 10)
-# measured on these three fields: recall 0.802 (85/106), precision 0.896 (86/96); margin 0.05
-RECALL_MIN, PRECISION_MIN = 0.75, 0.84
+DENSE_LIMITS = dict(min_diameter_um=9.0, max_diameter_um=28.0, min_dry_mass_pg=100.0)
+# img_004 and img_010 are held-out (even) fields: recall 0.94 (65/69), precision 0.93 (65/70) there with
+# the seam split (the OPD-maxima split it replaced: 0.78 / 0.82)
+HELD_OUT_FIELDS, MASKS_FIELD = (4, 10), 1
+RECALL_MIN, PRECISION_MIN = 0.9, 0.9
 
 
 def dense_field(folder, index):
@@ -350,22 +432,23 @@ def dense(real_qpi):
     folder = real_qpi / "qphase_dense_fields"
     if not folder.is_dir():
         pytest.skip(f"dense fields not found at {folder}")
-    return {i: dense_field(folder, i) for i in DENSE_FIELDS}
+    return {i: dense_field(folder, i) for i in (*HELD_OUT_FIELDS, MASKS_FIELD)}
 
 
 def test_dense_fields_split_cells_recall_and_precision(dense):
     counts = np.zeros(4)
-    for opd, truth in dense.values():
+    for index in HELD_OUT_FIELDS:
+        opd, truth = dense[index]
         predicted = crops_to_labels(segment_field(opd, DENSE_PX, **DENSE_LIMITS), opd.shape)
         pairs = match_instances(predicted, truth)
         kept, true = inner_labels(predicted), inner_labels(truth, 100)
         counts += [len({p for p, _ in pairs} & kept), len(kept), len({t for _, t in pairs} & true), len(true)]
     precision, recall = counts[0] / counts[1], counts[2] / counts[3]
-    assert recall > RECALL_MIN and precision > PRECISION_MIN, (recall, precision)
+    assert recall >= RECALL_MIN and precision >= PRECISION_MIN, (recall, precision)
 
 
 def test_dense_field_masks_give_every_annotated_cell(dense):
-    opd, truth = dense[1]
+    opd, truth = dense[MASKS_FIELD]
     crops = segment_labelled(opd, DENSE_PX, truth)
     assert {c.label for c in crops} == inner_labels(truth)
     for crop in crops:
@@ -383,3 +466,23 @@ def test_cell_diameter_option_sets_the_size_limits(tmp_path):
         return len(list(iter_processed(tmp_path / "fov.npy", options)))
     assert n_maps((5.0, 12.0)) == len(ISOLATED + NEAR_PAIR + OVERLAPPING)   # the overlapping pair is split
     assert n_maps((10.0, 30.0)) == 0
+
+
+def test_min_dry_mass_option_drops_lighter_objects(tmp_path):
+    opd, masses = synthetic_field()                # cells of ~30 pg
+    np.save(tmp_path / "fov.npy", opd)
+    parser = argparse.ArgumentParser()
+    add_reading_options(parser)
+    parsed = reading_options(parser.parse_args(["--fields", "--min-dry-mass-pg", "20"]))
+    assert parsed["min_dry_mass_pg"] == 20.0
+    assert IngestOptions(**parsed).identity != IngestOptions(fields=True).identity
+    with pytest.raises(ValueError, match="dry mass"):
+        IngestOptions(fields=True, min_dry_mass_pg=-1.0)
+
+    def n_maps(min_pg):
+        options = IngestOptions(fields=True, units="nm", pixel_size_um=PX, cell_diameter_um=(5.0, 12.0),
+                                min_dry_mass_pg=min_pg)
+        return len(list(iter_processed(tmp_path / "fov.npy", options)))
+    assert max(masses.values()) < 40.0 < 2 * min(masses.values())
+    assert n_maps(0.5 * min(masses.values())) == len(ISOLATED + NEAR_PAIR + OVERLAPPING)
+    assert n_maps(40.0) == 0

@@ -132,7 +132,7 @@ def _blank(value) -> str:
     return "" if value is None else str(value)
 
 
-def _position_values(processed: ProcessedMap) -> list[str]:
+def position_values(processed: ProcessedMap) -> list[str]:
     """cell, object and the POSITION_COLUMNS of a map (empty for whole maps)."""
     pos = processed.position
     if pos is None:
@@ -165,7 +165,7 @@ def csv_row(path: Path, index: int, processed: ProcessedMap, proba: np.ndarray, 
     list
         CSV fields (numbers as text with 6 significant digits, empty where not recorded).
     """
-    return [storable_text(str(path)), index, *_position_values(processed),   # CSV is UTF-8
+    return [storable_text(str(path)), index, *position_values(processed),   # CSV is UTF-8
             f"{processed.dry_mass_pg:.6g}", f"{processed.area_um2:.6g}",
             class_names[int(np.argmax(proba))], *(f"{v:.6g}" for v in proba), *ood_values]
 
@@ -177,7 +177,7 @@ def dropped_row(dropped: Dropped) -> list:
             _blank(dropped.label), *bbox, storable_text(dropped.reason)]
 
 
-def _maps_of(path: Path, options: IngestOptions, result: PredictResult,
+def read_maps(path: Path, options: IngestOptions, result: PredictResult,
              seen_pixel_sizes: set) -> Iterator[tuple[int, ProcessedMap]]:
     """(source index, ProcessedMap) of every usable map of one export; bad maps are reported."""
     def bad_map(exc: ExportError) -> None:
@@ -335,7 +335,7 @@ def predict_files(model, paths: Iterable[str | os.PathLike], out: str | os.PathL
         for path in tqdm(expand_exports(paths), unit="file", disable=not progress, mininterval=0.5):
             n = 0
             try:
-                for index, processed in _maps_of(path, options, result, pixel_sizes):
+                for index, processed in read_maps(path, options, result, pixel_sizes):
                     batcher.add(path, index, processed)
                     n += 1
                 if n == 0:

@@ -44,7 +44,17 @@ from .calibration import (
     target_score,
 )
 from .errors import ExportError, OPDCellsError, storable_text
-from .ingest import IngestOptions, iter_processed
+from .ingest import Dropped, IngestOptions
+from .predict import (
+    DROPPED_COLUMNS,
+    ID_COLUMNS,
+    MEASURE_COLUMNS,
+    POSITION_COLUMNS,
+    dropped_row,
+    expand_exports,
+    position_values,
+    read_maps,
+)
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +65,8 @@ REFINE_MARGIN_LOGIT = 2.0
 DEFAULT_PREVALENCE = 1e-5
 #: Candidates shown (and kept as maps) in the report, most probable first.
 GALLERY_SIZE = 120
-SCORE_COLUMNS = ("file", "index", "cell", "p_target", "predicted", "dry_mass_pg", "area_um2", "ood_score",
+#: Columns of scores.csv: the map's identity, position and measures as in predict's CSV, then the screen's.
+SCORE_COLUMNS = (*ID_COLUMNS, *POSITION_COLUMNS, *MEASURE_COLUMNS, "p_target", "predicted", "ood_score",
                  "ood_flag", "flagged")
 EXIT_OK, EXIT_SKIPPED, EXIT_FAILED = 0, 1, 2
 
@@ -158,6 +169,7 @@ class ScreenResult:
     n_ood: int = 0
     skipped_files: list[str] = field(default_factory=list)
     skipped_maps: list[str] = field(default_factory=list)
+    dropped: list[Dropped] = field(default_factory=list)
     seconds: float = 0.0
 
     @property
@@ -174,14 +186,14 @@ class _Scorer:
     def __init__(self, model, settings: ScreenSettings, ood, batch_size: int):
         self.model, self.settings, self.ood, self.batch_size = model, settings, ood, batch_size
         self.maps: list[np.ndarray] = []
-        self.keys: list[tuple] = []            # (path, index, cell, dry mass, area)
+        self.keys: list[tuple] = []            # (path, index, ProcessedMap)
         self.rows: dict[Path, list[dict]] = {}
         self.kept: dict[tuple, np.ndarray] = {}  # candidate maps by (file, index, cell)
 
-    def add(self, path: Path, index: int, cell: int, processed) -> None:
+    def add(self, path: Path, index: int, processed) -> None:
         self.rows.setdefault(path, [])
         self.maps.append(processed.opd)
-        self.keys.append((path, index, cell, processed.dry_mass_pg, processed.area_um2))
+        self.keys.append((path, index, processed))
         if len(self.maps) >= self.batch_size:
             self.flush()
 
@@ -206,15 +218,16 @@ class _Scorer:
         ood_score, ood_flag = self.ood(maps) if self.ood else (np.full(len(maps), np.nan),
                                                               np.zeros(len(maps), bool))
         names = self.model.class_names
-        for i, (path, index, cell, mass, area) in enumerate(self.keys):
+        for i, (path, index, processed) in enumerate(self.keys):
             flagged = bool(p_target[i] >= self.settings.point.threshold and not ood_flag[i])
-            row = {"file": storable_text(str(path)), "index": index, "cell": cell,
-                   "p_target": float(p_target[i]), "predicted": names[int(np.argmax(proba[i]))],
-                   "dry_mass_pg": float(mass), "area_um2": float(area),
-                   "ood_score": float(ood_score[i]), "ood_flag": bool(ood_flag[i]), "flagged": flagged}
+            identity = [storable_text(str(path)), index, *position_values(processed)]
+            row = dict(zip((*ID_COLUMNS, *POSITION_COLUMNS), identity, strict=True))
+            row.update(dry_mass_pg=f"{processed.dry_mass_pg:.6g}", area_um2=f"{processed.area_um2:.6g}",
+                       p_target=float(p_target[i]), predicted=names[int(np.argmax(proba[i]))],
+                       ood_score=f"{ood_score[i]:.6g}", ood_flag=bool(ood_flag[i]), flagged=flagged)
             self.rows[path].append(row)
             if flagged:
-                self.kept[(row["file"], index, cell)] = maps[i].astype(np.float16)
+                self.kept[_key(row)] = maps[i].astype(np.float16)
         self.maps.clear()
         self.keys.clear()
 
@@ -223,7 +236,7 @@ class _Scorer:
         self.maps = [self.maps[i] for i in keep]
         self.keys = [self.keys[i] for i in keep]
         for row in self.rows.pop(path, []):
-            self.kept.pop((row["file"], row["index"], row["cell"]), None)
+            self.kept.pop(_key(row), None)
 
 
 def shard_files(files: Sequence[Path], shard: tuple[int, int]) -> list[Path]:
@@ -258,8 +271,6 @@ def screen_files(model, paths: Iterable[str | os.PathLike], out: str | os.PathLi
     """
     from tqdm import tqdm
 
-    from .predict import expand_exports
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     result = ScreenResult(out)
@@ -267,11 +278,12 @@ def screen_files(model, paths: Iterable[str | os.PathLike], out: str | os.PathLi
     files = shard_files(sorted(expand_exports(paths), key=str), settings.shard)
     start = time.perf_counter()
     read: list[Path] = []
+    pixel_sizes: set = set()
     for path in tqdm(files, unit="file", disable=not progress, mininterval=0.5, desc="screening"):
         try:
             n = 0
-            for index, processed, _meta, cell in _cells(path, options, result):
-                scorer.add(path, index, cell, processed)
+            for index, processed in read_maps(path, options, result, pixel_sizes):
+                scorer.add(path, index, processed)
                 n += 1
             if n == 0:
                 raise ExportError(path, "no usable map")
@@ -279,6 +291,7 @@ def screen_files(model, paths: Iterable[str | os.PathLike], out: str | os.PathLi
             scorer.drop(path)
             log.warning("skipped %s", exc)
             result.skipped_files.append(str(exc))
+            result.dropped.append(Dropped(path, None, None, None, None, exc.reason))
             continue
         read.append(path)
     scorer.flush()
@@ -288,21 +301,12 @@ def screen_files(model, paths: Iterable[str | os.PathLike], out: str | os.PathLi
     return result
 
 
-def _cells(path: Path, options: IngestOptions, result: ScreenResult):
-    """(source index, ProcessedMap, Meta, cell number) of every usable map of one export."""
-    def bad_map(exc: ExportError) -> None:
-        log.warning("skipped %s", exc)
-        result.skipped_maps.append(str(exc))
-
-    last, cell = None, 0
-    for index, processed, meta in iter_processed(path, options, on_error=bad_map):
-        cell = cell + 1 if index == last else 0
-        last = index
-        yield index, processed, meta, cell
+def _key(row: dict) -> tuple:
+    """Identity of a row: (file, index, cell number; -1 for a whole map)."""
+    return (row["file"], int(row["index"]), int(row["cell"]) if str(row["cell"]) != "" else -1)
 
 
-def _sort_key(row: dict) -> tuple:
-    return (row["file"], int(row["index"]), int(row["cell"]))
+_sort_key = _key
 
 
 def write_outputs(out: Path, rows: list[dict], kept: dict, settings: ScreenSettings, result: ScreenResult,
@@ -315,8 +319,9 @@ def write_outputs(out: Path, rows: list[dict], kept: dict, settings: ScreenSetti
     result.n_ood = sum(_true(r["ood_flag"]) for r in rows)
     _atomic_csv(out / "scores.csv", rows)
     _atomic_csv(out / "candidates.csv", candidates)
+    _atomic(out / "scores.dropped.csv", lambda fh: _write_dropped(fh, result.dropped))
     gallery = candidates[:GALLERY_SIZE]
-    keys = [(r["file"], int(r["index"]), int(r["cell"])) for r in gallery]
+    keys = [_key(r) for r in gallery]
     maps = np.stack([kept[k] for k in keys]) if keys else np.zeros((0, 1, 1), np.float16)
     _atomic(out / "candidates.npz", lambda fh: np.savez_compressed(
         fh, maps=maps, files=np.asarray([k[0] for k in keys], dtype=str),
@@ -360,6 +365,12 @@ def _atomic(path: Path, write, binary: bool = False) -> None:
     os.replace(tmp, path)
 
 
+def _write_dropped(fh, dropped: list[Dropped]) -> None:
+    writer = csv.writer(fh)
+    writer.writerow(DROPPED_COLUMNS)
+    writer.writerows(sorted(map(dropped_row, dropped), key=lambda r: [str(v) for v in r]))
+
+
 def _atomic_csv(path: Path, rows: list[dict]) -> None:
     def write(fh) -> None:
         writer = csv.DictWriter(fh, fieldnames=SCORE_COLUMNS)
@@ -385,10 +396,12 @@ def merge_screens(folders: Sequence[str | os.PathLike], out: str | os.PathLike) 
                 or s["targets"] != first["targets"]:
             raise ScreenError(folder, "screened with another model or operating point than "
                                       f"{folders[0]}: shards must share both")
-    rows, kept = [], {}
+    rows, kept, dropped = [], {}, []
     for folder in map(Path, folders):
         with open(folder / "scores.csv", newline="", encoding="utf-8") as fh:
             rows += list(csv.DictReader(fh))
+        with open(folder / "scores.dropped.csv", newline="", encoding="utf-8") as fh:
+            dropped += [_dropped_of(r) for r in csv.DictReader(fh)]
         with np.load(folder / "candidates.npz", allow_pickle=False) as data:
             for m, f, i, c in zip(data["maps"], data["files"], data["index"], data["cell"], strict=True):
                 kept[(str(f), int(i), int(c))] = m
@@ -399,8 +412,16 @@ def merge_screens(folders: Sequence[str | os.PathLike], out: str | os.PathLike) 
     for s in summaries:
         result.skipped_files += s["skipped"][:s["files_skipped"]]
         result.skipped_maps += s["skipped"][s["files_skipped"]:]
+    result.dropped = dropped
     write_outputs(out, rows, kept, settings, result, model_name=first["model"])
     return result
+
+
+def _dropped_of(row: dict) -> Dropped:
+    """A row of scores.dropped.csv read back (values as written, so rows are rewritten the same)."""
+    bbox = tuple(row[k] for k in DROPPED_COLUMNS[4:8])
+    return Dropped(row["file"], row["index"] or None, row["cell"] or None, row["object"] or None,
+                   bbox if any(bbox) else None, row["reason"])
 
 
 def _read_summary(folder: Path) -> dict:

@@ -187,3 +187,16 @@ def test_another_rate_is_set_on_the_stored_validation_scores(tmp_path):
     assert np.mean(negatives >= loose.point.threshold) == pytest.approx(0.05, abs=0.01)
     assert strict.point.threshold > loose.point.threshold
     assert screen_settings(model).point.threshold == 0.5     # the stored point when nothing changes
+
+
+def test_scores_carry_the_predict_identity_and_dropped_maps_are_listed(sample, model, tmp_path):
+    from opdcells.predict import DROPPED_COLUMNS, ID_COLUMNS, POSITION_COLUMNS
+
+    bad = tmp_path / "broken.npy"
+    bad.write_bytes(b"not an array")
+    run(model, [sample, bad], tmp_path / "out")
+    scores = read(tmp_path / "out/scores.csv")
+    assert list(scores[0])[:len(ID_COLUMNS) + len(POSITION_COLUMNS)] == [*ID_COLUMNS, *POSITION_COLUMNS]
+    dropped = read(tmp_path / "out/scores.dropped.csv")
+    assert list(dropped[0]) == list(DROPPED_COLUMNS)
+    assert any(r["file"].endswith("broken.npy") and r["index"] == "" for r in dropped)

@@ -42,6 +42,9 @@ MODEL_NAMES = (*FAMILIES, *ALIASES, FEATURES)
 #: registry's default OPD-pretrained encoder of the family (``"opd:NAME"`` names another entry).
 RANDOM, IMAGENET, OPD = "random", "imagenet", "opd"
 LR_SCHEDULES = ("constant", "cosine")
+#: Fields whose default comes from the profile (and a pretrained encoder), not from the dataclass.
+PROFILE_FIELDS = ("alpha", "input_size", "epochs", "patience", "batch_size", "learning_rate", "head_epochs",
+                  "freeze_batchnorm", "tta")
 CLASS_WEIGHTINGS = ("balanced", "none")
 
 #: Head-only epochs before fine-tuning an OPD-pretrained encoder (linear probe, then fine-tune).
@@ -361,7 +364,7 @@ class TrainConfig:
         unknown = sorted(set(overrides) - names)
         if unknown:
             raise ConfigError("<arguments>", f"unknown TrainConfig field {', '.join(unknown)}")
-        augment = _augment_dict(overrides.pop("augment", True))
+        augment = augment_dict(overrides.pop("augment", True))
         given = {k: v for k, v in overrides.items() if v is not None}
         p = PROFILES[profile]
         model, weights = resolve_alias(model, given.pop("weights", None))
@@ -447,11 +450,12 @@ class TrainConfig:
         training, split = config.get("training") or {}, config.get("split") or {}
         model_kw = dict(training.get("model_kw") or {})
         alpha = model_kw.pop("alpha", None)
-        weights = str(config.get("weights") or RANDOM)
-        known = {f.name for f in dataclasses.fields(cls)}
+        try:   # opd_mobilenetv2 with weights "none" was the OPD-pretrained MobileNetV2
+            model, weights = resolve_alias(str(config.get("model")), config.get("weights"))
+        except ConfigError as exc:
+            raise ConfigError(where, exc.reason) from None
         old = {
-            "model": resolve_alias(config["model"], weights)[0] if config.get("model") else None,
-            "weights": RANDOM if weights.lower() == "none" else weights,
+            "model": model, "weights": weights,
             "alpha": alpha, "input_size": config.get("input_size"), "model_kw": model_kw,
             **{k: training[k] for k in ("epochs", "patience", "batch_size", "learning_rate", "seed",
                                         "head_epochs", "freeze_batchnorm", "augment") if k in training},
@@ -461,14 +465,27 @@ class TrainConfig:
             "split_seed": split.get("seed"), "test_size": split.get("test_size"),
             "val_size": split.get("val_size"), "task": config.get("task"),
         }
-        return cls.from_dict({k: v for k, v in old.items() if k in known and v is not None}, where)
+        old = {k: v for k, v in old.items() if v is not None}
+        if model == FEATURES:   # no geometry, no augmentation (None, where the dataclass defaults differ)
+            old.update(input_size=None, augment=None)
+        return cls.from_dict(old, where)
 
 
 # --------------------------------------------------------------------------------------------- helpers
 
 
-def _augment_dict(augment) -> dict | None:
-    """``augment`` override as TrainConfig stores it: True -> the defaults, False/None -> None."""
+def augment_dict(augment) -> dict | None:
+    """An ``augment`` setting as TrainConfig stores it.
+
+    Parameters
+    ----------
+    augment : bool, AugmentConfig, dict or None
+        True: the defaults; False or None: no augmentation; an AugmentConfig or a dict of its fields.
+
+    Returns
+    -------
+    dict or None
+    """
     if augment is True:
         return AugmentConfig().as_dict()
     if augment is None or augment is False:
@@ -522,6 +539,14 @@ def field_help(name: str, cls=TrainConfig) -> str:
         if name in names:
             return " ".join(body.split())
     return ""
+
+
+def field_default(name: str) -> str:
+    """How the default of TrainConfig field ``name`` reads in the CLI's help."""
+    if name in PROFILE_FIELDS:
+        return "default: from --profile (and a pretrained encoder)"
+    default = TrainConfig.__dataclass_fields__[name].default
+    return "" if default is None or default is dataclasses.MISSING else f"default {default}"
 
 
 def write_json_atomic(path: str | os.PathLike, data) -> Path:

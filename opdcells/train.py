@@ -50,6 +50,7 @@ from .config import (
     AugmentConfig,
     Profile,
     TrainConfig,
+    augment_dict,
     resolve_alias,
 )
 from .dataset import open_dataset
@@ -1004,7 +1005,9 @@ def train(data, model: str | None = None, task: str | Task | None = None, out=No
         unknown = sorted(set(settings) - {f.name for f in dataclasses.fields(TrainConfig)})
         if unknown:
             raise ConfigError("<arguments>", f"unknown TrainConfig field {', '.join(unknown)}")
-        config = config.replace(**{k: v for k, v in settings.items() if v is not None})
+        if "augment" in settings:   # True/False/AugmentConfig as from_profile takes it
+            settings["augment"] = augment_dict(settings["augment"])
+        config = config.replace(**{k: v for k, v in settings.items() if v is not None or k == "augment"})
     if task is None:
         task = config.task
     elif config.task is None or isinstance(task, str):

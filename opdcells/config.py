@@ -374,10 +374,12 @@ class TrainConfig:
         if model == FEATURES:
             if given.pop("tta", None):
                 log.warning("features ignore orientation: test-time augmentation would not change them; off")
-            ignored = sorted(set(given) & {"alpha", "input_size", "head_epochs", "freeze_batchnorm"})
-            if ignored or weights != RANDOM:
-                raise ConfigError("<arguments>", f"features take no {', '.join(ignored or ['weights'])}: "
-                                                 "they are hand-crafted morphology features")
+            deep_only = {"alpha", "input_size", "head_epochs", "freeze_batchnorm", "model_kw"}
+            ignored = sorted(set(given) & deep_only)
+            if ignored or weights != RANDOM:   # settings shared with deep models in one call (notebooks)
+                log.info("features are hand-crafted: %s ignored", ", ".join(ignored + ["weights"] * (
+                    weights != RANDOM)))
+            given = {k: v for k, v in given.items() if k not in ignored}
             defaults = {"epochs": p.features_epochs, "patience": p.features_patience,
                         "learning_rate": p.features_learning_rate, "batch_size": p.batch_size}
             return cls(model=model, profile=profile, weights=RANDOM, alpha=None, input_size=None,

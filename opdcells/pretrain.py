@@ -993,7 +993,8 @@ def register(subparsers) -> None:
                         "datasets its simulated sessions must be disjoint from. None: simulated maps")
     p.add_argument("--backbone", choices=sorted(BACKBONES), default="mobilenetv2")
     p.add_argument("--method", choices=METHODS, default="simclr")
-    p.add_argument("--out", required=True, help="output folder, e.g. saved_models/NAME")
+    p.add_argument("--out", required=True, help="output folder, e.g. saved_models/NAME; to ship the encoder, "
+                   "opdcells/pretrained/NAME plus its opdcells.registry entry (docs/pretraining.md)")
     p.add_argument("--epochs", type=int, default=None, help="default per method: " + ", ".join(
         f"{m} {d['epochs']}" for m, d in METHOD_DEFAULTS.items()))
     p.add_argument("--input-size", type=int, default=64, help="model input size after the resize (px)")
@@ -1013,7 +1014,8 @@ def register(subparsers) -> None:
                    help="maps per simulated session (fewer: more sessions, more acquisition variety)")
     p.add_argument("--workers", type=int, default=1, help="processes that simulate the corpus")
     p.add_argument("--init", default=None, metavar="ENCODER_DIR",
-                   help="start from this encoder folder (an earlier run) instead of random weights")
+                   help="start from this encoder folder (an earlier run), or opd / opd:NAME (a registry "
+                        "entry), instead of random weights")
     p.set_defaults(run=run)
 
 

@@ -403,6 +403,6 @@ def resolve_weights(backbone: str, weights: str | os.PathLike | None) -> Resolve
     elif path.is_file():
         file, config = path, None
     else:
-        raise RegistryError(text, "weights must be random, imagenet, opd, opd:NAME (a registry entry: "
-                                  f"{', '.join(REGISTRY)}) or an existing encoder folder or weights file")
+        raise RegistryError(text, "no such encoder folder or weights file (weights are random, imagenet, "
+                                  f"opd, opd:NAME of a registry entry ({', '.join(REGISTRY)}) or a path)")
     return ResolvedWeights("file", file, config, f"file:{path}@{file_sha256(file)[:12]}")

@@ -165,9 +165,11 @@ def _run_cv(args, task, common) -> int:
 
     if args.test_groups or args.val_groups:
         raise ValueError("--cv leaves every group out in turn: drop --test-groups/--val-groups")
+    config = common["config"]
+    seed = args.seed if args.seed is not None else config.seed if config else 0
     common = {k: v for k, v in common.items() if k not in ("val_size", "seed")}
-    cv = cross_validate(args.data, args.model or "mobilenetv2", task, args.cv, out=args.out,
-                        val_size=0.0 if args.val_size is None else args.val_size, seed=args.seed or 0,
+    cv = cross_validate(args.data, args.model or (config.model if config else "mobilenetv2"), task, args.cv,
+                        out=args.out, val_size=0.0 if args.val_size is None else args.val_size, seed=seed,
                         **common)
     print(f"{args.cv}-fold group cross-validation of {args.model} on {cv.task.name} (every map tested once):")
     print(format_report(cv.reports[args.model]))

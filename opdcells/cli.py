@@ -17,8 +17,8 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from .config import CLASS_WEIGHTINGS, LR_SCHEDULES, MODEL_NAMES, PROFILES, field_default, field_help
 from .errors import OPDCellsError, safe_text
-from .tasks import TASK_SYNTAX
 
 log = logging.getLogger("opdcells.cli")
 
@@ -78,45 +78,21 @@ def register_train(subparsers) -> None:
                                           "folder (model, config.json, history.csv, metrics.json, "
                                           "split.json).")
     p.add_argument("--data", required=True, type=Path, metavar="DATASET.h5")
-    p.add_argument("--model", default="mobilenetv2",
-                   help="mobilenetv2, resnet50, vgg16, dinov2, opd_mobilenetv2 or features "
-                        "(default mobilenetv2)")
-    p.add_argument("--task", metavar="TASK",
-                   help=f"{TASK_SYNTAX}, e.g. \"cancer=SW480,SW620 blood=granulocytes,monocytes,PBMCs\" "
-                        "(default: five_class when the dataset has the five reference classes, else all)")
+    p.add_argument("--config", type=Path, metavar="CONFIG.json",
+                   help="training config to start from (TrainConfig.to_json's, or a model folder's "
+                        "config.json); the options below override its fields")
     p.add_argument("--classes", metavar="A,B,...", help="the task's classes, one task class each")
     p.add_argument("--cv", type=int, metavar="K",
                    help="group k-fold cross-validation: K folds of whole acquisition groups, every map "
                         "tested once; writes the fold models and the pooled table (with baselines) to --out")
-    p.add_argument("--test-groups", metavar="G1,G2", help="acquisition groups that form the test part")
-    p.add_argument("--val-groups", metavar="G1,G2", help="acquisition groups that form the validation part")
-    p.add_argument("--test-size", type=float, default=0.2, metavar="F",
-                   help="fraction of maps (whole groups) for testing (0.2)")
-    p.add_argument("--val-size", type=float, metavar="F",
-                   help="fraction of maps (whole groups) for validation (0.15; with --cv 0)")
     p.add_argument("--out", type=Path, metavar="DIR", help="model folder (default SAVED_MODELS/MODEL_TASK)")
     add_saved_models_option(p)
-    p.add_argument("--profile", default="quick", help="quick (CPU) or full (default quick)")
-    p.add_argument("--epochs", type=int, metavar="N",
-                   help="maximum epochs (boosting iterations for features)")
-    p.add_argument("--input-size", type=int, metavar="PX", help="side the model resizes maps to")
-    p.add_argument("--batch-size", type=int, metavar="B")
-    p.add_argument("--learning-rate", type=float, metavar="LR")
-    p.add_argument("--patience", type=int, metavar="N", help="early-stopping patience (epochs)")
-    p.add_argument("--weights", default="none", metavar="imagenet|opd|none|PATH",
-                   help="initial weights: none, imagenet (CNNs), opd (the shipped OPD-pretrained encoder of "
-                        "mobilenetv2 / dinov2) or an encoder folder (default none)")
-    p.add_argument("--head-epochs", type=int, metavar="N",
-                   help="first train only the head on the frozen encoder for N epochs")
-    p.add_argument("--freeze-batchnorm", action=argparse.BooleanOptionalAction, default=None,
-                   help="keep the encoder's BatchNorm statistics fixed while fine-tuning (default: yes for "
-                        "OPD-pretrained encoders, which also get 2 head-only epochs)")
-    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
-                   help="the saved model predicts with the mean over each map's 8 rotations and "
-                        "reflections (default: yes for deep models)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--split-seed", type=int, metavar="S", help="seed of the group split (default --seed)")
-    p.add_argument("--no-augment", action="store_true", help="train without augmentation")
+    p.add_argument("--profile", default="quick", choices=sorted(PROFILES),
+                   help="defaults of the settings: quick (CPU) or full (default quick)")
+    for flags, field_name, kw in TRAIN_OPTIONS:
+        default = field_default(field_name)
+        p.add_argument(*flags, dest=field_name, **kw,
+                       help=field_help(field_name).rstrip(".") + (f" ({default})" if default else ""))
     p.add_argument("--n-boot", type=int, default=1000, metavar="N", help="bootstrap resamples for the CIs")
     p.set_defaults(run=run_train)
 
@@ -126,26 +102,54 @@ def _names(text: str | None) -> list[str] | None:
     return None if text is None else [part.strip() for part in text.split(",") if part.strip()]
 
 
+_BOOL = {"action": argparse.BooleanOptionalAction, "default": None}
+#: ``train`` options, each a field of ``config.TrainConfig`` (its docstring entry is the help text):
+#: (flags, field, argparse keywords). An option left out keeps the profile's (or --config's) value.
+TRAIN_OPTIONS = [
+    (("--model",), "model", {"metavar": "|".join(MODEL_NAMES)}),
+    (("--task",), "task", {"metavar": "TASK"}),
+    (("--weights",), "weights", {"metavar": "random|imagenet|opd|opd:NAME|PATH"}),
+    (("--alpha",), "alpha", {"type": float, "metavar": "W"}),
+    (("--input-size",), "input_size", {"type": int, "metavar": "PX"}),
+    (("--epochs",), "epochs", {"type": int, "metavar": "N"}),
+    (("--patience",), "patience", {"type": int, "metavar": "N"}),
+    (("--batch-size",), "batch_size", {"type": int, "metavar": "B"}),
+    (("--learning-rate",), "learning_rate", {"type": float, "metavar": "LR"}),
+    (("--lr-schedule",), "lr_schedule", {"choices": LR_SCHEDULES}),
+    (("--head-epochs",), "head_epochs", {"type": int, "metavar": "N"}),
+    (("--freeze-batchnorm",), "freeze_batchnorm", _BOOL),
+    (("--augment",), "augment", _BOOL),
+    (("--tta",), "tta", _BOOL),
+    (("--norm-scale-nm",), "norm_scale_nm", {"type": float, "metavar": "NM"}),
+    (("--class-weight",), "class_weight", {"choices": CLASS_WEIGHTINGS}),
+    (("--seed",), "seed", {"type": int, "metavar": "S"}),
+    (("--split-seed",), "split_seed", {"type": int, "metavar": "S"}),
+    (("--test-size",), "test_size", {"type": float, "metavar": "F"}),
+    (("--val-size",), "val_size", {"type": float, "metavar": "F"}),
+    (("--test-groups",), "test_groups", {"type": _names, "metavar": "G1,G2"}),
+    (("--val-groups",), "val_groups", {"type": _names, "metavar": "G1,G2"}),
+]
+def train_settings(args) -> dict:
+    """The TrainConfig fields given on the command line (None: not given; ``--no-augment`` -> False)."""
+    return {field_name: getattr(args, field_name) for _, field_name, _ in TRAIN_OPTIONS
+            if getattr(args, field_name) is not None and field_name not in ("model", "task")}
+
+
 def run_train(args) -> int:
+    from .config import TrainConfig
     from .evaluate import format_report
     from .tasks import resolve_task
     from .train import train
 
-    task = resolve_task(classes=args.classes) if args.classes else args.task
     if args.classes and args.task:
         raise ValueError("give --task or --classes, not both")
-    kwargs = {} if not args.no_augment else {"augment": None}
-    common = dict(epochs=args.epochs, input_size=args.input_size, seed=args.seed, profile=args.profile,
-                  weights=args.weights, batch_size=args.batch_size, learning_rate=args.learning_rate,
-                  patience=args.patience, n_boot=args.n_boot, head_epochs=args.head_epochs,
-                  freeze_batchnorm=args.freeze_batchnorm, tta=args.tta, verbose=0 if args.quiet else 2,
-                  saved_models=args.saved_models, **kwargs)
+    task = resolve_task(classes=args.classes) if args.classes else args.task
+    config = TrainConfig.from_json(args.config) if args.config else None
+    common = dict(config=config, profile=args.profile, n_boot=args.n_boot, verbose=0 if args.quiet else 2,
+                  saved_models=args.saved_models, **train_settings(args))
     if args.cv is not None:
         return _run_cv(args, task, common)
-    val_size = 0.15 if args.val_size is None else args.val_size
-    result = train(args.data, args.model, task, args.out, split_seed=args.split_seed,
-                   test_size=args.test_size, val_size=val_size, test_groups=_names(args.test_groups),
-                   val_groups=_names(args.val_groups), **common)
+    result = train(args.data, args.model, task, args.out, **common)
     training = result.config["training"]
     print(f"model saved to {result.model_dir} (init {result.config['init']}, {training['epochs_run']} "
           f"{training['epoch_unit']}s, {training['time_s']:.0f} s)")
@@ -161,8 +165,12 @@ def _run_cv(args, task, common) -> int:
 
     if args.test_groups or args.val_groups:
         raise ValueError("--cv leaves every group out in turn: drop --test-groups/--val-groups")
-    cv = cross_validate(args.data, args.model, task, args.cv, out=args.out,
-                        val_size=0.0 if args.val_size is None else args.val_size, **common)
+    config = common["config"]
+    seed = args.seed if args.seed is not None else config.seed if config else 0
+    common = {k: v for k, v in common.items() if k not in ("val_size", "seed")}
+    cv = cross_validate(args.data, args.model or (config.model if config else "mobilenetv2"), task, args.cv,
+                        out=args.out, val_size=0.0 if args.val_size is None else args.val_size, seed=seed,
+                        **common)
     print(f"{args.cv}-fold group cross-validation of {args.model} on {cv.task.name} (every map tested once):")
     print(format_report(cv.reports[args.model]))
     print("\npooled out-of-fold predictions, model and baselines:")

@@ -108,3 +108,25 @@ def is_odd_library_error(exc: BaseException) -> bool:
     handler. Python's control-flow exceptions (:data:`CONTROL_FLOW`) are not.
     """
     return not isinstance(exc, (Exception, *CONTROL_FLOW))
+
+
+class _PathError(OPDCellsError):
+    """An error about one file or name: ``path`` and ``reason`` kept as given, the message on one line."""
+
+    def __init__(self, path: str | os.PathLike, reason: str):
+        self.path = str(path)
+        self.reason = reason
+        OPDCellsError.__init__(self, f"{safe_text(self.path)}: {one_line(reason)}")
+
+    def __str__(self) -> str:
+        return f"{safe_text(self.path)}: {one_line(self.reason)}"
+
+
+class ConfigError(_PathError, ValueError):
+    """A training configuration (``config.json``, or arguments to ``TrainConfig``) is invalid: an
+    unknown key, a value of the wrong type or out of range. ``path`` names the file (or ``<arguments>``)."""
+
+
+class RegistryError(_PathError, ValueError):
+    """A pretrained encoder of the registry is not registered, missing, corrupt (SHA-256 mismatch) or
+    cannot be downloaded. ``path`` names the registry entry, file or URL."""

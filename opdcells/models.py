@@ -18,12 +18,14 @@ Encoder (:func:`build_encoder`), input ``(S, S, 1)`` float32 OPD in nm at the da
 from scratch on a few thousand maps, and evaluation-mode accuracy stays at chance while training accuracy
 climbs (measured in tests/test_models.py).
 
-Weights (``weights=``): ``"none"`` (random), ``"imagenet"`` (keras.applications' own cache/download
-mechanism; if that fails the model is random and says so, loudly, in the log and in ``info["init"]``),
-``"opd"`` (the shipped OPD-pretrained encoder of the family), or a path to encoder weights -- a
-``.weights.h5`` file or a folder written by :func:`save_encoder`.
-``opd_mobilenetv2`` is MobileNetV2 initialised from OPD-pretrained encoder weights (default folder
-:data:`OPD_PRETRAINED_DIR`). DINOv2 presets come through ``dinov2_preset``. Pretrained backbones see
+Weights (``weights=``, resolved by ``opdcells.registry.resolve_weights``): ``"random"`` (or "none"),
+``"imagenet"`` (keras.applications' own cache/download mechanism; if that fails the model is random and
+says so, loudly, in the log and in ``info["init"]``), ``"opd"`` (the registry's OPD-pretrained encoder of
+the family; a family without one is an error naming the missing registry entry), ``"opd:NAME"`` (a
+registry entry), or a path to encoder weights -- a ``.weights.h5`` file or a folder written by
+:func:`save_encoder`. A missing or corrupt pretrained file is an error, never a random start.
+``opd_mobilenetv2`` is an alias of ``mobilenetv2`` with ``weights="opd"`` (``config.resolve_alias``).
+DINOv2 presets come through ``dinov2_preset``. Pretrained backbones see
 ``OPD / norm_scale_nm`` (about 0-6 for cells), not ImageNet-normalised RGB: fine-tuning adapts to it.
 """
 from __future__ import annotations
@@ -38,11 +40,13 @@ from typing import Any
 import keras
 import keras_hub  # imported eagerly: registers DINOV2Backbone for keras.saving.load_model
 
-from . import __version__
+from . import __version__, registry
+from .config import ALIASES, FAMILIES, IMAGENET, resolve_alias
 
 log = logging.getLogger(__name__)
 
-ARCHITECTURES = ("mobilenetv2", "resnet50", "vgg16", "dinov2", "opd_mobilenetv2")
+#: Names build_encoder takes: the backbone families and their aliases (``config.ALIASES``).
+ARCHITECTURES = (*FAMILIES, *ALIASES)
 DEFAULT_NORM_SCALE_NM = 100.0
 DEFAULT_ALPHA = 0.35  # MobileNetV2 width for CPU training; 1.0 is the full network
 IMAGENET_ALPHAS = (0.35, 0.5, 0.75, 1.0, 1.3, 1.4)  # MobileNetV2 widths with ImageNet weights
@@ -56,11 +60,8 @@ DINOV2_CPU_CONFIG = {
     "intermediate_dim": 768,
     "use_mask_token": False,  # masked-image pretraining only; unused weights otherwise
 }
-OPD_PRETRAINED_DIR = Path(__file__).resolve().parents[1] / "saved_models" / "opd_mobilenetv2_pretrained"
-#: The shipped OPD-pretrained DINOv2 (CPU config), used for ``weights="opd"`` with ``dinov2``.
-OPD_DINOV2_DIR = Path(__file__).resolve().parents[1] / "saved_models" / "opd_dinov2_pretrained"
-ENCODER_WEIGHTS = "encoder.weights.h5"
-ENCODER_CONFIG = "config.json"
+ENCODER_WEIGHTS = registry.ENCODER_WEIGHTS
+ENCODER_CONFIG = registry.ENCODER_CONFIG
 ENCODER_FORMAT = "opdcells-encoder"
 _ENCODER_CONFIG_KEYS = (
     "architecture", "input_shape", "input_size", "alpha", "norm_scale_nm", "bn_momentum",
@@ -106,37 +107,8 @@ class ClassToken(keras.layers.Layer):
 
 
 def _family(name: str) -> str:
-    """Backbone family of an architecture name (opd_mobilenetv2 is a MobileNetV2)."""
-    if name not in ARCHITECTURES:
-        raise ValueError(f"unknown architecture {name!r}; choose one of {', '.join(ARCHITECTURES)}")
-    return "mobilenetv2" if name == "opd_mobilenetv2" else name
-
-
-def _is_random(weights) -> bool:
-    return weights is None or (isinstance(weights, str) and weights.lower() in ("none", "random"))
-
-
-def _is_opd(weights) -> bool:
-    return isinstance(weights, str) and weights.lower() == "opd"
-
-
-def _weights_files(weights: str | os.PathLike) -> tuple[Path, dict | None]:
-    """(weights file, saved encoder config or None) for a weights path; ValueError if unusable."""
-    path = Path(weights).expanduser()
-    if path.is_dir():
-        files = path / ENCODER_WEIGHTS, path / ENCODER_CONFIG
-        absent = [f.name for f in files if not f.is_file()]
-        if absent:
-            raise ValueError(f"{path}: encoder weights folder lacks {', '.join(absent)}")
-        try:
-            return files[0], json.loads(files[1].read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{files[1]}: unreadable encoder config ({err})") from err
-    if path.is_file():
-        return path, None
-    raise ValueError(
-        f"weights {str(weights)!r} is neither 'none', 'imagenet', 'opd' nor an existing weights file/folder"
-    )
+    """Backbone family of an architecture name (``opd_mobilenetv2`` is a MobileNetV2)."""
+    return resolve_alias(name)[0]
 
 
 def _same(a, b) -> bool:
@@ -281,34 +253,12 @@ def set_bn_momentum(model, momentum: float) -> int:
     return len(layers)
 
 
-def _default_opd_weights(family: str = "mobilenetv2") -> Path | str:
-    """The shipped OPD-pretrained folder of ``family``, or "none" (with a loud warning) when absent."""
-    folder = opd_folder(family)
-    if (folder / ENCODER_WEIGHTS).is_file():
-        return folder
-    _loud_random(f"OPD-pretrained {family} weights", FileNotFoundError(f"no {folder}"))
-    return "none"
-
-
-def opd_folder(name: str) -> Path | None:
-    """The shipped OPD-pretrained encoder folder of ``name``'s family (what ``weights="opd"`` loads), or
-    None for a family without one."""
-    return {"mobilenetv2": OPD_PRETRAINED_DIR, "dinov2": OPD_DINOV2_DIR}.get(_family(name))
-
-
 def saved_encoder_config(name: str, weights) -> dict | None:
     """The ``config.json`` of the encoder folder ``build_encoder(name, weights=weights)`` would load
-    (``opd_mobilenetv2``'s default and "opd" included), or None (random, ImageNet, a bare file, absent)."""
-    if (name == "opd_mobilenetv2" and _is_random(weights)) or _is_opd(weights):
-        weights = opd_folder(name)
-        if weights is None:
-            return None
-    if _is_random(weights) or weights == "imagenet" or not (Path(weights) / ENCODER_CONFIG).is_file():
-        return None
-    try:
-        return json.loads((Path(weights) / ENCODER_CONFIG).read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{Path(weights) / ENCODER_CONFIG}: unreadable encoder config ({err})") from err
+    (``opd_mobilenetv2`` and "opd" included), or None (random, ImageNet, a bare weights file).
+    Raises ``errors.RegistryError`` for an unusable pretrained encoder."""
+    family, weights = resolve_alias(name, weights)
+    return registry.resolve_weights(family, weights).config
 
 
 def _load_encoder_weights(encoder, file: Path, name: str) -> None:
@@ -325,23 +275,16 @@ def _load_encoder_weights(encoder, file: Path, name: str) -> None:
 
 
 def _resolve_weights(name: str, weights, alpha, dinov2_config, input_size: int, norm_scale_nm: float):
-    """``(kind, file, alpha, dinov2_config)``: kind is "random", "imagenet" or "file"."""
-    if (name == "opd_mobilenetv2" and _is_random(weights)) or _is_opd(weights):
-        if opd_folder(name) is None:
-            raise ValueError(f"no shipped OPD-pretrained weights for {name}: use mobilenetv2 or dinov2")
-        weights = _default_opd_weights(_family(name))
-    if _is_random(weights):
-        return "random", None, alpha, dinov2_config
-    if weights == "imagenet":
-        if name in ("dinov2", "opd_mobilenetv2"):
-            raise ValueError(f"{name} has no ImageNet weights: use dinov2_preset (DINOv2) or mobilenetv2")
-        return "imagenet", None, alpha, dinov2_config
-    file, saved = _weights_files(weights)
-    if saved is not None:
+    """``(registry.ResolvedWeights, alpha, dinov2_config)``, the latter filled from a saved encoder config."""
+    family, weights = resolve_alias(name, weights)
+    if weights == IMAGENET and family == "dinov2":
+        raise ValueError("dinov2 has no ImageNet weights: use dinov2_preset or weights='opd'")
+    resolved = registry.resolve_weights(family, weights)
+    if resolved.config is not None:
         alpha, dinov2_config = _settle_with_saved(
-            name, alpha, dinov2_config, input_size, norm_scale_nm, saved, file.parent
+            name, alpha, dinov2_config, input_size, norm_scale_nm, resolved.config, resolved.file.parent
         )
-    return "file", file, alpha, dinov2_config
+    return resolved, alpha, dinov2_config
 
 
 def _backbone(family: str, input_size: int, alpha, imagenet: bool, dinov2_preset, dinov2_config):
@@ -363,7 +306,7 @@ def build_encoder(
     *,
     input_shape: tuple[int, int, int] = (128, 128, 1),
     input_size: int = 64,
-    weights: str | os.PathLike | None = "none",
+    weights: str | os.PathLike | None = "random",
     norm_scale_nm: float = DEFAULT_NORM_SCALE_NM,
     bn_momentum: float = 0.9,
     alpha: float | None = None,
@@ -373,20 +316,21 @@ def build_encoder(
 ) -> tuple[keras.Model, dict]:
     """OPD encoder ``(S, S, 1)`` nm -> embedding vector, and a JSON-ready record of how it was built.
 
-    ``weights``: "none", "imagenet" (CNNs only), "opd" (the shipped OPD-pretrained encoder of the family:
-    :data:`OPD_PRETRAINED_DIR` or :data:`OPD_DINOV2_DIR`), or encoder weights (a ``.weights.h5`` file or a
-    :func:`save_encoder` folder, whose config fills ``alpha``/``dinov2_config`` when unset).
-    ``opd_mobilenetv2`` with "none" uses :data:`OPD_PRETRAINED_DIR`. DINOv2 with both a loadable
-    ``dinov2_preset`` and weights uses the preset; if the preset cannot be loaded, the weights.
+    ``weights``: "random", "imagenet" (CNNs only), "opd" (the registry's OPD-pretrained encoder of the
+    family), "opd:NAME" (a registry entry), or encoder weights (a ``.weights.h5`` file or a
+    :func:`save_encoder` folder, whose config fills ``alpha``/``dinov2_config`` when unset); see
+    ``registry.resolve_weights``. ``opd_mobilenetv2`` is ``mobilenetv2`` with "opd". DINOv2 with both a
+    loadable ``dinov2_preset`` and weights uses the preset; if the preset cannot be loaded, the weights.
     ``alpha`` is MobileNetV2's width
     (default 0.35). DINOv2: ``input_size`` is rounded to a multiple of the patch size (logged);
     ``dinov2_config`` overrides :data:`DINOV2_CPU_CONFIG`; ``dinov2_preset`` is a keras_hub preset name
     or folder. ``seed`` seeds Keras' global RNGs (``keras.utils.set_random_seed``) before building.
     """
     family = _family(name)
-    kind, weights_file, alpha, dinov2_config = _resolve_weights(
+    resolved, alpha, dinov2_config = _resolve_weights(
         name, weights, alpha, dinov2_config, input_size, norm_scale_nm
     )
+    kind, weights_file = resolved.kind, resolved.file
     alpha = float(alpha if alpha is not None else DEFAULT_ALPHA) if family == "mobilenetv2" else None
     keras.utils.set_random_seed(seed)
     backbone, pool, size, record = _backbone(
@@ -404,10 +348,10 @@ def build_encoder(
         log.info("DINOv2 preset %s loaded: the weights %s are not used", dinov2_preset, weights_file)
     elif weights_file is not None:
         _load_encoder_weights(encoder, weights_file, name)
-        record = {"init": "opd-pretrained", "weights_source": str(weights_file)}
+        record = {"init": resolved.init, "weights_source": str(weights_file)}
 
     info = {
-        "architecture": name,
+        "architecture": family,
         "weights_note": None,
         **record,
         "input_shape": [int(v) for v in input_shape],

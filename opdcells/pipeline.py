@@ -9,56 +9,21 @@ applies physically valid augmentation in TensorFlow ops (:func:`augment_batch`).
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import math
 import os
-from dataclasses import dataclass
 
 import numpy as np
 import tensorflow as tf
 
+from .config import AugmentConfig  # the augmentation settings (a TrainConfig field)
+
 log = logging.getLogger(__name__)
+DEFAULT_AUGMENT = AugmentConfig()
 
 __all__ = ["AugmentConfig", "augment_batch", "make_tf_dataset", "iter_batches", "shuffled_windows",
            "dihedral_views"]
-
-
-@dataclass(frozen=True)
-class AugmentConfig:
-    """Augmentations that a real OPD map of the same cell could show (all on maps in nm).
-
-    rotate90, flip: the dihedral group of the square map (a cell has no preferred orientation).
-    max_shift_px: integer shift (circular, background wraps) of up to this many pixels per axis.
-    noise_nm: additive white Gaussian noise with a per-map std drawn from [0, noise_nm].
-    max_blur_sigma_px: slight defocus, a Gaussian blur with sigma drawn from [0, max_blur_sigma_px].
-    max_tilt_nm, max_offset_nm: residual background plane (tilt across the field) and offset.
-    scale_jitter: OPD multiplied by 1 + u, u in [-scale_jitter, scale_jitter] (session batch effects:
-        wavelength, medium index, calibration).
-    """
-
-    rotate90: bool = True
-    flip: bool = True
-    max_shift_px: int = 3
-    noise_nm: float = 2.0
-    max_blur_sigma_px: float = 0.7
-    max_tilt_nm: float = 4.0
-    max_offset_nm: float = 2.0
-    scale_jitter: float = 0.05
-
-    @classmethod
-    def none(cls) -> AugmentConfig:
-        """A configuration that changes nothing."""
-        return cls(rotate90=False, flip=False, max_shift_px=0, noise_nm=0.0, max_blur_sigma_px=0.0,
-                   max_tilt_nm=0.0, max_offset_nm=0.0, scale_jitter=0.0)
-
-    @property
-    def active(self) -> bool:
-        return self != AugmentConfig.none()
-
-    def as_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,7 +144,7 @@ def _noise(x, seed, max_std: float):
     return _per_map(std) * tf.gather(_noise_bank(int(size)), pick)
 
 
-def augment_batch(x, seed, config: AugmentConfig = AugmentConfig()):
+def augment_batch(x, seed, config: AugmentConfig = DEFAULT_AUGMENT):
     """Augment a batch of OPD maps ``x`` (B, S, S, 1) float32 nm with the stateless ``seed`` (2,) int.
 
     Same seed, same result. Order: orientation and shift, defocus, OPD scale, background, noise.
@@ -258,7 +223,7 @@ def _ordered_batches(ds, indices, batch_size: int):
 
 
 def make_tf_dataset(dataset, indices, y=None, *, batch_size: int = 32, training: bool = False,
-                    augment: AugmentConfig | None = AugmentConfig(), seed: int = 0,
+                    augment: AugmentConfig | None = DEFAULT_AUGMENT, seed: int = 0,
                     one_hot: bool = False, n_classes: int | None = None, window_batches: int = 4,
                     block: int = 8) -> tf.data.Dataset:
     """Stream maps ``dataset.opd[indices]`` as batches ``(maps (B, S, S, 1) float32 nm, labels)``.

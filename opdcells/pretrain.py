@@ -40,11 +40,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from . import __version__, models
+# imported at start-up, not lazily at the end of a run: a long run must finish with the code it began with
+from . import __version__, models, registry
 from .explain import embed, knn_probe, linear_probe
 from .pipeline import AugmentConfig, augment_batch, iter_batches, make_tf_dataset
-
-# imported at start-up, not lazily at the end of a run: a long run must finish with the code it began with
 from .train import _json_default, _staging, write_history
 from .train import _versions as train_versions
 
@@ -901,12 +900,11 @@ def _init_record(init, architecture: str) -> dict | None:
     """Where a continued pretraining starts: the folder and what its own config says it was."""
     if init is None:
         return None
-    if str(init).lower() == "opd":
-        init = models.opd_folder(architecture)
-    if not Path(init).exists():
-        raise ValueError(f"--init {init}: no such encoder folder or weights file")
-    record = {"folder": str(init)}
-    config = models.saved_encoder_config(architecture, init) or {}
+    resolved = registry.resolve_weights(architecture, init)   # "opd", "opd:NAME" or a folder/file
+    if resolved.kind != "file":
+        raise ValueError(f"--init {init}: not an encoder folder, weights file or registry entry")
+    record = {"folder": str(init), "init": resolved.init}
+    config = resolved.config or {}
     for key in ("method", "input_size", "epochs_run", "command"):
         if key in config:
             record[key] = config[key]
@@ -959,12 +957,9 @@ def _readme(name: str, config: dict) -> str:
     """Human summary of an encoder folder, generated from its config."""
     batch = config["pretraining"]["batch_size"]
     width = f", alpha {config['alpha']}" if config.get("alpha") else ""
-    if config["architecture"] == "dinov2":
-        use = ("Use: `models.build_encoder(\"dinov2\", weights=<this folder>)`; the folder "
-               "`saved_models/opd_dinov2_pretrained` is what `weights=\"opd\"` loads for `dinov2`.")
-    else:
-        use = ("Use: `models.build_encoder(\"opd_mobilenetv2\", weights=<this folder>)` (the folder "
-               "`saved_models/opd_mobilenetv2_pretrained` is the default of `opd_mobilenetv2`).")
+    use = (f"Use: `python -m opdcells train --model {config['architecture']} --weights <this folder>`; to "
+           "ship it, move the folder to `opdcells/pretrained/NAME/` and add its `opdcells.registry` entry "
+           "(then `--weights opd:NAME`; docs/pretraining.md).")
     lines = [
         f"# {name}", "",
         f"OPD encoder ({config['architecture']}{width}, "
@@ -998,7 +993,8 @@ def register(subparsers) -> None:
                         "datasets its simulated sessions must be disjoint from. None: simulated maps")
     p.add_argument("--backbone", choices=sorted(BACKBONES), default="mobilenetv2")
     p.add_argument("--method", choices=METHODS, default="simclr")
-    p.add_argument("--out", required=True, help="output folder, e.g. saved_models/NAME")
+    p.add_argument("--out", required=True, help="output folder, e.g. saved_models/NAME; to ship the encoder, "
+                   "opdcells/pretrained/NAME plus its opdcells.registry entry (docs/pretraining.md)")
     p.add_argument("--epochs", type=int, default=None, help="default per method: " + ", ".join(
         f"{m} {d['epochs']}" for m, d in METHOD_DEFAULTS.items()))
     p.add_argument("--input-size", type=int, default=64, help="model input size after the resize (px)")
@@ -1018,7 +1014,8 @@ def register(subparsers) -> None:
                    help="maps per simulated session (fewer: more sessions, more acquisition variety)")
     p.add_argument("--workers", type=int, default=1, help="processes that simulate the corpus")
     p.add_argument("--init", default=None, metavar="ENCODER_DIR",
-                   help="start from this encoder folder (an earlier run) instead of random weights")
+                   help="start from this encoder folder (an earlier run), or opd / opd:NAME (a registry "
+                        "entry), instead of random weights")
     p.set_defaults(run=run)
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as _dt
+import functools
 import hashlib
 import json
 import logging
@@ -33,27 +34,40 @@ import shutil
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from . import __version__
+from .config import (
+    FEATURES,
+    PRETRAINED_HEAD_EPOCHS,  # noqa: F401 - re-exported
+    PRETRAINED_LEARNING_RATE,  # noqa: F401 - re-exported
+    PROFILES,
+    TTA_DIHEDRAL,
+    AugmentConfig,
+    Profile,
+    TrainConfig,
+    augment_dict,
+    resolve_alias,
+)
 from .dataset import open_dataset
-from .errors import DatasetError, OPDCellsError, one_line, safe_text
+from .errors import ConfigError, DatasetError, OPDCellsError, one_line, safe_text
 from .evaluate import classification_report
-from .pipeline import AugmentConfig, dihedral_views, make_tf_dataset
+from .pipeline import dihedral_views, make_tf_dataset
 from .splits import Split, group_split, named_split
 from .tasks import Task, TaskError, class_key, resolve_task, task_targets
 
 log = logging.getLogger(__name__)
 
 FORMAT = "opdcells-model"
-FORMAT_VERSION = 3   # 2: config["test_time_augmentation"]; 3: features model in model.skops, not a pickle
+#: 2: config["test_time_augmentation"]; 3: features model in model.skops, not a pickle; 4: the settings are
+#: config["train_config"] (``config.TrainConfig``), the other keys the run's facts
+FORMAT_VERSION = 4
 #: Oldest model format this opdcells loads for the ``features`` baseline (older ones are pickles).
 FEATURES_MIN_FORMAT = 3
-FEATURES = "features"
 #: The one folder where run names live by default: the repository's ``saved_models/``.
 REPOSITORY_MODELS = Path(__file__).resolve().parents[1] / "saved_models"
 #: Environment variable naming the ``saved_models/`` folder instead (``--saved-models`` wins over it).
@@ -65,11 +79,11 @@ FEATURES_TRUSTED_TYPES = ("sklearn.ensemble._hist_gradient_boosting.predictor.Tr
 PICKLE_FILES = ("model.joblib", "model.pkl", "model.pickle")
 FILES = ("config.json", "history.csv", "metrics.json", "split.json")
 POSITIVE_CLASS = "cancer"   # sensitivity at low FPR is reported for this class in binary tasks
-DEFAULT_AUGMENT = AugmentConfig()
+DEFAULT_AUGMENT = AugmentConfig()   # noqa: F401 - re-exported
 
-__all__ = ["PROFILES", "Profile", "Settings", "TrainResult", "SavedModel", "Evaluation", "ModelError",
+__all__ = ["PROFILES", "Profile", "TrainConfig", "TrainResult", "SavedModel", "Evaluation", "ModelError",
            "train", "load_model", "evaluate_model", "stored_test_indices", "write_results",
-           "predictions_table", "estimate_norm_scale", "make_split", "task_labels", "resolve_settings",
+           "predictions_table", "estimate_norm_scale", "make_split", "task_labels",
            "resolve_model_dir", "saved_models_root"]
 
 
@@ -85,124 +99,7 @@ class ModelError(OPDCellsError, OSError):
         return f"{safe_text(self.path)}: {one_line(self.reason)}"
 
 
-# --------------------------------------------------------------------------------------------- settings
-
-
-@dataclass(frozen=True)
-class Profile:
-    """Default training settings; explicit arguments to :func:`train` override them.
-
-    input_size: side the model resizes maps to (``dinov2_input_size`` for DINOv2, a multiple of 14).
-    mobilenet_alpha: width of the MobileNetV2 backbones. For ``features`` an epoch is one boosting
-    iteration: ``features_epochs``, ``features_patience`` and ``features_learning_rate`` apply.
-    """
-
-    input_size: int
-    dinov2_input_size: int
-    epochs: int
-    patience: int
-    batch_size: int = 32
-    learning_rate: float = 1e-3
-    mobilenet_alpha: float = 0.35
-    features_epochs: int = 200
-    features_patience: int = 10
-    features_learning_rate: float = 0.1
-    epochs_by_model: dict = field(default_factory=dict)   # per-architecture epochs (heavy backbones)
-    # VGG16 has no BatchNormalization: from scratch at Adam 1e-3 it collapses to one class (measured:
-    # balanced accuracy 0.20 on five classes); 1e-4 trains.
-    learning_rate_by_model: dict = field(default_factory=lambda: {"vgg16": 1e-4})
-
-
-PROFILES = {
-    # ResNet50 and VGG16 cost 7-10x a MobileNetV2-0.35 epoch on 2 CPU cores: the quick profile gives
-    # them 3 epochs so the demo stays within minutes (their quick figures are a smoke test, not a verdict).
-    "quick": Profile(input_size=64, dinov2_input_size=56, epochs=8, patience=3, mobilenet_alpha=0.35,
-                     features_epochs=200, epochs_by_model={"resnet50": 3, "vgg16": 3}),
-    "full": Profile(input_size=128, dinov2_input_size=112, epochs=40, patience=8, mobilenet_alpha=1.0,
-                    learning_rate=5e-4, features_epochs=500),
-}
-
-
-#: Head-only epochs before fine-tuning an OPD-pretrained encoder (linear probe, then fine-tune).
-PRETRAINED_HEAD_EPOCHS = 2
-#: Adam learning rate for fine-tuning an OPD-pretrained encoder, chosen by the validation loss of the demo's
-#: five-class split (shipped encoder, 6 epochs, seeds 0 and 1): 1e-4 gave 0.274, 5e-5 0.250, 3e-5 0.275;
-#: 1e-3 overwrote the pretrained features (test accuracy 0.70 against the frozen probe's 0.88).
-PRETRAINED_LEARNING_RATE = 5e-5
-
-#: config["test_time_augmentation"] of models that predict with the mean class probabilities of the
-#: map's 8 rotations and reflections (``pipeline.dihedral_views``); None: the map as it is.
-TTA_DIHEDRAL = "dihedral-8"
 TTA_CHUNK = 256   # maps whose 8 views are predicted together
-
-
-@dataclass(frozen=True)
-class Settings:
-    """Resolved training settings (profile defaults plus explicit overrides)."""
-
-    model: str
-    profile: str
-    epochs: int
-    input_size: int | None
-    batch_size: int
-    learning_rate: float
-    patience: int
-    weights: str
-    seed: int
-    model_kw: dict = field(default_factory=dict)
-    augment: AugmentConfig | None = DEFAULT_AUGMENT
-    head_epochs: int = 0            # epochs training only the head on the frozen encoder, before fine-tuning
-    freeze_batchnorm: bool = False  # keep the encoder's BatchNorm statistics fixed while fine-tuning
-    tta: bool = False               # predict with the mean over the map's 8 rotations and reflections
-
-    def as_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-def resolve_settings(model: str, profile: str = "quick", *, epochs=None, input_size=None, batch_size=None,
-                     learning_rate=None, patience=None, weights="none", seed=0, model_kw=None,
-                     augment: AugmentConfig | None = DEFAULT_AUGMENT, head_epochs=None,
-                     freeze_batchnorm=None, tta=None) -> Settings:
-    """Profile defaults for ``model`` with every non-None argument taking precedence. A pretrained
-    encoder (``weights`` folder, "opd", ``opd_mobilenetv2``) sets the MobileNetV2 width and the default
-    input size to its own, and by default is fine-tuned after :data:`PRETRAINED_HEAD_EPOCHS` head-only
-    epochs with its BatchNorm statistics frozen (they come from thousands of sessions, a training split
-    has a few), at :data:`PRETRAINED_LEARNING_RATE`. Deep models trained with rotations and flips
-    predict with test-time augmentation (``tta``, the mean over the 8 rotations and reflections of each
-    map) unless told not to."""
-    if profile not in PROFILES:
-        raise ValueError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
-    p = PROFILES[profile]
-
-    def pick(value, default):
-        return default if value is None else value
-
-    if model == FEATURES:
-        if tta:
-            log.warning("features ignore orientation: test-time augmentation would not change them; off")
-        return Settings(model=model, profile=profile, epochs=int(pick(epochs, p.features_epochs)),
-                        input_size=None, batch_size=int(pick(batch_size, p.batch_size)),
-                        learning_rate=float(pick(learning_rate, p.features_learning_rate)),
-                        patience=int(pick(patience, p.features_patience)), weights="none", seed=int(seed),
-                        model_kw={}, augment=None, tta=False)   # the features ignore orientation
-    from .models import saved_encoder_config
-
-    saved = saved_encoder_config(model, weights)   # a pretrained encoder fixes alpha and suggests the size
-    kw = {"alpha": (saved or {}).get("alpha") or p.mobilenet_alpha} if "mobilenetv2" in model else {}
-    kw.update(model_kw or {})
-    profile_size = p.dinov2_input_size if model == "dinov2" else p.input_size
-    default_size = (saved or {}).get("input_size") or profile_size
-    default_epochs = p.epochs_by_model.get(model, p.epochs)
-    default_rate = PRETRAINED_LEARNING_RATE if saved else p.learning_rate_by_model.get(model, p.learning_rate)
-    return Settings(model=model, profile=profile, epochs=int(pick(epochs, default_epochs)),
-                    input_size=int(pick(input_size, default_size)),
-                    batch_size=int(pick(batch_size, p.batch_size)),
-                    learning_rate=float(pick(learning_rate, default_rate)),
-                    patience=int(pick(patience, p.patience)), weights=str(weights or "none"), seed=int(seed),
-                    model_kw=kw, augment=augment,
-                    head_epochs=int(pick(head_epochs, PRETRAINED_HEAD_EPOCHS if saved else 0)),
-                    freeze_batchnorm=bool(pick(freeze_batchnorm, saved is not None)),
-                    tta=bool(pick(tta, augment is not None and augment.rotate90 and augment.flip)))
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -266,9 +163,12 @@ def estimate_norm_scale(dataset, indices, *, percentile: float = 99.0, max_maps:
     return scale
 
 
-def _class_weights(y_train, n_classes: int) -> dict[int, float]:
+def _class_weights(y_train, n_classes: int, weighting: str = "balanced") -> dict[int, float]:
+    """Weight of every class: 'balanced' (inverse training frequency, scikit-learn's) or 1 ('none')."""
     from sklearn.utils.class_weight import compute_class_weight
 
+    if weighting == "none":
+        return dict.fromkeys(range(n_classes), 1.0)
     present = np.unique(y_train)
     weights = compute_class_weight("balanced", classes=present, y=y_train)
     out = dict.fromkeys(range(n_classes), 1.0)
@@ -289,27 +189,31 @@ class _KerasLearner:
         self.info = info
 
     @classmethod
-    def create(cls, settings: Settings, n_classes: int, input_shape, norm_scale_nm: float):
+    def create(cls, settings: TrainConfig, n_classes: int, input_shape, norm_scale_nm: float):
         from .models import build_model
 
         model, info = build_model(settings.model, n_classes, input_shape=tuple(input_shape),
                                   input_size=settings.input_size, weights=settings.weights,
-                                  norm_scale_nm=norm_scale_nm, seed=settings.seed, **settings.model_kw)
+                                  norm_scale_nm=norm_scale_nm, seed=settings.seed, **settings.build_kw)
         return cls(model, dict(info))
 
-    def fit(self, dataset, split: Split, y_all, settings: Settings, class_weight, verbose) -> dict:
+    def fit(self, dataset, split: Split, y_all, settings: TrainConfig, class_weight, verbose) -> dict:
         import keras
 
         def stream(indices, training):
             return make_tf_dataset(dataset, indices, y_all[indices], batch_size=settings.batch_size,
-                                   training=training, augment=settings.augment, seed=settings.seed)
+                                   training=training, augment=settings.augment_config, seed=settings.seed)
 
         has_val = len(split.val) > 0
         monitor = "val_loss" if has_val else "loss"
         train_stream, val_stream = stream(split.train, True), stream(split.val, False) if has_val else None
 
-        def run(epochs, callbacks):
-            self.model.compile(optimizer=keras.optimizers.Adam(settings.learning_rate),
+        def run(epochs, callbacks, schedule="constant"):
+            rate = settings.learning_rate
+            if schedule == "cosine":   # to 0 over the run's steps
+                steps = epochs * math.ceil(len(split.train) / settings.batch_size)
+                rate = keras.optimizers.schedules.CosineDecay(rate, decay_steps=max(1, steps))
+            self.model.compile(optimizer=keras.optimizers.Adam(rate),
                                loss="sparse_categorical_crossentropy", metrics=["accuracy"])
             return self.model.fit(train_stream, epochs=epochs, validation_data=val_stream,
                                   class_weight=class_weight, callbacks=callbacks, verbose=verbose,
@@ -329,7 +233,7 @@ class _KerasLearner:
         callbacks = [keras.callbacks.EarlyStopping(monitor=monitor, patience=settings.patience,
                                                    restore_best_weights=True),
                      keras.callbacks.TerminateOnNaN()]
-        tuned = run(settings.epochs, callbacks)
+        tuned = run(settings.epochs, callbacks, settings.lr_schedule)
         return {k: [float(v) for v in history.get(k, [])] + [float(v) for v in values]
                 for k, values in tuned.items()}
 
@@ -366,7 +270,7 @@ class _FeaturesLearner:
         self.feature_names = feature_names
 
     @classmethod
-    def create(cls, settings: Settings, n_classes: int, pixel_size_um: float):
+    def create(cls, settings: TrainConfig, n_classes: int, pixel_size_um: float):
         from sklearn.ensemble import HistGradientBoostingClassifier
 
         estimator = HistGradientBoostingClassifier(
@@ -391,7 +295,7 @@ class _FeaturesLearner:
         blocks = [self.features(maps) for maps in iter_maps(dataset, indices)]
         return np.concatenate(blocks) if blocks else np.empty((0, 0))
 
-    def fit(self, dataset, split: Split, y_all, settings: Settings, class_weight, verbose) -> dict:
+    def fit(self, dataset, split: Split, y_all, settings: TrainConfig, class_weight, verbose) -> dict:
         w = np.array([class_weight[k] for k in sorted(class_weight)])
         x_train, y_train = self.dataset_features(dataset, split.train), y_all[split.train]
         val = {}
@@ -501,10 +405,16 @@ class SavedModel:
                              f"{self.config['pixel_size_um']} um/px, got shape {maps.shape}")
         return maps
 
+    @functools.cached_property
+    def train_config(self) -> TrainConfig:
+        """The model's training settings: config.json ``train_config`` (read from the old keys of model
+        folders of format 3 and older)."""
+        return TrainConfig.from_model_config(self.config, self.folder / "config.json")
+
     @property
     def tta(self) -> bool:
-        """Whether the model predicts with test-time augmentation (config ``test_time_augmentation``)."""
-        return self.config.get("test_time_augmentation") == TTA_DIHEDRAL
+        """Whether the model predicts with test-time augmentation (:attr:`train_config` ``tta``)."""
+        return self.train_config.tta
 
     def uses_tta(self, tta: bool | None = None) -> bool:
         """``tta`` if given, else the model's own setting."""
@@ -621,6 +531,7 @@ def _read_config(folder: Path) -> dict:
     if config.get("test_time_augmentation") not in (None, TTA_DIHEDRAL):
         raise ModelError(folder, f"unknown test_time_augmentation {config['test_time_augmentation']!r} in "
                                  f"config.json (this opdcells knows {TTA_DIHEDRAL!r})")
+    TrainConfig.from_model_config(config, folder / "config.json")   # ConfigError naming the file if invalid
     return config
 
 
@@ -839,16 +750,25 @@ def _best_epoch(history: dict) -> int | None:
     return int(np.nanargmin(values)) + 1 if values else None
 
 
-def _make_config(*, name, settings: Settings, task: Task, dataset, split: Split, split_seed, test_size,
+def _history_summary(history: dict) -> dict:
+    """Last value of every history column (loss, accuracy, and their validation twins)."""
+    return {key: float(values[-1]) for key, values in history.items() if len(values)}
+
+
+def _make_config(*, name, settings: TrainConfig, task: Task, dataset, split: Split, split_seed, test_size,
                  val_size, info, normalisation, class_weight, history, train_time_s) -> dict:
+    """config.json: ``train_config`` (the settings, :class:`~opdcells.config.TrainConfig`) and the run's
+    facts: what the model really is (init, model_info), the task, the data it was trained on (geometry,
+    preprocessing, dataset fingerprint, split digest), the training record and versions."""
     size = int(dataset.out_size)
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION, "name": name,
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "train_config": settings.to_dict(),
+        # ---- the run's facts
         "model": settings.model,
         "model_file": _learner_class(settings.model).file_name,
         "init": info.get("init"),
-        "weights": settings.weights,
         "model_info": info,
         "task": task.name,
         "task_definition": task.to_dict(),
@@ -856,7 +776,7 @@ def _make_config(*, name, settings: Settings, task: Task, dataset, split: Split,
         "class_members": _class_members(task, dataset.class_names),
         "dataset_class_names": [str(c) for c in dataset.class_names],
         "input_shape": [size, size, 1],
-        "input_size": info.get("input_size", settings.input_size),
+        "input_size": info.get("input_size", settings.input_size),   # as built (DINOv2 rounds to patches)
         "pixel_size_um": float(dataset.pixel_size_um),
         "out_size": size,
         "preprocess": {k: v.item() if isinstance(v, np.generic) else v for k, v in dataset.settings.items()},
@@ -865,17 +785,12 @@ def _make_config(*, name, settings: Settings, task: Task, dataset, split: Split,
                     "n_maps": len(dataset)},
         "split": {"seed": split_seed, "test_size": test_size, "val_size": val_size, "sizes": split.sizes,
                   "file": "split.json", "test_rows_sha256": rows_digest(dataset, split.test)},
-        "training": {"profile": settings.profile, "epochs": settings.epochs,
-                     "epochs_run": len(history.get("loss", [])),  # boosting iterations for features
-                     "best_epoch": _best_epoch(history), "batch_size": settings.batch_size,
-                     "learning_rate": settings.learning_rate, "patience": settings.patience,
-                     "seed": settings.seed, "model_kw": settings.model_kw,
+        "training": {"epochs_run": len(history.get("loss", [])),  # boosting iterations for features
+                     "best_epoch": _best_epoch(history),
                      "epoch_unit": "boosting iteration" if settings.model == FEATURES else "epoch",
                      "class_weight": {task.classes[k]: w for k, w in class_weight.items()},
-                     "augment": None if settings.augment is None else settings.augment.as_dict(),
-                     "head_epochs": settings.head_epochs, "freeze_batchnorm": settings.freeze_batchnorm,
+                     "final": _history_summary(history),
                      "time_s": round(train_time_s, 3)},
-        "test_time_augmentation": TTA_DIHEDRAL if settings.tta else None,
         "versions": _versions(),
     }
 
@@ -931,15 +846,6 @@ def _staging(out: Path):
         os.replace(tmp, out)
 
 
-def _check_model_name(model: str) -> None:
-    if model != FEATURES:
-        from .models import ARCHITECTURES
-
-        if model not in ARCHITECTURES:
-            raise ValueError(f"unknown model {model!r}; choose one of {', '.join(ARCHITECTURES)} "
-                             f"or {FEATURES}")
-
-
 def _checked_split(ds, y_all, split: Split) -> Split:
     """``split`` if its indices are maps of the task's classes and its parts share no group."""
     split.check_disjoint(ds.groups)
@@ -961,7 +867,7 @@ def labelled_subset(split: Split, train_indices, groups=None) -> Split:
     return Split(sub, split.val, split.test, seed=split.seed, groups=names)
 
 
-def _create_learner(settings: Settings, dataset, split: Split, n_classes: int):
+def _create_learner(settings: TrainConfig, dataset, split: Split, n_classes: int):
     """(untrained learner, normalisation record: scale in nm and where it came from)."""
     if settings.model == FEATURES:
         return _FeaturesLearner.create(settings, n_classes, dataset.pixel_size_um), {"norm_scale_nm": None,
@@ -1019,11 +925,14 @@ def geometry_warning(encoder_config: dict | None, pixel_size_um: float, out_size
             f"at its geometry (load_data.py --out-pixel-size-um {px0:g} --out-size {size0})")
 
 
-def _normalisation(settings: Settings, dataset, split: Split) -> dict:
+def _normalisation(settings: TrainConfig, dataset, split: Split) -> dict:
     """Scale the model divides OPD by: a pretrained encoder's own (its features expect it), otherwise
     the 99th percentile of |OPD| over cell pixels of the training maps."""
     from .models import saved_encoder_config
 
+    if settings.norm_scale_nm is not None:
+        return {"norm_scale_nm": float(settings.norm_scale_nm),
+                "method": "x / norm_scale_nm inside the model; given in the training config"}
     saved = saved_encoder_config(settings.model, settings.weights)
     if settings.model_kw.get("dinov2_preset"):
         saved = None    # a DINOv2 preset, if it loads, replaces the weights and has no OPD scale of its own
@@ -1043,47 +952,76 @@ def _write_model_folder(folder: Path, learner, config: dict, history: dict, spli
     split.to_json(folder / "split.json")
 
 
-def train(data, model: str = "mobilenetv2", task: str | Task | None = None, out=None, *,
-          epochs: int | None = None, input_size: int | None = None, seed: int = 0, profile: str = "quick",
-          weights: str = "none",
-          batch_size: int | None = None, learning_rate: float | None = None, patience: int | None = None,
-          augment: AugmentConfig | None = DEFAULT_AUGMENT, split_seed: int | None = None,
-          test_size: float = 0.2, val_size: float = 0.15, test_groups=None, val_groups=None,
-          split: Split | None = None, train_indices=None,
-          head_epochs: int | None = None, freeze_batchnorm: bool | None = None, tta: bool | None = None,
-          model_kw: dict | None = None, verbose=0, n_boot: int = 1000, saved_models=None) -> TrainResult:
-    """Train ``model`` (an architecture of ``opdcells.models`` or ``"features"``) for ``task`` on the
-    dataset ``data``; write the model folder ``out`` (default ``saved_models/<model>_<task>``).
+def train(data, model: str | None = None, task: str | Task | None = None, out=None, *,
+          config: TrainConfig | None = None, profile: str = "quick", split: Split | None = None,
+          train_indices=None, verbose=0, n_boot: int = 1000, saved_models=None, **settings) -> TrainResult:
+    """Train a model for a task on a dataset and write its folder (model, config.json, history.csv,
+    metrics.json, split.json).
 
-    ``task``: a :class:`~opdcells.tasks.Task` or what :func:`opdcells.tasks.resolve_task` reads (a
-    reference task, "all", "A,B" or "NAME=A,B NAME=C"; None: five_class when the dataset has the five
-    reference classes, else every class); the resolved task is stored in config.json
-    (``task_definition``). ``test_groups``/``val_groups`` name the acquisition groups of the test and
-    validation parts (else ``test_size``/``val_size`` fractions of whole groups).
+    Every setting is a field of :class:`~opdcells.config.TrainConfig`: give the whole ``config``, or let
+    :meth:`TrainConfig.from_profile` make it from ``model``, ``profile`` and the ``settings`` overrides
+    (None: the default). The config is saved as config.json ``train_config`` beside the run's facts.
 
-    The group split (``split_seed``, default ``seed``) keeps every acquisition group in one part;
-    the normalisation scale is a pretrained encoder's own, otherwise estimated on the training maps;
-    classes are weighted 'balanced';
-    training stops early on the validation loss (best weights restored). ``verbose`` is passed to
-    Keras (0 silent, 1 progress bar, 2 one line per epoch). Returns a :class:`TrainResult`.
+    Parameters
+    ----------
+    data : str, os.PathLike or OPDDataset
+        The dataset.
+    model : str, optional
+        A name of ``config.MODEL_NAMES`` (default ``config.model``, else mobilenetv2).
+    task : str or Task, optional
+        What :func:`opdcells.tasks.resolve_task` reads (default ``config.task``; None: five_class when the
+        dataset has the five reference classes, else every class); stored as ``task_definition``.
+    out : str or os.PathLike, optional
+        Model folder (default ``saved_models/<model>_<task>``), replaced atomically.
+    config : TrainConfig, optional
+        The settings; ``settings`` overrides then replace its fields.
+    profile : str
+        Profile of the defaults when no ``config`` is given.
+    split : Split, optional
+        Use this split (dataset indices) instead of making one from the config's split fields.
+    train_indices : array of int, optional
+        Train on these maps only, a subset of the split's training maps (label-efficiency runs).
+    verbose : int
+        Passed to Keras (0 silent, 1 progress bar, 2 one line per epoch).
+    n_boot : int
+        Bootstrap resamples of the test metrics' confidence intervals.
+    saved_models : str or os.PathLike, optional
+        The saved_models folder of the default ``out``.
+    **settings
+        Fields of :class:`TrainConfig` (epochs, weights, learning_rate, test_groups, ...).
 
-    split: use this split (dataset indices) instead of making one; ``train_indices``: train on these
-    maps only, a subset of the split's training maps (label-efficiency runs); validation and test maps
-    are unchanged, and the config records the subset's size. ``head_epochs``: first train only the
-    head on the frozen encoder for that many epochs (linear probe, then fine-tuning);
-    ``freeze_batchnorm``: keep the encoder's BatchNorm statistics fixed while fine-tuning (default: both
-    for OPD-pretrained encoders, see :func:`resolve_settings`; neither otherwise). ``tta``: the saved
-    model predicts (and is evaluated) with the mean over each map's 8 rotations and reflections
-    (default for the deep models, recorded as ``config["test_time_augmentation"]``).
+    Returns
+    -------
+    TrainResult
+
+    Raises
+    ------
+    ConfigError
+        An unknown setting or a value of the wrong type.
+    RegistryError
+        A pretrained encoder that is not registered, missing or corrupt.
+    DatasetError, TaskError
+        An unusable dataset or task.
     """
     import keras
 
-    _check_model_name(model)
-    settings = resolve_settings(model, profile, epochs=epochs, input_size=input_size, batch_size=batch_size,
-                                learning_rate=learning_rate, patience=patience, weights=weights, seed=seed,
-                                model_kw=model_kw, augment=augment, head_epochs=head_epochs,
-                                freeze_batchnorm=freeze_batchnorm, tta=tta)
-    split_seed = seed if split_seed is None else int(split_seed)
+    if config is None:
+        config = TrainConfig.from_profile(model or "mobilenetv2", profile, **settings)
+    else:
+        if model is not None and resolve_alias(model, config.weights)[0] != config.model:
+            raise ConfigError("<arguments>", f"model {model!r} contradicts the config's {config.model!r}")
+        unknown = sorted(set(settings) - {f.name for f in dataclasses.fields(TrainConfig)})
+        if unknown:
+            raise ConfigError("<arguments>", f"unknown TrainConfig field {', '.join(unknown)}")
+        if "augment" in settings:   # True/False/AugmentConfig as from_profile takes it
+            settings["augment"] = augment_dict(settings["augment"])
+        config = config.replace(**{k: v for k, v in settings.items() if v is not None or k == "augment"})
+    if task is None:
+        task = config.task
+    elif config.task is None or isinstance(task, str):
+        config = config.replace(task=task if isinstance(task, str) else task.name)
+    seed, split_seed = config.seed, config.resolved_split_seed
+    test_size, val_size = config.test_size, config.val_size
     keras.utils.set_random_seed(seed)
     with _opened(data) as ds:
         task = resolve_task(task, ds.class_names, ds.labels)
@@ -1093,28 +1031,30 @@ def train(data, model: str = "mobilenetv2", task: str | Task | None = None, out=
             split_seed, test_size, val_size = split.seed, None, None
         else:
             split = make_split(ds, task, seed=split_seed, test_size=test_size, val_size=val_size,
-                               test_groups=test_groups, val_groups=val_groups)
+                               test_groups=config.test_groups, val_groups=config.val_groups)
         n_train_full = len(split.train)
         if train_indices is not None:
             split = labelled_subset(split, train_indices, ds.groups)
-        class_weight = _class_weights(y_all[split.train], len(task.classes))
-        out = Path(out) if out is not None else saved_models_root(saved_models) / f"{model}_{task.name}"
-        log.info("training %s for %s on %s: %s maps (train/val/test)", model, task.name, ds.path, split.sizes)
-        learner, normalisation = _create_learner(settings, ds, split, len(task.classes))
+        class_weight = _class_weights(y_all[split.train], len(task.classes), config.class_weight)
+        run = f"{model or config.model}_{task.name}"   # the alias's name (opd_mobilenetv2) if given
+        out = Path(out) if out is not None else saved_models_root(saved_models) / run
+        log.info("training %s for %s on %s: %s maps (train/val/test)", config.model, task.name, ds.path,
+                 split.sizes)
+        learner, normalisation = _create_learner(config, ds, split, len(task.classes))
         with _staging(out) as folder:
             start = time.perf_counter()
-            history = learner.fit(ds, split, y_all, settings, class_weight, verbose)
-            config = _make_config(name=out.name, settings=settings, task=task, dataset=ds, split=split,
+            history = learner.fit(ds, split, y_all, config, class_weight, verbose)
+            record = _make_config(name=out.name, settings=config, task=task, dataset=ds, split=split,
                                   split_seed=split_seed, test_size=test_size, val_size=val_size,
                                   info=learner.info, normalisation=normalisation, class_weight=class_weight,
                                   history=history, train_time_s=time.perf_counter() - start)
-            config["split"]["train_subset"] = None if train_indices is None else {
+            record["split"]["train_subset"] = None if train_indices is None else {
                 "n_labelled": len(split.train), "of": n_train_full}
-            _write_model_folder(folder, learner, config, history, split)
-            evaluation = evaluate_model(SavedModel(folder, config, learner), ds, split.test, n_boot=n_boot,
+            _write_model_folder(folder, learner, record, history, split)
+            evaluation = evaluate_model(SavedModel(folder, record, learner), ds, split.test, n_boot=n_boot,
                                         seed=seed)
             evaluation.report["baselines"] = baseline_summary(ds, y_all, split, task, n_boot=n_boot,
                                                               seed=seed)
             _write_json(folder / "metrics.json", evaluation.report)
     log.info("saved %s (test accuracy %.3f)", out, evaluation.report["accuracy"]["value"])
-    return TrainResult(out, history, evaluation.report, config, SavedModel(out, config, learner), evaluation)
+    return TrainResult(out, history, evaluation.report, record, SavedModel(out, record, learner), evaluation)

@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from . import plots
+from .config import TrainConfig, resolve_alias
 from .dataset import open_dataset
 from .evaluate import classification_report, flatten_report, write_table
 from .splits import Split, subsample_labelled
@@ -98,8 +99,8 @@ class Encoders:
     """Frozen encoders of one dataset, built once, with cached embeddings of all its maps.
 
     ``dinov2_preset`` (if it loads) or ``dinov2_weights`` (an OPD-pretrained DINOv2 folder, or "opd" for
-    the shipped one, ``models.OPD_DINOV2_DIR``) initialise DINOv2; otherwise it is random.
-    ``opd_mobilenetv2`` uses the shipped OPD-pretrained folder. Random-init
+    the registry's, ``opdcells.registry``) initialise DINOv2; otherwise it is random.
+    ``opd_mobilenetv2`` is MobileNetV2 with the registry's OPD-pretrained weights. Random-init
     encoders with BatchNormalization are recalibrated on the training maps they are given.
     ``tta``: embeddings are the mean over each map's 8 rotations and reflections (``explain.embed``).
     """
@@ -117,38 +118,31 @@ class Encoders:
     _cache: dict = field(default_factory=dict, repr=False)
 
     def weights_of(self, model: str):
-        """``weights`` for ``models.build_encoder`` / ``train``: "opd" is the shipped folder of the family
-        (random, loudly, where it is absent)."""
-        if model == "opd_mobilenetv2":
-            return "opd"
-        if model == "dinov2" and self.dinov2_weights:
-            return str(self.dinov2_weights)
-        return "none"
+        """``weights`` for ``models.build_encoder`` / ``train`` (``config.resolve_alias``: "opd" for
+        ``opd_mobilenetv2``; a missing or corrupt registry file is an error)."""
+        return resolve_alias(model, str(self.dinov2_weights) if model == "dinov2" and self.dinov2_weights
+                             else None)[1]
 
     def encoder(self, model: str, calibration=None):
         """(encoder, info) of ``model``; ``calibration`` = training map indices for BN recalibration
         (used only when the encoder is random-init and has BatchNormalization layers)."""
         from .models import DEFAULT_NORM_SCALE_NM, batch_norm_layers, build_encoder, saved_encoder_config
         from .pretrain import recalibrate_batchnorm
-        from .train import PROFILES, geometry_warning
+        from .train import geometry_warning
 
         if model not in self._built:
-            p = PROFILES[self.profile]
-            weights = self.weights_of(model)
-            saved = saved_encoder_config(model, weights)
-            kw = {}
-            if saved is not None:
-                size, norm = saved.get("input_size") or p.input_size, saved.get("norm_scale_nm") or 100.0
-            else:
-                size = self.input_size or (p.dinov2_input_size if model == "dinov2" else p.input_size)
-                norm = DEFAULT_NORM_SCALE_NM   # fixed, not estimated: no test map may shape it
-                if "mobilenetv2" in model:
-                    kw["alpha"] = p.mobilenet_alpha
-            if model == "dinov2":
-                kw["dinov2_preset"] = self.dinov2_preset
-            encoder, info = build_encoder(model, input_shape=(self.ds.out_size, self.ds.out_size, 1),
-                                          input_size=int(size), weights=weights, norm_scale_nm=float(norm),
-                                          seed=self.seed, **kw)
+            cfg = TrainConfig.from_profile(model, self.profile, weights=self.weights_of(model))
+            saved = saved_encoder_config(cfg.model, cfg.weights)
+            if saved is None and self.input_size:
+                cfg = cfg.replace(input_size=int(self.input_size))
+            # a pretrained encoder's own scale, else fixed, not estimated: no test map may shape it
+            norm = (saved or {}).get("norm_scale_nm") or DEFAULT_NORM_SCALE_NM
+            kw = {**cfg.build_kw, **({"dinov2_preset": self.dinov2_preset} if cfg.model == "dinov2" else {})}
+            size = cfg.input_size
+            shape = (self.ds.out_size, self.ds.out_size, 1)
+            encoder, info = build_encoder(cfg.model, input_shape=shape, input_size=int(size),
+                                          weights=cfg.weights, norm_scale_nm=float(norm), seed=self.seed,
+                                          **kw)
             info["has_batchnorm"] = bool(batch_norm_layers(encoder))
             warning = geometry_warning(saved, self.ds.pixel_size_um, self.ds.out_size, int(size),
                                        f"the {model} encoder")

@@ -152,3 +152,18 @@ def tiny_run(tmp_path_factory, model: str = "mobilenetv2", task: str = "five_cla
     return once(("run", model, task, tuple(sorted(kwargs.items()))), make)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def register_test_encoder(monkeypatch, folder, backbone: str, name: str = "test_encoder",
+                          default: bool = True):
+    """Register the encoder folder ``folder`` (``models.save_encoder``'s) as registry entry ``name`` for
+    the test (``weights="opd"`` of ``backbone`` when ``default``); returns the entry."""
+    from opdcells import registry
+
+    monkeypatch.setattr(registry, "REGISTRY", dict(registry.REGISTRY))
+    monkeypatch.setattr(registry, "DEFAULTS", dict(registry.DEFAULTS))
+    entry = registry.RegisteredEncoder(
+        name=name, backbone=backbone, folder=str(Path(folder).resolve()),
+        sha256=registry.file_sha256(Path(folder) / registry.ENCODER_WEIGHTS), input_size=32,
+        pixel_size_um=1.0, out_size=32, trained_on="a test", command="save_encoder", commit="none")
+    return registry.register_encoder(entry, default=default)

@@ -12,10 +12,12 @@ import socket
 import keras
 import numpy as np
 import pytest
+from helpers import register_test_encoder
 
-from opdcells import models
+from opdcells import models, registry
+from opdcells.config import FAMILIES
+from opdcells.errors import RegistryError
 from opdcells.models import (
-    ARCHITECTURES,
     batch_norm_layers,
     build_encoder,
     build_model,
@@ -86,11 +88,6 @@ def keras_home(tmp_path, monkeypatch):
     return home
 
 
-@pytest.fixture
-def no_shipped_opd_weights(tmp_path, monkeypatch):
-    monkeypatch.setattr(models, "OPD_PRETRAINED_DIR", tmp_path / "no_opd_weights")
-
-
 # ---------------------------------------------------------------------------------------------------------
 # One build path for every architecture
 
@@ -98,8 +95,8 @@ def no_shipped_opd_weights(tmp_path, monkeypatch):
 # DINOv2's position embeddings are frozen at build (see models._freeze_position_embeddings); a variable's
 # trainable flag is not saved, so the reloaded DINOv2 optimizer has 2 more slots (harmless for prediction).
 @pytest.mark.filterwarnings("ignore:Skipping variable loading for optimizer")
-@pytest.mark.parametrize("name", ARCHITECTURES)
-def test_every_architecture_trains_predicts_and_reloads(name, tmp_path, no_shipped_opd_weights):
+@pytest.mark.parametrize("name", FAMILIES)
+def test_every_architecture_trains_predicts_and_reloads(name, tmp_path):
     model, info = build_model(name, 3, **tiny_kwargs(name))
     assert info["architecture"] == name and info["init"] == "random"
     assert info["n_classes"] == 3 and info["params"] == count_params(model) > 0
@@ -150,13 +147,13 @@ def test_seed_makes_builds_reproducible():
 
 
 def test_bad_names_and_arguments_are_refused():
-    with pytest.raises(ValueError, match="unknown architecture 'resnet18'.*mobilenetv2, resnet50"):
+    with pytest.raises(ValueError, match="unknown model 'resnet18'; choose one of mobilenetv2, resnet50"):
         build_model("resnet18", 3)
     with pytest.raises(ValueError, match="n_classes"):
         build_model("mobilenetv2", 1)
     with pytest.raises(ValueError, match="norm_scale_nm must be positive"):
         build_encoder("mobilenetv2", input_shape=(S, S, 1), input_size=S, norm_scale_nm=0)
-    with pytest.raises(ValueError, match="neither 'none', 'imagenet', 'opd' nor"):
+    with pytest.raises(RegistryError, match="imagnet: no such encoder folder or weights file"):
         build_encoder("mobilenetv2", weights="imagnet")
 
 
@@ -231,9 +228,10 @@ def test_imagenet_file_with_wrong_hash_falls_back_to_random(keras_home, no_netwo
 def test_imagenet_refused_where_no_such_weights_exist():
     with pytest.raises(ValueError, match="alpha in"):
         build_encoder("mobilenetv2", input_shape=(S, S, 1), input_size=S, weights="imagenet", alpha=0.6)
-    for name in ("dinov2", "opd_mobilenetv2"):
-        with pytest.raises(ValueError, match="no ImageNet weights"):
-            build_encoder(name, weights="imagenet")
+    with pytest.raises(ValueError, match="dinov2 has no ImageNet weights"):
+        build_encoder("dinov2", weights="imagenet")
+    with pytest.raises(ValueError, match="opd_mobilenetv2 is mobilenetv2 with weights='opd'; for ImageNet"):
+        build_encoder("opd_mobilenetv2", weights="imagenet")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -252,23 +250,35 @@ def test_save_encoder_round_trip_gives_opd_pretrained_model(tmp_path, monkeypatc
         "opd_mobilenetv2", 3, input_shape=(S, S, 1), input_size=S, weights=folder, seed=2
     )
     assert weights_equal(model.get_layer("encoder"), encoder)  # alpha 0.5 came from config.json
-    assert minfo["init"] == "opd-pretrained" and minfo["alpha"] == 0.5
-    assert minfo["weights_source"] == str(folder / ENCODER_FILE)
+    sha12 = registry.file_sha256(folder / ENCODER_FILE)[:12]
+    assert minfo["init"] == f"file:{folder}@{sha12}" and minfo["alpha"] == 0.5
+    assert minfo["weights_source"] == str(folder / ENCODER_FILE) and minfo["architecture"] == "mobilenetv2"
 
-    monkeypatch.setattr(models, "OPD_PRETRAINED_DIR", folder)  # opd_mobilenetv2's default weights
+    entry = register_test_encoder(monkeypatch, folder, "mobilenetv2")   # opd_mobilenetv2's weights now
     default, dinfo = build_encoder("opd_mobilenetv2", input_shape=(S, S, 1), input_size=S, seed=3)
-    assert weights_equal(default, encoder) and dinfo["init"] == "opd-pretrained"
+    assert weights_equal(default, encoder) and dinfo["init"] == f"opd:test_encoder@{sha12}" == entry.init
 
     bare, binfo = build_encoder(  # a bare .weights.h5 file needs the right alpha from the caller
         "mobilenetv2", input_shape=(S, S, 1), input_size=S, alpha=0.5, weights=folder / ENCODER_FILE
     )
-    assert weights_equal(bare, encoder) and binfo["init"] == "opd-pretrained"
+    assert weights_equal(bare, encoder) and binfo["init"] == f"file:{folder / ENCODER_FILE}@{sha12}"
 
 
-def test_opd_mobilenetv2_without_shipped_weights_is_random_and_says_so(no_shipped_opd_weights, caplog):
-    with caplog.at_level(logging.WARNING, logger="opdcells.models"):
-        _, info = build_encoder("opd_mobilenetv2", input_shape=(S, S, 1), input_size=S)
-    assert info["init"] == "random" and "RANDOMLY INITIALISED" in caplog.text
+def test_opd_weights_with_a_corrupt_or_missing_registered_file_are_an_error_never_random(
+        tmp_path, monkeypatch):
+    encoder, info = build_encoder("mobilenetv2", input_shape=(S, S, 1), input_size=S, seed=1)
+    folder = save_encoder(encoder, info, tmp_path / "enc")
+    register_test_encoder(monkeypatch, folder, "mobilenetv2")
+    with (folder / ENCODER_FILE).open("r+b") as f:   # one flipped byte
+        f.seek(100)
+        byte = f.read(1)
+        f.seek(100)
+        f.write(bytes([byte[0] ^ 1]))
+    with pytest.raises(RegistryError, match=f"{folder / ENCODER_FILE}: corrupt: SHA-256 .*test_encoder"):
+        build_encoder("opd_mobilenetv2", input_shape=(S, S, 1), input_size=S)
+    (folder / ENCODER_FILE).unlink()
+    with pytest.raises(RegistryError, match=f"{folder / ENCODER_FILE}: missing: .*test_encoder"):
+        build_encoder("mobilenetv2", input_shape=(S, S, 1), input_size=S, weights="opd")
 
 
 def test_mismatched_encoder_weights_name_the_file(tmp_path):
@@ -328,7 +338,7 @@ def test_dinov2_local_preset_and_encoder_weights_round_trip(tmp_path):
 
     folder = save_encoder(encoder, info, tmp_path / "encoder")
     again, again_info = build_encoder("dinov2", input_shape=(S, S, 1), input_size=28, weights=folder, seed=9)
-    assert weights_equal(again, encoder) and again_info["init"] == "opd-pretrained"
+    assert weights_equal(again, encoder) and again_info["init"].startswith(f"file:{folder}@")
     assert again_info["dinov2_config"] == info["dinov2_config"]  # the architecture came from config.json
 
 
@@ -336,18 +346,17 @@ def test_dinov2_opd_weights_are_the_shipped_folder_and_an_offline_preset_falls_b
         tmp_path, monkeypatch, no_network, caplog):
     pretrained, info = build_encoder("dinov2", **tiny_kwargs("dinov2"), seed=4)
     folder = save_encoder(pretrained, info, tmp_path / "opd_dinov2_pretrained")
-    monkeypatch.setattr(models, "OPD_DINOV2_DIR", folder)
+    entry = register_test_encoder(monkeypatch, folder, "dinov2")
     shipped, shipped_info = build_encoder("dinov2", input_shape=(S, S, 1), input_size=28, weights="opd")
-    assert weights_equal(shipped, pretrained) and shipped_info["init"] == "opd-pretrained"
+    assert weights_equal(shipped, pretrained) and shipped_info["init"] == entry.init
     assert shipped_info["weights_source"] == str(folder / ENCODER_FILE)
     with caplog.at_level(logging.WARNING, logger="opdcells.models"):
         fallback, fallback_info = build_encoder("dinov2", input_shape=(S, S, 1), input_size=28, weights="opd",
                                                 dinov2_preset="dinov2_small")
-    assert "dinov2_small" in caplog.text and fallback_info["init"] == "opd-pretrained"
+    assert "dinov2_small" in caplog.text and fallback_info["init"] == entry.init
     assert weights_equal(fallback, pretrained)
-    monkeypatch.setattr(models, "OPD_DINOV2_DIR", tmp_path / "absent")
-    _, absent_info = build_encoder("dinov2", **tiny_kwargs("dinov2"), weights="opd")
-    assert absent_info["init"] == "random"
-    with pytest.raises(ValueError, match="no shipped OPD-pretrained weights for resnet50"):
+    missing = r"registry.DEFAULTS\['resnet50'\]: no OPD-pretrained encoder is registered for backbone"
+    with pytest.raises(RegistryError, match=missing):
         build_encoder("resnet50", weights="opd")
-    assert models.saved_encoder_config("resnet50", "opd") is None
+    with pytest.raises(RegistryError, match=missing):
+        models.saved_encoder_config("resnet50", "opd")

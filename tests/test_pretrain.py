@@ -12,11 +12,11 @@ import pytest
 import tensorflow as tf
 from helpers import scaled_test_dataset, tiny_run, write_tiny_dataset
 
-from opdcells import cli, models, pretrain
+from opdcells import cli, models, pretrain, registry
 from opdcells.dataset import open_dataset
 from opdcells.splits import Split
 
-SHIPPED = models.OPD_PRETRAINED_DIR
+SHIPPED = registry.encoder_folder(registry.DEFAULTS["mobilenetv2"])
 TINY_DINOV2 = {"patch_size": 14, "num_layers": 1, "hidden_dim": 32, "num_heads": 2, "intermediate_dim": 64}
 SMALL_VIEWS = pretrain.ViewConfig(zoom=0.05, crop_shift=0.03)
 
@@ -243,7 +243,7 @@ def test_pretrain_writes_a_loadable_folder(tmp_path):
     loaded, info = models.build_encoder("dinov2", input_shape=(32, 32, 1), input_size=28, weights=folder)
     fresh, _ = models.build_encoder("dinov2", input_shape=(32, 32, 1), input_size=28,
                                     dinov2_config=TINY_DINOV2, seed=1)
-    assert info["init"] == "opd-pretrained" and info["dinov2_config"]["num_layers"] == 1
+    assert info["init"].startswith(f"file:{folder}@") and info["dinov2_config"]["num_layers"] == 1
     changed = [not np.allclose(a, b) for a, b in zip(loaded.get_weights(), fresh.get_weights(), strict=True)]
     assert any(changed)
 
@@ -298,7 +298,8 @@ def test_cli_pretrain_continues_from_an_encoder_folder(tmp_path, capsys):
 
 
 #: shipped encoder folder -> (backbone family, largest weights file in bytes)
-SHIPPED_ENCODERS = {"mobilenetv2": (SHIPPED, 5e6), "dinov2": (models.OPD_DINOV2_DIR, 10e6)}
+SHIPPED_ENCODERS = {"mobilenetv2": (SHIPPED, 5e6),
+                    "dinov2": (registry.encoder_folder(registry.DEFAULTS["dinov2"]), 10e6)}
 
 
 @pytest.fixture(scope="module", params=sorted(SHIPPED_ENCODERS))
@@ -336,7 +337,9 @@ def test_shipped_encoder_is_the_default_of_its_family(shipped):
     name = "opd_mobilenetv2" if family == "mobilenetv2" else "dinov2"
     encoder, info = models.build_encoder(name, weights=folder, input_size=cfg["input_size"])
     default, default_info = models.build_encoder(name, weights="opd", input_size=cfg["input_size"])
-    assert info["init"] == default_info["init"] == "opd-pretrained"
+    entry = registry.get_entry(registry.DEFAULTS[family])
+    assert default_info["init"] == entry.init and info["init"].startswith(f"file:{folder}@")
+    assert entry.input_size == cfg["input_size"] and entry.pixel_size_um == cfg["data"]["pixel_size_um"]
     assert info["alpha"] == cfg["alpha"] and info["dinov2_config"] == cfg["dinov2_config"]
     assert info["embedding_dim"] == cfg["embedding_dim"]
     for a, b in zip(encoder.get_weights(), default.get_weights(), strict=True):

@@ -11,6 +11,7 @@ from helpers import scaled_test_dataset, tiny_dataset, tiny_run, write_tiny_data
 
 pytest.importorskip("tensorflow")
 
+from opdcells.config import TrainConfig  # noqa: E402
 from opdcells.dataset import open_dataset  # noqa: E402
 from opdcells.errors import DatasetError  # noqa: E402
 from opdcells.pipeline import dihedral_views  # noqa: E402
@@ -19,19 +20,17 @@ from opdcells.tasks import TaskError, task_targets  # noqa: E402
 from opdcells.train import (  # noqa: E402
     FILES,
     PRETRAINED_LEARNING_RATE,
-    TTA_DIHEDRAL,
     ModelError,
     estimate_norm_scale,
     evaluate_model,
     load_model,
-    resolve_settings,
     stored_test_indices,
 )
 
 CONFIG_FIELDS = ("task", "class_names", "class_members", "dataset_class_names", "input_shape", "input_size",
-                 "pixel_size_um", "out_size", "preprocess", "normalisation", "init", "weights", "model_info",
+                 "pixel_size_um", "out_size", "preprocess", "normalisation", "init", "model_info",
                  "dataset", "split", "training", "versions", "model", "model_file", "name", "created",
-                 "test_time_augmentation")
+                 "train_config")
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +78,8 @@ def test_deep_model_folder_and_config(mobilenet, data):
     assert config["class_names"] == ["SW480", "SW620", "granulocytes", "monocytes", "PBMCs"]
     assert config["class_members"]["SW480"] == ["SW480"]
     assert config["normalisation"]["norm_scale_nm"] == config["model_info"]["norm_scale_nm"]
-    assert config["training"]["augment"]["rotate90"] is True
+    assert config["train_config"]["augment"]["rotate90"] is True and config["train_config"]["tta"] is True
+    assert TrainConfig.from_json(mobilenet.model_dir / "config.json") == mobilenet.model.train_config
 
 
 def test_early_stopping_keeps_the_best_validation_epoch(mobilenet, data):
@@ -123,11 +123,10 @@ def test_deep_models_predict_with_the_mean_over_rotations_and_reflections(mobile
 
     from opdcells.train import SavedModel, _KerasLearner
 
-    assert mobilenet.config["test_time_augmentation"] == TTA_DIHEDRAL
-    assert features.config["test_time_augmentation"] is None
-    assert resolve_settings("mobilenetv2", tta=False).tta is False
-    assert resolve_settings("features").tta is False
-    assert resolve_settings("mobilenetv2", augment=None).tta is False   # trained without rotations: no TTA
+    assert mobilenet.model.tta and not features.model.tta
+    assert TrainConfig.from_profile("mobilenetv2", tta=False).tta is False
+    assert TrainConfig.from_profile("features").tta is False
+    assert TrainConfig.from_profile("mobilenetv2", augment=None).tta is False   # no rotations: no TTA
     size = data.out_size   # a dense layer on raw pixels sees orientation (the tiny CNN predicts a constant)
     dense = keras.Sequential([keras.Input((size, size, 1)), keras.layers.Rescaling(1 / 100),
                               keras.layers.Flatten(), keras.layers.Dense(5, activation="softmax")])
@@ -228,17 +227,16 @@ def test_stored_split_still_found_after_maps_are_appended(mobilenet, data, tmp_p
 
 
 def test_profiles_and_explicit_overrides():
-    quick = resolve_settings("mobilenetv2", "quick")
-    assert (quick.input_size, quick.epochs, quick.patience, quick.model_kw["alpha"]) == (64, 8, 3, 0.35)
-    assert resolve_settings("dinov2", "quick").input_size == 56
-    full = resolve_settings("resnet50", "full")
+    quick = TrainConfig.from_profile("mobilenetv2", "quick")
+    assert (quick.input_size, quick.epochs, quick.patience, quick.alpha) == (64, 8, 3, 0.35)
+    assert TrainConfig.from_profile("dinov2", "quick").input_size == 56
+    full = TrainConfig.from_profile("resnet50", "full")
     assert 96 <= full.input_size <= 128 and full.epochs > quick.epochs and full.patience > quick.patience
-    custom = resolve_settings("mobilenetv2", "full", epochs=2, input_size=48, batch_size=4,
-                              model_kw={"alpha": 0.5})
-    assert (custom.epochs, custom.input_size, custom.batch_size, custom.model_kw["alpha"]) == (2, 48, 4, 0.5)
-    assert resolve_settings("features").augment is None
+    custom = TrainConfig.from_profile("mobilenetv2", "full", epochs=2, input_size=48, batch_size=4, alpha=0.5)
+    assert (custom.epochs, custom.input_size, custom.batch_size, custom.alpha) == (2, 48, 4, 0.5)
+    assert TrainConfig.from_profile("features").augment is None
     with pytest.raises(ValueError, match="profile"):
-        resolve_settings("mobilenetv2", "fast")
+        TrainConfig.from_profile("mobilenetv2", "fast")
 
 
 def test_another_architecture_trains_and_reloads(tmp_path_factory, data):
@@ -276,18 +274,19 @@ def test_a_pretrained_encoder_sets_width_input_size_and_normalisation(data, tmp_
     encoder, info = models.build_encoder("mobilenetv2", input_shape=(size, size, 1), input_size=32, alpha=0.5,
                                          norm_scale_nm=250.0)
     folder = models.save_encoder(encoder, info, tmp_path / "encoder")
-    settings = resolve_settings("mobilenetv2", "full", weights=str(folder))
-    assert settings.model_kw["alpha"] == 0.5 and settings.input_size == 32   # not the full profile's 1.0, 128
-    assert resolve_settings("mobilenetv2", "full", weights=str(folder), input_size=48).input_size == 48
+    settings = TrainConfig.from_profile("mobilenetv2", "full", weights=str(folder))
+    assert settings.alpha == 0.5 and settings.input_size == 32   # not the full profile's 1.0, 128
+    profile = TrainConfig.from_profile
+    assert profile("mobilenetv2", "full", weights=str(folder), input_size=48).input_size == 48
     assert settings.head_epochs == 2 and settings.freeze_batchnorm              # pretrained: LP-FT, BN fixed
-    assert settings.learning_rate == PRETRAINED_LEARNING_RATE < resolve_settings("mobilenetv2").learning_rate
-    scratch = resolve_settings("mobilenetv2", "full")
+    assert settings.learning_rate == PRETRAINED_LEARNING_RATE < profile("mobilenetv2").learning_rate
+    scratch = TrainConfig.from_profile("mobilenetv2", "full")
     assert scratch.head_epochs == 0 and not scratch.freeze_batchnorm
     result = train(data, "mobilenetv2", "cancer_vs_blood", tmp_path / "run", weights=str(folder), epochs=1,
                    batch_size=16, n_boot=0, head_epochs=1, freeze_batchnorm=True)
     norm = result.config["normalisation"]
     assert norm["norm_scale_nm"] == 250.0 and "pretrained encoder" in norm["method"]
-    assert result.config["init"] == "opd-pretrained"
+    assert result.config["init"].startswith(f"file:{folder}@")
     # one head-only epoch, then one fine-tuning epoch: the encoder moved, its BatchNorm statistics did not
     assert len(result.history["loss"]) == 2 and result.config["training"]["epochs_run"] == 2
     tuned = result.model.learner.model.get_layer("encoder")

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from helpers import REPO_ROOT, TINY_TRAINING, tiny_dataset, tiny_run
 
-from opdcells import transfer
+from opdcells import registry, transfer
 from opdcells.dataset import open_dataset
 from opdcells.splits import Split
 
@@ -62,7 +62,7 @@ def test_random_init_cnn_embeddings_need_and_get_bn_recalibration(encoders, ds):
     assert emb.std(axis=0).max() > 1e-4      # without recalibration they vanish (~1e-12)
     assert encoders.infos["mobilenetv2"]["init"] == "random"
     encoders.encoder("opd_mobilenetv2")
-    assert encoders.infos["opd_mobilenetv2"]["init"] == "opd-pretrained"
+    assert encoders.infos["opd_mobilenetv2"]["init"] == registry.get_entry("opd_mobilenetv2_pretrained").init
     assert not encoders.needs_calibration("dinov2")
 
 
@@ -175,6 +175,6 @@ def test_notebook_runs_headless_on_a_tiny_dataset(tmp_path_factory, tmp_path):
     text = executed.read_text()
     assert "real-data check skipped" in text
     dinov2 = json.loads((tmp_path / "saved" / f"{NAME}_dinov2_five_class" / "config.json").read_text())
-    assert dinov2["init"] == "opd-pretrained"      # the shipped OPD-pretrained DINOv2 by default
+    assert dinov2["init"] == registry.get_entry("opd_dinov2_pretrained").init   # the shipped one by default
     assert dinov2["model_info"]["weights_source"].endswith("opd_dinov2_pretrained/encoder.weights.h5")
     assert (tmp_path / "saved" / f"{NAME}_dinov2_five_class" / "config.json").is_file()

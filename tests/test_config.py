@@ -1,0 +1,129 @@
+"""TrainConfig: one documented configuration, written as config.json and read back (validated); model
+folders of format 3 (saved before it) still load; the CLI's train options are its fields."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import tiny_dataset, tiny_run
+
+from opdcells import cli
+from opdcells.config import PROFILE_FIELDS, TrainConfig, field_help, resolve_alias
+from opdcells.errors import ConfigError, RegistryError
+
+FORMAT3 = Path(__file__).parent / "fixtures" / "model_format3"
+
+
+def test_every_field_is_documented_with_its_unit_where_it_has_one():
+    for f in dataclasses.fields(TrainConfig):
+        assert field_help(f.name), f"TrainConfig.{f.name} has no Attributes entry"
+    assert "(px)" in field_help("input_size") and "(nm)" in field_help("norm_scale_nm")
+    assert set(PROFILE_FIELDS) <= {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+def test_json_round_trip_and_validation_name_the_file(tmp_path):
+    config = TrainConfig.from_profile("dinov2", "full", epochs=3, test_groups=("s1", "s2"),
+                                      lr_schedule="cosine")
+    path = config.to_json(tmp_path / "train.json")
+    assert TrainConfig.from_json(path) == config and config.test_groups == ["s1", "s2"]
+    data = json.loads(path.read_text())
+    path.write_text(json.dumps({**data, "epoch": 3}))
+    with pytest.raises(ConfigError, match=f"{path}: unknown training config key epoch"):
+        TrainConfig.from_json(path)
+    path.write_text(json.dumps({**data, "epochs": "3"}))
+    with pytest.raises(ConfigError, match=f"{path}: epochs must be int, not str '3'"):
+        TrainConfig.from_json(path)
+    path.write_text(json.dumps({**data, "tta": 1}))
+    with pytest.raises(ConfigError, match=f"{path}: tta must be bool"):
+        TrainConfig.from_json(path)
+    path.write_text(json.dumps({**data, "lr_schedule": "step"}))
+    with pytest.raises(ConfigError, match=f"{path}: lr_schedule must be one of constant, cosine"):
+        TrainConfig.from_json(path)
+    path.write_text("{")
+    with pytest.raises(ConfigError, match=f"{path}: cannot read the training config"):
+        TrainConfig.from_json(path)
+    with pytest.raises(ConfigError, match="unknown TrainConfig field epoch"):
+        TrainConfig.from_profile("mobilenetv2", epoch=3)
+
+
+def test_opd_mobilenetv2_is_mobilenetv2_with_opd_weights_everywhere():
+    assert resolve_alias("opd_mobilenetv2") == ("mobilenetv2", "opd")
+    assert resolve_alias("opd_mobilenetv2", "none") == ("mobilenetv2", "opd")
+    alias = TrainConfig.from_profile("opd_mobilenetv2")
+    assert alias == TrainConfig.from_profile("mobilenetv2", weights="opd")
+    assert (alias.model, alias.alpha, alias.input_size, alias.head_epochs) == ("mobilenetv2", 0.35, 128, 2)
+    with pytest.raises(RegistryError, match=r"registry.DEFAULTS\['resnet50'\]: no OPD-pretrained encoder"):
+        TrainConfig.from_profile("resnet50", weights="opd")
+
+
+@pytest.mark.parametrize("name", ["opd_mobilenetv2", "features"])
+def test_format3_model_configs_read_back_as_train_configs(name):
+    old = json.loads((FORMAT3 / f"{name}.config.json").read_text())
+    assert old["format_version"] == 3 and "train_config" not in old
+    config = TrainConfig.from_json(FORMAT3 / f"{name}.config.json")
+    training = old["training"]
+    assert (config.epochs, config.batch_size, config.learning_rate, config.seed) == (
+        training["epochs"], training["batch_size"], training["learning_rate"], training["seed"])
+    assert config.tta == (old["test_time_augmentation"] == "dihedral-8")
+    if name == "features":
+        assert (config.model, config.input_size, config.augment) == ("features", None, None)
+    else:   # saved as model opd_mobilenetv2, weights "none": it was the OPD-pretrained MobileNetV2
+        assert (config.model, config.weights, config.alpha) == ("mobilenetv2", "opd", 0.35)
+        assert (config.head_epochs, config.freeze_batchnorm) == (2, True)
+
+
+@pytest.fixture(scope="module")
+def features(tmp_path_factory):
+    return tiny_run(tmp_path_factory, "features", "cancer_vs_blood")
+
+
+def test_a_format3_model_folder_still_loads_and_predicts_the_same(features, tmp_path):
+    from opdcells.train import load_model
+
+    folder = tmp_path / "old"
+    shutil.copytree(features.model_dir, folder)
+    old = json.loads((FORMAT3 / "features.config.json").read_text())
+    facts = ("class_names", "class_members", "dataset_class_names", "input_shape", "pixel_size_um",
+             "out_size", "preprocess", "task", "task_definition", "dataset", "split", "model_info")
+    old.update({key: features.config[key] for key in facts})   # the format-3 layout, this model's facts
+    (folder / "config.json").write_text(json.dumps(old))
+    loaded = load_model(folder)
+    assert loaded.train_config.epochs == 200 and loaded.train_config.model == "features" and not loaded.tta
+    maps = np.zeros((2, *features.model.input_shape[:2]), np.float32)
+    np.testing.assert_array_equal(loaded.predict_proba(maps), features.model.predict_proba(maps))
+
+
+def test_a_model_folder_with_an_invalid_train_config_is_refused_naming_its_file(features, tmp_path):
+    from opdcells.train import load_model
+
+    folder = tmp_path / "bad"
+    shutil.copytree(features.model_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["train_config"]["augment"] = {"rotate": True}
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match=f"{folder / 'config.json'}: augment has unknown keys rotate"):
+        load_model(folder)
+
+
+def test_cli_train_options_are_config_fields_and_a_config_file_is_the_start(features, tmp_path_factory,
+                                                                          tmp_path, capsys):
+    data = tiny_dataset(tmp_path_factory)
+    start = TrainConfig.from_json(features.model_dir / "config.json").to_json(tmp_path / "start.json")
+    out = tmp_path / "run"
+    status = cli.main(["train", "--data", str(data), "--config", str(start), "--epochs", "7",
+                       "--class-weight", "none", "--out", str(out), "--n-boot", "0", "-q"])
+    assert status == 0, capsys.readouterr().err
+    saved = json.loads((out / "config.json").read_text())["train_config"]
+    assert saved == {**features.config["train_config"], "epochs": 7, "class_weight": "none"}
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"epochs": 0}))
+    assert cli.main(["train", "--data", str(data), "--config", str(bad), "--out", str(tmp_path / "x")]) == 2
+    assert f"{bad}: epochs and batch_size must be at least 1" in capsys.readouterr().err
+    assert cli.main(["train", "--data", str(data), "--model", "resnet50", "--weights", "opd",
+                     "--out", str(tmp_path / "y")]) == 2
+    assert "registry.DEFAULTS['resnet50']" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

@@ -944,6 +944,38 @@ def _normalisation(settings: TrainConfig, dataset, split: Split) -> dict:
                       "training maps"}
 
 
+def calibrate_on_validation(model: SavedModel, dataset, y_all, split: Split, folder: Path, *,
+                            seed: int = 0) -> dict | None:
+    """Calibrate a freshly trained model on its validation groups (:func:`opdcells.calibration.calibrate`).
+
+    Writes ``validation_scores.npz`` (so screening can set operating points for other targets and rates)
+    and ``reliability.png`` into ``folder``.
+
+    Returns
+    -------
+    dict or None
+        The calibration record for config.json; None (logged) without validation maps.
+    """
+    from . import calibration, plots
+
+    if len(split.val) == 0:
+        log.info("no validation maps: the model is not calibrated (screening needs a calibrated model)")
+        return None
+    proba = model.predict_dataset(dataset, split.val)
+    labels, groups = y_all[split.val], np.asarray(dataset.groups)[split.val]
+    record = calibration.calibrate(proba, labels, model.class_names, groups=groups, seed=seed)
+    calibration.save_validation_scores(folder, proba, labels, groups)
+    plots.reliability_diagram(record, folder / "reliability.png", title=f"{model.name}: calibration on the "
+                                                                        "validation groups")
+    point = record["operating_point"]
+    log.info("calibrated on %d validation maps: temperature %.2f, ECE %.3f -> %.3f%s", record["n_maps"],
+             record["temperature"], record["ece_before"], record["ece_after"],
+             "" if point is None else f"; {', '.join(record['targets'])} at FPR {point['fpr']:g}: threshold "
+             f"{point['threshold']:.3g}, sensitivity {point['sensitivity']:.2f}"
+             + (" (extrapolated)" if point["extrapolated"] else ""))
+    return record
+
+
 def _write_model_folder(folder: Path, learner, config: dict, history: dict, split: Split) -> None:
     """The model file, config.json, history.csv and split.json (metrics.json comes after evaluation)."""
     learner.save(folder)
@@ -1050,6 +1082,8 @@ def train(data, model: str | None = None, task: str | Task | None = None, out=No
                                   history=history, train_time_s=time.perf_counter() - start)
             record["split"]["train_subset"] = None if train_indices is None else {
                 "n_labelled": len(split.train), "of": n_train_full}
+            record["calibration"] = calibrate_on_validation(SavedModel(folder, record, learner), ds, y_all,
+                                                            split, folder, seed=seed)
             _write_model_folder(folder, learner, record, history, split)
             evaluation = evaluate_model(SavedModel(folder, record, learner), ds, split.test, n_boot=n_boot,
                                         seed=seed)

@@ -297,3 +297,26 @@ def test_a_pretrained_encoder_sets_width_input_size_and_normalisation(data, tmp_
     pairs = zip(tuned.get_weights(), encoder.get_weights(), strict=True)
     moved = [not np.array_equal(a, b) for a, b in pairs]
     assert any(moved)
+
+
+def test_training_calibrates_on_validation_and_the_model_screens(features, tmp_path):
+    from opdcells.calibration import load_validation_scores
+    from opdcells.predict import ingest_options
+    from opdcells.screen import screen_files, screen_settings
+    from opdcells.spikein import simulate_sample
+
+    record = features.config["calibration"]
+    assert record["targets"] == ["cancer"] and record["temperature"] > 0
+    assert record["n_maps"] == features.config["split"]["sizes"]["val"]
+    assert record["operating_point"]["fpr"] == 1e-3 and record["operating_point"]["extrapolated"]
+    scores = load_validation_scores(features.model_dir)
+    assert scores["proba"].shape == (record["n_maps"], 2)
+    assert (features.model_dir / "reliability.png").is_file()
+    model = load_model(features.model_dir)
+    simulate_sample(tmp_path / "sample", 12, {"SW480": 2}, seed=5, maps_per_file=7, progress=False)
+    settings = screen_settings(model, fpr=0.05)
+    result = screen_files(model, [tmp_path / "sample"], tmp_path / "out", settings,
+                          options=ingest_options(model))
+    summary = json.loads((tmp_path / "out/summary.json").read_text())
+    assert summary["maps_read"] == result.n_maps > 0 and summary["targets"] == ["cancer"]
+    assert summary["operating_point"]["fpr"] == 0.05

@@ -17,7 +17,15 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from .config import CLASS_WEIGHTINGS, LR_SCHEDULES, MODEL_NAMES, PROFILES, field_default, field_help
+from .config import (
+    CLASS_WEIGHTINGS,
+    DISTRIBUTE,
+    LR_SCHEDULES,
+    MODEL_NAMES,
+    PROFILES,
+    field_default,
+    field_help,
+)
 from .errors import OPDCellsError, safe_text
 
 log = logging.getLogger("opdcells.cli")
@@ -128,6 +136,7 @@ TRAIN_OPTIONS = [
     (("--val-size",), "val_size", {"type": float, "metavar": "F"}),
     (("--test-groups",), "test_groups", {"type": _names, "metavar": "G1,G2"}),
     (("--val-groups",), "val_groups", {"type": _names, "metavar": "G1,G2"}),
+    (("--distribute",), "distribute", {"choices": DISTRIBUTE}),
 ]
 def train_settings(args) -> dict:
     """The TrainConfig fields given on the command line (None: not given; ``--no-augment`` -> False)."""

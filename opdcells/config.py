@@ -42,6 +42,8 @@ MODEL_NAMES = (*FAMILIES, *ALIASES, FEATURES)
 #: registry's default OPD-pretrained encoder of the family (``"opd:NAME"`` names another entry).
 RANDOM, IMAGENET, OPD = "random", "imagenet", "opd"
 LR_SCHEDULES = ("constant", "cosine")
+#: ``distribute`` settings (:mod:`opdcells.distribute`).
+DISTRIBUTE = ("none", "auto", "mirrored", "multiworker")
 #: Fields whose default comes from the profile (and a pretrained encoder), not from the dataclass.
 PROFILE_FIELDS = ("alpha", "input_size", "epochs", "patience", "batch_size", "learning_rate", "head_epochs",
                   "freeze_batchnorm", "tta")
@@ -241,6 +243,11 @@ class TrainConfig:
         dataset has the five reference classes, else every class).
     profile : str
         Profile the defaults came from (quick or full).
+    distribute : str
+        Devices to train on: none (one device), mirrored (every GPU of this machine), multiworker
+        (the machines or processes of the cluster in TF_CONFIG, each running the same command) or auto
+        (multiworker when TF_CONFIG names a cluster, mirrored with two or more GPUs, else none); see
+        opdcells.distribute.
     """
 
     model: str = "mobilenetv2"
@@ -267,6 +274,7 @@ class TrainConfig:
     val_groups: list | None = None
     task: str | None = None
     profile: str = "quick"
+    distribute: str = "none"
 
     def __post_init__(self):
         self.validate()
@@ -288,6 +296,7 @@ class TrainConfig:
             (self.class_weight not in CLASS_WEIGHTINGS,
              f"class_weight must be one of {', '.join(CLASS_WEIGHTINGS)}"),
             (self.profile not in PROFILES, f"profile must be one of {', '.join(PROFILES)}"),
+            (self.distribute not in DISTRIBUTE, f"distribute must be one of {', '.join(DISTRIBUTE)}"),
             (self.epochs < 1 or self.batch_size < 1, "epochs and batch_size must be at least 1"),
             (self.patience < 0 or self.head_epochs < 0, "patience and head_epochs must not be negative"),
             (not self.learning_rate > 0, "learning_rate must be positive"),

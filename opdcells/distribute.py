@@ -25,9 +25,13 @@ import os
 
 import numpy as np
 
+from .config import DISTRIBUTE
+
 log = logging.getLogger(__name__)
 
-DISTRIBUTE = ("none", "auto", "mirrored", "multiworker")
+__all__ = ["DISTRIBUTE", "cluster_spec", "resolve", "make_strategy", "is_chief", "fit_distributed"]
+
+
 
 
 def cluster_spec() -> dict | None:
@@ -82,12 +86,16 @@ def make_strategy(setting: str):
     return tf.distribute.get_strategy()
 
 
-def is_chief(strategy) -> bool:
-    """True on the worker that writes the outputs (index 0; always True without a cluster)."""
-    resolver = getattr(strategy, "cluster_resolver", None)
-    if resolver is None or not cluster_spec():
+def is_chief() -> bool:
+    """True on the worker that writes the outputs: without a cluster, or the ``chief`` task, or worker 0
+    of a cluster without a chief (``TF_CONFIG``'s task)."""
+    spec = cluster_spec()
+    if spec is None:
         return True
-    return resolver.task_type in (None, "chief") or (resolver.task_type == "worker" and resolver.task_id == 0)
+    task = spec.get("task", {})
+    if task.get("type") == "chief":
+        return True
+    return task.get("type") == "worker" and int(task.get("index", 0)) == 0 and "chief" not in spec["cluster"]
 
 
 def _sharded(dataset):
@@ -160,7 +168,7 @@ def fit_distributed(strategy, model, optimizer, train, val, *, epochs: int, glob
 
     train_dist = strategy.experimental_distribute_dataset(_sharded(train))
     val_dist = strategy.experimental_distribute_dataset(_sharded(val)) if val is not None else None
-    history: dict[str, list[float]] = {"loss": [], "accuracy": []}
+    history: dict[str, list[float]] = {"accuracy": [], "loss": []}   # Keras' order
     best, best_weights, waited = np.inf, None, 0
     for epoch in range(epochs):
         loss, acc = _epoch(train_step, train_dist)
@@ -168,8 +176,8 @@ def fit_distributed(strategy, model, optimizer, train, val, *, epochs: int, glob
         history["accuracy"].append(acc)
         if val_dist is not None:
             val_loss, val_acc = _epoch(val_step, val_dist)
-            history.setdefault("val_loss", []).append(val_loss)
             history.setdefault("val_accuracy", []).append(val_acc)
+            history.setdefault("val_loss", []).append(val_loss)
             if val_loss < best:
                 best, best_weights, waited = val_loss, model.get_weights(), 0
             else:

@@ -184,18 +184,29 @@ class _KerasLearner:
 
     file_name = "model.keras"
 
-    def __init__(self, model, info: dict):
+    def __init__(self, model, info: dict, strategy=None, build=None):
         self.model = model
         self.info = info
+        self.strategy = strategy   # a tf.distribute strategy other than the default, or None
+        self._build = build        # () -> (model, info): the same model outside any strategy
 
     @classmethod
     def create(cls, settings: TrainConfig, n_classes: int, input_shape, norm_scale_nm: float):
+        from .distribute import make_strategy, resolve
         from .models import build_model
 
-        model, info = build_model(settings.model, n_classes, input_shape=tuple(input_shape),
-                                  input_size=settings.input_size, weights=settings.weights,
-                                  norm_scale_nm=norm_scale_nm, seed=settings.seed, **settings.build_kw)
-        return cls(model, dict(info))
+        def build():
+            return build_model(settings.model, n_classes, input_shape=tuple(input_shape),
+                               input_size=settings.input_size, weights=settings.weights,
+                               norm_scale_nm=norm_scale_nm, seed=settings.seed, **settings.build_kw)
+
+        if resolve(settings.distribute) == "none":
+            return cls(*build())
+        strategy = make_strategy(settings.distribute)
+        log.info("training on %d replicas (%s)", strategy.num_replicas_in_sync, type(strategy).__name__)
+        with strategy.scope():
+            model, info = build()
+        return cls(model, dict(info), strategy, build)
 
     def fit(self, dataset, split: Split, y_all, settings: TrainConfig, class_weight, verbose) -> dict:
         import keras
@@ -213,6 +224,9 @@ class _KerasLearner:
             if schedule == "cosine":   # to 0 over the run's steps
                 steps = epochs * math.ceil(len(split.train) / settings.batch_size)
                 rate = keras.optimizers.schedules.CosineDecay(rate, decay_steps=max(1, steps))
+            if self.strategy is not None:
+                return self._run_distributed(rate, epochs, callbacks, train_stream, val_stream, settings,
+                                             class_weight)
             self.model.compile(optimizer=keras.optimizers.Adam(rate),
                                loss="sparse_categorical_crossentropy", metrics=["accuracy"])
             return self.model.fit(train_stream, epochs=epochs, validation_data=val_stream,
@@ -234,8 +248,34 @@ class _KerasLearner:
                                                    restore_best_weights=True),
                      keras.callbacks.TerminateOnNaN()]
         tuned = run(settings.epochs, callbacks, settings.lr_schedule)
+        if self.strategy is not None:
+            self._leave_strategy()
         return {k: [float(v) for v in history.get(k, [])] + [float(v) for v in values]
                 for k, values in tuned.items()}
+
+    def _run_distributed(self, rate, epochs, callbacks, train_stream, val_stream, settings, class_weight):
+        """One phase of training under ``self.strategy`` (:func:`opdcells.distribute.fit_distributed`: the
+        same loss, optimizer and early stopping as ``model.fit``, which Keras 3 cannot run there)."""
+        import keras
+
+        from .distribute import fit_distributed
+
+        patience = next((c.patience for c in callbacks if isinstance(c, keras.callbacks.EarlyStopping)), None)
+        with self.strategy.scope():
+            optimizer = keras.optimizers.Adam(rate)
+        return fit_distributed(self.strategy, self.model, optimizer, train_stream, val_stream, epochs=epochs,
+                               global_batch=settings.batch_size, class_weight=class_weight, patience=patience)
+
+    def _leave_strategy(self) -> None:
+        """Copy the trained weights into the same model built outside the strategy (Keras predicts and saves
+        a model of a multi-worker strategy no better than it fits it)."""
+        trainable = {layer.name: layer.trainable for layer in self.model.layers}
+        weights = self.model.get_weights()
+        self.model, _ = self._build()
+        for layer in self.model.layers:
+            layer.trainable = trainable.get(layer.name, layer.trainable)
+        self.model.set_weights(weights)
+        self.strategy = None
 
     def predict_proba(self, maps, batch_size: int = 64) -> np.ndarray:
         return np.asarray(self.model.predict(maps[..., None], batch_size=batch_size, verbose=0))
@@ -944,6 +984,18 @@ def _normalisation(settings: TrainConfig, dataset, split: Split) -> dict:
                       "training maps"}
 
 
+def _output_of_this_worker(out: Path, config: TrainConfig) -> Path:
+    """``out`` on the worker that writes the outputs; a temporary folder on the other workers of a cluster
+    (they train in step with it and must not write the same folder)."""
+    from .distribute import is_chief
+
+    if config.distribute == "none" or is_chief():
+        return out
+    scratch = Path(tempfile.mkdtemp(prefix="opdcells-worker-")) / out.name
+    log.info("this worker is not the chief: its copy of the model goes to %s", scratch)
+    return scratch
+
+
 def calibrate_on_validation(model: SavedModel, dataset, y_all, split: Split, folder: Path, *,
                             seed: int = 0) -> dict | None:
     """Calibrate a freshly trained model on its validation groups (:func:`opdcells.calibration.calibrate`).
@@ -1073,6 +1125,7 @@ def train(data, model: str | None = None, task: str | Task | None = None, out=No
         log.info("training %s for %s on %s: %s maps (train/val/test)", config.model, task.name, ds.path,
                  split.sizes)
         learner, normalisation = _create_learner(config, ds, split, len(task.classes))
+        out = _output_of_this_worker(out, config)
         with _staging(out) as folder:
             start = time.perf_counter()
             history = learner.fit(ds, split, y_all, config, class_weight, verbose)

@@ -4,7 +4,8 @@ Exports go through :func:`opdcells.ingest.iter_processed` -- the same readers, m
 preprocessing as ``load_data.py`` -- with the output pixel size and map size taken from the model's
 config, so the model sees maps made exactly like its training maps. Maps are predicted in batches;
 the CSV has one row per map (or per cell with ``fields``): ``file, index, cell, predicted`` and one
-``p_<class>`` probability column per class. A bad file is reported and skipped, never fatal.
+``p_<class>`` probability column per class, then ``ood_score, ood_flag`` for models with an
+out-of-distribution detector (``opdcells.ood``). A bad file is reported and skipped, never fatal.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import numpy as np
 
 from .errors import ExportError, storable_text
 from .ingest import IngestOptions, discover, iter_processed
+from .ood import PredictionCheck
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +65,10 @@ def ingest_options(model, **user) -> IngestOptions:
     return IngestOptions(**{k: v for k, v in user.items() if v is not None}, config=model.preprocess_config)
 
 
-def csv_columns(class_names) -> list[str]:
-    return ["file", "index", "cell", "predicted", *(f"p_{name}" for name in class_names)]
+def csv_columns(class_names, extra=()) -> list[str]:
+    """CSV header: map identity, predicted class, one probability per class, then ``extra`` (the OOD
+    columns of ``ood.PredictionCheck``)."""
+    return ["file", "index", "cell", "predicted", *(f"p_{name}" for name in class_names), *extra]
 
 
 def _maps_of(path: Path, options: IngestOptions,
@@ -90,6 +94,7 @@ class _Batcher:
         self.maps: list[np.ndarray] = []
         self.keys: list[tuple[Path, int, int]] = []
         self.rows: dict[Path, list[list]] = {}
+        self.ood = PredictionCheck(model)   # ood_score, ood_flag (none for models without ood.npz)
 
     def add(self, path: Path, index: int, cell: int, opd: np.ndarray) -> None:
         self.rows.setdefault(path, [])
@@ -103,10 +108,11 @@ class _Batcher:
             return
         proba = self.model.predict_proba(np.stack(self.maps), batch_size=self.batch_size, tta=self.tta)
         names = self.model.class_names
-        for (path, index, cell), p in zip(self.keys, proba, strict=True):
+        ood = self.ood.values(np.stack(self.maps))
+        for (path, index, cell), p, extra in zip(self.keys, proba, ood, strict=True):
             predicted = names[int(np.argmax(p))]
             self.rows[path].append([storable_text(str(path)), index, cell, predicted,  # CSV is UTF-8
-                                    *(f"{v:.6g}" for v in p)])
+                                    *(f"{v:.6g}" for v in p), *extra])
         self.maps.clear()
         self.keys.clear()
 
@@ -140,12 +146,13 @@ def predict_files(model, paths: Iterable[str | os.PathLike], out: str | os.PathL
         while done and (final or not batcher.pending(done[0])):
             rows = batcher.rows.pop(done.pop(0))
             writer.writerows(rows)
+            batcher.ood.written(rows)
             result.n_files += 1
             result.n_maps += len(rows)
 
     with open(out, "w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
-        writer.writerow(csv_columns(model.class_names))
+        writer.writerow(csv_columns(model.class_names, batcher.ood.columns))
         for path in tqdm(expand_exports(paths), unit="file", disable=not progress, mininterval=0.5):
             n = 0
             try:
@@ -166,4 +173,6 @@ def predict_files(model, paths: Iterable[str | os.PathLike], out: str | os.PathL
         write_done(writer, final=True)
     log.info("%s: %d maps from %d files predicted with %s; %d files skipped", out, result.n_maps,
              result.n_files, model.name, len(result.skipped_files))
+    if batcher.ood.summary():
+        log.info("%s", batcher.ood.summary())
     return result

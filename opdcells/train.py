@@ -43,7 +43,9 @@ from . import __version__
 from .dataset import open_dataset
 from .errors import DatasetError, OPDCellsError, one_line, safe_text
 from .evaluate import classification_report
+from .ood import fit_for_model
 from .pipeline import AugmentConfig, dihedral_views, make_tf_dataset
+from .simulate import dataset_origin
 from .splits import Split, group_split, named_split
 from .tasks import Task, TaskError, class_key, resolve_task, task_targets
 
@@ -1102,6 +1104,8 @@ def train(data, model: str = "mobilenetv2", task: str | Task | None = None, out=
                                   history=history, train_time_s=time.perf_counter() - start)
             config["split"]["train_subset"] = None if train_indices is None else {
                 "n_labelled": len(split.train), "of": n_train_full}
+            config["dataset"].update(dataset_origin(ds))   # simulated / measured, from the sources
+            config["ood"] = fit_for_model(folder, learner, ds, split, y_all, seed=seed)   # ood.npz
             _write_model_folder(folder, learner, config, history, split)
             evaluation = evaluate_model(SavedModel(folder, config, learner), ds, split.test, n_boot=n_boot,
                                         seed=seed)

@@ -1,0 +1,456 @@
+"""Out-of-distribution (OOD) detection: flag maps unlike anything the model was trained on.
+
+A classifier answers for every map, also for a cell type it never saw (a real HL60 leukaemia cell is
+called SW480 at p = 0.95), an empty field or debris. This module gives each map an OOD score and a flag,
+shared by ``predict`` and the screening work (issue 14).
+
+Method (Lee et al. 2018, "A simple unified framework for detecting out-of-distribution samples and
+adversarial attacks", NeurIPS): class-conditional Gaussians with one shared covariance, fitted on the
+training maps; a map's distance is the Mahalanobis distance to the nearest class mean. Two blocks of
+inputs are scored separately, because they fail differently:
+
+- ``embedding``: the model's embedding (the encoder's pooled output, the input of the softmax head, for
+  the Keras models; the morphology feature vector for ``features``);
+- ``physical``: dry mass (pg), area (um^2), mean and peak OPD (nm) of the cell mask
+  (:func:`physical_measures`): real cells of other types and debris often differ most there.
+
+Each block is standardised (training mean and standard deviation; the physical measures as logarithms,
+since cells vary by factors), and its shared covariance is estimated with Ledoit-Wolf shrinkage
+(``sklearn.covariance.LedoitWolf``: maps are few against embedding widths of hundreds). Each block's
+threshold is the ``1 - (1 - QUANTILE) / 2`` quantile of its distances over the validation maps (the
+training maps when there is no validation part; a gamma fit to the squared distances when there are
+too few maps for the empirical quantile, :func:`upper_quantile`), so that about ``1 - QUANTILE`` = 1% of
+maps like the training data are flagged in all. A map's OOD score is the larger of its two block
+distances, each over its block's threshold: above 1 it is flagged (``ood_flag``). A map without a usable
+input (no cell, NaN features) scores ``inf``.
+
+The fitted statistics are plain arrays in ``MODEL_FOLDER/ood.npz`` (read with ``allow_pickle=False``:
+loading a model folder never runs code); the threshold and how it was set go into ``config.json``
+(``config["ood"]``). Models saved without ``ood.npz`` predict as before, without OOD columns.
+
+Entry points: :func:`fit_for_model` (``train``, after fitting) and :class:`PredictionCheck`
+(``predict``: columns, per-map values and the summary line).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import OPDCellsError, one_line, safe_text
+
+log = logging.getLogger(__name__)
+
+OOD_FILE = "ood.npz"
+OOD_FORMAT_VERSION = 1
+#: Share of validation maps below the threshold: about 1% of in-distribution maps are flagged.
+QUANTILE = 0.99
+#: Training maps used to fit the Gaussians at most (a random subset beyond it): bounded time and memory.
+MAX_FIT_MAPS = 4000
+#: Calibration maps needed above the quantile for the empirical threshold (else a gamma fit).
+MIN_TAIL = 5
+BLOCKS = ("embedding", "physical")
+PHYSICAL_NAMES = ("dry_mass_pg", "area_um2", "opd_mean_nm", "opd_peak_nm")
+#: Specific refraction increment (mL/g) for dry mass (Barer 1952; Zangle & Teitell 2014).
+ALPHA_ML_PER_G = 0.19
+#: config["dataset"]["origin"] values (see ``opdcells.simulate.dataset_origin``) that mean simulated only.
+SIMULATED = "simulated"
+
+__all__ = ["OODDetector", "GaussianBlock", "OODError", "physical_measures", "model_inputs", "fit_for_model",
+           "load_detector", "PredictionCheck", "OOD_FILE", "QUANTILE"]
+
+
+class OODError(OPDCellsError, OSError):
+    """An ``ood.npz`` file is unreadable or inconsistent."""
+
+    def __init__(self, path, reason: str):
+        self.path = str(path)
+        self.reason = reason
+        OPDCellsError.__init__(self, str(self))
+
+    def __str__(self) -> str:
+        return f"{safe_text(self.path)}: {one_line(self.reason)}"
+
+
+# --------------------------------------------------------------------------------------------- inputs
+
+
+def physical_measures(maps, pixel_size_um: float) -> np.ndarray:
+    """Dry mass, area, mean and peak OPD of the cell in each map (:data:`PHYSICAL_NAMES`).
+
+    Parameters
+    ----------
+    maps : array-like, (N, S, S)
+        Background-free OPD maps in nm (as stored in a dataset or made by ``predict``).
+    pixel_size_um : float
+        Pixel size of the maps in um.
+
+    Returns
+    -------
+    np.ndarray, (N, 4) float64
+        ``dry_mass_pg`` (pg, alpha = :data:`ALPHA_ML_PER_G` mL/g), ``area_um2`` (um^2), ``opd_mean_nm``
+        and ``opd_peak_nm`` (99th percentile, nm) over the cell mask (``preprocess.cell_mask``); all 0
+        for a map in which no cell rises above the noise.
+    """
+    from .preprocess import cell_mask, dry_mass_pg
+
+    maps = np.asarray(maps, dtype=np.float64)
+    out = np.zeros((len(maps), len(PHYSICAL_NAMES)))
+    for i, opd in enumerate(maps):
+        mask = cell_mask(opd, pixel_size_um)
+        if mask.any():
+            values = opd[mask]
+            out[i] = (dry_mass_pg(opd, pixel_size_um, mask, ALPHA_ML_PER_G), mask.sum() * pixel_size_um ** 2,
+                      values.mean(), np.percentile(values, 99))
+    return out
+
+
+def model_inputs(learner, maps, pixel_size_um: float, batch_size: int = 64) -> dict[str, np.ndarray]:
+    """The two input blocks of the detector for ``maps``: ``{"embedding": (N, D), "physical": (N, 4)}``.
+
+    Parameters
+    ----------
+    learner : train._KerasLearner or train._FeaturesLearner
+        The fitted model (``SavedModel.learner``): its encoder's pooled output (the softmax head's input,
+        no test-time augmentation) or its morphology features are the embedding.
+    maps : array-like, (N, S, S)
+        OPD maps in nm at the model's pixel size and size.
+    pixel_size_um : float
+        Their pixel size in um.
+    batch_size : int
+        Maps per encoder call.
+    """
+    maps = np.asarray(maps, dtype=np.float32)
+    if hasattr(learner, "features"):
+        embedding = learner.features(maps)
+    else:
+        from .explain import embed
+
+        embedding = embed(learner.model.get_layer("encoder"), maps, batch_size=batch_size)
+    return {"embedding": np.asarray(embedding, dtype=np.float64),
+            "physical": np.log1p(physical_measures(maps, pixel_size_um))}   # cells vary by factors
+
+
+# --------------------------------------------------------------------------------------------- detector
+
+
+@dataclass
+class GaussianBlock:
+    """Class-conditional Gaussians with a shared (Ledoit-Wolf) covariance on one block of inputs.
+
+    Attributes
+    ----------
+    center, scale : np.ndarray, (D,)
+        Standardisation of the inputs (training mean and standard deviation).
+    means : np.ndarray, (K, D)
+        Class means of the standardised inputs.
+    precision : np.ndarray, (D, D)
+        Inverse of the shrunk shared covariance.
+    threshold : float
+        Distance above which the block calls a map out of distribution (NaN until calibrated).
+    """
+
+    center: np.ndarray
+    scale: np.ndarray
+    means: np.ndarray
+    precision: np.ndarray
+    threshold: float = float("nan")
+
+    @classmethod
+    def fit(cls, x, labels) -> GaussianBlock:
+        """Fit on training inputs ``x`` (N, D) with class ``labels`` (N,); rows with NaN are left out.
+
+        Raises
+        ------
+        ValueError
+            Fewer than two usable rows.
+        """
+        from sklearn.covariance import LedoitWolf
+
+        x, labels = np.asarray(x, dtype=np.float64), np.asarray(labels)
+        ok = np.isfinite(x).all(axis=1)
+        x, labels = x[ok], labels[ok]
+        if len(x) < 2:
+            raise ValueError("fewer than two usable training maps to fit the OOD detector")
+        center, std = x.mean(axis=0), x.std(axis=0)
+        typical = float(np.median(std[std > 0])) if np.any(std > 0) else 1.0
+        scale = np.where(std > 1e-2 * typical, std, typical)   # constant inputs (dead units): a typical unit
+        z = (x - center) / scale
+        classes = np.unique(labels)
+        means = np.stack([z[labels == c].mean(axis=0) for c in classes])
+        residuals = z - means[np.searchsorted(classes, labels)]
+        precision = LedoitWolf(assume_centered=True).fit(residuals).precision_
+        return cls(center, scale, means, precision)
+
+    def distance(self, x) -> np.ndarray:
+        """Mahalanobis distance (N,) of inputs ``x`` (N, D) to the nearest class mean; ``inf`` for rows
+        with NaN or infinite values."""
+        x = np.asarray(x, dtype=np.float64)
+        ok = np.isfinite(x).all(axis=1)
+        z = (np.where(ok[:, None], x, 0.0) - self.center) / self.scale
+        diff = z[:, None, :] - self.means[None]                            # (N, K, D)
+        d2 = np.einsum("nkd,de,nke->nk", diff, self.precision, diff)
+        return np.where(ok, np.sqrt(np.maximum(d2.min(axis=1), 0.0)), np.inf)
+
+
+def upper_quantile(distances, quantile: float) -> tuple[float, str]:
+    """The ``quantile`` of in-distribution Mahalanobis ``distances`` and how it was estimated.
+
+    The empirical quantile needs at least :data:`MIN_TAIL` distances above it. With fewer, the quantile
+    of a gamma distribution fitted (by moments) to the squared distances is used -- for Gaussian data
+    they follow a scaled chi-squared distribution, a gamma -- since the empirical 99th percentile of 20
+    validation maps is just their largest distance.
+
+    Parameters
+    ----------
+    distances : array-like, (N,)
+        Distances of in-distribution (validation) maps; non-finite ones are left out.
+    quantile : float
+        In (0, 1).
+
+    Returns
+    -------
+    (float, str)
+        The threshold and "empirical quantile" or "gamma fit to squared distances (...)".
+
+    Raises
+    ------
+    ValueError
+        Fewer than two finite distances, or all equal.
+    """
+    from scipy.stats import gamma
+
+    d2 = np.asarray(distances, dtype=np.float64) ** 2
+    d2 = d2[np.isfinite(d2)]
+    if d2.size < 2 or d2.var() == 0:
+        raise ValueError(f"{d2.size} distinct finite OOD distances: too few to set a threshold on")
+    if d2.size * (1.0 - quantile) >= MIN_TAIL:
+        return float(np.sqrt(np.quantile(d2, quantile))), "empirical quantile"
+    shape, scale = d2.mean() ** 2 / d2.var(ddof=1), d2.var(ddof=1) / d2.mean()
+    return (float(np.sqrt(gamma.ppf(quantile, shape, scale=scale))),
+            f"gamma fit to squared distances (fewer than {MIN_TAIL / (1.0 - quantile):.0f} maps)")
+
+
+@dataclass
+class OODDetector:
+    """Mahalanobis OOD detector over the blocks :data:`BLOCKS` (see the module docstring).
+
+    Attributes
+    ----------
+    blocks : dict[str, GaussianBlock]
+        One fitted block per input block.
+    quantile : float
+        Quantile of the calibration maps' scores at the threshold (1 - the share of them flagged).
+    method : str
+        How the block thresholds were estimated: "empirical quantile" or "gamma fit ... (...)".
+    threshold : float
+        Scores above it are flagged: 1 (each block's distance is divided by its own threshold).
+    """
+
+    blocks: dict[str, GaussianBlock]
+    quantile: float = QUANTILE
+    method: str = "not calibrated"
+    threshold: float = 1.0
+
+    @classmethod
+    def fit(cls, inputs: dict[str, np.ndarray], labels) -> OODDetector:
+        """Fit one :class:`GaussianBlock` per block of ``inputs`` (as :func:`model_inputs` returns)
+        on the training maps' class ``labels`` (N,)."""
+        return cls({name: GaussianBlock.fit(inputs[name], labels) for name in BLOCKS})
+
+    def calibrate(self, inputs: dict[str, np.ndarray], quantile: float = QUANTILE) -> np.ndarray:
+        """Set each block's threshold on in-distribution (validation) ``inputs`` so that about
+        ``1 - quantile`` of them are flagged in all (each block at ``1 - (1 - quantile) / n_blocks``,
+        Bonferroni); return their scores."""
+        per_block = 1.0 - (1.0 - quantile) / len(self.blocks)
+        for name, block in self.blocks.items():
+            block.threshold, self.method = upper_quantile(block.distance(inputs[name]), per_block)
+        self.quantile = float(quantile)
+        return self.score(inputs)
+
+    def score(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        """OOD score (N,) of maps: the largest block distance over that block's threshold (above 1:
+        out of distribution)."""
+        return np.max([block.distance(inputs[name]) / block.threshold for name, block in self.blocks.items()],
+                      axis=0)
+
+    def flag(self, scores) -> np.ndarray:
+        """Boolean flags (N,): score above the threshold."""
+        return np.asarray(scores) > self.threshold
+
+    def save(self, folder: str | os.PathLike) -> Path:
+        """Write ``folder/ood.npz`` (plain arrays) atomically; return its path."""
+        arrays = {"format_version": np.int64(OOD_FORMAT_VERSION), "quantile": np.float64(self.quantile),
+                  "method": np.array(self.method),
+                  "blocks": np.array(BLOCKS),
+                  "physical_names": np.array(PHYSICAL_NAMES)}
+        for name, block in self.blocks.items():
+            arrays.update({f"{name}_center": block.center, f"{name}_scale": block.scale,
+                           f"{name}_means": block.means,
+                           f"{name}_precision": block.precision.astype(np.float32),
+                           f"{name}_threshold": np.float64(block.threshold)})
+        path = Path(folder) / OOD_FILE
+        fd, tmp = tempfile.mkstemp(prefix=".ood-", suffix=".npz", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                np.savez(fh, **arrays)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> OODDetector:
+        """Read an ``ood.npz`` (no pickles). Raises :class:`OODError` naming the file if it is unusable."""
+        path = Path(path)
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                data = {key: npz[key] for key in npz.files}
+        except (OSError, ValueError, EOFError) as exc:
+            raise OODError(path, f"cannot read ({exc})") from None
+        try:
+            if int(data["format_version"]) > OOD_FORMAT_VERSION:
+                raise OODError(path, f"OOD format {int(data['format_version'])} is newer than this opdcells")
+            if list(data["physical_names"]) != list(PHYSICAL_NAMES):
+                raise OODError(path, f"physical measures {list(data['physical_names'])} differ from this "
+                                     f"opdcells' {list(PHYSICAL_NAMES)}")
+            blocks = {name: GaussianBlock(*(data[f"{name}_{key}"] for key in ("center", "scale", "means")),
+                                          data[f"{name}_precision"].astype(np.float64),
+                                          float(data[f"{name}_threshold"])) for name in BLOCKS}
+        except KeyError as exc:
+            raise OODError(path, f"lacks the array {exc}") from None
+        for name, b in blocks.items():
+            d = b.center.shape[0] if b.center.ndim == 1 else -1
+            if (b.scale.shape != (d,) or b.means.ndim != 2 or b.means.shape[1] != d
+                    or b.precision.shape != (d, d) or not np.all(np.isfinite(b.precision))
+                    or not b.threshold > 0):
+                raise OODError(path, f"the {name} statistics have inconsistent shapes or values")
+        return cls(blocks, float(data["quantile"]), str(data["method"]))
+
+
+# --------------------------------------------------------------------------------------------- train
+
+
+def _inputs_of(learner, dataset, indices, batch_size: int = 256) -> dict[str, np.ndarray]:
+    """Detector inputs of dataset maps ``indices``, read a block at a time."""
+    parts = []
+    for start in range(0, len(indices), batch_size):
+        maps = dataset.read(np.asarray(indices[start:start + batch_size], dtype=np.int64))
+        parts.append(model_inputs(learner, maps, dataset.pixel_size_um))
+    return {name: np.concatenate([p[name] for p in parts]) for name in BLOCKS}
+
+
+def fit_for_model(folder: str | os.PathLike, learner, dataset, split, y_all, *, seed: int = 0) -> dict:
+    """Fit the detector of a just-trained model, save ``folder/ood.npz``, return ``config["ood"]``.
+
+    Parameters
+    ----------
+    folder : path
+        The model folder being written.
+    learner : train learner
+        The fitted model.
+    dataset : OPDDataset
+        The training dataset.
+    split : splits.Split
+        Its split: Gaussians on (up to :data:`MAX_FIT_MAPS` of) the training maps, thresholds on the
+        validation maps (on the training maps when there are none, which flags fewer new maps).
+    y_all : np.ndarray, (N,)
+        Task label of every dataset map.
+    seed : int
+        Seed of the subset drawn when there are more training maps than :data:`MAX_FIT_MAPS`.
+
+    Returns
+    -------
+    dict
+        ``{"file", "method", "threshold", "quantile", "block_thresholds", "threshold_method",
+        "calibrated_on", "n_fit", "n_calibration", "calibration_flag_rate"}``; ``{"file": None,
+        "reason": ...}`` when it cannot be fitted (logged).
+    """
+    train = np.asarray(split.train, dtype=np.int64)
+    if len(train) > MAX_FIT_MAPS:
+        train = np.sort(np.random.default_rng(seed).choice(train, MAX_FIT_MAPS, replace=False))
+    calibration, on = (split.val, "validation maps") if len(split.val) else (train, "training maps")
+    try:
+        inputs = _inputs_of(learner, dataset, train)
+        detector = OODDetector.fit(inputs, y_all[train])
+        scores = detector.calibrate(_inputs_of(learner, dataset, calibration) if len(split.val) else inputs)
+    except ValueError as exc:
+        log.warning("no out-of-distribution detector: %s", exc)
+        return {"file": None, "reason": str(exc)}
+    detector.save(folder)
+    rate = float(np.mean(detector.flag(scores)))
+    log.info("OOD detector: thresholds at the %g quantile of %d %s (%s); %.1f%% of them flagged",
+             detector.quantile, len(scores), on, detector.method, 100 * rate)
+    return {"file": OOD_FILE, "method": "Mahalanobis distance to the nearest class (shared Ledoit-Wolf "
+                                        "covariance) on the embedding and on dry mass, area, mean and peak "
+                                        "OPD (logarithms); score = the larger distance over its block's "
+                                        "threshold, flagged above 1",
+            "threshold": detector.threshold, "quantile": detector.quantile,
+            "block_thresholds": {name: b.threshold for name, b in detector.blocks.items()},
+            "threshold_method": detector.method, "calibrated_on": on,
+            "n_fit": int(len(train)), "n_calibration": int(len(scores)), "calibration_flag_rate": rate}
+
+
+# --------------------------------------------------------------------------------------------- predict
+
+
+def load_detector(model) -> OODDetector | None:
+    """The detector of a loaded model (``SavedModel``), or None (one info line) when its folder has none."""
+    path = Path(model.folder) / OOD_FILE
+    if not path.is_file():
+        log.info("model %s has no %s (trained before out-of-distribution detection): no ood columns",
+                 model.name, OOD_FILE)
+        return None
+    return OODDetector.load(path)
+
+
+class PredictionCheck:
+    """What ``predict`` adds for OOD: the columns, their values per batch and the summary line.
+
+    Constructing it says once (a warning) when the model was trained on simulated cells only.
+
+    Parameters
+    ----------
+    model : train.SavedModel
+        The loaded model.
+    """
+
+    def __init__(self, model):
+        self.model = model
+        self.detector = load_detector(model)
+        self.n_maps = self.n_flagged = 0
+        origin = (model.config.get("dataset") or {}).get("origin")
+        if origin == SIMULATED:
+            log.warning("model %s was trained on simulated cells only (%s): its answers for real cells are "
+                        "untested", model.name, model.config["dataset"].get("path"))
+
+    @property
+    def columns(self) -> list[str]:
+        """``["ood_score", "ood_flag"]``, or none without a detector."""
+        return [] if self.detector is None else ["ood_score", "ood_flag"]
+
+    def values(self, maps) -> list[list]:
+        """CSV values (score with 4 significant digits, flag 0/1) for each of ``maps`` (N, S, S)."""
+        if self.detector is None:
+            return [[] for _ in range(len(maps))]
+        inputs = model_inputs(self.model.learner, maps, self.model.config["pixel_size_um"])
+        scores = self.detector.score(inputs)
+        return [[f"{s:.4g}", int(f)] for s, f in zip(scores, self.detector.flag(scores), strict=True)]
+
+    def written(self, rows) -> None:
+        """Count CSV ``rows`` written (their last value is the flag) for :meth:`summary`."""
+        if self.detector is not None:
+            self.n_maps += len(rows)
+            self.n_flagged += sum(int(row[-1]) for row in rows)
+
+    def summary(self) -> str | None:
+        """'12 of 32 maps unlike the training data (flagged ood)', or None without a detector."""
+        if self.detector is None:
+            return None
+        return (f"{self.n_flagged} of {self.n_maps} maps unlike the training data (flagged ood; about "
+                f"{1 - self.detector.quantile:.0%} of maps like them would be)")

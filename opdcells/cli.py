@@ -90,6 +90,13 @@ def register_train(subparsers) -> None:
                         "tested once; writes the fold models and the pooled table (with baselines) to --out")
     p.add_argument("--test-groups", metavar="G1,G2", help="acquisition groups that form the test part")
     p.add_argument("--val-groups", metavar="G1,G2", help="acquisition groups that form the validation part")
+    p.add_argument("--group-pattern", metavar="REGEX",
+                   help="acquisition groups from the source file names: the named group 'group', else the "
+                        "first group, else the whole match of REGEX (for one folder per class holding every "
+                        "session's files)")
+    p.add_argument("--split-by", choices=("group", "map"), default="group",
+                   help="group: whole acquisition groups in each part (default); map: single maps, when no "
+                        "groups exist -- session effects are then NOT tested (warned, recorded)")
     p.add_argument("--test-size", type=float, default=0.2, metavar="F",
                    help="fraction of maps (whole groups) for testing (0.2)")
     p.add_argument("--val-size", type=float, metavar="F",
@@ -145,7 +152,8 @@ def run_train(args) -> int:
     val_size = 0.15 if args.val_size is None else args.val_size
     result = train(args.data, args.model, task, args.out, split_seed=args.split_seed,
                    test_size=args.test_size, val_size=val_size, test_groups=_names(args.test_groups),
-                   val_groups=_names(args.val_groups), **common)
+                   val_groups=_names(args.val_groups), split_by=args.split_by,
+                   group_pattern=args.group_pattern, **common)
     training = result.config["training"]
     print(f"model saved to {result.model_dir} (init {result.config['init']}, {training['epochs_run']} "
           f"{training['epoch_unit']}s, {training['time_s']:.0f} s)")
@@ -159,8 +167,9 @@ def _run_cv(args, task, common) -> int:
     from .crossval import cross_validate
     from .evaluate import format_report, markdown_table
 
-    if args.test_groups or args.val_groups:
-        raise ValueError("--cv leaves every group out in turn: drop --test-groups/--val-groups")
+    if args.test_groups or args.val_groups or args.group_pattern or args.split_by != "group":
+        raise ValueError("--cv leaves every dataset group out in turn: drop --test-groups/--val-groups/"
+                         "--group-pattern/--split-by")
     cv = cross_validate(args.data, args.model, task, args.cv, out=args.out,
                         val_size=0.0 if args.val_size is None else args.val_size, **common)
     print(f"{args.cv}-fold group cross-validation of {args.model} on {cv.task.name} (every map tested once):")

@@ -41,12 +41,12 @@ import pandas as pd
 
 from . import __version__
 from .dataset import open_dataset
-from .errors import DatasetError, OPDCellsError, one_line, safe_text
+from .errors import DatasetError, OPDCellsError, SplitError, one_line, safe_text
 from .evaluate import classification_report
 from .ood import fit_for_model
 from .pipeline import AugmentConfig, dihedral_views, make_tf_dataset
 from .simulate import dataset_origin
-from .splits import Split, group_split, named_split
+from .splits import Split, dataset_groups, group_split, map_split, named_split
 from .tasks import Task, TaskError, class_key, resolve_task, task_targets
 
 log = logging.getLogger(__name__)
@@ -229,20 +229,30 @@ def task_labels(dataset, task: Task) -> np.ndarray:
 
 
 def make_split(dataset, task: Task, *, seed: int = 0, test_size: float = 0.2, val_size: float = 0.15,
-               test_groups=None, val_groups=None) -> Split:
+               test_groups=None, val_groups=None, split_by: str = "group", group_pattern: str | None = None
+               ) -> Split:
     """Group split of the task's maps, as indices into the dataset: ``splits.group_split`` with the
-    fractions, or ``splits.named_split`` when ``test_groups`` (and optionally ``val_groups``) are named."""
+    fractions, or ``splits.named_split`` when ``test_groups`` (and optionally ``val_groups``) are named.
+    ``group_pattern``: groups from the source file names (``splits.groups_from_pattern``) instead of the
+    dataset's; ``split_by="map"``: ``splits.map_split`` (session effects untested, warned and recorded).
+    SplitError (one line, naming the dataset) when no group split exists."""
     y_all = task_labels(dataset, task)
     idx = np.flatnonzero(y_all >= 0)
-    if test_groups:
-        part = named_split(y_all[idx], dataset.groups[idx], test_groups, val_groups or (), val_size=val_size,
-                           seed=seed)
-    elif val_groups:
-        raise ValueError("--val-groups needs --test-groups (name the test groups too)")
-    else:
-        part = group_split(y_all[idx], dataset.groups[idx], test_size=test_size, val_size=val_size,
-                           seed=seed)
-    return Split(idx[part.train], idx[part.val], idx[part.test], seed=part.seed, groups=part.groups)
+    try:
+        groups = dataset_groups(dataset, group_pattern)
+        if split_by == "map":
+            part = map_split(y_all[idx], test_size=test_size, val_size=val_size, seed=seed)
+        elif test_groups:
+            part = named_split(y_all[idx], groups[idx], test_groups, val_groups or (), val_size=val_size,
+                               seed=seed)
+        elif val_groups:
+            raise ValueError("--val-groups needs --test-groups (name the test groups too)")
+        else:
+            part = group_split(y_all[idx], groups[idx], test_size=test_size, val_size=val_size, seed=seed)
+    except SplitError as exc:
+        raise SplitError(exc.reason, dataset.path) from None
+    return Split(idx[part.train], idx[part.val], idx[part.test], seed=part.seed, groups=part.groups,
+                 by=part.by, warning=part.warning)
 
 
 def iter_maps(dataset, indices, batch_size: int = 256):
@@ -686,9 +696,10 @@ def _positive_class(class_names) -> str | None:
 
 
 def evaluate_model(model: SavedModel, dataset, indices=None, *, batch_size: int = 64, n_boot: int = 1000,
-                   seed: int = 0, tta: bool | None = None) -> Evaluation:
+                   seed: int = 0, tta: bool | None = None, groups=None) -> Evaluation:
     """Evaluate on maps ``indices`` of ``dataset`` (default: every map of the model's task classes);
-    ``tta`` as in :meth:`SavedModel.predict_proba`. Confidence intervals resample the maps' acquisition
+    ``tta`` as in :meth:`SavedModel.predict_proba`; ``groups``: every dataset map's acquisition group
+    (default the dataset's own). Confidence intervals resample the maps' acquisition
     groups (``evaluate.classification_report``); too few test groups per class are warned about."""
     with _opened(dataset) as ds:
         model.check_dataset(ds)
@@ -704,7 +715,7 @@ def evaluate_model(model: SavedModel, dataset, indices=None, *, batch_size: int 
         y_true = y_all[indices]
         report = classification_report(y_true, proba, model.class_names, n_boot=n_boot, seed=seed,
                                        positive_class=_positive_class(model.class_names),
-                                       groups=ds.groups[indices])
+                                       groups=(ds.groups if groups is None else groups)[indices])
         for warning in report["warnings"]:
             log.warning("%s: %s", model.name, warning)
         report["test_time_augmentation"] = TTA_DIHEDRAL if model.uses_tta(tta) else None
@@ -1043,7 +1054,8 @@ def train(data, model: str = "mobilenetv2", task: str | Task | None = None, out=
           batch_size: int | None = None, learning_rate: float | None = None, patience: int | None = None,
           augment: AugmentConfig | None = DEFAULT_AUGMENT, split_seed: int | None = None,
           test_size: float = 0.2, val_size: float = 0.15, test_groups=None, val_groups=None,
-          split: Split | None = None, train_indices=None,
+          split: Split | None = None, train_indices=None, split_by: str = "group",
+          group_pattern: str | None = None,
           head_epochs: int | None = None, freeze_batchnorm: bool | None = None, tta: bool | None = None,
           model_kw: dict | None = None, verbose=0, n_boot: int = 1000, saved_models=None) -> TrainResult:
     """Train ``model`` (an architecture of ``opdcells.models`` or ``"features"``) for ``task`` on the
@@ -1053,7 +1065,9 @@ def train(data, model: str = "mobilenetv2", task: str | Task | None = None, out=
     reference task, "all", "A,B" or "NAME=A,B NAME=C"; None: five_class when the dataset has the five
     reference classes, else every class); the resolved task is stored in config.json
     (``task_definition``). ``test_groups``/``val_groups`` name the acquisition groups of the test and
-    validation parts (else ``test_size``/``val_size`` fractions of whole groups).
+    validation parts (else ``test_size``/``val_size`` fractions of whole groups). ``group_pattern``: groups
+    from the source file names (a regular expression, ``splits.groups_from_pattern``); ``split_by="map"``:
+    split single maps (session effects untested: warned, recorded in config.json and metrics.json).
 
     The group split (``split_seed``, default ``seed``) keeps every acquisition group in one part;
     the normalisation scale is a pretrained encoder's own, otherwise estimated on the training maps;
@@ -1087,7 +1101,8 @@ def train(data, model: str = "mobilenetv2", task: str | Task | None = None, out=
             split_seed, test_size, val_size = split.seed, None, None
         else:
             split = make_split(ds, task, seed=split_seed, test_size=test_size, val_size=val_size,
-                               test_groups=test_groups, val_groups=val_groups)
+                               test_groups=test_groups, val_groups=val_groups, split_by=split_by,
+                               group_pattern=group_pattern)
         n_train_full = len(split.train)
         if train_indices is not None:
             split = labelled_subset(split, train_indices, ds.groups)
@@ -1105,12 +1120,14 @@ def train(data, model: str = "mobilenetv2", task: str | Task | None = None, out=
             config["split"]["train_subset"] = None if train_indices is None else {
                 "n_labelled": len(split.train), "of": n_train_full}
             config["dataset"].update(dataset_origin(ds))   # simulated / measured, from the sources
+            config["split"].update(by=split.by, group_pattern=group_pattern, warning=split.warning)
             config["ood"] = fit_for_model(folder, learner, ds, split, y_all, seed=seed)   # ood.npz
             _write_model_folder(folder, learner, config, history, split)
             evaluation = evaluate_model(SavedModel(folder, config, learner), ds, split.test, n_boot=n_boot,
-                                        seed=seed)
+                                        seed=seed, groups=dataset_groups(ds, group_pattern))
             if learner.info.get("geometry_warning"):
                 evaluation.report["warnings"].append(learner.info["geometry_warning"])
+            evaluation.report["warnings"] += [split.warning] if split.warning else []
             evaluation.report["baselines"] = baseline_summary(ds, y_all, split, task, n_boot=n_boot,
                                                               seed=seed)
             _write_json(folder / "metrics.json", evaluation.report)

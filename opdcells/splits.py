@@ -200,8 +200,8 @@ def named_split(y, groups, test_groups, val_groups=(), *, val_size: float = 0.15
 
 def check_group_layout(y, groups) -> None:
     """Raise :class:`~opdcells.errors.SplitError` when no group split exists: every class has a single
-    acquisition group (and there are at least two classes), so any test group holds a class that
-    training never saw.
+    acquisition group (and there are at least two classes and two groups), so any test group holds a
+    class that training never saw.
 
     Parameters
     ----------
@@ -214,9 +214,11 @@ def check_group_layout(y, groups) -> None:
         One line: what is wrong (classes and their one group) and :data:`WAYS_FORWARD`.
     """
     y, groups = np.asarray(y), np.asarray(groups).astype(str)
+    if y.ndim != 1 or y.shape != groups.shape:
+        return   # reported by the input checks
     classes = np.unique(y)
     per_class = {c: np.unique(groups[y == c]) for c in classes.tolist()}
-    if len(classes) < 2 or any(len(g) > 1 for g in per_class.values()):
+    if len(classes) < 2 or np.unique(groups).size < 2 or any(len(g) > 1 for g in per_class.values()):
         return
     shown = ", ".join(repr(str(g[0])) for g in list(per_class.values())[:4])
     more = ", ..." if len(per_class) > 4 else ""

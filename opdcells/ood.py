@@ -6,23 +6,26 @@ shared by ``predict`` and the screening work (issue 14).
 
 Method (Lee et al. 2018, "A simple unified framework for detecting out-of-distribution samples and
 adversarial attacks", NeurIPS): class-conditional Gaussians with one shared covariance, fitted on the
-training maps; a map's distance is the Mahalanobis distance to the nearest class mean. Two blocks of
-inputs are scored separately, because they fail differently:
+training maps; a map's distance is the Mahalanobis distance to the nearest class mean. The classes are
+the dataset's (finer than a task's: "blood" is three cell types). Two blocks of inputs are scored
+separately, because they fail differently:
 
-- ``embedding``: the model's embedding (the encoder's pooled output, the input of the softmax head, for
-  the Keras models; the morphology feature vector for ``features``);
-- ``physical``: dry mass (pg), area (um^2), mean and peak OPD (nm) of the cell mask
-  (:func:`physical_measures`): real cells of other types and debris often differ most there.
+- ``embedding``: the Keras model's embedding (the encoder's pooled output, the input of the softmax head;
+  no test-time augmentation);
+- ``morphology``: the hand-made features of ``opdcells.features`` (dry mass, area, mean and peak OPD,
+  shape, texture, radial profile), the same for every model (the ``features`` model's embedding is this
+  block, so it has this block only). Real cells of other types and debris differ most here: measured on
+  the demo's models, the embedding of a fine-tuned OPD-MobileNetV2 places every view of a real HL60 cell
+  among the simulated cancer cells, the morphology block flags all of them.
 
-Each block is standardised (training mean and standard deviation; the physical measures as logarithms,
-since cells vary by factors), and its shared covariance is estimated with Ledoit-Wolf shrinkage
-(``sklearn.covariance.LedoitWolf``: maps are few against embedding widths of hundreds). Each block's
-threshold is the ``1 - (1 - QUANTILE) / 2`` quantile of its distances over the validation maps (the
-training maps when there is no validation part; a gamma fit to the squared distances when there are
-too few maps for the empirical quantile, :func:`upper_quantile`), so that about ``1 - QUANTILE`` = 1% of
-maps like the training data are flagged in all. A map's OOD score is the larger of its two block
-distances, each over its block's threshold: above 1 it is flagged (``ood_flag``). A map without a usable
-input (no cell, NaN features) scores ``inf``.
+Each block is standardised (training mean and standard deviation), and its shared covariance is
+estimated with Ledoit-Wolf shrinkage (``sklearn.covariance.LedoitWolf``: maps are few against
+embedding widths of hundreds). Each block's threshold is the ``1 - (1 - QUANTILE) / n_blocks`` quantile
+(Bonferroni) of its distances over the validation maps (the training maps when there is no validation
+part; a gamma fit to the squared distances when there are too few maps for the empirical quantile,
+:func:`upper_quantile`), so that about ``1 - QUANTILE`` = 1% of maps like the training data are flagged
+in all. A map's OOD score is its largest block distance over that block's threshold: above 1 it is
+flagged (``ood_flag``). A map without a usable input (no cell: NaN features) scores ``inf``.
 
 The fitted statistics are plain arrays in ``MODEL_FOLDER/ood.npz`` (read with ``allow_pickle=False``:
 loading a model folder never runs code); the threshold and how it was set go into ``config.json``
@@ -53,14 +56,11 @@ QUANTILE = 0.99
 MAX_FIT_MAPS = 4000
 #: Calibration maps needed above the quantile for the empirical threshold (else a gamma fit).
 MIN_TAIL = 5
-BLOCKS = ("embedding", "physical")
-PHYSICAL_NAMES = ("dry_mass_pg", "area_um2", "opd_mean_nm", "opd_peak_nm")
-#: Specific refraction increment (mL/g) for dry mass (Barer 1952; Zangle & Teitell 2014).
-ALPHA_ML_PER_G = 0.19
+BLOCKS = ("embedding", "morphology")
 #: config["dataset"]["origin"] values (see ``opdcells.simulate.dataset_origin``) that mean simulated only.
 SIMULATED = "simulated"
 
-__all__ = ["OODDetector", "GaussianBlock", "OODError", "physical_measures", "model_inputs", "fit_for_model",
+__all__ = ["OODDetector", "GaussianBlock", "OODError", "model_inputs", "upper_quantile", "fit_for_model",
            "load_detector", "PredictionCheck", "OOD_FILE", "QUANTILE"]
 
 
@@ -79,60 +79,35 @@ class OODError(OPDCellsError, OSError):
 # --------------------------------------------------------------------------------------------- inputs
 
 
-def physical_measures(maps, pixel_size_um: float) -> np.ndarray:
-    """Dry mass, area, mean and peak OPD of the cell in each map (:data:`PHYSICAL_NAMES`).
-
-    Parameters
-    ----------
-    maps : array-like, (N, S, S)
-        Background-free OPD maps in nm (as stored in a dataset or made by ``predict``).
-    pixel_size_um : float
-        Pixel size of the maps in um.
-
-    Returns
-    -------
-    np.ndarray, (N, 4) float64
-        ``dry_mass_pg`` (pg, alpha = :data:`ALPHA_ML_PER_G` mL/g), ``area_um2`` (um^2), ``opd_mean_nm``
-        and ``opd_peak_nm`` (99th percentile, nm) over the cell mask (``preprocess.cell_mask``); all 0
-        for a map in which no cell rises above the noise.
-    """
-    from .preprocess import cell_mask, dry_mass_pg
-
-    maps = np.asarray(maps, dtype=np.float64)
-    out = np.zeros((len(maps), len(PHYSICAL_NAMES)))
-    for i, opd in enumerate(maps):
-        mask = cell_mask(opd, pixel_size_um)
-        if mask.any():
-            values = opd[mask]
-            out[i] = (dry_mass_pg(opd, pixel_size_um, mask, ALPHA_ML_PER_G), mask.sum() * pixel_size_um ** 2,
-                      values.mean(), np.percentile(values, 99))
-    return out
-
-
 def model_inputs(learner, maps, pixel_size_um: float, batch_size: int = 64) -> dict[str, np.ndarray]:
-    """The two input blocks of the detector for ``maps``: ``{"embedding": (N, D), "physical": (N, 4)}``.
+    """The input blocks of the detector for ``maps``: ``{"embedding": (N, D), "morphology": (N, F)}``
+    (``features`` models: ``morphology`` only, their own feature vector).
 
     Parameters
     ----------
     learner : train._KerasLearner or train._FeaturesLearner
-        The fitted model (``SavedModel.learner``): its encoder's pooled output (the softmax head's input,
-        no test-time augmentation) or its morphology features are the embedding.
+        The fitted model (``SavedModel.learner``).
     maps : array-like, (N, S, S)
         OPD maps in nm at the model's pixel size and size.
     pixel_size_um : float
         Their pixel size in um.
     batch_size : int
         Maps per encoder call.
+
+    Returns
+    -------
+    dict[str, np.ndarray]
+        float64 blocks; morphology rows are NaN for maps without a cell.
     """
     maps = np.asarray(maps, dtype=np.float32)
     if hasattr(learner, "features"):
-        embedding = learner.features(maps)
-    else:
-        from .explain import embed
+        return {"morphology": np.asarray(learner.features(maps), dtype=np.float64)}
+    from .explain import embed
+    from .features import feature_matrix
 
-        embedding = embed(learner.model.get_layer("encoder"), maps, batch_size=batch_size)
+    embedding = embed(learner.model.get_layer("encoder"), maps, batch_size=batch_size)
     return {"embedding": np.asarray(embedding, dtype=np.float64),
-            "physical": np.log1p(physical_measures(maps, pixel_size_um))}   # cells vary by factors
+            "morphology": feature_matrix(maps, pixel_size_um)[0]}
 
 
 # --------------------------------------------------------------------------------------------- detector
@@ -200,10 +175,11 @@ class GaussianBlock:
 def upper_quantile(distances, quantile: float) -> tuple[float, str]:
     """The ``quantile`` of in-distribution Mahalanobis ``distances`` and how it was estimated.
 
-    The empirical quantile needs at least :data:`MIN_TAIL` distances above it. With fewer, the quantile
-    of a gamma distribution fitted (by moments) to the squared distances is used -- for Gaussian data
-    they follow a scaled chi-squared distribution, a gamma -- since the empirical 99th percentile of 20
-    validation maps is just their largest distance.
+    The empirical quantile needs at least :data:`MIN_TAIL` distances above it. With fewer, a gamma
+    distribution is fitted to the squared distances -- for Gaussian data they follow a scaled
+    chi-squared distribution, a gamma -- by matching their median and 90th percentile (so a few atypical
+    validation maps, such as simulated cells with debris beside them, do not widen it), and its
+    ``quantile`` is used: the empirical 99th percentile of 20 validation maps is just their largest.
 
     Parameters
     ----------
@@ -220,19 +196,26 @@ def upper_quantile(distances, quantile: float) -> tuple[float, str]:
     Raises
     ------
     ValueError
-        Fewer than two finite distances, or all equal.
+        Fewer than two finite distances, or no spread between their median and 90th percentile.
     """
+    from scipy.optimize import brentq
     from scipy.stats import gamma
 
     d2 = np.asarray(distances, dtype=np.float64) ** 2
     d2 = d2[np.isfinite(d2)]
-    if d2.size < 2 or d2.var() == 0:
-        raise ValueError(f"{d2.size} distinct finite OOD distances: too few to set a threshold on")
+    if d2.size < 2:
+        raise ValueError(f"{d2.size} finite OOD distances: too few to set a threshold on")
     if d2.size * (1.0 - quantile) >= MIN_TAIL:
         return float(np.sqrt(np.quantile(d2, quantile))), "empirical quantile"
-    shape, scale = d2.mean() ** 2 / d2.var(ddof=1), d2.var(ddof=1) / d2.mean()
+    median, q90 = np.quantile(d2, [0.5, 0.9])
+    if not (median > 0 and q90 > median * (1 + 1e-6)):
+        raise ValueError("OOD distances without spread: too few distinct maps to set a threshold on")
+    # the ratio of a gamma's 90th percentile to its median falls from infinity to 1 as its shape grows
+    shape = brentq(lambda k: gamma.ppf(0.9, k) / gamma.ppf(0.5, k) - q90 / median, 1e-3, 1e6)
+    scale = median / gamma.ppf(0.5, shape)
     return (float(np.sqrt(gamma.ppf(quantile, shape, scale=scale))),
-            f"gamma fit to squared distances (fewer than {MIN_TAIL / (1.0 - quantile):.0f} maps)")
+            f"gamma fit to the median and 90th percentile of squared distances (fewer than "
+            f"{MIN_TAIL / (1.0 - quantile):.0f} maps)")
 
 
 @dataclass
@@ -242,7 +225,7 @@ class OODDetector:
     Attributes
     ----------
     blocks : dict[str, GaussianBlock]
-        One fitted block per input block.
+        One fitted block per input block (of :data:`BLOCKS`).
     quantile : float
         Quantile of the calibration maps' scores at the threshold (1 - the share of them flagged).
     method : str
@@ -260,7 +243,7 @@ class OODDetector:
     def fit(cls, inputs: dict[str, np.ndarray], labels) -> OODDetector:
         """Fit one :class:`GaussianBlock` per block of ``inputs`` (as :func:`model_inputs` returns)
         on the training maps' class ``labels`` (N,)."""
-        return cls({name: GaussianBlock.fit(inputs[name], labels) for name in BLOCKS})
+        return cls({name: GaussianBlock.fit(inputs[name], labels) for name in BLOCKS if name in inputs})
 
     def calibrate(self, inputs: dict[str, np.ndarray], quantile: float = QUANTILE) -> np.ndarray:
         """Set each block's threshold on in-distribution (validation) ``inputs`` so that about
@@ -286,8 +269,7 @@ class OODDetector:
         """Write ``folder/ood.npz`` (plain arrays) atomically; return its path."""
         arrays = {"format_version": np.int64(OOD_FORMAT_VERSION), "quantile": np.float64(self.quantile),
                   "method": np.array(self.method),
-                  "blocks": np.array(BLOCKS),
-                  "physical_names": np.array(PHYSICAL_NAMES)}
+                  "blocks": np.array(list(self.blocks))}
         for name, block in self.blocks.items():
             arrays.update({f"{name}_center": block.center, f"{name}_scale": block.scale,
                            f"{name}_means": block.means,
@@ -316,12 +298,12 @@ class OODDetector:
         try:
             if int(data["format_version"]) > OOD_FORMAT_VERSION:
                 raise OODError(path, f"OOD format {int(data['format_version'])} is newer than this opdcells")
-            if list(data["physical_names"]) != list(PHYSICAL_NAMES):
-                raise OODError(path, f"physical measures {list(data['physical_names'])} differ from this "
-                                     f"opdcells' {list(PHYSICAL_NAMES)}")
+            names = [str(name) for name in data["blocks"]]
+            if not names or not set(names) <= set(BLOCKS):
+                raise OODError(path, f"unknown input blocks {names} (this opdcells knows {list(BLOCKS)})")
             blocks = {name: GaussianBlock(*(data[f"{name}_{key}"] for key in ("center", "scale", "means")),
                                           data[f"{name}_precision"].astype(np.float64),
-                                          float(data[f"{name}_threshold"])) for name in BLOCKS}
+                                          float(data[f"{name}_threshold"])) for name in names}
         except KeyError as exc:
             raise OODError(path, f"lacks the array {exc}") from None
         for name, b in blocks.items():
@@ -342,10 +324,10 @@ def _inputs_of(learner, dataset, indices, batch_size: int = 256) -> dict[str, np
     for start in range(0, len(indices), batch_size):
         maps = dataset.read(np.asarray(indices[start:start + batch_size], dtype=np.int64))
         parts.append(model_inputs(learner, maps, dataset.pixel_size_um))
-    return {name: np.concatenate([p[name] for p in parts]) for name in BLOCKS}
+    return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
 
 
-def fit_for_model(folder: str | os.PathLike, learner, dataset, split, y_all, *, seed: int = 0) -> dict:
+def fit_for_model(folder: str | os.PathLike, learner, dataset, split, *, seed: int = 0) -> dict:
     """Fit the detector of a just-trained model, save ``folder/ood.npz``, return ``config["ood"]``.
 
     Parameters
@@ -357,10 +339,9 @@ def fit_for_model(folder: str | os.PathLike, learner, dataset, split, y_all, *, 
     dataset : OPDDataset
         The training dataset.
     split : splits.Split
-        Its split: Gaussians on (up to :data:`MAX_FIT_MAPS` of) the training maps, thresholds on the
-        validation maps (on the training maps when there are none, which flags fewer new maps).
-    y_all : np.ndarray, (N,)
-        Task label of every dataset map.
+        Its split: Gaussians on (up to :data:`MAX_FIT_MAPS` of) the training maps, one per dataset
+        class, thresholds on the validation maps (on the training maps when there are none, which flags
+        fewer new maps).
     seed : int
         Seed of the subset drawn when there are more training maps than :data:`MAX_FIT_MAPS`.
 
@@ -377,7 +358,7 @@ def fit_for_model(folder: str | os.PathLike, learner, dataset, split, y_all, *, 
     calibration, on = (split.val, "validation maps") if len(split.val) else (train, "training maps")
     try:
         inputs = _inputs_of(learner, dataset, train)
-        detector = OODDetector.fit(inputs, y_all[train])
+        detector = OODDetector.fit(inputs, dataset.labels[train])
         scores = detector.calibrate(_inputs_of(learner, dataset, calibration) if len(split.val) else inputs)
     except ValueError as exc:
         log.warning("no out-of-distribution detector: %s", exc)
@@ -386,10 +367,10 @@ def fit_for_model(folder: str | os.PathLike, learner, dataset, split, y_all, *, 
     rate = float(np.mean(detector.flag(scores)))
     log.info("OOD detector: thresholds at the %g quantile of %d %s (%s); %.1f%% of them flagged",
              detector.quantile, len(scores), on, detector.method, 100 * rate)
-    return {"file": OOD_FILE, "method": "Mahalanobis distance to the nearest class (shared Ledoit-Wolf "
-                                        "covariance) on the embedding and on dry mass, area, mean and peak "
-                                        "OPD (logarithms); score = the larger distance over its block's "
-                                        "threshold, flagged above 1",
+    return {"file": OOD_FILE, "method": "Mahalanobis distance to the nearest dataset class (shared "
+                                        "Ledoit-Wolf covariance) on " + " and ".join(detector.blocks)
+                                        + "; score = the largest distance over its block's threshold, "
+                                          "flagged above 1",
             "threshold": detector.threshold, "quantile": detector.quantile,
             "block_thresholds": {name: b.threshold for name, b in detector.blocks.items()},
             "threshold_method": detector.method, "calibrated_on": on,

@@ -1121,7 +1121,7 @@ def train(data, model: str = "mobilenetv2", task: str | Task | None = None, out=
                 "n_labelled": len(split.train), "of": n_train_full}
             config["dataset"].update(dataset_origin(ds))   # simulated / measured, from the sources
             config["split"].update(by=split.by, group_pattern=group_pattern, warning=split.warning)
-            config["ood"] = fit_for_model(folder, learner, ds, split, y_all, seed=seed)   # ood.npz
+            config["ood"] = fit_for_model(folder, learner, ds, split, seed=seed)   # writes ood.npz
             _write_model_folder(folder, learner, config, history, split)
             evaluation = evaluate_model(SavedModel(folder, config, learner), ds, split.test, n_boot=n_boot,
                                         seed=seed, groups=dataset_groups(ds, group_pattern))

@@ -7,7 +7,6 @@ simulated maps of unseen sessions are not.
 from __future__ import annotations
 
 import logging
-import math
 
 import numpy as np
 import pandas as pd
@@ -16,6 +15,7 @@ import scipy.io
 from helpers import _session_maps, tiny_run, write_exports
 
 from opdcells import ood
+from opdcells.features import FEATURE_NAMES
 from opdcells.preprocess import PreprocessConfig
 from opdcells.simulate import CLASS_NAMES, is_simulated_export
 
@@ -26,12 +26,12 @@ from opdcells.train import SavedModel, load_model  # noqa: E402
 
 
 def gaussian_inputs(rng, n, shift=0.0):
-    """Two classes in 6 embedding dimensions (correlated) and 4 physical measures."""
+    """Two classes in 6 embedding dimensions (correlated) and 4 morphology features."""
     labels = rng.integers(0, 2, n)
     mix = np.eye(6) + 0.5
     emb = rng.normal(size=(n, 6)) @ mix + 3.0 * labels[:, None] + shift
     phys = rng.normal(size=(n, 4)) * 0.1 + np.log1p([100.0, 150.0, 120.0, 300.0]) + shift / 10
-    return {"embedding": emb, "physical": phys}, labels
+    return {"embedding": emb, "morphology": phys}, labels
 
 
 def test_detector_flags_far_maps_and_about_one_percent_of_maps_like_the_training_maps(tmp_path):
@@ -78,15 +78,6 @@ def test_empirical_quantile_when_the_tail_has_enough_maps():
         ood.upper_quantile([1.0, np.nan], 0.99)
 
 
-def test_physical_measures_of_a_disk_and_of_an_empty_map():
-    yy, xx = np.mgrid[:64, :64]
-    disk = np.where(np.hypot(yy - 32, xx - 32) < 10, 200.0, 0.0)
-    dry_mass, area, mean, peak = ood.physical_measures([disk, np.zeros((64, 64))], 0.5)[0]
-    assert dry_mass == pytest.approx(200e-3 * math.pi * 5.0 ** 2 / 0.19, rel=0.05)
-    assert area >= math.pi * 5.0 ** 2 * 0.95 and mean <= 200.0 and peak == pytest.approx(200.0)
-    assert not ood.physical_measures([np.zeros((64, 64))], 0.5).any()
-
-
 def test_simulator_exports_are_recognised(tmp_path):
     simulated = write_exports(tmp_path / "sim", classes=("SW480",), per_class=1)[0]
     measured = tmp_path / "measured.mat"
@@ -119,10 +110,26 @@ def held_out_simulated(config: PreprocessConfig) -> np.ndarray:
                      for _, p, _ in _session_maps(c, k, 6, 0, config, 1.0)])
 
 
+@pytest.fixture(scope="module")
+def calibrated_model(tmp_path_factory):
+    """A features model on 10 maps per session (150 maps): 30 validation maps to set the thresholds on."""
+    from helpers import once, write_tiny_dataset
+
+    from opdcells.train import train
+
+    def make():
+        folder = tmp_path_factory.mktemp("ood")
+        data = write_tiny_dataset(folder / "ten_per_session.h5", maps_per_session=10)
+        return train(data, "features", "five_class", folder / "features", n_boot=20).model
+
+    return once("ood_calibrated_model", make)
+
+
 def test_real_cells_empty_and_debris_maps_are_flagged_and_unseen_simulated_sessions_are_not(
-        features_model, real_qpi):
+        calibrated_model, real_qpi):
     from opdcells.transfer import load_real_cells
 
+    features_model = calibrated_model
     config = features_model.preprocess_config
     real = load_real_cells(real_qpi, config, hl60_every=5, rbc_files=("gt_phase1.mat", "gt_phase2.mat"))
     size = config.out_size
@@ -180,7 +187,7 @@ def test_keras_models_use_their_encoder_embedding(tmp_path_factory):
     maps = held_out_simulated(model.preprocess_config)[:8]
     inputs = ood.model_inputs(model.learner, maps, model.config["pixel_size_um"])
     width = model.learner.model.get_layer("encoder").output_shape[-1]
-    assert inputs["embedding"].shape == (8, width) and inputs["physical"].shape == (8, 4)
+    assert inputs["embedding"].shape == (8, width) and inputs["morphology"].shape == (8, len(FEATURE_NAMES))
     detector = ood.load_detector(model)
-    assert detector.blocks["embedding"].means.shape == (len(model.class_names), width)
+    assert detector.blocks["embedding"].means.shape == (5, width)   # one Gaussian per dataset class
     assert np.isfinite(detector.score(inputs)).all()

@@ -45,7 +45,7 @@ def test_csv_has_one_row_per_map_and_probabilities_summing_to_one(model, exports
     result = predict_files(model, [exports[0].parent], tmp_path / "preds.csv")
     table = pd.read_csv(result.out)
     assert list(table.columns) == csv_columns(model.class_names, ["ood_score", "ood_flag"])
-    assert [f"p_{c}" for c in model.class_names] == list(table.columns[4:])
+    assert [f"p_{c}" for c in model.class_names] == list(table.columns[4:-2])
     assert sorted(table["file"]) == sorted(str(p) for p in exports)
     assert (table["index"] == 0).all() and (table["cell"] == 0).all()
     proba = table[[f"p_{c}" for c in model.class_names]].to_numpy()

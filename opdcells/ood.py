@@ -45,6 +45,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import OPDCellsError, one_line, safe_text
+from .features import FEATURE_NAMES, feature_matrix
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,9 @@ MAX_FIT_MAPS = 4000
 #: Calibration maps needed above the quantile for the empirical threshold (else a gamma fit).
 MIN_TAIL = 5
 BLOCKS = ("embedding", "morphology")
+#: Morphology rows of the last dataset this process fitted a detector on, by row ("dataset": its real path
+#: and fingerprint): the notebooks train several models on one dataset, and a 128 px map takes ~25 ms.
+_MORPHOLOGY: dict = {}
 #: config["dataset"]["origin"] values (see ``opdcells.simulate.dataset_origin``) that mean simulated only.
 SIMULATED = "simulated"
 
@@ -79,7 +83,8 @@ class OODError(OPDCellsError, OSError):
 # --------------------------------------------------------------------------------------------- inputs
 
 
-def model_inputs(learner, maps, pixel_size_um: float, batch_size: int = 64) -> dict[str, np.ndarray]:
+def model_inputs(learner, maps, pixel_size_um: float, batch_size: int = 64,
+                 morphology: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """The input blocks of the detector for ``maps``: ``{"embedding": (N, D), "morphology": (N, F)}``
     (``features`` models: ``morphology`` only, their own feature vector).
 
@@ -93,6 +98,8 @@ def model_inputs(learner, maps, pixel_size_um: float, batch_size: int = 64) -> d
         Their pixel size in um.
     batch_size : int
         Maps per encoder call.
+    morphology : np.ndarray, (N, F), optional
+        ``features.feature_matrix`` of the maps, when already measured.
 
     Returns
     -------
@@ -100,14 +107,15 @@ def model_inputs(learner, maps, pixel_size_um: float, batch_size: int = 64) -> d
         float64 blocks; morphology rows are NaN for maps without a cell.
     """
     maps = np.asarray(maps, dtype=np.float32)
-    if hasattr(learner, "features"):
-        return {"morphology": np.asarray(learner.features(maps), dtype=np.float64)}
+    if morphology is None:
+        morphology = feature_matrix(maps, pixel_size_um)[0]
+    if hasattr(learner, "features"):   # the features model's embedding is the morphology itself
+        return {"morphology": np.asarray(morphology, dtype=np.float64)}
     from .explain import embed
-    from .features import feature_matrix
 
     embedding = embed(learner.model.get_layer("encoder"), maps, batch_size=batch_size)
     return {"embedding": np.asarray(embedding, dtype=np.float64),
-            "morphology": feature_matrix(maps, pixel_size_um)[0]}
+            "morphology": np.asarray(morphology, dtype=np.float64)}
 
 
 # --------------------------------------------------------------------------------------------- detector
@@ -269,7 +277,7 @@ class OODDetector:
         """Write ``folder/ood.npz`` (plain arrays) atomically; return its path."""
         arrays = {"format_version": np.int64(OOD_FORMAT_VERSION), "quantile": np.float64(self.quantile),
                   "method": np.array(self.method),
-                  "blocks": np.array(list(self.blocks))}
+                  "blocks": np.array(list(self.blocks)), "morphology_names": np.array(FEATURE_NAMES)}
         for name, block in self.blocks.items():
             arrays.update({f"{name}_center": block.center, f"{name}_scale": block.scale,
                            f"{name}_means": block.means,
@@ -298,6 +306,9 @@ class OODDetector:
         try:
             if int(data["format_version"]) > OOD_FORMAT_VERSION:
                 raise OODError(path, f"OOD format {int(data['format_version'])} is newer than this opdcells")
+            if [str(n) for n in data["morphology_names"]] != list(FEATURE_NAMES):
+                raise OODError(path, "was fitted on other morphology features than opdcells.features now "
+                                     "computes; retrain the model")
             names = [str(name) for name in data["blocks"]]
             if not names or not set(names) <= set(BLOCKS):
                 raise OODError(path, f"unknown input blocks {names} (this opdcells knows {list(BLOCKS)})")
@@ -319,11 +330,22 @@ class OODDetector:
 
 
 def _inputs_of(learner, dataset, indices, batch_size: int = 256) -> dict[str, np.ndarray]:
-    """Detector inputs of dataset maps ``indices``, read a block at a time."""
-    parts = []
+    """Detector inputs of dataset maps ``indices``, read a block at a time; morphology rows come from
+    :data:`_MORPHOLOGY` when this process measured them already (same dataset content)."""
+    key = (str(dataset.real_path), dataset.fingerprint)
+    if _MORPHOLOGY.get("dataset") != key:
+        _MORPHOLOGY.clear()
+        _MORPHOLOGY.update(dataset=key, rows={})
+    known, parts = _MORPHOLOGY["rows"], []
     for start in range(0, len(indices), batch_size):
-        maps = dataset.read(np.asarray(indices[start:start + batch_size], dtype=np.int64))
-        parts.append(model_inputs(learner, maps, dataset.pixel_size_um))
+        rows = np.asarray(indices[start:start + batch_size], dtype=np.int64)
+        maps = dataset.read(rows)
+        todo = [j for j, row in enumerate(rows.tolist()) if row not in known]
+        if todo:
+            known.update(zip(rows[todo].tolist(), feature_matrix(maps[todo], dataset.pixel_size_um)[0],
+                             strict=True))
+        morphology = np.stack([known[row] for row in rows.tolist()])
+        parts.append(model_inputs(learner, maps, dataset.pixel_size_um, morphology=morphology))
     return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
 
 

@@ -191,3 +191,23 @@ def test_keras_models_use_their_encoder_embedding(tmp_path_factory):
     detector = ood.load_detector(model)
     assert detector.blocks["embedding"].means.shape == (5, width)   # one Gaussian per dataset class
     assert np.isfinite(detector.score(inputs)).all()
+
+
+def test_morphology_of_dataset_maps_is_measured_once_per_process(features_model, tmp_path_factory,
+                                                                  monkeypatch):
+    from helpers import tiny_dataset
+
+    from opdcells.dataset import open_dataset
+
+    measured, original = [], ood.feature_matrix
+
+    def counting(maps, pixel_size_um):
+        measured.append(len(maps))
+        return original(maps, pixel_size_um)
+
+    monkeypatch.setattr(ood, "feature_matrix", counting)
+    with open_dataset(tiny_dataset(tmp_path_factory)) as ds:
+        first = ood._inputs_of(features_model.learner, ds, np.arange(10))
+        again = ood._inputs_of(features_model.learner, ds, np.arange(5, 15))
+    assert measured == [10, 5]
+    np.testing.assert_array_equal(first["morphology"][5:], again["morphology"][:5])

@@ -109,6 +109,18 @@ class SplitError(OPDCellsError, ValueError):
         super().__init__(prefix + one_line(reason))
 
 
+class OODError(OPDCellsError, OSError):
+    """A model folder's ``ood.npz`` (``opdcells.ood``) is unreadable, pickled or inconsistent."""
+
+    def __init__(self, path: str | os.PathLike, reason: str):
+        self.path = str(path)
+        self.reason = reason
+        OPDCellsError.__init__(self, str(self))
+
+    def __str__(self) -> str:  # OSError would otherwise format its own way
+        return f"{safe_text(self.path)}: {one_line(self.reason)}"
+
+
 #: Python's own control-flow exceptions: never turned into an error about a file.
 CONTROL_FLOW = (KeyboardInterrupt, SystemExit, GeneratorExit)
 

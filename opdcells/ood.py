@@ -44,7 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import OPDCellsError, one_line, safe_text
+from .errors import OODError
 from .features import FEATURE_NAMES, feature_matrix
 
 log = logging.getLogger(__name__)
@@ -66,18 +66,6 @@ SIMULATED = "simulated"
 
 __all__ = ["OODDetector", "GaussianBlock", "OODError", "model_inputs", "upper_quantile", "fit_for_model",
            "load_detector", "PredictionCheck", "OOD_FILE", "QUANTILE"]
-
-
-class OODError(OPDCellsError, OSError):
-    """An ``ood.npz`` file is unreadable or inconsistent."""
-
-    def __init__(self, path, reason: str):
-        self.path = str(path)
-        self.reason = reason
-        OPDCellsError.__init__(self, str(self))
-
-    def __str__(self) -> str:
-        return f"{safe_text(self.path)}: {one_line(self.reason)}"
 
 
 # --------------------------------------------------------------------------------------------- inputs

@@ -17,7 +17,7 @@ from helpers import _session_maps, tiny_run, write_exports
 from opdcells import ood
 from opdcells.features import FEATURE_NAMES
 from opdcells.preprocess import PreprocessConfig
-from opdcells.simulate import CLASS_NAMES, is_simulated_export
+from opdcells.simulate import CLASS_NAMES, TRUTH_COLUMNS, is_simulated_export
 
 pytest.importorskip("tensorflow")
 
@@ -85,6 +85,11 @@ def test_simulator_exports_are_recognised(tmp_path):
     assert is_simulated_export(simulated) is True
     assert is_simulated_export(measured) is False
     assert is_simulated_export(tmp_path / "gone.mat") is None
+    older = tmp_path / "older_simulation" / "SW480" / "session_1"   # exports of an opdcells before the stamp
+    older.mkdir(parents=True)
+    scipy.io.savemat(older / "cell.mat", {"phase": np.zeros((8, 8)), "units": "rad"})
+    (tmp_path / "older_simulation" / "truth.csv").write_text(",".join(TRUTH_COLUMNS) + "\n")
+    assert is_simulated_export(older / "cell.mat") is True
 
 
 # --------------------------------------------------------------------------------------- with models

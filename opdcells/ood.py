@@ -57,6 +57,9 @@ QUANTILE = 0.99
 MAX_FIT_MAPS = 4000
 #: Calibration maps needed above the quantile for the empirical threshold (else a gamma fit).
 MIN_TAIL = 5
+#: Fewer calibration maps than this get a warning: thresholds from a few dozen maps flag several times
+#: ``1 - QUANTILE`` of new maps like them (measured: 13% with 20 maps, 2-5% with 80-100).
+MIN_CALIBRATION_MAPS = 50
 BLOCKS = ("embedding", "morphology")
 #: Morphology rows of the last dataset this process fitted a detector on, by row ("dataset": its real path
 #: and fingerprint): the notebooks train several models on one dataset, and a 128 px map takes ~25 ms.
@@ -359,7 +362,8 @@ def fit_for_model(folder: str | os.PathLike, learner, dataset, split, *, seed: i
     -------
     dict
         ``{"file", "method", "threshold", "quantile", "block_thresholds", "threshold_method",
-        "calibrated_on", "n_fit", "n_calibration", "calibration_flag_rate"}``; ``{"file": None,
+        "calibrated_on", "n_fit", "n_calibration", "calibration_flag_rate", "warning"}`` (warning: fewer
+        than :data:`MIN_CALIBRATION_MAPS` calibration maps, else None); ``{"file": None,
         "reason": ...}`` when it cannot be fitted (logged).
     """
     train = np.asarray(split.train, dtype=np.int64)
@@ -375,6 +379,11 @@ def fit_for_model(folder: str | os.PathLike, learner, dataset, split, *, seed: i
         return {"file": None, "reason": str(exc)}
     detector.save(folder)
     rate = float(np.mean(detector.flag(scores)))
+    warning = None
+    if len(scores) < MIN_CALIBRATION_MAPS:
+        warning = (f"OOD thresholds set on only {len(scores)} {on}: expect more than "
+                   f"{1 - detector.quantile:.0%} of new maps like the training data to be flagged")
+        log.warning("%s", warning)
     log.info("OOD detector: thresholds at the %g quantile of %d %s (%s); %.1f%% of them flagged",
              detector.quantile, len(scores), on, detector.method, 100 * rate)
     return {"file": OOD_FILE, "method": "Mahalanobis distance to the nearest dataset class (shared "
@@ -384,7 +393,8 @@ def fit_for_model(folder: str | os.PathLike, learner, dataset, split, *, seed: i
             "threshold": detector.threshold, "quantile": detector.quantile,
             "block_thresholds": {name: b.threshold for name, b in detector.blocks.items()},
             "threshold_method": detector.method, "calibrated_on": on,
-            "n_fit": int(len(train)), "n_calibration": int(len(scores)), "calibration_flag_rate": rate}
+            "n_fit": int(len(train)), "n_calibration": int(len(scores)), "calibration_flag_rate": rate,
+            "warning": warning}
 
 
 # --------------------------------------------------------------------------------------------- predict

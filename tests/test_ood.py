@@ -105,6 +105,7 @@ def test_training_saves_the_detector_and_what_the_model_was_trained_on(features_
     assert config["ood"]["file"] == "ood.npz" and (features_model.folder / "ood.npz").is_file()
     assert config["ood"]["calibrated_on"] == "validation maps" and config["ood"]["threshold"] == 1.0
     assert 0 <= config["ood"]["calibration_flag_rate"] <= 0.1
+    assert "only 20 validation maps" in config["ood"]["warning"]   # the tiny dataset: said, not hidden
     assert config["dataset"]["origin"] == "unknown"   # the helpers' dataset names no file on disk
     assert config["dataset"]["fingerprint"] and config["dataset"]["path"].endswith(".h5")
 

@@ -122,8 +122,10 @@ def test_predict(features_run, tmp_path, capsys):
     captured = capsys.readouterr()
     assert "broken.mat" in captured.err
     table = pd.read_csv(preds)
-    assert list(table.columns) == ["file", "index", "cell", "predicted", "p_cancer", "p_blood"]
+    assert list(table.columns) == ["file", "index", "cell", "predicted", "p_cancer", "p_blood", "ood_score",
+                                   "ood_flag"]
     assert len(table) == len(exports)
+    assert f"{table['ood_flag'].sum()} of {len(exports)} maps unlike the training data" in captured.err
     assert main(["predict", str(out), *map(str, exports), "--out", str(preds), "-q"]) == 0
 
 

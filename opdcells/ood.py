@@ -62,7 +62,7 @@ MIN_TAIL = 5
 MIN_CALIBRATION_MAPS = 50
 BLOCKS = ("embedding", "morphology")
 #: Morphology rows of the last dataset this process fitted a detector on, by row ("dataset": its real path
-#: and fingerprint): the notebooks train several models on one dataset, and a 128 px map takes ~25 ms.
+#: and fingerprint): the notebooks train several models on one dataset, and a 128 px map takes 8-25 ms.
 _MORPHOLOGY: dict = {}
 #: config["dataset"]["origin"] values (see ``opdcells.simulate.dataset_origin``) that mean simulated only.
 SIMULATED = "simulated"
@@ -166,8 +166,8 @@ class GaussianBlock:
         x = np.asarray(x, dtype=np.float64)
         ok = np.isfinite(x).all(axis=1)
         z = (np.where(ok[:, None], x, 0.0) - self.center) / self.scale
-        diff = z[:, None, :] - self.means[None]                            # (N, K, D)
-        d2 = np.einsum("nkd,de,nke->nk", diff, self.precision, diff)
+        zp, mp = z @ self.precision, self.means @ self.precision          # (z - m)' P (z - m), expanded:
+        d2 = (zp * z).sum(axis=1)[:, None] - 2.0 * zp @ self.means.T + (mp * self.means).sum(axis=1)[None]
         return np.where(ok, np.sqrt(np.maximum(d2.min(axis=1), 0.0)), np.inf)
 
 

@@ -53,7 +53,7 @@ EPILOG = """\
 layouts:
   SOURCE/<class>/**/<export>     one sub-folder per class, exports at any depth below it
   --label NAME FOLDER|FILE...    everything given is of class NAME
-  --manifest CSV                 path,label[,units,wavelength_nm,pixel_size_um,medium_index,var]
+  --manifest CSV                 path,label[,units,wavelength_nm,pixel_size_um,medium_index,var,group]
 
 Metadata: a manifest row wins over the options, the options win over what the file says;
 missing units or pixel size (or wavelength for rad) is an error naming the file.

@@ -23,6 +23,7 @@ from .config import (
     LR_SCHEDULES,
     MODEL_NAMES,
     PROFILES,
+    SPLIT_BY,
     field_default,
     field_help,
 )
@@ -136,6 +137,8 @@ TRAIN_OPTIONS = [
     (("--val-size",), "val_size", {"type": float, "metavar": "F"}),
     (("--test-groups",), "test_groups", {"type": _names, "metavar": "G1,G2"}),
     (("--val-groups",), "val_groups", {"type": _names, "metavar": "G1,G2"}),
+    (("--split-by",), "split_by", {"choices": SPLIT_BY}),
+    (("--group-pattern",), "group_pattern", {"metavar": "REGEX"}),
     (("--distribute",), "distribute", {"choices": DISTRIBUTE}),
 ]
 def train_settings(args) -> dict:
@@ -172,8 +175,9 @@ def _run_cv(args, task, common) -> int:
     from .crossval import cross_validate
     from .evaluate import format_report, markdown_table
 
-    if args.test_groups or args.val_groups:
-        raise ValueError("--cv leaves every group out in turn: drop --test-groups/--val-groups")
+    if args.test_groups or args.val_groups or args.group_pattern or args.split_by not in (None, "group"):
+        raise ValueError("--cv leaves every dataset group out in turn: drop --test-groups/--val-groups/"
+                         "--group-pattern/--split-by")
     config = common["config"]
     seed = args.seed if args.seed is not None else config.seed if config else 0
     common = {k: v for k, v in common.items() if k not in ("val_size", "seed")}

@@ -42,6 +42,8 @@ MODEL_NAMES = (*FAMILIES, *ALIASES, FEATURES)
 #: registry's default OPD-pretrained encoder of the family (``"opd:NAME"`` names another entry).
 RANDOM, IMAGENET, OPD = "random", "imagenet", "opd"
 LR_SCHEDULES = ("constant", "cosine")
+#: ``split_by`` settings: whole acquisition groups in each part, or single maps (``splits.map_split``).
+SPLIT_BY = ("group", "map")
 #: ``distribute`` settings (:mod:`opdcells.distribute`).
 DISTRIBUTE = ("none", "auto", "mirrored", "multiworker")
 #: Fields whose default comes from the profile (and a pretrained encoder), not from the dataclass.
@@ -238,6 +240,13 @@ class TrainConfig:
         Fractions of the maps (whole acquisition groups) for testing and validation.
     test_groups, val_groups : list of str or None
         Acquisition groups that form the test and validation parts (instead of the fractions).
+    split_by : str
+        group: whole acquisition groups in each part (the default); map: single maps, for datasets without
+        groups -- session effects are then NOT tested (warned, recorded in config.json and metrics.json).
+    group_pattern : str or None
+        Acquisition groups from the stored source file names: a regular expression whose named group
+        'group', else first group, else whole match names a map's group (for one folder per class holding
+        every session's files); None: the dataset's own groups.
     task : str or None
         Task definition: a reference task, all, "A,B" or "NAME=A,B NAME=C" (None: five_class when the
         dataset has the five reference classes, else every class).
@@ -272,6 +281,8 @@ class TrainConfig:
     val_size: float = 0.15
     test_groups: list | None = None
     val_groups: list | None = None
+    split_by: str = "group"
+    group_pattern: str | None = None
     task: str | None = None
     profile: str = "quick"
     distribute: str = "none"
@@ -296,6 +307,7 @@ class TrainConfig:
             (self.class_weight not in CLASS_WEIGHTINGS,
              f"class_weight must be one of {', '.join(CLASS_WEIGHTINGS)}"),
             (self.profile not in PROFILES, f"profile must be one of {', '.join(PROFILES)}"),
+            (self.split_by not in SPLIT_BY, f"split_by must be one of {', '.join(SPLIT_BY)}"),
             (self.distribute not in DISTRIBUTE, f"distribute must be one of {', '.join(DISTRIBUTE)}"),
             (self.epochs < 1 or self.batch_size < 1, "epochs and batch_size must be at least 1"),
             (self.patience < 0 or self.head_epochs < 0, "patience and head_epochs must not be negative"),

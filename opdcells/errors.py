@@ -96,6 +96,31 @@ class DatasetError(OPDCellsError, OSError):
         return f"{safe_text(self.path)}: {one_line(self.reason)}"
 
 
+class SplitError(OPDCellsError, ValueError):
+    """The maps cannot be split as asked (e.g. one acquisition group per class: no group split exists).
+
+    ``reason`` is kept as given; ``path`` (the dataset, when known) leads the one-line message.
+    """
+
+    def __init__(self, reason: str, path: str | os.PathLike | None = None):
+        self.reason = reason
+        self.path = None if path is None else str(path)
+        prefix = "" if path is None else f"{safe_text(self.path)}: "
+        super().__init__(prefix + one_line(reason))
+
+
+class OODError(OPDCellsError, OSError):
+    """A model folder's ``ood.npz`` (``opdcells.ood``) is unreadable, pickled or inconsistent."""
+
+    def __init__(self, path: str | os.PathLike, reason: str):
+        self.path = str(path)
+        self.reason = reason
+        OPDCellsError.__init__(self, str(self))
+
+    def __str__(self) -> str:  # OSError would otherwise format its own way
+        return f"{safe_text(self.path)}: {one_line(self.reason)}"
+
+
 #: Python's own control-flow exceptions: never turned into an error about a file.
 CONTROL_FLOW = (KeyboardInterrupt, SystemExit, GeneratorExit)
 

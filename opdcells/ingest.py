@@ -463,8 +463,9 @@ def read_manifest(csv_path: str | os.PathLike) -> list[tuple[Found, dict]]:
     """Rows of a manifest CSV as ``(Found, overrides)``; overrides are IngestOptions fields per row.
 
     Columns: ``path``, ``label`` (required), ``units``, ``wavelength_nm``, ``pixel_size_um``,
-    ``medium_index``, ``var`` (optional, empty = not given). Relative paths are relative to the CSV;
-    groups are folders relative to the CSV's folder. ExportError names the CSV and the line.
+    ``medium_index``, ``var``, ``group`` (optional, empty = not given). Relative paths are relative to
+    the CSV; the acquisition group is the ``group`` column, else the folder relative to the CSV's
+    folder. ExportError names the CSV and the line.
     """
     csv_path = Path(csv_path)
     if not os.path.lexists(csv_path):
@@ -509,7 +510,7 @@ def _manifest_row(row: dict, line: int, root: Path, csv_path: Path) -> tuple[Fou
         raise ExportError(csv_path, f"line {line}: {exc}") from None
     path = Path(clean["path"])
     path = path if path.is_absolute() else root / path
-    found = Found(path, clean["label"], group_of(path.parent, root))
+    found = Found(path, clean["label"], clean.get("group") or group_of(path.parent, root))
     return found, {k: v for k, v in values.items() if v is not None}
 
 

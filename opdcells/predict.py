@@ -6,7 +6,8 @@ config, so the model sees maps made exactly like its training maps (exports at a
 resampled to the model's; the log says so). Maps are predicted in batches. The CSV has one row per map
 (or per cell with ``fields``), columns :func:`csv_columns` (documented in the README): the map's identity,
 its position in the field, dry mass and area, the predicted class and one ``p_<class>`` probability per
-class. Everything that yields no prediction -- a bad file or map, a cell cut by the edge or refused by
+class, then ``ood_score, ood_flag`` for models with an out-of-distribution detector (``opdcells.ood``).
+Everything that yields no prediction -- a bad file or map, a cell cut by the edge or refused by
 preprocessing, an object segmentation dropped -- is a row of ``OUT.dropped.csv`` with its reason
 (:func:`dropped_path`), summarised in the log. Both files are written to a temporary file and renamed
 into place, so an interrupted run leaves any old CSV as it was. A bad file is reported and skipped,
@@ -29,6 +30,7 @@ import numpy as np
 
 from .errors import ExportError, storable_text
 from .ingest import Dropped, IngestOptions, discover, iter_processed
+from .ood import PredictionCheck
 from .preprocess import ProcessedMap
 
 log = logging.getLogger(__name__)
@@ -46,8 +48,8 @@ POSITION_COLUMNS = ("centroid_row_px", "centroid_col_px", "centroid_row_um", "ce
                     "bbox_row0", "bbox_col0", "bbox_row1", "bbox_col1")
 #: What preprocessing measured of the cell (``preprocess.dry_mass_pg``, mask area).
 MEASURE_COLUMNS = ("dry_mass_pg", "area_um2")
-#: Out-of-distribution columns (``ood_score``, ``ood_flag``) go here, after the probabilities.
-OOD_COLUMNS: tuple[str, ...] = ()
+#: Out-of-distribution columns after the probabilities, for models with a detector (``ood.PredictionCheck``).
+OOD_COLUMNS: tuple[str, ...] = ("ood_score", "ood_flag")
 #: Columns of ``OUT.dropped.csv``: identity (index empty for a whole file), bbox where known, reason.
 DROPPED_COLUMNS = (*ID_COLUMNS, "bbox_row0", "bbox_col0", "bbox_row1", "bbox_col1", "reason")
 
@@ -113,7 +115,7 @@ def ingest_options(model, **user) -> IngestOptions:
     return IngestOptions(**{k: v for k, v in user.items() if v is not None}, config=model.preprocess_config)
 
 
-def csv_columns(class_names, ood_columns: Iterable[str] = OOD_COLUMNS) -> list[str]:
+def csv_columns(class_names, ood_columns: Iterable[str] = ()) -> list[str]:
     """The header of the predictions CSV (the one place it is built; :func:`csv_row` fills it).
 
     Parameters
@@ -121,7 +123,7 @@ def csv_columns(class_names, ood_columns: Iterable[str] = OOD_COLUMNS) -> list[s
     class_names : sequence of str
         The model's classes: one ``p_<class>`` probability column each.
     ood_columns : iterable of str
-        Out-of-distribution columns, last (default ``OOD_COLUMNS``).
+        Out-of-distribution columns, last: ``OOD_COLUMNS`` for a model with a detector, else none.
     """
     return [*ID_COLUMNS, *POSITION_COLUMNS, *MEASURE_COLUMNS, "predicted",
             *(f"p_{name}" for name in class_names), *ood_columns]
@@ -158,7 +160,7 @@ def csv_row(path: Path, index: int, processed: ProcessedMap, proba: np.ndarray, 
     class_names : sequence of str
         The model's K classes.
     ood_values : iterable
-        Values of ``ood_columns`` (empty while ``OOD_COLUMNS`` is).
+        Values of the OOD columns (empty for models without a detector).
 
     Returns
     -------
@@ -210,6 +212,7 @@ class _Batcher:
         self.maps: list[np.ndarray] = []
         self.keys: list[tuple[Path, int, ProcessedMap]] = []
         self.rows: dict[Path, list[list]] = {}
+        self.ood = PredictionCheck(model)   # ood_score, ood_flag (none for models without ood.npz)
 
     def add(self, path: Path, index: int, processed: ProcessedMap) -> None:
         self.rows.setdefault(path, [])
@@ -223,8 +226,9 @@ class _Batcher:
             return
         proba = self.model.predict_proba(np.stack(self.maps), batch_size=self.batch_size, tta=self.tta)
         names = self.model.class_names
-        for (path, index, processed), p in zip(self.keys, proba, strict=True):
-            self.rows[path].append(csv_row(path, index, processed, p, names))
+        ood = self.ood.values(np.stack(self.maps))
+        for (path, index, processed), p, extra in zip(self.keys, proba, ood, strict=True):
+            self.rows[path].append(csv_row(path, index, processed, p, names, extra))
         self.maps.clear()
         self.keys.clear()
 
@@ -327,11 +331,12 @@ def predict_files(model, paths: Iterable[str | os.PathLike], out: str | os.PathL
         while done and (final or not batcher.pending(done[0])):
             rows = batcher.rows.pop(done.pop(0))
             writer.writerows(rows)
+            batcher.ood.written(rows)
             result.n_files += 1
             result.n_maps += len(rows)
 
     with _atomic_csv(out) as writer:
-        writer.writerow(csv_columns(model.class_names))
+        writer.writerow(csv_columns(model.class_names, batcher.ood.columns))
         for path in tqdm(expand_exports(paths), unit="file", disable=not progress, mininterval=0.5):
             n = 0
             try:
@@ -357,4 +362,6 @@ def predict_files(model, paths: Iterable[str | os.PathLike], out: str | os.PathL
     log.info("%s: %d maps from %d files predicted with %s; %d files skipped", out, result.n_maps,
              result.n_files, model.name, len(result.skipped_files))
     _summarise_dropped(result)
+    if batcher.ood.summary():
+        log.info("%s", batcher.ood.summary())
     return result

@@ -48,6 +48,9 @@ DZ_UM = 0.1
 TISSUES = ("medium", "cytoplasm", "nucleus", "nuclear_body", "granule", "vacuole", "debris")
 MEDIUM, CYTOPLASM, NUCLEUS, NUCLEAR_BODY, GRANULE, VACUOLE, DEBRIS = range(len(TISSUES))
 
+#: Written into the header text of every MAT file the simulator exports (``is_simulated_export``).
+SIMULATOR_STAMP = "opdcells.simulate"
+
 TRUTH_COLUMNS = (
     "path", "index", "class", "session", "subtype", "diameter_um", "volume_fl", "dry_mass_pg",
     "mean_index", "n_nuclei", "n_granules", "n_vacuoles", "has_debris", "has_neighbour",
@@ -686,16 +689,85 @@ def _mat_meta(session: Session) -> dict:
 
 
 def write_mat5(path: Path, phase_rad: np.ndarray, session: Session) -> None:
-    """One map as a compressed MATLAB v5 file: ``phase`` (single, rad) plus scalar metadata."""
+    """One map as a compressed MATLAB v5 file: ``phase`` (single, rad) plus scalar metadata; the header
+    text carries :data:`SIMULATOR_STAMP` (MATLAB ignores the text)."""
     scipy.io.savemat(path, {"phase": phase_rad.astype(np.float32), **_mat_meta(session), "units": "rad"},
                      do_compression=True)
+    with open(path, "r+b") as fh:   # the 116-byte descriptive text of the MAT header
+        fh.write(_header_text("MATLAB 5.0 MAT-file"))
+
+
+def _header_text(prefix: str) -> bytes:
+    """The 116 descriptive bytes of a MAT-file header, stamped as written by the simulator."""
+    created = datetime.datetime.now().strftime("%a %b %d %H:%M:%S %Y")
+    text = f"{prefix}, Platform: GLNXA64, Created on: {created} by {SIMULATOR_STAMP}"
+    return text.encode("ascii").ljust(116)[:116]
+
+
+def is_simulated_export(path: str | os.PathLike) -> bool | None:
+    """Whether an export file was written by this simulator.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        An export file.
+
+    Returns
+    -------
+    bool or None
+        True when its MAT header carries :data:`SIMULATOR_STAMP`, or (exports of older opdcells) a
+        ``truth.csv`` of the simulator lies in one of the three folders above it; False otherwise;
+        None when the file cannot be read (moved or deleted since it was ingested).
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(116)
+    except OSError:
+        return None
+    if SIMULATOR_STAMP.encode() in head:
+        return True
+    return any(_is_truth_csv(folder / "truth.csv") for folder in list(path.parents)[:3])
+
+
+def _is_truth_csv(path: Path) -> bool:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return fh.readline().strip() == ",".join(TRUTH_COLUMNS)
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def dataset_origin(dataset) -> dict:
+    """Whether a dataset's maps are simulated or measured, from its source files (``files/path``).
+
+    Parameters
+    ----------
+    dataset : opdcells.dataset.OPDDataset
+        An opened dataset.
+
+    Returns
+    -------
+    dict
+        ``{"origin": "simulated" | "measured" | "mixed" | "unknown", "files_checked": int,
+        "files_missing": int}``: simulated when every readable source file is a simulator export
+        (:func:`is_simulated_export`), measured when none is, unknown when none can be read.
+    """
+    import h5py
+
+    with h5py.File(dataset.real_path, "r") as h5:
+        paths = [p.decode() if isinstance(p, bytes) else str(p) for p in h5["files/path"][()]] \
+            if "files/path" in h5 else []
+    verdicts = [is_simulated_export(p) for p in dict.fromkeys(paths)]
+    known = [v for v in verdicts if v is not None]
+    origin = ("unknown" if not known else "simulated" if all(known) else "measured" if not any(known)
+              else "mixed")
+    return {"origin": origin, "files_checked": len(known), "files_missing": len(verdicts) - len(known)}
 
 
 def _mat73_header() -> bytes:
     """512-byte userblock of a MATLAB 7.3 MAT-file (116 text bytes, subsys offset, version, endian)."""
-    created = datetime.datetime.now().strftime("%a %b %d %H:%M:%S %Y")
-    text = f"MATLAB 7.3 MAT-file, Platform: GLNXA64, Created on: {created} HDF5 schema 1.00 ."
-    return (text.encode("ascii").ljust(116, b" ") + b" " * 8 + b"\x00\x02IM").ljust(512, b"\x00")
+    return (_header_text("MATLAB 7.3 MAT-file") + b" " * 8 + b"\x00\x02IM").ljust(512, b"\x00")
 
 
 def _matlab_attr(dataset: h5py.Dataset, matlab_class: str) -> None:

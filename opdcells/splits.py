@@ -10,18 +10,29 @@ candidate is scored, first by class-coverage violations (a class with >= 2 group
 appear on both sides; every class must keep maps on the training side), then by how far its size and
 class mix are from the target. The best candidate wins; ties go to the first, so the result is a pure
 function of the seed.
+
+Where groups come from: the dataset's ``group`` column (the session folder of single-map files, the
+file itself for stacks and fields, or a load manifest's ``group`` column), or, at training time,
+:func:`groups_from_pattern` on the stored source file names (``train --group-pattern REGEX``). When
+every class has a single acquisition group (one folder per class with the cells' files directly
+inside) no group split can test on unseen sessions: :func:`check_group_layout` says so in one line,
+with the ways forward; :func:`map_split` (``train --split-by map``) then splits maps instead, with a
+loud warning recorded in the split (``Split.by``, ``Split.warning``).
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import re
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
-from sklearn.model_selection import GroupShuffleSplit, StratifiedGroupKFold
+from sklearn.model_selection import GroupShuffleSplit, StratifiedGroupKFold, train_test_split
+
+from .errors import SplitError
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +40,14 @@ PARTS = ("train", "val", "test")
 N_SHUFFLES = 3  # seeded StratifiedGroupKFold shuffles tried per carve and fold count
 N_DRAWS = 24  # GroupShuffleSplit draws tried per carve
 NEAR_BEST = 0.25  # candidates within NEAR_BEST * fraction of the best size/mix error are equally good
+SPLIT_BY = ("group", "map")
+#: What to do when no group split exists (the end of :func:`check_group_layout`'s message).
+WAYS_FORWARD = ("name the sessions: train --group-pattern REGEX (groups from the file names, e.g. "
+                "'day\\d+' or '(?P<group>[^/]+)_cell'), or a 'group' column in a load manifest; or train "
+                "--split-by map (train and test then share sessions: session effects are not tested)")
+MAP_SPLIT_WARNING = ("split by map, not by acquisition group: maps of one session are in training and test "
+                     "parts, so the test figures do not show how the model does on a new session (session "
+                     "effects are not tested)")
 
 
 @dataclass(frozen=True, eq=False)
@@ -40,6 +59,8 @@ class Split:
     test: np.ndarray
     seed: int | None = None
     groups: dict[str, list[str]] = field(default_factory=dict)
+    by: str = "group"                 # "group" (whole acquisition groups) or "map" (MAP_SPLIT_WARNING)
+    warning: str | None = None
 
     def __post_init__(self):
         for name in PARTS:
@@ -53,7 +74,8 @@ class Split:
     def to_dict(self) -> dict:
         """Plain-Python form (index lists, seed, sizes, groups per part)."""
         out = {name: getattr(self, name).tolist() for name in PARTS}
-        out.update(seed=self.seed, sizes=self.sizes, groups={k: list(v) for k, v in self.groups.items()})
+        out.update(seed=self.seed, sizes=self.sizes, groups={k: list(v) for k, v in self.groups.items()},
+                   by=self.by, warning=self.warning)
         return out
 
     def to_json(self, path: str | os.PathLike | None = None) -> str:
@@ -72,7 +94,8 @@ class Split:
             with open(source, encoding="utf-8") as fh:
                 text = fh.read()
         data = json.loads(text)
-        return cls(*(data[name] for name in PARTS), seed=data.get("seed"), groups=data.get("groups") or {})
+        return cls(*(data[name] for name in PARTS), seed=data.get("seed"), groups=data.get("groups") or {},
+                   by=data.get("by", "group"), warning=data.get("warning"))
 
     def check_disjoint(self, groups) -> None:
         """Raise ValueError if an index or an acquisition group appears in two parts."""
@@ -95,9 +118,11 @@ def group_split(y, groups, *, test_size: float = 0.2, val_size: float = 0.15, se
     """Split maps into train/val/test by whole acquisition groups, stratified by class.
 
     ``test_size`` and ``val_size`` are fractions of all maps (reached as closely as whole groups
-    allow); ``val_size=0`` gives an empty validation part. Warns (UserWarning) when a class cannot
-    appear in every part. Raises ValueError on unusable input (too few groups, bad fractions).
+    allow); ``val_size=0`` gives an empty validation part. Logs a warning when a class cannot
+    appear in every part; SplitError (:func:`check_group_layout`) when every class is one group.
+    Raises ValueError on unusable input (too few groups, bad fractions).
     """
+    check_group_layout(y, groups)
     y, groups = _check_inputs(y, groups, test_size, val_size, seed)
     y_codes = np.unique(y, return_inverse=True)[1]
     g_codes = np.unique(groups, return_inverse=True)[1]
@@ -171,6 +196,117 @@ def named_split(y, groups, test_groups, val_groups=(), *, val_size: float = 0.15
     split.check_disjoint(groups)
     _warn_coverage(y, groups, split, want_val=val.size > 0 and not val_groups)
     return split
+
+
+def check_group_layout(y, groups) -> None:
+    """Raise :class:`~opdcells.errors.SplitError` when no group split exists: every class has a single
+    acquisition group (and there are at least two classes and two groups), so any test group holds a
+    class that training never saw.
+
+    Parameters
+    ----------
+    y, groups : array-like, (N,)
+        Class label and acquisition group of every map.
+
+    Raises
+    ------
+    SplitError
+        One line: what is wrong (classes and their one group) and :data:`WAYS_FORWARD`.
+    """
+    y, groups = np.asarray(y), np.asarray(groups).astype(str)
+    if y.ndim != 1 or y.shape != groups.shape:
+        return   # reported by the input checks
+    classes = np.unique(y)
+    per_class = {c: np.unique(groups[y == c]) for c in classes.tolist()}
+    if len(classes) < 2 or np.unique(groups).size < 2 or any(len(g) > 1 for g in per_class.values()):
+        return
+    shown = ", ".join(repr(str(g[0])) for g in list(per_class.values())[:4])
+    more = ", ..." if len(per_class) > 4 else ""
+    raise SplitError(f"each class is one acquisition group ({shown}{more}: the files lie directly in one "
+                     f"folder per class), so no split can test on sessions the model has not seen; "
+                     f"{WAYS_FORWARD}")
+
+
+def groups_from_pattern(names, pattern: str) -> np.ndarray:
+    """Acquisition group of each map from its source file name and a regular expression.
+
+    Parameters
+    ----------
+    names : array-like of str, (N,)
+        Source file names (``dataset.source_file``).
+    pattern : str
+        Python regular expression searched in each name; the group is its named group ``group``, else
+        its first group, else the whole match (``'day\\d+'``, ``'(?P<group>[^/]+)_cell\\d+'``).
+
+    Returns
+    -------
+    np.ndarray of str, (N,)
+
+    Raises
+    ------
+    SplitError
+        The pattern is not a valid regular expression, or does not match a name (the first is named).
+    """
+    try:
+        regex = re.compile(pattern)
+    except re.error as exc:
+        raise SplitError(f"--group-pattern {pattern!r} is not a regular expression ({exc})") from None
+    out = []
+    for name in np.asarray(names).astype(str):
+        match = regex.search(name)
+        if match is None:
+            n_bad = sum(regex.search(str(n)) is None for n in np.asarray(names).astype(str))
+            raise SplitError(f"--group-pattern {pattern!r} does not match {n_bad} source file names, e.g. "
+                             f"{str(name)!r}")
+        key = "group" if "group" in regex.groupindex else (1 if regex.groups else 0)
+        out.append(match.group(key) or "")
+    return np.asarray(out, dtype=str)
+
+
+def dataset_groups(dataset, group_pattern: str | None = None) -> np.ndarray:
+    """Acquisition group of every map of an opened dataset: its ``group`` column, or with
+    ``group_pattern`` :func:`groups_from_pattern` of its source file names (SplitError naming the dataset
+    if the pattern does not fit)."""
+    if group_pattern is None:
+        return dataset.groups
+    try:
+        return groups_from_pattern(dataset.source_file, group_pattern)
+    except SplitError as exc:
+        raise SplitError(exc.reason, dataset.path) from None
+
+
+def map_split(y, *, test_size: float = 0.2, val_size: float = 0.15, seed: int = 0) -> Split:
+    """Stratified random split of single maps (``train --split-by map``), with a loud warning.
+
+    Maps of one session land in several parts, so the test figures say nothing about new sessions;
+    :data:`MAP_SPLIT_WARNING` is logged and kept in ``Split.warning`` (config.json, metrics.json).
+
+    Parameters
+    ----------
+    y : array-like, (N,)
+        Class label of every map.
+    test_size, val_size : float
+        Fractions of all maps for the test and validation parts (``val_size`` may be 0).
+    seed : int
+        Seed of the draw.
+
+    Returns
+    -------
+    Split
+        ``by="map"``, no group lists.
+    """
+    y = np.asarray(y)
+    _check_inputs(y, np.arange(y.size), test_size, val_size, seed)
+    idx = np.arange(y.size)
+    stratify = y if np.bincount(np.unique(y, return_inverse=True)[1]).min() >= 3 else None
+    rest, test = train_test_split(idx, test_size=test_size, stratify=stratify, random_state=seed)
+    val = np.array([], dtype=np.int64)
+    if val_size > 0:
+        sub = y[rest] if stratify is not None else None
+        rest, val = train_test_split(rest, test_size=val_size / (1.0 - test_size), stratify=sub,
+                                     random_state=seed + 1)
+    log.warning("%s", MAP_SPLIT_WARNING)
+    return Split(rest, val, test, seed=seed, by="map", warning=MAP_SPLIT_WARNING)
 
 
 def subsample_labelled(train_idx, y, fraction: float, seed: int = 0) -> np.ndarray:
@@ -303,8 +439,7 @@ def _warn_coverage(y, groups, split: Split, *, want_val: bool) -> None:
             reason = f"it has only one acquisition group ({cls_groups[0]!r}), which cannot be in two parts"
         else:
             reason = f"its {len(cls_groups)} acquisition groups cannot cover every part"
-        message = f"class {cls!r} has no maps in {'/'.join(missing)}: {reason}"
-        warnings.warn(message, UserWarning, stacklevel=3)
+        log.warning("class %r has no maps in %s: %s", cls, "/".join(missing), reason)
 
 
 def _pairs(items):

@@ -54,10 +54,12 @@ from .config import (
     resolve_alias,
 )
 from .dataset import open_dataset
-from .errors import ConfigError, DatasetError, OPDCellsError, one_line, safe_text
+from .errors import ConfigError, DatasetError, OPDCellsError, SplitError, one_line, safe_text
 from .evaluate import classification_report
+from .ood import fit_for_model
 from .pipeline import dihedral_views, make_tf_dataset
-from .splits import Split, group_split, named_split
+from .simulate import dataset_origin
+from .splits import Split, dataset_groups, group_split, map_split, named_split
 from .tasks import Task, TaskError, class_key, resolve_task, task_targets
 
 log = logging.getLogger(__name__)
@@ -124,20 +126,30 @@ def task_labels(dataset, task: Task) -> np.ndarray:
 
 
 def make_split(dataset, task: Task, *, seed: int = 0, test_size: float = 0.2, val_size: float = 0.15,
-               test_groups=None, val_groups=None) -> Split:
+               test_groups=None, val_groups=None, split_by: str = "group", group_pattern: str | None = None
+               ) -> Split:
     """Group split of the task's maps, as indices into the dataset: ``splits.group_split`` with the
-    fractions, or ``splits.named_split`` when ``test_groups`` (and optionally ``val_groups``) are named."""
+    fractions, or ``splits.named_split`` when ``test_groups`` (and optionally ``val_groups``) are named.
+    ``group_pattern``: groups from the source file names (``splits.groups_from_pattern``) instead of the
+    dataset's; ``split_by="map"``: ``splits.map_split`` (session effects untested, warned and recorded).
+    SplitError (one line, naming the dataset) when no group split exists."""
     y_all = task_labels(dataset, task)
     idx = np.flatnonzero(y_all >= 0)
-    if test_groups:
-        part = named_split(y_all[idx], dataset.groups[idx], test_groups, val_groups or (), val_size=val_size,
-                           seed=seed)
-    elif val_groups:
-        raise ValueError("--val-groups needs --test-groups (name the test groups too)")
-    else:
-        part = group_split(y_all[idx], dataset.groups[idx], test_size=test_size, val_size=val_size,
-                           seed=seed)
-    return Split(idx[part.train], idx[part.val], idx[part.test], seed=part.seed, groups=part.groups)
+    try:
+        groups = dataset_groups(dataset, group_pattern)
+        if split_by == "map":
+            part = map_split(y_all[idx], test_size=test_size, val_size=val_size, seed=seed)
+        elif test_groups:
+            part = named_split(y_all[idx], groups[idx], test_groups, val_groups or (), val_size=val_size,
+                               seed=seed)
+        elif val_groups:
+            raise ValueError("--val-groups needs --test-groups (name the test groups too)")
+        else:
+            part = group_split(y_all[idx], groups[idx], test_size=test_size, val_size=val_size, seed=seed)
+    except SplitError as exc:
+        raise SplitError(exc.reason, dataset.path) from None
+    return Split(idx[part.train], idx[part.val], idx[part.test], seed=part.seed, groups=part.groups,
+                 by=part.by, warning=part.warning)
 
 
 def iter_maps(dataset, indices, batch_size: int = 256):
@@ -635,11 +647,12 @@ def _positive_class(class_names) -> str | None:
 
 
 def evaluate_model(model: SavedModel, dataset, indices=None, *, batch_size: int = 64, n_boot: int = 1000,
-                   seed: int = 0, tta: bool | None = None) -> Evaluation:
+                   seed: int = 0, tta: bool | None = None, groups=None) -> Evaluation:
     """Evaluate on maps ``indices`` of ``dataset`` (default: every map of the model's task classes);
-    ``tta`` as in :meth:`SavedModel.predict_proba`. Confidence intervals resample the maps' acquisition
-    groups (``evaluate.classification_report``); too few test groups per class are warned about, and so
-    is an encoder used at another geometry than it was pretrained at (config ``model_info``)."""
+    ``tta`` as in :meth:`SavedModel.predict_proba`; ``groups``: every dataset map's acquisition group
+    (default the dataset's own). Confidence intervals resample the maps' acquisition groups
+    (``evaluate.classification_report``); too few test groups per class are warned about, and so is an
+    encoder used at another geometry than it was pretrained at (config ``model_info``)."""
     with _opened(dataset) as ds:
         model.check_dataset(ds)
         y_all = task_labels(ds, model.task)
@@ -654,7 +667,7 @@ def evaluate_model(model: SavedModel, dataset, indices=None, *, batch_size: int 
         y_true = y_all[indices]
         report = classification_report(y_true, proba, model.class_names, n_boot=n_boot, seed=seed,
                                        positive_class=_positive_class(model.class_names),
-                                       groups=ds.groups[indices])
+                                       groups=(ds.groups if groups is None else groups)[indices])
         for warning in report["warnings"]:
             log.warning("%s: %s", model.name, warning)
         geometry = model.config.get("model_info", {}).get("geometry_warning")
@@ -997,7 +1010,7 @@ def _output_of_this_worker(out: Path, config: TrainConfig) -> Path:
 
 
 def calibrate_on_validation(model: SavedModel, dataset, y_all, split: Split, folder: Path, *,
-                            seed: int = 0) -> dict | None:
+                            groups=None, seed: int = 0) -> dict | None:
     """Calibrate a freshly trained model on its validation groups (:func:`opdcells.calibration.calibrate`).
 
     Writes ``validation_scores.npz`` (so screening can set operating points for other targets and rates)
@@ -1014,7 +1027,8 @@ def calibrate_on_validation(model: SavedModel, dataset, y_all, split: Split, fol
         log.info("no validation maps: the model is not calibrated (screening needs a calibrated model)")
         return None
     proba = model.predict_dataset(dataset, split.val)
-    labels, groups = y_all[split.val], np.asarray(dataset.groups)[split.val]
+    groups = np.asarray(dataset.groups if groups is None else groups)[split.val]
+    labels = y_all[split.val]
     record = calibration.calibrate(proba, labels, model.class_names, groups=groups, seed=seed)
     calibration.save_validation_scores(folder, proba, labels, groups)
     plots.reliability_diagram(record, folder / "reliability.png", title=f"{model.name}: calibration on the "
@@ -1115,7 +1129,8 @@ def train(data, model: str | None = None, task: str | Task | None = None, out=No
             split_seed, test_size, val_size = split.seed, None, None
         else:
             split = make_split(ds, task, seed=split_seed, test_size=test_size, val_size=val_size,
-                               test_groups=config.test_groups, val_groups=config.val_groups)
+                               test_groups=config.test_groups, val_groups=config.val_groups,
+                               split_by=config.split_by, group_pattern=config.group_pattern)
         n_train_full = len(split.train)
         if train_indices is not None:
             split = labelled_subset(split, train_indices, ds.groups)
@@ -1135,11 +1150,16 @@ def train(data, model: str | None = None, task: str | Task | None = None, out=No
                                   history=history, train_time_s=time.perf_counter() - start)
             record["split"]["train_subset"] = None if train_indices is None else {
                 "n_labelled": len(split.train), "of": n_train_full}
+            groups = dataset_groups(ds, config.group_pattern)
+            record["dataset"].update(dataset_origin(ds))   # simulated / measured, from the sources
+            record["split"].update(by=split.by, group_pattern=config.group_pattern, warning=split.warning)
             record["calibration"] = calibrate_on_validation(SavedModel(folder, record, learner), ds, y_all,
-                                                            split, folder, seed=seed)
+                                                            split, folder, groups=groups, seed=seed)
+            record["ood"] = fit_for_model(folder, learner, ds, split, seed=seed)   # writes ood.npz
             _write_model_folder(folder, learner, record, history, split)
             evaluation = evaluate_model(SavedModel(folder, record, learner), ds, split.test, n_boot=n_boot,
-                                        seed=seed)
+                                        seed=seed, groups=groups)
+            evaluation.report["warnings"] += [split.warning] if split.warning else []
             evaluation.report["baselines"] = baseline_summary(ds, y_all, split, task, n_boot=n_boot,
                                                               seed=seed)
             _write_json(folder / "metrics.json", evaluation.report)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import pytest
 from helpers import REPO_ROOT, tiny_dataset, tiny_run, write_exports, write_tiny_dataset
 
 from opdcells.cli import main
-from opdcells.predict import csv_columns, dropped_path
+from opdcells.predict import OOD_COLUMNS, csv_columns, dropped_path
 
 pytest.importorskip("tensorflow")
 
@@ -143,12 +144,13 @@ def test_predict(features_run, tmp_path, capsys):
     captured = capsys.readouterr()
     assert "broken.mat" in captured.err
     table = pd.read_csv(preds)
-    assert list(table.columns) == csv_columns(["cancer", "blood"])
-    assert list(table.columns[-3:]) == ["predicted", "p_cancer", "p_blood"]
+    assert list(table.columns) == csv_columns(["cancer", "blood"], OOD_COLUMNS)
+    assert list(table.columns[-5:]) == ["predicted", "p_cancer", "p_blood", "ood_score", "ood_flag"]
     assert len(table) == len(exports)
     dropped = pd.read_csv(dropped_path(preds))
     assert dropped["file"].str.endswith("broken.mat").tolist() == [True] and dropped["index"].isna().all()
     assert "1 dropped, listed in" in captured.out
+    assert f"{table['ood_flag'].sum()} of {len(exports)} maps unlike the training data" in captured.err
     assert main(["predict", str(out), *map(str, exports), "--out", str(preds), "-q"]) == 0
 
 
@@ -174,3 +176,70 @@ def test_errors_print_one_line_and_exit_2(argv, words, tmp_path, tmp_path_factor
 def test_usage_error_exits_2(capsys):
     assert main(["train", "--model", "features"]) == 2   # --data is required
     assert "--data" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- one folder per class (issue 16)
+
+
+@pytest.fixture(scope="module")
+def one_folder_per_class(tmp_path_factory):
+    """The usual lab layout: CLASS/dayK_cellI.mat directly in one folder per class (no session
+    folders), loaded with load_data.py; and the same files loaded through a manifest with a group column."""
+    from helpers import simulated_opd
+
+    from load_data import main as load_main
+    from opdcells.simulate import write_mat5
+
+    root = tmp_path_factory.mktemp("lab")
+    rows = ["path,label,group"]
+    for cls in ("SW480", "granulocytes"):
+        (root / "exports" / cls).mkdir(parents=True)
+        for day in (1, 2, 3):
+            for i in range(3):
+                opd, session = simulated_opd(cls, day, i)
+                name = f"{cls}/day{day}_cell{i}.mat"
+                write_mat5(root / "exports" / name, opd * 2 * math.pi / session.wavelength_nm, session)
+                rows.append(f"exports/{name},{cls},day{day}")
+    (root / "manifest.csv").write_text("\n".join(rows) + "\n")
+    options = ["--out-pixel-size-um", "1.0", "--out-size", "32", "-q"]
+    assert load_main([str(root / "exports"), "--out", str(root / "by_folder.h5"), *options]) == 0
+    assert load_main(["--manifest", str(root / "manifest.csv"), "--out", str(root / "by_manifest.h5"),
+                      *options]) == 0
+    return root
+
+
+def train_features(data, out, *extra) -> int:
+    return main(["train", "--data", str(data), "--model", "features", "--out", str(out), "--n-boot", "20",
+                 "-q", *extra])
+
+
+def test_one_folder_per_class_gets_one_line_explaining_what_to_do(one_folder_per_class, tmp_path, capsys):
+    assert train_features(one_folder_per_class / "by_folder.h5", tmp_path / "m") == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "UserWarning" not in err and "unseen labels" not in err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("error: ") and "by_folder.h5" in line
+    assert "each class is one acquisition group" in line
+    assert "--group-pattern" in line and "--split-by map" in line
+    assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("way, extra", [("pattern", ["--group-pattern", r"day\d"]),
+                                        ("by_map", ["--split-by", "map"]), ("manifest", [])])
+def test_one_folder_per_class_trains_with_each_documented_way_forward(one_folder_per_class, tmp_path,
+                                                                      capsys, way, extra):
+    data = one_folder_per_class / ("by_manifest.h5" if way == "manifest" else "by_folder.h5")
+    assert train_features(data, tmp_path / way, *extra) == 0
+    config = json.loads((tmp_path / way / "config.json").read_text())
+    metrics = json.loads((tmp_path / way / "metrics.json").read_text())
+    split = json.loads((tmp_path / way / "split.json").read_text())
+    assert config["dataset"]["origin"] == "simulated"   # the simulator stamps its exports
+    if way == "by_map":
+        assert config["split"]["by"] == "map"
+        assert "session effects are not tested" in config["split"]["warning"]
+        assert any("session effects are not tested" in w for w in metrics["warnings"])
+        assert "session effects are not tested" in capsys.readouterr().err
+    else:
+        assert config["split"]["by"] == "group" and not config["split"]["warning"]
+        days = [set(split["groups"][part]) for part in ("train", "val", "test")]
+        assert set().union(*days) == {"day1", "day2", "day3"} and sum(map(len, days)) == 3

@@ -45,7 +45,7 @@ class CountingModel:
 def test_csv_has_one_row_per_map_and_probabilities_summing_to_one(model, exports, tmp_path):
     result = predict_files(model, [exports[0].parent], tmp_path / "preds.csv")
     table = pd.read_csv(result.out)
-    assert list(table.columns) == csv_columns(model.class_names)
+    assert list(table.columns) == csv_columns(model.class_names, ["ood_score", "ood_flag"])
     assert [f"p_{c}" for c in model.class_names] == [c for c in table.columns if c.startswith("p_")]
     assert sorted(table["file"]) == sorted(str(p) for p in exports)
     assert (table["index"] == 0).all()

@@ -1,12 +1,23 @@
 """Group-aware splits: no acquisition group in two parts, determinism, stratification, clear errors."""
 from __future__ import annotations
 
+import logging
+import re
 import warnings
 
 import numpy as np
 import pytest
 
-from opdcells.splits import PARTS, Split, group_split, subsample_labelled
+from opdcells.errors import SplitError
+from opdcells.splits import (
+    PARTS,
+    Split,
+    check_group_layout,
+    group_split,
+    groups_from_pattern,
+    map_split,
+    subsample_labelled,
+)
 
 
 def random_layout(seed: int, n_groups: int = 30, n_classes: int = 4):
@@ -98,11 +109,12 @@ def test_json_round_trip(tmp_path):
     assert '"sizes"' in text and '"groups"' in text
 
 
-def test_single_group_class_warns_and_stays_in_train():
+def test_single_group_class_warns_and_stays_in_train(caplog):
     y = np.array([0] * 10 + [1] * 30)
     groups = np.array(["only"] * 10 + [f"g{i // 10}" for i in range(30)])
-    with pytest.warns(UserWarning, match=r"class 0 .*only one acquisition group \('only'\)"):
+    with caplog.at_level(logging.WARNING, logger="opdcells.splits"):
         split = group_split(y, groups, val_size=0, seed=0)
+    assert re.search(r"class 0 .*only one acquisition group \('only'\)", caplog.text)
     assert np.all(y[split.train][:10] == 0) and not np.any(y[split.test] == 0)
 
 
@@ -116,7 +128,8 @@ def test_check_disjoint_detects_leak():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(y=[0, 1, 0], groups=["a", "b", "a"]), "at least 3 acquisition groups"),
+    (dict(y=[0, 0, 1, 1], groups=["a", "b", "a", "b"]), "at least 3 acquisition groups"),
+    (dict(y=[0, 1, 0], groups=["a", "b", "a"]), "each class is one acquisition group"),
     (dict(y=[0, 1, 0], groups=["a", "a", "a"], val_size=0), "at least 2 acquisition groups"),
     (dict(y=[], groups=[]), "empty"),
     (dict(y=[0, 1], groups=["a"]), "equal length"),
@@ -145,3 +158,42 @@ def test_subsample_stratified_nested_and_keeps_every_class():
 def test_subsample_rejects_bad_fraction(fraction):
     with pytest.raises(ValueError, match="fraction"):
         subsample_labelled(np.arange(4), np.zeros(4, int), fraction)
+
+
+# ---------------------------------------------------------------- one folder per class (issue 16)
+
+
+def test_one_group_per_class_is_one_line_naming_the_ways_forward():
+    y = np.repeat([0, 1, 2], 10)
+    groups = np.repeat(["SW480", "SW620", "PBMCs"], 10)
+    with pytest.raises(SplitError) as info:
+        group_split(y, groups, seed=0)
+    message = str(info.value)
+    assert "\n" not in message and "'SW480', 'SW620', 'PBMCs'" in message
+    assert "--group-pattern" in message and "--split-by map" in message and "manifest" in message
+    check_group_layout(np.repeat([0, 1], 4), np.array(["a"] * 4 + ["b", "b", "c", "c"]))   # b, c: fine
+
+
+def test_groups_from_a_file_name_pattern():
+    names = ["/lab/SW480/day1_cell3.mat", "/lab/SW480/day2_cell1.mat", "/lab/PBMCs/day1_cell9.mat"]
+    assert groups_from_pattern(names, r"day\d+").tolist() == ["day1", "day2", "day1"]
+    assert groups_from_pattern(names, r"/(\w+)/day").tolist() == ["SW480", "SW480", "PBMCs"]
+    assert groups_from_pattern(names, r"(?P<cls>\w+)/(?P<group>day\d)").tolist() == ["day1", "day2", "day1"]
+    with pytest.raises(SplitError, match=r"does not match 1 source file names, e.g. '/lab/PBMCs/day1_"):
+        groups_from_pattern(names, r"SW480/day\d")
+    with pytest.raises(SplitError, match="is not a regular expression"):
+        groups_from_pattern(names, r"day(\d")
+
+
+def test_map_split_is_stratified_disjoint_and_says_what_it_does_not_test(tmp_path, caplog):
+    y = np.repeat([0, 1], [60, 40])
+    with caplog.at_level(logging.WARNING, logger="opdcells.splits"):
+        split = map_split(y, test_size=0.2, val_size=0.2, seed=3)
+    parts = [split.train, split.val, split.test]
+    assert sorted(np.concatenate(parts).tolist()) == list(range(100))
+    assert split.sizes == {"train": 60, "val": 20, "test": 20}
+    assert [int(np.sum(y[p] == 1)) for p in parts] == [24, 8, 8]
+    assert split.by == "map" and "session effects are not tested" in split.warning
+    assert "session effects are not tested" in caplog.text
+    back = Split.from_json(split.to_json(tmp_path / "split.json"))
+    assert back.by == "map" and back.warning == split.warning

@@ -17,12 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
+from .console import EXIT_FAILED, EXIT_OK, EXIT_SKIPPED
 from .errors import ExportError, storable_text
 from .ingest import IngestOptions, discover, iter_processed
 
 log = logging.getLogger(__name__)
-
-EXIT_OK, EXIT_SKIPPED, EXIT_FAILED = 0, 1, 2
 
 __all__ = ["PredictResult", "predict_files", "expand_exports", "ingest_options", "csv_columns"]
 

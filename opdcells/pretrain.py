@@ -988,9 +988,9 @@ def _readme(name: str, config: dict) -> str:
 
 def register(subparsers) -> None:
     """Add the ``pretrain`` subcommand to an argparse subparsers object (see ``opdcells.cli``)."""
-    from .cli import _common
+    from .console import common_options
 
-    p = subparsers.add_parser("pretrain", parents=[_common()], help="pretrain an OPD encoder",
+    p = subparsers.add_parser("pretrain", parents=[common_options()], help="pretrain an OPD encoder",
                               description="Pretrain an OPD encoder self-supervised (SimCLR, BYOL, DINO) on "
                                           "unlabelled maps, or supervised on simulated maps.")
     p.add_argument("--data", nargs="*", default=[], metavar="DATASET.h5",

@@ -39,17 +39,24 @@ def kernel_environment(environ: dict | None = None) -> dict:
     return quiet_tensorflow_environment(env)
 
 
-def _kernel_manager(socket_dir: str, stderr, kernel_name: str = "python3"):
-    """A jupyter kernel manager whose kernel talks over IPC sockets in ``socket_dir`` and writes its
-    stderr to the open file ``stderr``."""
+def _kernel_manager_class(socket_dir: str, stderr):
+    """A jupyter kernel manager class whose kernels talk over IPC sockets in ``socket_dir`` (never TCP) and
+    write their stderr to the open file ``stderr``; nbclient creates it, and so shuts its kernel down."""
     from jupyter_client import AsyncKernelManager
+    from traitlets import CaselessStrEnum, default
 
     class KernelManager(AsyncKernelManager):
+        transport = CaselessStrEnum(["tcp", "ipc"], default_value="ipc")
+
+        @default("ip")
+        def _ip_default(self) -> str:
+            return os.path.join(socket_dir, "kernel")
+
         async def start_kernel(self, **kw):
             kw.update(env=kernel_environment(), stderr=stderr)
             return await super().start_kernel(**kw)
 
-    return KernelManager(kernel_name=kernel_name, transport="ipc", ip=os.path.join(socket_dir, "kernel"))
+    return KernelManager
 
 
 def execute_notebook(path, parameters: dict | None = None, output_dir=None, timeout: int = 3600,
@@ -96,7 +103,8 @@ def execute_notebook(path, parameters: dict | None = None, output_dir=None, time
             papermill.execute_notebook(
                 str(path), str(partial), parameters=parameters or {}, kernel_name="python3",
                 cwd=str(cwd or path.parent), progress_bar=progress, log_output=False,
-                execution_timeout=timeout, km=_kernel_manager(sockets, stderr))
+                execution_timeout=timeout,
+                kernel_manager_class=_kernel_manager_class(sockets, stderr))
         except PapermillExecutionError as err:
             raise NotebookError(f"{path}: cell In [{err.exec_count}] failed: {err.ename}: "
                                 f"{one_line(err.evalue)} (executed copy: {out_path})") from None

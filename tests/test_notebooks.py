@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 
@@ -35,10 +37,17 @@ def test_notebook_is_committed_without_outputs_and_has_a_parameters_cell(name):
     assert len(tagged) == 1 and "QUICK" in "".join(tagged[0]["source"])
 
 
+def kernels_running() -> list[int]:
+    """Process ids of this process's children that run an ipykernel."""
+    children = Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").read_text().split()
+    return [int(pid) for pid in children if b"ipykernel" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+
+
 def test_parameters_are_injected_after_the_parameters_cell_and_the_copy_is_written(tmp_path):
     import nbformat
 
     out = execute_notebook(tiny_notebook(tmp_path / "t.ipynb"), {"X": 21}, output_dir=tmp_path / "executed")
+    assert not kernels_running(), "the kernel is shut down after the run"
     assert out == tmp_path / "executed" / "t.ipynb" and not list((tmp_path / "executed").glob(".*"))
     cells = nbformat.read(out, as_version=4).cells
     assert [c.metadata.get("tags") for c in cells[:2]] == [["parameters"], ["injected-parameters"]]

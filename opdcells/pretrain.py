@@ -41,6 +41,7 @@ import numpy as np
 import tensorflow as tf
 
 from . import __version__, models
+from .console import EXIT_OK
 from .explain import embed, knn_probe, linear_probe
 from .pipeline import AugmentConfig, augment_batch, iter_batches, make_tf_dataset
 
@@ -1058,4 +1059,4 @@ def run(args) -> int:
             for task, probe in cfg["probe"][key].items():
                 print(f"  probe {label}, {task}: linear accuracy {probe['linear']['accuracy']:.3f}, "
                       f"k-NN accuracy {probe['knn']['accuracy']:.3f}")
-    return 0
+    return EXIT_OK

@@ -96,13 +96,17 @@ def setup_logging(quiet: bool = False, verbose: bool = False, *, summary: str | 
         levels = {"opdcells": logging.DEBUG if verbose else logging.WARNING, summary: level}
     if not verbose:  # TensorFlow's and absl's Python-side warnings (retracing notes, compiled metrics ...)
         levels.update({"tensorflow": logging.ERROR, "absl": logging.ERROR})
+    levels.setdefault("papermill", logging.WARNING)   # e.g. a parameter the notebook does not define
+    handled = ("opdcells", "papermill")
     saved = {name: logging.getLogger(name).level for name in levels}
     for name, value in levels.items():
         logging.getLogger(name).setLevel(value)
-    logging.getLogger("opdcells").addHandler(handler)
+    for name in handled:
+        logging.getLogger(name).addHandler(handler)
 
     def restore() -> None:
-        logging.getLogger("opdcells").removeHandler(handler)
+        for name in handled:
+            logging.getLogger(name).removeHandler(handler)
         for name, value in saved.items():
             logging.getLogger(name).setLevel(value)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -25,6 +26,9 @@ REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ("Final_Project.ipynb", "OPD_Model_and_DinoV2.ipynb")
 
 log = logging.getLogger(__name__)
+
+#: What a kernel writes to its stderr when it is shut down at the end of a run (not worth a warning).
+KERNEL_SHUTDOWN = re.compile(r"KeyboardInterrupt caught in kernel")
 
 
 class NotebookError(OPDCellsError, RuntimeError):
@@ -115,7 +119,8 @@ def execute_notebook(path, parameters: dict | None = None, output_dir=None, time
                 os.replace(partial, out_path)
             stderr.seek(0)
             for line in drop_noise(stderr.read().decode(errors="replace")):
-                log.warning("%s kernel: %s", path.name, line)
+                if not KERNEL_SHUTDOWN.search(line):
+                    log.warning("%s kernel: %s", path.name, line)
     return out_path
 
 

@@ -13,12 +13,15 @@ from tests.helpers import tiny_dataset, write_exports
 
 
 def tiny_notebook(path, fail: bool = False):
-    """A two-cell notebook: a ``parameters`` cell (X, FAIL) and a cell that prints X * 2 or fails."""
+    """A two-cell notebook: a ``parameters`` cell (the command line's, X, FAIL) and a cell that prints
+    X * 2 or fails."""
     import nbformat
 
     nb = nbformat.v4.new_notebook()
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    parameters = nbformat.v4.new_code_cell(f"X = 1\nFAIL = {fail}")
+    cli_names = ("QUICK", "DATA_PATH", "SEED", "SAVED_MODELS", "RESULTS")   # defined by the real notebooks
+    cli_parameters = "".join(f"{name} = ''\n" for name in cli_names)
+    parameters = nbformat.v4.new_code_cell(f"{cli_parameters}X = 1\nFAIL = {fail}")
     parameters.metadata["tags"] = ["parameters"]
     work = nbformat.v4.new_code_cell("import os, opdcells\nassert not FAIL, 'asked to fail'\n"
                                      "print(X * 2, os.environ['TF_CPP_MIN_LOG_LEVEL'], opdcells.__file__)")

@@ -134,16 +134,43 @@ def quiet_tensorflow_environment(environ: dict | None = None) -> dict:
 
 
 def drop_noise(text: str) -> list[str]:
-    """The non-empty lines of ``text`` that are not TensorFlow start-up noise (:data:`TENSORFLOW_NOISE`)."""
+    """The lines of ``text`` worth showing.
+
+    Parameters
+    ----------
+    text : str
+        What a process wrote to its stderr (several lines).
+
+    Returns
+    -------
+    list of str
+        The non-empty lines that do not match :data:`TENSORFLOW_NOISE`, in order.
+    """
     return [line for line in text.splitlines() if line.strip() and not TENSORFLOW_NOISE.search(line)]
 
 
 def import_tensorflow(verbose: bool = False):
-    """Import TensorFlow and find its devices without its start-up noise; return the module.
+    """Import TensorFlow and find its devices without its start-up noise.
 
     The lines TensorFlow writes to file descriptor 2 while it loads and probes for GPUs are captured;
     those matching :data:`TENSORFLOW_NOISE` are dropped and any other line is written to stderr as it
-    came (so a real error still shows). With ``verbose`` nothing is dropped. A GPU is used as before.
+    came (so a real error still shows). A GPU is used as before. Does nothing when TensorFlow is already
+    imported.
+
+    Parameters
+    ----------
+    verbose : bool
+        Import without capturing: every line shows.
+
+    Returns
+    -------
+    module
+        ``tensorflow``.
+
+    Raises
+    ------
+    ImportError
+        TensorFlow is not installed (its lines, if any, are shown).
     """
     if "tensorflow" in sys.modules:
         return sys.modules["tensorflow"]

@@ -36,8 +36,19 @@ class NotebookError(OPDCellsError, RuntimeError):
 
 
 def kernel_environment(environ: dict | None = None) -> dict:
-    """The notebook kernel's environment: ``environ`` (default ``os.environ``) with the repository on
-    ``PYTHONPATH`` (so ``import opdcells`` is this checkout) and TensorFlow's start-up lines silenced."""
+    """The notebook kernel's environment.
+
+    Parameters
+    ----------
+    environ : dict, optional
+        The environment to start from (default ``os.environ``); not changed.
+
+    Returns
+    -------
+    dict
+        A copy with the repository first on ``PYTHONPATH`` (so ``import opdcells`` is this checkout) and
+        TensorFlow's start-up lines silenced (:func:`opdcells.console.quiet_tensorflow_environment`).
+    """
     env = dict(os.environ if environ is None else environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     return quiet_tensorflow_environment(env)

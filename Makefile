@@ -9,6 +9,8 @@ DATASET := $(DATA)/opd_dataset.h5
 N_PER_CLASS ?= 400
 SEED ?= 0
 PROFILE ?= quick
+# pytest-xdist workers: one per core of a 2-core machine (each holds TensorFlow, ~1.5 GB)
+TEST_WORKERS ?= 2
 
 .PHONY: demo test venv lint bench clean-demo
 
@@ -22,13 +24,13 @@ $(STAMP): requirements.txt pyproject.toml
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 demo: $(STAMP) $(SIM)/truth.csv
-	$(BIN)/python load_data.py $(SIM) --out $(DATASET) --out-pixel-size-um 0.25 --out-size 128
+	$(BIN)/python -m opdcells load $(SIM) --out $(DATASET) --out-pixel-size-um 0.25 --out-size 128
 	$(BIN)/python -m opdcells notebooks --data $(DATASET) --profile $(PROFILE)
 
-# Simulated once: re-running the demo re-uses the exports (load_data then adds nothing new).
+# Simulated once: re-running the demo re-uses the exports (load then adds nothing new).
 $(SIM)/truth.csv: | $(STAMP)
 	$(BIN)/python -m opdcells simulate --out $(SIM) --n-per-class $(N_PER_CLASS) --seed $(SEED)
 

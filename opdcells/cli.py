@@ -1,12 +1,15 @@
-"""Command line: ``python -m opdcells {simulate,train,evaluate,predict} ...``.
+"""Command line: ``python -m opdcells {simulate,load,train,evaluate,predict,pretrain,notebooks} ...``.
 
-Each command is a ``register_<name>(subparsers)`` function that adds its parser and sets ``run``;
-commands of other modules (``pretrain``, ``notebooks``) are listed in ``EXTRA_COMMANDS`` and imported
-only when invoked (their module defines ``register(subparsers)``). Heavy imports (TensorFlow) happen
-inside the ``run`` functions, so ``simulate`` and ``--help`` stay fast.
+Every command is a ``register(subparsers)`` function that adds its parser (options from
+:func:`opdcells.console.common_options`, and :func:`opdcells.ingest.add_reading_options` wherever exports
+are read) and sets ``run``: the ones here, :func:`opdcells.load.register` and
+:func:`opdcells.notebooks.register`. ``pretrain``'s module imports TensorFlow, so it is imported only
+when that command is invoked (``COMMANDS`` lists it by module name). Heavy imports (TensorFlow) happen
+inside the ``run`` functions, through :func:`opdcells.console.import_tensorflow` (no start-up noise), so
+``simulate``, ``load`` and ``--help`` stay fast.
 
-Exit status: 0 success; 1 some export files/maps skipped (predict); 2 usage error, an opdcells error
-(bad dataset, model, export or task: one line on stderr) or nothing done; 130 interrupted.
+Exit status: :mod:`opdcells.console` (0 success; 1 some inputs skipped; 2 usage or opdcells error, or
+nothing done; 130 interrupted).
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from . import load, notebooks
 from .config import (
     CLASS_WEIGHTINGS,
     DISTRIBUTE,
@@ -27,31 +31,25 @@ from .config import (
     field_default,
     field_help,
 )
-from .errors import OPDCellsError, safe_text
+from .console import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    common_options,
+    import_tensorflow,
+    setup_logging,
+)
+from .errors import OPDCellsError
 
-log = logging.getLogger("opdcells.cli")
+log = logging.getLogger(__name__)
 
-EXIT_OK, EXIT_ERROR, EXIT_INTERRUPTED = 0, 2, 130
-#: command name -> (module defining ``register(subparsers)``, one-line help)
-EXTRA_COMMANDS = {
-    "pretrain": ("opdcells.pretrain", "self-supervised pretraining of the OPD encoder"),
-    "notebooks": ("opdcells.notebooks", "execute the project notebooks headless"),
-}
-
-
-def _common() -> argparse.ArgumentParser:
-    """Options every command takes."""
-    p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug messages (and tracebacks)")
-    return p
 
 
 # ------------------------------------------------------------------------------------------- simulate
 
 
 def register_simulate(subparsers) -> None:
-    p = subparsers.add_parser("simulate", parents=[_common()], help="write simulated OPD exports",
+    p = subparsers.add_parser("simulate", parents=[common_options()], help="write simulated OPD exports",
                               description="Simulate the five classes as MATLAB exports (one folder per "
                                           "class and session) plus truth.csv.")
     p.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder")
@@ -82,7 +80,7 @@ def add_saved_models_option(parser: argparse.ArgumentParser) -> None:
 
 
 def register_train(subparsers) -> None:
-    p = subparsers.add_parser("train", parents=[_common()], help="train a model on a dataset",
+    p = subparsers.add_parser("train", parents=[common_options()], help="train a model on a dataset",
                               description="Train a classifier on an opdcells dataset and write the model "
                                           "folder (model, config.json, history.csv, metrics.json, "
                                           "split.json).")
@@ -148,6 +146,7 @@ def train_settings(args) -> dict:
 
 
 def run_train(args) -> int:
+    import_tensorflow(args.verbose)
     from .config import TrainConfig
     from .evaluate import format_report
     from .tasks import resolve_task
@@ -198,7 +197,7 @@ def _run_cv(args, task, common) -> int:
 
 
 def register_evaluate(subparsers) -> None:
-    p = subparsers.add_parser("evaluate", parents=[_common()], help="evaluate a saved model",
+    p = subparsers.add_parser("evaluate", parents=[common_options()], help="evaluate a saved model",
                               description="Evaluate a model on its stored test split (or on every map of "
                                           "the task's classes with --all); write metrics and figures.")
     p.add_argument("model", metavar="MODEL", help="model folder, or run name in SAVED_MODELS")
@@ -215,6 +214,7 @@ def register_evaluate(subparsers) -> None:
 
 
 def run_evaluate(args) -> int:
+    import_tensorflow(args.verbose)
     from .dataset import open_dataset
     from .evaluate import format_report
     from .train import evaluate_model, load_model, stored_test_indices, write_results
@@ -238,7 +238,7 @@ def run_evaluate(args) -> int:
 def register_predict(subparsers) -> None:
     from .ingest import add_reading_options
 
-    p = subparsers.add_parser("predict", parents=[_common()], help="predict classes of new exports",
+    p = subparsers.add_parser("predict", parents=[common_options()], help="predict classes of new exports",
                               description="Read exports exactly like load_data.py (at the model's pixel "
                                           "size and map size) and write one CSV row per map.",
                               epilog="Exit status: 0 all predicted; 1 some files or maps skipped; "
@@ -255,6 +255,7 @@ def register_predict(subparsers) -> None:
 
 
 def run_predict(args) -> int:
+    import_tensorflow(args.verbose)
     from .ingest import reading_options
     from .predict import ingest_options, predict_files
     from .train import load_model
@@ -271,70 +272,63 @@ def run_predict(args) -> int:
 
 # ------------------------------------------------------------------------------------------- main
 
-COMMANDS: list[Callable] = [register_simulate, register_train, register_evaluate, register_predict]
+#: The commands in the order ``--help`` lists them: a ``register(subparsers)`` function, or (for a module
+#: that imports TensorFlow) ``(module, one-line help)``, imported only when its command is invoked.
+COMMANDS: dict[str, Callable | tuple[str, str]] = {
+    "simulate": register_simulate,
+    "load": load.register,
+    "train": register_train,
+    "evaluate": register_evaluate,
+    "predict": register_predict,
+    "pretrain": ("opdcells.pretrain", "pretrain an OPD encoder (self-supervised or on simulated maps)"),
+    "notebooks": notebooks.register,
+}
 
 
 def _requested(argv: Sequence[str]) -> str | None:
     return next((a for a in argv if not a.startswith("-")), None)
 
 
-def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    """The CLI parser; the module of an ``EXTRA_COMMANDS`` entry is imported only for ``command``."""
+def build_parser(command: str | None = None, verbose: bool = False) -> argparse.ArgumentParser:
+    """The CLI parser; a command given by module name is imported only when it is ``command``.
+
+    Raises
+    ------
+    OPDCellsError
+        That module cannot be imported.
+    """
     parser = argparse.ArgumentParser(prog="python -m opdcells",
-                                     description="Tell cancer cells from blood cells in OPD maps.")
+                                     description="Tell cancer cells from blood cells in OPD maps.",
+                                     epilog="exit status: 0 ok; 1 some inputs skipped; 2 usage or opdcells "
+                                            "error, or nothing done; 130 interrupted")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for register in COMMANDS:
-        register(subparsers)
-    for name, (module, help_text) in EXTRA_COMMANDS.items():
-        if name == command:
+    for name, register in COMMANDS.items():
+        if callable(register):
+            register(subparsers)
+        elif name == command:
+            import_tensorflow(verbose)
+            module = register[0]
             try:
-                register = importlib.import_module(module).register
+                importlib.import_module(module).register(subparsers)
             except (ImportError, AttributeError) as exc:
                 raise OPDCellsError(f"command {name!r} is not available ({module}: {exc})") from None
-            register(subparsers)
         else:
-            subparsers.add_parser(name, help=help_text, add_help=False)
+            subparsers.add_parser(name, help=register[1], add_help=False)
     return parser
-
-
-class _Format(logging.Formatter):
-    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
-        return safe_text(super().formatMessage(record))   # a file name cannot forge or hide a line
-
-    def format(self, record: logging.LogRecord) -> str:
-        message = super().format(record)
-        return message if record.levelno == logging.INFO else f"{record.levelname.lower()}: {message}"
-
-
-def _setup_logging(level: int) -> Callable[[], None]:
-    """opdcells' log records to stderr at ``level``; returns the function that undoes it."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_Format("%(message)s"))
-    logger = logging.getLogger("opdcells")
-    saved = logger.level
-    logger.setLevel(level)
-    logger.addHandler(handler)
-
-    def restore():
-        logger.removeHandler(handler)
-        logger.setLevel(saved)
-
-    return restore
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI with ``argv`` (default ``sys.argv[1:]``); return the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        parser = build_parser(_requested(argv))
+        parser = build_parser(_requested(argv), verbose=bool({"-v", "--verbose"} & set(argv)))
         args = parser.parse_args(argv)
     except OPDCellsError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+        return EXIT_FAILED
     except SystemExit as exc:  # usage error (2) or --help (0)
         return int(exc.code or 0)
-    quiet, verbose = getattr(args, "quiet", False), getattr(args, "verbose", False)
-    restore = _setup_logging(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO)
+    restore = setup_logging(args.quiet, args.verbose, summary=getattr(args, "summary_logger", None))
     try:
         return int(args.run(args))
     except (OPDCellsError, ValueError) as exc:
@@ -345,4 +339,4 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     finally:
         restore()
-    return EXIT_ERROR
+    return EXIT_FAILED

@@ -28,14 +28,13 @@ from pathlib import Path
 
 import numpy as np
 
+from .console import EXIT_FAILED, EXIT_OK, EXIT_SKIPPED
 from .errors import ExportError, storable_text
 from .ingest import Dropped, IngestOptions, discover, iter_processed
 from .ood import PredictionCheck
 from .preprocess import ProcessedMap
 
 log = logging.getLogger(__name__)
-
-EXIT_OK, EXIT_SKIPPED, EXIT_FAILED = 0, 1, 2
 
 __all__ = ["PredictResult", "predict_files", "expand_exports", "ingest_options", "csv_columns",
            "dropped_path", "DROPPED_COLUMNS"]

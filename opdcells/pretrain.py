@@ -42,6 +42,7 @@ import tensorflow as tf
 
 # imported at start-up, not lazily at the end of a run: a long run must finish with the code it began with
 from . import __version__, models, registry
+from .console import EXIT_OK
 from .explain import embed, knn_probe, linear_probe
 from .pipeline import AugmentConfig, augment_batch, iter_batches, make_tf_dataset
 from .train import _json_default, _staging, write_history
@@ -983,9 +984,9 @@ def _readme(name: str, config: dict) -> str:
 
 def register(subparsers) -> None:
     """Add the ``pretrain`` subcommand to an argparse subparsers object (see ``opdcells.cli``)."""
-    from .cli import _common
+    from .console import common_options
 
-    p = subparsers.add_parser("pretrain", parents=[_common()], help="pretrain an OPD encoder",
+    p = subparsers.add_parser("pretrain", parents=[common_options()], help="pretrain an OPD encoder",
                               description="Pretrain an OPD encoder self-supervised (SimCLR, BYOL, DINO) on "
                                           "unlabelled maps, or supervised on simulated maps.")
     p.add_argument("--data", nargs="*", default=[], metavar="DATASET.h5",
@@ -1055,4 +1056,4 @@ def run(args) -> int:
             for task, probe in cfg["probe"][key].items():
                 print(f"  probe {label}, {task}: linear accuracy {probe['linear']['accuracy']:.3f}, "
                       f"k-NN accuracy {probe['knn']['accuracy']:.3f}")
-    return 0
+    return EXIT_OK

@@ -43,6 +43,7 @@ from .calibration import (
     operating_point,
     target_score,
 )
+from .console import EXIT_FAILED, EXIT_OK, EXIT_SKIPPED
 from .errors import ExportError, OPDCellsError, storable_text
 from .ingest import Dropped, IngestOptions
 from .predict import (
@@ -68,7 +69,7 @@ GALLERY_SIZE = 120
 #: Columns of scores.csv: the map's identity, position and measures as in predict's CSV, then the screen's.
 SCORE_COLUMNS = (*ID_COLUMNS, *POSITION_COLUMNS, *MEASURE_COLUMNS, "p_target", "predicted", "ood_score",
                  "ood_flag", "flagged")
-EXIT_OK, EXIT_SKIPPED, EXIT_FAILED = 0, 1, 2
+
 
 
 class ScreenError(OPDCellsError, ValueError):

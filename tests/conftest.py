@@ -36,3 +36,24 @@ def cases_dir() -> Path:
     if not path.is_dir():
         pytest.skip(f"failing-input cases not found at {path}")
     return path
+
+
+#: Folders of the repository that commands write to by default; tests must write to their own tmp_path
+#: (several pytest-xdist workers run at once, and a developer's results must survive `make test`).
+GUARDED = ("saved_models", "results", "data")
+
+
+def _snapshot() -> dict[str, int]:
+    """Relative path -> modification time (ns) of every file under the GUARDED folders."""
+    return {str(path.relative_to(REPO)): path.stat().st_mtime_ns
+            for folder in GUARDED for path in (REPO / folder).rglob("*") if path.is_file()}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def repository_left_alone():
+    """Fail the session if a test created, changed or removed a file under saved_models/, results/, data/."""
+    before = _snapshot()
+    yield
+    after = _snapshot()
+    changed = sorted(p for p in before.keys() | after.keys() if before.get(p) != after.get(p))
+    assert not changed, f"tests wrote into the repository: {changed[:10]}"

@@ -1,4 +1,4 @@
-"""python -m opdcells {simulate,train,evaluate,predict}: run through cli.main, errors as one line, exit 2."""
+"""python -m opdcells COMMAND: run through cli.main, errors as one line, exit 2; quiet TensorFlow."""
 from __future__ import annotations
 
 import json
@@ -11,7 +11,9 @@ import pandas as pd
 import pytest
 from helpers import REPO_ROOT, tiny_dataset, tiny_run, write_exports, write_tiny_dataset
 
+import load_data
 from opdcells.cli import main
+from opdcells.console import TENSORFLOW_NOISE, drop_noise
 from opdcells.predict import OOD_COLUMNS, csv_columns, dropped_path
 
 pytest.importorskip("tensorflow")
@@ -37,8 +39,41 @@ def features_run(tmp_path_factory):
 def test_help_lists_every_command(capsys):
     assert main(["--help"]) == 0
     text = capsys.readouterr().out
-    for command in ("simulate", "train", "evaluate", "predict", "pretrain"):
+    for command in ("simulate", "load", "train", "evaluate", "predict", "pretrain", "notebooks"):
         assert command in text
+
+
+@pytest.mark.parametrize(("extra", "status"), [([], 1), (["--strict"], 2), (["--plausible", "nope=1:2"], 2)])
+def test_load_command_does_what_load_data_py_does(extra, status, tmp_path, capsys):
+    """Same exit status and messages: a bad file skipped (1), a --strict stop (2), a bad option (2)."""
+    paths = write_exports(tmp_path / "src", per_class=1)
+    (tmp_path / "src" / "bad.npy").write_bytes(b"not an array")
+    sources = [*map(str, paths), str(tmp_path / "src" / "bad.npy")]
+    statuses, messages = [], []
+    for name, run in (("a", load_data.main), ("b", lambda argv: main(["load", *argv]))):
+        statuses.append(run([*sources, "--label", "X", "--out", str(tmp_path / f"{name}.h5"), *extra]))
+        messages.append(capsys.readouterr().err.replace(str(tmp_path / name), "OUT"))
+    assert statuses == [status, status]
+    assert messages[0] == messages[1] and messages[0].strip()
+
+
+def test_tensorflow_start_up_lines_are_dropped_and_others_kept():
+    start_up = """WARNING: All log messages before absl::InitializeLog() is called are written to STDERR
+I0000 00:00:1795992420.089401   20377 port.cc:153] oneDNN custom operations are on. You may see ...
+I0000 00:00:1795992420.089800   20377 cudart_stub.cc:31] Could not find cuda drivers on your machine.
+E0000 00:00:1795992424.933321   20377 cuda_platform.cc:52] failed call to cuInit: INTERNAL: CUDA error (303)
+E0000 00:00:1795992424.933321   20377 some_kernel.cc:12] Out of memory while allocating 4 GiB"""
+    assert drop_noise(start_up) == [start_up.splitlines()[-1]]
+
+
+def test_train_command_imports_tensorflow_without_its_start_up_lines():
+    code = ("import logging; from opdcells.console import import_tensorflow, setup_logging; setup_logging(); "
+            "tf = import_tensorflow(); tf.constant(1.0) + 1; logging.getLogger('absl').warning('x')")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert not TENSORFLOW_NOISE.search(done.stderr) and "0000 00:00" not in done.stderr, done.stderr
+    assert done.stderr == "", done.stderr
 
 
 def test_python_dash_m_runs_the_cli():

@@ -2,11 +2,32 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 
-from opdcells.notebooks import NOTEBOOKS, REPO, execute_notebook, inject_parameters
+from opdcells import cli
+from opdcells.notebooks import NOTEBOOKS, REPO, execute_notebook
 from tests.helpers import tiny_dataset, write_exports
+
+
+def tiny_notebook(path, fail: bool = False):
+    """A two-cell notebook: a ``parameters`` cell (the command line's, X, FAIL) and a cell that prints
+    X * 2 or fails."""
+    import nbformat
+
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    cli_names = ("QUICK", "DATA_PATH", "SEED", "SAVED_MODELS", "RESULTS")   # defined by the real notebooks
+    cli_parameters = "".join(f"{name} = ''\n" for name in cli_names)
+    parameters = nbformat.v4.new_code_cell(f"{cli_parameters}X = 1\nFAIL = {fail}")
+    parameters.metadata["tags"] = ["parameters"]
+    work = nbformat.v4.new_code_cell("import os, opdcells\nassert not FAIL, 'asked to fail'\n"
+                                     "print(X * 2, os.environ['TF_CPP_MIN_LOG_LEVEL'], opdcells.__file__)")
+    nb.cells = [parameters, work]
+    nbformat.write(nb, path)
+    return path
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
@@ -19,15 +40,34 @@ def test_notebook_is_committed_without_outputs_and_has_a_parameters_cell(name):
     assert len(tagged) == 1 and "QUICK" in "".join(tagged[0]["source"])
 
 
-def test_injected_parameters_follow_the_parameters_cell():
+def kernels_running() -> list[int]:
+    """Process ids of this process's children that run an ipykernel."""
+    children = Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").read_text().split()
+    return [int(pid) for pid in children if b"ipykernel" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+
+
+def test_parameters_are_injected_after_the_parameters_cell_and_the_copy_is_written(tmp_path):
     import nbformat
 
-    nb = nbformat.read(REPO / "Final_Project.ipynb", as_version=4)
-    position = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))
-    inject_parameters(nb, {"EPOCHS": 3, "MODELS": ["features"]})
-    injected = nb.cells[position + 1]
-    assert injected.metadata["tags"] == ["injected-parameters"]
-    assert "EPOCHS = 3" in injected.source and "MODELS = ['features']" in injected.source
+    out = execute_notebook(tiny_notebook(tmp_path / "t.ipynb"), {"X": 21}, output_dir=tmp_path / "executed")
+    assert not kernels_running(), "the kernel is shut down after the run"
+    assert out == tmp_path / "executed" / "t.ipynb" and not list((tmp_path / "executed").glob(".*"))
+    cells = nbformat.read(out, as_version=4).cells
+    assert [c.metadata.get("tags") for c in cells[:2]] == [["parameters"], ["injected-parameters"]]
+    assert "X = 21" in cells[1].source
+    printed = cells[2].outputs[0]["text"].split()
+    assert printed[:2] == ["42", "2"], "the parameter reached the kernel, TensorFlow's start-up lines are off"
+    assert printed[2] == str(REPO / "opdcells" / "__init__.py")
+
+
+def test_a_failing_cell_is_one_line_naming_notebook_and_cell_and_exit_2(tmp_path, capsys):
+    notebook = tiny_notebook(tmp_path / "t.ipynb", fail=True)
+    status = cli.main(["notebooks", str(notebook), "--results", str(tmp_path / "results"), "-q"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(err) == 1, err
+    assert err[0].startswith(f"error: {notebook}: cell In [3] failed: AssertionError: asked to fail")
+    executed = (tmp_path / "results" / "notebooks" / "t.ipynb").read_text()
+    assert "asked to fail" in executed, "the executed copy, with the error, is kept"
 
 
 @pytest.mark.slow
@@ -41,6 +81,8 @@ def test_final_project_notebook_runs_headless_on_a_tiny_dataset(tmp_path_factory
     executed = json.loads(out.read_text())
     errors = [o for c in executed["cells"] for o in c.get("outputs", []) if o.get("output_type") == "error"]
     assert not errors
+    tags = [c.get("metadata", {}).get("tags", []) for c in executed["cells"]]
+    assert tags[tags.index(["parameters"]) + 1] == ["injected-parameters"]
     results = tmp_path / "results" / "final_project"
     for model in ("features", "mobilenetv2", "resnet50", "vgg16"):
         assert (tmp_path / "saved_models" / f"final_project_{model}_five_class" / "config.json").is_file()

@@ -1,0 +1,197 @@
+"""What every command shares: the exit codes, the common options, the logging set-up and a quiet TensorFlow.
+
+Exit status of every command (``python -m opdcells COMMAND`` and ``load_data.py``):
+
+==== ===========================================================================================
+0    success: everything loaded / trained / evaluated / predicted (or nothing new to load)
+1    some inputs skipped: some export files or maps could not be read (``load``, ``predict``)
+2    a usage error, an opdcells error (bad dataset, model, export or task: one line on stderr),
+     nothing could be done, or a ``--strict`` stop (the dataset is then unchanged)
+130  interrupted (Ctrl-C); written data are left as they were before the run
+==== ===========================================================================================
+
+This module never imports TensorFlow at import time: :func:`import_tensorflow` does, for the commands
+that need it, after setting the environment that silences its start-up lines.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import sys
+import tempfile
+from collections.abc import Callable
+
+from .errors import safe_text
+
+EXIT_OK, EXIT_SKIPPED, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+#: Environment that keeps TensorFlow's C++ INFO and WARNING lines (oneDNN notices, CPU feature notes,
+#: CUDA probing) out of the terminal; C++ errors still show. Values the user has set win.
+TENSORFLOW_ENVIRONMENT = {"TF_CPP_MIN_LOG_LEVEL": "2"}
+
+#: TensorFlow start-up lines that say nothing about the run: written before absl's logging is set up
+#: (so TF_CPP_MIN_LOG_LEVEL cannot hold them back), or the CUDA probe failing on a machine without a GPU.
+TENSORFLOW_NOISE = re.compile(
+    r"All log messages before absl::InitializeLog|oneDNN custom operations are on|"
+    r"Could not find cuda drivers|cpu_feature_guard|^To enable the following instructions|"
+    r"failed call to cuInit|Unable to register cu(DNN|FFT|BLAS) factory|"
+    r"computation placer already registered|TF-TRT Warning")
+
+
+def common_options() -> argparse.ArgumentParser:
+    """The parent parser of the options every command takes (``-q/--quiet``, ``-v/--verbose``).
+
+    Returns
+    -------
+    argparse.ArgumentParser
+        A parser without help, for ``parents=[common_options()]``.
+    """
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug messages (and tracebacks)")
+    return p
+
+
+# --------------------------------------------------------------------------------------- logging
+
+
+class LogFormat(logging.Formatter):
+    """One line per record: INFO as the bare message, other levels prefixed (``warning: ...``).
+
+    Every message goes through :func:`opdcells.errors.safe_text`, so a file name cannot forge or hide a line.
+    """
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
+        return safe_text(super().formatMessage(record))
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = super().format(record)
+        return message if record.levelno == logging.INFO else f"{record.levelname.lower()}: {message}"
+
+
+def setup_logging(quiet: bool = False, verbose: bool = False, *, summary: str | None = None
+                  ) -> Callable[[], None]:
+    """Send opdcells' log records to stderr, one line each (see :class:`LogFormat`).
+
+    Parameters
+    ----------
+    quiet, verbose : bool
+        Only warnings and errors; or debug messages too. The default shows INFO.
+    summary : str, optional
+        Logger of a command that reports its own summary at INFO (``load``): the rest of the package then
+        shows only its problems (WARNING), as ``load_data.py`` always did, unless ``verbose``.
+
+    Returns
+    -------
+    callable
+        Undoes the set-up (a command may run several times in one process, e.g. in tests).
+    """
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(LogFormat("%(message)s"))
+    level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
+    levels = {"opdcells": level}
+    if summary is not None:
+        levels = {"opdcells": logging.DEBUG if verbose else logging.WARNING, summary: level}
+    if not verbose:  # TensorFlow's and absl's Python-side warnings (retracing notes, compiled metrics ...)
+        levels.update({"tensorflow": logging.ERROR, "absl": logging.ERROR})
+    levels.setdefault("papermill", logging.WARNING)   # e.g. a parameter the notebook does not define
+    handled = ("opdcells", "papermill")
+    saved = {name: logging.getLogger(name).level for name in levels}
+    for name, value in levels.items():
+        logging.getLogger(name).setLevel(value)
+    for name in handled:
+        logging.getLogger(name).addHandler(handler)
+
+    def restore() -> None:
+        for name in handled:
+            logging.getLogger(name).removeHandler(handler)
+        for name, value in saved.items():
+            logging.getLogger(name).setLevel(value)
+
+    return restore
+
+
+# --------------------------------------------------------------------------------------- TensorFlow
+
+
+def quiet_tensorflow_environment(environ: dict | None = None) -> dict:
+    """Set :data:`TENSORFLOW_ENVIRONMENT` in ``environ`` (default ``os.environ``) where not already set.
+
+    GPUs stay visible: nothing here hides a device, only log lines. Child processes (notebook kernels)
+    inherit the settings.
+
+    Returns
+    -------
+    dict
+        ``environ``.
+    """
+    environ = os.environ if environ is None else environ
+    for name, value in TENSORFLOW_ENVIRONMENT.items():
+        environ.setdefault(name, value)
+    return environ
+
+
+def drop_noise(text: str) -> list[str]:
+    """The lines of ``text`` worth showing.
+
+    Parameters
+    ----------
+    text : str
+        What a process wrote to its stderr (several lines).
+
+    Returns
+    -------
+    list of str
+        The non-empty lines that do not match :data:`TENSORFLOW_NOISE`, in order.
+    """
+    return [line for line in text.splitlines() if line.strip() and not TENSORFLOW_NOISE.search(line)]
+
+
+def import_tensorflow(verbose: bool = False):
+    """Import TensorFlow and find its devices without its start-up noise.
+
+    The lines TensorFlow writes to file descriptor 2 while it loads and probes for GPUs are captured;
+    those matching :data:`TENSORFLOW_NOISE` are dropped and any other line is written to stderr as it
+    came (so a real error still shows). A GPU is used as before. Does nothing when TensorFlow is already
+    imported.
+
+    Parameters
+    ----------
+    verbose : bool
+        Import without capturing: every line shows.
+
+    Returns
+    -------
+    module
+        ``tensorflow``.
+
+    Raises
+    ------
+    ImportError
+        TensorFlow is not installed (its lines, if any, are shown).
+    """
+    if "tensorflow" in sys.modules:
+        return sys.modules["tensorflow"]
+    quiet_tensorflow_environment()
+    if verbose:
+        import tensorflow as tf
+
+        return tf
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            import tensorflow as tf
+
+            tf.config.list_physical_devices()   # the CUDA probe (cuInit) happens here, inside the capture
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            kept = drop_noise(captured.read().decode(errors="replace"))
+            if kept:
+                print("\n".join(kept), file=sys.stderr)
+    return tf

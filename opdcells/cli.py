@@ -57,12 +57,29 @@ def register_simulate(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sessions-per-class", type=int, default=5, metavar="K",
                    help="acquisition sessions per class (5)")
+    sample = p.add_argument_group("screening sample (instead of the five classes)")
+    sample.add_argument("--sample", type=int, metavar="N_BLOOD",
+                        help="a blood sample of N_BLOOD cells in one new session, as MATLAB v7.3 stacks")
+    sample.add_argument("--spike", default="", metavar="CLASS:K,...",
+                        help="cancer cells spiked into the sample, e.g. SW480:10,SW620:10")
+    sample.add_argument("--maps-per-file", type=int, default=1000, metavar="N", help="maps per stack (1000)")
+    sample.add_argument("--workers", type=int, default=1, metavar="N", help="simulating processes (1)")
     p.set_defaults(run=run_simulate)
 
 
 def run_simulate(args) -> int:
     from .simulate import simulate_dataset
 
+    if args.sample is not None:
+        from .spikein import parse_spikes, simulate_sample
+
+        truth = simulate_sample(args.out, args.sample, parse_spikes(args.spike), args.seed,
+                                maps_per_file=args.maps_per_file, workers=args.workers,
+                                progress=not args.quiet)
+        print(f"simulated sample in {args.out} (truth: {truth})")
+        return EXIT_OK
+    if args.spike:
+        raise ValueError("--spike needs --sample N_BLOOD")
     truth = simulate_dataset(args.out, args.n_per_class, args.seed,
                              sessions_per_class=args.sessions_per_class, progress=not args.quiet)
     print(f"simulated exports in {args.out} (truth: {truth})")
@@ -270,6 +287,83 @@ def run_predict(args) -> int:
     return result.status
 
 
+# ------------------------------------------------------------------------------------------- screen
+
+
+def register_screen(subparsers) -> None:
+    from .calibration import DEFAULT_FPR
+    from .ingest import add_reading_options
+    from .screen import DEFAULT_PREVALENCE
+
+    p = subparsers.add_parser(
+        "screen", parents=[common_options()], help="screen a sample for rare target cells",
+        description="Score every map of a sample with the model's calibrated probability of a target "
+                    "(cancer) class, flag those above the operating point that are not out of distribution, "
+                    "and write scores.csv, candidates.csv, summary.json and report.html to --out.",
+                              epilog="Exit status: 0 all screened; 1 some files or maps skipped; 2 nothing "
+                                     "screened or an error.")
+    p.add_argument("model", metavar="MODEL", help="model folder, or run name in SAVED_MODELS")
+    add_saved_models_option(p)
+    p.add_argument("exports", nargs="+", type=Path, metavar="EXPORT", help="export files or folders")
+    p.add_argument("--out", required=True, type=Path, metavar="DIR")
+    add_reading_options(p)
+    p.add_argument("--target", type=_names, metavar="CLASS,...",
+                   help="target classes (default: the model's cancer classes)")
+    p.add_argument("--fpr", type=float, metavar="RATE",
+                   help=f"false-positive rate of the operating point (default the model's, {DEFAULT_FPR:g})")
+    p.add_argument("--prevalence", type=float, default=DEFAULT_PREVALENCE, metavar="P",
+                   help=f"assumed fraction of target cells, for the expected purity ({DEFAULT_PREVALENCE:g})")
+    p.add_argument("--shard", type=_shard, default=(1, 1), metavar="K/N",
+                   help="screen every N-th file starting with the K-th (job arrays); join with screen-merge")
+    p.add_argument("--batch-size", type=int, default=256, metavar="B")
+    p.set_defaults(run=run_screen)
+    m = subparsers.add_parser("screen-merge", parents=[common_options()],
+                              help="join the outputs of screen shards",
+                              description="Join the --out folders of screen --shard runs into the outputs "
+                                          "one run over all files gives.")
+    m.add_argument("shards", nargs="+", type=Path, metavar="DIR")
+    m.add_argument("--out", required=True, type=Path, metavar="DIR")
+    m.set_defaults(run=run_screen_merge)
+
+
+def _shard(text: str) -> tuple[int, int]:
+    k, sep, n = text.partition("/")
+    if not sep or not k.strip().isdigit() or not n.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"shard {text!r} is not K/N (e.g. 3/10)")
+    return int(k), int(n)
+
+
+def run_screen(args) -> int:
+    import_tensorflow(args.verbose)
+    from .ingest import reading_options
+    from .predict import ingest_options
+    from .screen import ood_check, screen_files, screen_settings
+    from .train import load_model
+
+    model = load_model(args.model, saved_models=args.saved_models)
+    settings = screen_settings(model, targets=args.target, fpr=args.fpr, prevalence=args.prevalence,
+                               shard=args.shard)
+    result = screen_files(model, args.exports, args.out, settings, options=ingest_options(model,
+                          **reading_options(args)), ood=ood_check(model), batch_size=args.batch_size,
+                          progress=not args.quiet)
+    _print_screen(result)
+    return result.status
+
+
+def run_screen_merge(args) -> int:
+    from .screen import merge_screens
+
+    result = merge_screens(args.shards, args.out)
+    _print_screen(result)
+    return result.status
+
+
+def _print_screen(result) -> None:
+    print(f"{result.n_maps} maps from {result.n_files} files screened: {result.n_flagged} flagged, "
+          f"{result.n_ood} out of distribution -> {result.out}/report.html"
+          + (f"; {len(result.skipped_files)} files skipped" if result.skipped_files else ""))
+
+
 # ------------------------------------------------------------------------------------------- main
 
 #: The commands in the order ``--help`` lists them: a ``register(subparsers)`` function, or (for a module
@@ -280,6 +374,7 @@ COMMANDS: dict[str, Callable | tuple[str, str]] = {
     "train": register_train,
     "evaluate": register_evaluate,
     "predict": register_predict,
+    "screen": register_screen,
     "pretrain": ("opdcells.pretrain", "pretrain an OPD encoder (self-supervised or on simulated maps)"),
     "notebooks": notebooks.register,
 }

@@ -240,6 +240,24 @@ class _Scorer:
             self.kept.pop(_key(row), None)
 
 
+def ood_check(model):
+    """``maps -> (score, flag)`` of the model's out-of-distribution detector (:mod:`opdcells.ood`), or None
+    for a model saved without one (logged)."""
+    from .ood import load_detector, model_inputs
+
+    detector = load_detector(model)
+    if detector is None:
+        log.info("model %s has no out-of-distribution detector (ood.npz): no map is vetoed as unlike the "
+                 "training data", model.name)
+        return None
+
+    def check(maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        scores = detector.score(model_inputs(model.learner, maps, model.config["pixel_size_um"]))
+        return scores, np.asarray(detector.flag(scores), dtype=bool)
+
+    return check
+
+
 def shard_files(files: Sequence[Path], shard: tuple[int, int]) -> list[Path]:
     """Files of shard ``(k, n)``: every n-th of ``files`` starting with the k-th (1-based)."""
     k, n = shard

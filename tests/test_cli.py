@@ -278,3 +278,33 @@ def test_one_folder_per_class_trains_with_each_documented_way_forward(one_folder
         assert config["split"]["by"] == "group" and not config["split"]["warning"]
         days = [set(split["groups"][part]) for part in ("train", "val", "test")]
         assert set().union(*days) == {"day1", "day2", "day3"} and sum(map(len, days)) == 3
+
+
+def test_screen_a_spiked_sample_in_shards_and_merge_them(features_run, tmp_path, capsys):
+    _, model = features_run
+    sample = tmp_path / "sample"
+    assert main(["simulate", "--out", str(sample), "--sample", "14", "--spike", "SW480:2",
+                 "--maps-per-file", "4", "-q"]) == 0
+    assert len(list(sample.glob("stack_*.mat"))) == 4
+    assert main(["screen", str(model), str(sample), "--out", str(tmp_path / "all"), "--fpr", "0.05",
+                 "-q"]) == 0
+    assert "16 maps from 4 files screened" in capsys.readouterr().out
+    for k in (1, 2):
+        assert main(["screen", str(model), str(sample), "--out", str(tmp_path / f"s{k}"), "--fpr", "0.05",
+                     "--shard", f"{k}/2", "-q"]) == 0
+    assert main(["screen-merge", str(tmp_path / "s1"), str(tmp_path / "s2"), "--out",
+                 str(tmp_path / "merged"), "-q"]) == 0
+    for name in ("scores.csv", "candidates.csv", "scores.dropped.csv"):
+        assert (tmp_path / "merged" / name).read_text() == (tmp_path / "all" / name).read_text()
+    summary = json.loads((tmp_path / "all/summary.json").read_text())
+    assert summary["targets"] == ["cancer"] and summary["operating_point"]["fpr"] == 0.05
+    assert (tmp_path / "all/report.html").read_text().count('class="cand"') == min(summary["flagged"], 120)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["simulate", "--out", "x", "--spike", "SW480:2"], "--spike needs --sample"),
+    (["screen", "m", "e", "--out", "o", "--shard", "3"], "not K/N"),
+])
+def test_screen_options_are_checked(argv, message, capsys):
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err

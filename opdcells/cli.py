@@ -252,19 +252,26 @@ def run_evaluate(args) -> int:
 # ------------------------------------------------------------------------------------------- predict
 
 
-def register_predict(subparsers) -> None:
+def add_model_and_exports(parser: argparse.ArgumentParser, out_metavar: str) -> None:
+    """MODEL, EXPORT..., --saved-models, --out and the reading options of ``load`` (commands that apply a
+    model to new exports)."""
     from .ingest import add_reading_options
+
+    parser.add_argument("model", metavar="MODEL", help="model folder, or run name in SAVED_MODELS")
+    add_saved_models_option(parser)
+    parser.add_argument("exports", nargs="+", type=Path, metavar="EXPORT", help="export files or folders")
+    parser.add_argument("--out", required=True, type=Path, metavar=out_metavar)
+    add_reading_options(parser)
+
+
+def register_predict(subparsers) -> None:
 
     p = subparsers.add_parser("predict", parents=[common_options()], help="predict classes of new exports",
                               description="Read exports exactly like load_data.py (at the model's pixel "
                                           "size and map size) and write one CSV row per map.",
                               epilog="Exit status: 0 all predicted; 1 some files or maps skipped; "
                                      "2 nothing predicted or an error.")
-    p.add_argument("model", metavar="MODEL", help="model folder, or run name in SAVED_MODELS")
-    add_saved_models_option(p)
-    p.add_argument("exports", nargs="+", type=Path, metavar="EXPORT", help="export files or folders")
-    p.add_argument("--out", required=True, type=Path, metavar="PREDS.csv")
-    add_reading_options(p)
+    add_model_and_exports(p, "PREDS.csv")
     p.add_argument("--batch-size", type=int, default=64, metavar="B")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                    help="mean over each map's 8 rotations and reflections (default: as the model was saved)")
@@ -292,7 +299,6 @@ def run_predict(args) -> int:
 
 def register_screen(subparsers) -> None:
     from .calibration import DEFAULT_FPR
-    from .ingest import add_reading_options
     from .screen import DEFAULT_PREVALENCE
 
     p = subparsers.add_parser(
@@ -302,11 +308,7 @@ def register_screen(subparsers) -> None:
                     "and write scores.csv, candidates.csv, summary.json and report.html to --out.",
                               epilog="Exit status: 0 all screened; 1 some files or maps skipped; 2 nothing "
                                      "screened or an error.")
-    p.add_argument("model", metavar="MODEL", help="model folder, or run name in SAVED_MODELS")
-    add_saved_models_option(p)
-    p.add_argument("exports", nargs="+", type=Path, metavar="EXPORT", help="export files or folders")
-    p.add_argument("--out", required=True, type=Path, metavar="DIR")
-    add_reading_options(p)
+    add_model_and_exports(p, "DIR")
     p.add_argument("--target", type=_names, metavar="CLASS,...",
                    help="target classes (default: the model's cancer classes)")
     p.add_argument("--fpr", type=float, metavar="RATE",

@@ -15,6 +15,7 @@ never fatal.
 """
 from __future__ import annotations
 
+import abc
 import collections
 import contextlib
 import csv
@@ -202,16 +203,16 @@ def _note_resampling(pixel_size_um: float, options: IngestOptions, seen: set) ->
                  "before, at the exports' own pixel size)", pixel_size_um, model_px)
 
 
-class _Batcher:
-    """Maps of several files gathered into batches for ``predict_proba``; rows are kept per file so a
-    file that fails half-way can be dropped whole, and written in file order once complete."""
+class FileBatches(abc.ABC):
+    """Maps of several files gathered into batches of ``batch_size``; the rows :meth:`rows_of` makes of a
+    batch are kept per file, so a file that fails half-way can be dropped whole, and written in file order
+    once complete (used by ``predict`` and ``screen``)."""
 
-    def __init__(self, model, batch_size: int, tta: bool | None = None):
-        self.model, self.batch_size, self.tta = model, batch_size, tta
+    def __init__(self, batch_size: int):
+        self.batch_size = batch_size
         self.maps: list[np.ndarray] = []
         self.keys: list[tuple[Path, int, ProcessedMap]] = []
-        self.rows: dict[Path, list[list]] = {}
-        self.ood = PredictionCheck(model)   # ood_score, ood_flag (none for models without ood.npz)
+        self.rows: dict[Path, list] = {}
 
     def add(self, path: Path, index: int, processed: ProcessedMap) -> None:
         self.rows.setdefault(path, [])
@@ -220,25 +221,42 @@ class _Batcher:
         if len(self.maps) >= self.batch_size:
             self.flush()
 
+    @abc.abstractmethod
+    def rows_of(self, maps: np.ndarray, keys: list[tuple[Path, int, ProcessedMap]]) -> list:
+        """One row per map of a batch, ``maps`` (N, S, S) with their ``keys`` (path, index, ProcessedMap)."""
+
     def flush(self) -> None:
         if not self.maps:
             return
-        proba = self.model.predict_proba(np.stack(self.maps), batch_size=self.batch_size, tta=self.tta)
-        names = self.model.class_names
-        ood = self.ood.values(np.stack(self.maps))
-        for (path, index, processed), p, extra in zip(self.keys, proba, ood, strict=True):
-            self.rows[path].append(csv_row(path, index, processed, p, names, extra))
+        for (path, _, _), row in zip(self.keys, self.rows_of(np.stack(self.maps), self.keys), strict=True):
+            self.rows[path].append(row)
         self.maps.clear()
         self.keys.clear()
 
-    def drop(self, path: Path) -> None:
+    def drop(self, path: Path) -> list:
+        """Forget the maps and rows of ``path`` (it failed); returns its rows made so far."""
         keep = [i for i, key in enumerate(self.keys) if key[0] != path]
         self.maps = [self.maps[i] for i in keep]
         self.keys = [self.keys[i] for i in keep]
-        self.rows.pop(path, None)
+        return self.rows.pop(path, [])
 
     def pending(self, path: Path) -> bool:
         return any(key[0] == path for key in self.keys)
+
+
+class _Batcher(FileBatches):
+    """Batches for ``predict_proba``: rows of the predictions CSV (:func:`csv_row`)."""
+
+    def __init__(self, model, batch_size: int, tta: bool | None = None):
+        super().__init__(batch_size)
+        self.model, self.tta = model, tta
+        self.ood = PredictionCheck(model)   # ood_score, ood_flag (none for models without ood.npz)
+
+    def rows_of(self, maps: np.ndarray, keys) -> list:
+        proba = self.model.predict_proba(maps, batch_size=self.batch_size, tta=self.tta)
+        names, ood = self.model.class_names, self.ood.values(maps)
+        return [csv_row(path, index, processed, p, names, extra)
+                for (path, index, processed), p, extra in zip(keys, proba, ood, strict=True)]
 
 
 @contextlib.contextmanager

@@ -51,6 +51,7 @@ from .predict import (
     ID_COLUMNS,
     MEASURE_COLUMNS,
     POSITION_COLUMNS,
+    FileBatches,
     dropped_row,
     expand_exports,
     position_values,
@@ -181,22 +182,13 @@ class ScreenResult:
         return EXIT_SKIPPED if self.skipped_files or self.skipped_maps else EXIT_OK
 
 
-class _Scorer:
-    """Maps gathered across files into batches: fast pass, refinement near the threshold, rows per file."""
+class _Scorer(FileBatches):
+    """Batches scored by a fast pass, refined near the threshold; keeps the candidates' maps."""
 
     def __init__(self, model, settings: ScreenSettings, ood, batch_size: int):
-        self.model, self.settings, self.ood, self.batch_size = model, settings, ood, batch_size
-        self.maps: list[np.ndarray] = []
-        self.keys: list[tuple] = []            # (path, index, ProcessedMap)
-        self.rows: dict[Path, list[dict]] = {}
+        super().__init__(batch_size)
+        self.model, self.settings, self.ood = model, settings, ood
         self.kept: dict[tuple, np.ndarray] = {}  # candidate maps by (file, index, cell)
-
-    def add(self, path: Path, index: int, processed) -> None:
-        self.rows.setdefault(path, [])
-        self.maps.append(processed.opd)
-        self.keys.append((path, index, processed))
-        if len(self.maps) >= self.batch_size:
-            self.flush()
 
     def score(self, maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Calibrated probabilities and target scores; maps near the threshold refined with TTA."""
@@ -211,33 +203,28 @@ class _Scorer:
             p_target[near] = target_score(proba[near], self.model.class_names, s.targets)
         return proba, p_target
 
-    def flush(self) -> None:
-        if not self.maps:
-            return
-        maps = np.stack(self.maps)
+    def rows_of(self, maps: np.ndarray, keys) -> list[dict]:
         proba, p_target = self.score(maps)
         ood_score, ood_flag = self.ood(maps) if self.ood else (np.full(len(maps), np.nan),
                                                               np.zeros(len(maps), bool))
-        names = self.model.class_names
-        for i, (path, index, processed) in enumerate(self.keys):
+        names, rows = self.model.class_names, []
+        for i, (path, index, processed) in enumerate(keys):
             flagged = bool(p_target[i] >= self.settings.point.threshold and not ood_flag[i])
             identity = [storable_text(str(path)), index, *position_values(processed)]
             row = dict(zip((*ID_COLUMNS, *POSITION_COLUMNS), identity, strict=True))
             row.update(dry_mass_pg=f"{processed.dry_mass_pg:.6g}", area_um2=f"{processed.area_um2:.6g}",
                        p_target=float(p_target[i]), predicted=names[int(np.argmax(proba[i]))],
                        ood_score=f"{ood_score[i]:.6g}", ood_flag=bool(ood_flag[i]), flagged=flagged)
-            self.rows[path].append(row)
+            rows.append(row)
             if flagged:
                 self.kept[_key(row)] = maps[i].astype(np.float16)
-        self.maps.clear()
-        self.keys.clear()
+        return rows
 
-    def drop(self, path: Path) -> None:
-        keep = [i for i, key in enumerate(self.keys) if key[0] != path]
-        self.maps = [self.maps[i] for i in keep]
-        self.keys = [self.keys[i] for i in keep]
-        for row in self.rows.pop(path, []):
+    def drop(self, path: Path) -> list:
+        rows = super().drop(path)
+        for row in rows:
             self.kept.pop(_key(row), None)
+        return rows
 
 
 def ood_check(model):

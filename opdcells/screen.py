@@ -312,15 +312,13 @@ def _key(row: dict) -> tuple:
     return (row["file"], int(row["index"]), int(row["cell"]) if str(row["cell"]) != "" else -1)
 
 
-_sort_key = _key
-
 
 def write_outputs(out: Path, rows: list[dict], kept: dict, settings: ScreenSettings, result: ScreenResult,
                   *, model_name: str) -> None:
     """Write scores.csv, candidates.csv, candidates.npz, summary.json and report.html (each atomically)."""
-    rows = sorted(rows, key=_sort_key)
+    rows = sorted(rows, key=_key)
     candidates = sorted((r for r in rows if _true(r["flagged"])),   # as written: shards merge identically
-                        key=lambda r: (-float(f"{float(r['p_target']):.6g}"), *_sort_key(r)))
+                        key=lambda r: (-float(f"{float(r['p_target']):.6g}"), *_key(r)))
     result.n_maps, result.n_flagged = len(rows), len(candidates)
     result.n_ood = sum(_true(r["ood_flag"]) for r in rows)
     _atomic_csv(out / "scores.csv", rows)

@@ -191,7 +191,9 @@ class OperatingPoint:
     basis: str
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        """JSON-ready (intervals as lists, as config.json reads them back)."""
+        data = asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}
 
     @classmethod
     def from_dict(cls, data: dict) -> OperatingPoint:

@@ -14,6 +14,20 @@ def _real_qpi_dir() -> Path:
     return Path(env) if env else REPO.parent / "shared" / "real_qpi"
 
 
+def pytest_report_header(config) -> list[str]:
+    """Say once, at the top of every run, which real-data folders the tests found (their tests skip
+    without them: about 30 tests and the real-cell figures)."""
+    lines = []
+    for name, path, variable in (("real QPI data", _real_qpi_dir(), "OPDCELLS_REAL_QPI"),
+                                 ("failing-input cases", _cases_dir(), "OPDCELLS_CASES")):
+        if path.is_dir():
+            lines.append(f"opdcells: {name}: {path}")
+        else:
+            lines.append(f"opdcells: !!! {name} NOT FOUND at {path}: their tests are SKIPPED "
+                         f"(put the shared folder beside the repository or set ${variable})")
+    return lines
+
+
 @pytest.fixture(scope="session")
 def real_qpi() -> Path:
     """Folder ``shared/real_qpi`` (override with $OPDCELLS_REAL_QPI); tests skip loudly if absent."""

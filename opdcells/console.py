@@ -37,7 +37,7 @@ TENSORFLOW_NOISE = re.compile(
     r"All log messages before absl::InitializeLog|oneDNN custom operations are on|"
     r"Could not find cuda drivers|cpu_feature_guard|^To enable the following instructions|"
     r"failed call to cuInit|Unable to register cu(DNN|FFT|BLAS) factory|"
-    r"computation placer already registered|TF-TRT Warning")
+    r"computation placer already registered|TF-TRT Warning|oneDNN supports DT_INT32 only")
 
 
 def common_options() -> argparse.ArgumentParser:

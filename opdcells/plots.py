@@ -430,17 +430,24 @@ def _mean_band(rows: pd.DataFrame, x: str, y: str) -> tuple[pd.Series, pd.Series
     """Mean of ``y`` per ``x`` and its 95% band, clipped to [0, 1].
 
     Two sources of variation: the spread over seeds (t interval of the mean) and the test sample (each
-    run's bootstrap interval, ``<y>_ci_low/_ci_high``, when present: its mean half-width). They add in
-    quadrature, so a point where every seed gives the same number (e.g. all labels used) still shows the
-    uncertainty of the test set.
+    run's bootstrap interval, ``<y>_ci_low/_ci_high``, when present, else the binomial interval of its
+    accuracy on ``n_test`` maps: their mean half-width). They add in quadrature, so a point where every
+    seed gives the same number (e.g. all labels used) still shows the uncertainty of the test set.
     """
     grouped = rows.groupby(x)[y]
     mean, sem, n = grouped.mean(), grouped.sem().fillna(0.0), grouped.count()
     half = sem * stats.t.ppf(0.975, np.maximum(n - 1, 1))
     low, high = f"{y}_ci_low", f"{y}_ci_high"
     if low in rows.columns and high in rows.columns:
-        boot = ((rows[high] - rows[low]) / 2).groupby(rows[x]).mean().reindex(mean.index).fillna(0.0)
-        half = np.sqrt(half ** 2 + boot ** 2)
+        sample = (rows[high] - rows[low]) / 2
+    elif "n_test" in rows.columns:   # binomial half-width of each run's accuracy on its n_test maps
+        p = rows[y].clip(0.0, 1.0)
+        sample = 1.96 * np.sqrt(p * (1 - p) / rows["n_test"].clip(lower=1))
+    else:
+        sample = None
+    if sample is not None:
+        sample = sample.groupby(rows[x]).mean().reindex(mean.index).fillna(0.0)
+        half = np.sqrt(half ** 2 + sample ** 2)
     return mean, (mean - half).clip(0.0, 1.0), (mean + half).clip(0.0, 1.0)
 
 

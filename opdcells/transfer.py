@@ -379,7 +379,8 @@ def label_efficiency(encoders: Encoders, tasks, models, *, fractions, seeds, spl
              "figure": plots.label_efficiency(
                  table, out / "label_efficiency.png",
                  title="Label efficiency on unseen groups: linear probes on frozen embeddings / features"
-                       + (" and fine-tuned models" if finetune else "") + " (mean, 95% CI over seeds)")}
+                       + (" and fine-tuned models" if finetune else "")
+                       + " (mean; 95% band over seeds and test maps)")}
     return table, files
 
 

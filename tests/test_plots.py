@@ -173,3 +173,11 @@ def test_twelve_series_get_twelve_colours_or_patterns(tmp_path):
 
     path = accuracy_bars(table, tmp_path / "bars.png", bar="bar")
     assert imread(path).shape[1] < 2000
+
+
+def test_label_efficiency_band_without_ci_columns_uses_the_test_size():
+    from opdcells.plots import _mean_band
+
+    rows = pd.DataFrame({"fraction": [1.0, 1.0], "accuracy": [0.9, 0.9], "n_test": [400, 400]})
+    _, low, high = _mean_band(rows, "fraction", "accuracy")
+    assert (high - low)[1.0] == pytest.approx(2 * 1.96 * np.sqrt(0.9 * 0.1 / 400), rel=1e-6)

@@ -243,6 +243,30 @@ class FileBatches(abc.ABC):
     def pending(self, path: Path) -> bool:
         return any(key[0] == path for key in self.keys)
 
+    def add_file(self, path: Path, options: IngestOptions, result, pixel_sizes: set) -> bool:
+        """Add every usable map of the export ``path`` (:func:`read_maps`); a file that fails, or yields no
+        map, is dropped whole, logged and recorded in ``result`` (``skipped_files``, ``dropped``).
+
+        Returns
+        -------
+        bool
+            Whether the file was read completely.
+        """
+        try:
+            n = 0
+            for index, processed in read_maps(path, options, result, pixel_sizes):
+                self.add(path, index, processed)
+                n += 1
+            if n == 0:
+                raise ExportError(path, "no usable map" + (" (no cells found)" if options.fields else ""))
+        except ExportError as exc:
+            self.drop(path)
+            log.warning("skipped %s", exc)
+            result.skipped_files.append(str(exc))
+            result.dropped.append(Dropped(path, None, None, None, None, exc.reason))
+            return False
+        return True
+
 
 class _Batcher(FileBatches):
     """Batches for ``predict_proba``: rows of the predictions CSV (:func:`csv_row`)."""
@@ -355,19 +379,7 @@ def predict_files(model, paths: Iterable[str | os.PathLike], out: str | os.PathL
     with _atomic_csv(out) as writer:
         writer.writerow(csv_columns(model.class_names, batcher.ood.columns))
         for path in tqdm(expand_exports(paths), unit="file", disable=not progress, mininterval=0.5):
-            n = 0
-            try:
-                for index, processed in read_maps(path, options, result, pixel_sizes):
-                    batcher.add(path, index, processed)
-                    n += 1
-                if n == 0:
-                    raise ExportError(path, "no usable map" + (" (no cells found)" if options.fields
-                                                               else ""))
-            except ExportError as exc:
-                batcher.drop(path)
-                log.warning("skipped %s", exc)
-                result.skipped_files.append(str(exc))
-                result.dropped.append(Dropped(path, None, None, None, None, exc.reason))
+            if not batcher.add_file(path, options, result, pixel_sizes):
                 continue
             done.append(path)
             write_done(writer)

@@ -44,7 +44,7 @@ from .calibration import (
     target_score,
 )
 from .console import EXIT_FAILED, EXIT_OK, EXIT_SKIPPED
-from .errors import ExportError, OPDCellsError, storable_text
+from .errors import OPDCellsError, storable_text
 from .ingest import Dropped, IngestOptions
 from .predict import (
     DROPPED_COLUMNS,
@@ -55,7 +55,6 @@ from .predict import (
     dropped_row,
     expand_exports,
     position_values,
-    read_maps,
 )
 
 log = logging.getLogger(__name__)
@@ -286,20 +285,8 @@ def screen_files(model, paths: Iterable[str | os.PathLike], out: str | os.PathLi
     read: list[Path] = []
     pixel_sizes: set = set()
     for path in tqdm(files, unit="file", disable=not progress, mininterval=0.5, desc="screening"):
-        try:
-            n = 0
-            for index, processed in read_maps(path, options, result, pixel_sizes):
-                scorer.add(path, index, processed)
-                n += 1
-            if n == 0:
-                raise ExportError(path, "no usable map")
-        except ExportError as exc:
-            scorer.drop(path)
-            log.warning("skipped %s", exc)
-            result.skipped_files.append(str(exc))
-            result.dropped.append(Dropped(path, None, None, None, None, exc.reason))
-            continue
-        read.append(path)
+        if scorer.add_file(path, options, result, pixel_sizes):
+            read.append(path)
     scorer.flush()
     rows = [row for path in read for row in scorer.rows.get(path, [])]
     result.n_files, result.seconds = len(read), time.perf_counter() - start

@@ -292,9 +292,10 @@ def overlay_grid(maps: Sequence, heatmaps: Sequence, titles: Sequence[str], path
 
 
 def label_efficiency(df: pd.DataFrame, path, metric: str = "accuracy", *, title: str | None = None) -> Path:
-    """``metric`` vs labelled fraction (log x) per model: seeds as dots, mean line and 95% t-band over
-    seeds; one panel per task (columns: model, fraction, <metric>, optional seed and task). Curves named
-    ``"<model> (<curve>)"`` share the model's colour; frozen-probe curves are dashed."""
+    """``metric`` vs labelled fraction (log x) per model: seeds as dots, mean line and 95% band over seeds
+    and the test sample (:func:`mean_band`); one panel per task (columns: model, fraction, <metric>,
+    optional seed and task). Curves named ``"<model> (<curve>)"`` share the model's colour; frozen-probe
+    curves are dashed."""
     df = df.copy()
     if "task" not in df.columns:
         df["task"] = ""
@@ -306,7 +307,7 @@ def label_efficiency(df: pd.DataFrame, path, metric: str = "accuracy", *, title:
                 colour = model_colour(model.split(" (")[0])   # "<model> (<curve>)": one colour per model
                 style = "--o" if "frozen" in model else "-o"
                 ax.scatter(rows["fraction"], rows[metric], s=10, color=colour, alpha=0.4, lw=0)
-                mean, low, high = _mean_band(rows, "fraction", metric)
+                mean, low, high = mean_band(rows, "fraction", metric)
                 ax.plot(mean.index, mean, style, ms=3, color=colour, label=model)
                 ax.fill_between(mean.index, low, high, color=colour, alpha=0.2, lw=0)
             ax.set_xscale("log")
@@ -426,8 +427,8 @@ def _mark_fpr_points(ax, y_pos, score) -> None:
                 label=f"TPR {point['value']:.2f} at FPR {fpr * 100:g}%")
 
 
-def _mean_band(rows: pd.DataFrame, x: str, y: str) -> tuple[pd.Series, pd.Series, pd.Series]:
-    """Mean of ``y`` per ``x`` and its 95% band, clipped to [0, 1].
+def mean_band(rows: pd.DataFrame, x: str, y: str) -> tuple[pd.Series, pd.Series, pd.Series]:
+    """Mean of ``y`` per ``x`` and its 95% band, clipped to [0, 1] (the label-efficiency figure and table).
 
     Two sources of variation: the spread over seeds (t interval of the mean) and the test sample (each
     run's bootstrap interval, ``<y>_ci_low/_ci_high``, when present, else the binomial interval of its

@@ -78,6 +78,7 @@ def compare_models(data, models, tasks=("five_class",), *, name="comparison", pr
     CIs to ``results/<name>/``. ``model_options`` maps a model name to extra
     :func:`opdcells.train.train` arguments (split options such as ``test_groups`` go in ``train_kw``).
     """
+    from .config import write_json_atomic
     from .train import train, write_results
 
     ds = open_dataset(data) if isinstance(data, (str, Path)) else data
@@ -87,9 +88,14 @@ def compare_models(data, models, tasks=("five_class",), *, name="comparison", pr
         slug = task_slug(task)
         for model in models:
             options = {**train_kw, **(model_options or {}).get(model, {})}
-            log.info("%s: training %s on %s", name, model, task)
-            result = train(ds, model, task, saved_models / f"{name}_{model}_{slug}", profile=profile,
-                           seed=seed, verbose=verbose, n_boot=n_boot, **options)
+            digest = comparison_digest(ds, model, task, profile=profile, seed=seed, **options)
+            result = earlier_run(ds, saved_models, digest, seed=seed)
+            if result is None:
+                log.info("%s: training %s on %s", name, model, task)
+                result = train(ds, model, task, saved_models / f"{name}_{model}_{slug}", profile=profile,
+                               seed=seed, verbose=verbose, n_boot=n_boot, **options)
+                if digest:
+                    write_json_atomic(result.model_dir / RUN_DIGEST_FILE, {"digest": digest})
             folders[(task, model)] = out_root / f"{model}_{slug}"
             write_results(result.evaluation, result.model, ds, folders[(task, model)])
             runs[(task, model)] = result
@@ -102,6 +108,56 @@ def compare_models(data, models, tasks=("five_class",), *, name="comparison", pr
              "accuracy": plots.accuracy_bars(table, out_root / "accuracy.png",
                                              title=f"{name}: test accuracy on unseen acquisition groups")}
     return Comparison(table, runs, files, folders)
+
+
+#: File of a compare_models run folder holding its :func:`comparison_digest` (what makes it re-usable).
+RUN_DIGEST_FILE = "run_digest.json"
+
+
+def comparison_digest(ds, model: str, task: str, *, profile: str, seed: int, **options) -> str | None:
+    """The :func:`opdcells.transfer.run_digest` of the run ``train(ds, model, task, profile=, seed=,
+    **options)`` would make (its split follows from the config and the dataset); None when ``options``
+    are not all :class:`~opdcells.config.TrainConfig` fields (such a run is always trained)."""
+    import dataclasses
+
+    from .config import TrainConfig
+    from .transfer import run_digest
+
+    if set(options) - {f.name for f in dataclasses.fields(TrainConfig)}:
+        return None
+    config = TrainConfig.from_profile(model, profile, seed=seed, **options).replace(task=task)
+    return run_digest(config, ds.fingerprint)
+
+
+def earlier_run(ds, saved_models, digest: str | None, *, seed: int = 0):
+    """The run of ``saved_models`` that ``compare_models`` made with the same ``digest`` (same settings,
+    dataset, split and package source), as a ``train.TrainResult`` re-evaluated on its test maps; None
+    when there is none. Both notebooks train ``features`` on the same split, and a second ``make demo``
+    repeats every run: those are read back, not retrained."""
+    import json
+
+    from .splits import Split, dataset_groups
+    from .train import TrainResult, evaluate_model, load_model
+
+    if digest is None:
+        return None
+    for marker in sorted(Path(saved_models).glob(f"*/{RUN_DIGEST_FILE}")):
+        folder = marker.parent
+        try:
+            same = json.loads(marker.read_text(encoding="utf-8"))["digest"] == digest
+            metrics = json.loads((folder / "metrics.json").read_text(encoding="utf-8")) if same else None
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if metrics is None:
+            continue
+        log.info("re-using %s: the same settings, dataset, split and code (%s)", folder, digest[:12])
+        saved = load_model(folder, ds)
+        split = Split.from_json(folder / "split.json")
+        groups = dataset_groups(ds, saved.config["train_config"].get("group_pattern"))
+        evaluation = evaluate_model(saved, ds, split.test, n_boot=0, seed=seed, groups=groups)
+        history = pd.read_csv(folder / "history.csv").to_dict(orient="list")
+        return TrainResult(folder, history, metrics, saved.config, saved, evaluation)
+    return None
 
 
 def _baseline_rows(ds, task, result, *, n_boot: int, seed: int) -> list[dict]:

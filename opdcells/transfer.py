@@ -19,6 +19,7 @@ Each function returns what it made (tables, paths); the notebook displays them.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -40,7 +41,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["ENCODER_MODELS", "Encoders", "task_split", "frozen_probes", "label_efficiency",
            "embedding_view", "explain_examples", "load_real_cells", "preprocess_config_of",
-           "init_table", "ProbeResult", "FinetuneCache", "run_digest", "finetune_config",
+           "init_table", "ProbeResult", "FinetuneCache", "run_digest", "code_digest", "finetune_config",
            "real_cell_predictions", "real_cells_conclusion", "probes_conclusion",
            "label_efficiency_conclusion"]
 
@@ -346,30 +347,39 @@ def _baseline_probe_rows(ds, task, split, source, y_all, names, n_boot, seed) ->
 # ---------------------------------------------------------------------- label efficiency
 
 
-def run_digest(config: TrainConfig, fingerprint: str, split: Split) -> str:
+@functools.lru_cache(maxsize=1)
+def code_digest() -> str:
+    """SHA-256 (hex) of the package's Python source: a training run made by other code is another run."""
+    package = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+def run_digest(config: TrainConfig, fingerprint: str, split: Split | None = None) -> str:
     """Identity of a training run: the same digest means the same training, so its result can be re-used.
 
     Parameters
     ----------
     config : TrainConfig
-        Every setting of the run (task, weights, epochs, seed, ...).
+        Every setting of the run (task, weights, epochs, seed, split fields, ...).
     fingerprint : str
         ``OPDDataset.fingerprint`` of the dataset.
-    split : Split
+    split : Split, optional
         The maps the run trains on, validates on and is tested on (dataset indices, in the order
-        ``train`` sees them).
+        ``train`` sees them); None when ``train`` makes the split from the config's split fields.
 
     Returns
     -------
     str
-        SHA-256 (hex, 64 characters) of the config, the dataset fingerprint, the three index lists and the
-        opdcells version.
+        SHA-256 (hex, 64 characters) of the config, the dataset fingerprint, the index lists and the
+        package's source (:func:`code_digest`).
     """
-    from . import __version__
-
-    payload = {"train_config": config.to_dict(), "dataset": fingerprint, "opdcells": __version__,
-               **{part: np.asarray(getattr(split, part), dtype=np.int64).tolist()
-                  for part in ("train", "val", "test")}}
+    payload = {"train_config": config.to_dict(), "dataset": fingerprint, "code": code_digest()}
+    if split is not None:
+        payload.update({part: np.asarray(getattr(split, part), dtype=np.int64).tolist()
+                        for part in ("train", "val", "test")})
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -377,7 +387,7 @@ def run_digest(config: TrainConfig, fingerprint: str, split: Split) -> str:
 class FinetuneCache:
     """Test predictions of fine-tuning runs, one JSON file per run named by its :func:`run_digest`.
 
-    A run whose config, dataset, split or opdcells version differs has another digest and is trained;
+    A run whose config, dataset, split or package source differs has another digest and is trained;
     an unreadable entry is trained again and replaced (files are written atomically). Shipped encoders are
     named in the config and checked against their SHA-256 by the registry when loaded, so a changed
     encoder file is an error, not a stale hit. Delete the folder to retrain everything.

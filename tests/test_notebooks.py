@@ -148,3 +148,25 @@ def test_conclusion_needs_the_metric_column():
 
     with pytest.raises(KeyError, match="the table has no column balanced_accuracy"):
         conclusion(comparison_rows([MAJORITY]).drop(columns="balanced_accuracy"))
+
+
+def test_a_run_both_notebooks_make_is_trained_once(tmp_path_factory, tmp_path, monkeypatch):
+    """compare_models re-uses a run with the same settings, dataset, split and code (the features run of
+    both notebooks, every run of a second demo) and trains one whose settings differ."""
+    import opdcells.train
+    from opdcells import experiments
+
+    data = tiny_dataset(tmp_path_factory)
+    kw = {"saved_models": tmp_path / "saved", "results": tmp_path / "results", "n_boot": 20}
+    first = experiments.compare_models(data, ["features"], ["five_class"], name="one", **kw)
+    trained = []
+    real_train = opdcells.train.train
+    monkeypatch.setattr(opdcells.train, "train", lambda *a, **k: trained.append(a) or real_train(*a, **k))
+    second = experiments.compare_models(data, ["features"], ["five_class"], name="two", epochs=None, **kw)
+    assert not trained
+    run = second.runs[("five_class", "features")]
+    assert run.model_dir == first.runs[("five_class", "features")].model_dir
+    assert second.table.loc[0, "accuracy"] == first.table.loc[0, "accuracy"]
+    assert (tmp_path / "results" / "two" / "features_five_class" / "confusion_matrix.png").is_file()
+    experiments.compare_models(data, ["features"], ["five_class"], name="three", epochs=5, **kw)
+    assert len(trained) == 1                                   # other settings: another run

@@ -311,6 +311,9 @@ def label_efficiency(df: pd.DataFrame, path, metric: str = "accuracy", *, title:
                 ax.plot(mean.index, mean, style, ms=3, color=colour, label=model)
                 ax.fill_between(mean.index, low, high, color=colour, alpha=0.2, lw=0)
             ax.set_xscale("log")
+            ticks = sorted(sub["fraction"].unique())   # the fractions measured, as percentages
+            ax.set_xticks(ticks, [f"{t:.0%}" for t in ticks])
+            ax.minorticks_off()
             ax.set(xlabel="labelled fraction of training maps", title=task or None)
         axes[0, 0].set_ylabel(metric.replace("_", " "))
         handles = {}   # every curve of every panel (some curves exist for some tasks only)

@@ -327,8 +327,9 @@ def label_efficiency(df: pd.DataFrame, path, metric: str = "accuracy", *, title:
 
 
 def embedding_scatter(emb2d, labels, class_names: Sequence[str], path, extra=None, *,
-                      title: str = "Embedding") -> Path:
-    """2-D embedding coloured by class; ``extra`` = [(points (M, 2), name, marker), ...] drawn on top."""
+                      title: str = "Embedding", axis: str = "dimension") -> Path:
+    """2-D embedding coloured by class; ``extra`` = [(points (M, 2), name, marker), ...] drawn on top;
+    ``axis`` names the projection on the axes ("PCA" gives "PCA 1", "PCA 2")."""
     emb2d, labels = np.asarray(emb2d, dtype=float), np.asarray(labels)
     with _figure(path, figsize=(5.4, 4.2)) as (fig, axes):
         ax = axes[0, 0]
@@ -340,7 +341,7 @@ def embedding_scatter(emb2d, labels, class_names: Sequence[str], path, extra=Non
             points = np.asarray(points, dtype=float).reshape(-1, 2)
             ax.scatter(points[:, 0], points[:, 1], s=36, marker=marker, color=("black", "#555555")[i % 2],
                        lw=1.0, label=f"{name} ({len(points)})")
-        ax.set(xlabel="dimension 1", ylabel="dimension 2", title=title)
+        ax.set(xlabel=f"{axis} 1", ylabel=f"{axis} 2", title=title)
         ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False, markerscale=1.5)
     return Path(path)
 

@@ -611,7 +611,7 @@ def embedding_view(encoders: Encoders, model: str, indices, path, *, method="pca
         start += len(block)
     init = encoders.infos[model]["init"]
     return plots.embedding_scatter(joint[:len(emb)], ds.labels[indices], [str(c) for c in ds.class_names],
-                                   path, extra=extra,
+                                   path, extra=extra, axis=method.upper() if method == "pca" else method,
                                    title=title or f"{model} frozen embedding ({init}), {method.upper()}")
 
 

@@ -610,8 +610,9 @@ def embedding_view(encoders: Encoders, model: str, indices, path, *, method="pca
         extra.append((joint[start:start + len(block)], name, marker))
         start += len(block)
     init = encoders.infos[model]["init"]
+    axis = {"pca": "PCA", "tsne": "t-SNE"}.get(method, method)
     return plots.embedding_scatter(joint[:len(emb)], ds.labels[indices], [str(c) for c in ds.class_names],
-                                   path, extra=extra, axis=method.upper() if method == "pca" else method,
+                                   path, extra=extra, axis=axis,
                                    title=title or f"{model} frozen embedding ({init}), {method.upper()}")
 
 

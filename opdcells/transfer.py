@@ -481,8 +481,8 @@ def _curve_label(model: str, curve: str) -> str:
 
 def label_efficiency(encoders: Encoders, tasks, models, *, fractions, seeds, splits=None, finetune=(),
                      finetune_tasks=None, finetune_fractions=None, finetune_kw=None, name="opd_dinov2",
-                     saved_models="saved_models", results="results", seed=0, comparison=None
-                     ) -> tuple[pd.DataFrame, dict]:
+                     saved_models="saved_models", results="results", seed=0, comparison=None,
+                     finetune_seeds=None) -> tuple[pd.DataFrame, dict]:
     """Test accuracy vs fraction of labelled training maps for each model and task.
 
     For every fraction and seed the labelled maps are ``splits.subsample_labelled(split.train, y,
@@ -492,7 +492,8 @@ def label_efficiency(encoders: Encoders, tasks, models, *, fractions, seeds, spl
     standardised morphology features for ``features``, and ``fine-tuned``
     for models in ``finetune`` on ``finetune_tasks`` (default: all ``tasks``) at ``finetune_fractions``
     (default: ``fractions``), trained by :func:`finetune_subset` with ``finetune_kw`` (epochs,
-    input_size, profile, ...) from each encoder's initialisation (``encoders.weights_of``).
+    input_size, profile, ...) from each encoder's initialisation (``encoders.weights_of``), for the
+    labelled subsets of ``finetune_seeds`` (default ``seeds``).
     A fine-tuning run identical to one made before (:func:`run_digest`: same config, dataset, split and
     labelled maps) is not repeated: at 100% of the labels every seed draws the same maps, and that run is
     ``comparison``'s full-data run (an ``experiments.Comparison``) when its settings match. The predictions
@@ -517,7 +518,7 @@ def label_efficiency(encoders: Encoders, tasks, models, *, fractions, seeds, spl
         curves += [(m, "fine-tuned") for m in finetune if task in finetune_tasks and m != FEATURES]
         for model, curve in curves:
             emb = None if curve == "fine-tuned" else encoders.embeddings(model, calibration=split.train)
-            for s in seeds:
+            for s in (finetune_seeds if curve == "fine-tuned" and finetune_seeds is not None else seeds):
                 tuned = curve == "fine-tuned" and finetune_fractions is not None
                 for fraction in sorted(finetune_fractions if tuned else fractions):
                     sub = subsample_labelled(split.train, y_all, fraction, seed=s)

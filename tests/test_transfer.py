@@ -97,6 +97,22 @@ def test_label_efficiency_rows(encoders, tmp_path):
     assert files["figure"].is_file()
 
 
+def test_label_efficiency_fine_tunes_the_subsets_of_finetune_seeds(encoders, tmp_path, monkeypatch):
+    asked = []
+
+    def finetune(ds, model, task, split, sub, **kw):
+        asked.append((model, len(sub)))
+        return np.zeros(len(split.test), dtype=int)
+
+    monkeypatch.setattr(transfer, "finetune_subset", finetune)
+    table, _ = transfer.label_efficiency(encoders, ["five_class"], ["features"], fractions=[0.5, 1.0],
+                                         seeds=[0, 1], finetune=["mobilenetv2"], finetune_seeds=[1],
+                                         results=tmp_path, saved_models=tmp_path)
+    tuned, frozen = table[table["curve"] == "fine-tuned"], table[table["curve"] == "frozen linear probe"]
+    assert set(tuned["seed"]) == {1} and len(tuned) == len(asked) == 2      # one subset per fraction
+    assert set(frozen["seed"]) == {0, 1} and len(frozen) == 4
+
+
 def test_finetune_subset_trains_on_the_given_maps_only_and_once(tmp_path_factory, ds, monkeypatch, tmp_path):
     from opdcells.splits import subsample_labelled
     from opdcells.tasks import get_task

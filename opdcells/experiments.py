@@ -216,7 +216,7 @@ def _estimate(row, metric: str) -> str:
     return f"{row[metric]:.3f}{ci}"
 
 
-def _task_conclusion(rows: pd.DataFrame, metric: str, label: str) -> list[str]:
+def _task_conclusion(rows: pd.DataFrame, metric: str, label: str, initialisations: bool = True) -> list[str]:
     """The sentences of :func:`conclusion` for one task's rows."""
     name = metric.replace("_", " ")
     models = rows[rows["init"] != BASELINE_INIT].sort_values(metric, ascending=False)
@@ -226,7 +226,8 @@ def _task_conclusion(rows: pd.DataFrame, metric: str, label: str) -> list[str]:
     best = models.iloc[0]
     top = models[np.isclose(models[metric], best[metric], atol=5e-4)]
     if len(top) > 1:
-        lines = [f"{label}{' and '.join(top['model'])} tie for the best {name} on unseen groups "
+        names = list(top["model"])
+        lines = [f"{label}{', '.join(names[:-1])} and {names[-1]} tie for the best {name} on unseen groups "
                  f"({best[metric]:.3f})."]
     else:
         lines = [f"{label}**{best['model']}** has the best {name} on unseen groups, "
@@ -265,12 +266,13 @@ def _task_conclusion(rows: pd.DataFrame, metric: str, label: str) -> list[str]:
             lines.append(f"{row['model']} predicts {row['predicts_only']} for every map.")
     inits = ", ".join(f"{row['model']} `{row['init']}`" for _, row in models.iterrows()
                       if row["model"] != FEATURES_MODEL)
-    if inits:
+    if inits and initialisations:
         lines.append(f"Initialisation as recorded in each run's config.json: {inits}.")
     return lines
 
 
-def conclusion(table: pd.DataFrame, *, metric: str = "balanced_accuracy") -> str:
+def conclusion(table: pd.DataFrame, *, metric: str = "balanced_accuracy",
+               initialisations: bool = True) -> str:
     """A short Markdown conclusion written from a comparison table (what the notebooks end with).
 
     Per task: the model with the best ``metric`` on the unseen test groups and its 95% CI (or the models
@@ -286,6 +288,8 @@ def conclusion(table: pd.DataFrame, *, metric: str = "balanced_accuracy") -> str
         ``<metric>_ci_low`` / ``_ci_high``, ``predicts_only`` and ``task``.
     metric : str
         The column compared (a fraction in [0, 1]).
+    initialisations : bool
+        End each task's paragraph with every network's initialisation.
 
     Returns
     -------
@@ -302,6 +306,6 @@ def conclusion(table: pd.DataFrame, *, metric: str = "balanced_accuracy") -> str
         raise KeyError(f"conclusion: the table has no column {', '.join(sorted(missing))}")
     several = "task" in table and table["task"].nunique() > 1
     tasks = table.groupby("task", sort=False) if "task" in table else [(None, table)]
-    paragraphs = [" ".join(_task_conclusion(rows, metric, f"*{task}*: " if several else ""))
+    paragraphs = [" ".join(_task_conclusion(rows, metric, f"*{task}*: " if several else "", initialisations))
                   for task, rows in tasks]
     return "\n\n".join(paragraphs) + "\n"

@@ -302,7 +302,7 @@ def probes_conclusion(table: pd.DataFrame) -> str:
     from .experiments import conclusion
 
     named = table["model"].where(table["method"] == "baseline", table["model"] + " (" + table["method"] + ")")
-    return conclusion(table.assign(model=named))
+    return conclusion(table.assign(model=named), initialisations=False)   # said once, in section 1
 
 
 def label_efficiency_conclusion(summary: pd.DataFrame, task: str, *, pretrained="opd_mobilenetv2",

@@ -30,6 +30,10 @@ class Comparison:
     folders: dict = field(default_factory=dict)     # (task, model) -> Path of the run's figures
 
 
+#: Axis labels (with units) of the dataset's per-map columns in the overview figure.
+AXIS_LABELS = {"dry_mass_pg": "dry mass (pg)", "area_um2": "projected cell area (µm²)"}
+
+
 def tasks_of(data) -> list[str]:
     """The reference tasks a dataset has the classes for, or ``["all"]`` (every class) when none fits:
     the notebooks' default tasks."""
@@ -55,7 +59,8 @@ def dataset_overview(data, results) -> dict:
     files = {"counts": write_table(counts, results / "dataset_classes")[1],
              "examples": plots.image_grid([ds.read(int(i)) for i in picks], titles,
                                           results / "dataset_examples.png", cmap="viridis", ncols=6),
-             "dry_mass": plots.feature_histograms(frame, ["dry_mass_pg", "area_um2"], "class",
+             "dry_mass": plots.feature_histograms(frame.rename(columns=AXIS_LABELS),
+                                                  list(AXIS_LABELS.values()), "class",
                                                   results / "dataset_dry_mass.png")}
     return {"table": counts, "files": files}
 
@@ -73,6 +78,7 @@ def compare_models(data, models, tasks=("five_class",), *, name="comparison", pr
     CIs to ``results/<name>/``. ``model_options`` maps a model name to extra
     :func:`opdcells.train.train` arguments (split options such as ``test_groups`` go in ``train_kw``).
     """
+    from .config import write_json_atomic
     from .train import train, write_results
 
     ds = open_dataset(data) if isinstance(data, (str, Path)) else data
@@ -82,9 +88,14 @@ def compare_models(data, models, tasks=("five_class",), *, name="comparison", pr
         slug = task_slug(task)
         for model in models:
             options = {**train_kw, **(model_options or {}).get(model, {})}
-            log.info("%s: training %s on %s", name, model, task)
-            result = train(ds, model, task, saved_models / f"{name}_{model}_{slug}", profile=profile,
-                           seed=seed, verbose=verbose, n_boot=n_boot, **options)
+            digest = comparison_digest(ds, model, task, profile=profile, seed=seed, **options)
+            result = earlier_run(ds, saved_models, digest, seed=seed)
+            if result is None:
+                log.info("%s: training %s on %s", name, model, task)
+                result = train(ds, model, task, saved_models / f"{name}_{model}_{slug}", profile=profile,
+                               seed=seed, verbose=verbose, n_boot=n_boot, **options)
+                if digest:
+                    write_json_atomic(result.model_dir / RUN_DIGEST_FILE, {"digest": digest})
             folders[(task, model)] = out_root / f"{model}_{slug}"
             write_results(result.evaluation, result.model, ds, folders[(task, model)])
             runs[(task, model)] = result
@@ -99,6 +110,56 @@ def compare_models(data, models, tasks=("five_class",), *, name="comparison", pr
     return Comparison(table, runs, files, folders)
 
 
+#: File of a compare_models run folder holding its :func:`comparison_digest` (what makes it re-usable).
+RUN_DIGEST_FILE = "run_digest.json"
+
+
+def comparison_digest(ds, model: str, task: str, *, profile: str, seed: int, **options) -> str | None:
+    """The :func:`opdcells.transfer.run_digest` of the run ``train(ds, model, task, profile=, seed=,
+    **options)`` would make (its split follows from the config and the dataset); None when ``options``
+    are not all :class:`~opdcells.config.TrainConfig` fields (such a run is always trained)."""
+    import dataclasses
+
+    from .config import TrainConfig
+    from .transfer import run_digest
+
+    if set(options) - {f.name for f in dataclasses.fields(TrainConfig)}:
+        return None
+    config = TrainConfig.from_profile(model, profile, seed=seed, **options).replace(task=task)
+    return run_digest(config, ds.fingerprint)
+
+
+def earlier_run(ds, saved_models, digest: str | None, *, seed: int = 0):
+    """The run of ``saved_models`` that ``compare_models`` made with the same ``digest`` (same settings,
+    dataset, split and package source), as a ``train.TrainResult`` re-evaluated on its test maps; None
+    when there is none. Both notebooks train ``features`` on the same split, and a second ``make demo``
+    repeats every run: those are read back, not retrained."""
+    import json
+
+    from .splits import Split, dataset_groups
+    from .train import TrainResult, evaluate_model, load_model
+
+    if digest is None:
+        return None
+    for marker in sorted(Path(saved_models).glob(f"*/{RUN_DIGEST_FILE}")):
+        folder = marker.parent
+        try:
+            same = json.loads(marker.read_text(encoding="utf-8"))["digest"] == digest
+            metrics = json.loads((folder / "metrics.json").read_text(encoding="utf-8")) if same else None
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if metrics is None:
+            continue
+        log.info("re-using %s: the same settings, dataset, split and code (%s)", folder, digest[:12])
+        saved = load_model(folder, ds)
+        split = Split.from_json(folder / "split.json")
+        groups = dataset_groups(ds, saved.config["train_config"].get("group_pattern"))
+        evaluation = evaluate_model(saved, ds, split.test, n_boot=0, seed=seed, groups=groups)
+        history = pd.read_csv(folder / "history.csv").to_dict(orient="list")
+        return TrainResult(folder, history, metrics, saved.config, saved, evaluation)
+    return None
+
+
 def _baseline_rows(ds, task, result, *, n_boot: int, seed: int) -> list[dict]:
     """Comparison rows of the baselines, fit and tested on the split of ``result`` (a TrainResult)."""
     from .baselines import baseline_reports
@@ -109,8 +170,8 @@ def _baseline_rows(ds, task, result, *, n_boot: int, seed: int) -> list[dict]:
     saved, sens = result.model, result.metrics.get("sensitivity_at_fpr")
     reports = baseline_reports(ds, task_labels(ds, saved.task), split, saved.class_names, n_boot=n_boot,
                                seed=seed, positive_class=sens["positive_class"] if sens else None)
-    return [{"task": task, "model": baseline, "init": "baseline", "report": report}
-            for baseline, report in reports.items()]
+    return [{"task": task, "model": baseline, "init": "baseline", "predicts_only": predicted_only(report),
+             "report": report} for baseline, report in reports.items()]
 
 
 def _row(task: str, model: str, result) -> dict:
@@ -118,4 +179,133 @@ def _row(task: str, model: str, result) -> dict:
     config = result.config
     return {"task": task, "model": model, "init": config.get("init"),
             "input_size": config.get("input_size"), "epochs_run": config["training"]["epochs_run"],
-            "train_time_s": config["training"]["time_s"], "report": result.metrics}
+            "train_time_s": config["training"]["time_s"], "predicts_only": predicted_only(result.metrics),
+            "report": result.metrics}
+
+
+def predicted_only(report: dict) -> str:
+    """The class a model predicted for every test map, or "" when its predictions name several classes.
+
+    Parameters
+    ----------
+    report : dict
+        A ``evaluate.classification_report`` (its confusion matrix: rows true, columns predicted).
+
+    Returns
+    -------
+    str
+        The one predicted class name, or "".
+    """
+    counts = np.asarray(report["confusion_matrix"]["counts"]).sum(axis=0)
+    used = np.flatnonzero(counts)
+    return str(report["confusion_matrix"]["labels"][used[0]]) if len(used) == 1 else ""
+
+
+# ---------------------------------------------------------------------- conclusion
+
+#: The baselines' rows in a comparison table (``init`` column), and the reference among them.
+BASELINE_INIT = "baseline"
+MAJORITY = "majority class"
+FEATURES_MODEL = "features"
+
+
+def _estimate(row, metric: str) -> str:
+    """'0.850 [0.790, 0.900]' (the value and its 95% CI when the table has one)."""
+    low, high = row.get(f"{metric}_ci_low"), row.get(f"{metric}_ci_high")
+    ci = f" [{low:.3f}, {high:.3f}]" if pd.notna(low) and pd.notna(high) else ""
+    return f"{row[metric]:.3f}{ci}"
+
+
+def _task_conclusion(rows: pd.DataFrame, metric: str, label: str, initialisations: bool = True) -> list[str]:
+    """The sentences of :func:`conclusion` for one task's rows."""
+    name = metric.replace("_", " ")
+    models = rows[rows["init"] != BASELINE_INIT].sort_values(metric, ascending=False)
+    baselines = rows[rows["init"] == BASELINE_INIT]
+    if models.empty:
+        return [f"{label}no trained model to compare."]
+    best = models.iloc[0]
+    top = models[np.isclose(models[metric], best[metric], atol=5e-4)]
+    if len(top) > 1:
+        names = list(top["model"])
+        lines = [f"{label}{', '.join(names[:-1])} and {names[-1]} tie for the best {name} on unseen groups "
+                 f"({best[metric]:.3f})."]
+    else:
+        lines = [f"{label}**{best['model']}** has the best {name} on unseen groups, "
+                 f"{_estimate(best, metric)}."]
+        if len(models) > 1:
+            second = models.iloc[1]
+            low = best.get(f"{metric}_ci_low")
+            if pd.notna(low) and second[metric] >= low:
+                lines.append(f"The runner-up {second['model']} ({second[metric]:.3f}) lies inside its "
+                             "95% CI: these test groups do not separate the two.")
+    features = models[models["model"] == FEATURES_MODEL]
+    deep = models[models["model"] != FEATURES_MODEL]
+    if len(features) and len(deep):
+        ref, champion = features.iloc[0], deep.iloc[0]
+        low, high = champion.get(f"{metric}_ci_low"), champion.get(f"{metric}_ci_high")
+        if pd.notna(low) and low > ref[metric]:
+            verdict = "beats"
+        elif pd.notna(high) and high < ref[metric]:
+            verdict = "is below"
+        elif champion[metric] > ref[metric]:
+            verdict = "is above, but within the 95% CI of,"
+        else:
+            verdict = "does not beat"
+        lines.append(f"The best network, {champion['model']} ({champion[metric]:.3f}), {verdict} the "
+                     f"features baseline (OPD morphology + boosting, {ref[metric]:.3f}).")
+    majority = baselines[baselines["model"] == MAJORITY]
+    if len(majority):
+        floor = float(majority.iloc[0][metric])
+        weak = models[models[metric] <= floor + 5e-4]
+        if len(weak):
+            verb = "is" if len(weak) == 1 else "are"
+            lines.append(f"{', '.join(weak['model'])} {verb} no better than always answering"
+                         f" the majority class ({name} {floor:.3f}).")
+    if "predicts_only" in models:
+        for _, row in models[models["predicts_only"].fillna("").astype(bool)].iterrows():
+            lines.append(f"{row['model']} predicts {row['predicts_only']} for every map.")
+    inits = ", ".join(f"{row['model']} `{row['init']}`" for _, row in models.iterrows()
+                      if row["model"] != FEATURES_MODEL)
+    if inits and initialisations:
+        lines.append(f"Initialisation as recorded in each run's config.json: {inits}.")
+    return lines
+
+
+def conclusion(table: pd.DataFrame, *, metric: str = "balanced_accuracy",
+               initialisations: bool = True) -> str:
+    """A short Markdown conclusion written from a comparison table (what the notebooks end with).
+
+    Per task: the model with the best ``metric`` on the unseen test groups and its 95% CI (or the models
+    that tie), whether the runner-up lies inside that CI, whether the best network beats the ``features``
+    baseline, which models are no better than the majority-class baseline, which predict a single class
+    for every map (column ``predicts_only``), and the initialisation each model really had (``init``).
+
+    Parameters
+    ----------
+    table : pandas.DataFrame
+        Rows of :func:`compare_models` (or a frozen-probe table with ``model`` naming model and method):
+        columns ``model``, ``init`` (``"baseline"`` for the baselines), ``metric`` and optionally
+        ``<metric>_ci_low`` / ``_ci_high``, ``predicts_only`` and ``task``.
+    metric : str
+        The column compared (a fraction in [0, 1]).
+    initialisations : bool
+        End each task's paragraph with every network's initialisation.
+
+    Returns
+    -------
+    str
+        Markdown: one paragraph per task.
+
+    Raises
+    ------
+    KeyError
+        A required column is missing.
+    """
+    missing = {"model", "init", metric} - set(table.columns)
+    if missing:
+        raise KeyError(f"conclusion: the table has no column {', '.join(sorted(missing))}")
+    several = "task" in table and table["task"].nunique() > 1
+    tasks = table.groupby("task", sort=False) if "task" in table else [(None, table)]
+    paragraphs = [" ".join(_task_conclusion(rows, metric, f"*{task}*: " if several else "", initialisations))
+                  for task, rows in tasks]
+    return "\n\n".join(paragraphs) + "\n"

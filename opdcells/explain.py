@@ -34,7 +34,7 @@ from . import models
 log = logging.getLogger(__name__)
 
 __all__ = ["embed", "linear_probe", "knn_probe", "embedding_2d", "grad_cam", "find_last_conv_layer",
-           "dino_attention"]
+           "dino_attention", "heat_in_cell"]
 
 _CONV_TYPES = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D, keras.layers.SeparableConv2D)
 
@@ -222,6 +222,40 @@ def grad_cam(model: keras.Model, maps, class_index=None, layer_name: str | None 
     if not heat:
         return np.empty((0,) + maps.shape[1:3], np.float32)
     return _normalise(tf.concat(heat, axis=0), maps.shape[1:3])
+
+
+def heat_in_cell(heat, maps, pixel_size_um: float) -> tuple[np.ndarray, np.ndarray]:
+    """How much of each heatmap lies on the cell, and how much of the map the cell covers.
+
+    A heatmap spread evenly over the map puts the cell's area fraction inside the cell; one that lights
+    up the background puts less. The cell is :func:`opdcells.preprocess.cell_mask` without margin.
+
+    Parameters
+    ----------
+    heat : array-like, (N, S, S)
+        Heatmaps (>= 0), e.g. of :func:`grad_cam` or :func:`dino_attention`.
+    maps : array-like, (N, S, S) or (N, S, S, 1)
+        The background-removed OPD maps (nm) the heatmaps belong to.
+    pixel_size_um : float
+        Pixel size of the maps (um).
+
+    Returns
+    -------
+    inside : np.ndarray, (N,)
+        Fraction of each heatmap's sum on cell pixels (NaN for an all-zero heatmap).
+    area : np.ndarray, (N,)
+        Fraction of each map's pixels that belong to the cell.
+    """
+    from .preprocess import cell_mask
+
+    heat = np.asarray(heat, dtype=np.float64)
+    masks = np.stack([cell_mask(m, pixel_size_um, margin_um=0.0) for m in as_batch(maps)[..., 0]])
+    if heat.shape != masks.shape:
+        raise ValueError(f"heat_in_cell: heatmaps {heat.shape} do not match the maps {masks.shape}")
+    total = heat.sum(axis=(1, 2))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        inside = np.where(total > 0, (heat * masks).sum(axis=(1, 2)) / total, np.nan)
+    return inside, masks.mean(axis=(1, 2))
 
 
 # ---------------------------------------------------------------------- DINOv2

@@ -292,9 +292,10 @@ def overlay_grid(maps: Sequence, heatmaps: Sequence, titles: Sequence[str], path
 
 
 def label_efficiency(df: pd.DataFrame, path, metric: str = "accuracy", *, title: str | None = None) -> Path:
-    """``metric`` vs labelled fraction (log x) per model: seeds as dots, mean line and 95% t-band over
-    seeds; one panel per task (columns: model, fraction, <metric>, optional seed and task). Curves named
-    ``"<model> (<curve>)"`` share the model's colour; frozen-probe curves are dashed."""
+    """``metric`` vs labelled fraction (log x) per model: seeds as dots, mean line and 95% band over seeds
+    and the test sample (:func:`mean_band`); one panel per task (columns: model, fraction, <metric>,
+    optional seed and task). Curves named ``"<model> (<curve>)"`` share the model's colour; frozen-probe
+    curves are dashed."""
     df = df.copy()
     if "task" not in df.columns:
         df["task"] = ""
@@ -306,10 +307,13 @@ def label_efficiency(df: pd.DataFrame, path, metric: str = "accuracy", *, title:
                 colour = model_colour(model.split(" (")[0])   # "<model> (<curve>)": one colour per model
                 style = "--o" if "frozen" in model else "-o"
                 ax.scatter(rows["fraction"], rows[metric], s=10, color=colour, alpha=0.4, lw=0)
-                mean, low, high = _mean_band(rows, "fraction", metric)
+                mean, low, high = mean_band(rows, "fraction", metric)
                 ax.plot(mean.index, mean, style, ms=3, color=colour, label=model)
                 ax.fill_between(mean.index, low, high, color=colour, alpha=0.2, lw=0)
             ax.set_xscale("log")
+            ticks = sorted(sub["fraction"].unique())   # the fractions measured, as percentages
+            ax.set_xticks(ticks, [f"{t:.0%}" for t in ticks])
+            ax.minorticks_off()
             ax.set(xlabel="labelled fraction of training maps", title=task or None)
         axes[0, 0].set_ylabel(metric.replace("_", " "))
         handles = {}   # every curve of every panel (some curves exist for some tasks only)
@@ -323,8 +327,9 @@ def label_efficiency(df: pd.DataFrame, path, metric: str = "accuracy", *, title:
 
 
 def embedding_scatter(emb2d, labels, class_names: Sequence[str], path, extra=None, *,
-                      title: str = "Embedding") -> Path:
-    """2-D embedding coloured by class; ``extra`` = [(points (M, 2), name, marker), ...] drawn on top."""
+                      title: str = "Embedding", axis: str = "dimension") -> Path:
+    """2-D embedding coloured by class; ``extra`` = [(points (M, 2), name, marker), ...] drawn on top;
+    ``axis`` names the projection on the axes ("PCA" gives "PCA 1", "PCA 2")."""
     emb2d, labels = np.asarray(emb2d, dtype=float), np.asarray(labels)
     with _figure(path, figsize=(5.4, 4.2)) as (fig, axes):
         ax = axes[0, 0]
@@ -336,7 +341,7 @@ def embedding_scatter(emb2d, labels, class_names: Sequence[str], path, extra=Non
             points = np.asarray(points, dtype=float).reshape(-1, 2)
             ax.scatter(points[:, 0], points[:, 1], s=36, marker=marker, color=("black", "#555555")[i % 2],
                        lw=1.0, label=f"{name} ({len(points)})")
-        ax.set(xlabel="dimension 1", ylabel="dimension 2", title=title)
+        ax.set(xlabel=f"{axis} 1", ylabel=f"{axis} 2", title=title)
         ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False, markerscale=1.5)
     return Path(path)
 
@@ -426,8 +431,8 @@ def _mark_fpr_points(ax, y_pos, score) -> None:
                 label=f"TPR {point['value']:.2f} at FPR {fpr * 100:g}%")
 
 
-def _mean_band(rows: pd.DataFrame, x: str, y: str) -> tuple[pd.Series, pd.Series, pd.Series]:
-    """Mean of ``y`` per ``x`` and its 95% band, clipped to [0, 1].
+def mean_band(rows: pd.DataFrame, x: str, y: str) -> tuple[pd.Series, pd.Series, pd.Series]:
+    """Mean of ``y`` per ``x`` and its 95% band, clipped to [0, 1] (the label-efficiency figure and table).
 
     Two sources of variation: the spread over seeds (t interval of the mean) and the test sample (each
     run's bootstrap interval, ``<y>_ci_low/_ci_high``, when present, else the binomial interval of its

@@ -19,6 +19,9 @@ Each function returns what it made (tables, paths); the notebook displays them.
 """
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
 import logging
 import tempfile
 from dataclasses import dataclass, field
@@ -28,7 +31,7 @@ import numpy as np
 import pandas as pd
 
 from . import plots
-from .config import TrainConfig, resolve_alias
+from .config import TrainConfig, resolve_alias, write_json_atomic
 from .dataset import open_dataset
 from .evaluate import classification_report, flatten_report, write_table
 from .splits import Split, subsample_labelled
@@ -38,7 +41,9 @@ log = logging.getLogger(__name__)
 
 __all__ = ["ENCODER_MODELS", "Encoders", "task_split", "frozen_probes", "label_efficiency",
            "embedding_view", "explain_examples", "load_real_cells", "preprocess_config_of",
-           "init_table", "ProbeResult"]
+           "init_table", "ProbeResult", "FinetuneCache", "run_digest", "code_digest", "finetune_config",
+           "real_cell_predictions", "real_cells_conclusion", "probes_conclusion",
+           "label_efficiency_conclusion"]
 
 #: Models that are (or contain) a Keras encoder; ``features`` is the non-deep reference.
 ENCODER_MODELS = ("mobilenetv2", "opd_mobilenetv2", "dinov2", "resnet50", "vgg16")
@@ -291,6 +296,43 @@ def frozen_probes(encoders: Encoders, tasks, models, *, comparison=None, name="o
     return ProbeResult(table, splits, files)
 
 
+def probes_conclusion(table: pd.DataFrame) -> str:
+    """:func:`opdcells.experiments.conclusion` of a :func:`frozen_probes` table: each encoder-and-method
+    pair competes as one model ("opd_mobilenetv2 (frozen linear probe)"), the baselines as baselines."""
+    from .experiments import conclusion
+
+    named = table["model"].where(table["method"] == "baseline", table["model"] + " (" + table["method"] + ")")
+    return conclusion(table.assign(model=named), initialisations=False)   # said once, in section 1
+
+
+def label_efficiency_conclusion(summary: pd.DataFrame, task: str, *, pretrained="opd_mobilenetv2",
+                                scratch="mobilenetv2", few: float = 0.1) -> str:
+    """The notebook's question in one sentence: is ``pretrained`` fine-tuned on ``few`` of the labels at
+    least as accurate as ``scratch`` fine-tuned on all of them (means and 95% bands of ``summary``, the
+    table of :func:`label_efficiency`)? "" when the table lacks either point."""
+    rows = summary[(summary["task"] == task) & (summary["curve"] == "fine-tuned")]
+
+    def point(model, fraction):
+        hit = rows[(rows["model"] == _curve_label(model, "fine-tuned"))
+                   & np.isclose(rows["fraction"], fraction)]
+        return None if hit.empty else hit.iloc[0]
+
+    a, b = point(pretrained, few), point(scratch, 1.0)
+    if a is None or b is None:
+        return ""
+    if a["accuracy_ci_low"] > b["accuracy_ci_high"]:
+        verdict = "more accurate than"
+    elif a["accuracy_ci_high"] < b["accuracy_ci_low"]:
+        verdict = "less accurate than"
+    else:
+        verdict = "not distinguishable (overlapping 95% bands) from"
+    return (f"*{task}*: {pretrained} fine-tuned on {few:.0%} of the labels ({int(a['n_labelled'])} maps, "
+            f"accuracy {a['accuracy']:.3f} [{a['accuracy_ci_low']:.3f}, {a['accuracy_ci_high']:.3f}]) is "
+            f"{verdict} "
+            f"{scratch} fine-tuned on all {int(b['n_labelled'])} ({b['accuracy']:.3f} "
+            f"[{b['accuracy_ci_low']:.3f}, {b['accuracy_ci_high']:.3f}]).\n")
+
+
 def _baseline_probe_rows(ds, task, split, source, y_all, names, n_boot, seed) -> list[dict]:
     """Rows of the baselines (``opdcells.baselines``) on the task's split, beside the probes."""
     from .baselines import baseline_proba
@@ -305,20 +347,132 @@ def _baseline_probe_rows(ds, task, split, source, y_all, names, n_boot, seed) ->
 # ---------------------------------------------------------------------- label efficiency
 
 
-def finetune_subset(ds, model: str, task: str, split: Split, train_indices, *, profile="quick", epochs=None,
-                    input_size=None, seed=0, batch_size=None, dinov2_preset=None, weights=None) -> np.ndarray:
+@functools.lru_cache(maxsize=1)
+def code_digest() -> str:
+    """SHA-256 (hex) of the package's Python source: a training run made by other code is another run."""
+    package = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+def run_digest(config: TrainConfig, fingerprint: str, split: Split | None = None) -> str:
+    """Identity of a training run: the same digest means the same training, so its result can be re-used.
+
+    Parameters
+    ----------
+    config : TrainConfig
+        Every setting of the run (task, weights, epochs, seed, split fields, ...).
+    fingerprint : str
+        ``OPDDataset.fingerprint`` of the dataset.
+    split : Split, optional
+        The maps the run trains on, validates on and is tested on (dataset indices, in the order
+        ``train`` sees them); None when ``train`` makes the split from the config's split fields.
+
+    Returns
+    -------
+    str
+        SHA-256 (hex, 64 characters) of the config, the dataset fingerprint, the index lists and the
+        package's source (:func:`code_digest`).
+    """
+    payload = {"train_config": config.to_dict(), "dataset": fingerprint, "code": code_digest()}
+    if split is not None:
+        payload.update({part: np.asarray(getattr(split, part), dtype=np.int64).tolist()
+                        for part in ("train", "val", "test")})
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+@dataclass
+class FinetuneCache:
+    """Test predictions of fine-tuning runs, one JSON file per run named by its :func:`run_digest`.
+
+    A run whose config, dataset, split or package source differs has another digest and is trained;
+    an unreadable entry is trained again and replaced (files are written atomically). Shipped encoders are
+    named in the config and checked against their SHA-256 by the registry when loaded, so a changed
+    encoder file is an error, not a stale hit. Delete the folder to retrain everything.
+
+    Parameters
+    ----------
+    folder : path-like
+        Where the entries live (the notebook run's ``saved_models/<name>_finetune_cache``).
+    """
+
+    folder: Path
+    hits: int = 0
+    misses: int = 0
+
+    def __post_init__(self):
+        self.folder = Path(self.folder)
+
+    def path(self, digest: str) -> Path:
+        """The entry file of ``digest``."""
+        return self.folder / f"{digest[:32]}.json"
+
+    def get(self, digest: str) -> np.ndarray | None:
+        """The predicted class of every test map (int, test order) of run ``digest``, or None."""
+        path = self.path(digest)
+        try:
+            entry = json.loads(path.read_text(encoding="utf-8"))
+            found = entry["digest"] == digest
+            predicted = np.asarray(entry["predicted"], dtype=np.int64) if found else None
+        except FileNotFoundError:
+            predicted = None
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("fine-tune cache entry %s unreadable (%s): training again", path, exc)
+            predicted = None
+        self.hits += predicted is not None
+        self.misses += predicted is None
+        return predicted
+
+    def put(self, digest: str, predicted, source: str) -> Path:
+        """Store the test predictions of run ``digest``; ``source`` says which run made them."""
+        return write_json_atomic(self.path(digest), {"digest": digest, "source": source,
+                                                     "predicted": np.asarray(predicted).astype(int).tolist()})
+
+    def add_run(self, result) -> str:
+        """Store the test predictions of a finished ``train.TrainResult`` (e.g. a comparison's full-data
+        run, the 100% point of a label-efficiency curve) under its digest; returns the digest."""
+        config = TrainConfig.from_model_config(result.config, result.model_dir / "config.json")
+        split = Split.from_json(result.model_dir / "split.json")
+        digest = run_digest(config, result.config["dataset"]["fingerprint"], split)
+        self.put(digest, result.evaluation.proba.argmax(axis=1), str(result.model_dir))
+        return digest
+
+
+def finetune_config(model: str, task: str, *, profile="quick", epochs=None, input_size=None, seed=0,
+                    batch_size=None, dinov2_preset=None, weights=None) -> TrainConfig:
+    """The :class:`TrainConfig` :func:`finetune_subset` trains with (profile defaults, given overrides)."""
+    kw = {"dinov2_preset": dinov2_preset} if model == "dinov2" and dinov2_preset else None
+    return TrainConfig.from_profile(model, profile, epochs=epochs, input_size=input_size, seed=seed,
+                                    batch_size=batch_size, weights=weights or "none", model_kw=kw, task=task)
+
+
+def finetune_subset(ds, model: str, task: str, split: Split, train_indices, *,
+                    cache: FinetuneCache | None = None, **settings) -> np.ndarray:
     """Fine-tune ``model`` with :func:`opdcells.train.train` on ``train_indices`` (a subset of
     ``split.train``) and the split's own validation maps; return its predictions on ``split.test``.
-    The model folder is temporary."""
-    from .train import train
 
-    kw = {"dinov2_preset": dinov2_preset} if model == "dinov2" and dinov2_preset else None
+    ``settings`` are those of :func:`finetune_config`. The model folder is temporary; with ``cache`` a run
+    already made (same :func:`run_digest`) is not trained again, and a new one is stored.
+    """
+    from .train import labelled_subset, train
+
+    config = finetune_config(model, task, **settings)
+    subset = labelled_subset(split, train_indices, ds.groups)
+    digest = run_digest(config, ds.fingerprint, subset)
+    cached = cache.get(digest) if cache is not None else None
+    if cached is not None:
+        log.info("%s on %s (%d labelled maps): re-using the identical run %s", model, task, len(subset.train),
+                 digest[:12])
+        return cached
     with tempfile.TemporaryDirectory(prefix="opdcells-finetune-") as tmp:
-        result = train(ds, model, task, Path(tmp) / f"{model}_{task_slug(task)}", profile=profile,
-                       epochs=epochs, input_size=input_size, seed=seed, batch_size=batch_size,
-                       weights=weights or "none", model_kw=kw, split=split, train_indices=train_indices,
-                       n_boot=0)
-    return result.evaluation.proba.argmax(axis=1)   # rows of split.test, in order
+        result = train(ds, model, task, Path(tmp) / f"{model}_{task_slug(task)}", config=config, split=split,
+                       train_indices=train_indices, n_boot=0)
+    predicted = result.evaluation.proba.argmax(axis=1)   # rows of split.test, in order
+    if cache is not None:
+        cache.put(digest, predicted, f"finetune_subset({model}, {task}, {len(subset.train)} maps)")
+    return predicted
 
 
 def _curve_label(model: str, curve: str) -> str:
@@ -327,7 +481,8 @@ def _curve_label(model: str, curve: str) -> str:
 
 def label_efficiency(encoders: Encoders, tasks, models, *, fractions, seeds, splits=None, finetune=(),
                      finetune_tasks=None, finetune_fractions=None, finetune_kw=None, name="opd_dinov2",
-                     saved_models="saved_models", results="results", seed=0) -> tuple[pd.DataFrame, dict]:
+                     saved_models="saved_models", results="results", seed=0, comparison=None,
+                     finetune_seeds=None) -> tuple[pd.DataFrame, dict]:
     """Test accuracy vs fraction of labelled training maps for each model and task.
 
     For every fraction and seed the labelled maps are ``splits.subsample_labelled(split.train, y,
@@ -337,11 +492,21 @@ def label_efficiency(encoders: Encoders, tasks, models, *, fractions, seeds, spl
     standardised morphology features for ``features``, and ``fine-tuned``
     for models in ``finetune`` on ``finetune_tasks`` (default: all ``tasks``) at ``finetune_fractions``
     (default: ``fractions``), trained by :func:`finetune_subset` with ``finetune_kw`` (epochs,
-    input_size, profile, ...) from each encoder's initialisation (``encoders.weights_of``).
+    input_size, profile, ...) from each encoder's initialisation (``encoders.weights_of``), for the
+    labelled subsets of ``finetune_seeds`` (default ``seeds``).
+    A fine-tuning run identical to one made before (:func:`run_digest`: same config, dataset, split and
+    labelled maps) is not repeated: at 100% of the labels every seed draws the same maps, and that run is
+    ``comparison``'s full-data run (an ``experiments.Comparison``) when its settings match. The predictions
+    are kept in ``saved_models/<name>_finetune_cache/`` (:class:`FinetuneCache`), so a second demo re-uses
+    them too.
     Writes ``results/<name>/label_efficiency.{csv,md,png}``; returns (table, files).
     """
     ds = encoders.ds
     splits = dict(splits or {})
+    cache = FinetuneCache(Path(saved_models) / f"{name}_finetune_cache")
+    for result in (comparison.runs.values() if comparison is not None and finetune else ()):
+        if result.config.get("model") != FEATURES:
+            cache.add_run(result)
     finetune_tasks = list(tasks if finetune_tasks is None else finetune_tasks)
     rows = []
     for task in tasks:
@@ -353,14 +518,14 @@ def label_efficiency(encoders: Encoders, tasks, models, *, fractions, seeds, spl
         curves += [(m, "fine-tuned") for m in finetune if task in finetune_tasks and m != FEATURES]
         for model, curve in curves:
             emb = None if curve == "fine-tuned" else encoders.embeddings(model, calibration=split.train)
-            for s in seeds:
+            for s in (finetune_seeds if curve == "fine-tuned" and finetune_seeds is not None else seeds):
                 tuned = curve == "fine-tuned" and finetune_fractions is not None
                 for fraction in sorted(finetune_fractions if tuned else fractions):
                     sub = subsample_labelled(split.train, y_all, fraction, seed=s)
                     if curve == "fine-tuned":
                         kw = {"weights": encoders.weights_of(model), "dinov2_preset": encoders.dinov2_preset,
                               **(finetune_kw or {})}
-                        pred = finetune_subset(ds, model, task, split, sub, seed=seed, **kw)
+                        pred = finetune_subset(ds, model, task, split, sub, seed=seed, cache=cache, **kw)
                     elif len(np.unique(y_all[sub])) < 2:
                         pred = np.full(len(test_y), y_all[sub][0])
                     else:
@@ -371,6 +536,9 @@ def label_efficiency(encoders: Encoders, tasks, models, *, fractions, seeds, spl
                                  "accuracy": float(np.mean(pred == test_y)),
                                  "balanced_accuracy": _balanced(test_y, pred)})
             log.info("label efficiency: %s %s on %s done", model, curve, task)
+    if cache.hits or cache.misses:
+        log.info("label efficiency: %d fine-tuning runs trained, %d identical ones re-used (%s)",
+                 cache.misses, cache.hits, cache.folder)
     table = pd.DataFrame(rows)
     out = Path(results) / name
     csv_path, md_path = write_table(_summary(table), out / "label_efficiency")
@@ -391,20 +559,22 @@ def _balanced(y_true, pred) -> float:
 
 
 def _summary(table: pd.DataFrame) -> pd.DataFrame:
-    """Mean and 95% t-interval over seeds per (task, model, fraction)."""
-    from scipy import stats
-
+    """Mean and 95% band per (task, model, fraction): over seeds and the test sample, as the figure draws
+    it (:func:`opdcells.plots.mean_band`), so a point where every seed draws the same maps has a width."""
     if table.empty:
         return table
-    keys = ["task", "model", "curve", "fraction"]
-    g = table.groupby(keys, sort=False)
-    out = g.agg(n_labelled=("n_labelled", "mean"), seeds=("seed", "nunique"), accuracy=("accuracy", "mean"),
-                sem=("accuracy", "sem"), balanced_accuracy=("balanced_accuracy", "mean")).reset_index()
-    half = out["sem"].fillna(0.0) * stats.t.ppf(0.975, np.maximum(out["seeds"] - 1, 1))
-    out["accuracy_ci_low"] = (out["accuracy"] - half).clip(0.0, 1.0)
-    out["accuracy_ci_high"] = (out["accuracy"] + half).clip(0.0, 1.0)
-    out["n_labelled"] = out["n_labelled"].round().astype(int)
-    return out.drop(columns="sem")
+    keys = ["task", "model", "curve"]
+    parts = []
+    for (task, model, curve), rows in table.groupby(keys, sort=False):
+        mean, low, high = plots.mean_band(rows, "fraction", "accuracy")
+        g = rows.groupby("fraction")
+        parts.append(pd.DataFrame({
+            "task": task, "model": model, "curve": curve, "fraction": mean.index,
+            "n_labelled": g["n_labelled"].mean().round().astype(int).to_numpy(),
+            "seeds": g["seed"].nunique().to_numpy(), "accuracy": mean.to_numpy(),
+            "balanced_accuracy": g["balanced_accuracy"].mean().to_numpy(),
+            "accuracy_ci_low": low.to_numpy(), "accuracy_ci_high": high.to_numpy()}))
+    return pd.concat(parts, ignore_index=True)
 
 
 # ---------------------------------------------------------------------- looking inside
@@ -441,18 +611,28 @@ def embedding_view(encoders: Encoders, model: str, indices, path, *, method="pca
         extra.append((joint[start:start + len(block)], name, marker))
         start += len(block)
     init = encoders.infos[model]["init"]
+    axis = {"pca": "PCA", "tsne": "t-SNE"}.get(method, method)
     return plots.embedding_scatter(joint[:len(emb)], ds.labels[indices], [str(c) for c in ds.class_names],
-                                   path, extra=extra,
+                                   path, extra=extra, axis=axis,
                                    title=title or f"{model} frozen embedding ({init}), {method.upper()}")
+
+
+#: What each kind of heatmap shows, for the figure titles.
+HEATMAP_MEANING = {
+    "Grad-CAM": "Grad-CAM, bright where the predicted class score's gradient-weighted features are large",
+    "CLS attention": "last-layer CLS attention, bright where the class token attends",
+}
 
 
 def explain_examples(ds, runs: dict, indices, out_dir, *, min_grid=4) -> dict[str, Path]:
     """Grad-CAM (CNNs) or last-layer CLS attention (DINOv2) of fine-tuned models on the maps ``indices``.
 
     ``runs`` maps a model name to a ``train.SavedModel`` (Keras); one overlay grid per model is written
-    to ``out_dir/<model>_explain.png``. Titles give the true class and the model's prediction.
+    to ``out_dir/<model>_explain.png``. Titles give the true class, the model's prediction and the share of
+    the heat on the cell (:func:`opdcells.explain.heat_in_cell`); the figure title says what the heatmap
+    shows and the median share against the cell's area (what heat spread evenly would give).
     """
-    from .explain import dino_attention, grad_cam
+    from .explain import dino_attention, grad_cam, heat_in_cell
 
     out_dir = Path(out_dir)
     maps = ds.read(np.asarray(indices, dtype=np.int64))
@@ -464,15 +644,69 @@ def explain_examples(ds, runs: dict, indices, out_dir, *, min_grid=4) -> dict[st
             continue
         proba = saved.predict_proba(maps)
         if saved.config["model"] == "dinov2":
-            heat, what = dino_attention(keras_model, maps), "CLS attention, last layer"
+            heat, what = dino_attention(keras_model, maps), "CLS attention"
         else:
             heat, what = grad_cam(keras_model, maps, proba.argmax(axis=1), min_grid=min_grid), "Grad-CAM"
-        titles = [f"{names[ds.labels[i]]}\n-> {saved.class_names[p]}"
-                  for i, p in zip(indices, proba.argmax(axis=1), strict=True)]
-        title = f"{model} ({saved.config['task']}, init {saved.config['init']}): {what}"
+        inside, area = heat_in_cell(heat, maps, ds.pixel_size_um)
+        titles = [f"{names[ds.labels[i]]} -> {saved.class_names[p]}\n{share:.0%} of heat on cell"
+                  for i, p, share in zip(indices, proba.argmax(axis=1), inside, strict=True)]
+        title = (f"{model} ({saved.config['task']}, init {saved.config['init']}): {HEATMAP_MEANING[what]}\n"
+                 f"median {np.nanmedian(inside):.0%} of the heat on the cell, which covers "
+                 f"{np.median(area):.0%} of the map (the share heat spread evenly would have)")
         files[model] = plots.overlay_grid(list(maps), list(heat), titles, out_dir / f"{model}_explain.png",
                                           ncols=min(len(maps), 10), title=title)
+        log.info("%s %s: median %.0f%% of the heat on the cell (cell area %.0f%%)", model, what,
+                 100 * np.nanmedian(inside), 100 * np.median(area))
     return files
+
+
+def real_cell_predictions(runs: dict, real: dict) -> pd.DataFrame:
+    """How fine-tuned models classify real cells of classes they never saw, and how many maps their
+    out-of-distribution detector (``opdcells.ood``, fitted at training) flags as unlike the training data.
+
+    Parameters
+    ----------
+    runs : dict
+        Model name -> ``train.SavedModel``.
+    real : dict
+        Name -> maps (M, S, S) in nm at the models' pixel size (:func:`load_real_cells`).
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per model and real set: ``maps``, ``predicted`` ("SW480 12, PBMC 2"), ``mean_confidence``
+        (mean top probability), ``flagged_ood`` (maps flagged; NaN for a model without a detector).
+    """
+    from .ood import load_detector, model_inputs
+
+    rows = []
+    for model, saved in runs.items():
+        detector = load_detector(saved)
+        for cells, maps in real.items():
+            if not len(maps):
+                continue
+            proba = saved.predict_proba(maps)
+            counts = pd.Series(np.asarray(saved.class_names)[proba.argmax(axis=1)]).value_counts()
+            flagged = np.nan
+            if detector is not None:
+                scores = detector.score(model_inputs(saved.learner, maps, saved.config["pixel_size_um"]))
+                flagged = int(np.sum(detector.flag(scores)))
+            rows.append({"model": model, "cells": cells, "maps": len(maps),
+                         "predicted": ", ".join(f"{name} {n}" for name, n in counts.items()),
+                         "mean_confidence": float(proba.max(axis=1).mean()), "flagged_ood": flagged})
+    return pd.DataFrame(rows)
+
+
+def real_cells_conclusion(table: pd.DataFrame) -> str:
+    """One Markdown sentence per row of :func:`real_cell_predictions`: what the model called the real cells
+    and how many it flagged as out of distribution."""
+    lines = []
+    for _, row in table.iterrows():
+        flagged = ("it has no out-of-distribution detector" if pd.isna(row["flagged_ood"]) else
+                   f"**{int(row['flagged_ood'])} of {row['maps']}** flagged out of distribution")
+        lines.append(f"{row['model']} calls the {row['maps']} {row['cells']} maps {row['predicted']} "
+                     f"(mean top probability {row['mean_confidence']:.2f}); {flagged}.")
+    return "\n".join(f"* {line}" for line in lines) + "\n" if lines else ""
 
 
 # ---------------------------------------------------------------------- real cells

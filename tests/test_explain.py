@@ -163,3 +163,23 @@ def test_dino_attention_shape_and_values():
     grid = _manual_cls_attention(encoder, maps[..., None])  # 2 x 2 patches of 14 px
     expected = explain._normalise(tf.reshape(tf.constant(grid), [3, 2, 2]), (28, 28))
     np.testing.assert_allclose(att, expected, atol=1e-5)
+
+
+def test_heat_in_cell_tells_cell_from_background():
+    from opdcells.preprocess import cell_mask
+
+    maps, labels = discs_and_rings(4)
+    maps = maps[labels == 0]                                      # discs: the cell is the disc
+    masks = np.stack([cell_mask(m, 0.5, margin_um=0.0) for m in maps])
+    on_cell, area = explain.heat_in_cell(masks.astype(float), maps, 0.5)
+    np.testing.assert_allclose(on_cell, 1.0)
+    np.testing.assert_allclose(area, masks.mean(axis=(1, 2)))
+    assert (area > 0.02).all() and (area < 0.5).all()
+    uniform, _ = explain.heat_in_cell(np.ones_like(maps), maps, 0.5)
+    np.testing.assert_allclose(uniform, area)                     # heat spread evenly: the cell's area share
+    background, _ = explain.heat_in_cell((~masks).astype(float), maps, 0.5)
+    np.testing.assert_allclose(background, 0.0)
+    empty, _ = explain.heat_in_cell(np.zeros_like(maps), maps, 0.5)
+    assert np.isnan(empty).all()
+    with pytest.raises(ValueError, match="do not match"):
+        explain.heat_in_cell(np.ones((1, 8, 8)), maps, 0.5)

@@ -91,3 +91,85 @@ def test_final_project_notebook_runs_headless_on_a_tiny_dataset(tmp_path_factory
     assert len(table) == 1 + 4 + 2 and "accuracy_ci_low" in table[0]   # the models and the 2 baselines
     assert (results / "accuracy.png").stat().st_size > 0
     assert (results / "predictions_new_exports.csv").read_text().count("\n") >= 2
+
+
+def comparison_rows(rows):
+    """A made-up comparison table: (model, init, balanced accuracy, CI low, CI high, predicts_only)."""
+    import pandas as pd
+
+    return pd.DataFrame([{"task": "five_class", "model": m, "init": i, "balanced_accuracy": v,
+                          "balanced_accuracy_ci_low": lo, "balanced_accuracy_ci_high": hi,
+                          "predicts_only": only}
+                         for m, i, v, lo, hi, only in rows])
+
+
+MAJORITY = ("majority class", "baseline", 0.2, 0.2, 0.2, "SW480")
+
+
+def test_conclusion_names_the_winner_its_ci_the_baselines_and_the_initialisations():
+    from opdcells.experiments import conclusion
+
+    text = conclusion(comparison_rows([
+        ("features", "random", 0.85, 0.80, 0.90, ""),
+        ("mobilenetv2", "random", 0.20, 0.20, 0.20, "SW480"),
+        ("opd_mobilenetv2", "opd:opd_mobilenetv2_pretrained", 0.91, 0.86, 0.95, ""), MAJORITY]))
+    assert "**opd_mobilenetv2** has the best balanced accuracy on unseen groups, 0.910 [0.860, 0.950]" in text
+    assert "beats the features baseline (OPD morphology + boosting, 0.850)" in text
+    assert ("mobilenetv2 is no better than always answering the majority class (balanced accuracy 0.200)"
+            in text)
+    assert "mobilenetv2 predicts SW480 for every map" in text
+    assert "collapse" not in text and "majority class predicts" not in text    # baselines are not models
+    assert "opd_mobilenetv2 `opd:opd_mobilenetv2_pretrained`, mobilenetv2 `random`" in text
+    assert "features `" not in text                                            # no initialisation to name
+    assert "runner-up" not in text                                             # 0.85 is below the CI
+
+
+def test_conclusion_on_ties_and_overlapping_intervals():
+    from opdcells.experiments import conclusion
+
+    tie = conclusion(comparison_rows([("features", "random", 0.80, 0.7, 0.9, ""),
+                                      ("resnet50", "imagenet", 0.80, 0.7, 0.9, ""),
+                                      ("vgg16", "random", 0.80, 0.7, 0.9, ""), MAJORITY]),
+                     initialisations=False)
+    assert "features, resnet50 and vgg16 tie for the best balanced accuracy on unseen groups (0.800)" in tie
+    assert "Initialisation" not in tie
+    assert "does not beat the features baseline" in tie and "no better than" not in tie
+    close = conclusion(comparison_rows([("features", "random", 0.78, 0.7, 0.85, ""),
+                                        ("vgg16", "random", 0.82, 0.75, 0.9, ""), MAJORITY]))
+    assert "**vgg16** has the best" in close
+    assert "The runner-up features (0.780) lies inside its 95% CI" in close
+    assert "is above, but within the 95% CI of, the features baseline" in close
+    below = conclusion(comparison_rows([("features", "random", 0.9, 0.85, 0.95, ""),
+                                        ("vgg16", "random", 0.15, 0.1, 0.2, "PBMC"), MAJORITY]))
+    assert "**features** has the best" in below and "vgg16 (0.150), is below the features baseline" in below
+    assert "vgg16 is no better than always answering the majority class" in below
+    assert "vgg16 predicts PBMC for every map" in below
+
+
+def test_conclusion_needs_the_metric_column():
+    from opdcells.experiments import conclusion
+
+    with pytest.raises(KeyError, match="the table has no column balanced_accuracy"):
+        conclusion(comparison_rows([MAJORITY]).drop(columns="balanced_accuracy"))
+
+
+def test_a_run_both_notebooks_make_is_trained_once(tmp_path_factory, tmp_path, monkeypatch):
+    """compare_models re-uses a run with the same settings, dataset, split and code (the features run of
+    both notebooks, every run of a second demo) and trains one whose settings differ."""
+    import opdcells.train
+    from opdcells import experiments
+
+    data = tiny_dataset(tmp_path_factory)
+    kw = {"saved_models": tmp_path / "saved", "results": tmp_path / "results", "n_boot": 20}
+    first = experiments.compare_models(data, ["features"], ["five_class"], name="one", **kw)
+    trained = []
+    real_train = opdcells.train.train
+    monkeypatch.setattr(opdcells.train, "train", lambda *a, **k: trained.append(a) or real_train(*a, **k))
+    second = experiments.compare_models(data, ["features"], ["five_class"], name="two", epochs=None, **kw)
+    assert not trained
+    run = second.runs[("five_class", "features")]
+    assert run.model_dir == first.runs[("five_class", "features")].model_dir
+    assert second.table.loc[0, "accuracy"] == first.table.loc[0, "accuracy"]
+    assert (tmp_path / "results" / "two" / "features_five_class" / "confusion_matrix.png").is_file()
+    experiments.compare_models(data, ["features"], ["five_class"], name="three", epochs=5, **kw)
+    assert len(trained) == 1                                   # other settings: another run

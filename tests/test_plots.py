@@ -101,7 +101,7 @@ def test_label_efficiency(tmp_path):
 
 def test_mean_band_is_t_interval():
     rows = pd.DataFrame({"fraction": [0.1] * 3 + [1.0], "accuracy": [0.5, 0.6, 0.7, 0.9]})
-    mean, low, high = plots._mean_band(rows, "fraction", "accuracy")
+    mean, low, high = plots.mean_band(rows, "fraction", "accuracy")
     half = 4.302653 * 0.1 / np.sqrt(3)  # t(0.975, 2) * sd / sqrt(n)
     assert mean[0.1] == pytest.approx(0.6) and high[0.1] - mean[0.1] == pytest.approx(half, rel=1e-5)
     assert low[1.0] == high[1.0] == 0.9  # one seed: no band
@@ -148,13 +148,13 @@ def test_gallery_colour_bar_reaches_the_brightest_cell(tmp_path):
 
 
 def test_label_efficiency_band_stays_in_unit_range_and_has_width_where_seeds_agree():
-    from opdcells.plots import _mean_band
+    from opdcells.plots import mean_band
 
     rows = pd.DataFrame({"fraction": [0.1, 0.1, 0.1, 1.0, 1.0, 1.0],
                          "accuracy": [0.98, 0.9, 1.0, 0.95, 0.95, 0.95],
                          "accuracy_ci_low": [0.9, 0.85, 0.97, 0.9, 0.9, 0.9],
                          "accuracy_ci_high": [1.0, 0.95, 1.0, 0.99, 0.99, 0.99]})
-    mean, low, high = _mean_band(rows, "fraction", "accuracy")
+    mean, low, high = mean_band(rows, "fraction", "accuracy")
     assert (high <= 1.0).all() and (low >= 0.0).all()
     assert high[1.0] - low[1.0] > 0.05          # the test sample's uncertainty, though the seeds agree
 
@@ -176,8 +176,8 @@ def test_twelve_series_get_twelve_colours_or_patterns(tmp_path):
 
 
 def test_label_efficiency_band_without_ci_columns_uses_the_test_size():
-    from opdcells.plots import _mean_band
+    from opdcells.plots import mean_band
 
     rows = pd.DataFrame({"fraction": [1.0, 1.0], "accuracy": [0.9, 0.9], "n_test": [400, 400]})
-    _, low, high = _mean_band(rows, "fraction", "accuracy")
+    _, low, high = mean_band(rows, "fraction", "accuracy")
     assert (high - low)[1.0] == pytest.approx(2 * 1.96 * np.sqrt(0.9 * 0.1 / 400), rel=1e-6)

@@ -97,7 +97,23 @@ def test_label_efficiency_rows(encoders, tmp_path):
     assert files["figure"].is_file()
 
 
-def test_finetune_subset_trains_on_the_given_maps_only(tmp_path_factory, ds, monkeypatch):
+def test_label_efficiency_fine_tunes_the_subsets_of_finetune_seeds(encoders, tmp_path, monkeypatch):
+    asked = []
+
+    def finetune(ds, model, task, split, sub, **kw):
+        asked.append((model, len(sub)))
+        return np.zeros(len(split.test), dtype=int)
+
+    monkeypatch.setattr(transfer, "finetune_subset", finetune)
+    table, _ = transfer.label_efficiency(encoders, ["five_class"], ["features"], fractions=[0.5, 1.0],
+                                         seeds=[0, 1], finetune=["mobilenetv2"], finetune_seeds=[1],
+                                         results=tmp_path, saved_models=tmp_path)
+    tuned, frozen = table[table["curve"] == "fine-tuned"], table[table["curve"] == "frozen linear probe"]
+    assert set(tuned["seed"]) == {1} and len(tuned) == len(asked) == 2      # one subset per fraction
+    assert set(frozen["seed"]) == {0, 1} and len(frozen) == 4
+
+
+def test_finetune_subset_trains_on_the_given_maps_only_and_once(tmp_path_factory, ds, monkeypatch, tmp_path):
     from opdcells.splits import subsample_labelled
     from opdcells.tasks import get_task
     from opdcells.train import task_labels
@@ -115,14 +131,56 @@ def test_finetune_subset_trains_on_the_given_maps_only(tmp_path_factory, ds, mon
 
     real_train = opdcells.train.train
     monkeypatch.setattr(opdcells.train, "train", recording_train)
-    pred = transfer.finetune_subset(ds, "mobilenetv2", "cancer_vs_blood", split, sub, epochs=1, input_size=32,
-                                    batch_size=16)
+    settings = {"epochs": 1, "input_size": 32, "batch_size": 16}
+    cache = transfer.FinetuneCache(tmp_path / "cache")
+    pred = transfer.finetune_subset(ds, "mobilenetv2", "cancer_vs_blood", split, sub, cache=cache, **settings)
     (run,) = runs
     assert run.config["split"]["train_subset"] == {"n_labelled": len(sub), "of": len(split.train)}
     np.testing.assert_array_equal(run.evaluation.indices, split.test)
     assert pred.shape == (len(split.test),) and set(pred.tolist()) <= {0, 1}
     np.testing.assert_array_equal(pred, run.evaluation.proba.argmax(axis=1))
     assert not run.model_dir.exists()                      # the fine-tuned model folder was temporary
+    # the identical run again: read from the cache, not trained; another subset or setting is trained
+    again = transfer.finetune_subset(ds, "mobilenetv2", "cancer_vs_blood", split, sub, cache=cache,
+                                     **settings)
+    np.testing.assert_array_equal(again, pred)
+    assert len(runs) == 1 and (cache.hits, cache.misses) == (1, 1)
+    transfer.finetune_subset(ds, "mobilenetv2", "cancer_vs_blood", split, sub, cache=cache,
+                             **{**settings, "epochs": 2})
+    assert len(runs) == 2
+    # an unreadable entry is trained again, not trusted
+    digest = transfer.run_digest(transfer.finetune_config("mobilenetv2", "cancer_vs_blood", **settings),
+                                 ds.fingerprint, opdcells.train.labelled_subset(split, sub, ds.groups))
+    cache.path(digest).write_text("{not json")
+    transfer.finetune_subset(ds, "mobilenetv2", "cancer_vs_blood", split, sub, cache=cache, **settings)
+    assert len(runs) == 3 and json.loads(cache.path(digest).read_text())["digest"] == digest
+
+
+FULL_RUN = {"epochs": 1, "input_size": 32, "batch_size": 16}
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory, ds):
+    """A mobilenetv2 run on every training map of ``ds`` (cancer_vs_blood), as compare_models makes it."""
+    from opdcells.train import train
+
+    return train(ds, "mobilenetv2", "cancer_vs_blood", tmp_path_factory.mktemp("full") / "run", n_boot=0,
+                 **FULL_RUN)
+
+
+def test_a_full_data_run_is_the_100_percent_point(tmp_path, ds, full_run, monkeypatch):
+    """compare_models' run (train with the notebook's settings) and finetune_subset on every training map
+    of its split are the same run: the cache answers the second from the first."""
+    import opdcells.train
+
+    settings, full = FULL_RUN, full_run
+    cache = transfer.FinetuneCache(tmp_path / "cache")
+    cache.add_run(full)
+    monkeypatch.setattr(opdcells.train, "train", lambda *a, **k: pytest.fail("identical run retrained"))
+    split = Split.from_json(full.model_dir / "split.json")
+    pred = transfer.finetune_subset(ds, "mobilenetv2", "cancer_vs_blood", split, split.train, cache=cache,
+                                    **settings)
+    np.testing.assert_array_equal(pred, full.evaluation.proba.argmax(axis=1))
 
 
 def test_explain_examples_on_fine_tuned_cnn(tmp_path_factory, tmp_path):
@@ -134,7 +192,7 @@ def test_explain_examples_on_fine_tuned_cnn(tmp_path_factory, tmp_path):
     assert files["mobilenetv2"].is_file()
 
 
-def test_real_cells_embedded_with_the_simulated_classes(real_qpi, encoders, ds, tmp_path):
+def test_real_cells_embedded_with_the_simulated_classes(real_qpi, encoders, ds, full_run, tmp_path):
     config = transfer.preprocess_config_of(ds)
     real = transfer.load_real_cells(real_qpi, config)
     assert real["HL60 (real)"].shape == (14, ds.out_size, ds.out_size)     # every 10th of 140 angles
@@ -145,6 +203,15 @@ def test_real_cells_embedded_with_the_simulated_classes(real_qpi, encoders, ds, 
                                    real=real)
     assert path.is_file()
     assert transfer.load_real_cells(tmp_path / "absent", config) == {}
+    # the fine-tuned model on them: what it calls them, and how many maps its OOD detector flags
+    table = transfer.real_cell_predictions({"mobilenetv2": full_run.model}, real)
+    assert list(table["cells"]) == list(real) and list(table["maps"]) == [len(m) for m in real.values()]
+    for _, row in table.iterrows():
+        counts = [int(part.rsplit(" ", 1)[1]) for part in row["predicted"].split(", ")]
+        assert sum(counts) == row["maps"] and 0 <= row["flagged_ood"] <= row["maps"]
+        assert 0.5 <= row["mean_confidence"] <= 1.0
+    text = transfer.real_cells_conclusion(table)
+    assert f"**{int(table['flagged_ood'].iloc[0])} of 14** flagged out of distribution" in text
 
 
 @pytest.mark.slow
@@ -174,6 +241,9 @@ def test_notebook_runs_headless_on_a_tiny_dataset(tmp_path_factory, tmp_path):
     assert set(tuned["fraction"]) == {1.0} and set(tuned["task"]) == {"five_class"}
     text = executed.read_text()
     assert "real-data check skipped" in text
+    # the 100% fine-tuning points are section 1's runs, not retrained; the conclusion is written
+    assert "0 fine-tuning runs trained, 2 identical ones re-used" in text
+    assert "on unseen groups" in text and "Frozen probes:" in text
     dinov2 = json.loads((tmp_path / "saved" / f"{NAME}_dinov2_five_class" / "config.json").read_text())
     assert dinov2["init"] == registry.get_entry("opd_dinov2_pretrained").init   # the shipped one by default
     assert dinov2["model_info"]["weights_source"].endswith("opd_dinov2_pretrained/encoder.weights.h5")

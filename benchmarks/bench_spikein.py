@@ -63,6 +63,8 @@ def main(argv=None) -> int:
     p.add_argument("--maps-per-file", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--keep", type=Path, help="write the sample and the screen's outputs here (kept)")
+    p.add_argument("--sample", type=Path, help="screen this simulated sample (simulate --sample) instead")
+    p.add_argument("--prevalence", type=float, default=1e-5, help="the screen's assumed prevalence")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
@@ -79,12 +81,16 @@ def main(argv=None) -> int:
         root = args.keep or Path(tmp)
         sample, out = root / "sample", root / "screen"
         start = time.perf_counter()
-        simulate_sample(sample, args.n_blood, parse_spikes(args.spike), seed=args.seed,
-                        maps_per_file=args.maps_per_file, workers=args.workers, progress=False)
+        if args.sample is None:
+            simulate_sample(sample, args.n_blood, parse_spikes(args.spike), seed=args.seed,
+                            maps_per_file=args.maps_per_file, workers=args.workers, progress=False)
+        else:
+            sample = args.sample
         t_sim = time.perf_counter() - start
         start = time.perf_counter()
-        result = screen_files(model, [sample], out, screen_settings(model), options=ingest_options(model),
-                              ood=ood_check(model), batch_size=args.batch_size, workers=args.workers)
+        result = screen_files(model, [sample], out, screen_settings(model, prevalence=args.prevalence),
+                              options=ingest_options(model), ood=ood_check(model), batch_size=args.batch_size,
+                              workers=args.workers)
         t_screen = time.perf_counter() - start
         counts = compare(sample, out)
         summary = json.loads((out / "summary.json").read_text())
@@ -94,7 +100,8 @@ def main(argv=None) -> int:
     n_blood = counts["blood_screened"]
     expected = summary["expected_false_positives"]
     inside = fp_ci[0] * n_blood <= expected <= fp_ci[1] * n_blood
-    print(f"sample: {counts['blood']} blood + {counts['spiked']} spiked ({args.spike}), seed {args.seed}; "
+    source = args.sample or f"seed {args.seed}"
+    print(f"sample: {counts['blood']} blood + {counts['spiked']} spiked, {source}; "
           f"model {model.name}; {result.n_maps} maps screened")
     print(f"  found {counts['found']} / {counts['spiked']} spiked (sensitivity "
           f"{counts['found'] / max(counts['spiked'], 1):.2f}, 95% CI {found_ci[0]:.2f}-{found_ci[1]:.2f}); "
@@ -104,8 +111,11 @@ def main(argv=None) -> int:
           f"{100 * fp_ci[1]:.3f}%, i.e. {fp_ci[0] * n_blood:.1f}-{fp_ci[1] * n_blood:.1f} cells); "
           f"{counts['blood_vetoed']} blood cells vetoed as out of distribution")
     point = summary["operating_point"]
-    print(f"  summary: expected false positives {expected:.1f} (fpr {point['fpr']:g}, threshold "
-          f"{point['threshold']:.4g}, {point['basis']}); within the observed CI: {'yes' if inside else 'NO'}")
+    check = summary["threshold_check"]
+    print(f"  summary: expected false positives {expected:.1f} (fpr {point['fpr']:g}; validation threshold "
+          f"{point['threshold']:.4g}, {point['basis']}; threshold used {summary['threshold']:.4g} "
+          f"({check['source']}: {check['above_validation_threshold']} maps at or above the validation "
+          f"threshold, {check['allowed']} allowed)); within the observed CI: {'yes' if inside else 'NO'}")
     print(f"  times: simulation {t_sim:.0f} s; screening {t_screen:.0f} s = "
           f"{result.n_maps / t_screen:.0f} maps/s ({args.workers} workers)")
     print("goals: >= 16 of 20 found, <= 0.1% of blood flagged, expected FP within the observed CI, "

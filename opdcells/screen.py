@@ -75,9 +75,8 @@ log = logging.getLogger(__name__)
 #: Maps whose first-pass target score lies within this many logits below the threshold (or above it) are
 #: predicted again with test-time augmentation; the rest keep their fast score.
 REFINE_MARGIN_LOGIT = 2.0
-#: Maps per eager encoder call: the activations of a batch are held at once (measured: 4.3 GB peak resident
-#: memory screening with 256-map calls of a MobileNetV2 at 128 px), and CPU throughput does not grow
-#: beyond a few dozen maps a call.
+#: Maps per eager encoder call: the activations of a call are held at once (measured: 4.3 GB peak resident
+#: memory screening with 256-map calls of a MobileNetV2 at 128 px); smaller calls bound it.
 ENCODER_CHUNK = 64
 #: Default prevalence of target cells for the expected purity (1 tumour cell in 10^5 blood cells).
 DEFAULT_PREVALENCE = 1e-5

@@ -250,12 +250,10 @@ def read_export(path: str | os.PathLike, options: IngestOptions, morphology: boo
 
 
 def read_error(read: ExportMaps):
-    """``on_error`` of :func:`read_export`: a bad map is logged and kept as text (exceptions of opdcells
-    do not pickle)."""
-    def bad_map(exc: ExportError) -> None:
-        log.warning("skipped %s", exc)
-        read.skipped_maps.append(str(exc))
-    return bad_map
+    """``on_error`` of :func:`read_export`: a bad map is kept as text (exceptions of opdcells do not
+    pickle), and logged by :meth:`FileBatches.add_read` in the main process (a worker's log is not
+    shown)."""
+    return lambda exc: read.skipped_maps.append(str(exc))
 
 
 def default_workers() -> int:
@@ -271,7 +269,8 @@ def read_exports(paths: Sequence[Path], options: IngestOptions, *, workers: int 
     stays at a few files' maps whatever the sample's size). Results are those of one process, in the
     same order. Workers are started by a fork server: the caller's TensorFlow threads are not forked.
     """
-    if workers <= 1 or len(paths) <= 1:
+    workers = min(workers, len(paths))
+    if workers <= 1:
         yield from (read_export(path, options, morphology) for path in paths)
         return
     ahead: collections.deque = collections.deque()
@@ -347,6 +346,8 @@ class FileBatches(abc.ABC):
         bool
             Whether the file was read completely.
         """
+        for skipped in read.skipped_maps:
+            log.warning("skipped %s", skipped)
         result.skipped_maps += read.skipped_maps
         result.dropped += read.dropped
         if read.error is not None:

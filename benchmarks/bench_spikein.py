@@ -65,6 +65,7 @@ def main(argv=None) -> int:
     p.add_argument("--keep", type=Path, help="write the sample and the screen's outputs here (kept)")
     p.add_argument("--sample", type=Path, help="screen this simulated sample (simulate --sample) instead")
     p.add_argument("--prevalence", type=float, default=1e-5, help="the screen's assumed prevalence")
+    p.add_argument("--sample-check", action="store_true", help="raise the threshold on the sample (screen's)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
@@ -88,7 +89,8 @@ def main(argv=None) -> int:
             sample = args.sample
         t_sim = time.perf_counter() - start
         start = time.perf_counter()
-        result = screen_files(model, [sample], out, screen_settings(model, prevalence=args.prevalence),
+        result = screen_files(model, [sample], out, screen_settings(model, prevalence=args.prevalence,
+                                                                  sample_check=args.sample_check),
                               options=ingest_options(model), ood=ood_check(model), batch_size=args.batch_size,
                               workers=args.workers)
         t_screen = time.perf_counter() - start

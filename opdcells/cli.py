@@ -327,6 +327,10 @@ def register_screen(subparsers) -> None:
                    help=f"assumed fraction of target cells, for the expected purity ({DEFAULT_PREVALENCE:g})")
     p.add_argument("--shard", type=_shard, default=(1, 1), metavar="K/N",
                    help="screen every N-th file starting with the K-th (job arrays); join with screen-merge")
+    p.add_argument("--sample-check", action="store_true",
+                   help="raise the threshold to the sample's own upper quantile when more maps score "
+                        "above it than --fpr and --prevalence allow (caps the candidates: give the largest "
+                        "plausible --prevalence)")
     p.add_argument("--batch-size", type=int, default=256, metavar="B")
     add_workers_option(p)
     p.set_defaults(run=run_screen)
@@ -355,7 +359,7 @@ def run_screen(args) -> int:
 
     model = load_model(args.model, saved_models=args.saved_models)
     settings = screen_settings(model, targets=args.target, fpr=args.fpr, prevalence=args.prevalence,
-                               shard=args.shard)
+                               shard=args.shard, sample_check=args.sample_check)
     result = screen_files(model, args.exports, args.out, settings, options=ingest_options(model,
                           **reading_options(args)), ood=ood_check(model), batch_size=args.batch_size,
                           workers=args.workers, progress=not args.quiet)

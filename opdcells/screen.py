@@ -19,8 +19,9 @@ and writes to ``DIR``:
 The threshold: the operating point's, checked on the sample itself
 (:func:`opdcells.calibration.sample_checked_threshold`): a rare-cell sample is nearly all non-target
 cells, so when more of it scores above the validation threshold than ``fpr`` (plus ``prevalence``)
-allows, the threshold is raised to the sample's own upper quantile (logged; ``summary.json``
-``threshold_check``). Merged shards check it on all their maps together, as one run does.
+allows, that is logged and recorded (``summary.json`` ``threshold_check``), and with ``sample_check``
+(``--sample-check``) the threshold is raised to the sample's own upper quantile. Merged shards check it
+on all their maps together, as one run does.
 
 Speed: exports are read and preprocessed by ``workers`` processes (:func:`opdcells.predict.read_exports`,
 which also measure the OOD detector's morphology features there), a bounded number of files ahead; maps
@@ -112,6 +113,10 @@ class ScreenSettings:
         Assumed fraction of target cells, for the expected false positives and purity.
     shard : (int, int)
         ``(k, n)``: this run screens files ``k-1, k-1+n, ...`` of the sorted file list.
+    sample_check : bool
+        Raise the threshold when the sample check finds it flags more than ``fpr`` allows
+        (:func:`opdcells.calibration.sample_checked_threshold`); False: the check is only reported (a
+        sample holding more target cells than ``prevalence`` would have them capped).
     """
 
     targets: list[str]
@@ -119,14 +124,15 @@ class ScreenSettings:
     point: OperatingPoint
     prevalence: float = DEFAULT_PREVALENCE
     shard: tuple[int, int] = (1, 1)
+    sample_check: bool = False
 
     def as_dict(self) -> dict:
         return {**asdict(self), "point": self.point.as_dict()}
 
 
 def screen_settings(model, *, targets: Sequence[str] | None = None, fpr: float | None = None,
-                    prevalence: float = DEFAULT_PREVALENCE,
-                    shard: tuple[int, int] = (1, 1)) -> ScreenSettings:
+                    prevalence: float = DEFAULT_PREVALENCE, shard: tuple[int, int] = (1, 1),
+                    sample_check: bool = False) -> ScreenSettings:
     """The calibration and operating point of ``model`` for ``targets`` at ``fpr``.
 
     The operating point stored at training time is used when it fits; other targets or rates are set
@@ -157,7 +163,7 @@ def screen_settings(model, *, targets: Sequence[str] | None = None, fpr: float |
         point = OperatingPoint.from_dict(stored)
     else:
         point = _new_point(model, record["temperature"], targets, wanted)
-    return ScreenSettings(targets, float(record["temperature"]), point, prevalence, shard)
+    return ScreenSettings(targets, float(record["temperature"]), point, prevalence, shard, sample_check)
 
 
 def _new_point(model, temperature: float, targets: list[str], fpr: float) -> OperatingPoint:
@@ -436,9 +442,13 @@ def _threshold(rows: list[dict], settings: ScreenSettings) -> tuple[float, dict]
     if check["source"] == "sample":
         log.warning("%d of %d maps score at or above the validation threshold %.4g, more than the %d that a "
                     "false-positive rate of %g allows: this sample's non-target cells score higher than the "
-                    "validation maps; the threshold is raised to %.4g (the sample's own upper quantile)",
+                    "validation maps (or it holds more target cells than a prevalence of %g); %s",
                     check["above_validation_threshold"], check["n"], settings.point.threshold,
-                    check["allowed"], settings.point.fpr, threshold)
+                    check["allowed"], settings.point.fpr, settings.prevalence,
+                    f"the threshold is raised to {threshold:.4g} (the sample's own upper quantile)"
+                    if settings.sample_check else "the threshold is kept (--sample-check raises it)")
+        if not settings.sample_check:
+            return settings.point.threshold, {**check, "source": "validation (sample check not applied)"}
     return threshold, check
 
 
@@ -515,7 +525,8 @@ def merge_screens(folders: Sequence[str | os.PathLike], out: str | os.PathLike) 
             for m, f, i, c in zip(data["maps"], data["files"], data["index"], data["cell"], strict=True):
                 kept[(str(f), int(i), int(c))] = m
     settings = ScreenSettings(first["targets"], first["temperature"],
-                              OperatingPoint.from_dict(first["operating_point"]), first["prevalence"], (1, 1))
+                              OperatingPoint.from_dict(first["operating_point"]), first["prevalence"], (1, 1),
+                              bool(first["settings"].get("sample_check", False)))
     result = ScreenResult(out, n_files=sum(s["files_read"] for s in summaries),
                           seconds=sum(s["seconds"] for s in summaries))
     for s in summaries:

@@ -221,7 +221,10 @@ def test_reading_processes_give_the_same_outputs_as_one(sample, model, tmp_path)
 def test_a_threshold_that_flags_too_much_of_the_sample_is_raised_and_shards_agree(sample, tmp_path):
     loose = {**point(1e-4), "fpr": 0.2}      # nearly every blood cell scores above 1e-4
     model = MassModel(tmp_path, {"temperature": 1.0, "targets": ["SW480"], "operating_point": loose})
-    run(model, [sample], tmp_path / "all", prevalence=0.1)
+    run(model, [sample], tmp_path / "kept", prevalence=0.1)           # reported, not applied
+    kept = json.loads((tmp_path / "kept/summary.json").read_text())
+    assert kept["threshold"] == 1e-4 and kept["threshold_check"]["source"].startswith("validation (sample")
+    run(model, [sample], tmp_path / "all", prevalence=0.1, sample_check=True)
     summary = json.loads((tmp_path / "all/summary.json").read_text())
     check = summary["threshold_check"]
     assert check["source"] == "sample" and check["above_validation_threshold"] > check["allowed"]
@@ -229,7 +232,7 @@ def test_a_threshold_that_flags_too_much_of_the_sample_is_raised_and_shards_agre
     scores = read(tmp_path / "all/scores.csv")
     assert sum(float(r["p_target"]) >= summary["threshold"] for r in scores) == summary["flagged"]
     for k in (1, 2):
-        run(model, [sample], tmp_path / f"s{k}", shard=(k, 2), prevalence=0.1)
+        run(model, [sample], tmp_path / f"s{k}", shard=(k, 2), prevalence=0.1, sample_check=True)
     merge_screens([tmp_path / "s1", tmp_path / "s2"], tmp_path / "merged")
     for name in ("scores.csv", "candidates.csv"):
         assert (tmp_path / "merged" / name).read_text() == (tmp_path / "all" / name).read_text()

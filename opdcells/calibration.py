@@ -300,6 +300,55 @@ def expected_yield(n_maps: int, prevalence: float, point: OperatingPoint) -> dic
             "expected_purity": tp / (tp + fp) if tp + fp > 0 else float("nan")}
 
 
+def sample_checked_threshold(scores: np.ndarray, threshold: float, fpr: float,
+                             prevalence: float) -> tuple[float, dict]:
+    """The threshold a screening run flags at: the validation ``threshold``, raised to the sample's own
+    upper quantile when more of the sample lies above it than the false-positive rate allows.
+
+    In a rare-cell screen nearly every map is a non-target (at most a fraction ``prevalence`` are
+    targets), so the sample's own scores are a sample of the non-target distribution (an empirical null;
+    Efron 2004, J. Am. Stat. Assoc. 99:96). At most ``(fpr + prevalence) * n`` maps may lie at or above
+    the threshold; more means the sample's non-targets score higher than the validation maps did (a new
+    session's shift, or a threshold extrapolated from too few validation maps), and the threshold is
+    raised until no more than that many are flagged. It is never lowered: a sample whose non-targets
+    score lower keeps the validation threshold (fewer false positives than ``fpr``). A sample too small
+    to resolve the rate (fewer than :data:`MIN_EXCEEDANCES` maps expected above the threshold, as for
+    the empirical quantile of :func:`threshold_at_fpr`) is not checked. A sample holding more target
+    cells than ``prevalence`` is capped too: give the largest prevalence plausible for the samples.
+
+    Parameters
+    ----------
+    scores : (n_maps,) array
+        Calibrated target scores of the sample's in-distribution maps.
+    threshold : float
+        The operating point's threshold, set on the validation maps.
+    fpr : float
+        False-positive rate of the operating point.
+    prevalence : float
+        Largest fraction of target cells assumed in the sample.
+
+    Returns
+    -------
+    (threshold, check)
+        The threshold to flag at (``score >= threshold``) and a JSON-ready record: ``source``
+        ("validation", "sample", or "validation (sample too small to check)"), ``validation_threshold``,
+        ``above_validation_threshold`` (maps of the sample at or above it), ``allowed``
+        (``floor((fpr + prevalence) * n)``) and ``n``.
+    """
+    scores = np.sort(np.asarray(scores, dtype=np.float64))[::-1]
+    n = len(scores)
+    allowed = int(np.floor((fpr + prevalence) * n))
+    above = int(np.sum(scores >= threshold))
+    check = {"source": "validation", "validation_threshold": float(threshold),
+             "above_validation_threshold": above, "allowed": allowed, "n": n}
+    if (fpr + prevalence) * n < MIN_EXCEEDANCES:
+        return float(threshold), {**check, "source": "validation (sample too small to check)"}
+    if above <= allowed:
+        return float(threshold), check
+    raised = float(np.nextafter(scores[allowed], np.inf))   # just above the (allowed + 1)-th highest score
+    return raised, {**check, "source": "sample"}
+
+
 # ------------------------------------------------------------------------------- model-level calibration
 #: Class or task-class names taken for cancer (target) classes when none are named: the reference study's
 #: two colorectal lines and the usual words for tumour cells (matched case-insensitively).

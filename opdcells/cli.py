@@ -275,7 +275,17 @@ def register_predict(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=64, metavar="B")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                    help="mean over each map's 8 rotations and reflections (default: as the model was saved)")
+    add_workers_option(p)
     p.set_defaults(run=run_predict)
+
+
+def add_workers_option(parser: argparse.ArgumentParser) -> None:
+    """``--workers N``: processes reading and preprocessing the exports (default: the machine's cores)."""
+    from .predict import default_workers
+
+    parser.add_argument("--workers", type=int, default=default_workers(), metavar="N",
+                        help="processes reading and preprocessing the exports; the output is the same for "
+                             "any N (default: the machine's cores, %(default)s)")
 
 
 def run_predict(args) -> int:
@@ -287,7 +297,7 @@ def run_predict(args) -> int:
     model = load_model(args.model, saved_models=args.saved_models)
     options = ingest_options(model, **reading_options(args))
     result = predict_files(model, args.exports, args.out, options=options, batch_size=args.batch_size,
-                           tta=args.tta, progress=not args.quiet)
+                           tta=args.tta, workers=args.workers, progress=not args.quiet)
     dropped = f"; {len(result.dropped)} dropped, listed in {result.dropped_out}" if result.dropped else ""
     print(f"{result.n_maps} maps from {result.n_files} files -> {result.out}"
           + (f"; {len(result.skipped_files)} files skipped" if result.skipped_files else "") + dropped)
@@ -317,7 +327,12 @@ def register_screen(subparsers) -> None:
                    help=f"assumed fraction of target cells, for the expected purity ({DEFAULT_PREVALENCE:g})")
     p.add_argument("--shard", type=_shard, default=(1, 1), metavar="K/N",
                    help="screen every N-th file starting with the K-th (job arrays); join with screen-merge")
+    p.add_argument("--sample-check", action="store_true",
+                   help="raise the threshold to the sample's own upper quantile when more maps score "
+                        "above it than --fpr and --prevalence allow (caps the candidates: give the largest "
+                        "plausible --prevalence)")
     p.add_argument("--batch-size", type=int, default=256, metavar="B")
+    add_workers_option(p)
     p.set_defaults(run=run_screen)
     m = subparsers.add_parser("screen-merge", parents=[common_options()],
                               help="join the outputs of screen shards",
@@ -344,10 +359,10 @@ def run_screen(args) -> int:
 
     model = load_model(args.model, saved_models=args.saved_models)
     settings = screen_settings(model, targets=args.target, fpr=args.fpr, prevalence=args.prevalence,
-                               shard=args.shard)
+                               shard=args.shard, sample_check=args.sample_check)
     result = screen_files(model, args.exports, args.out, settings, options=ingest_options(model,
                           **reading_options(args)), ood=ood_check(model), batch_size=args.batch_size,
-                          progress=not args.quiet)
+                          workers=args.workers, progress=not args.quiet)
     _print_screen(result)
     return result.status
 

@@ -75,7 +75,8 @@ __all__ = ["OODDetector", "GaussianBlock", "OODError", "model_inputs", "upper_qu
 
 
 def model_inputs(learner, maps, pixel_size_um: float, batch_size: int = 64,
-                 morphology: np.ndarray | None = None) -> dict[str, np.ndarray]:
+                 morphology: np.ndarray | None = None,
+                 embedding: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """The input blocks of the detector for ``maps``: ``{"embedding": (N, D), "morphology": (N, F)}``
     (``features`` models: ``morphology`` only, their own feature vector).
 
@@ -91,6 +92,8 @@ def model_inputs(learner, maps, pixel_size_um: float, batch_size: int = 64,
         Maps per encoder call.
     morphology : np.ndarray, (N, F), optional
         ``features.feature_matrix`` of the maps, when already measured.
+    embedding : np.ndarray, (N, D), optional
+        The encoder's embedding of the maps, when already computed (with the class probabilities).
 
     Returns
     -------
@@ -102,9 +105,10 @@ def model_inputs(learner, maps, pixel_size_um: float, batch_size: int = 64,
         morphology = feature_matrix(maps, pixel_size_um)[0]
     if hasattr(learner, "features"):   # the features model's embedding is the morphology itself
         return {"morphology": np.asarray(morphology, dtype=np.float64)}
-    from .explain import embed
+    if embedding is None:
+        from .explain import embed
 
-    embedding = embed(learner.model.get_layer("encoder"), maps, batch_size=batch_size)
+        embedding = embed(learner.model.get_layer("encoder"), maps, batch_size=batch_size)
     return {"embedding": np.asarray(embedding, dtype=np.float64),
             "morphology": np.asarray(morphology, dtype=np.float64)}
 
@@ -431,15 +435,23 @@ class PredictionCheck:
                         "untested", model.name, model.config["dataset"].get("path"))
 
     @property
+    def morphology(self) -> bool:
+        """Whether the detector scores the morphology block (its features can then be measured by the
+        processes that read the exports)."""
+        return self.detector is not None and "morphology" in self.detector.blocks
+
+    @property
     def columns(self) -> list[str]:
         """``["ood_score", "ood_flag"]``, or none without a detector."""
         return [] if self.detector is None else ["ood_score", "ood_flag"]
 
-    def values(self, maps) -> list[list]:
-        """CSV values (score with 4 significant digits, flag 0/1) for each of ``maps`` (N, S, S)."""
+    def values(self, maps, morphology: np.ndarray | None = None) -> list[list]:
+        """CSV values (score with 4 significant digits, flag 0/1) for each of ``maps`` (N, S, S);
+        ``morphology``: their features (N, F) when already measured (:func:`model_inputs`)."""
         if self.detector is None:
             return [[] for _ in range(len(maps))]
-        inputs = model_inputs(self.model.learner, maps, self.model.config["pixel_size_um"])
+        inputs = model_inputs(self.model.learner, maps, self.model.config["pixel_size_um"],
+                              morphology=morphology)
         scores = self.detector.score(inputs)
         return [[f"{s:.4g}", int(f)] for s, f in zip(scores, self.detector.flag(scores), strict=True)]
 

@@ -21,9 +21,11 @@ import contextlib
 import csv
 import logging
 import math
+import multiprocessing
 import os
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,7 +40,7 @@ from .preprocess import ProcessedMap
 log = logging.getLogger(__name__)
 
 __all__ = ["PredictResult", "predict_files", "expand_exports", "ingest_options", "csv_columns",
-           "dropped_path", "DROPPED_COLUMNS"]
+           "dropped_path", "DROPPED_COLUMNS", "ExportMaps", "read_export", "read_exports", "default_workers"]
 
 #: Which map a row is: the export, the map in it, the cell's number among those cut from its field of
 #: view and its label in the field's label image (both empty for whole maps).
@@ -179,17 +181,108 @@ def dropped_row(dropped: Dropped) -> list:
             _blank(dropped.label), *bbox, storable_text(dropped.reason)]
 
 
-def read_maps(path: Path, options: IngestOptions, result: PredictResult,
-             seen_pixel_sizes: set) -> Iterator[tuple[int, ProcessedMap]]:
-    """(source index, ProcessedMap) of every usable map of one export; bad maps are reported."""
-    def bad_map(exc: ExportError) -> None:
-        log.warning("skipped %s", exc)
-        result.skipped_maps.append(str(exc))
+@dataclass
+class ExportMaps:
+    """What reading one export gave (:func:`read_export`), in the order the maps lie in the file.
 
-    maps = iter_processed(path, options, on_error=bad_map, on_drop=result.dropped.append)
-    for index, processed, meta in maps:
-        _note_resampling(meta.pixel_size_um, options, seen_pixel_sizes)
-        yield index, processed
+    Attributes
+    ----------
+    path : Path
+        The export.
+    maps : list of (int, ProcessedMap)
+        Source index and preprocessed map of every usable map (or cell).
+    pixel_sizes : list of float
+        The export's pixel sizes (um), for the log line on resampling.
+    skipped_maps : list of str
+        "path [map i]: reason" of every bad map.
+    dropped : list of Dropped
+        Every map, cell or object that yields no map, in the order met.
+    error : str or None
+        Why the whole file failed (ExportError's reason), else None; its maps are then not to be used.
+    morphology : (n_maps, F) array or None
+        ``opdcells.features.feature_matrix`` of ``maps`` (``F = len(FEATURE_NAMES)``) when asked for.
+    """
+
+    path: Path
+    maps: list[tuple[int, ProcessedMap]] = field(default_factory=list)
+    pixel_sizes: list[float] = field(default_factory=list)
+    skipped_maps: list[str] = field(default_factory=list)
+    dropped: list[Dropped] = field(default_factory=list)
+    error: str | None = None
+    morphology: np.ndarray | None = None
+
+
+def read_export(path: str | os.PathLike, options: IngestOptions, morphology: bool = False) -> ExportMaps:
+    """Read and preprocess every map of one export; never raises for a bad file (see ``error``).
+
+    Parameters
+    ----------
+    path : path
+        The export.
+    options : IngestOptions
+        Reading options and preprocessing (:func:`ingest_options`).
+    morphology : bool
+        Also measure each map's morphology features (the OOD detector's ``morphology`` block), so
+        they are made in the reading processes.
+
+    Returns
+    -------
+    ExportMaps
+        Picklable: it travels back from a worker process.
+    """
+    read = ExportMaps(Path(path))
+    try:
+        for index, processed, meta in iter_processed(read.path, options, on_error=read_error(read),
+                                                     on_drop=read.dropped.append):
+            if meta.pixel_size_um not in read.pixel_sizes:
+                read.pixel_sizes.append(meta.pixel_size_um)
+            read.maps.append((index, processed))
+        if not read.maps:
+            raise ExportError(read.path, "no usable map" + (" (no cells found)" if options.fields else ""))
+    except ExportError as exc:
+        read.error = exc.reason
+        return read
+    if morphology:
+        from .features import feature_matrix
+
+        read.morphology = feature_matrix([p.opd for _, p in read.maps], options.config.out_pixel_size_um)[0]
+    return read
+
+
+def read_error(read: ExportMaps):
+    """``on_error`` of :func:`read_export`: a bad map is kept as text (exceptions of opdcells do not
+    pickle), and logged by :meth:`FileBatches.add_read` in the main process (a worker's log is not
+    shown)."""
+    return lambda exc: read.skipped_maps.append(str(exc))
+
+
+def default_workers() -> int:
+    """Reading processes by default: the cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def read_exports(paths: Sequence[Path], options: IngestOptions, *, workers: int = 1,
+                 morphology: bool = False) -> Iterator[ExportMaps]:
+    """:func:`read_export` of each of ``paths``, in order, read by ``workers`` processes.
+
+    At most ``2 * workers`` files are read ahead of the one being consumed (a bounded queue: memory
+    stays at a few files' maps whatever the sample's size). Results are those of one process, in the
+    same order. Workers are started by a fork server: the caller's TensorFlow threads are not forked.
+    """
+    workers = min(workers, len(paths))
+    if workers <= 1:
+        yield from (read_export(path, options, morphology) for path in paths)
+        return
+    ahead: collections.deque = collections.deque()
+    context = multiprocessing.get_context("forkserver")
+    with ProcessPoolExecutor(workers, mp_context=context) as pool:
+        queue = iter(paths)
+        for path in queue:
+            ahead.append(pool.submit(read_export, path, options, morphology))
+            if len(ahead) >= 2 * workers:
+                yield ahead.popleft().result()
+        while ahead:
+            yield ahead.popleft().result()
 
 
 def _note_resampling(pixel_size_um: float, options: IngestOptions, seen: set) -> None:
@@ -205,66 +298,69 @@ def _note_resampling(pixel_size_um: float, options: IngestOptions, seen: set) ->
 
 class FileBatches(abc.ABC):
     """Maps of several files gathered into batches of ``batch_size``; the rows :meth:`rows_of` makes of a
-    batch are kept per file, so a file that fails half-way can be dropped whole, and written in file order
-    once complete (used by ``predict`` and ``screen``)."""
+    batch are kept per file, and written in file order once complete (used by ``predict`` and ``screen``).
+    Each map may carry its morphology features (:attr:`ExportMaps.morphology`)."""
 
     def __init__(self, batch_size: int):
         self.batch_size = batch_size
         self.maps: list[np.ndarray] = []
+        self.morphology: list[np.ndarray | None] = []
         self.keys: list[tuple[Path, int, ProcessedMap]] = []
         self.rows: dict[Path, list] = {}
 
-    def add(self, path: Path, index: int, processed: ProcessedMap) -> None:
+    def add(self, path: Path, index: int, processed: ProcessedMap,
+            morphology: np.ndarray | None = None) -> None:
         self.rows.setdefault(path, [])
         self.maps.append(processed.opd)
+        self.morphology.append(morphology)
         self.keys.append((path, index, processed))
         if len(self.maps) >= self.batch_size:
             self.flush()
 
     @abc.abstractmethod
-    def rows_of(self, maps: np.ndarray, keys: list[tuple[Path, int, ProcessedMap]]) -> list:
-        """One row per map of a batch, ``maps`` (N, S, S) with their ``keys`` (path, index, ProcessedMap)."""
+    def rows_of(self, maps: np.ndarray, keys: list[tuple[Path, int, ProcessedMap]],
+                morphology: np.ndarray | None = None) -> list:
+        """One row per map of a batch, ``maps`` (N, S, S) with their ``keys`` (path, index, ProcessedMap)
+        and, when every map carries it, their morphology features (N, F)."""
 
     def flush(self) -> None:
         if not self.maps:
             return
-        for (path, _, _), row in zip(self.keys, self.rows_of(np.stack(self.maps), self.keys), strict=True):
+        morphology = (np.stack(self.morphology) if all(m is not None for m in self.morphology) else None)
+        rows = self.rows_of(np.stack(self.maps), self.keys, morphology)
+        for (path, _, _), row in zip(self.keys, rows, strict=True):
             self.rows[path].append(row)
         self.maps.clear()
+        self.morphology.clear()
         self.keys.clear()
-
-    def drop(self, path: Path) -> list:
-        """Forget the maps and rows of ``path`` (it failed); returns its rows made so far."""
-        keep = [i for i, key in enumerate(self.keys) if key[0] != path]
-        self.maps = [self.maps[i] for i in keep]
-        self.keys = [self.keys[i] for i in keep]
-        return self.rows.pop(path, [])
 
     def pending(self, path: Path) -> bool:
         return any(key[0] == path for key in self.keys)
 
-    def add_file(self, path: Path, options: IngestOptions, result, pixel_sizes: set) -> bool:
-        """Add every usable map of the export ``path`` (:func:`read_maps`); a file that fails, or yields no
-        map, is dropped whole, logged and recorded in ``result`` (``skipped_files``, ``dropped``).
+    def add_read(self, read: ExportMaps, options: IngestOptions, result, pixel_sizes: set) -> bool:
+        """Add the maps of one read export; a file that failed, or yielded no map, adds nothing and is
+        logged and recorded in ``result`` (``skipped_files``, ``dropped``), as are its bad maps.
 
         Returns
         -------
         bool
             Whether the file was read completely.
         """
-        try:
-            n = 0
-            for index, processed in read_maps(path, options, result, pixel_sizes):
-                self.add(path, index, processed)
-                n += 1
-            if n == 0:
-                raise ExportError(path, "no usable map" + (" (no cells found)" if options.fields else ""))
-        except ExportError as exc:
-            self.drop(path)
+        for skipped in read.skipped_maps:
+            log.warning("skipped %s", skipped)
+        result.skipped_maps += read.skipped_maps
+        result.dropped += read.dropped
+        if read.error is not None:
+            exc = ExportError(read.path, read.error)
             log.warning("skipped %s", exc)
             result.skipped_files.append(str(exc))
-            result.dropped.append(Dropped(path, None, None, None, None, exc.reason))
+            result.dropped.append(Dropped(read.path, None, None, None, None, read.error))
             return False
+        for pixel_size in read.pixel_sizes:
+            _note_resampling(pixel_size, options, pixel_sizes)
+        features = read.morphology if read.morphology is not None else [None] * len(read.maps)
+        for (index, processed), morphology in zip(read.maps, features, strict=True):
+            self.add(read.path, index, processed, morphology)
         return True
 
 
@@ -276,9 +372,9 @@ class _Batcher(FileBatches):
         self.model, self.tta = model, tta
         self.ood = PredictionCheck(model)   # ood_score, ood_flag (none for models without ood.npz)
 
-    def rows_of(self, maps: np.ndarray, keys) -> list:
+    def rows_of(self, maps: np.ndarray, keys, morphology=None) -> list:
         proba = self.model.predict_proba(maps, batch_size=self.batch_size, tta=self.tta)
-        names, ood = self.model.class_names, self.ood.values(maps)
+        names, ood = self.model.class_names, self.ood.values(maps, morphology)
         return [csv_row(path, index, processed, p, names, extra)
                 for (path, index, processed), p, extra in zip(keys, proba, ood, strict=True)]
 
@@ -330,7 +426,7 @@ def _reason_kind(reason: str) -> str:
 
 def predict_files(model, paths: Iterable[str | os.PathLike], out: str | os.PathLike, *,
                   options: IngestOptions | None = None, batch_size: int = 64, tta: bool | None = None,
-                  progress: bool = False) -> PredictResult:
+                  workers: int = 1, progress: bool = False) -> PredictResult:
     """Predict every map of the exports ``paths`` with ``model``; write the CSV ``out`` and the list of
     dropped objects beside it (:func:`dropped_path`).
 
@@ -348,6 +444,9 @@ def predict_files(model, paths: Iterable[str | os.PathLike], out: str | os.PathL
         Maps per ``predict_proba`` call; maps of consecutive files share batches.
     tta : bool, optional
         Test-time augmentation as in ``SavedModel.predict_proba`` (default: the model's own setting).
+    workers : int
+        Processes reading and preprocessing the exports (:func:`read_exports`); the CSV is the same
+        for any number.
     progress : bool
         Show a progress bar over the files.
 
@@ -378,10 +477,12 @@ def predict_files(model, paths: Iterable[str | os.PathLike], out: str | os.PathL
 
     with _atomic_csv(out) as writer:
         writer.writerow(csv_columns(model.class_names, batcher.ood.columns))
-        for path in tqdm(expand_exports(paths), unit="file", disable=not progress, mininterval=0.5):
-            if not batcher.add_file(path, options, result, pixel_sizes):
+        files = expand_exports(paths)
+        reads = read_exports(files, options, workers=workers, morphology=batcher.ood.morphology)
+        for read in tqdm(reads, total=len(files), unit="file", disable=not progress, mininterval=0.5):
+            if not batcher.add_read(read, options, result, pixel_sizes):
                 continue
-            done.append(path)
+            done.append(read.path)
             write_done(writer)
         batcher.flush()
         write_done(writer, final=True)

@@ -304,10 +304,12 @@ def check_not_wrapped(phase_rad, path) -> None:
                                 "skimage.restoration.unwrap_phase) or export the complex field")
 
 
-def check_not_inverted(opd_nm, pixel_size_um: float, path) -> None:
+def check_not_inverted(opd_nm, pixel_size_um: float, path, *, smoothed: np.ndarray | None = None) -> None:
     """Raise ExportError if the cell lies below the background: the deepest dip of the smoothed map below
-    the level of its border frame is ``INVERTED_RATIO`` times its highest rise (a reversed phase sign)."""
-    smoothed = smooth(np.asarray(opd_nm, dtype=np.float64), pixel_size_um)
+    the level of its border frame is ``INVERTED_RATIO`` times its highest rise (a reversed phase sign).
+    ``smoothed``: :func:`smooth` of the map when already made."""
+    if smoothed is None:
+        smoothed = smooth(np.asarray(opd_nm, dtype=np.float64), pixel_size_um)
     level, sigma = _robust_level(smoothed[_border_frame(smoothed.shape)])
     rise, dip = smoothed.max() - level, level - smoothed.min()
     if dip > INVERTED_RATIO * max(rise, 0.0) and dip > NOISE_K * sigma:
@@ -348,23 +350,54 @@ def _stands_out(smoothed: np.ndarray, core: np.ndarray, mask: np.ndarray) -> boo
 
 
 def dilate(mask: np.ndarray, radius_px: float) -> np.ndarray:
-    """Grow a boolean mask by ``radius_px`` (Euclidean)."""
+    """Grow a boolean mask by ``radius_px`` (Euclidean).
+
+    The distance transform runs on the mask's bounding box grown by the radius: pixels farther out are
+    farther than ``radius_px`` from the mask, so the result is that of the whole map.
+    """
     if radius_px <= 0 or not mask.any():
         return mask.copy()
-    return ndi.distance_transform_edt(~mask) <= radius_px
+    reach = int(math.floor(radius_px)) + 1
+    box = tuple(slice(max(int(idx.min()) - reach, 0), int(idx.max()) + reach + 1)
+                for idx in _axes_any(mask))
+    grown = np.zeros(mask.shape, dtype=bool)
+    grown[box] = ndi.distance_transform_edt(~mask[box]) <= radius_px
+    return grown
+
+
+def _axes_any(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of the rows and of the columns of ``mask`` that hold a True pixel."""
+    return np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+
+
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """``mask`` with every background region that does not reach the map's edge filled.
+
+    The same as ``scipy.ndimage.binary_fill_holes`` (background 4-connected), found by labelling the
+    background once instead of growing it from the edge pixel by pixel.
+    """
+    background, n = ndi.label(~mask)
+    filled = np.ones(n + 1, dtype=bool)
+    filled[background[_border_frame(mask.shape, width=1)]] = False
+    filled[0] = True
+    return filled[background]
 
 
 def objects_above(smoothed: np.ndarray, threshold: float, pixel_size_um: float) -> np.ndarray:
     """Boolean map of the objects above ``threshold``: holes filled, specks under
     ``MIN_OBJECT_DIAMETER_UM`` removed."""
-    objects = ndi.binary_fill_holes(smoothed > threshold)
+    objects = fill_holes(smoothed > threshold)
     speck_px = int(np.pi / 4 * (MIN_OBJECT_DIAMETER_UM / pixel_size_um) ** 2)
     return morphology.remove_small_objects(objects, max_size=speck_px)
 
 
 def _objects(opd_nm: np.ndarray, pixel_size_um: float) -> np.ndarray:
     """Everything above the background noise (:func:`noise_threshold`)."""
-    smoothed = smooth(opd_nm, pixel_size_um)
+    return _smoothed_objects(smooth(opd_nm, pixel_size_um), pixel_size_um)
+
+
+def _smoothed_objects(smoothed: np.ndarray, pixel_size_um: float) -> np.ndarray:
+    """:func:`_objects` of a map already smoothed."""
     return objects_above(smoothed, noise_threshold(smoothed), pixel_size_um)
 
 
@@ -487,18 +520,41 @@ def _border_frame(shape: tuple[int, int], width: int | None = None) -> np.ndarra
     return frame
 
 
-def _fit_surface(opd: np.ndarray, use: np.ndarray, order: int, path) -> np.ndarray:
-    """Least-squares polynomial surface of total degree ``order`` through ``opd[use]``, over the whole map."""
+@functools.lru_cache(maxsize=32)
+def _surface_basis(shape: tuple[int, int], order: int) -> np.ndarray:
+    """``(k, H*W)`` monomials ``x**i * y**j`` (total degree <= ``order``) on [-1, 1] x [-1, 1] (read-only)."""
+    y = np.linspace(-1.0, 1.0, shape[0])[:, None]
+    x = np.linspace(-1.0, 1.0, shape[1])[None, :]
     powers = [(i, j) for i in range(order + 1) for j in range(order + 1 - i)]
-    if use.mean() < MIN_BACKGROUND_FRACTION or use.sum() < 10 * len(powers):
+    basis = np.stack([np.broadcast_to(x ** i * y ** j, shape).ravel() for i, j in powers])
+    basis.setflags(write=False)
+    return basis
+
+
+@functools.lru_cache(maxsize=32)
+def _smoothed_basis(shape: tuple[int, int], order: int, pixel_size_um: float) -> np.ndarray:
+    """:func:`smooth` of each surface monomial, ``(k, H*W)``: smoothing is linear, so the smoothed map of
+    ``opd - surface`` is ``smooth(opd)`` minus the same combination of these."""
+    basis = _surface_basis(shape, order)
+    smoothed = np.stack([smooth(b.reshape(shape), pixel_size_um).ravel() for b in basis])
+    smoothed.setflags(write=False)
+    return smoothed
+
+
+def _surface_coefficients(opd: np.ndarray, use: np.ndarray, order: int, path) -> np.ndarray:
+    """Least-squares coefficients of the polynomial surface through ``opd[use]`` (normal equations)."""
+    basis = _surface_basis(opd.shape, order)
+    if use.mean() < MIN_BACKGROUND_FRACTION or use.sum() < 10 * len(basis):
         raise ExportError(path, f"only {use.mean():.1%} of the map is background: too little to fit the "
                                 f"background (a cell filling the field of view, or no clear cell at all)")
-    y = np.linspace(-1.0, 1.0, opd.shape[0])[:, None]
-    x = np.linspace(-1.0, 1.0, opd.shape[1])[None, :]
-    rows, cols = np.nonzero(use)
-    design = np.stack([x[0, cols] ** i * y[rows, 0] ** j for i, j in powers], axis=1)
-    coef = np.linalg.lstsq(design, opd[rows, cols], rcond=None)[0]
-    return sum(c * x ** i * y ** j for c, (i, j) in zip(coef, powers, strict=True))
+    weighted = basis * use.ravel()
+    return np.linalg.solve(weighted @ basis.T, weighted @ opd.ravel())
+
+
+def _fit_surface(opd: np.ndarray, use: np.ndarray, order: int, path) -> np.ndarray:
+    """Least-squares polynomial surface of total degree ``order`` through ``opd[use]``, over the whole map."""
+    coef = _surface_coefficients(opd, use, order, path)
+    return (coef @ _surface_basis(opd.shape, order)).reshape(opd.shape)
 
 
 def remove_background(opd_nm, mask=None, order: int = 1, *, pixel_size_um: float = DEFAULT_PIXEL_SIZE_UM,
@@ -513,10 +569,23 @@ def remove_background(opd_nm, mask=None, order: int = 1, *, pixel_size_um: float
     opd = np.asarray(opd_nm, dtype=np.float64)
     if mask is not None:
         return opd - _fit_surface(opd, ~np.asarray(mask, dtype=bool), order, path)
-    corrected = opd - _fit_surface(opd, _border_frame(opd.shape), order, path)
+    return _background_removed(opd, smooth(opd, pixel_size_um), order, pixel_size_um, path)[0]
+
+
+def _background_removed(opd: np.ndarray, smoothed: np.ndarray, order: int, pixel_size_um: float,
+                        path) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`remove_background` without a mask, and :func:`smooth` of its result.
+
+    ``smoothed`` is :func:`smooth` of ``opd``; the smoothed corrected maps are made from it and the
+    smoothed surface monomials (smoothing is linear), so the map is smoothed once, not once a fit.
+    """
+    shape, basis = opd.shape, _surface_basis(opd.shape, order)
+    smooth_basis = _smoothed_basis(shape, order, float(pixel_size_um))
+    coef = _surface_coefficients(opd, _border_frame(shape), order, path)
     for _ in range(2):
-        corrected = opd - _fit_surface(opd, ~foreground_mask(corrected, pixel_size_um), order, path)
-    return corrected
+        found = _smoothed_objects(smoothed - (coef @ smooth_basis).reshape(shape), pixel_size_um)
+        coef = _surface_coefficients(opd, ~dilate(found, MASK_MARGIN_UM / pixel_size_um), order, path)
+    return opd - (coef @ basis).reshape(shape), smoothed - (coef @ smooth_basis).reshape(shape)
 
 
 @functools.lru_cache(maxsize=64)
@@ -552,6 +621,23 @@ def resample(opd_nm, pixel_size_um: float, out_pixel_size_um: float) -> np.ndarr
     return rows @ values @ cols.T
 
 
+def _resample_cell(opd: np.ndarray, mask: np.ndarray, pixel_size_um: float,
+                   out_pixel_size_um: float) -> tuple[np.ndarray, np.ndarray]:
+    """The support (resampled mask above ``SUPPORT_FRACTION``) and the resampled OPD inside ``mask`` (0
+    elsewhere), as :func:`resample` of the masked maps: only the mask's bounding box is multiplied (the
+    rest of both maps is 0)."""
+    masked = np.where(mask, opd, 0.0)
+    scale = pixel_size_um / out_pixel_size_um
+    if np.isclose(scale, 1.0, rtol=1e-9, atol=0):
+        return mask.copy(), masked
+    rows, cols = (slice(int(i.min()), int(i.max()) + 1) for i in _axes_any(mask))
+    both = np.stack([mask[rows, cols].astype(np.float64), masked[rows, cols]])
+    resampled = (_resampling_matrix(opd.shape[0], scale)[:, rows] @ both
+                 @ _resampling_matrix(opd.shape[1], scale)[:, cols].T)
+    support = resampled[0] > SUPPORT_FRACTION
+    return support, np.where(support, resampled[1], 0.0)
+
+
 def centre_crop(opd_nm, out_size: int, mask=None) -> np.ndarray:
     """``out_size`` square window centred on the OPD-weighted centroid of the cell, zero-padded.
 
@@ -564,9 +650,13 @@ def centre_crop(opd_nm, out_size: int, mask=None) -> np.ndarray:
         centre = ndi.center_of_mass(weights)
     else:
         centre = ((opd.shape[0] - 1) / 2, (opd.shape[1] - 1) / 2)
-    r0, c0 = (int(round(c)) - out_size // 2 + out_size for c in centre)
-    padded = np.pad(opd, out_size, mode="constant")
-    return padded[r0:r0 + out_size, c0:c0 + out_size]
+    r0, c0 = (int(round(c)) - out_size // 2 for c in centre)
+    window = np.zeros((out_size, out_size))
+    rows = slice(max(r0, 0), min(r0 + out_size, opd.shape[0]))
+    cols = slice(max(c0, 0), min(c0 + out_size, opd.shape[1]))
+    if rows.start < rows.stop and cols.start < cols.stop:
+        window[rows.start - r0:rows.stop - r0, cols.start - c0:cols.stop - c0] = opd[rows, cols]
+    return window
 
 
 def dry_mass_pg(opd_nm, pixel_size_um: float, mask=None, alpha_ml_per_g: float = 0.19) -> float:
@@ -586,13 +676,19 @@ def dry_mass_pg(opd_nm, pixel_size_um: float, mask=None, alpha_ml_per_g: float =
 def opd_of(data, meta: Meta, config: PreprocessConfig = DEFAULT_CONFIG, path="<array>") -> np.ndarray:
     """A raw map (or field of view) as OPD in nm, checked: usable values (:func:`check_map`), phase not
     wrapped, cell not below the background. Non-finite pixels are filled. Raises ExportError."""
+    return _checked_opd(data, meta, config, path)[0]
+
+
+def _checked_opd(data, meta: Meta, config: PreprocessConfig, path) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`opd_of` and its smoothed map (:func:`smooth`), which the inversion check already made."""
     check_map(data, path)
     values = fill_nonfinite(data)
     if meta.units == "rad":
         check_not_wrapped(values, path)
     opd = to_opd_nm(values, meta.units, meta.wavelength_nm, path=path, alpha_ml_per_g=config.alpha_ml_per_g)
-    check_not_inverted(opd, meta.pixel_size_um, path)
-    return opd
+    smoothed = smooth(opd, meta.pixel_size_um)
+    check_not_inverted(opd, meta.pixel_size_um, path, smoothed=smoothed)
+    return opd, smoothed
 
 
 def preprocess_map(data, meta: Meta, config: PreprocessConfig = DEFAULT_CONFIG,
@@ -614,12 +710,13 @@ def preprocess_map(data, meta: Meta, config: PreprocessConfig = DEFAULT_CONFIG,
     """
     meta.check(path)
     px = meta.pixel_size_um
-    opd = opd_of(data, meta, config, path)
-    opd = remove_background(opd, order=config.background_order, pixel_size_um=px, path=path)
-    labels = object_labels(opd, px)
+    opd, smoothed = _checked_opd(data, meta, config, path)
+    _check_order(config.background_order)
+    opd, smoothed = _background_removed(opd, smoothed, config.background_order, px, path)
+    labels = measure.label(_smoothed_objects(smoothed, px))   # object_labels(opd, px), smoothed once
     core = cell_mask(opd, px, margin_um=0.0, labels=labels, prefer_whole=single_cell_map)
     mask = dilate(core, MASK_MARGIN_UM / px)
-    if not core.any() or not _stands_out(smooth(opd, px), core, mask):
+    if not core.any() or not _stands_out(smoothed, core, mask):
         raise ExportError(path, "no cell found: nothing rises clearly above the background noise")
     if single_cell_map:
         check_single_cell(labels, core, px, path)
@@ -628,8 +725,7 @@ def preprocess_map(data, meta: Meta, config: PreprocessConfig = DEFAULT_CONFIG,
     check_plausible({"peak_opd_nm": float(opd[core].max()), "dry_mass_pg": mass, "area_um2": area,
                      "diameter_um": _longest_axis_px(core) * px}, ranges, path)
     extent_um = centred_extent_px(mask, opd) * px
-    support = resample(mask.astype(np.float64), px, config.out_pixel_size_um) > SUPPORT_FRACTION
-    resampled = np.where(support, resample(np.where(mask, opd, 0.0), px, config.out_pixel_size_um), 0.0)
+    support, resampled = _resample_cell(opd, mask, px, config.out_pixel_size_um)
     window = centre_crop(resampled, config.out_size, support)
     kept = window.sum() / resampled.sum() if resampled.sum() > 0 else 1.0
     if kept < 1 - MAX_CUT_FRACTION:

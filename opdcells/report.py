@@ -25,6 +25,17 @@ def _png(figure_or_array, **imsave_kwargs) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+def _threshold_used(summary: dict) -> str:
+    """The run's threshold and why (the validation one, or raised on the sample's own scores)."""
+    check = summary["threshold_check"]
+    if check["source"] != "sample":
+        return (f"{summary['threshold']:.4g}, the {check['source']}: {check['above_validation_threshold']} "
+                f"of {check['n']} in-distribution maps at or above it; {check['allowed']} allowed")
+    return (f"{summary['threshold']:.4g}, raised on this sample: {check['above_validation_threshold']} of "
+            f"{check['n']} in-distribution maps scored at or above the validation threshold, more than the "
+            f"{check['allowed']} its false-positive rate allows (this session's cells score higher)")
+
+
 def score_histogram(scores: np.ndarray, threshold: float) -> str:
     """base64 PNG: histogram of the target scores (log counts) with the threshold marked."""
     from matplotlib.figure import Figure
@@ -76,8 +87,9 @@ def screening_report(summary: dict, gallery: Sequence[dict], maps: np.ndarray, r
              ("maps skipped", summary["maps_skipped"]), ("flagged", summary["flagged"]),
              ("out of distribution (never flagged)", summary["out_of_distribution"]),
              ("target classes", ", ".join(summary["targets"])),
-             ("false-positive rate", point["fpr"]), ("threshold", f"{point['threshold']:.4g} "
+             ("false-positive rate", point["fpr"]), ("threshold on validation", f"{point['threshold']:.4g} "
               f"(95% CI {point['threshold_ci'][0]:.4g}-{point['threshold_ci'][1]:.4g})"),
+             ("threshold used", _threshold_used(summary)),
              ("sensitivity on validation", f"{point['sensitivity']:.3f} (95% CI "
               f"{point['sensitivity_ci'][0]:.3f}-{point['sensitivity_ci'][1]:.3f})"),
              ("how the threshold was set", point["basis"]),
@@ -94,7 +106,7 @@ def screening_report(summary: dict, gallery: Sequence[dict], maps: np.ndarray, r
         f"</figcaption></figure>"
         for i, (r, m) in enumerate(zip(gallery, maps, strict=True)))
     more = summary["flagged"] - len(gallery)
-    histogram = score_histogram([float(r["p_target"]) for r in rows], point["threshold"])
+    histogram = score_histogram([float(r["p_target"]) for r in rows], summary["threshold"])
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>opdcells screening report</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1100px}} th{{text-align:left;padding-right:1em}}

@@ -12,10 +12,22 @@ and writes to ``DIR``:
   and purity at ``prevalence``, maps per second;
 * ``report.html``: one self-contained page with the candidates as OPD thumbnails, the score histogram
   with the threshold and the run's settings;
-* ``candidates.npz``: the candidates' maps (float16), so shard outputs can be merged into one report.
+* ``candidates.npz``: the maps (float16) of the :data:`GALLERY_SIZE` best in-distribution maps at or above
+  the validation threshold (the gallery's maps whatever the sample check decides), so shard outputs can
+  be merged into one report.
 
-Speed: maps are predicted in large batches without test-time augmentation; only maps whose score comes
-within :data:`REFINE_MARGIN_LOGIT` of the threshold are predicted again with it (8 views). ``shard=(k, n)``
+The threshold: the operating point's, checked on the sample itself
+(:func:`opdcells.calibration.sample_checked_threshold`): a rare-cell sample is nearly all non-target
+cells, so when more of it scores above the validation threshold than ``fpr`` (plus ``prevalence``)
+allows, that is logged and recorded (``summary.json`` ``threshold_check``), and with ``sample_check``
+(``--sample-check``) the threshold is raised to the sample's own upper quantile. Merged shards check it
+on all their maps together, as one run does.
+
+Speed: exports are read and preprocessed by ``workers`` processes (:func:`opdcells.predict.read_exports`,
+which also measure the OOD detector's morphology features there), a bounded number of files ahead; maps
+are predicted in large batches without test-time augmentation, one encoder pass giving both the
+probabilities and the OOD embedding (:func:`encoder_pass`); only maps whose score comes within
+:data:`REFINE_MARGIN_LOGIT` of the threshold are predicted again with it (8 views). ``shard=(k, n)``
 screens every n-th file starting with the k-th (1-based), for job arrays; :func:`merge_screens` joins
 the shards' folders into the same outputs a single run gives.
 """
@@ -41,6 +53,7 @@ from .calibration import (
     expected_yield,
     load_validation_scores,
     operating_point,
+    sample_checked_threshold,
     target_score,
 )
 from .console import EXIT_FAILED, EXIT_OK, EXIT_SKIPPED
@@ -55,6 +68,7 @@ from .predict import (
     dropped_row,
     expand_exports,
     position_values,
+    read_exports,
 )
 
 log = logging.getLogger(__name__)
@@ -62,6 +76,9 @@ log = logging.getLogger(__name__)
 #: Maps whose first-pass target score lies within this many logits below the threshold (or above it) are
 #: predicted again with test-time augmentation; the rest keep their fast score.
 REFINE_MARGIN_LOGIT = 2.0
+#: Maps per eager encoder call: the activations of a call are held at once (measured: 4.3 GB peak resident
+#: memory screening with 256-map calls of a MobileNetV2 at 128 px); smaller calls bound it.
+ENCODER_CHUNK = 64
 #: Default prevalence of target cells for the expected purity (1 tumour cell in 10^5 blood cells).
 DEFAULT_PREVALENCE = 1e-5
 #: Candidates shown (and kept as maps) in the report, most probable first.
@@ -96,6 +113,10 @@ class ScreenSettings:
         Assumed fraction of target cells, for the expected false positives and purity.
     shard : (int, int)
         ``(k, n)``: this run screens files ``k-1, k-1+n, ...`` of the sorted file list.
+    sample_check : bool
+        Raise the threshold when the sample check finds it flags more than ``fpr`` allows
+        (:func:`opdcells.calibration.sample_checked_threshold`); False: the check is only reported (a
+        sample holding more target cells than ``prevalence`` would have them capped).
     """
 
     targets: list[str]
@@ -103,14 +124,15 @@ class ScreenSettings:
     point: OperatingPoint
     prevalence: float = DEFAULT_PREVALENCE
     shard: tuple[int, int] = (1, 1)
+    sample_check: bool = False
 
     def as_dict(self) -> dict:
         return {**asdict(self), "point": self.point.as_dict()}
 
 
 def screen_settings(model, *, targets: Sequence[str] | None = None, fpr: float | None = None,
-                    prevalence: float = DEFAULT_PREVALENCE,
-                    shard: tuple[int, int] = (1, 1)) -> ScreenSettings:
+                    prevalence: float = DEFAULT_PREVALENCE, shard: tuple[int, int] = (1, 1),
+                    sample_check: bool = False) -> ScreenSettings:
     """The calibration and operating point of ``model`` for ``targets`` at ``fpr``.
 
     The operating point stored at training time is used when it fits; other targets or rates are set
@@ -141,7 +163,7 @@ def screen_settings(model, *, targets: Sequence[str] | None = None, fpr: float |
         point = OperatingPoint.from_dict(stored)
     else:
         point = _new_point(model, record["temperature"], targets, wanted)
-    return ScreenSettings(targets, float(record["temperature"]), point, prevalence, shard)
+    return ScreenSettings(targets, float(record["temperature"]), point, prevalence, shard, sample_check)
 
 
 def _new_point(model, temperature: float, targets: list[str], fpr: float) -> OperatingPoint:
@@ -187,12 +209,34 @@ class _Scorer(FileBatches):
     def __init__(self, model, settings: ScreenSettings, ood, batch_size: int):
         super().__init__(batch_size)
         self.model, self.settings, self.ood = model, settings, ood
-        self.kept: dict[tuple, np.ndarray] = {}  # candidate maps by (file, index, cell)
+        self.kept: dict[tuple, tuple] = {}  # (rank, map) of the best pool maps by (file, index, cell)
+        self.forward = encoder_pass(model)
+        self.checked = False
 
-    def score(self, maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Calibrated probabilities and target scores; maps near the threshold refined with TTA."""
+    def first_pass(self, maps: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Uncalibrated probabilities without test-time augmentation and, where one encoder pass gives
+        both, the embedding (checked once against the model's own probabilities)."""
+        if self.forward is None:
+            return self.model.predict_proba(maps, self.batch_size, tta=False), None
+        proba, embedding = self.forward(maps, self.batch_size)
+        if not self.checked:
+            import keras
+
+            own = keras.ops.convert_to_numpy(self.model.learner.model(maps[:8, ..., None], training=False))
+            self.checked = True
+            if not np.allclose(proba[:8], own, atol=1e-4):
+                log.info("model %s: the encoder + classifier pass differs from the model's predictions; "
+                         "predicting and embedding separately", self.model.name)
+                self.forward = None
+                return self.first_pass(maps)
+        return proba, embedding
+
+    def score(self, maps: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Calibrated probabilities, target scores (maps near the threshold refined with TTA) and the
+        first pass's embedding (None when the model gives none)."""
         s = self.settings
-        proba = apply_temperature(self.model.predict_proba(maps, self.batch_size, tta=False), s.temperature)
+        proba, embedding = self.first_pass(maps)
+        proba = apply_temperature(proba, s.temperature)
         p_target = target_score(proba, self.model.class_names, s.targets)
         near = special.logit(np.clip(p_target, 1e-9, 1 - 1e-9)) >= (
             special.logit(np.clip(s.point.threshold, 1e-9, 1 - 1e-9)) - REFINE_MARGIN_LOGIT)
@@ -200,12 +244,15 @@ class _Scorer(FileBatches):
             refined = self.model.predict_proba(maps[near], self.batch_size, tta=True)
             proba[near] = apply_temperature(refined, s.temperature)
             p_target[near] = target_score(proba[near], self.model.class_names, s.targets)
-        return proba, p_target
+        return proba, p_target, embedding
 
-    def rows_of(self, maps: np.ndarray, keys) -> list[dict]:
-        proba, p_target = self.score(maps)
-        ood_score, ood_flag = self.ood(maps) if self.ood else (np.full(len(maps), np.nan),
-                                                              np.zeros(len(maps), bool))
+    def rows_of(self, maps: np.ndarray, keys, morphology=None) -> list[dict]:
+        proba, p_target, embedding = self.score(maps)
+        if self.ood is None:
+            ood_score, ood_flag = np.full(len(maps), np.nan), np.zeros(len(maps), bool)
+        else:
+            known = {k: v for k, v in (("morphology", morphology), ("embedding", embedding)) if v is not None}
+            ood_score, ood_flag = self.ood(maps, **known)
         names, rows = self.model.class_names, []
         for i, (path, index, processed) in enumerate(keys):
             flagged = bool(p_target[i] >= self.settings.point.threshold and not ood_flag[i])
@@ -215,20 +262,43 @@ class _Scorer(FileBatches):
                        p_target=float(p_target[i]), predicted=names[int(np.argmax(proba[i]))],
                        ood_score=f"{ood_score[i]:.6g}", ood_flag=bool(ood_flag[i]), flagged=flagged)
             rows.append(row)
-            if flagged:
-                self.kept[_key(row)] = maps[i].astype(np.float16)
+            if _in_pool(row, self.settings):
+                self.kept[_key(row)] = (_rank(row), maps[i].astype(np.float16))
+        if len(self.kept) > 2 * GALLERY_SIZE:   # bounded: only the best GALLERY_SIZE can be shown
+            best = sorted(self.kept.items(), key=lambda item: item[1][0])[:GALLERY_SIZE]
+            self.kept = dict(best)
         return rows
 
-    def drop(self, path: Path) -> list:
-        rows = super().drop(path)
-        for row in rows:
-            self.kept.pop(_key(row), None)
-        return rows
+
+def encoder_pass(model):
+    """``(maps, batch_size) -> (proba, embedding)`` from one pass of the encoder, for Keras models built as
+    an encoder and a softmax ``classifier`` layer (:func:`opdcells.models.build_model`; dropout is off
+    when predicting); None for other models. Screening needs both (the embedding for the OOD detector),
+    and the encoder is nearly all of the inference time."""
+    keras_model = getattr(getattr(model, "learner", None), "model", None)
+    try:
+        encoder, head = keras_model.get_layer("encoder"), keras_model.get_layer("classifier")
+        kernel, bias = (np.asarray(w, dtype=np.float64) for w in head.get_weights())
+    except (AttributeError, ValueError):
+        return None
+
+    def run(maps: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+        import keras
+
+        x, step = np.asarray(maps, np.float32)[..., None], min(batch_size, ENCODER_CHUNK)
+        embedding = np.concatenate([   # eager calls: no graph traced per batch shape (seconds each)
+            keras.ops.convert_to_numpy(encoder(x[i:i + step], training=False))
+            for i in range(0, len(x), step)])
+        return special.softmax(embedding.astype(np.float64) @ kernel + bias, axis=1), embedding
+
+    return run
 
 
 def ood_check(model):
-    """``maps -> (score, flag)`` of the model's out-of-distribution detector (:mod:`opdcells.ood`), or None
-    for a model saved without one (logged)."""
+    """``(maps, morphology=None, embedding=None) -> (score, flag)`` of the model's out-of-distribution
+    detector (:mod:`opdcells.ood`; ``morphology``, ``embedding``: the maps' features and encoder embedding
+    when already computed), or None for a model
+    saved without one (logged). ``check.morphology`` says whether the detector uses the features."""
     from .ood import load_detector, model_inputs
 
     detector = load_detector(model)
@@ -237,10 +307,13 @@ def ood_check(model):
                  "training data", model.name)
         return None
 
-    def check(maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        scores = detector.score(model_inputs(model.learner, maps, model.config["pixel_size_um"]))
+    def check(maps: np.ndarray, morphology: np.ndarray | None = None,
+              embedding: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        scores = detector.score(model_inputs(model.learner, maps, model.config["pixel_size_um"],
+                                             morphology=morphology, embedding=embedding))
         return scores, np.asarray(detector.flag(scores), dtype=bool)
 
+    check.morphology = "morphology" in detector.blocks
     return check
 
 
@@ -251,7 +324,7 @@ def shard_files(files: Sequence[Path], shard: tuple[int, int]) -> list[Path]:
 
 
 def screen_files(model, paths: Iterable[str | os.PathLike], out: str | os.PathLike, settings: ScreenSettings,
-                 *, options: IngestOptions, ood=None, batch_size: int = 256,
+                 *, options: IngestOptions, ood=None, batch_size: int = 256, workers: int = 1,
                  progress: bool = False) -> ScreenResult:
     """Screen every map of the exports ``paths`` (files or folders) and write the outputs to ``out``.
 
@@ -269,6 +342,9 @@ def screen_files(model, paths: Iterable[str | os.PathLike], out: str | os.PathLi
         ``maps -> (score, flag)`` of the model's out-of-distribution detector.
     batch_size : int
         Maps per inference batch.
+    workers : int
+        Processes reading and preprocessing the exports (and measuring the OOD detector's morphology
+        features), :func:`opdcells.predict.read_exports`; the outputs are the same for any number.
 
     Returns
     -------
@@ -284,13 +360,16 @@ def screen_files(model, paths: Iterable[str | os.PathLike], out: str | os.PathLi
     start = time.perf_counter()
     read: list[Path] = []
     pixel_sizes: set = set()
-    for path in tqdm(files, unit="file", disable=not progress, mininterval=0.5, desc="screening"):
-        if scorer.add_file(path, options, result, pixel_sizes):
-            read.append(path)
+    reads = read_exports(files, options, workers=workers, morphology=bool(getattr(ood, "morphology", False)))
+    for export in tqdm(reads, total=len(files), unit="file", disable=not progress, mininterval=0.5,
+                       desc="screening"):
+        if scorer.add_read(export, options, result, pixel_sizes):
+            read.append(export.path)
     scorer.flush()
     rows = [row for path in read for row in scorer.rows.get(path, [])]
     result.n_files, result.seconds = len(read), time.perf_counter() - start
-    write_outputs(out, rows, scorer.kept, settings, result, model_name=model.name)
+    write_outputs(out, rows, {k: m for k, (_, m) in scorer.kept.items()}, settings, result,
+                  model_name=model.name)
     return result
 
 
@@ -304,21 +383,23 @@ def write_outputs(out: Path, rows: list[dict], kept: dict, settings: ScreenSetti
                   *, model_name: str) -> None:
     """Write scores.csv, candidates.csv, candidates.npz, summary.json and report.html (each atomically)."""
     rows = sorted(rows, key=_key)
-    candidates = sorted((r for r in rows if _true(r["flagged"])),   # as written: shards merge identically
-                        key=lambda r: (-float(f"{float(r['p_target']):.6g}"), *_key(r)))
+    threshold, check = _threshold(rows, settings)
+    for row in rows:
+        row["flagged"] = bool(_written(row) >= threshold and not _true(row["ood_flag"]))
+    candidates = sorted((r for r in rows if r["flagged"]), key=_rank)
     result.n_maps, result.n_flagged = len(rows), len(candidates)
     result.n_ood = sum(_true(r["ood_flag"]) for r in rows)
     _atomic_csv(out / "scores.csv", rows)
     _atomic_csv(out / "candidates.csv", candidates)
     _atomic(out / "scores.dropped.csv", lambda fh: _write_dropped(fh, result.dropped))
     gallery = candidates[:GALLERY_SIZE]
-    keys = [_key(r) for r in gallery]
-    maps = np.stack([kept[k] for k in keys]) if keys else np.zeros((0, 1, 1), np.float16)
+    pool = [_key(r) for r in sorted((r for r in rows if _in_pool(r, settings)), key=_rank)[:GALLERY_SIZE]]
     _atomic(out / "candidates.npz", lambda fh: np.savez_compressed(
-        fh, maps=maps, files=np.asarray([k[0] for k in keys], dtype=str),
-        index=np.asarray([k[1] for k in keys], dtype=np.int64),
-        cell=np.asarray([k[2] for k in keys], dtype=np.int64)), binary=True)
-    summary = _summary(rows, settings, result, model_name)
+        fh, maps=_stacked(kept, pool), files=np.asarray([k[0] for k in pool], dtype=str),
+        index=np.asarray([k[1] for k in pool], dtype=np.int64),
+        cell=np.asarray([k[2] for k in pool], dtype=np.int64)), binary=True)
+    maps = _stacked(kept, [_key(r) for r in gallery])
+    summary = _summary(rows, settings, result, model_name, threshold, check)
     _atomic(out / "summary.json", lambda fh: json.dump(summary, fh, indent=2))
     from .report import screening_report
 
@@ -331,10 +412,57 @@ def _true(value) -> bool:
     return value is True or str(value) in ("True", "true", "1")
 
 
-def _summary(rows: list[dict], settings: ScreenSettings, result: ScreenResult, model_name: str) -> dict:
+def _rank(row: dict) -> tuple:
+    """Sort key of candidates: most probable first, then by identity."""
+    return (-_written(row), *_key(row))
+
+
+def _in_pool(row: dict, settings: ScreenSettings) -> bool:
+    """Whether a map may become a candidate whatever the sample check decides (at or above the
+    validation threshold, which the check only raises, and in distribution)."""
+    return _written(row) >= settings.point.threshold and not _true(row["ood_flag"])
+
+
+def _stacked(kept: dict, keys: list[tuple]) -> np.ndarray:
+    """The kept maps of ``keys`` as one (N, S, S) float16 array."""
+    return np.stack([kept[k] for k in keys]) if keys else np.zeros((0, 1, 1), np.float16)
+
+
+def _written(row: dict) -> float:
+    """A row's target score as scores.csv holds it (6 significant digits): what shards merge from."""
+    return float(f"{float(row['p_target']):.6g}")
+
+
+def _threshold(rows: list[dict], settings: ScreenSettings) -> tuple[float, dict]:
+    """The threshold of the run: the operating point's, checked on the sample's in-distribution maps
+    (:func:`opdcells.calibration.sample_checked_threshold`)."""
+    scores = [_written(r) for r in rows if not _true(r["ood_flag"])]
+    threshold, check = sample_checked_threshold(scores, settings.point.threshold, settings.point.fpr,
+                                                settings.prevalence)
+    if check["source"] == "sample":
+        log.warning("%d of %d maps score at or above the validation threshold %.4g, more than the %d that a "
+                    "false-positive rate of %g allows: this sample's non-target cells score higher than the "
+                    "validation maps (or it holds more target cells than a prevalence of %g); %s",
+                    check["above_validation_threshold"], check["n"], settings.point.threshold,
+                    check["allowed"], settings.point.fpr, settings.prevalence,
+                    f"the threshold is raised to {threshold:.4g} (the sample's own upper quantile)"
+                    if settings.sample_check else "the threshold is kept (--sample-check raises it)")
+        if not settings.sample_check:
+            return settings.point.threshold, {**check, "source": "validation (sample check not applied)"}
+    return threshold, check
+
+
+def _summary(rows: list[dict], settings: ScreenSettings, result: ScreenResult, model_name: str,
+             threshold: float, check: dict) -> dict:
     n = len(rows)
     expected = expected_yield(n, settings.prevalence, settings.point)
+    if check["source"] == "sample":   # at most (fpr + prevalence) n flagged, of them the targets found
+        fp = max(result.n_flagged - expected["expected_true_positives"], 0.0)
+        tp = expected["expected_true_positives"]
+        expected = {"expected_false_positives": fp, "expected_true_positives": tp,
+                    "expected_purity": tp / (tp + fp) if tp + fp > 0 else float("nan")}
     return {
+        "threshold": threshold, "threshold_check": check,
         "model": model_name, "maps_read": n, "files_read": result.n_files,
         "files_skipped": len(result.skipped_files), "maps_skipped": len(result.skipped_maps),
         "skipped": result.skipped_files + result.skipped_maps,
@@ -397,7 +525,8 @@ def merge_screens(folders: Sequence[str | os.PathLike], out: str | os.PathLike) 
             for m, f, i, c in zip(data["maps"], data["files"], data["index"], data["cell"], strict=True):
                 kept[(str(f), int(i), int(c))] = m
     settings = ScreenSettings(first["targets"], first["temperature"],
-                              OperatingPoint.from_dict(first["operating_point"]), first["prevalence"], (1, 1))
+                              OperatingPoint.from_dict(first["operating_point"]), first["prevalence"], (1, 1),
+                              bool(first["settings"].get("sample_check", False)))
     result = ScreenResult(out, n_files=sum(s["files_read"] for s in summaries),
                           seconds=sum(s["seconds"] for s in summaries))
     for s in summaries:

@@ -10,6 +10,7 @@ from opdcells.calibration import (
     fit_temperature,
     operating_point,
     reliability,
+    sample_checked_threshold,
     threshold_at_fpr,
 )
 
@@ -175,3 +176,35 @@ def test_reliability_diagram_is_drawn_from_the_record(tmp_path):
     from matplotlib.image import imread
 
     assert imread(path).shape[1] > 600
+
+
+def screening_sample(shift: float, seed: int, n_blood: int = 20000, n_target: int = 10):
+    """Target scores of a sample: blood cells' logits N(-6 + shift, 1), spiked targets' N(4, 1)."""
+    rng = np.random.default_rng(seed)
+    blood, target = rng.normal(-6 + shift, 1, n_blood), rng.normal(4, 1, n_target)
+    is_target = np.r_[np.zeros(n_blood, bool), np.ones(n_target, bool)]
+    return special.expit(np.concatenate([blood, target])), is_target
+
+
+def test_sample_check_keeps_a_validation_threshold_that_transfers():
+    validation = special.expit(np.random.default_rng(0).normal(-6, 1, 50000))
+    point = operating_point(np.r_[validation, 0.99], np.r_[np.zeros(50000, bool), True], 1e-3, n_boot=0)
+    scores, _ = screening_sample(0.0, 1)
+    threshold, check = sample_checked_threshold(scores, point.threshold, 1e-3, 1e-3)
+    assert check["source"] == "validation" and threshold == point.threshold
+    assert check["above_validation_threshold"] <= check["allowed"] == int((2e-3) * len(scores))
+
+
+@pytest.mark.parametrize("shift", [1.0, 2.5])
+def test_sample_check_raises_the_threshold_of_a_shifted_session(shift):
+    validation = special.expit(np.random.default_rng(0).normal(-6, 1, 50000))
+    point = operating_point(np.r_[validation, 0.99], np.r_[np.zeros(50000, bool), True], 1e-3, n_boot=0)
+    scores, is_target = screening_sample(shift, 2)
+    naive_fpr = np.mean(scores[~is_target] >= point.threshold)
+    assert naive_fpr > 3e-3                              # the new session's blood cells score higher
+    threshold, check = sample_checked_threshold(scores, point.threshold, 1e-3, 1e-3)
+    assert check["source"] == "sample" and threshold > point.threshold
+    flagged = scores >= threshold
+    assert flagged.sum() <= check["allowed"]
+    assert np.mean(flagged[~is_target]) <= 2e-3          # the rate asked for (plus the prevalence allowed)
+    assert flagged[is_target].all()                      # the targets, far above, are still found

@@ -270,3 +270,60 @@ def test_config_round_trips_through_stored_settings():
     config = pp.PreprocessConfig(out_pixel_size_um=0.5, out_size=96, background_order=2, alpha_ml_per_g=0.18)
     assert pp.PreprocessConfig.from_settings(config.as_settings()) == config
     assert pp.PreprocessConfig.from_settings({"out_size": 64}) == pp.PreprocessConfig(out_size=64)
+
+
+# ------------------------------------------------------------------ fast paths equal the plain operations
+
+
+def random_blobs(rng, shape=(61, 47), n=6):
+    """A boolean map of a few random discs (some touching the edge, some with holes)."""
+    rows, cols = np.indices(shape)
+    mask = np.zeros(shape, bool)
+    for _ in range(n):
+        r, c, radius = rng.uniform(0, shape[0]), rng.uniform(0, shape[1]), rng.uniform(2, 9)
+        mask |= (rows - r) ** 2 + (cols - c) ** 2 <= radius ** 2
+    mask[rng.random(shape) < 0.05] ^= True       # specks and holes
+    return mask
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_fill_holes_and_dilate_equal_scipy_on_the_whole_map(seed):
+    rng = np.random.default_rng(seed)
+    mask = random_blobs(rng)
+    np.testing.assert_array_equal(pp.fill_holes(mask), ndi.binary_fill_holes(mask))
+    for radius in (0.7, 2.0, 4.5):
+        np.testing.assert_array_equal(pp.dilate(mask, radius), ndi.distance_transform_edt(~mask) <= radius)
+    single = np.zeros((40, 40), bool)
+    single[38, 1] = True                          # a box reaching past two edges
+    np.testing.assert_array_equal(pp.dilate(single, 3.2), ndi.distance_transform_edt(~single) <= 3.2)
+
+
+@pytest.mark.parametrize("order", [0, 1, 2])
+def test_background_fit_equals_least_squares_and_smooths_once(order):
+    rng = np.random.default_rng(order)
+    opd = add_background(ellipsoid_opd((70, 90), 0.2, (7.0, 9.0), (3.0, 4.0, 2.0))[0], rng,
+                         curvature_nm=30.0)
+    use = ~random_blobs(rng, opd.shape, n=3)
+    y, x = np.linspace(-1, 1, opd.shape[0])[:, None], np.linspace(-1, 1, opd.shape[1])[None, :]
+    powers = [(i, j) for i in range(order + 1) for j in range(order + 1 - i)]
+    design = np.stack([np.broadcast_to(x ** i * y ** j, opd.shape)[use] for i, j in powers], axis=1)
+    coef = np.linalg.lstsq(design, opd[use], rcond=None)[0]
+    expected = sum(c * x ** i * y ** j for c, (i, j) in zip(coef, powers, strict=True))
+    np.testing.assert_allclose(pp._fit_surface(opd, use, order, "x"), expected, rtol=1e-9, atol=1e-9)
+    corrected, smoothed = pp._background_removed(opd, pp.smooth(opd, 0.2), order, 0.2, "x")
+    np.testing.assert_allclose(smoothed, pp.smooth(corrected, 0.2), atol=1e-9 * np.abs(opd).max())
+    plain = opd - pp._fit_surface(opd, pp._border_frame(opd.shape), order, "x")    # the refits, as written
+    for _ in range(2):
+        plain = opd - pp._fit_surface(opd, ~pp.foreground_mask(plain, 0.2), order, "x")
+    np.testing.assert_allclose(corrected, plain, rtol=1e-9, atol=1e-9 * np.abs(opd).max())
+
+
+@pytest.mark.parametrize("pixel_size", [0.17, 0.25, 0.4])
+def test_resampling_the_cell_box_equals_resampling_the_whole_map(pixel_size):
+    opd, _ = ellipsoid_opd((80, 70), pixel_size, (6.0, 5.0), (3.0, 2.5, 2.0))
+    mask = pp.dilate(opd > 5.0, 2.0)
+    support, resampled = pp._resample_cell(opd, mask, pixel_size, OUT_PX)
+    whole_support = pp.resample(mask.astype(float), pixel_size, OUT_PX) > pp.SUPPORT_FRACTION
+    whole = np.where(whole_support, pp.resample(np.where(mask, opd, 0.0), pixel_size, OUT_PX), 0.0)
+    np.testing.assert_array_equal(support, whole_support)
+    np.testing.assert_allclose(resampled, whole, rtol=1e-9, atol=1e-9 * opd.max())

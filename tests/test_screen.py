@@ -200,3 +200,58 @@ def test_scores_carry_the_predict_identity_and_dropped_maps_are_listed(sample, m
     dropped = read(tmp_path / "out/scores.dropped.csv")
     assert list(dropped[0]) == list(DROPPED_COLUMNS)
     assert any(r["file"].endswith("broken.npy") and r["index"] == "" for r in dropped)
+
+
+def test_reading_processes_give_the_same_outputs_as_one(sample, model, tmp_path):
+    bad = tmp_path / "broken.npy"
+    bad.write_bytes(b"not an array")
+    outputs = {}
+    for workers in (1, 2):
+        settings = screen_settings(model)
+        result = screen_files(model, [sample, bad], tmp_path / f"w{workers}", settings,
+                              options=IngestOptions(config=CONFIG), workers=workers)
+        assert result.status == 1 and result.n_files == 4
+        outputs[workers] = [(tmp_path / f"w{workers}" / name).read_bytes()
+                            for name in ("scores.csv", "candidates.csv", "scores.dropped.csv")]
+    assert outputs[1] == outputs[2]
+    rows = read(tmp_path / "w2/scores.csv")
+    assert [(r["file"], int(r["index"])) for r in rows] == sorted((r["file"], int(r["index"])) for r in rows)
+
+
+def test_a_threshold_that_flags_too_much_of_the_sample_is_raised_and_shards_agree(sample, tmp_path):
+    loose = {**point(1e-4), "fpr": 0.2}      # nearly every blood cell scores above 1e-4
+    model = MassModel(tmp_path, {"temperature": 1.0, "targets": ["SW480"], "operating_point": loose})
+    run(model, [sample], tmp_path / "kept", prevalence=0.1)           # reported, not applied
+    kept = json.loads((tmp_path / "kept/summary.json").read_text())
+    assert kept["threshold"] == 1e-4 and kept["threshold_check"]["source"].startswith("validation (sample")
+    run(model, [sample], tmp_path / "all", prevalence=0.1, sample_check=True)
+    summary = json.loads((tmp_path / "all/summary.json").read_text())
+    check = summary["threshold_check"]
+    assert check["source"] == "sample" and check["above_validation_threshold"] > check["allowed"]
+    assert summary["threshold"] > 1e-4 and 0 < summary["flagged"] <= check["allowed"]
+    scores = read(tmp_path / "all/scores.csv")
+    assert sum(float(r["p_target"]) >= summary["threshold"] for r in scores) == summary["flagged"]
+    for k in (1, 2):
+        run(model, [sample], tmp_path / f"s{k}", shard=(k, 2), prevalence=0.1, sample_check=True)
+    merge_screens([tmp_path / "s1", tmp_path / "s2"], tmp_path / "merged")
+    for name in ("scores.csv", "candidates.csv"):
+        assert (tmp_path / "merged" / name).read_text() == (tmp_path / "all" / name).read_text()
+    with np.load(tmp_path / "all/candidates.npz") as whole, \
+            np.load(tmp_path / "merged/candidates.npz") as joined:
+        np.testing.assert_array_equal(whole["maps"], joined["maps"])
+
+
+def test_predict_reads_with_processes_into_the_same_csv_in_file_order(sample, model, tmp_path):
+    from opdcells.predict import predict_files
+
+    bad = tmp_path / "broken.npy"
+    bad.write_bytes(b"not an array")
+    for workers in (1, 2):
+        predict_files(model, [sample, bad], tmp_path / f"w{workers}.csv",
+                      options=IngestOptions(config=CONFIG), workers=workers)
+    assert (tmp_path / "w1.csv").read_bytes() == (tmp_path / "w2.csv").read_bytes()
+    assert (tmp_path / "w1.dropped.csv").read_bytes() == (tmp_path / "w2.dropped.csv").read_bytes()
+    rows = read(tmp_path / "w2.csv")
+    order = [(r["file"], int(r["index"])) for r in rows]
+    dropped_maps = [r for r in read(tmp_path / "w2.dropped.csv") if r["index"] != ""]
+    assert order == sorted(order) and len(order) == 44 - len(dropped_maps)

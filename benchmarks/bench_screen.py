@@ -1,0 +1,111 @@
+"""End-to-end screening throughput and memory (``opdcells.screen``) vs a bare baseline on the same maps.
+
+    .venv/bin/python benchmarks/bench_screen.py --model MODEL_DIR [--maps 3000] [--workers 2]
+        [--batch-size 256] [--sample DIR]
+
+A spike-in sample of ``--maps`` blood cells plus 10 SW480 cells (``opdcells.spikein``, MATLAB v7.3 stacks
+of 250 maps) is simulated in a temporary folder (or ``--sample`` is used), then timed:
+
+* ``read + preprocess``: :func:`opdcells.predict.read_exports` alone (``--workers`` processes), the maps
+  kept and saved as one ``.npy`` for the baseline;
+* ``bare``: ``np.load`` of those preprocessed maps plus the bare Keras ``model.predict`` (batch
+  ``--batch-size``): the floor of any screening run on this machine;
+* ``screen``: :func:`opdcells.screen.screen_files` end to end, exports to report (with ``--workers``).
+
+Maps/s, CPU seconds and the peak resident memory of this process are printed, with each time as a ratio
+to ``bare`` (timings on a shared machine are noisy; the ratio survives load). The reading workers are
+children of multiprocessing's fork server, not of this process, so their CPU time is not in the CPU
+column: run with ``--workers 1`` for the whole CPU cost of a map. Goal (issue 14): >= 300 maps/s end to
+end on 2 cores, memory bounded
+(the peak must not grow with ``--maps``: compare two sizes).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process and its finished children (with ``--workers 1``, all)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def peak_rss_mb() -> tuple[float, float]:
+    """Peak resident memory (MB) of this process and of its largest finished child."""
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)
+
+
+def timed(fn):
+    """``fn()``'s result, wall seconds and CPU seconds (children included once they have ended)."""
+    wall, cpu = time.perf_counter(), cpu_seconds()
+    out = fn()
+    return out, time.perf_counter() - wall, cpu_seconds() - cpu
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, type=Path, help="a trained model folder with calibration")
+    p.add_argument("--maps", type=int, default=3000, help="blood cells of the simulated sample")
+    p.add_argument("--sample", type=Path, help="screen this sample folder instead of simulating one")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=256)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+
+    from opdcells.console import import_tensorflow
+
+    import_tensorflow(False)
+    from opdcells.predict import expand_exports, ingest_options, read_exports
+    from opdcells.screen import ood_check, screen_files, screen_settings
+    from opdcells.spikein import simulate_sample
+    from opdcells.train import load_model
+
+    model = load_model(args.model)
+    options = ingest_options(model)
+    with tempfile.TemporaryDirectory() as tmp:
+        sample = args.sample
+        if sample is None:
+            sample = Path(tmp) / "sample"
+            simulate_sample(sample, args.maps, {"SW480": 10}, seed=7, maps_per_file=250, workers=args.workers,
+                            progress=False)
+        files = expand_exports([sample])
+        reads, t_read, c_read = timed(lambda: list(read_exports(files, options, workers=args.workers)))
+        maps = np.stack([m.opd for r in reads for _, m in r.maps])
+        n = len(maps)
+        np.save(Path(tmp) / "maps.npy", maps)
+        del reads, maps
+        keras_model = model.learner.model
+        keras_model.predict(np.zeros((8, *model.input_shape[:2], 1), np.float32), verbose=0)   # tracing
+        _, t_bare, c_bare = timed(lambda: keras_model.predict(np.load(Path(tmp) / "maps.npy")[..., None],
+                                                              batch_size=args.batch_size, verbose=0))
+        settings = screen_settings(model)
+        result, t_screen, c_screen = timed(lambda: screen_files(
+            model, [sample], Path(tmp) / "out", settings, options=options, ood=ood_check(model),
+            batch_size=args.batch_size, workers=args.workers))
+    rss_self, rss_child = peak_rss_mb()
+    print(f"{n} maps of {len(files)} files, model {model.name}, {args.workers} workers, "
+          f"batch {args.batch_size}")
+    print(f"  {'stage':<36}{'maps/s':>9}{'wall s':>9}{'CPU s':>9}{'wall / bare':>13}")
+    for name, wall, cpu in (("bare: np.load + keras predict", t_bare, c_bare),
+                            ("read + preprocess (workers)", t_read, c_read),
+                            ("screen end to end", t_screen, c_screen)):
+        print(f"  {name:<36}{n / wall:9.1f}{wall:9.1f}{cpu:9.1f}{wall / t_bare:13.2f}")
+    print(f"  screened {result.n_maps} maps, {result.n_flagged} flagged; peak RSS of this process "
+          f"{rss_self:.0f} MB (finished children: {rss_child:.0f} MB)")
+    print("goal: >= 300 maps/s end to end on 2 cores (issue 14)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

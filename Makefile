@@ -9,7 +9,8 @@ DATASET := $(DATA)/opd_dataset.h5
 N_PER_CLASS ?= 400
 SEED ?= 0
 PROFILE ?= quick
-# pytest-xdist workers: one per core of a 2-core machine (each holds TensorFlow, ~1.5 GB)
+# pytest-xdist workers: one per core of a 2-core machine (each holds TensorFlow, ~1.5 GB); whole files per
+# worker, the slowest first (tests/conftest.py SLOW_FILES)
 TEST_WORKERS ?= 2
 
 .PHONY: demo test venv lint bench clean-demo
@@ -24,7 +25,7 @@ $(STAMP): requirements.txt pyproject.toml
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 demo: $(STAMP) $(SIM)/truth.csv
 	$(BIN)/python -m opdcells load $(SIM) --out $(DATASET) --out-pixel-size-um 0.25 --out-size 128

@@ -71,3 +71,22 @@ def repository_left_alone():
     after = _snapshot()
     changed = sorted(p for p in before.keys() | after.keys() if before.get(p) != after.get(p))
     assert not changed, f"tests wrote into the repository: {changed[:10]}"
+
+
+#: The test files that take longest (sum of their tests' durations, slowest first, measured with
+#: ``pytest -n 2 --dist loadfile --durations=0``). With ``--no-loadscope-reorder`` (``make test``),
+#: pytest-xdist's ``--dist loadfile`` hands the files to the workers in collection order, one at a time as a
+#: worker runs out; by default it would start with the files of most tests, which are quick ones, and leave
+#: a long file of few tests running alone at the end while the other worker idles. Longest first
+#: (longest-processing-time-first scheduling) keeps both workers busy to the end.
+SLOW_FILES = ("test_train.py", "test_transfer.py", "test_pretrain.py", "test_models.py", "test_notebooks.py",
+              "test_cli.py", "test_ood.py", "test_small_study.py", "test_distribute.py", "test_config.py")
+
+
+def pytest_collection_modifyitems(items) -> None:
+    """Collect the SLOW_FILES first, slowest first; every other file after them in its usual order."""
+    def rank(item) -> int:
+        name = item.path.name
+        return SLOW_FILES.index(name) if name in SLOW_FILES else len(SLOW_FILES)
+
+    items.sort(key=rank)   # stable: the order within a file, and of the other files, is kept

@@ -6,9 +6,12 @@ one group (session) per file, several sessions per class, so group splits work.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import math
+import os
+import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -104,7 +107,7 @@ def disc_field(shape, centres_um, *, px: float = 0.5, radius_um: float = 4.0, pe
 
 
 # --------------------------------------------------------------------------------------------------
-# shared across test modules: made once per test session (pytest's tmp_path_factory is session-wide)
+# shared across test modules and pytest-xdist workers: made once per test session
 
 _MADE: dict = {}
 
@@ -113,15 +116,61 @@ TINY_TRAINING = {"epochs": 3, "patience": 1, "input_size": 32, "batch_size": 16,
 
 
 def once(key, make):
-    """``make()`` the first time ``key`` is asked for in this test session, the same object after."""
+    """``make()`` the first time ``key`` is asked for in this process, the same object after."""
     if key not in _MADE:
         _MADE[key] = make()
     return _MADE[key]
 
 
+@contextlib.contextmanager
+def _exclusive(path: Path):
+    """Hold an exclusive lock on the file ``path`` (filelock where installed, else fcntl.flock)."""
+    try:
+        from filelock import FileLock
+    except ImportError:
+        import fcntl
+
+        with open(path, "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+    else:
+        with FileLock(path):
+            yield
+
+
+def shared_folder(tmp_path_factory, name: str, make) -> Path:
+    """Folder ``name`` that ``make(folder)`` fills once per test session, for every pytest-xdist worker.
+
+    The pytest-xdist pattern for session data: the workers' base temp folders share a parent; the first
+    worker to ask makes the folder there under a file lock, the others wait on the lock and find it done
+    (a ``.done`` mark; a maker that failed half-way leaves none, and the next asker starts over). Without
+    xdist the folder is made in the session's own base temp folder.
+    """
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    folder = root / "shared" / name
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    done = folder.with_name(f"{name}.done")
+    with _exclusive(folder.with_name(f"{name}.lock")):
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            make(folder)
+            done.touch()
+    return folder
+
+
 def tiny_dataset(tmp_path_factory) -> Path:
-    """The tiny five-class dataset (3 sessions x 4 maps per class)."""
-    return once("dataset", lambda: write_tiny_dataset(tmp_path_factory.mktemp("data") / "tiny.h5"))
+    """The tiny five-class dataset (3 sessions x 4 maps per class), read-only: copy it to change it."""
+    def make():
+        return shared_folder(tmp_path_factory, "tiny_dataset",
+                             lambda folder: write_tiny_dataset(folder / "tiny.h5")) / "tiny.h5"
+
+    return once("dataset", make)
 
 
 def scaled_test_dataset(tmp_path_factory, task: str = "five_class", factor: float = 3.0) -> Path:
@@ -131,25 +180,72 @@ def scaled_test_dataset(tmp_path_factory, task: str = "five_class", factor: floa
     from opdcells.tasks import get_task
     from opdcells.train import make_split
 
-    def make():
+    def write(folder):
         with open_dataset(tiny_dataset(tmp_path_factory)) as ds:
             test_groups = make_split(ds, get_task(task), seed=0).groups["test"]
-        path = tmp_path_factory.mktemp("data") / "scaled.h5"
-        return write_tiny_dataset(path, group_scale=dict.fromkeys(test_groups, factor))
+        write_tiny_dataset(folder / "scaled.h5", group_scale=dict.fromkeys(test_groups, factor))
 
-    return once(("scaled", task, factor), make)
+    return once(("scaled", task, factor),
+                lambda: shared_folder(tmp_path_factory, f"scaled_{task}_{factor}", write) / "scaled.h5")
+
+
+def round_trip_maps(ds) -> np.ndarray:
+    """Every third map of the opened dataset ``ds``: the maps a model's save/load round trip is checked on."""
+    return ds.read(np.arange(0, len(ds), 3))
+
+
+#: beside a tiny run's folder: its in-memory model's probabilities on :func:`round_trip_maps`, saved by the
+#: worker that trained it (the others load the folder)
+TRAINED_PROBA = "trained_proba.npy"
 
 
 def tiny_run(tmp_path_factory, model: str = "mobilenetv2", task: str = "five_class", **kwargs):
-    """TrainResult of a tiny model trained on :func:`scaled_test_dataset` (made once per session)."""
+    """TrainResult of a tiny model trained on :func:`scaled_test_dataset`, trained once per test session.
+
+    The worker that trains it gets the in-memory result; another pytest-xdist worker gets one read back
+    from the model folder (:func:`load_model`, config.json, history.csv, metrics.json; no ``evaluation``).
+    :func:`trained_proba` gives the trained model's own probabilities either way.
+    """
+    from opdcells.dataset import open_dataset
     from opdcells.train import train
 
-    def make():
-        settings = {**(TINY_TRAINING if model != "features" else {"n_boot": 20}), **kwargs}
-        out = tmp_path_factory.mktemp("runs") / f"{model}_{task}"
-        return train(scaled_test_dataset(tmp_path_factory, task), model, task, out, **settings)
+    name = f"{model}_{task}"
+    made = []
 
-    return once(("run", model, task, tuple(sorted(kwargs.items()))), make)
+    def make(folder):
+        settings = {**(TINY_TRAINING if model != "features" else {"n_boot": 20}), **kwargs}
+        result = train(scaled_test_dataset(tmp_path_factory, task), model, task, folder / name, **settings)
+        with open_dataset(result.config["dataset"]["path"]) as ds:
+            np.save(folder / TRAINED_PROBA, result.model.predict_proba(round_trip_maps(ds)))
+        made.append(result)
+
+    def get():
+        key = "_".join([name, *(f"{k}-{v}" for k, v in sorted(kwargs.items()))])
+        folder = shared_folder(tmp_path_factory, f"run_{key}", make)
+        return made[0] if made else _read_back(folder / name)
+
+    return once(("run", model, task, tuple(sorted(kwargs.items()))), get)
+
+
+def _read_back(folder: Path):
+    """The TrainResult of a model folder another worker trained (without its ``evaluation``)."""
+    import json
+
+    import pandas as pd
+
+    from opdcells.train import TrainResult, load_model
+
+    history = pd.read_csv(folder / "history.csv").drop(columns="epoch")
+    return TrainResult(folder, {k: history[k].dropna().tolist() for k in history.columns},
+                       json.loads((folder / "metrics.json").read_text()),
+                       json.loads((folder / "config.json").read_text()), load_model(folder))
+
+
+def trained_proba(result) -> np.ndarray:
+    """The probabilities the trained (in-memory) model of a :func:`tiny_run` gave on its dataset's
+    :func:`round_trip_maps`, before any save and load."""
+    return np.load(result.model_dir.parent / TRAINED_PROBA)
+
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -144,30 +144,40 @@ def test_evaluate_all_maps_of_a_new_dataset(features_run, tmp_path, capsys):
     assert json.loads((tmp_path / out.name / "metrics.json").read_text())["n"] == 10
 
 
-def test_evaluate_a_deep_model(tmp_path_factory, tmp_path, capsys):
-    run = tiny_run(tmp_path_factory, "mobilenetv2", "five_class")
-    data = run.config["dataset"]["path"]
-    argv = ["evaluate", str(run.model_dir), "--data", data, "--results", str(tmp_path), "--n-boot", "0"]
-    assert main(argv) == 0
-    assert (tmp_path / run.model_dir.name / "training_curves.png").is_file()
-
-
-def test_evaluate_passes_the_tta_choice(tmp_path_factory, tmp_path, monkeypatch):
+def evaluate_deep(tmp_path_factory, results, tta: bool):
+    """``evaluate`` of the tiny MobileNetV2 run into ``results`` (as saved, or ``--no-tta``): the run, the
+    tta arguments train.evaluate_model got, and the results folder."""
     import opdcells.train
 
     run = tiny_run(tmp_path_factory, "mobilenetv2", "five_class")
     seen, original = [], opdcells.train.evaluate_model
-    monkeypatch.setattr(opdcells.train, "evaluate_model",
-                        lambda *a, **kw: seen.append(kw["tta"]) or original(*a, **kw))
-    argv = ["evaluate", str(run.model_dir), "--data", run.config["dataset"]["path"], "--results",
-            str(tmp_path), "--n-boot", "0"]
-    assert main([*argv, "--no-tta"]) == 0
-    metrics = json.loads((tmp_path / run.model_dir.name / "metrics.json").read_text())
-    assert metrics["test_time_augmentation"] is None
-    assert main(argv) == 0
-    metrics = json.loads((tmp_path / run.model_dir.name / "metrics.json").read_text())
-    assert metrics["test_time_augmentation"] == "dihedral-8"
-    assert seen == [False, None]     # None: as the model was saved (with tta)
+    argv = ["evaluate", str(run.model_dir), "--data", run.config["dataset"]["path"],
+            "--results", str(results), "--n-boot", "0", *([] if tta else ["--no-tta"])]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(opdcells.train, "evaluate_model",
+                      lambda *a, **kw: seen.append(kw["tta"]) or original(*a, **kw))
+        assert main(argv) == 0
+    return run, seen, results / run.model_dir.name
+
+
+@pytest.fixture(scope="module")
+def deep_evaluated(tmp_path_factory):
+    """The tiny MobileNetV2 run evaluated through the CLI as it was saved (one run, several tests)."""
+    return evaluate_deep(tmp_path_factory, tmp_path_factory.mktemp("deep_eval"), tta=True)
+
+
+def test_evaluate_a_deep_model(deep_evaluated):
+    _, _, folder = deep_evaluated
+    assert (folder / "training_curves.png").is_file()
+
+
+def test_evaluate_passes_the_tta_choice(deep_evaluated, tmp_path_factory, tmp_path):
+    _, seen, folder = deep_evaluated
+    assert seen == [None]     # None: as the model was saved (with tta)
+    assert json.loads((folder / "metrics.json").read_text())["test_time_augmentation"] == "dihedral-8"
+    _, seen, folder = evaluate_deep(tmp_path_factory, tmp_path, tta=False)
+    assert seen == [False]
+    assert json.loads((folder / "metrics.json").read_text())["test_time_augmentation"] is None
 
 
 def test_predict(features_run, tmp_path, capsys):

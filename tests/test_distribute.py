@@ -1,6 +1,7 @@
 """Distributed training: two worker processes on localhost train like one process."""
 import json
 import os
+import runpy
 import socket
 import subprocess
 import sys
@@ -57,16 +58,19 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
-def run_workers(tmp_path: Path, n: int) -> dict:
+def run_workers(tmp_path: Path, n: int, monkeypatch) -> dict:
+    """The WORKER's result: in this process for n == 1 (no strategy, no TF_CONFIG: this worker's
+    TensorFlow, already started), else in ``n`` worker processes of a localhost cluster."""
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
     out = tmp_path / f"result_{n}.json"
     if n == 1:
-        env.pop("TF_CONFIG", None)
-        subprocess.run([sys.executable, str(script), str(out), "none"], env=env, check=True, timeout=300,
-                       capture_output=True)
+        with monkeypatch.context() as patch:
+            patch.delenv("TF_CONFIG", raising=False)
+            patch.setattr(sys, "argv", [str(script), str(out), "none"])
+            runpy.run_path(str(script), run_name="__main__")
         return json.loads(out.read_text())
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
     ports = free_ports(n)
     cluster = {"worker": [f"localhost:{p}" for p in ports]}
     procs = [subprocess.Popen([sys.executable, str(script), str(out), "auto"], stdout=subprocess.PIPE,
@@ -80,8 +84,8 @@ def run_workers(tmp_path: Path, n: int) -> dict:
 
 
 @pytest.mark.slow
-def test_two_workers_train_like_one_process(tmp_path):
-    one, two = run_workers(tmp_path, 1), run_workers(tmp_path, 2)
+def test_two_workers_train_like_one_process(tmp_path, monkeypatch):
+    one, two = run_workers(tmp_path, 1, monkeypatch), run_workers(tmp_path, 2, monkeypatch)
     assert one["replicas"] == 1 and two["replicas"] == 2
     for key in ("loss", "val_loss", "accuracy"):
         assert len(two["history"][key]) == len(one["history"][key]) == 4
@@ -110,20 +114,21 @@ def test_resolve_reads_tf_config(monkeypatch):
 
 
 @pytest.mark.slow
-def test_train_command_with_two_workers_gives_the_one_process_model(tmp_path):
+def test_train_command_with_two_workers_gives_the_one_process_model(tmp_path, monkeypatch):
     """``python -m opdcells train --distribute multiworker`` on two localhost workers: the chief writes the
-    model folder, and it predicts like the one trained by one process."""
-    sys.path.insert(0, str(ROOT / "tests"))
+    model folder, and it predicts like the one trained by one process (this one, through cli.main)."""
     from helpers import write_tiny_dataset
 
+    from opdcells.cli import main
+
     data = write_tiny_dataset(tmp_path / "d.h5", sessions_per_class=3, maps_per_session=6)
-    command = [sys.executable, "-m", "opdcells", "train", "--data", str(data), "--model", "mobilenetv2",
-               "--task", "cancer_vs_blood", "--epochs", "2", "--input-size", "32", "--batch-size", "16",
-               "--no-tta", "--no-augment", "--seed", "1", "-q"]
+    arguments = ["train", "--data", str(data), "--model", "mobilenetv2", "--task", "cancer_vs_blood",
+                 "--epochs", "2", "--input-size", "32", "--batch-size", "16", "--no-tta", "--no-augment",
+                 "--seed", "1", "-q"]
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    assert main([*arguments, "--out", str(tmp_path / "one")]) == 0
+    command = [sys.executable, "-m", "opdcells", *arguments]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
-    env.pop("TF_CONFIG", None)
-    subprocess.run([*command, "--out", str(tmp_path / "one")], env=env, check=True, timeout=600,
-                   capture_output=True)
     cluster = {"worker": [f"localhost:{p}" for p in free_ports(2)]}
     procs = [subprocess.Popen([*command, "--out", str(tmp_path / "two"), "--distribute", "multiworker"],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

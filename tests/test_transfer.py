@@ -221,7 +221,7 @@ def test_notebook_runs_headless_on_a_tiny_dataset(tmp_path_factory, tmp_path):
     data = tiny_dataset(tmp_path_factory)
     params = {"EPOCHS": 1, "INPUT_SIZE": TINY_TRAINING["input_size"], "DATA_PATH": str(data),
               "TASKS": ["five_class", "cancer_vs_blood"], "LABEL_FRACTIONS": [0.5, 1.0], "LABEL_SEEDS": [0],
-              "LE_FINETUNE_FRACTIONS": [1.0],
+              "LE_FINETUNE_FRACTIONS": [1.0], "EXAMPLES_PER_CLASS": 1,
               "N_BOOT": 20, "REAL_QPI": str(tmp_path / "no_real_qpi"),
               "SAVED_MODELS": str(tmp_path / "saved"), "RESULTS": str(tmp_path / "results")}
     executed = execute_notebook(REPO_ROOT / "OPD_Model_and_DinoV2.ipynb", params, output_dir=tmp_path,

@@ -109,6 +109,34 @@ class SplitError(OPDCellsError, ValueError):
         super().__init__(prefix + one_line(reason))
 
 
+class ModelError(OPDCellsError, OSError):
+    """A saved model folder (``opdcells.modelfolder``) is missing, incomplete or unusable.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The model folder or file.
+    reason : str
+        What is wrong with it.
+    """
+
+    def __init__(self, path, reason: str):
+        self.path = str(path)
+        self.reason = reason
+        OPDCellsError.__init__(self, str(self))
+
+    def __str__(self) -> str:
+        return f"{safe_text(self.path)}: {one_line(self.reason)}"
+
+
+class TaskError(OPDCellsError, ValueError):
+    """A task cannot be run on a dataset (classes missing or ambiguous, unknown task)."""
+
+
+class NotebookError(OPDCellsError, RuntimeError):
+    """A notebook cell failed while executing headless."""
+
+
 class OODError(OPDCellsError, OSError):
     """A model folder's ``ood.npz`` (``opdcells.ood``) is unreadable, pickled or inconsistent."""
 
@@ -155,3 +183,15 @@ class ConfigError(_PathError, ValueError):
 class RegistryError(_PathError, ValueError):
     """A pretrained encoder of the registry is not registered, missing, corrupt (SHA-256 mismatch) or
     cannot be downloaded. ``path`` names the registry entry, file or URL."""
+
+
+class ScreenError(_PathError, ValueError):
+    """A model or setting that cannot screen (no calibration, unknown target), naming the model folder.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The model folder.
+    reason : str
+        Why it cannot screen.
+    """

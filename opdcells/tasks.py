@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import OPDCellsError
+from .errors import TaskError
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +55,6 @@ _ALIASES = {
     "lymphocyte": "PBMCs",
 }
 _SUFFIXES = ("cellline", "cells", "cell")
-
-
-class TaskError(OPDCellsError, ValueError):
-    """A task cannot be run on a dataset (classes missing or ambiguous, unknown task)."""
 
 
 @dataclass(frozen=True)

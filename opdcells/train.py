@@ -54,7 +54,7 @@ from .config import (
     resolve_alias,
 )
 from .dataset import open_dataset
-from .errors import ConfigError, DatasetError, OPDCellsError, SplitError, one_line, safe_text
+from .errors import ConfigError, DatasetError, ModelError, OPDCellsError, SplitError
 from .evaluate import classification_report
 from .ood import fit_for_model
 from .pipeline import dihedral_views, make_tf_dataset
@@ -87,18 +87,6 @@ __all__ = ["PROFILES", "Profile", "TrainConfig", "TrainResult", "SavedModel", "E
            "train", "load_model", "evaluate_model", "stored_test_indices", "write_results",
            "predictions_table", "estimate_norm_scale", "make_split", "task_labels",
            "resolve_model_dir", "saved_models_root"]
-
-
-class ModelError(OPDCellsError, OSError):
-    """A saved model folder is missing, incomplete or unusable."""
-
-    def __init__(self, path, reason: str):
-        self.path = str(path)
-        self.reason = reason
-        OPDCellsError.__init__(self, str(self))
-
-    def __str__(self) -> str:
-        return f"{safe_text(self.path)}: {one_line(self.reason)}"
 
 
 TTA_CHUNK = 256   # maps whose 8 views are predicted together

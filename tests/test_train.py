@@ -13,10 +13,10 @@ pytest.importorskip("tensorflow")
 
 from opdcells.config import TrainConfig  # noqa: E402
 from opdcells.dataset import open_dataset  # noqa: E402
-from opdcells.errors import DatasetError  # noqa: E402
+from opdcells.errors import DatasetError, TaskError  # noqa: E402
 from opdcells.pipeline import dihedral_views  # noqa: E402
 from opdcells.splits import Split  # noqa: E402
-from opdcells.tasks import TaskError, task_targets  # noqa: E402
+from opdcells.tasks import task_targets  # noqa: E402
 from opdcells.train import (  # noqa: E402
     FILES,
     PRETRAINED_LEARNING_RATE,

@@ -24,7 +24,7 @@ def open_dataset(path):
 
 
 def load_model(path, **kwargs):
-    """Load a saved model folder (see :func:`opdcells.train.load_model`)."""
-    from .train import load_model as _load
+    """Load a saved model folder (see :func:`opdcells.modelfolder.load_model`)."""
+    from .modelfolder import load_model as _load
 
     return _load(path, **kwargs)

@@ -233,8 +233,8 @@ def register_evaluate(subparsers) -> None:
 def run_evaluate(args) -> int:
     import_tensorflow(args.verbose)
     from .dataset import open_dataset
-    from .evaluate import format_report
-    from .train import evaluate_model, load_model, stored_test_indices, write_results
+    from .evaluate import evaluate_model, format_report, stored_test_indices, write_results
+    from .modelfolder import load_model
 
     with open_dataset(args.data) as ds:
         model = load_model(args.model, dataset=ds, saved_models=args.saved_models)
@@ -281,8 +281,8 @@ def register_predict(subparsers) -> None:
 def run_predict(args) -> int:
     import_tensorflow(args.verbose)
     from .ingest import reading_options
+    from .modelfolder import load_model
     from .predict import ingest_options, predict_files
-    from .train import load_model
 
     model = load_model(args.model, saved_models=args.saved_models)
     options = ingest_options(model, **reading_options(args))
@@ -338,9 +338,9 @@ def _shard(text: str) -> tuple[int, int]:
 def run_screen(args) -> int:
     import_tensorflow(args.verbose)
     from .ingest import reading_options
+    from .modelfolder import load_model
     from .predict import ingest_options
     from .screen import ood_check, screen_files, screen_settings
-    from .train import load_model
 
     model = load_model(args.model, saved_models=args.saved_models)
     settings = screen_settings(model, targets=args.target, fpr=args.fpr, prevalence=args.prevalence,

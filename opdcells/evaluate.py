@@ -12,12 +12,16 @@ them on the same resamples).
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import os
 import warnings
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -30,6 +34,15 @@ from sklearn.metrics import (
     roc_auc_score,
     roc_curve,
 )
+
+from .config import TTA_DIHEDRAL
+from .errors import DatasetError
+from .files import opened, write_json
+from .splits import Split
+from .tasks import Task, task_labels
+
+if TYPE_CHECKING:
+    from .modelfolder import SavedModel
 
 log = logging.getLogger(__name__)
 
@@ -518,3 +531,148 @@ def _is_integral(series: pd.Series) -> bool:
     """True for numeric columns whose values are all whole numbers (counts such as n)."""
     values = pd.to_numeric(series, errors="coerce").dropna()
     return pd.api.types.is_numeric_dtype(series) and bool(np.all(np.mod(values, 1) == 0))
+
+
+# ------------------------------------------------------------------ a saved model on a dataset
+
+
+POSITIVE_CLASS = "cancer"   # sensitivity at low FPR is reported for this class in binary tasks
+
+
+@dataclass
+class Evaluation:
+    """Predictions of a model on dataset maps and their ``classification_report``."""
+
+    report: dict
+    indices: np.ndarray
+    y_true: np.ndarray
+    proba: np.ndarray
+    class_names: list[str]
+
+
+def _positive_class(class_names) -> str | None:
+    return POSITIVE_CLASS if POSITIVE_CLASS in class_names and len(class_names) == 2 else None
+
+
+def evaluate_model(model: SavedModel, dataset, indices=None, *, batch_size: int = 64, n_boot: int = 1000,
+                   seed: int = 0, tta: bool | None = None, groups=None) -> Evaluation:
+    """Evaluate on maps ``indices`` of ``dataset`` (default: every map of the model's task classes);
+    ``tta`` as in :meth:`SavedModel.predict_proba`; ``groups``: every dataset map's acquisition group
+    (default the dataset's own). Confidence intervals resample the maps' acquisition groups
+    (``evaluate.classification_report``); too few test groups per class are warned about, and so is an
+    encoder used at another geometry than it was pretrained at (config ``model_info``)."""
+    with opened(dataset) as ds:
+        model.check_dataset(ds)
+        y_all = task_labels(ds, model.task)
+        if indices is None:
+            indices = np.flatnonzero(y_all >= 0)
+        indices = np.asarray(indices, dtype=np.int64)
+        outside = indices[y_all[indices] < 0]
+        if len(outside):
+            raise DatasetError(ds.path, f"{len(outside)} of the maps to evaluate are not of the task's "
+                                        "classes")
+        proba = model.predict_dataset(ds, indices, batch_size=batch_size, tta=tta)
+        y_true = y_all[indices]
+        report = classification_report(y_true, proba, model.class_names, n_boot=n_boot, seed=seed,
+                                       positive_class=_positive_class(model.class_names),
+                                       groups=(ds.groups if groups is None else groups)[indices])
+        for warning in report["warnings"]:
+            log.warning("%s: %s", model.name, warning)
+        geometry = model.config.get("model_info", {}).get("geometry_warning")
+        if geometry:   # its encoder was pretrained at another pixel size or window
+            log.warning("%s: %s", model.name, geometry)
+            report["warnings"].append(geometry)
+        report["test_time_augmentation"] = TTA_DIHEDRAL if model.uses_tta(tta) else None
+        return Evaluation(report, indices, y_true, proba, model.class_names)
+
+
+def rows_digest(dataset, indices) -> str:
+    """SHA-256 identifying the maps at rows ``indices`` (their source file hashes and positions)."""
+    idx = np.asarray(indices, dtype=np.int64)
+    with opened(dataset) as ds:
+        rows = list(zip(ds.source_sha256[idx].tolist(), ds.source_index[idx].tolist(), strict=True))
+    return hashlib.sha256(json.dumps(rows, separators=(",", ":")).encode()).hexdigest()
+
+
+def stored_test_indices(model: SavedModel, dataset) -> np.ndarray:
+    """Test-split indices of ``model`` into ``dataset``; DatasetError unless the dataset is the one the
+    model was trained on (same fingerprint, or the same maps at the test rows after appends)."""
+    with opened(dataset) as ds:
+        split = Split.from_json(model.folder / "split.json")
+        if ds.fingerprint == model.config["dataset"]["fingerprint"]:
+            return split.test
+        in_range = len(split.test) == 0 or split.test.max() < len(ds)
+        if in_range and rows_digest(ds, split.test) == model.config["split"].get("test_rows_sha256"):
+            log.warning("%s changed since model %s was trained; its test maps are still at the stored rows",
+                        ds.path, model.name)
+            return split.test
+        raise DatasetError(ds.path, f"is not the dataset model {model.name} was trained on "
+                                    f"({model.config['dataset']['path']}); evaluate on all its maps (--all)")
+
+
+class _LazyMaps:
+    """Read-on-access sequence of dataset maps (for figures that pick a few of many maps)."""
+
+    def __init__(self, dataset, indices):
+        self.dataset, self.indices = dataset, np.asarray(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i) -> np.ndarray:
+        return self.dataset.read(int(self.indices[i]))
+
+
+def predictions_table(evaluation: Evaluation, dataset) -> pd.DataFrame:
+    """One row per evaluated map: dataset index, where it came from (``OPDDataset.origins``: source file
+    and index, the cell's number, centroid and bounding box in its field), group, true and predicted
+    class, probabilities."""
+    idx, names = evaluation.indices, evaluation.class_names
+    with opened(dataset) as ds:
+        frame = pd.DataFrame({"dataset_index": idx, **ds.origins(idx), "group": ds.groups[idx],
+                              "true": [names[k] for k in evaluation.y_true],
+                              "predicted": [names[k] for k in evaluation.proba.argmax(axis=1)]})
+    for k, name in enumerate(names):
+        frame[f"p_{name}"] = evaluation.proba[:, k]
+    return frame
+
+
+def write_results(evaluation: Evaluation, model: SavedModel, dataset, folder) -> dict[str, Path]:
+    """Write metrics.json, predictions.csv and the figures (confusion matrix, ROC, training curves,
+    gallery) of an evaluation into ``folder``; return their paths by name."""
+    from . import plots
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    names, report = evaluation.class_names, evaluation.report
+    out = {"metrics": folder / "metrics.json", "predictions": folder / "predictions.csv"}
+    write_json(out["metrics"], report)
+    predictions_table(evaluation, dataset).to_csv(out["predictions"], index=False)
+    title = f"{model.name} ({model.config['task']})"
+    out["confusion_matrix"] = plots.confusion_matrix(np.asarray(report["confusion_matrix"]["counts"]), names,
+                                                     folder / "confusion_matrix.png", title=title)
+    if len(np.unique(evaluation.y_true)) > 1:
+        out["roc"] = plots.roc_curves(evaluation.y_true, evaluation.proba, names, folder / "roc.png",
+                                      positive_class=_positive_class(names), log_x=len(names) == 2,
+                                      title=title)
+    history = model.folder / "history.csv"
+    if history.is_file():
+        frame = pd.read_csv(history).drop(columns="epoch", errors="ignore")
+        step = "boosting iteration" if model.config["model"] == "features" else "epoch"
+        out["training_curves"] = plots.training_curves(frame, folder / "training_curves.png", title=title,
+                                                       step=step)
+    with opened(dataset) as ds:
+        out["gallery"] = plots.gallery(_LazyMaps(ds, evaluation.indices), evaluation.y_true,
+                                       evaluation.proba.argmax(axis=1), names, folder / "gallery.png")
+    log.info("wrote %s", ", ".join(str(p) for p in out.values()))
+    return out
+
+
+def baseline_summary(dataset, y_all, split: Split, task: Task, *, n_boot: int = 1000, seed: int = 0) -> dict:
+    """Headline metrics (with CIs) of the baselines (``opdcells.baselines``) on the split's test maps,
+    fit on its training maps: what the model's figures are to be read against."""
+    from .baselines import baseline_reports
+
+    reports = baseline_reports(dataset, y_all, split, list(task.classes), n_boot=n_boot, seed=seed,
+                               positive_class=_positive_class(list(task.classes)))
+    return {name: {key: report[key] for key in HEADLINE} for name, report in reports.items()}

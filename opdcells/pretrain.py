@@ -44,9 +44,8 @@ import tensorflow as tf
 from . import __version__, models, registry
 from .console import EXIT_OK
 from .explain import embed, knn_probe, linear_probe
+from .files import json_default, staging, versions, write_history
 from .pipeline import AugmentConfig, augment_batch, iter_batches, make_tf_dataset
-from .train import _json_default, _staging, write_history
-from .train import _versions as train_versions
 
 log = logging.getLogger(__name__)
 
@@ -562,7 +561,8 @@ def _dataset_record(ds, used=None, excluded=None) -> dict:
 def _test_indices_of(model_dirs, ds) -> np.ndarray:
     """Test-split indices in ``ds`` of the trained model folders that were trained on it."""
     from .errors import DatasetError
-    from .train import load_model, stored_test_indices
+    from .evaluate import stored_test_indices
+    from .modelfolder import load_model
 
     found = [np.empty(0, np.int64)]
     for folder in model_dirs:
@@ -890,7 +890,7 @@ def _pretrain_config(*, info, method, backbone, trainer, data_record, history, e
         "probe": probe,
         "command": command,
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-        "versions": train_versions(),
+        "versions": versions(),
         "init_from": init_from,
         "git": git,
         "build_info": {k: v for k, v in info.items() if k not in ("weights_note",)},
@@ -914,11 +914,11 @@ def _init_record(init, architecture: str) -> dict | None:
 
 def _write_folder(out: Path, encoder, info: dict, config: dict, history: dict) -> Path:
     """Encoder weights + config (``models.save_encoder``) with the pretraining record, history, README."""
-    with _staging(out) as tmp:
+    with staging(out) as tmp:
         models.save_encoder(encoder, {**info, "init": "opd-pretrained", "weights_source": None}, tmp)
         saved = json.loads((tmp / models.ENCODER_CONFIG).read_text())
         merged = {**saved, **config}
-        (tmp / models.ENCODER_CONFIG).write_text(json.dumps(merged, indent=1, default=_json_default) + "\n")
+        (tmp / models.ENCODER_CONFIG).write_text(json.dumps(merged, indent=1, default=json_default) + "\n")
         write_history(tmp / "history.csv", history)
         (tmp / "README.md").write_text(_readme(out.name, merged))
     config.clear()

@@ -341,3 +341,11 @@ def task_targets(
     y_all = lookup[labels]
     idx = np.flatnonzero(y_all >= 0)
     return idx, y_all[idx]
+
+
+def task_labels(dataset, task: Task) -> np.ndarray:
+    """Task label id of every map of ``dataset`` (-1 for maps of classes outside the task)."""
+    idx, y = task_targets(dataset.class_names, dataset.labels, task)
+    y_all = np.full(len(dataset), -1, dtype=np.int64)
+    y_all[idx] = y
+    return y_all

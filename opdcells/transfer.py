@@ -178,7 +178,7 @@ class Encoders:
         return self._cache[key]
 
     def _embed_all(self, model: str, calibration) -> np.ndarray:
-        from .train import iter_maps
+        from .files import iter_maps
 
         if model == FEATURES:
             from .features import feature_matrix
@@ -217,7 +217,7 @@ def init_table(encoders: Encoders, models, comparison=None) -> pd.DataFrame:
 
 
 def _task_labels(ds, task):
-    from .train import task_labels
+    from .tasks import task_labels
 
     return task_labels(ds, resolve_task(task, ds.class_names, ds.labels))
 

@@ -153,11 +153,11 @@ def test_evaluate_a_deep_model(tmp_path_factory, tmp_path, capsys):
 
 
 def test_evaluate_passes_the_tta_choice(tmp_path_factory, tmp_path, monkeypatch):
-    import opdcells.train
+    import opdcells.evaluate
 
     run = tiny_run(tmp_path_factory, "mobilenetv2", "five_class")
-    seen, original = [], opdcells.train.evaluate_model
-    monkeypatch.setattr(opdcells.train, "evaluate_model",
+    seen, original = [], opdcells.evaluate.evaluate_model
+    monkeypatch.setattr(opdcells.evaluate, "evaluate_model",
                         lambda *a, **kw: seen.append(kw["tta"]) or original(*a, **kw))
     argv = ["evaluate", str(run.model_dir), "--data", run.config["dataset"]["path"], "--results",
             str(tmp_path), "--n-boot", "0"]

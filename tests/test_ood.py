@@ -21,8 +21,8 @@ from opdcells.simulate import CLASS_NAMES, TRUTH_COLUMNS, is_simulated_export
 
 pytest.importorskip("tensorflow")
 
+from opdcells.modelfolder import SavedModel, load_model  # noqa: E402
 from opdcells.predict import predict_files  # noqa: E402
-from opdcells.train import SavedModel, load_model  # noqa: E402
 
 
 def gaussian_inputs(rng, n, shift=0.0):

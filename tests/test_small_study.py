@@ -18,8 +18,10 @@ pytest.importorskip("tensorflow")
 from opdcells.baselines import BASELINES, MAJORITY, MASS_AREA  # noqa: E402
 from opdcells.crossval import cross_validate  # noqa: E402
 from opdcells.errors import TaskError  # noqa: E402
+from opdcells.evaluate import evaluate_model, stored_test_indices  # noqa: E402
+from opdcells.modelfolder import load_model  # noqa: E402
 from opdcells.predict import predict_files  # noqa: E402
-from opdcells.train import evaluate_model, load_model, stored_test_indices, train  # noqa: E402
+from opdcells.train import train  # noqa: E402
 
 #: Simulated classes relabelled with names a lab might use (none is a reference class name).
 LAB_NAMES = {"SW480": "PC-3 cells", "granulocytes": "PNT1A", "monocytes": "DU145"}

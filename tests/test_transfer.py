@@ -99,8 +99,7 @@ def test_label_efficiency_rows(encoders, tmp_path):
 
 def test_finetune_subset_trains_on_the_given_maps_only(tmp_path_factory, ds, monkeypatch):
     from opdcells.splits import subsample_labelled
-    from opdcells.tasks import get_task
-    from opdcells.train import task_labels
+    from opdcells.tasks import get_task, task_labels
 
     split, _ = transfer.task_split(ds, "cancer_vs_blood", saved_models=tmp_path_factory.mktemp("none"))
     y = task_labels(ds, get_task("cancer_vs_blood"))

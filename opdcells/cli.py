@@ -2,11 +2,10 @@
 
 Every command is a ``register(subparsers)`` function that adds its parser (options from
 :func:`opdcells.console.common_options`, and :func:`opdcells.ingest.add_reading_options` wherever exports
-are read) and sets ``run``: the ones here, :func:`opdcells.load.register` and
-:func:`opdcells.notebooks.register`. ``pretrain``'s module imports TensorFlow, so it is imported only
-when that command is invoked (``COMMANDS`` lists it by module name). Heavy imports (TensorFlow) happen
-inside the ``run`` functions, through :func:`opdcells.console.import_tensorflow` (no start-up noise), so
-``simulate``, ``load`` and ``--help`` stay fast.
+are read) and sets ``run``: the ones here, :func:`opdcells.load.register`,
+:func:`opdcells.pretrain_options.register` and :func:`opdcells.notebooks.register`. No parser imports
+TensorFlow: it is imported inside the ``run`` functions, through :func:`opdcells.console.import_tensorflow`
+(no start-up noise), so ``simulate``, ``load`` and every ``--help`` stay fast.
 
 Exit status: :mod:`opdcells.console` (0 success; 1 some inputs skipped; 2 usage or opdcells error, or
 nothing done; 130 interrupted).
@@ -14,13 +13,12 @@ nothing done; 130 interrupted).
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from . import load, notebooks
+from . import load, notebooks, pretrain_options
 from .config import (
     CLASS_WEIGHTINGS,
     DISTRIBUTE,
@@ -368,49 +366,35 @@ def _print_screen(result) -> None:
 
 # ------------------------------------------------------------------------------------------- main
 
-#: The commands in the order ``--help`` lists them: a ``register(subparsers)`` function, or (for a module
-#: that imports TensorFlow) ``(module, one-line help)``, imported only when its command is invoked.
-COMMANDS: dict[str, Callable | tuple[str, str]] = {
+#: The commands in the order ``--help`` lists them: their ``register(subparsers)`` functions.
+COMMANDS: dict[str, Callable] = {
     "simulate": register_simulate,
     "load": load.register,
     "train": register_train,
     "evaluate": register_evaluate,
     "predict": register_predict,
     "screen": register_screen,
-    "pretrain": ("opdcells.pretrain", "pretrain an OPD encoder (self-supervised or on simulated maps)"),
+    "pretrain": pretrain_options.register,
     "notebooks": notebooks.register,
 }
 
 
-def _requested(argv: Sequence[str]) -> str | None:
-    return next((a for a in argv if not a.startswith("-")), None)
+def build_parser() -> argparse.ArgumentParser:
+    """The CLI parser: every command of :data:`COMMANDS` (none imports TensorFlow).
 
-
-def build_parser(command: str | None = None, verbose: bool = False) -> argparse.ArgumentParser:
-    """The CLI parser; a command given by module name is imported only when it is ``command``.
-
-    Raises
-    ------
-    OPDCellsError
-        That module cannot be imported.
+    Returns
+    -------
+    argparse.ArgumentParser
+        ``python -m opdcells``'s parser; each command sets ``run`` (a function of the parsed arguments
+        returning the exit status).
     """
     parser = argparse.ArgumentParser(prog="python -m opdcells",
                                      description="Tell cancer cells from blood cells in OPD maps.",
                                      epilog="exit status: 0 ok; 1 some inputs skipped; 2 usage or opdcells "
                                             "error, or nothing done; 130 interrupted")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, register in COMMANDS.items():
-        if callable(register):
-            register(subparsers)
-        elif name == command:
-            import_tensorflow(verbose)
-            module = register[0]
-            try:
-                importlib.import_module(module).register(subparsers)
-            except (ImportError, AttributeError) as exc:
-                raise OPDCellsError(f"command {name!r} is not available ({module}: {exc})") from None
-        else:
-            subparsers.add_parser(name, help=register[1], add_help=False)
+    for register in COMMANDS.values():
+        register(subparsers)
     return parser
 
 
@@ -418,11 +402,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI with ``argv`` (default ``sys.argv[1:]``); return the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        parser = build_parser(_requested(argv), verbose=bool({"-v", "--verbose"} & set(argv)))
-        args = parser.parse_args(argv)
-    except OPDCellsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+        args = build_parser().parse_args(argv)
     except SystemExit as exc:  # usage error (2) or --help (0)
         return int(exc.code or 0)
     restore = setup_logging(args.quiet, args.verbose, summary=getattr(args, "summary_logger", None))

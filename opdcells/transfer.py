@@ -127,7 +127,7 @@ class Encoders:
         """(encoder, info) of ``model``; ``calibration`` = training map indices for BN recalibration
         (used only when the encoder is random-init and has BatchNormalization layers)."""
         from .models import DEFAULT_NORM_SCALE_NM, batch_norm_layers, build_encoder, saved_encoder_config
-        from .pretrain import recalibrate_batchnorm
+        from .pretrain_probes import recalibrate_batchnorm
         from .train import geometry_warning
 
         if model not in self._built:

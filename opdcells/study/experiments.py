@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import plots
-from .dataset import open_dataset
-from .evaluate import comparison_table, write_table
-from .tasks import default_tasks, task_slug
+from .. import plots
+from ..dataset import open_dataset
+from ..evaluate import comparison_table, write_table
+from ..tasks import default_tasks, task_slug
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +73,8 @@ def compare_models(data, models, tasks=("five_class",), *, name="comparison", pr
     CIs to ``results/<name>/``. ``model_options`` maps a model name to extra
     :func:`opdcells.train.train` arguments (split options such as ``test_groups`` go in ``train_kw``).
     """
-    from .evaluate import write_results
-    from .train import train
+    from ..evaluate import write_results
+    from ..train import train
 
     ds = open_dataset(data) if isinstance(data, (str, Path)) else data
     out_root, saved_models = Path(results) / name, Path(saved_models)
@@ -102,9 +102,9 @@ def compare_models(data, models, tasks=("five_class",), *, name="comparison", pr
 
 def _baseline_rows(ds, task, result, *, n_boot: int, seed: int) -> list[dict]:
     """Comparison rows of the baselines, fit and tested on the split of ``result`` (a TrainResult)."""
-    from .baselines import baseline_reports
-    from .splits import Split
-    from .tasks import task_labels
+    from ..baselines import baseline_reports
+    from ..splits import Split
+    from ..tasks import task_labels
 
     split = Split.from_json(result.model_dir / "split.json")
     saved, sens = result.model, result.metrics.get("sensitivity_at_fpr")

@@ -27,12 +27,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import plots
-from .config import TrainConfig, resolve_alias
-from .dataset import open_dataset
-from .evaluate import classification_report, flatten_report, write_table
-from .splits import Split, subsample_labelled
-from .tasks import resolve_task, task_slug
+from .. import plots
+from ..config import TrainConfig, resolve_alias
+from ..dataset import open_dataset
+from ..evaluate import classification_report, flatten_report, write_table
+from ..splits import Split, subsample_labelled
+from ..tasks import resolve_task, task_slug
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ def _opened(data):
 
 def preprocess_config_of(ds):
     """PreprocessConfig that makes maps like the dataset's (for real exports)."""
-    from .preprocess import PreprocessConfig
+    from ..preprocess import PreprocessConfig
 
     return PreprocessConfig.from_settings(ds.settings)
 
@@ -78,7 +78,7 @@ def task_split(ds, task: str, *, saved_models="saved_models", name="opd_dinov2",
     with ``seed`` -- the split :func:`opdcells.train.train` makes with that seed."""
     import json
 
-    from .train import make_split
+    from ..train import make_split
 
     for model in models:
         folder = run_dir(saved_models, name, model, task)
@@ -126,9 +126,9 @@ class Encoders:
     def encoder(self, model: str, calibration=None):
         """(encoder, info) of ``model``; ``calibration`` = training map indices for BN recalibration
         (used only when the encoder is random-init and has BatchNormalization layers)."""
-        from .models import DEFAULT_NORM_SCALE_NM, batch_norm_layers, build_encoder, saved_encoder_config
-        from .pretrain_probes import recalibrate_batchnorm
-        from .train import geometry_warning
+        from ..models import DEFAULT_NORM_SCALE_NM, batch_norm_layers, build_encoder, saved_encoder_config
+        from ..pretrain_probes import recalibrate_batchnorm
+        from ..train import geometry_warning
 
         if model not in self._built:
             cfg = TrainConfig.from_profile(model, self.profile, weights=self.weights_of(model))
@@ -178,16 +178,16 @@ class Encoders:
         return self._cache[key]
 
     def _embed_all(self, model: str, calibration) -> np.ndarray:
-        from .files import iter_maps
+        from ..files import iter_maps
 
         if model == FEATURES:
-            from .features import feature_matrix
+            from ..features import feature_matrix
 
             every = np.arange(len(self.ds))
             blocks = [feature_matrix(m, self.ds.pixel_size_um)[0] for m in iter_maps(self.ds, every)]
             self.infos[FEATURES] = {"architecture": FEATURES, "init": "n/a (hand-made OPD features)"}
             return np.nan_to_num(np.concatenate(blocks).astype(np.float32))
-        from .explain import embed
+        from ..explain import embed
 
         encoder, _ = self.encoder(model, calibration)
         blocks = [embed(encoder, m, self.batch_size, tta=self.tta)
@@ -217,7 +217,7 @@ def init_table(encoders: Encoders, models, comparison=None) -> pd.DataFrame:
 
 
 def _task_labels(ds, task):
-    from .tasks import task_labels
+    from ..tasks import task_labels
 
     return task_labels(ds, resolve_task(task, ds.class_names, ds.labels))
 
@@ -235,7 +235,7 @@ def _probe(train_emb, y_train, test_emb, y_test, method: str) -> np.ndarray:
 
     from sklearn.exceptions import ConvergenceWarning
 
-    from .explain import knn_probe, linear_probe
+    from ..explain import knn_probe, linear_probe
 
     fn = linear_probe if method == "linear" else knn_probe
     kw = {"k": KNN_K} if method == "knn" else {"max_iter": PROBE_MAX_ITER}
@@ -293,7 +293,7 @@ def frozen_probes(encoders: Encoders, tasks, models, *, comparison=None, name="o
 
 def _baseline_probe_rows(ds, task, split, source, y_all, names, n_boot, seed) -> list[dict]:
     """Rows of the baselines (``opdcells.baselines``) on the task's split, beside the probes."""
-    from .baselines import baseline_proba
+    from ..baselines import baseline_proba
 
     probas = baseline_proba(ds, y_all, split.train, split.test, len(names), seed=seed)
     return [{"task": task, "model": baseline, "method": "baseline", "init": "baseline",
@@ -310,7 +310,7 @@ def finetune_subset(ds, model: str, task: str, split: Split, train_indices, *, p
     """Fine-tune ``model`` with :func:`opdcells.train.train` on ``train_indices`` (a subset of
     ``split.train``) and the split's own validation maps; return its predictions on ``split.test``.
     The model folder is temporary."""
-    from .train import train
+    from ..train import train
 
     kw = {"dinov2_preset": dinov2_preset} if model == "dinov2" and dinov2_preset else None
     with tempfile.TemporaryDirectory(prefix="opdcells-finetune-") as tmp:
@@ -424,7 +424,7 @@ def embedding_view(encoders: Encoders, model: str, indices, path, *, method="pca
                    real: dict | None = None, seed=0, title=None) -> Path:
     """2-D embedding (PCA or t-SNE, fitted jointly) of the dataset maps ``indices`` by ``model``'s frozen
     encoder, coloured by class; ``real`` = {name: maps (M, S, S)} drawn on top (embedded the same way)."""
-    from .explain import embed, embedding_2d
+    from ..explain import embed, embedding_2d
 
     ds = encoders.ds
     indices = np.asarray(indices, dtype=np.int64)
@@ -452,7 +452,7 @@ def explain_examples(ds, runs: dict, indices, out_dir, *, min_grid=4) -> dict[st
     ``runs`` maps a model name to a ``train.SavedModel`` (Keras); one overlay grid per model is written
     to ``out_dir/<model>_explain.png``. Titles give the true class and the model's prediction.
     """
-    from .explain import dino_attention, grad_cam
+    from ..explain import dino_attention, grad_cam
 
     out_dir = Path(out_dir)
     maps = ds.read(np.asarray(indices, dtype=np.int64))
@@ -492,7 +492,7 @@ def load_real_cells(real_qpi, config, *, hl60_every: int = 10, rbc_files=("gt_ph
     ``rbc_files`` (radians, 532 nm, ``rbc_pixel_size_um`` estimated). Returns {name: (M, S, S) maps};
     an empty dict when ``real_qpi`` is missing.
     """
-    from .ingest import IngestOptions, iter_processed
+    from ..ingest import IngestOptions, iter_processed
 
     root = Path(real_qpi)
     if not root.is_dir():

@@ -133,7 +133,7 @@ def calibrated_model(tmp_path_factory):
 
 def test_real_cells_empty_and_debris_maps_are_flagged_and_unseen_simulated_sessions_are_not(
         calibrated_model, real_qpi):
-    from opdcells.transfer import load_real_cells
+    from opdcells.study.transfer import load_real_cells
 
     features_model = calibrated_model
     config = features_model.preprocess_config

@@ -177,7 +177,7 @@ def test_few_test_groups_are_warned_about_and_imbalance_makes_balanced_accuracy_
 
 
 def test_baselines_appear_beside_the_models_in_comparison_tables(tmp_path_factory, tmp_path):
-    from opdcells.experiments import compare_models
+    from opdcells.study.experiments import compare_models
 
     data = lab_dataset(tmp_path_factory)
     comparison = compare_models(data, ["features"], ["PC3,PNT1A"], name="study", n_boot=20,

@@ -1,4 +1,4 @@
-"""opdcells.transfer: frozen probes on a saved run's split, label efficiency, real cells, and the
+"""opdcells.study.transfer: frozen probes on a saved run's split, label efficiency, real cells, and the
 OPD_Model_and_DinoV2 notebook executed headless on a tiny dataset."""
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ import pandas as pd
 import pytest
 from helpers import REPO_ROOT, TINY_TRAINING, tiny_dataset, tiny_run
 
-from opdcells import registry, transfer
+from opdcells import registry
 from opdcells.dataset import open_dataset
 from opdcells.splits import Split
+from opdcells.study import transfer
 
 MODELS = ["features", "mobilenetv2", "opd_mobilenetv2", "dinov2"]
 NAME = "opd_dinov2"

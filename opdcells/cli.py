@@ -52,7 +52,7 @@ def register_simulate(subparsers) -> None:
                                           "class and session) plus truth.csv.")
     p.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder")
     p.add_argument("--n-per-class", type=int, default=400, metavar="N", help="maps per class (400)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed of the simulation (default %(default)s)")
     p.add_argument("--sessions-per-class", type=int, default=5, metavar="K",
                    help="acquisition sessions per class (5)")
     sample = p.add_argument_group("screening sample (instead of the five classes)")
@@ -115,7 +115,8 @@ def register_train(subparsers) -> None:
         default = field_default(field_name)
         p.add_argument(*flags, dest=field_name, **kw,
                        help=field_help(field_name).rstrip(".") + (f" ({default})" if default else ""))
-    p.add_argument("--n-boot", type=int, default=1000, metavar="N", help="bootstrap resamples for the CIs")
+    p.add_argument("--n-boot", type=int, default=1000, metavar="N",
+                   help="bootstrap resamples for the CIs (default %(default)s)")
     p.set_defaults(run=run_train)
 
 
@@ -223,8 +224,10 @@ def register_evaluate(subparsers) -> None:
     p.add_argument("--all", action="store_true", help="every map of the task's classes, not the test split")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                    help="mean over each map's 8 rotations and reflections (default: as the model was saved)")
-    p.add_argument("--batch-size", type=int, default=64, metavar="B")
-    p.add_argument("--n-boot", type=int, default=1000, metavar="N", help="bootstrap resamples for the CIs")
+    p.add_argument("--batch-size", type=int, default=64, metavar="B",
+                   help="maps predicted together (default %(default)s)")
+    p.add_argument("--n-boot", type=int, default=1000, metavar="N",
+                   help="bootstrap resamples for the CIs (default %(default)s)")
     p.set_defaults(run=run_evaluate)
 
 
@@ -270,7 +273,8 @@ def register_predict(subparsers) -> None:
                               epilog="Exit status: 0 all predicted; 1 some files or maps skipped; "
                                      "2 nothing predicted or an error.")
     add_model_and_exports(p, "PREDS.csv")
-    p.add_argument("--batch-size", type=int, default=64, metavar="B")
+    p.add_argument("--batch-size", type=int, default=64, metavar="B",
+                   help="maps predicted together (default %(default)s)")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                    help="mean over each map's 8 rotations and reflections (default: as the model was saved)")
     p.set_defaults(run=run_predict)
@@ -314,8 +318,10 @@ def register_screen(subparsers) -> None:
     p.add_argument("--prevalence", type=float, default=DEFAULT_PREVALENCE, metavar="P",
                    help=f"assumed fraction of target cells, for the expected purity ({DEFAULT_PREVALENCE:g})")
     p.add_argument("--shard", type=_shard, default=(1, 1), metavar="K/N",
-                   help="screen every N-th file starting with the K-th (job arrays); join with screen-merge")
-    p.add_argument("--batch-size", type=int, default=256, metavar="B")
+                   help="screen every N-th file starting with the K-th (job arrays); join with screen-merge "
+                        "(default 1/1: every file)")
+    p.add_argument("--batch-size", type=int, default=256, metavar="B",
+                   help="maps predicted together (default %(default)s)")
     p.set_defaults(run=run_screen)
     m = subparsers.add_parser("screen-merge", parents=[common_options()],
                               help="join the outputs of screen shards",

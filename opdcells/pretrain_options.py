@@ -35,28 +35,35 @@ def register(subparsers) -> None:
     p.add_argument("--data", nargs="*", default=[], metavar="DATASET.h5",
                    help="datasets of unlabelled maps (self-supervised); for supervised-sim, evaluation "
                         "datasets its simulated sessions must be disjoint from. None: simulated maps")
-    p.add_argument("--backbone", choices=sorted(BACKBONES), default="mobilenetv2")
-    p.add_argument("--method", choices=METHODS, default="simclr")
+    p.add_argument("--backbone", choices=sorted(BACKBONES), default="mobilenetv2",
+                   help="encoder architecture (default %(default)s)")
+    p.add_argument("--method", choices=METHODS, default="simclr",
+                   help="pretraining method (default %(default)s)")
     p.add_argument("--out", required=True, help="output folder, e.g. saved_models/NAME; to ship the encoder, "
                    "opdcells/pretrained/NAME plus its opdcells.registry entry (docs/pretraining.md)")
     p.add_argument("--epochs", type=int, default=None, help="default per method: " + ", ".join(
         f"{m} {d['epochs']}" for m, d in METHOD_DEFAULTS.items()))
-    p.add_argument("--input-size", type=int, default=64, help="model input size after the resize (px)")
+    p.add_argument("--input-size", type=int, default=64,
+                   help="model input size after the resize, px (default %(default)s)")
     p.add_argument("--n-sim", type=int, default=DEFAULT_N_SIM, help="simulated maps (supervised-sim, or SSL "
-                   "without --data); ~0.1 s of CPU each")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=64)
+                   "without --data); ~0.1 s of CPU each (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=64, help="maps per step (default %(default)s)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default per method)")
     p.add_argument("--alpha", type=float, default=None, help="MobileNetV2 width (default 0.35)")
     p.add_argument("--exclude-test", nargs="*", default=[], metavar="MODEL_DIR",
                    help="leave out the test-split maps of these trained model folders")
     p.add_argument("--probe", type=int, default=0, metavar="N",
-                   help="simulate N maps from unseen sessions and record linear/k-NN probe accuracy")
-    p.add_argument("--max-minutes", type=float, default=None, help="stop training after this long")
+                   help="simulate N maps from unseen sessions and record linear/k-NN probe accuracy "
+                        "(default %(default)s: no probe)")
+    p.add_argument("--max-minutes", type=float, default=None,
+                   help="stop training after this many minutes (default: no limit)")
     p.add_argument("--sim-cache", default=None, metavar="DIR", help="cache simulated maps as .npz here")
     p.add_argument("--sim-maps-per-session", type=int, default=SIM_MAPS_PER_SESSION, metavar="N",
-                   help="maps per simulated session (fewer: more sessions, more acquisition variety)")
-    p.add_argument("--workers", type=int, default=1, help="processes that simulate the corpus")
+                   help="maps per simulated session (fewer: more sessions, more acquisition variety; "
+                        "default %(default)s)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="processes that simulate the corpus (default %(default)s)")
     p.add_argument("--init", default=None, metavar="ENCODER_DIR",
                    help="start from this encoder folder (an earlier run), or opd / opd:NAME (a registry "
                         "entry), instead of random weights")

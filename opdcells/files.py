@@ -29,7 +29,18 @@ __all__ = ["opened", "iter_maps", "versions", "write_json", "json_default", "wri
 
 @contextlib.contextmanager
 def opened(data):
-    """The dataset ``data``: opened here (and closed after) when it is a path."""
+    """The dataset ``data``: opened here (and closed after) when it is a path.
+
+    Parameters
+    ----------
+    data : str, os.PathLike or OPDDataset
+        A dataset path, or a dataset already open (used as it is, left open).
+
+    Yields
+    ------
+    OPDDataset
+        The open dataset.
+    """
     if isinstance(data, (str, os.PathLike)):
         with open_dataset(data) as ds:
             yield ds
@@ -38,13 +49,36 @@ def opened(data):
 
 
 def iter_maps(dataset, indices, batch_size: int = 256):
-    """Yield ``dataset`` maps ``indices`` as float32 (n, S, S) batches (bounded memory)."""
+    """Read maps of a dataset a block at a time (bounded memory).
+
+    Parameters
+    ----------
+    dataset : OPDDataset
+        An open dataset.
+    indices : array of int, shape (N,)
+        Rows to read, in this order.
+    batch_size : int
+        Maps per block.
+
+    Yields
+    ------
+    numpy.ndarray, shape (n, S, S), float32, nm
+        The OPD maps of the next ``n <= batch_size`` indices.
+    """
     indices = np.asarray(indices, dtype=np.int64)
     for start in range(0, len(indices), batch_size):
         yield dataset.read(indices[start:start + batch_size])
 
 
 def versions() -> dict:
+    """The versions of opdcells, Python and the libraries a run used (recorded in config.json).
+
+    Returns
+    -------
+    dict
+        Name -> version string: opdcells, numpy, scikit-learn, h5py, python, and keras and tensorflow when
+        they are installed.
+    """
     import h5py
     import sklearn
 
@@ -59,10 +93,38 @@ def versions() -> dict:
 
 
 def write_json(path: Path, data) -> None:
+    """Write ``data`` as indented JSON (numpy scalars and arrays as numbers and lists).
+
+    Written in place: callers write into a folder that :func:`staging` replaces atomically.
+
+    Parameters
+    ----------
+    path : pathlib.Path
+        The file to write.
+    data : object
+        JSON-serialisable, numpy values allowed (:func:`json_default`).
+    """
     path.write_text(json.dumps(data, indent=1, default=json_default) + "\n", encoding="utf-8")
 
 
 def json_default(obj):
+    """``json.dumps``'s ``default``: numpy scalars as Python numbers, arrays as lists.
+
+    Parameters
+    ----------
+    obj : object
+        What ``json`` cannot serialise itself.
+
+    Returns
+    -------
+    int, float, bool or list
+        ``obj`` as plain Python.
+
+    Raises
+    ------
+    TypeError
+        ``obj`` is not a numpy value.
+    """
     if isinstance(obj, np.generic):
         return obj.item()
     if isinstance(obj, np.ndarray):
@@ -71,6 +133,16 @@ def json_default(obj):
 
 
 def write_history(path: Path, history: dict) -> None:
+    """Write a training history as CSV: an ``epoch`` column (from 1), then one column per metric.
+
+    Parameters
+    ----------
+    path : pathlib.Path
+        The CSV file (``history.csv``).
+    history : dict of str to list of float
+        Metric name -> value per epoch (per boosting iteration for ``features``); shorter columns are
+        padded with NaN.
+    """
     n = max((len(v) for v in history.values()), default=0)
     frame = pd.DataFrame({"epoch": np.arange(1, n + 1)})
     for key, values in history.items():
@@ -80,7 +152,21 @@ def write_history(path: Path, history: dict) -> None:
 
 @contextlib.contextmanager
 def staging(out: Path):
-    """A temporary sibling folder that replaces ``out`` only when the block succeeds."""
+    """A temporary sibling folder that replaces ``out`` only when the block succeeds.
+
+    The old ``out`` is renamed aside, the new one moved in, then the old one deleted: a crash leaves the
+    old folder or the new one, never a half-written one; on an exception the temporary folder is removed.
+
+    Parameters
+    ----------
+    out : pathlib.Path
+        The folder to write (a model or encoder folder).
+
+    Yields
+    ------
+    pathlib.Path
+        The temporary folder to write into.
+    """
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:

@@ -52,7 +52,19 @@ TTA_CHUNK = 256   # maps whose 8 views are predicted together
 
 
 class SavedModel:
-    """A trained model folder, loaded: ``predict_proba(maps)``, ``class_names``, ``config``."""
+    """A trained model folder, loaded: ``predict_proba(maps)``, ``class_names``, ``config``.
+
+    Made by :func:`load_model` (and by :func:`opdcells.train.train`); not usually built by hand.
+
+    Parameters
+    ----------
+    folder : pathlib.Path
+        The model folder.
+    config : dict
+        Its config.json.
+    learner : learners._KerasLearner or learners._FeaturesLearner
+        The fitted model.
+    """
 
     def __init__(self, folder: Path, config: dict, learner):
         self.folder = Path(folder)
@@ -186,7 +198,18 @@ def saved_models_root(saved_models=None) -> Path:
 
 
 def is_run_name(text: str) -> bool:
-    """True for a bare run name (``mnv2``), False for a path (``./mnv2``, ``runs/mnv2``, ``/abs``)."""
+    """Whether ``text`` is a bare run name (``mnv2``), not a path (``./mnv2``, ``runs/mnv2``, ``/abs``).
+
+    Parameters
+    ----------
+    text : str
+        What the user wrote.
+
+    Returns
+    -------
+    bool
+        True when it holds no path separator and is not ``.``, ``..`` or ``~...``.
+    """
     return bool(text) and text not in (".", "..") and not any(
         sep in text for sep in (os.sep, os.altsep) if sep) and not text.startswith("~")
 
@@ -196,7 +219,24 @@ def resolve_model_dir(path, saved_models=None) -> Path:
 
     A bare name (no path separator) is a run name: ``saved_models_root(saved_models) / name``, even when
     the current directory holds a folder of that name (write ``./name`` to use that one). Anything
-    else is a path. Raises ModelError if it is not a model folder.
+    else is a path.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        A model folder or a run name.
+    saved_models : str or os.PathLike, optional
+        The saved_models folder (``--saved-models``).
+
+    Returns
+    -------
+    pathlib.Path
+        A folder holding config.json.
+
+    Raises
+    ------
+    ModelError
+        No such run or folder, or a folder without config.json.
     """
     text = os.fspath(path)
     if is_run_name(text):
@@ -249,10 +289,31 @@ def _refuse_pickles(folder: Path, config: dict) -> None:
 def load_model(path, dataset=None, *, saved_models=None) -> SavedModel:
     """Load a model folder (a path, or a run name in :func:`saved_models_root`).
 
-    With ``dataset`` (path or opened dataset) the model is checked against it: pixel size, map size
-    and the task's classes must match, else DatasetError / TaskError says what differs. Only data is
-    read from the folder: pickles are refused, Keras models load in ``safe_mode``, the ``features``
-    model is a skops file with an explicit list of trusted types.
+    Only data is read from the folder: pickles are refused, Keras models load in ``safe_mode``, the
+    ``features`` model is a skops file with an explicit list of trusted types.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        A model folder or a run name.
+    dataset : str, os.PathLike or OPDDataset, optional
+        Check the model against it: pixel size, map size and the task's classes must match.
+    saved_models : str or os.PathLike, optional
+        The saved_models folder where run names are looked up.
+
+    Returns
+    -------
+    SavedModel
+        The loaded model.
+
+    Raises
+    ------
+    ModelError
+        Not a model folder, a newer model format, a pickle, or a model file that cannot be loaded.
+    ConfigError
+        An invalid ``train_config`` in config.json.
+    DatasetError, TaskError
+        ``dataset`` does not fit the model (pixel size, map size, classes).
     """
     folder = resolve_model_dir(path, saved_models)
     config = _read_config(folder)

@@ -83,8 +83,25 @@ def dataset_stream(datasets, *, batch_size: int, seed: int = 0, exclude_test=())
                                                                                            int, list[dict]]:
     """Unlabelled batches (B, S, S, 1) from opened datasets (shuffled, remainder dropped).
 
-    Returns the stream, the number of maps and a record per dataset. Maps in the test split of any
-    model folder in ``exclude_test`` are left out.
+    Parameters
+    ----------
+    datasets : list of OPDDataset
+        Open datasets; several are sampled in proportion to their sizes.
+    batch_size : int
+        Maps per batch (B).
+    seed : int
+        Seed of the shuffling.
+    exclude_test : sequence of str or os.PathLike
+        Trained model folders whose test-split maps are left out.
+
+    Returns
+    -------
+    stream : tf.data.Dataset
+        Batches of OPD maps in nm, shape (B, S, S, 1).
+    n_maps : int
+        Maps used.
+    records : list of dict
+        Per dataset: path, fingerprint, maps used and left out.
     """
     streams, sizes, records = [], [], []
     for i, ds in enumerate(datasets):
@@ -102,7 +119,24 @@ def dataset_stream(datasets, *, batch_size: int, seed: int = 0, exclude_test=())
 
 
 def corpus_stream(corpus: SimCorpus, *, batch_size: int, seed: int = 0, labelled: bool) -> tf.data.Dataset:
-    """Shuffled batches of the in-memory corpus: maps (B, S, S, 1), with int labels if ``labelled``."""
+    """Shuffled batches of the in-memory corpus (remainder dropped).
+
+    Parameters
+    ----------
+    corpus : SimCorpus
+        The simulated maps.
+    batch_size : int
+        Maps per batch (B).
+    seed : int
+        Seed of the shuffling.
+    labelled : bool
+        Yield the class labels too (supervised-sim).
+
+    Returns
+    -------
+    tf.data.Dataset
+        Maps (B, S, S, 1) float32 nm, with int32 labels (B,) if ``labelled``.
+    """
     rng = np.random.default_rng(seed)
     size = corpus.maps.shape[1]
 
@@ -127,7 +161,17 @@ def corpus_stream(corpus: SimCorpus, *, batch_size: int, seed: int = 0, labelled
 
 @dataclass
 class PretrainResult:
-    """What :func:`pretrain` made: the encoder folder, the per-epoch history and the config written."""
+    """What :func:`pretrain` made: the encoder folder, the per-epoch history and the config written.
+
+    Attributes
+    ----------
+    folder : pathlib.Path
+        The encoder folder.
+    history : dict of str to list of float
+        Loss (and the method's metrics) per epoch.
+    config : dict
+        Its config.json.
+    """
 
     folder: Path
     history: dict[str, list[float]]
@@ -197,17 +241,73 @@ def pretrain(data=None, *, backbone: str = "mobilenetv2", method: str = "simclr"
              verbose=0) -> PretrainResult:
     """Pretrain a ``backbone`` encoder with ``method`` and write it to ``out`` (see the module docstring).
 
-    data: opdcells dataset path(s). Self-supervised methods train on their maps (no labels; test maps
+    Parameters
+    ----------
+    data : str, os.PathLike or list of them, optional
+        opdcells dataset path(s). Self-supervised methods train on their maps (no labels; test maps
         of the model folders in ``exclude_test`` are left out); without data they train on ``n_sim``
         simulated maps, labels unused. ``supervised-sim`` always trains on ``n_sim`` simulated maps with
         their labels; datasets given are evaluation data its sessions are checked to be disjoint from.
-    n_probe: if > 0, simulate that many maps from further unseen sessions and record linear / k-NN
-        probe accuracy of the random-init and of the pretrained encoder in the config.
-    max_minutes: stop early after this much training time (recorded).
-    sim_maps_per_session: maps per simulated session (fewer -> more sessions, more acquisition variety).
-    workers: processes that simulate the corpus.
-    init: an encoder folder (``models.save_encoder``'s, e.g. an earlier run) to start from instead of
-        random weights, at this run's ``input_size`` (continued pretraining; its width is kept).
+    backbone : {"mobilenetv2", "dinov2"}
+        Encoder architecture (:data:`~opdcells.pretrain_options.BACKBONES`).
+    method : {"simclr", "byol", "dino", "supervised-sim"}
+        Pretraining method (:data:`~opdcells.pretrain_options.METHODS`).
+    out : str or os.PathLike
+        The encoder folder, replaced atomically.
+    epochs : int, optional
+        Epochs (default per method, :data:`~opdcells.pretrain_options.METHOD_DEFAULTS`).
+    input_size : int
+        Side (px) the encoder resizes the maps to.
+    n_sim : int
+        Simulated maps (supervised-sim, or self-supervised without ``data``).
+    seed : int
+        Seed of the simulation, the views and the weights.
+    batch_size : int
+        Maps per step.
+    learning_rate, weight_decay : float, optional
+        AdamW's peak learning rate and weight decay (default per method).
+    alpha : float, optional
+        MobileNetV2 width multiplier (default 0.35).
+    norm_scale_nm : float
+        Scale (nm) the encoder divides OPD by.
+    dinov2_config : dict, optional
+        DINOv2 backbone settings (patch size, layers, ...).
+    views : ViewConfig
+        How the two views of a map are drawn.
+    exclude_test : sequence of str or os.PathLike
+        Trained model folders whose test maps are left out of ``data``.
+    n_probe : int
+        If > 0, simulate that many maps from further unseen sessions and record linear / k-NN
+        probe accuracy of the starting and of the pretrained encoder in the config.
+    max_minutes : float, optional
+        Stop early after this much training time, minutes (recorded).
+    sim_cache : str or os.PathLike, optional
+        Folder where simulated corpora are cached as ``.npz``.
+    sim_maps_per_session : int
+        Maps per simulated session (fewer -> more sessions, more acquisition variety).
+    workers : int
+        Processes that simulate the corpus.
+    init : str or os.PathLike, optional
+        An encoder folder (``models.save_encoder``'s, e.g. an earlier run) or ``opd`` / ``opd:NAME`` to
+        start from instead of random weights, at this run's ``input_size`` (its width is kept).
+    method_kw : dict, optional
+        Keyword arguments of the method's :class:`~opdcells.pretrain_methods.Pretrainer`.
+    command : str, optional
+        The command line recorded in config.json (default: the equivalent Python call).
+    verbose : int
+        Passed to Keras (0 silent, 2 one line per epoch).
+
+    Returns
+    -------
+    PretrainResult
+        The folder, the history and the config written.
+
+    Raises
+    ------
+    ValueError
+        An unknown method or backbone, or datasets of different geometry.
+    RegistryError
+        ``init`` names a registry entry that is missing or corrupt.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
@@ -374,6 +474,18 @@ def _data_summary(data: dict) -> str:
 
 
 def probe_labels(config: dict) -> tuple[tuple[str, str], ...]:
+    """How the README and the command name the two probes: of the starting encoder and of the pretrained one.
+
+    Parameters
+    ----------
+    config : dict
+        The encoder folder's config.json.
+
+    Returns
+    -------
+    tuple of (str, str)
+        (label, config ``probe`` key) for before and after pretraining.
+    """
     start = f"start ({config['init_from']['folder']})" if config.get("init_from") else "random init"
     return (start, "before"), ("pretrained", "after")
 

@@ -29,7 +29,21 @@ PROBE_FIRST_SESSION = 5001
 
 @dataclass
 class SimCorpus:
-    """Simulated, preprocessed OPD maps in memory and the record of how they were made."""
+    """Simulated, preprocessed OPD maps in memory and the record of how they were made.
+
+    Attributes
+    ----------
+    maps : numpy.ndarray, shape (N, S, S), float32, nm
+        The OPD maps.
+    labels : numpy.ndarray, shape (N,), int
+        Index into ``class_names``.
+    class_names : tuple of str
+        The simulated classes.
+    sessions : numpy.ndarray, shape (N,), str
+        ``"<class>/session_<k>"`` of every map.
+    record : dict
+        How the corpus was made (generator, seed, sessions, counts; ``cache`` when read from one).
+    """
 
     maps: np.ndarray          # (N, S, S) float32 nm
     labels: np.ndarray        # (N,) int, index into class_names
@@ -50,8 +64,34 @@ def simulate_corpus(n_maps: int, seed: int = 0, *, first_session: int = SIM_FIRS
     cells drawn with ``simulate.cell_rng(seed, class, k, i)``; ``simulate_dataset`` numbers its sessions
     from 1, so with ``first_session`` above any real session count the corpus shares no random stream
     (and no session) with an evaluation dataset, whatever its seed. Maps the preprocessing rejects are
-    skipped (counted in the record). ``cache_dir``: reuse/save the corpus as an ``.npz`` there.
-    ``workers`` > 1 simulates sessions in that many processes; the corpus is the same.
+    skipped (counted in the record).
+
+    Parameters
+    ----------
+    n_maps : int
+        Maps requested.
+    seed : int
+        Seed of every cell's random stream.
+    first_session : int
+        Number of the first session (:data:`SIM_FIRST_SESSION`; probes use :data:`PROBE_FIRST_SESSION`).
+    maps_per_session : int
+        Cells per simulated session.
+    config : PreprocessConfig, optional
+        Preprocessing (default ``PreprocessConfig()``: 0.25 um/px, 128 px).
+    cache_dir : str or os.PathLike, optional
+        Reuse / save the corpus as an ``.npz`` there.
+    workers : int
+        Processes that simulate sessions; the corpus is the same.
+
+    Returns
+    -------
+    SimCorpus
+        The maps and their record.
+
+    Raises
+    ------
+    ValueError
+        The sessions would reach the probe sessions, or a cached corpus was made with other settings.
     """
     from .preprocess import PreprocessConfig
     from .simulate import CLASS_NAMES, cell_rng, sample_session
@@ -150,7 +190,25 @@ def _load_corpus(path: Path, expected: dict) -> SimCorpus:
 
 
 def check_disjoint(corpus: SimCorpus, datasets) -> list[dict]:
-    """Raise ValueError if an evaluation dataset holds one of the corpus' sessions; return their records."""
+    """Check that no evaluation dataset holds one of the corpus' sessions.
+
+    Parameters
+    ----------
+    corpus : SimCorpus
+        The pretraining corpus.
+    datasets : list of OPDDataset
+        Open evaluation datasets.
+
+    Returns
+    -------
+    list of dict
+        :func:`dataset_record` of every dataset.
+
+    Raises
+    ------
+    ValueError
+        A dataset holds a group named like one of the corpus' sessions.
+    """
     ours = {s.rsplit("/", 1)[-1] for s in corpus.sessions}
     out = []
     for ds in datasets:
@@ -163,14 +221,46 @@ def check_disjoint(corpus: SimCorpus, datasets) -> list[dict]:
 
 
 def dataset_record(ds, used=None, excluded=None) -> dict:
+    """What a pretraining record says about a dataset it used or checked.
+
+    Parameters
+    ----------
+    ds : OPDDataset
+        The open dataset.
+    used : array of int, optional
+        Indices of the maps used (default all).
+    excluded : array of int, optional
+        Indices of test maps left out.
+
+    Returns
+    -------
+    dict
+        Path, fingerprint, number of maps, of maps used and of test maps left out.
+    """
     return {"path": str(Path(ds.path).resolve()), "fingerprint": ds.fingerprint, "n_maps": len(ds),
             "n_used": len(ds) if used is None else int(len(used)),
             "excluded_test_maps": 0 if excluded is None else int(len(excluded))}
 
 
 def simulated_probe_set(n_maps: int, seed: int = 0, *, n_sessions: int = 4, cache_dir=None) -> SimCorpus:
-    """Simulated maps for probes: ``n_sessions`` sessions per class numbered from
-    :data:`PROBE_FIRST_SESSION`, unseen by pretraining corpora and evaluation datasets."""
+    """Simulated maps for probes, from sessions unseen by pretraining corpora and evaluation datasets.
+
+    Parameters
+    ----------
+    n_maps : int
+        Maps requested.
+    seed : int
+        Seed of the simulation.
+    n_sessions : int
+        Sessions per class, numbered from :data:`PROBE_FIRST_SESSION`.
+    cache_dir : str or os.PathLike, optional
+        Reuse / save the maps as an ``.npz`` there.
+
+    Returns
+    -------
+    SimCorpus
+        The probe maps.
+    """
     from .simulate import CLASS_NAMES
 
     per_session = max(1, math.ceil(n_maps / len(CLASS_NAMES) / n_sessions))

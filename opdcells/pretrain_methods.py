@@ -25,10 +25,17 @@ __all__ = ["ViewConfig", "zoom_crop", "make_view", "nt_xent", "mlp", "CosineLine
 class ViewConfig:
     """How one view of a map is drawn: ``zoom_crop`` then ``pipeline.augment_batch(augment)``.
 
-    zoom: magnification drawn from [1 - zoom, 1 + zoom] (a pixel-size calibration change);
-    crop_shift: shift of the crop centre, fraction of the field per axis. Both are limited so that the
-    cell's support (non-zero pixels) stays entirely inside the view.
-    augment: stronger than training-time defaults (contrastive views need diversity), still physical.
+    Both zoom and crop shift are limited so that the cell's support (non-zero pixels) stays entirely
+    inside the view.
+
+    Attributes
+    ----------
+    zoom : float
+        Magnification drawn from [1 - zoom, 1 + zoom] (a pixel-size calibration change).
+    crop_shift : float
+        Shift of the crop centre, fraction of the field per axis.
+    augment : AugmentConfig
+        Stronger than training-time defaults (contrastive views need diversity), still physical.
     """
 
     zoom: float = 0.1
@@ -57,11 +64,27 @@ def _support_extent(x: tf.Tensor, margin_px: float = 2.0) -> tuple[tf.Tensor, tf
 
 
 def zoom_crop(x, seed, zoom: float = 0.1, crop_shift: float = 0.06) -> tf.Tensor:
-    """Random zoom in/out and crop offset per map of ``x`` (B, S, S, 1) that keeps the cell inside.
+    """Random zoom in/out and crop offset per map of ``x`` that keeps the cell inside.
 
     The crop box has half-width ``0.5 / f`` (f in [1 - zoom, 1 + zoom]) and a shifted centre, both
     limited so the box holds every non-zero pixel with a 2-pixel margin; outside the field the view
     is 0 (background). A zoom of f scales the cell's area, and so its integrated OPD, by f^2.
+
+    Parameters
+    ----------
+    x : tensor, shape (B, S, S, 1), nm
+        OPD maps, background 0.
+    seed : tensor, shape (2,), int64
+        Stateless random seed.
+    zoom : float
+        Largest relative zoom.
+    crop_shift : float
+        Largest shift of the crop centre, fraction of the field.
+
+    Returns
+    -------
+    tf.Tensor, shape (B, S, S, 1), nm
+        The views.
     """
     x = tf.convert_to_tensor(x, tf.float32)
     n = tf.shape(x)[0]
@@ -77,7 +100,22 @@ def zoom_crop(x, seed, zoom: float = 0.1, crop_shift: float = 0.06) -> tf.Tensor
 
 
 def make_view(x, seed, config: ViewConfig = ViewConfig()) -> tf.Tensor:
-    """One random physically valid view of each map in ``x`` (B, S, S, 1); stateless ``seed`` (2,)."""
+    """One random physically valid view of each map in ``x``.
+
+    Parameters
+    ----------
+    x : tensor, shape (B, S, S, 1), nm
+        OPD maps.
+    seed : tensor, shape (2,), int64
+        Stateless random seed.
+    config : ViewConfig
+        How the view is drawn.
+
+    Returns
+    -------
+    tf.Tensor, shape (B, S, S, 1), nm
+        The views.
+    """
     s_crop, s_aug = tf.unstack(tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 2))
     if config.zoom > 0 or config.crop_shift > 0:
         x = zoom_crop(x, s_crop, config.zoom, config.crop_shift)
@@ -85,7 +123,21 @@ def make_view(x, seed, config: ViewConfig = ViewConfig()) -> tf.Tensor:
 
 
 def nt_xent(z1, z2, temperature: float = 0.2) -> tf.Tensor:
-    """NT-Xent (SimCLR): cross-entropy of picking each view's partner among the other 2B - 1 views."""
+    """NT-Xent (SimCLR; Chen et al. 2020): cross-entropy of picking each view's partner among the other
+    2B - 1 views.
+
+    Parameters
+    ----------
+    z1, z2 : tensor, shape (B, D)
+        Projections of the two views of each map.
+    temperature : float
+        Softmax temperature.
+
+    Returns
+    -------
+    tf.Tensor, scalar
+        The mean loss.
+    """
     z = tf.math.l2_normalize(tf.cast(tf.concat([z1, z2], axis=0), tf.float32), axis=1)
     n = tf.shape(z)[0] // 2
     logits = tf.matmul(z, z, transpose_b=True) / temperature
@@ -102,7 +154,26 @@ def _cosine_regression(p, z) -> tf.Tensor:
 
 
 def mlp(hidden: int, out: int, name: str, *, n_hidden: int = 1, batch_norm: bool = True) -> keras.Sequential:
-    """Projection / prediction head: (Dense, [BN], ReLU) x n_hidden, then a linear Dense."""
+    """Projection / prediction head: (Dense, [BN], ReLU) x n_hidden, then a linear Dense.
+
+    Parameters
+    ----------
+    hidden : int
+        Units of the hidden layers.
+    out : int
+        Output units.
+    name : str
+        Keras name of the head.
+    n_hidden : int
+        Hidden layers.
+    batch_norm : bool
+        BatchNormalization after each hidden Dense.
+
+    Returns
+    -------
+    keras.Sequential
+        The head.
+    """
     layers = []
     for _ in range(n_hidden):
         layers.append(keras.layers.Dense(hidden, use_bias=not batch_norm))
@@ -115,7 +186,15 @@ def mlp(hidden: int, out: int, name: str, *, n_hidden: int = 1, batch_norm: bool
 
 @keras.saving.register_keras_serializable(package="opdcells")
 class CosineLinear(keras.layers.Layer):
-    """DINO's last layer: logits = l2-normalised input times l2-normalised prototype columns (g = 1)."""
+    """DINO's last layer: logits = l2-normalised input times l2-normalised prototype columns (g = 1).
+
+    Parameters
+    ----------
+    units : int
+        Prototypes (outputs).
+    **kwargs
+        Passed to ``keras.layers.Layer``.
+    """
 
     def __init__(self, units: int, **kwargs):
         super().__init__(**kwargs)
@@ -133,7 +212,24 @@ class CosineLinear(keras.layers.Layer):
 
 
 def dino_head(hidden: int, bottleneck: int, prototypes: int, name: str) -> keras.Sequential:
-    """DINO projection head: MLP (GELU) to a bottleneck, then cosine similarity to K prototypes."""
+    """DINO projection head: MLP (GELU) to a bottleneck, then cosine similarity to K prototypes.
+
+    Parameters
+    ----------
+    hidden : int
+        Units of the two hidden layers.
+    bottleneck : int
+        Units of the bottleneck.
+    prototypes : int
+        Prototypes K (outputs).
+    name : str
+        Keras name of the head.
+
+    Returns
+    -------
+    keras.Sequential
+        The head.
+    """
     return keras.Sequential([keras.layers.Dense(hidden, activation="gelu"),
                              keras.layers.Dense(hidden, activation="gelu"),
                              keras.layers.Dense(bottleneck), CosineLinear(prototypes)], name=name)
@@ -164,6 +260,17 @@ class Pretrainer(keras.Model):
     Subclasses implement ``pretext_loss(v1, v2, y, training) -> (loss, state)`` (``state``: what
     ``after_step`` needs, e.g. teacher outputs) and optionally ``after_step(state)`` (EMA updates).
     ``fit`` on batches of maps (or ``(maps, labels)``) trains; ``evaluate`` scores fixed views.
+
+    Parameters
+    ----------
+    encoder : keras.Model
+        Maps (B, S, S, 1) in nm -> embeddings (B, D); trained in place.
+    views : ViewConfig
+        How the two views of a map are drawn.
+    seed : int
+        Seed of the views.
+    **kwargs
+        Passed to ``keras.Model``.
     """
 
     def __init__(self, encoder: keras.Model, *, views: ViewConfig = ViewConfig(), seed: int = 0, **kwargs):
@@ -228,7 +335,19 @@ class Pretrainer(keras.Model):
 
 
 class SimCLR(Pretrainer):
-    """SimCLR: projection MLP on the embedding, NT-Xent between the two views of each map."""
+    """SimCLR (Chen et al. 2020): projection MLP on the embedding, NT-Xent between the two views of each map.
+
+    Parameters
+    ----------
+    encoder : keras.Model
+        The encoder to pretrain.
+    projection_dim, hidden_dim : int
+        Output and hidden units of the projection MLP.
+    temperature : float
+        NT-Xent temperature.
+    **kwargs
+        Passed to :class:`Pretrainer` (``views``, ``seed``) and ``keras.Model``.
+    """
 
     def __init__(self, encoder, *, projection_dim: int = 128, hidden_dim: int = 256, temperature: float = 0.2,
                  **kwargs):
@@ -265,7 +384,20 @@ class _Teacher(Pretrainer):
 
 
 class BYOL(_Teacher):
-    """BYOL: online projector + predictor regress the EMA target's projection of the other view."""
+    """BYOL (Grill et al. 2020): online projector + predictor regress the EMA target's projection of the
+    other view.
+
+    Parameters
+    ----------
+    encoder : keras.Model
+        The encoder to pretrain.
+    projection_dim, hidden_dim : int
+        Output and hidden units of the projector and the predictor.
+    momentum : float
+        EMA momentum of the target network.
+    **kwargs
+        Passed to :class:`Pretrainer` (``views``, ``seed``) and ``keras.Model``.
+    """
 
     def __init__(self, encoder, *, projection_dim: int = 128, hidden_dim: int = 256, momentum: float = 0.99,
                  **kwargs):
@@ -281,8 +413,25 @@ class BYOL(_Teacher):
 
 
 class DINO(_Teacher):
-    """DINO self-distillation: student (temperature ``student_temp``) matches the teacher's centred,
-    sharpened (``teacher_temp``) distribution of the other view over ``prototypes`` outputs."""
+    """DINO self-distillation (Caron et al. 2021): the student (temperature ``student_temp``) matches the
+    teacher's centred, sharpened (``teacher_temp``) distribution of the other view over ``prototypes``
+    outputs.
+
+    Parameters
+    ----------
+    encoder : keras.Model
+        The encoder to pretrain.
+    prototypes, hidden_dim, bottleneck : int
+        The head's outputs, hidden units and bottleneck (:func:`dino_head`).
+    student_temp, teacher_temp : float
+        Softmax temperatures of student and teacher.
+    momentum : float
+        EMA momentum of the teacher.
+    center_momentum : float
+        EMA momentum of the teacher's output centre.
+    **kwargs
+        Passed to :class:`Pretrainer` (``views``, ``seed``) and ``keras.Model``.
+    """
 
     def __init__(self, encoder, *, prototypes: int = 256, hidden_dim: int = 256, bottleneck: int = 64,
                  student_temp: float = 0.1, teacher_temp: float = 0.04, momentum: float = 0.99,
@@ -312,7 +461,17 @@ class DINO(_Teacher):
 
 
 class SupervisedSim(Pretrainer):
-    """Supervised pretraining on simulated maps: softmax head, cross-entropy on both views."""
+    """Supervised pretraining on simulated maps: softmax head, cross-entropy on both views.
+
+    Parameters
+    ----------
+    encoder : keras.Model
+        The encoder to pretrain.
+    n_classes : int
+        Simulated classes.
+    **kwargs
+        Passed to :class:`Pretrainer` (``views``, ``seed``) and ``keras.Model``.
+    """
 
     def __init__(self, encoder, n_classes: int, **kwargs):
         super().__init__(encoder, **kwargs)
@@ -335,7 +494,33 @@ class SupervisedSim(Pretrainer):
 
 def build_pretrainer(method: str, encoder: keras.Model, *, n_classes: int | None = None, seed: int = 0,
                      views: ViewConfig = ViewConfig(), **method_kw) -> Pretrainer:
-    """The :class:`Pretrainer` of ``method`` around ``encoder`` (``n_classes`` for supervised-sim)."""
+    """The :class:`Pretrainer` of ``method`` around ``encoder``.
+
+    Parameters
+    ----------
+    method : {"simclr", "byol", "dino", "supervised-sim"}
+        The method.
+    encoder : keras.Model
+        The encoder to pretrain.
+    n_classes : int, optional
+        Classes (supervised-sim only).
+    seed : int
+        Seed of the views.
+    views : ViewConfig
+        How the views are drawn.
+    **method_kw
+        The method's own settings (e.g. ``temperature``, ``momentum``).
+
+    Returns
+    -------
+    Pretrainer
+        The method's model.
+
+    Raises
+    ------
+    ValueError
+        An unknown method, or supervised-sim without ``n_classes``.
+    """
     if method == "simclr":
         return SimCLR(encoder, views=views, seed=seed, **method_kw)
     if method == "byol":

@@ -28,7 +28,13 @@ METHOD_DEFAULTS = {
 
 
 def register(subparsers) -> None:
-    """Add the ``pretrain`` subcommand to an argparse subparsers object (see ``opdcells.cli``)."""
+    """Add the ``pretrain`` command to ``python -m opdcells`` (see ``opdcells.cli``).
+
+    Parameters
+    ----------
+    subparsers : argparse._SubParsersAction
+        The commands of the parser.
+    """
     p = subparsers.add_parser("pretrain", parents=[common_options()], help="pretrain an OPD encoder",
                               description="Pretrain an OPD encoder self-supervised (SimCLR, BYOL, DINO) on "
                                           "unlabelled maps, or supervised on simulated maps.")
@@ -79,7 +85,18 @@ _CLI_OPTIONS = (("data", "--data"), ("backbone", "--backbone"), ("method", "--me
 
 
 def cli_command(args) -> str:
-    """The ``python -m opdcells pretrain`` command line that repeats a run (every option spelt out)."""
+    """The ``python -m opdcells pretrain`` command line that repeats a run (every option spelt out).
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        The parsed options.
+
+    Returns
+    -------
+    str
+        The command, shell-quoted.
+    """
     parts = ["python", "-m", "opdcells", "pretrain"]
     for key, flag in _CLI_OPTIONS:
         value = getattr(args, key, None)
@@ -90,7 +107,18 @@ def cli_command(args) -> str:
 
 
 def run(args) -> int:
-    """Run the ``pretrain`` subcommand; prints where the encoder went. Exit status 0."""
+    """Run the ``pretrain`` command: pretrain, then print where the encoder went and its probes.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        The parsed options.
+
+    Returns
+    -------
+    int
+        Exit status 0.
+    """
     import_tensorflow(args.verbose)
     from .pretrain import pretrain, probe_labels
 

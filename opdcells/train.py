@@ -42,11 +42,39 @@ __all__ = ["TrainResult", "train", "make_split", "estimate_norm_scale", "labelle
 def make_split(dataset, task: Task, *, seed: int = 0, test_size: float = 0.2, val_size: float = 0.15,
                test_groups=None, val_groups=None, split_by: str = "group", group_pattern: str | None = None
                ) -> Split:
-    """Group split of the task's maps, as indices into the dataset: ``splits.group_split`` with the
-    fractions, or ``splits.named_split`` when ``test_groups`` (and optionally ``val_groups``) are named.
-    ``group_pattern``: groups from the source file names (``splits.groups_from_pattern``) instead of the
-    dataset's; ``split_by="map"``: ``splits.map_split`` (session effects untested, warned and recorded).
-    SplitError (one line, naming the dataset) when no group split exists."""
+    """Group split of the task's maps, as indices into the dataset.
+
+    ``splits.group_split`` with the fractions, or ``splits.named_split`` when ``test_groups`` (and
+    optionally ``val_groups``) are named; ``split_by="map"``: ``splits.map_split`` (session effects
+    untested, warned and recorded).
+
+    Parameters
+    ----------
+    dataset : OPDDataset
+        The open dataset.
+    task : Task
+        The task; maps of other classes are in no part.
+    seed : int
+        Seed of the split.
+    test_size, val_size : float
+        Fractions of the task's maps (whole acquisition groups) for testing and validation.
+    test_groups, val_groups : list of str, optional
+        Acquisition groups that form the test and validation parts instead.
+    split_by : {"group", "map"}
+        Whole acquisition groups per part, or single maps.
+    group_pattern : str, optional
+        Groups from the source file names (``splits.groups_from_pattern``) instead of the dataset's.
+
+    Returns
+    -------
+    Split
+        Train, validation and test indices into the dataset.
+
+    Raises
+    ------
+    SplitError
+        No group split exists (one line, naming the dataset).
+    """
     y_all = task_labels(dataset, task)
     idx = np.flatnonzero(y_all >= 0)
     try:
@@ -68,8 +96,28 @@ def make_split(dataset, task: Task, *, seed: int = 0, test_size: float = 0.2, va
 
 def estimate_norm_scale(dataset, indices, *, percentile: float = 99.0, max_maps: int = 512,
                         seed: int = 0) -> float:
-    """Normalisation scale in nm: the ``percentile`` of |OPD| over the cell (non-zero) pixels of
-    (up to ``max_maps`` randomly chosen of) the maps ``indices`` -- pass the TRAINING maps only."""
+    """Normalisation scale: the ``percentile`` of |OPD| over the cell (non-zero) pixels of the maps.
+
+    Pass the TRAINING maps only.
+
+    Parameters
+    ----------
+    dataset : OPDDataset
+        The open dataset.
+    indices : array of int, shape (N,)
+        The maps to measure (up to ``max_maps`` of them, chosen at random with ``seed``).
+    percentile : float
+        Percentile of |OPD|, 0-100.
+    max_maps : int
+        Most maps read.
+    seed : int
+        Seed of the choice of maps.
+
+    Returns
+    -------
+    float
+        The scale in nm (1 nm, with a warning, when the maps hold no finite positive value).
+    """
     indices = np.asarray(indices, dtype=np.int64)
     if len(indices) > max_maps:
         indices = np.sort(np.random.default_rng(seed).choice(indices, max_maps, replace=False))
@@ -97,7 +145,23 @@ def estimate_norm_scale(dataset, indices, *, percentile: float = 99.0, max_maps:
 @dataclass
 class TrainResult:
     """What :func:`train` made: the model folder, per-epoch history, test metrics, the config and the
-    trained model itself (as :func:`load_model` would give it back)."""
+    trained model itself (as :func:`opdcells.modelfolder.load_model` would give it back).
+
+    Attributes
+    ----------
+    model_dir : pathlib.Path
+        The model folder written.
+    history : dict of str to list of float
+        Loss and accuracy (and their validation twins) per epoch.
+    metrics : dict
+        ``evaluate.classification_report`` on the test groups (metrics.json).
+    config : dict
+        config.json.
+    model : SavedModel, optional
+        The trained model.
+    evaluation : Evaluation, optional
+        The test-split predictions behind ``metrics``.
+    """
 
     model_dir: Path
     history: dict[str, list[float]]
@@ -175,8 +239,27 @@ def _checked_split(ds, y_all, split: Split) -> Split:
 
 
 def labelled_subset(split: Split, train_indices, groups=None) -> Split:
-    """``split`` with its training maps cut down to ``train_indices`` (ValueError unless a non-empty
-    subset of ``split.train``); ``groups`` (every map's group) updates the training part's group list."""
+    """``split`` with its training maps cut down to ``train_indices`` (label-efficiency runs).
+
+    Parameters
+    ----------
+    split : Split
+        The full split.
+    train_indices : array of int
+        A non-empty subset of ``split.train``.
+    groups : array of str, shape (N_maps,), optional
+        Every dataset map's acquisition group: updates the training part's group list.
+
+    Returns
+    -------
+    Split
+        The same validation and test parts, the subset as training part.
+
+    Raises
+    ------
+    ValueError
+        ``train_indices`` is empty or not a subset of ``split.train``.
+    """
     sub = np.unique(np.asarray(train_indices, dtype=np.int64))
     if sub.size == 0 or not np.isin(sub, split.train).all():
         raise ValueError("train_indices must be a non-empty subset of the split's training maps")
@@ -226,6 +309,11 @@ def geometry_warning(encoder_config: dict | None, pixel_size_um: float, out_size
         The side the model resizes them to (default: the encoder's own).
     what : str
         How to name the encoder in the sentence.
+
+    Returns
+    -------
+    str or None
+        The warning, or None.
     """
     if not encoder_config or not encoder_config.get("pixel_size_um") or not encoder_config.get("out_size"):
         return None
@@ -281,6 +369,23 @@ def calibrate_on_validation(model: SavedModel, dataset, y_all, split: Split, fol
 
     Writes ``validation_scores.npz`` (so screening can set operating points for other targets and rates)
     and ``reliability.png`` into ``folder``.
+
+    Parameters
+    ----------
+    model : SavedModel
+        The trained model (its folder may still be the staging folder).
+    dataset : OPDDataset
+        The dataset it was trained on.
+    y_all : array of int, shape (N_maps,)
+        Task label of every dataset map (-1 outside the task).
+    split : Split
+        The run's split; its validation maps are used.
+    folder : pathlib.Path
+        Where the scores and the figure go.
+    groups : array of str, shape (N_maps,), optional
+        Every map's acquisition group (default the dataset's).
+    seed : int
+        Seed of the bootstrap.
 
     Returns
     -------

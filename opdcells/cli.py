@@ -47,6 +47,13 @@ log = logging.getLogger(__name__)
 
 
 def register_simulate(subparsers) -> None:
+    """Add the ``simulate`` command: simulated exports of the five classes, or a screening sample.
+
+    Parameters
+    ----------
+    subparsers : argparse._SubParsersAction
+        The commands of the parser.
+    """
     p = subparsers.add_parser("simulate", parents=[common_options()], help="write simulated OPD exports",
                               description="Simulate the five classes as MATLAB exports (one folder per "
                                           "class and session) plus truth.csv.")
@@ -66,6 +73,18 @@ def register_simulate(subparsers) -> None:
 
 
 def run_simulate(args) -> int:
+    """Run the ``simulate`` command: write the simulated exports and print where they went.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        The parsed options.
+
+    Returns
+    -------
+    int
+        The exit status (:mod:`opdcells.console`).
+    """
     from .simulate import simulate_dataset
 
     if args.sample is not None:
@@ -88,13 +107,26 @@ def run_simulate(args) -> int:
 
 
 def add_saved_models_option(parser: argparse.ArgumentParser) -> None:
-    """``--saved-models DIR``: the one folder where run names are looked up and runs are saved."""
+    """``--saved-models DIR``: the one folder where run names are looked up and runs are saved.
+
+    Parameters
+    ----------
+    parser : argparse.ArgumentParser
+        The command's parser.
+    """
     parser.add_argument("--saved-models", type=Path, metavar="DIR",
                         help="folder of named runs (default $OPDCELLS_SAVED_MODELS, else the repository's "
                              "saved_models/; never the current directory's unless given)")
 
 
 def register_train(subparsers) -> None:
+    """Add the ``train`` command: one option per TrainConfig field, plus the task and the data.
+
+    Parameters
+    ----------
+    subparsers : argparse._SubParsersAction
+        The commands of the parser.
+    """
     p = subparsers.add_parser("train", parents=[common_options()], help="train a model on a dataset",
                               description="Train a classifier on an opdcells dataset and write the model "
                                           "folder (model, config.json, history.csv, metrics.json, "
@@ -156,12 +188,35 @@ TRAIN_OPTIONS = [
     (("--distribute",), "distribute", {"choices": DISTRIBUTE}),
 ]
 def train_settings(args) -> dict:
-    """The TrainConfig fields given on the command line (None: not given; ``--no-augment`` -> False)."""
+    """The TrainConfig fields given on the command line (None: not given; ``--no-augment`` -> False).
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        The parsed ``train`` options.
+
+    Returns
+    -------
+    dict
+        TrainConfig field -> value given (model and task excluded).
+    """
     return {field_name: getattr(args, field_name) for _, field_name, _ in TRAIN_OPTIONS
             if getattr(args, field_name) is not None and field_name not in ("model", "task")}
 
 
 def run_train(args) -> int:
+    """Run the ``train`` command: train one model (or cross-validate with ``--cv``) and print its test report.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        The parsed options.
+
+    Returns
+    -------
+    int
+        The exit status (:mod:`opdcells.console`).
+    """
     import_tensorflow(args.verbose)
     from .config import TrainConfig
     from .evaluate import format_report
@@ -213,6 +268,13 @@ def _run_cv(args, task, common) -> int:
 
 
 def register_evaluate(subparsers) -> None:
+    """Add the ``evaluate`` command: a saved model on its test split or on every map.
+
+    Parameters
+    ----------
+    subparsers : argparse._SubParsersAction
+        The commands of the parser.
+    """
     p = subparsers.add_parser("evaluate", parents=[common_options()], help="evaluate a saved model",
                               description="Evaluate a model on its stored test split (or on every map of "
                                           "the task's classes with --all); write metrics and figures.")
@@ -232,6 +294,18 @@ def register_evaluate(subparsers) -> None:
 
 
 def run_evaluate(args) -> int:
+    """Run the ``evaluate`` command: evaluate a saved model and write metrics, predictions and figures.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        The parsed options.
+
+    Returns
+    -------
+    int
+        The exit status (:mod:`opdcells.console`).
+    """
     import_tensorflow(args.verbose)
     from .dataset import open_dataset
     from .evaluate import evaluate_model, format_report, stored_test_indices, write_results
@@ -255,7 +329,15 @@ def run_evaluate(args) -> int:
 
 def add_model_and_exports(parser: argparse.ArgumentParser, out_metavar: str) -> None:
     """MODEL, EXPORT..., --saved-models, --out and the reading options of ``load`` (commands that apply a
-    model to new exports)."""
+    model to new exports).
+
+    Parameters
+    ----------
+    parser : argparse.ArgumentParser
+        The command's parser.
+    out_metavar : str
+        How ``--out`` reads in the help (e.g. ``PREDS.csv``).
+    """
     from .ingest import add_reading_options
 
     parser.add_argument("model", metavar="MODEL", help="model folder, or run name in SAVED_MODELS")
@@ -267,6 +349,13 @@ def add_model_and_exports(parser: argparse.ArgumentParser, out_metavar: str) -> 
 
 def register_predict(subparsers) -> None:
 
+    """Add the ``predict`` command: a saved model on new exports.
+
+    Parameters
+    ----------
+    subparsers : argparse._SubParsersAction
+        The commands of the parser.
+    """
     p = subparsers.add_parser("predict", parents=[common_options()], help="predict classes of new exports",
                               description="Read exports exactly like load_data.py (at the model's pixel "
                                           "size and map size) and write one CSV row per map.",
@@ -281,6 +370,18 @@ def register_predict(subparsers) -> None:
 
 
 def run_predict(args) -> int:
+    """Run the ``predict`` command: predict the classes of new exports into a CSV.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        The parsed options.
+
+    Returns
+    -------
+    int
+        The exit status (:mod:`opdcells.console`).
+    """
     import_tensorflow(args.verbose)
     from .ingest import reading_options
     from .modelfolder import load_model
@@ -300,6 +401,13 @@ def run_predict(args) -> int:
 
 
 def register_screen(subparsers) -> None:
+    """Add the ``screen`` and ``screen-merge`` commands: rare target cells in a sample.
+
+    Parameters
+    ----------
+    subparsers : argparse._SubParsersAction
+        The commands of the parser.
+    """
     from .calibration import DEFAULT_FPR
     from .screen import DEFAULT_PREVALENCE
 
@@ -340,6 +448,18 @@ def _shard(text: str) -> tuple[int, int]:
 
 
 def run_screen(args) -> int:
+    """Run the ``screen`` command: score a sample's cells and write the candidates and the report.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        The parsed options.
+
+    Returns
+    -------
+    int
+        The exit status (:mod:`opdcells.console`).
+    """
     import_tensorflow(args.verbose)
     from .ingest import reading_options
     from .modelfolder import load_model
@@ -357,6 +477,18 @@ def run_screen(args) -> int:
 
 
 def run_screen_merge(args) -> int:
+    """Run the ``screen-merge`` command: join the shards of a screening job array.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        The parsed options.
+
+    Returns
+    -------
+    int
+        The exit status (:mod:`opdcells.console`).
+    """
     from .screen import merge_screens
 
     result = merge_screens(args.shards, args.out)
@@ -405,7 +537,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI with ``argv`` (default ``sys.argv[1:]``); return the exit status."""
+    """Run the CLI with ``argv`` (default ``sys.argv[1:]``); return the exit status.
+
+    Parameters
+    ----------
+    argv : sequence of str, optional
+        The arguments (default ``sys.argv[1:]``).
+
+    Returns
+    -------
+    int
+        0 success; 1 some inputs skipped; 2 usage or opdcells error, or nothing done; 130 interrupted.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = build_parser().parse_args(argv)

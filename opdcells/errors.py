@@ -46,13 +46,35 @@ def safe_text(text) -> str:
 
 
 def one_line(reason) -> str:
-    """A reason (e.g. a library's multi-line exception message) on one line, made safe to print."""
+    """A reason (e.g. a library's multi-line exception message) on one line, made safe to print.
+
+    Parameters
+    ----------
+    reason : object
+        The message (its ``str``).
+
+    Returns
+    -------
+    str
+        One line, with :func:`safe_text`'s escapes.
+    """
     return safe_text(_LINE_BREAKS.sub(" ", str(reason).strip()))
 
 
 def storable_text(text: str) -> str:
     """``text`` as valid UTF-8 for storing (HDF5 strings): undecodable bytes of a file name become
-    ``\\xNN``; text that is valid UTF-8 is returned unchanged."""
+    ``\\xNN``; text that is valid UTF-8 is returned unchanged.
+
+    Parameters
+    ----------
+    text : str
+        A name, possibly holding surrogate-escaped bytes.
+
+    Returns
+    -------
+    str
+        Valid UTF-8 text.
+    """
     try:
         text.encode("utf-8")
         return text
@@ -159,6 +181,16 @@ def is_odd_library_error(exc: BaseException) -> bool:
     qpimage (``MetaDataMissingError``, ``IntegrityCheckError``) and qpformat (``BadFileFormatError``,
     ``LoadTifPhasicsError``, ...) do this; such an error is about the file and must not escape every
     handler. Python's control-flow exceptions (:data:`CONTROL_FLOW`) are not.
+
+    Parameters
+    ----------
+    exc : BaseException
+        The exception caught.
+
+    Returns
+    -------
+    bool
+        Whether it is such a library error.
     """
     return not isinstance(exc, (Exception, *CONTROL_FLOW))
 

@@ -70,6 +70,28 @@ def classification_report(y_true, proba, class_names, *, n_boot: int = 1000, see
     {precision, recall, f1, support}, confusion_matrix {labels, counts (rows true, columns predicted)},
     roc_auc {macro, per_class, notes}, ece (15 equal-width bins on the top probability), and for two
     classes sensitivity_at_fpr {positive_class, "0.01", "0.001"} (else None). ``n_boot=0`` skips the CIs.
+
+    Parameters
+    ----------
+    y_true : array of int, shape (N,)
+        True class index of every map.
+    proba : array of float, shape (N, K)
+        Predicted probabilities; column k is ``class_names[k]``.
+    class_names : sequence of str, length K
+        The classes.
+    n_boot : int
+        Bootstrap resamples (0: no confidence intervals).
+    seed : int
+        Seed of the bootstrap.
+    positive_class : str, optional
+        The class whose sensitivity at low false-positive rates is reported (two classes only).
+    groups : array of str, shape (N,), optional
+        Every map's acquisition group: the bootstrap resamples whole groups.
+
+    Returns
+    -------
+    dict
+        The report (keys above).
     """
     y_true, proba, names = _check_inputs(y_true, proba, class_names)
     groups = None if groups is None else _check_groups(groups, y_true)
@@ -541,7 +563,21 @@ POSITIVE_CLASS = "cancer"   # sensitivity at low FPR is reported for this class 
 
 @dataclass
 class Evaluation:
-    """Predictions of a model on dataset maps and their ``classification_report``."""
+    """Predictions of a model on dataset maps and their ``classification_report``.
+
+    Attributes
+    ----------
+    report : dict
+        :func:`classification_report` of the maps (plus ``test_time_augmentation``).
+    indices : numpy.ndarray, shape (N,), int
+        The dataset rows evaluated.
+    y_true : numpy.ndarray, shape (N,), int
+        Their task labels.
+    proba : numpy.ndarray, shape (N, K), float
+        The model's probabilities.
+    class_names : list of str
+        The task's classes (K).
+    """
 
     report: dict
     indices: np.ndarray
@@ -556,11 +592,41 @@ def _positive_class(class_names) -> str | None:
 
 def evaluate_model(model: SavedModel, dataset, indices=None, *, batch_size: int = 64, n_boot: int = 1000,
                    seed: int = 0, tta: bool | None = None, groups=None) -> Evaluation:
-    """Evaluate on maps ``indices`` of ``dataset`` (default: every map of the model's task classes);
-    ``tta`` as in :meth:`SavedModel.predict_proba`; ``groups``: every dataset map's acquisition group
-    (default the dataset's own). Confidence intervals resample the maps' acquisition groups
-    (``evaluate.classification_report``); too few test groups per class are warned about, and so is an
-    encoder used at another geometry than it was pretrained at (config ``model_info``)."""
+    """Evaluate a saved model on dataset maps.
+
+    Confidence intervals resample the maps' acquisition groups (:func:`classification_report`); too few
+    test groups per class are warned about, and so is an encoder used at another geometry than it was
+    pretrained at (config ``model_info``).
+
+    Parameters
+    ----------
+    model : SavedModel
+        The model (:func:`opdcells.modelfolder.load_model`).
+    dataset : str, os.PathLike or OPDDataset
+        The dataset (pixel size, map size and classes must fit the model).
+    indices : array of int, optional
+        Rows to evaluate (default: every map of the model's task classes).
+    batch_size : int
+        Maps predicted together.
+    n_boot : int
+        Bootstrap resamples of the confidence intervals.
+    seed : int
+        Seed of the bootstrap.
+    tta : bool, optional
+        Test-time augmentation as in :meth:`SavedModel.predict_proba` (default: the model's own).
+    groups : array of str, shape (N_maps,), optional
+        Every dataset map's acquisition group (default the dataset's own).
+
+    Returns
+    -------
+    Evaluation
+        The predictions and the report.
+
+    Raises
+    ------
+    DatasetError, TaskError
+        The dataset does not fit the model, or maps outside the task's classes.
+    """
     with opened(dataset) as ds:
         model.check_dataset(ds)
         y_all = task_labels(ds, model.task)
@@ -587,7 +653,20 @@ def evaluate_model(model: SavedModel, dataset, indices=None, *, batch_size: int 
 
 
 def rows_digest(dataset, indices) -> str:
-    """SHA-256 identifying the maps at rows ``indices`` (their source file hashes and positions)."""
+    """SHA-256 identifying the maps at rows ``indices`` (their source file hashes and positions).
+
+    Parameters
+    ----------
+    dataset : str, os.PathLike or OPDDataset
+        The dataset.
+    indices : array of int
+        The rows.
+
+    Returns
+    -------
+    str
+        64 hexadecimal digits.
+    """
     idx = np.asarray(indices, dtype=np.int64)
     with opened(dataset) as ds:
         rows = list(zip(ds.source_sha256[idx].tolist(), ds.source_index[idx].tolist(), strict=True))
@@ -595,8 +674,28 @@ def rows_digest(dataset, indices) -> str:
 
 
 def stored_test_indices(model: SavedModel, dataset) -> np.ndarray:
-    """Test-split indices of ``model`` into ``dataset``; DatasetError unless the dataset is the one the
-    model was trained on (same fingerprint, or the same maps at the test rows after appends)."""
+    """Test-split indices of ``model`` into ``dataset``, the dataset it was trained on.
+
+    The same dataset is recognised by its fingerprint, or -- after appends -- by the same maps at the test
+    rows (:func:`rows_digest`, logged).
+
+    Parameters
+    ----------
+    model : SavedModel
+        A trained model (its split.json).
+    dataset : str, os.PathLike or OPDDataset
+        The dataset.
+
+    Returns
+    -------
+    numpy.ndarray, int
+        The test rows.
+
+    Raises
+    ------
+    DatasetError
+        Another dataset than the model's.
+    """
     with opened(dataset) as ds:
         split = Split.from_json(model.folder / "split.json")
         if ds.fingerprint == model.config["dataset"]["fingerprint"]:
@@ -626,7 +725,20 @@ class _LazyMaps:
 def predictions_table(evaluation: Evaluation, dataset) -> pd.DataFrame:
     """One row per evaluated map: dataset index, where it came from (``OPDDataset.origins``: source file
     and index, the cell's number, centroid and bounding box in its field), group, true and predicted
-    class, probabilities."""
+    class, probabilities.
+
+    Parameters
+    ----------
+    evaluation : Evaluation
+        What :func:`evaluate_model` returned.
+    dataset : str, os.PathLike or OPDDataset
+        The dataset it was evaluated on.
+
+    Returns
+    -------
+    pandas.DataFrame
+        The table (predictions.csv).
+    """
     idx, names = evaluation.indices, evaluation.class_names
     with opened(dataset) as ds:
         frame = pd.DataFrame({"dataset_index": idx, **ds.origins(idx), "group": ds.groups[idx],
@@ -639,7 +751,24 @@ def predictions_table(evaluation: Evaluation, dataset) -> pd.DataFrame:
 
 def write_results(evaluation: Evaluation, model: SavedModel, dataset, folder) -> dict[str, Path]:
     """Write metrics.json, predictions.csv and the figures (confusion matrix, ROC, training curves,
-    gallery) of an evaluation into ``folder``; return their paths by name."""
+    gallery) of an evaluation into ``folder``.
+
+    Parameters
+    ----------
+    evaluation : Evaluation
+        What :func:`evaluate_model` returned.
+    model : SavedModel
+        The model evaluated (its history.csv gives the training curves).
+    dataset : str, os.PathLike or OPDDataset
+        The dataset evaluated on.
+    folder : str or os.PathLike
+        The results folder (created).
+
+    Returns
+    -------
+    dict of str to pathlib.Path
+        The files written, by name.
+    """
     from . import plots
 
     folder = Path(folder)
@@ -670,7 +799,28 @@ def write_results(evaluation: Evaluation, model: SavedModel, dataset, folder) ->
 
 def baseline_summary(dataset, y_all, split: Split, task: Task, *, n_boot: int = 1000, seed: int = 0) -> dict:
     """Headline metrics (with CIs) of the baselines (``opdcells.baselines``) on the split's test maps,
-    fit on its training maps: what the model's figures are to be read against."""
+    fit on its training maps: what the model's figures are to be read against.
+
+    Parameters
+    ----------
+    dataset : OPDDataset
+        The open dataset.
+    y_all : array of int, shape (N_maps,)
+        Task label of every map (-1 outside the task).
+    split : Split
+        The run's split.
+    task : Task
+        The task.
+    n_boot : int
+        Bootstrap resamples.
+    seed : int
+        Seed of the baselines and the bootstrap.
+
+    Returns
+    -------
+    dict
+        Baseline name -> headline metric -> {"value", "ci_low", "ci_high"}.
+    """
     from .baselines import baseline_reports
 
     reports = baseline_reports(dataset, y_all, split, list(task.classes), n_boot=n_boot, seed=seed,

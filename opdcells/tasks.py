@@ -344,7 +344,25 @@ def task_targets(
 
 
 def task_labels(dataset, task: Task) -> np.ndarray:
-    """Task label id of every map of ``dataset`` (-1 for maps of classes outside the task)."""
+    """Task label id of every map of ``dataset`` (-1 for maps of classes outside the task).
+
+    Parameters
+    ----------
+    dataset : OPDDataset
+        The open dataset (``class_names``, ``labels``).
+    task : Task
+        The task.
+
+    Returns
+    -------
+    numpy.ndarray, shape (N_maps,), int64
+        Label ids into ``task.classes``, -1 outside the task.
+
+    Raises
+    ------
+    TaskError
+        The dataset lacks a class of the task.
+    """
     idx, y = task_targets(dataset.class_names, dataset.labels, task)
     y_all = np.full(len(dataset), -1, dtype=np.int64)
     y_all[idx] = y

@@ -30,8 +30,8 @@ UNDOCUMENTED: dict[str, int] = {"opdcells.baselines": 4, "opdcells.calibration":
     "opdcells.ood": 2, "opdcells.pipeline": 7, "opdcells.plots": 30, "opdcells.predict": 13,
     "opdcells.preprocess": 36, "opdcells.readers": 43, "opdcells.readers_archive": 4,
     "opdcells.readers_qpformat": 3, "opdcells.report": 2, "opdcells.retrieval": 6, "opdcells.screen": 9,
-    "opdcells.segment": 18, "opdcells.simulate": 27, "opdcells.spikein": 8, "opdcells.splits": 7,
-    "opdcells.study.experiments": 7, "opdcells.study.transfer": 23, "opdcells.tasks": 15}
+    "opdcells.segment": 18, "opdcells.simulate": 27, "opdcells.spikein": 8,
+    "opdcells.study.experiments": 7, "opdcells.study.transfer": 23}
 
 #: Option name patterns of physical quantities -> the units one of which the option name, metavar or help
 #: must name (a dimensionless option -- a fraction, a count, an index -- matches none of them).

@@ -41,7 +41,8 @@ def main(argv=None) -> int:
 
     from opdcells import ood
     from opdcells.features import feature_matrix
-    from opdcells.train import load_model, train
+    from opdcells.modelfolder import load_model
+    from opdcells.train import train
 
     with tempfile.TemporaryDirectory() as tmp:
         path = make_dataset(Path(tmp) / "bench.h5", args.maps, args.size)

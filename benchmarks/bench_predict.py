@@ -1,4 +1,4 @@
-"""Prediction throughput of a saved model (opdcells.train.SavedModel) vs the bare Keras model.
+"""Prediction throughput of a saved model (opdcells.modelfolder.SavedModel) vs the bare Keras model.
 
     .venv/bin/python benchmarks/bench_predict.py [--maps 2048] [--size 128] [--repeats 5]
 
@@ -65,7 +65,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args(argv)
 
-    from opdcells.train import load_model, train
+    from opdcells.modelfolder import load_model
+    from opdcells.train import train
 
     with tempfile.TemporaryDirectory() as tmp:
         path = make_dataset(Path(tmp) / "bench.h5", args.maps, args.size)

@@ -66,10 +66,10 @@ def main(argv=None) -> int:
     from opdcells.console import import_tensorflow
 
     import_tensorflow(False)
+    from opdcells.modelfolder import load_model
     from opdcells.predict import expand_exports, ingest_options, read_exports
     from opdcells.screen import ood_check, screen_files, screen_settings
     from opdcells.spikein import simulate_sample
-    from opdcells.train import load_model
 
     model = load_model(args.model)
     options = ingest_options(model)

@@ -72,10 +72,10 @@ def main(argv=None) -> int:
     from opdcells.console import import_tensorflow
 
     import_tensorflow(False)
+    from opdcells.modelfolder import load_model
     from opdcells.predict import ingest_options
     from opdcells.screen import ood_check, screen_files, screen_settings
     from opdcells.spikein import parse_spikes, simulate_sample
-    from opdcells.train import load_model
 
     model = load_model(args.model)
     with tempfile.TemporaryDirectory() as tmp:

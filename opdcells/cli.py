@@ -2,11 +2,10 @@
 
 Every command is a ``register(subparsers)`` function that adds its parser (options from
 :func:`opdcells.console.common_options`, and :func:`opdcells.ingest.add_reading_options` wherever exports
-are read) and sets ``run``: the ones here, :func:`opdcells.load.register` and
-:func:`opdcells.notebooks.register`. ``pretrain``'s module imports TensorFlow, so it is imported only
-when that command is invoked (``COMMANDS`` lists it by module name). Heavy imports (TensorFlow) happen
-inside the ``run`` functions, through :func:`opdcells.console.import_tensorflow` (no start-up noise), so
-``simulate``, ``load`` and ``--help`` stay fast.
+are read) and sets ``run``: the ones here, :func:`opdcells.load.register`,
+:func:`opdcells.pretrain_options.register` and :func:`opdcells.notebooks.register`. No parser imports
+TensorFlow: it is imported inside the ``run`` functions, through :func:`opdcells.console.import_tensorflow`
+(no start-up noise), so ``simulate``, ``load`` and every ``--help`` stay fast.
 
 Exit status: :mod:`opdcells.console` (0 success; 1 some inputs skipped; 2 usage or opdcells error, or
 nothing done; 130 interrupted).
@@ -14,13 +13,12 @@ nothing done; 130 interrupted).
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from . import load, notebooks
+from . import load, notebooks, pretrain_options
 from .config import (
     CLASS_WEIGHTINGS,
     DISTRIBUTE,
@@ -49,12 +47,19 @@ log = logging.getLogger(__name__)
 
 
 def register_simulate(subparsers) -> None:
+    """Add the ``simulate`` command: simulated exports of the five classes, or a screening sample.
+
+    Parameters
+    ----------
+    subparsers : argparse._SubParsersAction
+        The commands of the parser.
+    """
     p = subparsers.add_parser("simulate", parents=[common_options()], help="write simulated OPD exports",
                               description="Simulate the five classes as MATLAB exports (one folder per "
                                           "class and session) plus truth.csv.")
     p.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder")
     p.add_argument("--n-per-class", type=int, default=400, metavar="N", help="maps per class (400)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed of the simulation (default %(default)s)")
     p.add_argument("--sessions-per-class", type=int, default=5, metavar="K",
                    help="acquisition sessions per class (5)")
     sample = p.add_argument_group("screening sample (instead of the five classes)")
@@ -68,6 +73,18 @@ def register_simulate(subparsers) -> None:
 
 
 def run_simulate(args) -> int:
+    """Run the ``simulate`` command: write the simulated exports and print where they went.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        The parsed options.
+
+    Returns
+    -------
+    int
+        The exit status (:mod:`opdcells.console`).
+    """
     from .simulate import simulate_dataset
 
     if args.sample is not None:
@@ -90,13 +107,26 @@ def run_simulate(args) -> int:
 
 
 def add_saved_models_option(parser: argparse.ArgumentParser) -> None:
-    """``--saved-models DIR``: the one folder where run names are looked up and runs are saved."""
+    """``--saved-models DIR``: the one folder where run names are looked up and runs are saved.
+
+    Parameters
+    ----------
+    parser : argparse.ArgumentParser
+        The command's parser.
+    """
     parser.add_argument("--saved-models", type=Path, metavar="DIR",
                         help="folder of named runs (default $OPDCELLS_SAVED_MODELS, else the repository's "
                              "saved_models/; never the current directory's unless given)")
 
 
 def register_train(subparsers) -> None:
+    """Add the ``train`` command: one option per TrainConfig field, plus the task and the data.
+
+    Parameters
+    ----------
+    subparsers : argparse._SubParsersAction
+        The commands of the parser.
+    """
     p = subparsers.add_parser("train", parents=[common_options()], help="train a model on a dataset",
                               description="Train a classifier on an opdcells dataset and write the model "
                                           "folder (model, config.json, history.csv, metrics.json, "
@@ -117,7 +147,8 @@ def register_train(subparsers) -> None:
         default = field_default(field_name)
         p.add_argument(*flags, dest=field_name, **kw,
                        help=field_help(field_name).rstrip(".") + (f" ({default})" if default else ""))
-    p.add_argument("--n-boot", type=int, default=1000, metavar="N", help="bootstrap resamples for the CIs")
+    p.add_argument("--n-boot", type=int, default=1000, metavar="N",
+                   help="bootstrap resamples for the CIs (default %(default)s)")
     p.set_defaults(run=run_train)
 
 
@@ -157,12 +188,35 @@ TRAIN_OPTIONS = [
     (("--distribute",), "distribute", {"choices": DISTRIBUTE}),
 ]
 def train_settings(args) -> dict:
-    """The TrainConfig fields given on the command line (None: not given; ``--no-augment`` -> False)."""
+    """The TrainConfig fields given on the command line (None: not given; ``--no-augment`` -> False).
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        The parsed ``train`` options.
+
+    Returns
+    -------
+    dict
+        TrainConfig field -> value given (model and task excluded).
+    """
     return {field_name: getattr(args, field_name) for _, field_name, _ in TRAIN_OPTIONS
             if getattr(args, field_name) is not None and field_name not in ("model", "task")}
 
 
 def run_train(args) -> int:
+    """Run the ``train`` command: train one model (or cross-validate with ``--cv``) and print its test report.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        The parsed options.
+
+    Returns
+    -------
+    int
+        The exit status (:mod:`opdcells.console`).
+    """
     import_tensorflow(args.verbose)
     from .config import TrainConfig
     from .evaluate import format_report
@@ -214,6 +268,13 @@ def _run_cv(args, task, common) -> int:
 
 
 def register_evaluate(subparsers) -> None:
+    """Add the ``evaluate`` command: a saved model on its test split or on every map.
+
+    Parameters
+    ----------
+    subparsers : argparse._SubParsersAction
+        The commands of the parser.
+    """
     p = subparsers.add_parser("evaluate", parents=[common_options()], help="evaluate a saved model",
                               description="Evaluate a model on its stored test split (or on every map of "
                                           "the task's classes with --all); write metrics and figures.")
@@ -225,16 +286,30 @@ def register_evaluate(subparsers) -> None:
     p.add_argument("--all", action="store_true", help="every map of the task's classes, not the test split")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                    help="mean over each map's 8 rotations and reflections (default: as the model was saved)")
-    p.add_argument("--batch-size", type=int, default=64, metavar="B")
-    p.add_argument("--n-boot", type=int, default=1000, metavar="N", help="bootstrap resamples for the CIs")
+    p.add_argument("--batch-size", type=int, default=64, metavar="B",
+                   help="maps predicted together (default %(default)s)")
+    p.add_argument("--n-boot", type=int, default=1000, metavar="N",
+                   help="bootstrap resamples for the CIs (default %(default)s)")
     p.set_defaults(run=run_evaluate)
 
 
 def run_evaluate(args) -> int:
+    """Run the ``evaluate`` command: evaluate a saved model and write metrics, predictions and figures.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        The parsed options.
+
+    Returns
+    -------
+    int
+        The exit status (:mod:`opdcells.console`).
+    """
     import_tensorflow(args.verbose)
     from .dataset import open_dataset
-    from .evaluate import format_report
-    from .train import evaluate_model, load_model, stored_test_indices, write_results
+    from .evaluate import evaluate_model, format_report, stored_test_indices, write_results
+    from .modelfolder import load_model
 
     with open_dataset(args.data) as ds:
         model = load_model(args.model, dataset=ds, saved_models=args.saved_models)
@@ -254,7 +329,15 @@ def run_evaluate(args) -> int:
 
 def add_model_and_exports(parser: argparse.ArgumentParser, out_metavar: str) -> None:
     """MODEL, EXPORT..., --saved-models, --out and the reading options of ``load`` (commands that apply a
-    model to new exports)."""
+    model to new exports).
+
+    Parameters
+    ----------
+    parser : argparse.ArgumentParser
+        The command's parser.
+    out_metavar : str
+        How ``--out`` reads in the help (e.g. ``PREDS.csv``).
+    """
     from .ingest import add_reading_options
 
     parser.add_argument("model", metavar="MODEL", help="model folder, or run name in SAVED_MODELS")
@@ -266,13 +349,21 @@ def add_model_and_exports(parser: argparse.ArgumentParser, out_metavar: str) -> 
 
 def register_predict(subparsers) -> None:
 
+    """Add the ``predict`` command: a saved model on new exports.
+
+    Parameters
+    ----------
+    subparsers : argparse._SubParsersAction
+        The commands of the parser.
+    """
     p = subparsers.add_parser("predict", parents=[common_options()], help="predict classes of new exports",
                               description="Read exports exactly like load_data.py (at the model's pixel "
                                           "size and map size) and write one CSV row per map.",
                               epilog="Exit status: 0 all predicted; 1 some files or maps skipped; "
                                      "2 nothing predicted or an error.")
     add_model_and_exports(p, "PREDS.csv")
-    p.add_argument("--batch-size", type=int, default=64, metavar="B")
+    p.add_argument("--batch-size", type=int, default=64, metavar="B",
+                   help="maps predicted together (default %(default)s)")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                    help="mean over each map's 8 rotations and reflections (default: as the model was saved)")
     add_workers_option(p)
@@ -289,10 +380,22 @@ def add_workers_option(parser: argparse.ArgumentParser) -> None:
 
 
 def run_predict(args) -> int:
+    """Run the ``predict`` command: predict the classes of new exports into a CSV.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        The parsed options.
+
+    Returns
+    -------
+    int
+        The exit status (:mod:`opdcells.console`).
+    """
     import_tensorflow(args.verbose)
     from .ingest import reading_options
+    from .modelfolder import load_model
     from .predict import ingest_options, predict_files
-    from .train import load_model
 
     model = load_model(args.model, saved_models=args.saved_models)
     options = ingest_options(model, **reading_options(args))
@@ -308,6 +411,13 @@ def run_predict(args) -> int:
 
 
 def register_screen(subparsers) -> None:
+    """Add the ``screen`` and ``screen-merge`` commands: rare target cells in a sample.
+
+    Parameters
+    ----------
+    subparsers : argparse._SubParsersAction
+        The commands of the parser.
+    """
     from .calibration import DEFAULT_FPR
     from .screen import DEFAULT_PREVALENCE
 
@@ -326,12 +436,14 @@ def register_screen(subparsers) -> None:
     p.add_argument("--prevalence", type=float, default=DEFAULT_PREVALENCE, metavar="P",
                    help=f"assumed fraction of target cells, for the expected purity ({DEFAULT_PREVALENCE:g})")
     p.add_argument("--shard", type=_shard, default=(1, 1), metavar="K/N",
-                   help="screen every N-th file starting with the K-th (job arrays); join with screen-merge")
+                   help="screen every N-th file starting with the K-th (job arrays); join with screen-merge "
+                        "(default 1/1: every file)")
     p.add_argument("--sample-check", action="store_true",
                    help="raise the threshold to the sample's own upper quantile when more maps score "
                         "above it than --fpr and --prevalence allow (caps the candidates: give the largest "
                         "plausible --prevalence)")
-    p.add_argument("--batch-size", type=int, default=256, metavar="B")
+    p.add_argument("--batch-size", type=int, default=256, metavar="B",
+                   help="maps predicted together (default %(default)s)")
     add_workers_option(p)
     p.set_defaults(run=run_screen)
     m = subparsers.add_parser("screen-merge", parents=[common_options()],
@@ -351,11 +463,23 @@ def _shard(text: str) -> tuple[int, int]:
 
 
 def run_screen(args) -> int:
+    """Run the ``screen`` command: score a sample's cells and write the candidates and the report.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        The parsed options.
+
+    Returns
+    -------
+    int
+        The exit status (:mod:`opdcells.console`).
+    """
     import_tensorflow(args.verbose)
     from .ingest import reading_options
+    from .modelfolder import load_model
     from .predict import ingest_options
     from .screen import ood_check, screen_files, screen_settings
-    from .train import load_model
 
     model = load_model(args.model, saved_models=args.saved_models)
     settings = screen_settings(model, targets=args.target, fpr=args.fpr, prevalence=args.prevalence,
@@ -368,6 +492,18 @@ def run_screen(args) -> int:
 
 
 def run_screen_merge(args) -> int:
+    """Run the ``screen-merge`` command: join the shards of a screening job array.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        The parsed options.
+
+    Returns
+    -------
+    int
+        The exit status (:mod:`opdcells.console`).
+    """
     from .screen import merge_screens
 
     result = merge_screens(args.shards, args.out)
@@ -383,61 +519,54 @@ def _print_screen(result) -> None:
 
 # ------------------------------------------------------------------------------------------- main
 
-#: The commands in the order ``--help`` lists them: a ``register(subparsers)`` function, or (for a module
-#: that imports TensorFlow) ``(module, one-line help)``, imported only when its command is invoked.
-COMMANDS: dict[str, Callable | tuple[str, str]] = {
+#: The commands in the order ``--help`` lists them: their ``register(subparsers)`` functions.
+COMMANDS: dict[str, Callable] = {
     "simulate": register_simulate,
     "load": load.register,
     "train": register_train,
     "evaluate": register_evaluate,
     "predict": register_predict,
     "screen": register_screen,
-    "pretrain": ("opdcells.pretrain", "pretrain an OPD encoder (self-supervised or on simulated maps)"),
+    "pretrain": pretrain_options.register,
     "notebooks": notebooks.register,
 }
 
 
-def _requested(argv: Sequence[str]) -> str | None:
-    return next((a for a in argv if not a.startswith("-")), None)
+def build_parser() -> argparse.ArgumentParser:
+    """The CLI parser: every command of :data:`COMMANDS` (none imports TensorFlow).
 
-
-def build_parser(command: str | None = None, verbose: bool = False) -> argparse.ArgumentParser:
-    """The CLI parser; a command given by module name is imported only when it is ``command``.
-
-    Raises
-    ------
-    OPDCellsError
-        That module cannot be imported.
+    Returns
+    -------
+    argparse.ArgumentParser
+        ``python -m opdcells``'s parser; each command sets ``run`` (a function of the parsed arguments
+        returning the exit status).
     """
     parser = argparse.ArgumentParser(prog="python -m opdcells",
                                      description="Tell cancer cells from blood cells in OPD maps.",
                                      epilog="exit status: 0 ok; 1 some inputs skipped; 2 usage or opdcells "
                                             "error, or nothing done; 130 interrupted")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, register in COMMANDS.items():
-        if callable(register):
-            register(subparsers)
-        elif name == command:
-            import_tensorflow(verbose)
-            module = register[0]
-            try:
-                importlib.import_module(module).register(subparsers)
-            except (ImportError, AttributeError) as exc:
-                raise OPDCellsError(f"command {name!r} is not available ({module}: {exc})") from None
-        else:
-            subparsers.add_parser(name, help=register[1], add_help=False)
+    for register in COMMANDS.values():
+        register(subparsers)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI with ``argv`` (default ``sys.argv[1:]``); return the exit status."""
+    """Run the CLI with ``argv`` (default ``sys.argv[1:]``); return the exit status.
+
+    Parameters
+    ----------
+    argv : sequence of str, optional
+        The arguments (default ``sys.argv[1:]``).
+
+    Returns
+    -------
+    int
+        0 success; 1 some inputs skipped; 2 usage or opdcells error, or nothing done; 130 interrupted.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        parser = build_parser(_requested(argv), verbose=bool({"-v", "--verbose"} & set(argv)))
-        args = parser.parse_args(argv)
-    except OPDCellsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+        args = build_parser().parse_args(argv)
     except SystemExit as exc:  # usage error (2) or --help (0)
         return int(exc.code or 0)
     restore = setup_logging(args.quiet, args.verbose, summary=getattr(args, "summary_logger", None))

@@ -565,7 +565,18 @@ def field_help(name: str, cls=TrainConfig) -> str:
 
 
 def field_default(name: str) -> str:
-    """How the default of TrainConfig field ``name`` reads in the CLI's help."""
+    """How the default of TrainConfig field ``name`` reads in the CLI's help.
+
+    Parameters
+    ----------
+    name : str
+        A field of :class:`TrainConfig`.
+
+    Returns
+    -------
+    str
+        ``"default X"``, the profile note for profile fields, or "" when the default is None.
+    """
     if name in PROFILE_FIELDS:
         return "default: from --profile (and a pretrained encoder)"
     default = TrainConfig.__dataclass_fields__[name].default
@@ -573,7 +584,20 @@ def field_default(name: str) -> str:
 
 
 def write_json_atomic(path: str | os.PathLike, data) -> Path:
-    """Write ``data`` as indented JSON to ``path`` through a temporary sibling (never half-written)."""
+    """Write ``data`` as indented JSON to ``path`` through a temporary sibling (never half-written).
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The file; its folder is created.
+    data : object
+        JSON-serialisable data.
+
+    Returns
+    -------
+    pathlib.Path
+        ``path``.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)

@@ -121,9 +121,12 @@ def cross_validate(data, model: str = "features", task=None, k: int = 5, *, seed
     -------
     CrossValidation
     """
-    from .train import _opened, saved_models_root, task_labels, train
+    from .files import opened
+    from .modelfolder import saved_models_root
+    from .tasks import task_labels
+    from .train import train
 
-    with _opened(data) as ds:
+    with opened(data) as ds:
         task = resolve_task(task, ds.class_names, ds.labels)
         names = list(task.classes)
         root = saved_models_root(train_kw.get("saved_models"))
@@ -181,7 +184,7 @@ def cross_validate_models(data, models, task=None, k: int = 5, *, out, **kw) -> 
 
 @contextlib.contextmanager
 def _without_few_groups_warnings():
-    """Drop ``opdcells.train``'s per-model "few acquisition groups" warnings (a fold has few by design)."""
+    """Drop ``opdcells.evaluate``'s per-model "few acquisition groups" warnings (a fold has few by design)."""
     from .evaluate import small_study_warnings
 
     text = small_study_warnings([0], ["g"], ["c"])[0].split("(")[0]
@@ -189,7 +192,7 @@ def _without_few_groups_warnings():
     def keep(record: logging.LogRecord) -> bool:
         return text not in record.getMessage()
 
-    logger = logging.getLogger("opdcells.train")
+    logger = logging.getLogger("opdcells.evaluate")
     logger.addFilter(keep)
     try:
         yield

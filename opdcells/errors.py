@@ -46,13 +46,35 @@ def safe_text(text) -> str:
 
 
 def one_line(reason) -> str:
-    """A reason (e.g. a library's multi-line exception message) on one line, made safe to print."""
+    """A reason (e.g. a library's multi-line exception message) on one line, made safe to print.
+
+    Parameters
+    ----------
+    reason : object
+        The message (its ``str``).
+
+    Returns
+    -------
+    str
+        One line, with :func:`safe_text`'s escapes.
+    """
     return safe_text(_LINE_BREAKS.sub(" ", str(reason).strip()))
 
 
 def storable_text(text: str) -> str:
     """``text`` as valid UTF-8 for storing (HDF5 strings): undecodable bytes of a file name become
-    ``\\xNN``; text that is valid UTF-8 is returned unchanged."""
+    ``\\xNN``; text that is valid UTF-8 is returned unchanged.
+
+    Parameters
+    ----------
+    text : str
+        A name, possibly holding surrogate-escaped bytes.
+
+    Returns
+    -------
+    str
+        Valid UTF-8 text.
+    """
     try:
         text.encode("utf-8")
         return text
@@ -109,6 +131,34 @@ class SplitError(OPDCellsError, ValueError):
         super().__init__(prefix + one_line(reason))
 
 
+class ModelError(OPDCellsError, OSError):
+    """A saved model folder (``opdcells.modelfolder``) is missing, incomplete or unusable.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The model folder or file.
+    reason : str
+        What is wrong with it.
+    """
+
+    def __init__(self, path, reason: str):
+        self.path = str(path)
+        self.reason = reason
+        OPDCellsError.__init__(self, str(self))
+
+    def __str__(self) -> str:
+        return f"{safe_text(self.path)}: {one_line(self.reason)}"
+
+
+class TaskError(OPDCellsError, ValueError):
+    """A task cannot be run on a dataset (classes missing or ambiguous, unknown task)."""
+
+
+class NotebookError(OPDCellsError, RuntimeError):
+    """A notebook cell failed while executing headless."""
+
+
 class OODError(OPDCellsError, OSError):
     """A model folder's ``ood.npz`` (``opdcells.ood``) is unreadable, pickled or inconsistent."""
 
@@ -131,6 +181,16 @@ def is_odd_library_error(exc: BaseException) -> bool:
     qpimage (``MetaDataMissingError``, ``IntegrityCheckError``) and qpformat (``BadFileFormatError``,
     ``LoadTifPhasicsError``, ...) do this; such an error is about the file and must not escape every
     handler. Python's control-flow exceptions (:data:`CONTROL_FLOW`) are not.
+
+    Parameters
+    ----------
+    exc : BaseException
+        The exception caught.
+
+    Returns
+    -------
+    bool
+        Whether it is such a library error.
     """
     return not isinstance(exc, (Exception, *CONTROL_FLOW))
 
@@ -155,3 +215,15 @@ class ConfigError(_PathError, ValueError):
 class RegistryError(_PathError, ValueError):
     """A pretrained encoder of the registry is not registered, missing, corrupt (SHA-256 mismatch) or
     cannot be downloaded. ``path`` names the registry entry, file or URL."""
+
+
+class ScreenError(_PathError, ValueError):
+    """A model or setting that cannot screen (no calibration, unknown target), naming the model folder.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The model folder.
+    reason : str
+        Why it cannot screen.
+    """

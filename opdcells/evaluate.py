@@ -12,12 +12,16 @@ them on the same resamples).
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import os
 import warnings
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -30,6 +34,15 @@ from sklearn.metrics import (
     roc_auc_score,
     roc_curve,
 )
+
+from .config import TTA_DIHEDRAL
+from .errors import DatasetError
+from .files import opened, write_json
+from .splits import Split
+from .tasks import Task, task_labels
+
+if TYPE_CHECKING:
+    from .modelfolder import SavedModel
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +70,28 @@ def classification_report(y_true, proba, class_names, *, n_boot: int = 1000, see
     {precision, recall, f1, support}, confusion_matrix {labels, counts (rows true, columns predicted)},
     roc_auc {macro, per_class, notes}, ece (15 equal-width bins on the top probability), and for two
     classes sensitivity_at_fpr {positive_class, "0.01", "0.001"} (else None). ``n_boot=0`` skips the CIs.
+
+    Parameters
+    ----------
+    y_true : array of int, shape (N,)
+        True class index of every map.
+    proba : array of float, shape (N, K)
+        Predicted probabilities; column k is ``class_names[k]``.
+    class_names : sequence of str, length K
+        The classes.
+    n_boot : int
+        Bootstrap resamples (0: no confidence intervals).
+    seed : int
+        Seed of the bootstrap.
+    positive_class : str, optional
+        The class whose sensitivity at low false-positive rates is reported (two classes only).
+    groups : array of str, shape (N,), optional
+        Every map's acquisition group: the bootstrap resamples whole groups.
+
+    Returns
+    -------
+    dict
+        The report (keys above).
     """
     y_true, proba, names = _check_inputs(y_true, proba, class_names)
     groups = None if groups is None else _check_groups(groups, y_true)
@@ -518,3 +553,276 @@ def _is_integral(series: pd.Series) -> bool:
     """True for numeric columns whose values are all whole numbers (counts such as n)."""
     values = pd.to_numeric(series, errors="coerce").dropna()
     return pd.api.types.is_numeric_dtype(series) and bool(np.all(np.mod(values, 1) == 0))
+
+
+# ------------------------------------------------------------------ a saved model on a dataset
+
+
+POSITIVE_CLASS = "cancer"   # sensitivity at low FPR is reported for this class in binary tasks
+
+
+@dataclass
+class Evaluation:
+    """Predictions of a model on dataset maps and their ``classification_report``.
+
+    Attributes
+    ----------
+    report : dict
+        :func:`classification_report` of the maps (plus ``test_time_augmentation``).
+    indices : numpy.ndarray, shape (N,), int
+        The dataset rows evaluated.
+    y_true : numpy.ndarray, shape (N,), int
+        Their task labels.
+    proba : numpy.ndarray, shape (N, K), float
+        The model's probabilities.
+    class_names : list of str
+        The task's classes (K).
+    """
+
+    report: dict
+    indices: np.ndarray
+    y_true: np.ndarray
+    proba: np.ndarray
+    class_names: list[str]
+
+
+def _positive_class(class_names) -> str | None:
+    return POSITIVE_CLASS if POSITIVE_CLASS in class_names and len(class_names) == 2 else None
+
+
+def evaluate_model(model: SavedModel, dataset, indices=None, *, batch_size: int = 64, n_boot: int = 1000,
+                   seed: int = 0, tta: bool | None = None, groups=None) -> Evaluation:
+    """Evaluate a saved model on dataset maps.
+
+    Confidence intervals resample the maps' acquisition groups (:func:`classification_report`); too few
+    test groups per class are warned about, and so is an encoder used at another geometry than it was
+    pretrained at (config ``model_info``).
+
+    Parameters
+    ----------
+    model : SavedModel
+        The model (:func:`opdcells.modelfolder.load_model`).
+    dataset : str, os.PathLike or OPDDataset
+        The dataset (pixel size, map size and classes must fit the model).
+    indices : array of int, optional
+        Rows to evaluate (default: every map of the model's task classes).
+    batch_size : int
+        Maps predicted together.
+    n_boot : int
+        Bootstrap resamples of the confidence intervals.
+    seed : int
+        Seed of the bootstrap.
+    tta : bool, optional
+        Test-time augmentation as in :meth:`SavedModel.predict_proba` (default: the model's own).
+    groups : array of str, shape (N_maps,), optional
+        Every dataset map's acquisition group (default the dataset's own).
+
+    Returns
+    -------
+    Evaluation
+        The predictions and the report.
+
+    Raises
+    ------
+    DatasetError, TaskError
+        The dataset does not fit the model, or maps outside the task's classes.
+    """
+    with opened(dataset) as ds:
+        model.check_dataset(ds)
+        y_all = task_labels(ds, model.task)
+        if indices is None:
+            indices = np.flatnonzero(y_all >= 0)
+        indices = np.asarray(indices, dtype=np.int64)
+        outside = indices[y_all[indices] < 0]
+        if len(outside):
+            raise DatasetError(ds.path, f"{len(outside)} of the maps to evaluate are not of the task's "
+                                        "classes")
+        proba = model.predict_dataset(ds, indices, batch_size=batch_size, tta=tta)
+        y_true = y_all[indices]
+        report = classification_report(y_true, proba, model.class_names, n_boot=n_boot, seed=seed,
+                                       positive_class=_positive_class(model.class_names),
+                                       groups=(ds.groups if groups is None else groups)[indices])
+        for warning in report["warnings"]:
+            log.warning("%s: %s", model.name, warning)
+        geometry = model.config.get("model_info", {}).get("geometry_warning")
+        if geometry:   # its encoder was pretrained at another pixel size or window
+            log.warning("%s: %s", model.name, geometry)
+            report["warnings"].append(geometry)
+        report["test_time_augmentation"] = TTA_DIHEDRAL if model.uses_tta(tta) else None
+        return Evaluation(report, indices, y_true, proba, model.class_names)
+
+
+def rows_digest(dataset, indices) -> str:
+    """SHA-256 identifying the maps at rows ``indices`` (their source file hashes and positions).
+
+    Parameters
+    ----------
+    dataset : str, os.PathLike or OPDDataset
+        The dataset.
+    indices : array of int
+        The rows.
+
+    Returns
+    -------
+    str
+        64 hexadecimal digits.
+    """
+    idx = np.asarray(indices, dtype=np.int64)
+    with opened(dataset) as ds:
+        rows = list(zip(ds.source_sha256[idx].tolist(), ds.source_index[idx].tolist(), strict=True))
+    return hashlib.sha256(json.dumps(rows, separators=(",", ":")).encode()).hexdigest()
+
+
+def stored_test_indices(model: SavedModel, dataset) -> np.ndarray:
+    """Test-split indices of ``model`` into ``dataset``, the dataset it was trained on.
+
+    The same dataset is recognised by its fingerprint, or -- after appends -- by the same maps at the test
+    rows (:func:`rows_digest`, logged).
+
+    Parameters
+    ----------
+    model : SavedModel
+        A trained model (its split.json).
+    dataset : str, os.PathLike or OPDDataset
+        The dataset.
+
+    Returns
+    -------
+    numpy.ndarray, int
+        The test rows.
+
+    Raises
+    ------
+    DatasetError
+        Another dataset than the model's.
+    """
+    with opened(dataset) as ds:
+        split = Split.from_json(model.folder / "split.json")
+        if ds.fingerprint == model.config["dataset"]["fingerprint"]:
+            return split.test
+        in_range = len(split.test) == 0 or split.test.max() < len(ds)
+        if in_range and rows_digest(ds, split.test) == model.config["split"].get("test_rows_sha256"):
+            log.warning("%s changed since model %s was trained; its test maps are still at the stored rows",
+                        ds.path, model.name)
+            return split.test
+        raise DatasetError(ds.path, f"is not the dataset model {model.name} was trained on "
+                                    f"({model.config['dataset']['path']}); evaluate on all its maps (--all)")
+
+
+class _LazyMaps:
+    """Read-on-access sequence of dataset maps (for figures that pick a few of many maps)."""
+
+    def __init__(self, dataset, indices):
+        self.dataset, self.indices = dataset, np.asarray(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i) -> np.ndarray:
+        return self.dataset.read(int(self.indices[i]))
+
+
+def predictions_table(evaluation: Evaluation, dataset) -> pd.DataFrame:
+    """One row per evaluated map: dataset index, where it came from (``OPDDataset.origins``: source file
+    and index, the cell's number, centroid and bounding box in its field), group, true and predicted
+    class, probabilities.
+
+    Parameters
+    ----------
+    evaluation : Evaluation
+        What :func:`evaluate_model` returned.
+    dataset : str, os.PathLike or OPDDataset
+        The dataset it was evaluated on.
+
+    Returns
+    -------
+    pandas.DataFrame
+        The table (predictions.csv).
+    """
+    idx, names = evaluation.indices, evaluation.class_names
+    with opened(dataset) as ds:
+        frame = pd.DataFrame({"dataset_index": idx, **ds.origins(idx), "group": ds.groups[idx],
+                              "true": [names[k] for k in evaluation.y_true],
+                              "predicted": [names[k] for k in evaluation.proba.argmax(axis=1)]})
+    for k, name in enumerate(names):
+        frame[f"p_{name}"] = evaluation.proba[:, k]
+    return frame
+
+
+def write_results(evaluation: Evaluation, model: SavedModel, dataset, folder) -> dict[str, Path]:
+    """Write metrics.json, predictions.csv and the figures (confusion matrix, ROC, training curves,
+    gallery) of an evaluation into ``folder``.
+
+    Parameters
+    ----------
+    evaluation : Evaluation
+        What :func:`evaluate_model` returned.
+    model : SavedModel
+        The model evaluated (its history.csv gives the training curves).
+    dataset : str, os.PathLike or OPDDataset
+        The dataset evaluated on.
+    folder : str or os.PathLike
+        The results folder (created).
+
+    Returns
+    -------
+    dict of str to pathlib.Path
+        The files written, by name.
+    """
+    from . import plots
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    names, report = evaluation.class_names, evaluation.report
+    out = {"metrics": folder / "metrics.json", "predictions": folder / "predictions.csv"}
+    write_json(out["metrics"], report)
+    predictions_table(evaluation, dataset).to_csv(out["predictions"], index=False)
+    title = f"{model.name} ({model.config['task']})"
+    out["confusion_matrix"] = plots.confusion_matrix(np.asarray(report["confusion_matrix"]["counts"]), names,
+                                                     folder / "confusion_matrix.png", title=title)
+    if len(np.unique(evaluation.y_true)) > 1:
+        out["roc"] = plots.roc_curves(evaluation.y_true, evaluation.proba, names, folder / "roc.png",
+                                      positive_class=_positive_class(names), log_x=len(names) == 2,
+                                      title=title)
+    history = model.folder / "history.csv"
+    if history.is_file():
+        frame = pd.read_csv(history).drop(columns="epoch", errors="ignore")
+        step = "boosting iteration" if model.config["model"] == "features" else "epoch"
+        out["training_curves"] = plots.training_curves(frame, folder / "training_curves.png", title=title,
+                                                       step=step)
+    with opened(dataset) as ds:
+        out["gallery"] = plots.gallery(_LazyMaps(ds, evaluation.indices), evaluation.y_true,
+                                       evaluation.proba.argmax(axis=1), names, folder / "gallery.png")
+    log.info("wrote %s", ", ".join(str(p) for p in out.values()))
+    return out
+
+
+def baseline_summary(dataset, y_all, split: Split, task: Task, *, n_boot: int = 1000, seed: int = 0) -> dict:
+    """Headline metrics (with CIs) of the baselines (``opdcells.baselines``) on the split's test maps,
+    fit on its training maps: what the model's figures are to be read against.
+
+    Parameters
+    ----------
+    dataset : OPDDataset
+        The open dataset.
+    y_all : array of int, shape (N_maps,)
+        Task label of every map (-1 outside the task).
+    split : Split
+        The run's split.
+    task : Task
+        The task.
+    n_boot : int
+        Bootstrap resamples.
+    seed : int
+        Seed of the baselines and the bootstrap.
+
+    Returns
+    -------
+    dict
+        Baseline name -> headline metric -> {"value", "ci_low", "ci_high"}.
+    """
+    from .baselines import baseline_reports
+
+    reports = baseline_reports(dataset, y_all, split, list(task.classes), n_boot=n_boot, seed=seed,
+                               positive_class=_positive_class(list(task.classes)))
+    return {name: {key: report[key] for key in HEADLINE} for name, report in reports.items()}

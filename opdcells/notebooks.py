@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from .console import EXIT_OK, common_options, drop_noise, quiet_tensorflow_environment
-from .errors import OPDCellsError, one_line
+from .errors import NotebookError, one_line
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ("Final_Project.ipynb", "OPD_Model_and_DinoV2.ipynb")
@@ -29,10 +29,6 @@ log = logging.getLogger(__name__)
 
 #: What a kernel writes to its stderr when it is shut down at the end of a run (not worth a warning).
 KERNEL_SHUTDOWN = re.compile(r"KeyboardInterrupt caught in kernel")
-
-
-class NotebookError(OPDCellsError, RuntimeError):
-    """A notebook cell failed while executing headless."""
 
 
 def kernel_environment(environ: dict | None = None) -> dict:

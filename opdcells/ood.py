@@ -82,7 +82,7 @@ def model_inputs(learner, maps, pixel_size_um: float, batch_size: int = 64,
 
     Parameters
     ----------
-    learner : train._KerasLearner or train._FeaturesLearner
+    learner : learners._KerasLearner or learners._FeaturesLearner
         The fitted model (``SavedModel.learner``).
     maps : array-like, (N, S, S)
         OPD maps in nm at the model's pixel size and size.
@@ -421,7 +421,7 @@ class PredictionCheck:
 
     Parameters
     ----------
-    model : train.SavedModel
+    model : modelfolder.SavedModel
         The loaded model.
     """
 

@@ -432,7 +432,7 @@ def predict_files(model, paths: Iterable[str | os.PathLike], out: str | os.PathL
 
     Parameters
     ----------
-    model : opdcells.train.SavedModel
+    model : opdcells.modelfolder.SavedModel
         The model; maps are made at its pixel size and window (:func:`ingest_options`).
     paths : iterable of path
         Export files or folders (walked).

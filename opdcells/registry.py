@@ -143,6 +143,16 @@ def get_registered_encoders(backbone: str | None = None) -> dict[str, Registered
 def get_entry(name: str) -> RegisteredEncoder:
     """The entry ``name``.
 
+    Parameters
+    ----------
+    name : str
+        A key of :data:`REGISTRY`.
+
+    Returns
+    -------
+    RegisteredEncoder
+        The entry.
+
     Raises
     ------
     RegistryError
@@ -156,6 +166,16 @@ def get_entry(name: str) -> RegisteredEncoder:
 
 def default_entry(backbone: str) -> RegisteredEncoder:
     """The entry ``weights="opd"`` loads for ``backbone``.
+
+    Parameters
+    ----------
+    backbone : str
+        A model family (mobilenetv2, dinov2, ...).
+
+    Returns
+    -------
+    RegisteredEncoder
+        Its OPD-pretrained entry (:data:`DEFAULTS`).
 
     Raises
     ------
@@ -172,12 +192,28 @@ def default_entry(backbone: str) -> RegisteredEncoder:
 
 
 def cache_dir() -> Path:
-    """Download cache: ``$OPDCELLS_CACHE``, default ``~/.cache/opdcells``."""
+    """Download cache: ``$OPDCELLS_CACHE``, default ``~/.cache/opdcells``.
+
+    Returns
+    -------
+    pathlib.Path
+        The folder (not created here).
+    """
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "opdcells").expanduser()
 
 
 def file_sha256(path: str | os.PathLike) -> str:
     """SHA-256 (hex) of a file, read in 1 MiB blocks.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The file.
+
+    Returns
+    -------
+    str
+        64 hexadecimal digits.
 
     Raises
     ------
@@ -293,6 +329,16 @@ def _unpack(entry: RegisteredEncoder, archive: Path, folder: Path) -> None:
 
 def encoder_config(folder: str | os.PathLike) -> dict:
     """The ``config.json`` of an encoder folder.
+
+    Parameters
+    ----------
+    folder : str or os.PathLike
+        An encoder folder.
+
+    Returns
+    -------
+    dict
+        Its config.json.
 
     Raises
     ------

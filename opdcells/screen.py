@@ -57,7 +57,7 @@ from .calibration import (
     target_score,
 )
 from .console import EXIT_FAILED, EXIT_OK, EXIT_SKIPPED
-from .errors import OPDCellsError, storable_text
+from .errors import ScreenError, storable_text
 from .ingest import Dropped, IngestOptions
 from .predict import (
     DROPPED_COLUMNS,
@@ -87,14 +87,6 @@ GALLERY_SIZE = 120
 SCORE_COLUMNS = (*ID_COLUMNS, *POSITION_COLUMNS, *MEASURE_COLUMNS, "p_target", "predicted", "ood_score",
                  "ood_flag", "flagged")
 
-
-
-class ScreenError(OPDCellsError, ValueError):
-    """A model or setting that cannot screen (no calibration, unknown target), naming the model folder."""
-
-    def __init__(self, path, reason: str):
-        self.path, self.reason = path, reason
-        super().__init__(path, reason)
 
 
 @dataclass

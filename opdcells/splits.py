@@ -52,7 +52,21 @@ MAP_SPLIT_WARNING = ("split by map, not by acquisition group: maps of one sessio
 
 @dataclass(frozen=True, eq=False)
 class Split:
-    """Sorted index arrays of the three parts, the seed, and the group names in each part."""
+    """Sorted index arrays of the three parts, the seed, and the group names in each part.
+
+    Attributes
+    ----------
+    train, val, test : numpy.ndarray of int
+        Map indices of the parts (sorted).
+    seed : int, optional
+        The seed the split was made with.
+    groups : dict of str to list of str
+        Part -> the acquisition groups in it.
+    by : {"group", "map"}
+        Whole acquisition groups per part, or single maps (``MAP_SPLIT_WARNING``).
+    warning : str, optional
+        What the split cannot show (map splits).
+    """
 
     train: np.ndarray
     val: np.ndarray
@@ -121,6 +135,22 @@ def group_split(y, groups, *, test_size: float = 0.2, val_size: float = 0.15, se
     allow); ``val_size=0`` gives an empty validation part. Logs a warning when a class cannot
     appear in every part; SplitError (:func:`check_group_layout`) when every class is one group.
     Raises ValueError on unusable input (too few groups, bad fractions).
+
+    Parameters
+    ----------
+    y : array of int, shape (N,)
+        Class of every map.
+    groups : array of str, shape (N,)
+        Acquisition group of every map.
+    test_size, val_size : float
+        Fractions of all maps for testing and validation.
+    seed : int
+        Seed of the split.
+
+    Returns
+    -------
+    Split
+        Indices into ``y``.
     """
     check_group_layout(y, groups)
     y, groups = _check_inputs(y, groups, test_size, val_size, seed)
@@ -266,7 +296,20 @@ def groups_from_pattern(names, pattern: str) -> np.ndarray:
 def dataset_groups(dataset, group_pattern: str | None = None) -> np.ndarray:
     """Acquisition group of every map of an opened dataset: its ``group`` column, or with
     ``group_pattern`` :func:`groups_from_pattern` of its source file names (SplitError naming the dataset
-    if the pattern does not fit)."""
+    if the pattern does not fit).
+
+    Parameters
+    ----------
+    dataset : OPDDataset
+        The open dataset.
+    group_pattern : str, optional
+        A regular expression over the source file names (named groups joined).
+
+    Returns
+    -------
+    numpy.ndarray of str, shape (N_maps,)
+        The groups.
+    """
     if group_pattern is None:
         return dataset.groups
     try:
@@ -315,6 +358,22 @@ def subsample_labelled(train_idx, y, fraction: float, seed: int = 0) -> np.ndarr
     ``y`` is the label array of ALL maps (indexed by ``train_idx``). Subsets drawn with the same seed
     are nested (a smaller fraction is contained in a larger one), as label-efficiency curves need.
     scikit-learn's stratified samplers may drop a rare class entirely, hence the per-class draw.
+
+    Parameters
+    ----------
+    train_idx : array of int
+        The training maps.
+    y : array of int, shape (N_maps,)
+        Label of every map.
+    fraction : float
+        Fraction of each class kept, in (0, 1].
+    seed : int
+        Seed of the draw.
+
+    Returns
+    -------
+    numpy.ndarray of int
+        The subset (sorted).
     """
     train_idx = np.asarray(train_idx, dtype=np.int64)
     y = np.asarray(y)

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import OPDCellsError
+from .errors import TaskError
 
 log = logging.getLogger(__name__)
 
@@ -57,16 +57,21 @@ _ALIASES = {
 _SUFFIXES = ("cellline", "cells", "cell")
 
 
-class TaskError(OPDCellsError, ValueError):
-    """A task cannot be run on a dataset (classes missing or ambiguous, unknown task)."""
-
-
 @dataclass(frozen=True)
 class Task:
     """A classification task: ``classes`` (label order) and the dataset classes each one groups.
 
     Members are class names as :func:`class_key` matches them (a reference class under any spelling,
     any other name up to case and separators).
+
+    Attributes
+    ----------
+    name : str
+        The task's name (a reference task's, or made of its class names).
+    classes : tuple of str
+        The task classes in label order.
+    members : dict of str to tuple of str
+        Task class -> the class names it groups.
     """
 
     name: str
@@ -115,7 +120,18 @@ TASK_SYNTAX = (f"a reference task ({', '.join(TASKS)}), {ALL!r} (every class of 
 
 
 def get_task(name: str | Task) -> Task:
-    """The reference task called ``name`` (a :class:`Task` is returned as is); TaskError if unknown."""
+    """The reference task called ``name`` (a :class:`Task` is returned as is); TaskError if unknown.
+
+    Parameters
+    ----------
+    name : str or Task
+        A reference task name.
+
+    Returns
+    -------
+    Task
+        The task.
+    """
     if isinstance(name, Task):
         return name
     try:
@@ -180,7 +196,18 @@ def resolve_task(spec: str | Task | None = None, class_names: Sequence[str] | No
 
 def task_slug(spec: str | Task) -> str:
     """File-name-safe name of a task as written (``"PC3,PNT1A"`` -> ``PC3_vs_PNT1A``; a reference task name
-    or ``"all"`` as it is): what run folders of a task are called."""
+    or ``"all"`` as it is): what run folders of a task are called.
+
+    Parameters
+    ----------
+    spec : str or Task
+        The task as written.
+
+    Returns
+    -------
+    str
+        The folder name.
+    """
     if isinstance(spec, Task):
         return spec.name
     spec = str(spec).strip()
@@ -188,7 +215,20 @@ def task_slug(spec: str | Task) -> str:
 
 
 def default_tasks(class_names: Sequence[str], labels=None) -> list[str]:
-    """The reference tasks whose classes all have maps in a dataset, or ``["all"]`` when none fits."""
+    """The reference tasks whose classes all have maps in a dataset, or ``["all"]`` when none fits.
+
+    Parameters
+    ----------
+    class_names : sequence of str
+        The dataset's class names.
+    labels : array of int, optional
+        Every map's label id (default: every class counts as present).
+
+    Returns
+    -------
+    list of str
+        Task names.
+    """
     fits = []
     for name, task in TASKS.items():
         try:
@@ -200,7 +240,18 @@ def default_tasks(class_names: Sequence[str], labels=None) -> list[str]:
 
 
 def task_name(classes: Sequence[str]) -> str:
-    """File-name-safe task name made of its class names: ``PC3_vs_PNT1A``."""
+    """File-name-safe task name made of its class names: ``PC3_vs_PNT1A``.
+
+    Parameters
+    ----------
+    classes : sequence of str
+        The task's classes.
+
+    Returns
+    -------
+    str
+        The name.
+    """
     return "_vs_".join(re.sub(r"[^A-Za-z0-9.+-]+", "-", str(c)).strip("-") or "class" for c in classes)
 
 
@@ -267,7 +318,18 @@ def _normalise(name: str) -> str:
 
 
 def canonical_class(name: str) -> str | None:
-    """Canonical class of a dataset class name, or None when it is not one of the five classes."""
+    """Canonical class of a dataset class name, or None when it is not one of the five classes.
+
+    Parameters
+    ----------
+    name : str
+        A class name as a lab writes it.
+
+    Returns
+    -------
+    str or None
+        SW480, SW620, granulocytes, monocytes or PBMCs, or None.
+    """
     key = _normalise(name)
     if not key:
         return None
@@ -278,7 +340,18 @@ def canonical_class(name: str) -> str | None:
 
 def class_key(name: str) -> str:
     """What a class name is matched by: its reference class if it is one (:func:`canonical_class`), else
-    its normalised spelling ('PC-3 cells' -> 'pc3')."""
+    its normalised spelling ('PC-3 cells' -> 'pc3').
+
+    Parameters
+    ----------
+    name : str
+        A class name.
+
+    Returns
+    -------
+    str
+        The key.
+    """
     return canonical_class(name) or _normalise(name)
 
 
@@ -312,6 +385,22 @@ def task_targets(
     label ids (positions in ``task.classes``). Maps of other classes are left out (logged). A task class
     with no maps at all is a :class:`TaskError` naming the missing classes and the classes present;
     a task class with only some of its members present (e.g. cancer = SW620 only) is logged as a warning.
+
+    Parameters
+    ----------
+    class_names : sequence of str
+        The dataset's class names.
+    labels : array of int, shape (N_maps,)
+        Every map's label id into ``class_names``.
+    task : str or Task
+        The task (a name is looked up with :func:`get_task`).
+
+    Returns
+    -------
+    idx : numpy.ndarray, int64
+        Indices of the maps of the task's classes.
+    y : numpy.ndarray, int64
+        Their task label ids.
     """
     task = get_task(task)
     class_names = [str(c) for c in class_names]
@@ -345,3 +434,29 @@ def task_targets(
     y_all = lookup[labels]
     idx = np.flatnonzero(y_all >= 0)
     return idx, y_all[idx]
+
+
+def task_labels(dataset, task: Task) -> np.ndarray:
+    """Task label id of every map of ``dataset`` (-1 for maps of classes outside the task).
+
+    Parameters
+    ----------
+    dataset : OPDDataset
+        The open dataset (``class_names``, ``labels``).
+    task : Task
+        The task.
+
+    Returns
+    -------
+    numpy.ndarray, shape (N_maps,), int64
+        Label ids into ``task.classes``, -1 outside the task.
+
+    Raises
+    ------
+    TaskError
+        The dataset lacks a class of the task.
+    """
+    idx, y = task_targets(dataset.class_names, dataset.labels, task)
+    y_all = np.full(len(dataset), -1, dtype=np.int64)
+    y_all[idx] = y
+    return y_all

@@ -233,7 +233,8 @@ def _read_back(folder: Path):
 
     import pandas as pd
 
-    from opdcells.train import TrainResult, load_model
+    from opdcells.modelfolder import load_model
+    from opdcells.train import TrainResult
 
     history = pd.read_csv(folder / "history.csv").drop(columns="epoch")
     return TrainResult(folder, {k: history[k].dropna().tolist() for k in history.columns},

@@ -146,15 +146,15 @@ def test_evaluate_all_maps_of_a_new_dataset(features_run, tmp_path, capsys):
 
 def evaluate_deep(tmp_path_factory, results, tta: bool):
     """``evaluate`` of the tiny MobileNetV2 run into ``results`` (as saved, or ``--no-tta``): the run, the
-    tta arguments train.evaluate_model got, and the results folder."""
-    import opdcells.train
+    tta arguments evaluate.evaluate_model got, and the results folder."""
+    import opdcells.evaluate
 
     run = tiny_run(tmp_path_factory, "mobilenetv2", "five_class")
-    seen, original = [], opdcells.train.evaluate_model
+    seen, original = [], opdcells.evaluate.evaluate_model
     argv = ["evaluate", str(run.model_dir), "--data", run.config["dataset"]["path"],
             "--results", str(results), "--n-boot", "0", *([] if tta else ["--no-tta"])]
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(opdcells.train, "evaluate_model",
+        patch.setattr(opdcells.evaluate, "evaluate_model",
                       lambda *a, **kw: seen.append(kw["tta"]) or original(*a, **kw))
         assert main(argv) == 0
     return run, seen, results / run.model_dir.name

@@ -82,7 +82,7 @@ def features(tmp_path_factory):
 
 
 def test_a_format3_model_folder_still_loads_and_predicts_the_same(features, tmp_path):
-    from opdcells.train import load_model
+    from opdcells.modelfolder import load_model
 
     folder = tmp_path / "old"
     shutil.copytree(features.model_dir, folder)
@@ -98,7 +98,7 @@ def test_a_format3_model_folder_still_loads_and_predicts_the_same(features, tmp_
 
 
 def test_a_model_folder_with_an_invalid_train_config_is_refused_naming_its_file(features, tmp_path):
-    from opdcells.train import load_model
+    from opdcells.modelfolder import load_model
 
     folder = tmp_path / "bad"
     shutil.copytree(features.model_dir, folder)

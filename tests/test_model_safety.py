@@ -18,15 +18,10 @@ pytest.importorskip("tensorflow")
 
 import skops.io  # noqa: E402
 
+from opdcells.errors import ModelError  # noqa: E402
+from opdcells.learners import FEATURES_TRUSTED_TYPES  # noqa: E402
+from opdcells.modelfolder import FORMAT_VERSION, SAVED_MODELS_ENV, load_model, saved_models_root  # noqa: E402
 from opdcells.predict import predict_files  # noqa: E402
-from opdcells.train import (  # noqa: E402
-    FEATURES_TRUSTED_TYPES,
-    FORMAT_VERSION,
-    SAVED_MODELS_ENV,
-    ModelError,
-    load_model,
-    saved_models_root,
-)
 
 
 @pytest.fixture(scope="module")

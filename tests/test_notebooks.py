@@ -107,7 +107,7 @@ MAJORITY = ("majority class", "baseline", 0.2, 0.2, 0.2, "SW480")
 
 
 def test_conclusion_names_the_winner_its_ci_the_baselines_and_the_initialisations():
-    from opdcells.experiments import conclusion
+    from opdcells.study.experiments import conclusion
 
     text = conclusion(comparison_rows([
         ("features", "random", 0.85, 0.80, 0.90, ""),
@@ -125,7 +125,7 @@ def test_conclusion_names_the_winner_its_ci_the_baselines_and_the_initialisation
 
 
 def test_conclusion_on_ties_and_overlapping_intervals():
-    from opdcells.experiments import conclusion
+    from opdcells.study.experiments import conclusion
 
     tie = conclusion(comparison_rows([("features", "random", 0.80, 0.7, 0.9, ""),
                                       ("resnet50", "imagenet", 0.80, 0.7, 0.9, ""),
@@ -147,7 +147,7 @@ def test_conclusion_on_ties_and_overlapping_intervals():
 
 
 def test_conclusion_needs_the_metric_column():
-    from opdcells.experiments import conclusion
+    from opdcells.study.experiments import conclusion
 
     with pytest.raises(KeyError, match="the table has no column balanced_accuracy"):
         conclusion(comparison_rows([MAJORITY]).drop(columns="balanced_accuracy"))
@@ -157,7 +157,7 @@ def test_a_run_both_notebooks_make_is_trained_once(tmp_path_factory, tmp_path, m
     """compare_models re-uses a run with the same settings, dataset, split and code (the features run of
     both notebooks, every run of a second demo) and trains one whose settings differ."""
     import opdcells.train
-    from opdcells import experiments
+    from opdcells.study import experiments
 
     data = tiny_dataset(tmp_path_factory)
     kw = {"saved_models": tmp_path / "saved", "results": tmp_path / "results", "n_boot": 20}

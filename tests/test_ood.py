@@ -21,8 +21,8 @@ from opdcells.simulate import CLASS_NAMES, TRUTH_COLUMNS, is_simulated_export
 
 pytest.importorskip("tensorflow")
 
+from opdcells.modelfolder import SavedModel, load_model  # noqa: E402
 from opdcells.predict import predict_files  # noqa: E402
-from opdcells.train import SavedModel, load_model  # noqa: E402
 
 
 def gaussian_inputs(rng, n, shift=0.0):
@@ -133,7 +133,7 @@ def calibrated_model(tmp_path_factory):
 
 def test_real_cells_empty_and_debris_maps_are_flagged_and_unseen_simulated_sessions_are_not(
         calibrated_model, real_qpi):
-    from opdcells.transfer import load_real_cells
+    from opdcells.study.transfer import load_real_cells
 
     features_model = calibrated_model
     config = features_model.preprocess_config

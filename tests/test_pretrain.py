@@ -1,4 +1,5 @@
-"""opdcells.pretrain: views, losses, every method's steps, pretrain()'s folder and the shipped encoder."""
+"""opdcells.pretrain and its methods, corpus, probes and options: views, losses, every method's steps,
+pretrain()'s folder and the shipped encoder."""
 from __future__ import annotations
 
 import json
@@ -12,13 +13,22 @@ import pytest
 import tensorflow as tf
 from helpers import scaled_test_dataset, tiny_run, write_tiny_dataset
 
-from opdcells import cli, models, pretrain, registry
+from opdcells import (
+    cli,
+    models,
+    pretrain,
+    pretrain_corpus,
+    pretrain_methods,
+    pretrain_options,
+    pretrain_probes,
+    registry,
+)
 from opdcells.dataset import open_dataset
 from opdcells.splits import Split
 
 SHIPPED = registry.encoder_folder(registry.DEFAULTS["mobilenetv2"])
 TINY_DINOV2 = {"patch_size": 14, "num_layers": 1, "hidden_dim": 32, "num_heads": 2, "intermediate_dim": 64}
-SMALL_VIEWS = pretrain.ViewConfig(zoom=0.05, crop_shift=0.03)
+SMALL_VIEWS = pretrain_methods.ViewConfig(zoom=0.05, crop_shift=0.03)
 
 
 def cell_maps(n: int = 16, size: int = 32, seed: int = 0) -> np.ndarray:
@@ -65,15 +75,16 @@ def _batches(method: str, maps: np.ndarray) -> tf.data.Dataset:
 
 def test_views_keep_the_cell_inside_and_are_seeded():
     maps = tf.constant(cell_maps(8)[..., None])
-    strong = pretrain.ViewConfig(zoom=0.3, crop_shift=0.3)
-    view = pretrain.zoom_crop(maps, tf.constant([3, 4], tf.int64), strong.zoom, strong.crop_shift).numpy()
+    strong = pretrain_methods.ViewConfig(zoom=0.3, crop_shift=0.3)
+    seeds = tf.constant([3, 4], tf.int64)
+    view = pretrain_methods.zoom_crop(maps, seeds, strong.zoom, strong.crop_shift).numpy()
     border = np.concatenate([view[:, 0], view[:, -1], view[:, :, 0], view[:, :, -1]], axis=1)
     assert np.abs(border).max() == 0.0  # the whole cell support stays inside the field
     ratio = view.reshape(8, -1).sum(1) / maps.numpy().reshape(8, -1).sum(1)
     assert ratio.min() > 0.7**2 - 0.05 and ratio.max() < 1.3**2 + 0.05  # zoom scales the area only
-    a = pretrain.make_view(maps, tf.constant([1, 2], tf.int64)).numpy()
-    b = pretrain.make_view(maps, tf.constant([1, 2], tf.int64)).numpy()
-    c = pretrain.make_view(maps, tf.constant([1, 3], tf.int64)).numpy()
+    a = pretrain_methods.make_view(maps, tf.constant([1, 2], tf.int64)).numpy()
+    b = pretrain_methods.make_view(maps, tf.constant([1, 2], tf.int64)).numpy()
+    c = pretrain_methods.make_view(maps, tf.constant([1, 3], tf.int64)).numpy()
     np.testing.assert_array_equal(a, b)
     assert not np.allclose(a, c)
 
@@ -85,22 +96,22 @@ def test_nt_xent_matches_a_direct_computation():
     z /= np.linalg.norm(z, axis=1, keepdims=True)
     sim = z @ z.T / 0.5
     expected = np.mean([np.log(np.exp(np.delete(sim[i], i)).sum()) - sim[i, (i + 4) % 8] for i in range(8)])
-    assert float(pretrain.nt_xent(z1, z2, 0.5)) == pytest.approx(expected, rel=1e-5)
-    aligned = float(pretrain.nt_xent(np.eye(4, 6), np.eye(4, 6), 0.05))
+    assert float(pretrain_methods.nt_xent(z1, z2, 0.5)) == pytest.approx(expected, rel=1e-5)
+    aligned = float(pretrain_methods.nt_xent(np.eye(4, 6), np.eye(4, 6), 0.05))
     assert aligned < 1e-3
 
 
 # ---------------------------------------------------------------------- methods
 
 
-@pytest.mark.parametrize("method", pretrain.METHODS)
+@pytest.mark.parametrize("method", pretrain_options.METHODS)
 def test_one_step_changes_weights_and_loss_goes_down(method):
     maps = cell_maps(16)
     encoder = tiny_encoder()
     # DINO's loss first RISES while centring spreads the teacher's (initially collapsed) outputs; with
     # the teacher and centre held (momentum 1) it is plain distillation, which must go down
     frozen = {"momentum": 1.0, "center_momentum": 1.0} if method == "dino" else {}
-    trainer = pretrain.build_pretrainer(method, encoder, n_classes=2, seed=0, views=SMALL_VIEWS,
+    trainer = pretrain_methods.build_pretrainer(method, encoder, n_classes=2, seed=0, views=SMALL_VIEWS,
                                         **{**method_kwargs(method), **frozen})
     trainer.compile(optimizer=keras.optimizers.Adam(3e-3), jit_compile=False)
     data = _batches(method, maps)
@@ -116,7 +127,7 @@ def test_one_step_changes_weights_and_loss_goes_down(method):
 
 def test_ema_target_moves_toward_the_online_network():
     encoder = tiny_encoder()
-    trainer = pretrain.build_pretrainer("byol", encoder, views=SMALL_VIEWS, **method_kwargs("byol"))
+    trainer = pretrain_methods.build_pretrainer("byol", encoder, views=SMALL_VIEWS, **method_kwargs("byol"))
     trainer.compile(optimizer=keras.optimizers.Adam(1e-2), jit_compile=False)
     target = trainer.teacher_encoder
     assert not target.trainable_weights  # never updated by gradients, only by EMA
@@ -129,7 +140,8 @@ def test_ema_target_moves_toward_the_online_network():
 
 
 def test_dino_centre_follows_the_teacher_outputs():
-    trainer = pretrain.build_pretrainer("dino", tiny_encoder(), views=SMALL_VIEWS, **method_kwargs("dino"))
+    trainer = pretrain_methods.build_pretrainer("dino", tiny_encoder(), views=SMALL_VIEWS,
+                                                **method_kwargs("dino"))
     trainer.compile(optimizer=keras.optimizers.Adam(1e-3), jit_compile=False)
     maps = cell_maps(8)[..., None]
     v1, v2 = trainer.two_views(maps, 0)  # the views of the first training step
@@ -140,16 +152,16 @@ def test_dino_centre_follows_the_teacher_outputs():
 
 def test_build_pretrainer_rejects_unknown_and_unlabelled():
     with pytest.raises(ValueError, match="unknown method"):
-        pretrain.build_pretrainer("mae", tiny_encoder())
+        pretrain_methods.build_pretrainer("mae", tiny_encoder())
     with pytest.raises(ValueError, match="n_classes"):
-        pretrain.build_pretrainer("supervised-sim", tiny_encoder())
+        pretrain_methods.build_pretrainer("supervised-sim", tiny_encoder())
 
 
 def test_recalibrated_batchnorm_gives_informative_random_embeddings():
     encoder, info = models.build_encoder("mobilenetv2", input_shape=(32, 32, 1), input_size=32)
     maps = cell_maps(16)[..., None]
     assert np.abs(encoder(maps, training=False).numpy()).max() < 1e-6  # the raw random-init problem
-    assert pretrain.recalibrate_batchnorm(encoder, maps, info["bn_momentum"]) > 0
+    assert pretrain_probes.recalibrate_batchnorm(encoder, maps, info["bn_momentum"]) > 0
     emb = encoder(maps, training=False).numpy()
     assert emb.std(axis=0).mean() > 1e-2
     assert {layer.momentum for layer in models._all_layers(encoder)
@@ -160,36 +172,37 @@ def test_recalibrated_batchnorm_gives_informative_random_embeddings():
 
 
 def test_simulated_corpus_is_disjoint_cached_and_recorded(tmp_path):
-    corpus = pretrain.simulate_corpus(10, seed=3, maps_per_session=1, cache_dir=tmp_path)
+    corpus = pretrain_corpus.simulate_corpus(10, seed=3, maps_per_session=1, cache_dir=tmp_path)
     assert corpus.maps.shape == (10, 128, 128) and corpus.maps.dtype == np.float32
     assert sorted(np.bincount(corpus.labels)) == [2] * 5
     numbers = {int(s.rsplit("_", 1)[-1]) for s in corpus.sessions}
-    assert min(numbers) == pretrain.SIM_FIRST_SESSION and corpus.record["seed"] == 3
-    assert corpus.record["session_numbers"] == [pretrain.SIM_FIRST_SESSION, pretrain.SIM_FIRST_SESSION + 1]
-    again = pretrain.simulate_corpus(10, seed=3, maps_per_session=1, cache_dir=tmp_path)
+    assert min(numbers) == pretrain_corpus.SIM_FIRST_SESSION and corpus.record["seed"] == 3
+    first = pretrain_corpus.SIM_FIRST_SESSION
+    assert corpus.record["session_numbers"] == [first, first + 1]
+    again = pretrain_corpus.simulate_corpus(10, seed=3, maps_per_session=1, cache_dir=tmp_path)
     assert "cache" in again.record
     np.testing.assert_array_equal(again.maps, corpus.maps)
 
     path = write_tiny_dataset(tmp_path / "eval.h5", classes=("SW480", "PBMCs"), sessions_per_class=1,
                               maps_per_session=1)
     with open_dataset(path) as ds:
-        (record,) = pretrain.check_disjoint(corpus, [ds])
+        (record,) = pretrain_corpus.check_disjoint(corpus, [ds])
         assert record["fingerprint"] == ds.fingerprint
     with h5py.File(path, "a") as h5:  # an evaluation dataset that holds a pretraining session
-        h5["group"][0] = f"SW480/session_{pretrain.SIM_FIRST_SESSION}"
+        h5["group"][0] = f"SW480/session_{pretrain_corpus.SIM_FIRST_SESSION}"
     with open_dataset(path) as ds, pytest.raises(ValueError, match="simulated sessions"):
-        pretrain.check_disjoint(corpus, [ds])
+        pretrain_corpus.check_disjoint(corpus, [ds])
 
 
 def test_simulated_corpus_never_reaches_the_probe_sessions():
-    n_sessions = pretrain.PROBE_FIRST_SESSION - pretrain.SIM_FIRST_SESSION + 1
+    n_sessions = pretrain_corpus.PROBE_FIRST_SESSION - pretrain_corpus.SIM_FIRST_SESSION + 1
     with pytest.raises(ValueError, match="reach the probe sessions"):
-        pretrain.simulate_corpus(5 * n_sessions, maps_per_session=1)
+        pretrain_corpus.simulate_corpus(5 * n_sessions, maps_per_session=1)
 
 
 def test_simulated_corpus_is_the_same_from_worker_processes():
-    serial = pretrain.simulate_corpus(10, seed=4, maps_per_session=1)
-    parallel = pretrain.simulate_corpus(10, seed=4, maps_per_session=1, workers=2)
+    serial = pretrain_corpus.simulate_corpus(10, seed=4, maps_per_session=1)
+    parallel = pretrain_corpus.simulate_corpus(10, seed=4, maps_per_session=1, workers=2)
     np.testing.assert_array_equal(parallel.maps, serial.maps)
     np.testing.assert_array_equal(parallel.labels, serial.labels)
     np.testing.assert_array_equal(parallel.sessions, serial.sessions)
@@ -260,7 +273,7 @@ def test_cli_pretrain_supervised_sim(tmp_path, capsys):
     assert config["command"].startswith(expected)
     sim = config["data"]["simulated"]
     assert config["data"]["labels_used"] is True and sim["n_maps"] == 10
-    assert sim["session_numbers"][0] == pretrain.SIM_FIRST_SESSION
+    assert sim["session_numbers"][0] == pretrain_corpus.SIM_FIRST_SESSION
     # --max-minutes 0 stops after the first of 2 x 2 steps, and says so
     assert config["steps"] == 1 and config["epochs"] == 2 and config["pretraining"]["stopped_early"]
     assert str(out) in capsys.readouterr().out
@@ -318,7 +331,8 @@ def test_shipped_config_is_complete_and_consistent(shipped):
     assert models._family(cfg["architecture"]) == family and cfg["backbone"] == family
     assert cfg["alpha"] == cfg["build_info"]["alpha"] and cfg["input_size"] == cfg["build_info"]["input_size"]
     assert cfg["input_shape"] == [128, 128, 1]
-    assert cfg["method"] in pretrain.METHODS and cfg["command"].startswith("python -m opdcells pretrain")
+    assert cfg["method"] in pretrain_options.METHODS
+    assert cfg["command"].startswith("python -m opdcells pretrain")
     assert f"--method {cfg['method']}" in cfg["command"] and f"--backbone {family}" in cfg["command"]
     assert cfg["epochs_run"] <= cfg["epochs"] and cfg["steps"] > 0 and math.isfinite(cfg["final_loss"])
     assert cfg["data"]["kind"] in ("simulated", "datasets")

@@ -14,9 +14,10 @@ import pytest
 from scipy import special
 
 from opdcells.calibration import OperatingPoint, save_validation_scores
+from opdcells.errors import ScreenError
 from opdcells.ingest import IngestOptions
 from opdcells.preprocess import PreprocessConfig
-from opdcells.screen import ScreenError, merge_screens, screen_files, screen_settings, shard_files
+from opdcells.screen import merge_screens, screen_files, screen_settings, shard_files
 from opdcells.spikein import simulate_sample
 
 CONFIG = PreprocessConfig(out_pixel_size_um=0.5, out_size=48)

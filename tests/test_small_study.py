@@ -17,9 +17,11 @@ pytest.importorskip("tensorflow")
 
 from opdcells.baselines import BASELINES, MAJORITY, MASS_AREA  # noqa: E402
 from opdcells.crossval import cross_validate  # noqa: E402
+from opdcells.errors import TaskError  # noqa: E402
+from opdcells.evaluate import evaluate_model, stored_test_indices  # noqa: E402
+from opdcells.modelfolder import load_model  # noqa: E402
 from opdcells.predict import predict_files  # noqa: E402
-from opdcells.tasks import TaskError  # noqa: E402
-from opdcells.train import evaluate_model, load_model, stored_test_indices, train  # noqa: E402
+from opdcells.train import train  # noqa: E402
 
 #: Simulated classes relabelled with names a lab might use (none is a reference class name).
 LAB_NAMES = {"SW480": "PC-3 cells", "granulocytes": "PNT1A", "monocytes": "DU145"}
@@ -175,7 +177,7 @@ def test_few_test_groups_are_warned_about_and_imbalance_makes_balanced_accuracy_
 
 
 def test_baselines_appear_beside_the_models_in_comparison_tables(tmp_path_factory, tmp_path):
-    from opdcells.experiments import compare_models
+    from opdcells.study.experiments import compare_models
 
     data = lab_dataset(tmp_path_factory)
     comparison = compare_models(data, ["features"], ["PC3,PNT1A"], name="study", n_boot=20,

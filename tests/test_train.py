@@ -1,4 +1,5 @@
-"""opdcells.train: model folders, config, split, normalisation, loading and refusing mismatched data."""
+"""Training (train, modelfolder, learners, evaluate on a model): model folders, config, split,
+normalisation, loading and refusing mismatched data."""
 from __future__ import annotations
 
 import json
@@ -18,21 +19,15 @@ from helpers import (
 
 pytest.importorskip("tensorflow")
 
-from opdcells.config import TrainConfig  # noqa: E402
+from opdcells.config import PRETRAINED_LEARNING_RATE, TrainConfig  # noqa: E402
 from opdcells.dataset import open_dataset  # noqa: E402
-from opdcells.errors import DatasetError  # noqa: E402
+from opdcells.errors import DatasetError, ModelError, TaskError  # noqa: E402
+from opdcells.evaluate import evaluate_model, stored_test_indices  # noqa: E402
+from opdcells.modelfolder import FILES, load_model  # noqa: E402
 from opdcells.pipeline import dihedral_views  # noqa: E402
 from opdcells.splits import Split  # noqa: E402
-from opdcells.tasks import TaskError, task_targets  # noqa: E402
-from opdcells.train import (  # noqa: E402
-    FILES,
-    PRETRAINED_LEARNING_RATE,
-    ModelError,
-    estimate_norm_scale,
-    evaluate_model,
-    load_model,
-    stored_test_indices,
-)
+from opdcells.tasks import task_targets  # noqa: E402
+from opdcells.train import estimate_norm_scale  # noqa: E402
 
 CONFIG_FIELDS = ("task", "class_names", "class_members", "dataset_class_names", "input_shape", "input_size",
                  "pixel_size_um", "out_size", "preprocess", "normalisation", "init", "model_info",
@@ -133,7 +128,8 @@ def check_round_trip(result, data):
 def test_deep_models_predict_with_the_mean_over_rotations_and_reflections(mobilenet, features, data):
     import keras
 
-    from opdcells.train import SavedModel, _KerasLearner
+    from opdcells.learners import _KerasLearner
+    from opdcells.modelfolder import SavedModel
 
     assert mobilenet.model.tta and not features.model.tta
     assert TrainConfig.from_profile("mobilenetv2", tta=False).tta is False

@@ -1,4 +1,4 @@
-"""opdcells.transfer: frozen probes on a saved run's split, label efficiency, real cells, and the
+"""opdcells.study.transfer: frozen probes on a saved run's split, label efficiency, real cells, and the
 OPD_Model_and_DinoV2 notebook executed headless on a tiny dataset."""
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ import pandas as pd
 import pytest
 from helpers import REPO_ROOT, TINY_TRAINING, tiny_dataset, tiny_run
 
-from opdcells import registry, transfer
+from opdcells import registry
 from opdcells.dataset import open_dataset
 from opdcells.splits import Split
+from opdcells.study import transfer
 
 MODELS = ["features", "mobilenetv2", "opd_mobilenetv2", "dinov2"]
 NAME = "opd_dinov2"
@@ -115,8 +116,7 @@ def test_label_efficiency_fine_tunes_the_subsets_of_finetune_seeds(encoders, tmp
 
 def test_finetune_subset_trains_on_the_given_maps_only_and_once(tmp_path_factory, ds, monkeypatch, tmp_path):
     from opdcells.splits import subsample_labelled
-    from opdcells.tasks import get_task
-    from opdcells.train import task_labels
+    from opdcells.tasks import get_task, task_labels
 
     split, _ = transfer.task_split(ds, "cancer_vs_blood", saved_models=tmp_path_factory.mktemp("none"))
     y = task_labels(ds, get_task("cancer_vs_blood"))

@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import plots
-from .dataset import open_dataset
-from .evaluate import comparison_table, write_table
-from .tasks import default_tasks, task_slug
+from .. import plots
+from ..dataset import open_dataset
+from ..evaluate import comparison_table, write_table
+from ..tasks import default_tasks, task_slug
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +78,9 @@ def compare_models(data, models, tasks=("five_class",), *, name="comparison", pr
     CIs to ``results/<name>/``. ``model_options`` maps a model name to extra
     :func:`opdcells.train.train` arguments (split options such as ``test_groups`` go in ``train_kw``).
     """
-    from .config import write_json_atomic
-    from .train import train, write_results
+    from ..config import write_json_atomic
+    from ..evaluate import write_results
+    from ..train import train
 
     ds = open_dataset(data) if isinstance(data, (str, Path)) else data
     out_root, saved_models = Path(results) / name, Path(saved_models)
@@ -115,12 +116,12 @@ RUN_DIGEST_FILE = "run_digest.json"
 
 
 def comparison_digest(ds, model: str, task: str, *, profile: str, seed: int, **options) -> str | None:
-    """The :func:`opdcells.transfer.run_digest` of the run ``train(ds, model, task, profile=, seed=,
+    """The :func:`opdcells.study.transfer.run_digest` of the run ``train(ds, model, task, profile=, seed=,
     **options)`` would make (its split follows from the config and the dataset); None when ``options``
     are not all :class:`~opdcells.config.TrainConfig` fields (such a run is always trained)."""
     import dataclasses
 
-    from .config import TrainConfig
+    from ..config import TrainConfig
     from .transfer import run_digest
 
     if set(options) - {f.name for f in dataclasses.fields(TrainConfig)}:
@@ -136,8 +137,10 @@ def earlier_run(ds, saved_models, digest: str | None, *, seed: int = 0):
     repeats every run: those are read back, not retrained."""
     import json
 
-    from .splits import Split, dataset_groups
-    from .train import TrainResult, evaluate_model, load_model
+    from ..evaluate import evaluate_model
+    from ..modelfolder import load_model
+    from ..splits import Split, dataset_groups
+    from ..train import TrainResult
 
     if digest is None:
         return None
@@ -162,9 +165,9 @@ def earlier_run(ds, saved_models, digest: str | None, *, seed: int = 0):
 
 def _baseline_rows(ds, task, result, *, n_boot: int, seed: int) -> list[dict]:
     """Comparison rows of the baselines, fit and tested on the split of ``result`` (a TrainResult)."""
-    from .baselines import baseline_reports
-    from .splits import Split
-    from .train import task_labels
+    from ..baselines import baseline_reports
+    from ..splits import Split
+    from ..tasks import task_labels
 
     split = Split.from_json(result.model_dir / "split.json")
     saved, sens = result.model, result.metrics.get("sensitivity_at_fpr")

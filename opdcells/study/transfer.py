@@ -30,12 +30,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import plots
-from .config import TrainConfig, resolve_alias, write_json_atomic
-from .dataset import open_dataset
-from .evaluate import classification_report, flatten_report, write_table
-from .splits import Split, subsample_labelled
-from .tasks import resolve_task, task_slug
+from .. import plots
+from ..config import TrainConfig, resolve_alias, write_json_atomic
+from ..dataset import open_dataset
+from ..evaluate import classification_report, flatten_report, write_table
+from ..splits import Split, subsample_labelled
+from ..tasks import resolve_task, task_slug
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def _opened(data):
 
 def preprocess_config_of(ds):
     """PreprocessConfig that makes maps like the dataset's (for real exports)."""
-    from .preprocess import PreprocessConfig
+    from ..preprocess import PreprocessConfig
 
     return PreprocessConfig.from_settings(ds.settings)
 
@@ -83,7 +83,7 @@ def task_split(ds, task: str, *, saved_models="saved_models", name="opd_dinov2",
     with ``seed`` -- the split :func:`opdcells.train.train` makes with that seed."""
     import json
 
-    from .train import make_split
+    from ..train import make_split
 
     for model in models:
         folder = run_dir(saved_models, name, model, task)
@@ -131,9 +131,9 @@ class Encoders:
     def encoder(self, model: str, calibration=None):
         """(encoder, info) of ``model``; ``calibration`` = training map indices for BN recalibration
         (used only when the encoder is random-init and has BatchNormalization layers)."""
-        from .models import DEFAULT_NORM_SCALE_NM, batch_norm_layers, build_encoder, saved_encoder_config
-        from .pretrain import recalibrate_batchnorm
-        from .train import geometry_warning
+        from ..models import DEFAULT_NORM_SCALE_NM, batch_norm_layers, build_encoder, saved_encoder_config
+        from ..pretrain_probes import recalibrate_batchnorm
+        from ..train import geometry_warning
 
         if model not in self._built:
             cfg = TrainConfig.from_profile(model, self.profile, weights=self.weights_of(model))
@@ -183,16 +183,16 @@ class Encoders:
         return self._cache[key]
 
     def _embed_all(self, model: str, calibration) -> np.ndarray:
-        from .train import iter_maps
+        from ..files import iter_maps
 
         if model == FEATURES:
-            from .features import feature_matrix
+            from ..features import feature_matrix
 
             every = np.arange(len(self.ds))
             blocks = [feature_matrix(m, self.ds.pixel_size_um)[0] for m in iter_maps(self.ds, every)]
             self.infos[FEATURES] = {"architecture": FEATURES, "init": "n/a (hand-made OPD features)"}
             return np.nan_to_num(np.concatenate(blocks).astype(np.float32))
-        from .explain import embed
+        from ..explain import embed
 
         encoder, _ = self.encoder(model, calibration)
         blocks = [embed(encoder, m, self.batch_size, tta=self.tta)
@@ -222,7 +222,7 @@ def init_table(encoders: Encoders, models, comparison=None) -> pd.DataFrame:
 
 
 def _task_labels(ds, task):
-    from .train import task_labels
+    from ..tasks import task_labels
 
     return task_labels(ds, resolve_task(task, ds.class_names, ds.labels))
 
@@ -240,7 +240,7 @@ def _probe(train_emb, y_train, test_emb, y_test, method: str) -> np.ndarray:
 
     from sklearn.exceptions import ConvergenceWarning
 
-    from .explain import knn_probe, linear_probe
+    from ..explain import knn_probe, linear_probe
 
     fn = linear_probe if method == "linear" else knn_probe
     kw = {"k": KNN_K} if method == "knn" else {"max_iter": PROBE_MAX_ITER}
@@ -297,7 +297,7 @@ def frozen_probes(encoders: Encoders, tasks, models, *, comparison=None, name="o
 
 
 def probes_conclusion(table: pd.DataFrame) -> str:
-    """:func:`opdcells.experiments.conclusion` of a :func:`frozen_probes` table: each encoder-and-method
+    """:func:`opdcells.study.experiments.conclusion` of a :func:`frozen_probes` table: each encoder-and-method
     pair competes as one model ("opd_mobilenetv2 (frozen linear probe)"), the baselines as baselines."""
     from .experiments import conclusion
 
@@ -335,7 +335,7 @@ def label_efficiency_conclusion(summary: pd.DataFrame, task: str, *, pretrained=
 
 def _baseline_probe_rows(ds, task, split, source, y_all, names, n_boot, seed) -> list[dict]:
     """Rows of the baselines (``opdcells.baselines``) on the task's split, beside the probes."""
-    from .baselines import baseline_proba
+    from ..baselines import baseline_proba
 
     probas = baseline_proba(ds, y_all, split.train, split.test, len(names), seed=seed)
     return [{"task": task, "model": baseline, "method": "baseline", "init": "baseline",
@@ -456,7 +456,7 @@ def finetune_subset(ds, model: str, task: str, split: Split, train_indices, *,
     ``settings`` are those of :func:`finetune_config`. The model folder is temporary; with ``cache`` a run
     already made (same :func:`run_digest`) is not trained again, and a new one is stored.
     """
-    from .train import labelled_subset, train
+    from ..train import labelled_subset, train
 
     config = finetune_config(model, task, **settings)
     subset = labelled_subset(split, train_indices, ds.groups)
@@ -594,7 +594,7 @@ def embedding_view(encoders: Encoders, model: str, indices, path, *, method="pca
                    real: dict | None = None, seed=0, title=None) -> Path:
     """2-D embedding (PCA or t-SNE, fitted jointly) of the dataset maps ``indices`` by ``model``'s frozen
     encoder, coloured by class; ``real`` = {name: maps (M, S, S)} drawn on top (embedded the same way)."""
-    from .explain import embed, embedding_2d
+    from ..explain import embed, embedding_2d
 
     ds = encoders.ds
     indices = np.asarray(indices, dtype=np.int64)
@@ -632,7 +632,7 @@ def explain_examples(ds, runs: dict, indices, out_dir, *, min_grid=4) -> dict[st
     the heat on the cell (:func:`opdcells.explain.heat_in_cell`); the figure title says what the heatmap
     shows and the median share against the cell's area (what heat spread evenly would give).
     """
-    from .explain import dino_attention, grad_cam, heat_in_cell
+    from ..explain import dino_attention, grad_cam, heat_in_cell
 
     out_dir = Path(out_dir)
     maps = ds.read(np.asarray(indices, dtype=np.int64))
@@ -677,7 +677,7 @@ def real_cell_predictions(runs: dict, real: dict) -> pd.DataFrame:
         One row per model and real set: ``maps``, ``predicted`` ("SW480 12, PBMC 2"), ``mean_confidence``
         (mean top probability), ``flagged_ood`` (maps flagged; NaN for a model without a detector).
     """
-    from .ood import load_detector, model_inputs
+    from ..ood import load_detector, model_inputs
 
     rows = []
     for model, saved in runs.items():
@@ -726,7 +726,7 @@ def load_real_cells(real_qpi, config, *, hl60_every: int = 10, rbc_files=("gt_ph
     ``rbc_files`` (radians, 532 nm, ``rbc_pixel_size_um`` estimated). Returns {name: (M, S, S) maps};
     an empty dict when ``real_qpi`` is missing.
     """
-    from .ingest import IngestOptions, iter_processed
+    from ..ingest import IngestOptions, iter_processed
 
     root = Path(real_qpi)
     if not root.is_dir():

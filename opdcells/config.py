@@ -42,6 +42,10 @@ MODEL_NAMES = (*FAMILIES, *ALIASES, FEATURES)
 #: registry's default OPD-pretrained encoder of the family (``"opd:NAME"`` names another entry).
 RANDOM, IMAGENET, OPD = "random", "imagenet", "opd"
 LR_SCHEDULES = ("constant", "cosine")
+#: ``optimizer`` settings: keras.optimizers.Adam, or AdamW (decoupled weight decay; opdcells.recipe).
+OPTIMIZERS = ("adam", "adamw")
+#: What a saved train_config without the recipe's fields (written before them) was trained with.
+PRE_RECIPE = {"optimizer": "adam", "weight_decay": 0.0, "warmup_epochs": 0, "label_smoothing": 0.0}
 #: ``split_by`` settings: whole acquisition groups in each part, or single maps (``splits.map_split``).
 SPLIT_BY = ("group", "map")
 #: ``distribute`` settings (:mod:`opdcells.distribute`).
@@ -214,9 +218,17 @@ class TrainConfig:
     batch_size : int
         Maps per training step.
     learning_rate : float
-        Adam learning rate (the boosting learning rate for features).
+        Peak learning rate of the optimizer (the boosting learning rate for features).
+    optimizer : str
+        adamw (Adam with decoupled weight decay, biases and BatchNorm excluded) or adam.
+    weight_decay : float
+        AdamW's decoupled weight decay per step, as a fraction of the learning rate times the weight.
     lr_schedule : str
-        constant, or cosine (decay to 0 over the fine-tuning epochs).
+        constant, or cosine (linear warm-up, then cosine decay to 0 over the fine-tuning epochs).
+    warmup_epochs : int
+        Epochs of linear learning-rate warm-up from 0 (cosine schedule only).
+    label_smoothing : float
+        Weight in [0, 1) of the uniform target mixed into each map's one-hot label.
     head_epochs : int
         Epochs training only the head on the frozen encoder before fine-tuning (linear probe, then
         fine-tune).
@@ -268,7 +280,11 @@ class TrainConfig:
     patience: int = 3
     batch_size: int = 32
     learning_rate: float = 1e-3
-    lr_schedule: str = "constant"
+    optimizer: str = "adamw"
+    weight_decay: float = 1e-4
+    lr_schedule: str = "cosine"
+    warmup_epochs: int = 1
+    label_smoothing: float = 0.1
     head_epochs: int = 0
     freeze_batchnorm: bool = False
     augment: dict | None = field(default_factory=lambda: AugmentConfig().as_dict())
@@ -304,6 +320,10 @@ class TrainConfig:
             (self.model not in (*FAMILIES, FEATURES), f"model {self.model!r} is not one of "
                                                       f"{', '.join((*FAMILIES, FEATURES))}"),
             (self.lr_schedule not in LR_SCHEDULES, f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}"),
+            (self.optimizer not in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}"),
+            (self.weight_decay < 0 or self.warmup_epochs < 0, "weight_decay and warmup_epochs must not be "
+                                                              "negative"),
+            (not 0 <= self.label_smoothing < 1, "label_smoothing must lie in [0, 1)"),
             (self.class_weight not in CLASS_WEIGHTINGS,
              f"class_weight must be one of {', '.join(CLASS_WEIGHTINGS)}"),
             (self.profile not in PROFILES, f"profile must be one of {', '.join(PROFILES)}"),
@@ -467,9 +487,11 @@ class TrainConfig:
     @classmethod
     def from_model_config(cls, config: dict, where: str | os.PathLike = "config.json") -> TrainConfig:
         """The training config of a model folder's config.json: its ``train_config``, or for model format
-        3 and older (saved before this class) the same settings read from their old keys."""
-        if "train_config" in config:
-            return cls.from_dict(config["train_config"], where)
+        3 and older (saved before this class) the same settings read from their old keys. Recipe fields
+        a saved config lacks (:data:`PRE_RECIPE`) are what it was trained with then, not today's defaults."""
+        if "train_config" in config:   # saved before the recipe's fields: trained without them
+            saved = config["train_config"]
+            return cls.from_dict({**PRE_RECIPE, **saved} if isinstance(saved, dict) else saved, where)
         training, split = config.get("training") or {}, config.get("split") or {}
         model_kw = dict(training.get("model_kw") or {})
         alpha = model_kw.pop("alpha", None)
@@ -482,7 +504,7 @@ class TrainConfig:
             "alpha": alpha, "input_size": config.get("input_size"), "model_kw": model_kw,
             **{k: training[k] for k in ("epochs", "patience", "batch_size", "learning_rate", "seed",
                                         "head_epochs", "freeze_batchnorm", "augment") if k in training},
-            "profile": training.get("profile"),
+            "profile": training.get("profile"), **PRE_RECIPE,
             "tta": config.get("test_time_augmentation") == TTA_DIHEDRAL,
             "norm_scale_nm": None,
             "split_seed": split.get("seed"), "test_size": split.get("test_size"),

@@ -85,6 +85,9 @@ class AugmentConfig:
     scale_jitter : float
         OPD multiplied by 1 + u, u in [-scale_jitter, scale_jitter] (session batch effects: wavelength,
         medium index, calibration).
+    max_zoom : float
+        Map magnified about its centre by 1 + u, u in [-max_zoom, max_zoom] (bilinear; session batch
+        effects: pixel-size calibration, culture passage or donor changing cell size).
     """
 
     rotate90: bool = True
@@ -95,12 +98,13 @@ class AugmentConfig:
     max_tilt_nm: float = 4.0
     max_offset_nm: float = 2.0
     scale_jitter: float = 0.05
+    max_zoom: float = 0.0
 
     @classmethod
     def none(cls) -> AugmentConfig:
         """A configuration that changes nothing."""
         return cls(rotate90=False, flip=False, max_shift_px=0, noise_nm=0.0, max_blur_sigma_px=0.0,
-                   max_tilt_nm=0.0, max_offset_nm=0.0, scale_jitter=0.0)
+                   max_tilt_nm=0.0, max_offset_nm=0.0, scale_jitter=0.0, max_zoom=0.0)
 
     @property
     def active(self) -> bool:

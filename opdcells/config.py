@@ -52,7 +52,8 @@ SPLIT_BY = ("group", "map")
 DISTRIBUTE = ("none", "auto", "mirrored", "multiworker")
 #: Fields whose default comes from the profile (and a pretrained encoder), not from the dataclass.
 PROFILE_FIELDS = ("alpha", "input_size", "epochs", "patience", "batch_size", "learning_rate", "head_epochs",
-                  "freeze_batchnorm", "tta")
+                  "freeze_batchnorm", "tta", "optimizer", "weight_decay", "lr_schedule", "warmup_epochs",
+                  "label_smoothing")
 CLASS_WEIGHTINGS = ("balanced", "none")
 
 #: Head-only epochs before fine-tuning an OPD-pretrained encoder (linear probe, then fine-tune).
@@ -136,6 +137,9 @@ class Profile:
         The same for ``features`` (an epoch is one boosting iteration).
     epochs_by_model, learning_rate_by_model : dict
         Per-family exceptions (heavy backbones; VGG16 without BatchNormalization).
+    pretrained_epochs, pretrained_patience : int
+        Epochs and patience of fine-tuning an OPD-pretrained encoder (which keeps the settings it was
+        measured with, :data:`PRE_RECIPE` at a constant rate, until the recipe is measured on it).
     """
 
     input_size: int
@@ -152,15 +156,19 @@ class Profile:
     # VGG16 has no BatchNormalization: from scratch at Adam 1e-3 it collapses to one class (measured:
     # balanced accuracy 0.20 on five classes); 1e-4 trains.
     learning_rate_by_model: dict = field(default_factory=lambda: {"vgg16": 1e-4})
+    pretrained_epochs: int = 8
+    pretrained_patience: int = 3
 
 
 PROFILES = {
-    # ResNet50 and VGG16 cost 7-10x a MobileNetV2-0.35 epoch on 2 CPU cores: the quick profile gives
-    # them 3 epochs so the demo stays within minutes (their quick figures are a smoke test, not a verdict).
-    "quick": Profile(input_size=64, dinov2_input_size=56, epochs=8, patience=3, mobilenet_alpha=0.35,
+    # MobileNetV2-0.35: 20 epochs of the recipe (warm-up + cosine) gave 0.62 on the demo's validation groups
+    # against 0.59 for 8 (docs/recipe.md), about 70 s on 2 idle cores. ResNet50 and VGG16 cost 7-10x a
+    # MobileNetV2-0.35 epoch: the quick profile gives them 3 epochs so the demo stays within minutes
+    # (their quick figures are a smoke test, not a verdict).
+    "quick": Profile(input_size=64, dinov2_input_size=56, epochs=20, patience=6, mobilenet_alpha=0.35,
                      features_epochs=200, epochs_by_model={"resnet50": 3, "vgg16": 3}),
     "full": Profile(input_size=128, dinov2_input_size=112, epochs=40, patience=8, mobilenet_alpha=1.0,
-                    learning_rate=5e-4, features_epochs=500),
+                    learning_rate=5e-4, features_epochs=500, pretrained_epochs=40, pretrained_patience=8),
 }
 
 
@@ -378,7 +386,10 @@ class TrainConfig:
         A pretrained encoder (``weights`` opd, opd:NAME or a folder; ``opd_mobilenetv2``) fixes the
         MobileNetV2 width and suggests the input size, and by default is fine-tuned after
         :data:`PRETRAINED_HEAD_EPOCHS` head-only epochs with its BatchNorm statistics frozen (they come
-        from thousands of sessions, a training split has a few) at :data:`PRETRAINED_LEARNING_RATE`.
+        from thousands of sessions, a training split has a few) at :data:`PRETRAINED_LEARNING_RATE`,
+        with the optimizer it was measured with (Adam at a constant rate, :data:`PRE_RECIPE`) and the
+        profile's ``pretrained_epochs``; other deep models get the recipe (the dataclass defaults:
+        AdamW, warm-up + cosine, label smoothing; ``docs/recipe.md``).
         Deep models trained with rotations and flips predict with test-time augmentation unless told
         not to; ``features`` ignore orientation (no augmentation, no TTA).
 
@@ -437,12 +448,14 @@ class TrainConfig:
             "alpha": ((saved or {}).get("alpha") or p.mobilenet_alpha) if model == "mobilenetv2" else None,
             "input_size": (saved or {}).get("input_size") or (
                 p.dinov2_input_size if model == "dinov2" else p.input_size),
-            "epochs": p.epochs_by_model.get(model, p.epochs), "patience": p.patience,
+            "epochs": p.pretrained_epochs if pretrained else p.epochs_by_model.get(model, p.epochs),
+            "patience": p.pretrained_patience if pretrained else p.patience,
             "batch_size": p.batch_size,
             "learning_rate": PRETRAINED_LEARNING_RATE if pretrained else p.learning_rate_by_model.get(
                 model, p.learning_rate),
             "head_epochs": PRETRAINED_HEAD_EPOCHS if pretrained else 0, "freeze_batchnorm": pretrained,
             "tta": bool(augment and augment["rotate90"] and augment["flip"]),
+            **({**PRE_RECIPE, "lr_schedule": "constant"} if pretrained else {}),
         }
         return cls(model=model, profile=profile, weights=weights, augment=augment, **{**defaults, **given})
 

@@ -92,3 +92,15 @@ def test_recipe_fields_validated_and_old_configs_read_as_trained(tmp_path):
     folder_config.write_text(json.dumps({"format": "opdcells-model", "train_config": old}))
     read = TrainConfig.from_json(folder_config)
     assert {k: getattr(read, k) for k in PRE_RECIPE} == PRE_RECIPE
+
+
+def test_profiles_give_scratch_models_the_recipe_and_pretrained_ones_their_measured_settings():
+    for family in ("mobilenetv2", "resnet50", "vgg16"):
+        scratch = TrainConfig.from_profile(family, "quick")
+        assert (scratch.optimizer, scratch.lr_schedule, scratch.warmup_epochs) == ("adamw", "cosine", 1)
+        assert scratch.label_smoothing == 0.1 and scratch.weight_decay > 0
+    assert TrainConfig.from_profile("mobilenetv2", "quick").epochs == 20
+    tuned = TrainConfig.from_profile("opd_mobilenetv2", "quick")
+    assert {k: getattr(tuned, k) for k in PRE_RECIPE} == PRE_RECIPE and tuned.lr_schedule == "constant"
+    assert (tuned.epochs, tuned.patience) == (8, 3)
+    assert TrainConfig.from_profile("opd_mobilenetv2", "quick", optimizer="adamw").optimizer == "adamw"

@@ -161,7 +161,7 @@ class Profile:
 
 
 PROFILES = {
-    # MobileNetV2-0.35: 20 epochs of the recipe (warm-up + cosine) gave 0.62 on the demo's validation groups
+    # MobileNetV2-0.35: 20 epochs of the recipe (warm-up + cosine) gave 0.61 on the demo's validation groups
     # against 0.59 for 8 (docs/recipe.md), about 70 s on 2 idle cores. ResNet50 and VGG16 cost 7-10x a
     # MobileNetV2-0.35 epoch: the quick profile gives them 3 epochs so the demo stays within minutes
     # (their quick figures are a smoke test, not a verdict).

@@ -42,13 +42,18 @@ MODEL_NAMES = (*FAMILIES, *ALIASES, FEATURES)
 #: registry's default OPD-pretrained encoder of the family (``"opd:NAME"`` names another entry).
 RANDOM, IMAGENET, OPD = "random", "imagenet", "opd"
 LR_SCHEDULES = ("constant", "cosine")
+#: ``optimizer`` settings: keras.optimizers.Adam, or AdamW (decoupled weight decay; opdcells.recipe).
+OPTIMIZERS = ("adam", "adamw")
+#: What a saved train_config without the recipe's fields (written before them) was trained with.
+PRE_RECIPE = {"optimizer": "adam", "weight_decay": 0.0, "warmup_epochs": 0, "label_smoothing": 0.0}
 #: ``split_by`` settings: whole acquisition groups in each part, or single maps (``splits.map_split``).
 SPLIT_BY = ("group", "map")
 #: ``distribute`` settings (:mod:`opdcells.distribute`).
 DISTRIBUTE = ("none", "auto", "mirrored", "multiworker")
 #: Fields whose default comes from the profile (and a pretrained encoder), not from the dataclass.
 PROFILE_FIELDS = ("alpha", "input_size", "epochs", "patience", "batch_size", "learning_rate", "head_epochs",
-                  "freeze_batchnorm", "tta")
+                  "freeze_batchnorm", "tta", "optimizer", "weight_decay", "lr_schedule", "warmup_epochs",
+                  "label_smoothing")
 CLASS_WEIGHTINGS = ("balanced", "none")
 
 #: Head-only epochs before fine-tuning an OPD-pretrained encoder (linear probe, then fine-tune).
@@ -81,6 +86,9 @@ class AugmentConfig:
     scale_jitter : float
         OPD multiplied by 1 + u, u in [-scale_jitter, scale_jitter] (session batch effects: wavelength,
         medium index, calibration).
+    max_zoom : float
+        Map magnified about its centre by 1 + u, u in [-max_zoom, max_zoom] (bilinear; session batch
+        effects: pixel-size calibration, culture passage or donor changing cell size).
     """
 
     rotate90: bool = True
@@ -91,12 +99,13 @@ class AugmentConfig:
     max_tilt_nm: float = 4.0
     max_offset_nm: float = 2.0
     scale_jitter: float = 0.05
+    max_zoom: float = 0.0
 
     @classmethod
     def none(cls) -> AugmentConfig:
         """A configuration that changes nothing."""
         return cls(rotate90=False, flip=False, max_shift_px=0, noise_nm=0.0, max_blur_sigma_px=0.0,
-                   max_tilt_nm=0.0, max_offset_nm=0.0, scale_jitter=0.0)
+                   max_tilt_nm=0.0, max_offset_nm=0.0, scale_jitter=0.0, max_zoom=0.0)
 
     @property
     def active(self) -> bool:
@@ -128,6 +137,9 @@ class Profile:
         The same for ``features`` (an epoch is one boosting iteration).
     epochs_by_model, learning_rate_by_model : dict
         Per-family exceptions (heavy backbones; VGG16 without BatchNormalization).
+    pretrained_epochs, pretrained_patience : int
+        Epochs and patience of fine-tuning an OPD-pretrained encoder (which keeps the settings it was
+        measured with, :data:`PRE_RECIPE` at a constant rate, until the recipe is measured on it).
     """
 
     input_size: int
@@ -144,15 +156,19 @@ class Profile:
     # VGG16 has no BatchNormalization: from scratch at Adam 1e-3 it collapses to one class (measured:
     # balanced accuracy 0.20 on five classes); 1e-4 trains.
     learning_rate_by_model: dict = field(default_factory=lambda: {"vgg16": 1e-4})
+    pretrained_epochs: int = 8
+    pretrained_patience: int = 3
 
 
 PROFILES = {
-    # ResNet50 and VGG16 cost 7-10x a MobileNetV2-0.35 epoch on 2 CPU cores: the quick profile gives
-    # them 3 epochs so the demo stays within minutes (their quick figures are a smoke test, not a verdict).
-    "quick": Profile(input_size=64, dinov2_input_size=56, epochs=8, patience=3, mobilenet_alpha=0.35,
+    # MobileNetV2-0.35: 20 epochs of the recipe (warm-up + cosine) gave 0.61 on the demo's validation groups
+    # against 0.59 for 8 (docs/recipe.md), about 70 s on 2 idle cores. ResNet50 and VGG16 cost 7-10x a
+    # MobileNetV2-0.35 epoch: the quick profile gives them 3 epochs so the demo stays within minutes
+    # (their quick figures are a smoke test, not a verdict).
+    "quick": Profile(input_size=64, dinov2_input_size=56, epochs=20, patience=6, mobilenet_alpha=0.35,
                      features_epochs=200, epochs_by_model={"resnet50": 3, "vgg16": 3}),
     "full": Profile(input_size=128, dinov2_input_size=112, epochs=40, patience=8, mobilenet_alpha=1.0,
-                    learning_rate=5e-4, features_epochs=500),
+                    learning_rate=5e-4, features_epochs=500, pretrained_epochs=40, pretrained_patience=8),
 }
 
 
@@ -214,9 +230,17 @@ class TrainConfig:
     batch_size : int
         Maps per training step.
     learning_rate : float
-        Adam learning rate (the boosting learning rate for features).
+        Peak learning rate of the optimizer (the boosting learning rate for features).
+    optimizer : str
+        adamw (Adam with decoupled weight decay, biases and BatchNorm excluded) or adam.
+    weight_decay : float
+        AdamW's decoupled weight decay per step, as a fraction of the learning rate times the weight.
     lr_schedule : str
-        constant, or cosine (decay to 0 over the fine-tuning epochs).
+        constant, or cosine (linear warm-up, then cosine decay to 0 over the fine-tuning epochs).
+    warmup_epochs : int
+        Epochs of linear learning-rate warm-up from 0 (cosine schedule only).
+    label_smoothing : float
+        Weight in [0, 1) of the uniform target mixed into each map's one-hot label.
     head_epochs : int
         Epochs training only the head on the frozen encoder before fine-tuning (linear probe, then
         fine-tune).
@@ -268,7 +292,11 @@ class TrainConfig:
     patience: int = 3
     batch_size: int = 32
     learning_rate: float = 1e-3
-    lr_schedule: str = "constant"
+    optimizer: str = "adamw"
+    weight_decay: float = 1e-4
+    lr_schedule: str = "cosine"
+    warmup_epochs: int = 1
+    label_smoothing: float = 0.1
     head_epochs: int = 0
     freeze_batchnorm: bool = False
     augment: dict | None = field(default_factory=lambda: AugmentConfig().as_dict())
@@ -304,6 +332,10 @@ class TrainConfig:
             (self.model not in (*FAMILIES, FEATURES), f"model {self.model!r} is not one of "
                                                       f"{', '.join((*FAMILIES, FEATURES))}"),
             (self.lr_schedule not in LR_SCHEDULES, f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}"),
+            (self.optimizer not in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}"),
+            (self.weight_decay < 0 or self.warmup_epochs < 0, "weight_decay and warmup_epochs must not be "
+                                                              "negative"),
+            (not 0 <= self.label_smoothing < 1, "label_smoothing must lie in [0, 1)"),
             (self.class_weight not in CLASS_WEIGHTINGS,
              f"class_weight must be one of {', '.join(CLASS_WEIGHTINGS)}"),
             (self.profile not in PROFILES, f"profile must be one of {', '.join(PROFILES)}"),
@@ -354,7 +386,10 @@ class TrainConfig:
         A pretrained encoder (``weights`` opd, opd:NAME or a folder; ``opd_mobilenetv2``) fixes the
         MobileNetV2 width and suggests the input size, and by default is fine-tuned after
         :data:`PRETRAINED_HEAD_EPOCHS` head-only epochs with its BatchNorm statistics frozen (they come
-        from thousands of sessions, a training split has a few) at :data:`PRETRAINED_LEARNING_RATE`.
+        from thousands of sessions, a training split has a few) at :data:`PRETRAINED_LEARNING_RATE`,
+        with the optimizer it was measured with (Adam at a constant rate, :data:`PRE_RECIPE`) and the
+        profile's ``pretrained_epochs``; other deep models get the recipe (the dataclass defaults:
+        AdamW, warm-up + cosine, label smoothing; ``docs/recipe.md``).
         Deep models trained with rotations and flips predict with test-time augmentation unless told
         not to; ``features`` ignore orientation (no augmentation, no TTA).
 
@@ -413,12 +448,14 @@ class TrainConfig:
             "alpha": ((saved or {}).get("alpha") or p.mobilenet_alpha) if model == "mobilenetv2" else None,
             "input_size": (saved or {}).get("input_size") or (
                 p.dinov2_input_size if model == "dinov2" else p.input_size),
-            "epochs": p.epochs_by_model.get(model, p.epochs), "patience": p.patience,
+            "epochs": p.pretrained_epochs if pretrained else p.epochs_by_model.get(model, p.epochs),
+            "patience": p.pretrained_patience if pretrained else p.patience,
             "batch_size": p.batch_size,
             "learning_rate": PRETRAINED_LEARNING_RATE if pretrained else p.learning_rate_by_model.get(
                 model, p.learning_rate),
             "head_epochs": PRETRAINED_HEAD_EPOCHS if pretrained else 0, "freeze_batchnorm": pretrained,
             "tta": bool(augment and augment["rotate90"] and augment["flip"]),
+            **({**PRE_RECIPE, "lr_schedule": "constant"} if pretrained else {}),
         }
         return cls(model=model, profile=profile, weights=weights, augment=augment, **{**defaults, **given})
 
@@ -467,9 +504,11 @@ class TrainConfig:
     @classmethod
     def from_model_config(cls, config: dict, where: str | os.PathLike = "config.json") -> TrainConfig:
         """The training config of a model folder's config.json: its ``train_config``, or for model format
-        3 and older (saved before this class) the same settings read from their old keys."""
-        if "train_config" in config:
-            return cls.from_dict(config["train_config"], where)
+        3 and older (saved before this class) the same settings read from their old keys. Recipe fields
+        a saved config lacks (:data:`PRE_RECIPE`) are what it was trained with then, not today's defaults."""
+        if "train_config" in config:   # saved before the recipe's fields: trained without them
+            saved = config["train_config"]
+            return cls.from_dict({**PRE_RECIPE, **saved} if isinstance(saved, dict) else saved, where)
         training, split = config.get("training") or {}, config.get("split") or {}
         model_kw = dict(training.get("model_kw") or {})
         alpha = model_kw.pop("alpha", None)
@@ -482,7 +521,7 @@ class TrainConfig:
             "alpha": alpha, "input_size": config.get("input_size"), "model_kw": model_kw,
             **{k: training[k] for k in ("epochs", "patience", "batch_size", "learning_rate", "seed",
                                         "head_epochs", "freeze_batchnorm", "augment") if k in training},
-            "profile": training.get("profile"),
+            "profile": training.get("profile"), **PRE_RECIPE,
             "tta": config.get("test_time_augmentation") == TTA_DIHEDRAL,
             "norm_scale_nm": None,
             "split_seed": split.get("seed"), "test_size": split.get("test_size"),

@@ -9,7 +9,6 @@ shared. Imports TensorFlow (through :mod:`opdcells.pipeline`).
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 
 import numpy as np
@@ -81,16 +80,17 @@ class _KerasLearner:
         monitor = "val_loss" if has_val else "loss"
         train_stream, val_stream = stream(split.train, True), stream(split.val, False) if has_val else None
 
+        from .recipe import build_optimizer, classification_loss, steps_per_epoch
+
         def run(epochs, callbacks, schedule="constant"):
-            rate = settings.learning_rate
-            if schedule == "cosine":   # to 0 over the run's steps
-                steps = epochs * math.ceil(len(split.train) / settings.batch_size)
-                rate = keras.optimizers.schedules.CosineDecay(rate, decay_steps=max(1, steps))
+            def optimizer():   # the recipe (opdcells.recipe): AdamW, warm-up + cosine
+                return build_optimizer(settings, epochs=epochs, schedule=schedule,
+                                       steps_per_epoch=steps_per_epoch(len(split.train), settings.batch_size))
             if self.strategy is not None:
-                return self._run_distributed(rate, epochs, callbacks, train_stream, val_stream, settings,
+                return self._run_distributed(optimizer, epochs, callbacks, train_stream, val_stream, settings,
                                              class_weight)
-            self.model.compile(optimizer=keras.optimizers.Adam(rate),
-                               loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+            self.model.compile(optimizer=optimizer(), loss=classification_loss(settings.label_smoothing),
+                               metrics=["accuracy"])
             return self.model.fit(train_stream, epochs=epochs, validation_data=val_stream,
                                   class_weight=class_weight, callbacks=callbacks, verbose=verbose,
                                   shuffle=False).history   # the stream shuffles every epoch itself
@@ -115,7 +115,8 @@ class _KerasLearner:
         return {k: [float(v) for v in history.get(k, [])] + [float(v) for v in values]
                 for k, values in tuned.items()}
 
-    def _run_distributed(self, rate, epochs, callbacks, train_stream, val_stream, settings, class_weight):
+    def _run_distributed(self, make_optimizer, epochs, callbacks, train_stream, val_stream, settings,
+                         class_weight):
         """One phase of training under ``self.strategy`` (:func:`opdcells.distribute.fit_distributed`: the
         same loss, optimizer and early stopping as ``model.fit``, which Keras 3 cannot run there)."""
         import keras
@@ -124,7 +125,7 @@ class _KerasLearner:
 
         patience = next((c.patience for c in callbacks if isinstance(c, keras.callbacks.EarlyStopping)), None)
         with self.strategy.scope():
-            optimizer = keras.optimizers.Adam(rate)
+            optimizer = make_optimizer()
         return fit_distributed(self.strategy, self.model, optimizer, train_stream, val_stream, epochs=epochs,
                                global_batch=settings.batch_size, class_weight=class_weight, patience=patience)
 

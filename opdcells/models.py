@@ -25,8 +25,12 @@ the family; a family without one is an error naming the missing registry entry),
 registry entry), or a path to encoder weights -- a ``.weights.h5`` file or a folder written by
 :func:`save_encoder`. A missing or corrupt pretrained file is an error, never a random start.
 ``opd_mobilenetv2`` is an alias of ``mobilenetv2`` with ``weights="opd"`` (``config.resolve_alias``).
-DINOv2 presets come through ``dinov2_preset``. Pretrained backbones see
-``OPD / norm_scale_nm`` (about 0-6 for cells), not ImageNet-normalised RGB: fine-tuning adapts to it.
+DINOv2 presets come through ``dinov2_preset``.
+
+Input scaling (``info["input_scaling"]``): ImageNet-initialised backbones get the input their family was
+trained with (:class:`ImageNetInput` after step 3: ``OPD / norm_scale_nm`` read as a 0-1 grey level, then
+MobileNetV2's [-1, 1], ResNet50's and VGG16's caffe-style BGR minus the channel means); random and
+OPD-pretrained encoders see ``OPD / norm_scale_nm`` itself (``"opd"``; a saved encoder records its own).
 """
 from __future__ import annotations
 
@@ -65,8 +69,15 @@ ENCODER_CONFIG = registry.ENCODER_CONFIG
 ENCODER_FORMAT = "opdcells-encoder"
 _ENCODER_CONFIG_KEYS = (
     "architecture", "input_shape", "input_size", "alpha", "norm_scale_nm", "bn_momentum",
-    "embedding_dim", "dinov2_config", "init", "weights_source",
+    "embedding_dim", "dinov2_config", "init", "weights_source", "input_scaling",
 )
+
+#: Input convention of each family's ImageNet weights (``mode`` of keras.applications' ``preprocess_input``
+#: for that family): "tf" maps 0-255 pixels to [-1, 1] (MobileNetV2); "caffe" reorders RGB to BGR and
+#: subtracts the ImageNet channel means (103.939, 116.779, 123.68) of 0-255 pixels (ResNet50, VGG16).
+IMAGENET_INPUT = {"mobilenetv2": "tf", "resnet50": "caffe", "vgg16": "caffe"}
+#: ``input_scaling`` of encoders that are not ImageNet-initialised: the backbone sees ``OPD / norm_scale_nm``.
+OPD_INPUT = "opd"
 
 _APPLICATIONS = {
     "mobilenetv2": keras.applications.MobileNetV2,
@@ -93,6 +104,40 @@ class OPDScale(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "scale_nm": self.scale_nm}
+
+
+@keras.saving.register_keras_serializable(package="opdcells")
+class ImageNetInput(keras.layers.Layer):
+    """Grey OPD maps to the input an ImageNet-trained backbone was trained with (no weights).
+
+    The input is ``OPD / norm_scale_nm`` repeated to 3 channels; with the default ``norm_scale_nm`` (the
+    99th percentile of |OPD| over cell pixels) a cell spans about 0-1, read as a grey level 0-255 of a
+    photograph. ``keras.applications.imagenet_utils.preprocess_input(255 x, mode)`` then applies the
+    family's own convention (:data:`IMAGENET_INPUT`).
+
+    Parameters
+    ----------
+    mode : {"tf", "caffe"}
+        "tf": ``2 x - 1`` ([-1, 1], MobileNetV2); "caffe": ``255 x`` in BGR order minus the ImageNet
+        channel means (ResNet50, VGG16).
+    """
+
+    def __init__(self, mode: str = "tf", **kwargs):
+        super().__init__(**kwargs)
+        if mode not in ("tf", "caffe"):
+            raise ValueError(f"ImageNet input mode must be 'tf' or 'caffe', not {mode!r}")
+        self.mode = mode
+
+    def call(self, x):
+        grey = keras.ops.multiply(keras.ops.cast(x, self.compute_dtype), 255.0)
+        return keras.applications.imagenet_utils.preprocess_input(grey, data_format="channels_last",
+                                                                  mode=self.mode)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "mode": self.mode}
 
 
 @keras.saving.register_keras_serializable(package="opdcells")
@@ -287,6 +332,15 @@ def _resolve_weights(name: str, weights, alpha, dinov2_config, input_size: int, 
     return resolved, alpha, dinov2_config
 
 
+def _input_scaling(family: str, kind: str, saved: dict | None) -> str:
+    """What the backbone's input is: the ImageNet convention of the family for ImageNet weights
+    (:data:`IMAGENET_INPUT`), a saved encoder's own (older encoders: ``OPD / norm_scale_nm``), else
+    :data:`OPD_INPUT`."""
+    if kind == "imagenet":
+        return IMAGENET_INPUT[family]
+    return (saved or {}).get("input_scaling") or OPD_INPUT
+
+
 def _backbone(family: str, input_size: int, alpha, imagenet: bool, dinov2_preset, dinov2_config):
     """``(backbone, pooling layer, input size used, init record)`` for one backbone family."""
     if family != "dinov2":
@@ -341,6 +395,9 @@ def build_encoder(
     x = OPDScale(norm_scale_nm, name="opd_scale")(inputs)
     x = keras.layers.Resizing(size, size, interpolation="bilinear", antialias=True, name="resize")(x)
     x = keras.layers.Concatenate(axis=-1, name="opd_to_rgb")([x, x, x])
+    scaling = _input_scaling(family, kind, resolved.config)
+    if scaling != OPD_INPUT:
+        x = ImageNetInput(scaling, name="imagenet_input")(x)
     features = backbone({"images": x} if family == "dinov2" else x)
     encoder = keras.Model(inputs, pool(features), name="encoder")
     n_bn = set_bn_momentum(encoder, bn_momentum)
@@ -358,6 +415,7 @@ def build_encoder(
         "input_size": size,
         "input_size_requested": int(input_size),
         "norm_scale_nm": float(norm_scale_nm),
+        "input_scaling": scaling,
         "bn_momentum": float(bn_momentum) if n_bn else None,
         "alpha": alpha,
         "embedding_dim": int(encoder.output_shape[-1]),

@@ -79,6 +79,19 @@ def _geometry(x, seed, rotate90: bool, flip: bool, max_shift: int):
     return tf.transpose(x, [0, 2, 1, 3])
 
 
+def _zoom(x, seed, max_zoom: float):
+    """Magnify each map about its centre by 1 + u, u uniform in [-max_zoom, max_zoom] (bilinear; the field
+    outside the source map is 0, like the background preprocessing leaves around a cell)."""
+    n, size = tf.shape(x)[0], tf.cast(tf.shape(x)[1], tf.float32)
+    inverse = 1.0 / (1.0 + _uniform(seed, [n], -max_zoom, max_zoom))     # output -> source coordinates
+    shift = (size - 1.0) / 2.0 * (1.0 - inverse)
+    zeros = tf.zeros_like(inverse)
+    transforms = tf.stack([inverse, zeros, shift, zeros, inverse, shift, zeros, zeros], axis=1)
+    return tf.raw_ops.ImageProjectiveTransformV3(images=x, transforms=transforms, fill_value=0.0,
+                                                 output_shape=tf.shape(x)[1:3], interpolation="BILINEAR",
+                                                 fill_mode="CONSTANT")
+
+
 def _select(mask, a, b):
     return tf.where(tf.reshape(mask, [-1, 1, 1, 1]), a, b)
 
@@ -147,7 +160,7 @@ def _noise(x, seed, max_std: float):
 def augment_batch(x, seed, config: AugmentConfig = DEFAULT_AUGMENT):
     """Augment a batch of OPD maps ``x`` (B, S, S, 1) float32 nm with the stateless ``seed`` (2,) int.
 
-    Same seed, same result. Order: orientation and shift, defocus, OPD scale, background, noise.
+    Same seed, same result. Order: orientation and shift, zoom, defocus, OPD scale, background, noise.
     Background tilt/offset and noise are added only where the map is non-zero (preprocessing zeroes
     everything outside the dilated cell mask, so real maps carry them there only).
     """
@@ -156,6 +169,9 @@ def augment_batch(x, seed, config: AugmentConfig = DEFAULT_AUGMENT):
     seeds = tf.unstack(tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 5))
     if config.rotate90 or config.flip or config.max_shift_px > 0:
         x = _geometry(x, seeds[0], config.rotate90, config.flip, int(config.max_shift_px))
+    if config.max_zoom > 0:
+        zoom_seed = tf.random.experimental.stateless_fold_in(tf.cast(seed, tf.int64), 5)   # others unchanged
+        x = _zoom(x, zoom_seed, float(config.max_zoom))
     support = tf.cast(tf.not_equal(x, 0.0), tf.float32)
     scale = (1.0 + _uniform(seeds[2], [n], -config.scale_jitter, config.scale_jitter)
              if config.scale_jitter > 0 else None)

@@ -248,7 +248,7 @@ def pretrain(data=None, *, backbone: str = "mobilenetv2", method: str = "simclr"
         of the model folders in ``exclude_test`` are left out); without data they train on ``n_sim``
         simulated maps, labels unused. ``supervised-sim`` always trains on ``n_sim`` simulated maps with
         their labels; datasets given are evaluation data its sessions are checked to be disjoint from.
-    backbone : {"mobilenetv2", "dinov2"}
+    backbone : {"mobilenetv2", "resnet50", "vgg16", "dinov2"}
         Encoder architecture (:data:`~opdcells.pretrain_options.BACKBONES`).
     method : {"simclr", "byol", "dino", "supervised-sim"}
         Pretraining method (:data:`~opdcells.pretrain_options.METHODS`).

@@ -15,7 +15,7 @@ __all__ = ["METHODS", "BACKBONES", "METHOD_DEFAULTS", "DEFAULT_N_SIM", "SIM_MAPS
 
 METHODS = ("simclr", "byol", "dino", "supervised-sim")
 #: ``--backbone`` -> ``models.build_encoder`` architecture.
-BACKBONES = {"mobilenetv2": "mobilenetv2", "dinov2": "dinov2"}
+BACKBONES = {"mobilenetv2": "mobilenetv2", "resnet50": "resnet50", "vgg16": "vgg16", "dinov2": "dinov2"}
 SIM_MAPS_PER_SESSION = 40
 DEFAULT_N_SIM = 10000
 #: Per-method defaults: epochs, learning rate, weight decay.

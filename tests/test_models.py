@@ -193,22 +193,6 @@ def test_bn_momentum_lets_evaluation_accuracy_move(momentum):
 # ImageNet weights through keras.applications' own cache
 
 
-def test_imagenet_weights_load_from_keras_cache(keras_home, no_network):
-    reference = keras.applications.MobileNetV2(
-        input_shape=(S, S, 3), alpha=0.35, include_top=False, weights=None, name="reference"
-    )
-    cached = keras_home / "models" / MOBILENETV2_035_NOTOP
-    reference.save(cached)  # legacy HDF5, the format Keras' ImageNet files use (MobileNetV2 checks no hash)
-
-    encoder, info = build_encoder(
-        "mobilenetv2", input_shape=(S, S, 1), input_size=S, weights="imagenet", seed=5
-    )
-    assert weights_equal(encoder.get_layer("backbone"), reference)
-    assert info["init"] == "imagenet" and info["weights_source"] == str(cached)
-    assert "(224, 224)" in info["weights_note"]  # 32 px is not an ImageNet size: Keras used the 224 file
-    assert {layer.momentum for layer in batch_norm_layers(encoder)} == {0.9}  # kept when weights are loaded
-
-
 @pytest.mark.parametrize("name", ["mobilenetv2", "resnet50", "vgg16"])
 def test_imagenet_offline_falls_back_to_random_loudly(name, keras_home, no_network, caplog):
     with caplog.at_level(logging.WARNING, logger="opdcells.models"):
@@ -360,3 +344,79 @@ def test_dinov2_opd_weights_are_the_shipped_folder_and_an_offline_preset_falls_b
         build_encoder("resnet50", weights="opd")
     with pytest.raises(RegistryError, match=missing):
         models.saved_encoder_config("resnet50", "opd")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The ImageNet path of every CNN, proven with generated files of the exact names, layers and shapes
+
+
+#: (family, MobileNetV2 alpha, input size, the no-top file keras.applications reads from $KERAS_HOME/models):
+#: MobileNetV2 as the quick (0.35, 64 px: no 64 px file, Keras takes the 224 one) and full (1.0, 128 px)
+#: profiles build it; ResNet50 and VGG16 have one no-top file each.
+IMAGENET_CASES = [
+    ("mobilenetv2", 0.35, 64, MOBILENETV2_035_NOTOP),
+    ("mobilenetv2", 1.0, 128, "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_128_no_top.h5"),
+    ("resnet50", None, S, "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"),
+    ("vgg16", None, S, "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"),
+]
+
+
+def generated_imagenet_file(keras_home, monkeypatch, family, alpha, size, file_name):
+    """A no-top backbone of random weights saved under the name keras.applications looks for; its MD5/SHA
+    check (ResNet50, VGG16: the hashes of the real files) accepts this one file only."""
+    from keras.src.utils import file_utils
+
+    kwargs = {"alpha": alpha} if alpha else {}
+    keras.utils.set_random_seed(123)
+    reference = models._APPLICATIONS[family](input_shape=(size, size, 3), include_top=False, weights=None,
+                                             name="reference", **kwargs)
+    path = keras_home / "models" / file_name
+    reference.save(path)   # legacy HDF5, the format of Keras' ImageNet files
+    validate = file_utils.validate_file
+    monkeypatch.setattr(file_utils, "validate_file",
+                        lambda fpath, *a, **k: str(fpath) == str(path) or validate(fpath, *a, **k))
+    return reference, path
+
+
+@pytest.mark.parametrize(("family", "alpha", "size", "file_name"), IMAGENET_CASES,
+                         ids=[f"{c[0]}-{c[1]}-{c[2]}" for c in IMAGENET_CASES])
+def test_imagenet_weights_load_with_the_family_input_scaling(family, alpha, size, file_name, keras_home,
+                                                             no_network, monkeypatch):
+    reference, path = generated_imagenet_file(keras_home, monkeypatch, family, alpha, size, file_name)
+    kwargs = {"alpha": alpha} if alpha else {}
+    encoder, info = build_encoder(family, input_shape=(S, S, 1), input_size=size, weights="imagenet",
+                                  norm_scale_nm=200.0, **kwargs)
+    assert weights_equal(encoder.get_layer("backbone"), reference)
+    assert info["init"] == "imagenet" and info["weights_source"] == str(path)
+    assert {layer.momentum for layer in batch_norm_layers(encoder)} <= {0.9}   # kept when weights are loaded
+    if family == "mobilenetv2" and size not in models.IMAGENET_SIZES:   # Keras used the 224 px file
+        assert "(224, 224)" in info["weights_note"]
+    opd = np.zeros((2, S, S, 1), np.float32)
+    opd[:, 8:24, 8:24] = 100.0   # a 100 nm cell: half of norm_scale_nm, a mid grey
+    seen = keras.Model(encoder.input, encoder.get_layer("imagenet_input").output).predict(opd, verbose=0)
+    if family == "mobilenetv2":   # keras.applications.mobilenet_v2.preprocess_input: [-1, 1]
+        assert info["input_scaling"] == "tf"
+        assert seen.min() == pytest.approx(-1.0)
+        assert np.median(seen[:, size // 2, size // 2]) == pytest.approx(0.0, abs=1e-5)
+    else:   # caffe: BGR, minus the ImageNet channel means of 0-255 pixels
+        assert info["input_scaling"] == "caffe"
+        mean_bgr = np.array([103.939, 116.779, 123.68], np.float32)
+        np.testing.assert_allclose(seen[0, 0, 0], -mean_bgr, rtol=1e-5)
+        np.testing.assert_allclose(seen[0, S // 2, S // 2], 127.5 - mean_bgr, rtol=1e-4)
+
+
+def test_random_and_opd_encoders_keep_the_opd_input():
+    encoder, info = build_encoder("vgg16", input_shape=(S, S, 1), input_size=S)
+    assert info["input_scaling"] == "opd" and "imagenet_input" not in [layer.name for layer in encoder.layers]
+
+
+@pytest.mark.parametrize("family", ["resnet50", "vgg16"])
+def test_opd_weights_resolve_to_the_backbone_registry_entry(family, tmp_path, monkeypatch):
+    with pytest.raises(RegistryError, match=rf"registry.DEFAULTS\['{family}'\]: no OPD-pretrained encoder"):
+        build_encoder(family, input_shape=(S, S, 1), input_size=S, weights="opd")
+    encoder, info = build_encoder(family, input_shape=(S, S, 1), input_size=S, seed=4)
+    folder = save_encoder(encoder, info, tmp_path / f"opd_{family}")
+    entry = register_test_encoder(monkeypatch, folder, family, name=f"opd_{family}_test")
+    loaded, linfo = build_encoder(family, input_shape=(S, S, 1), input_size=S, weights="opd", seed=9)
+    assert weights_equal(loaded, encoder) and linfo["init"] == entry.init
+    assert linfo["input_scaling"] == "opd"

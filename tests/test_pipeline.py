@@ -178,3 +178,18 @@ def test_dihedral_views_are_the_eight_symmetries_of_the_square():
     np.testing.assert_array_equal(dihedral_views(maps[..., None])[3][..., 0], views[3])
     with pytest.raises(ValueError, match="square"):
         dihedral_views(np.zeros((2, 4, 5)))
+
+
+def test_zoom_scales_the_cell_area_about_the_centre():
+    size, radius = 64, 12.0
+    yy, xx = np.mgrid[:size, :size] - (size - 1) / 2
+    disc = np.where(np.hypot(yy, xx) < radius, 200.0, 0.0).astype(np.float32)
+    maps = np.repeat(disc[None, ..., None], 16, axis=0)
+    config = dataclasses.replace(NONE, max_zoom=0.2)
+    out = augment_batch(maps, [3, 4], config).numpy()
+    zoom = np.sqrt((out > 100).sum(axis=(1, 2, 3)) / (disc > 100).sum())     # linear magnification per map
+    assert zoom.min() >= 0.8 - 0.05 and zoom.max() <= 1.2 + 0.05 and zoom.max() - zoom.min() > 0.1
+    centroid = [(np.stack([yy, xx]) * m[..., 0]).sum(axis=(1, 2)) / m.sum() for m in out]
+    np.testing.assert_allclose(centroid, 0.0, atol=0.3)                       # about the centre
+    assert out.max() <= 200.0 + 1e-3 and out.min() >= 0.0                     # OPD values kept, background 0
+    np.testing.assert_array_equal(augment_batch(maps, [3, 4], NONE).numpy(), maps)

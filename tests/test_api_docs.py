@@ -26,7 +26,7 @@ SECTION = re.compile(r"^[ \t]*(Parameters|Other Parameters|Attributes|Returns|Yi
 UNDOCUMENTED: dict[str, int] = {"opdcells.baselines": 4, "opdcells.console": 1, "opdcells.crossval": 7,
     "opdcells.describe": 3, "opdcells.distribute": 5, "opdcells.explain": 16, "opdcells.features": 4,
     "opdcells.metadata": 1, "opdcells.models": 17, "opdcells.notebooks": 5, "opdcells.pipeline": 7,
-    "opdcells.report": 2, "opdcells.retrieval": 6, "opdcells.simulate": 27, "opdcells.spikein": 8}
+    "opdcells.report": 2, "opdcells.retrieval": 6, "opdcells.spikein": 8}
 
 #: Option name patterns of physical quantities -> the units one of which the option name, metavar or help
 #: must name (a dimensionless option -- a fraction, a count, an index -- matches none of them).

@@ -156,6 +156,8 @@ def ingest_options(model, **user) -> IngestOptions:
     ------
     TypeError
         For an option IngestOptions does not take.
+    ValueError
+        For an invalid value (units, numbers, sideband, ...).
     """
     return IngestOptions(**{k: v for k, v in user.items() if v is not None}, config=model.preprocess_config)
 

@@ -588,9 +588,8 @@ class Reader(abc.ABC):
         ------
         ExportError
             When the file cannot be read (a library's error, named with the file), holds no numeric array,
-            several candidates without ``var``, or a stack whose maps are narrower than a cell.
-        MetadataError
-            When metadata stored in the file are invalid.
+            several candidates without ``var``, a stack whose maps are narrower than a cell, or an unusable
+            sample scale. (Unusable metadata variables are not an error here: see ``meta_problems``.)
         """
         self.path = Path(path)
         self.var = var
@@ -684,9 +683,8 @@ class ArrayReader(Reader):
         ------
         ExportError
             When the file cannot be read (a library's error, named with the file), holds no numeric array,
-            several candidates without ``var``, or a stack whose maps are narrower than a cell.
-        MetadataError
-            When metadata stored in the file are invalid.
+            several candidates without ``var``, a stack whose maps are narrower than a cell, or an unusable
+            sample scale. (Unusable metadata variables are not an error here: see ``meta_problems``.)
         """
         super().__init__(path, var=var, stack_axis=stack_axis)
         try:
@@ -1398,9 +1396,9 @@ class TiffReader(ArrayReader):
         ------
         ExportError
             When the file cannot be read (a library's error, named with the file), holds no numeric array,
-            several candidates without ``var``, or a stack whose maps are narrower than a cell.
-        MetadataError
-            When metadata stored in the file are invalid.
+            several candidates without ``var``, a stack whose maps are narrower than a cell, or an unusable
+            sample scale, a damaged TIFF, pages that are not one stack, or a multi-channel file without a
+            valid ``channel``. (Unusable metadata variables are not an error here: see ``meta_problems``.)
         """
         self.channel = channel
         super().__init__(path, var=var, stack_axis=stack_axis)

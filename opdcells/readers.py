@@ -636,7 +636,13 @@ class Reader(abc.ABC):
     @property
     @abc.abstractmethod
     def map_shape(self) -> tuple[int, int]:
-        """(rows, columns) of each map."""
+        """(rows, columns) of each map.
+
+        Returns
+        -------
+        tuple of int
+            (H, W) in pixels of the stored map.
+        """
 
     @abc.abstractmethod
     def __len__(self) -> int:
@@ -644,9 +650,22 @@ class Reader(abc.ABC):
 
     @abc.abstractmethod
     def __iter__(self) -> Iterator[RawMap]:
-        """Stream the maps one at a time."""
+        """Stream the maps one at a time (the read of a reader: one map in memory at a time).
+
+        Yields
+        ------
+        RawMap
+            Each map, in file order, as (H, W) float64 values in the file's (or the user's) units; unwrapped
+            phase (rad) for complex fields and holograms.
+
+        Raises
+        ------
+        ExportError
+            When a map cannot be read (a truncated file, a library's error), naming the file.
+        """
 
     def close(self) -> None:
+        """Release the file handles and temporary files the reader holds (also on leaving ``with``)."""
         self._resources.close()
 
     def __enter__(self):
@@ -718,7 +737,17 @@ class ArrayReader(Reader):
         self.sample_scale = scale_from_variables(values, self.path)
 
     def variable_array(self, name: str) -> np.ndarray | None:
-        """Another variable of a container file (e.g. the background hologram), None if absent."""
+        """Another variable of a container file (e.g. the background hologram), None if absent.
+
+        Parameters
+        ----------
+        name : str
+            The variable.
+
+        Returns
+        -------
+        ndarray or None
+        """
         return None
 
     @property
@@ -732,7 +761,18 @@ class ArrayReader(Reader):
         return 1 if self._axis is None else self._array.shape[self._axis]
 
     def raw_maps(self) -> Iterator[np.ndarray]:
-        """The stored 2-D maps in their stored dtype, one at a time."""
+        """The stored 2-D maps in their stored dtype, one at a time.
+
+        Yields
+        ------
+        (H, W) ndarray
+            Each map as stored (integers, floats or complex values; no unit conversion).
+
+        Raises
+        ------
+        ExportError
+            When a map cannot be read, naming the file.
+        """
         with _reading(self.path, f"cannot read a map from the {self.name} file"):
             yield from iter_maps(self._array, self._axis)
 

@@ -24,7 +24,19 @@ __all__ = ["BASELINES", "MAJORITY", "MASS_AREA", "mass_area_features", "baseline
 
 
 def mass_area_features(dataset, indices) -> np.ndarray:
-    """(n, 2) log dry mass (pg) and log area (um^2) of maps ``indices`` (NaN where unknown)."""
+    """(n, 2) log dry mass (pg) and log area (um^2) of maps ``indices`` (NaN where unknown).
+
+    Parameters
+    ----------
+    dataset : OPDDataset
+        The opened dataset (its ``dry_mass_pg`` and ``area_um2`` columns).
+    indices : array_like of int
+        The maps.
+
+    Returns
+    -------
+    (n, 2) float64 ndarray
+    """
     indices = np.asarray(indices, dtype=np.int64)
     values = np.column_stack([np.asarray(dataset.dry_mass_pg, dtype=float)[indices],
                               np.asarray(dataset.area_um2, dtype=float)[indices]])
@@ -78,7 +90,30 @@ def baseline_proba(dataset, y_all, train_idx, test_idx, n_classes: int, *, seed:
 def baseline_reports(dataset, y_all, split, class_names, *, n_boot: int = 1000, seed: int = 0,
                      positive_class: str | None = None) -> dict[str, dict]:
     """``classification_report`` of each baseline on ``split.test`` (fit on ``split.train``), with the
-    same two-stage bootstrap over acquisition groups as the models' reports."""
+    same two-stage bootstrap over acquisition groups as the models' reports.
+
+    Parameters
+    ----------
+    dataset : OPDDataset
+        The opened dataset.
+    y_all : array_like (N,) of int
+        Task class index of every map of the dataset.
+    split : Split
+        Train and test indices.
+    class_names : sequence of str
+        The task's classes.
+    n_boot : int
+        Bootstrap resamples of the confidence intervals.
+    seed : int
+        Random seed.
+    positive_class : str, optional
+        The positive class of a two-class task.
+
+    Returns
+    -------
+    dict of str to dict
+        Baseline name -> classification report.
+    """
     test = np.asarray(split.test, dtype=np.int64)
     groups = np.asarray(dataset.groups)[test]
     return {name: classification_report(np.asarray(y_all)[test], proba, class_names, n_boot=n_boot,

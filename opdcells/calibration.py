@@ -144,6 +144,13 @@ def _tail_threshold(negatives: np.ndarray, fpr: float) -> float:
 def threshold_at_fpr(negatives: np.ndarray, fpr: float) -> tuple[float, bool]:
     """Threshold on the target score with a fraction ``fpr`` of ``negatives`` above it.
 
+    Parameters
+    ----------
+    negatives : (N,) ndarray
+        Target scores (probabilities, 0-1) of the validation maps that are not targets.
+    fpr : float
+        Wanted false-positive rate (a fraction, e.g. 1e-3).
+
     Returns
     -------
     (threshold, extrapolated)
@@ -358,12 +365,37 @@ DEFAULT_FPR = 1e-3
 
 
 def default_targets(class_names) -> list[str]:
-    """The model's cancer classes: names containing one of :data:`CANCER_NAMES` (may be empty)."""
+    """The model's cancer classes: names containing one of :data:`CANCER_NAMES` (may be empty).
+
+    Parameters
+    ----------
+    class_names : sequence of str
+        The model's classes.
+
+    Returns
+    -------
+    list of str
+        The matching names, in order (matched case-insensitively).
+    """
     return [name for name in class_names if any(word in name.lower() for word in CANCER_NAMES)]
 
 
 def target_score(proba: np.ndarray, class_names, targets) -> np.ndarray:
     """Probability that a map belongs to any of ``targets``: the sum of their columns of ``proba``.
+
+    Parameters
+    ----------
+    proba : (N, C) ndarray
+        Class probabilities.
+    class_names : sequence of str
+        The C classes.
+    targets : sequence of str
+        The target classes.
+
+    Returns
+    -------
+    (N,) ndarray
+        The summed probabilities (0-1).
 
     Raises
     ------
@@ -426,13 +458,36 @@ def _jsonable(curve: dict) -> dict:
 
 def save_validation_scores(folder, proba: np.ndarray, labels: np.ndarray, groups) -> None:
     """Keep the validation maps' uncalibrated probabilities, labels and groups beside the model, so a
-    screening run can set an operating point for other targets or rates (plain arrays, no pickles)."""
+    screening run can set an operating point for other targets or rates (plain arrays, no pickles).
+
+    Parameters
+    ----------
+    folder : str or Path
+        The model folder; ``VALIDATION_FILE`` is written in it.
+    proba : (N, C) ndarray
+        Uncalibrated class probabilities (stored float32).
+    labels : (N,) ndarray of int
+        True class indices.
+    groups : sequence of str
+        Acquisition group of each map.
+    """
     np.savez_compressed(Path(folder) / VALIDATION_FILE, proba=np.asarray(proba, np.float32),
                         labels=np.asarray(labels, np.int32), groups=np.asarray(groups, dtype=str))
 
 
 def load_validation_scores(folder) -> dict | None:
-    """What :func:`save_validation_scores` wrote (None when the model folder has none)."""
+    """What :func:`save_validation_scores` wrote (None when the model folder has none).
+
+    Parameters
+    ----------
+    folder : str or Path
+        The model folder.
+
+    Returns
+    -------
+    dict or None
+        ``proba`` (N, C) float32, ``labels`` (N,) int32, ``groups`` (N,) str.
+    """
     path = Path(folder) / VALIDATION_FILE
     if not path.is_file():
         return None

@@ -376,7 +376,13 @@ def register_predict(subparsers) -> None:
 
 
 def add_workers_option(parser: argparse.ArgumentParser) -> None:
-    """``--workers N``: processes reading and preprocessing the exports (default: the machine's cores)."""
+    """``--workers N``: processes reading and preprocessing the exports (default: the machine's cores).
+
+    Parameters
+    ----------
+    parser : argparse.ArgumentParser
+        The command's parser; the option is added to it (``dest="workers"``, an int).
+    """
     from .predict import default_workers
 
     parser.add_argument("--workers", type=int, default=default_workers(), metavar="N",

@@ -122,6 +122,11 @@ def quiet_tensorflow_environment(environ: dict | None = None) -> dict:
     GPUs stay visible: nothing here hides a device, only log lines. Child processes (notebook kernels)
     inherit the settings.
 
+    Parameters
+    ----------
+    environ : dict, optional
+        The environment to change (default ``os.environ``).
+
     Returns
     -------
     dict

@@ -39,9 +39,20 @@ __all__ = ["CrossValidation", "group_folds", "fold_splits", "cross_validate", "c
 class CrossValidation:
     """What :func:`cross_validate` made.
 
-    table: pooled out-of-fold report per model and baseline (one row each); folds: one row per fold and
-    model; predictions: one row per map (fold, group, true class, predicted class per model);
-    reports: model name -> pooled ``classification_report``; files: name -> Path.
+    Attributes
+    ----------
+    task : Task
+        The task (its classes).
+    table : pandas.DataFrame
+        Pooled out-of-fold report per model and baseline (one row each).
+    folds : pandas.DataFrame
+        One row per fold and model.
+    predictions : pandas.DataFrame
+        One row per map (fold, group, true class, predicted class per model).
+    reports : dict
+        Model name -> pooled ``classification_report``.
+    files : dict
+        Name -> Path of the written tables and figures.
     """
 
     task: Task
@@ -55,8 +66,28 @@ class CrossValidation:
 def group_folds(y, groups, k: int, *, seed: int = 0) -> list[np.ndarray]:
     """Test indices of ``k`` folds of whole acquisition groups, stratified by class (every map once).
 
-    Raises ValueError (one line) when there are fewer groups than folds; warns when a class has fewer
-    groups than folds (some folds then test no map of it).
+    Warns when a class has fewer groups than folds (some folds then test no map of it).
+
+    Parameters
+    ----------
+    y : array_like (N,) of int
+        Class of each map.
+    groups : array_like (N,)
+        Acquisition group of each map.
+    k : int
+        Number of folds.
+    seed : int
+        Random seed of the assignment of groups to folds.
+
+    Returns
+    -------
+    list of ndarray
+        ``k`` arrays of map indices.
+
+    Raises
+    ------
+    ValueError
+        (One line) when ``k`` is below 2 or above the number of groups.
     """
     y, groups = np.asarray(y), np.asarray(groups).astype(str)
     n_groups = np.unique(groups).size
@@ -75,7 +106,30 @@ def group_folds(y, groups, k: int, *, seed: int = 0) -> list[np.ndarray]:
 
 def fold_splits(y, groups, k: int, *, seed: int = 0, val_size: float = 0.0) -> list[Split]:
     """One :class:`Split` per fold (indices into ``y``): the fold's groups are the test part; with
-    ``val_size`` > 0 whole training groups holding about that fraction of the training maps validate."""
+    ``val_size`` > 0 whole training groups holding about that fraction of the training maps validate.
+
+    Parameters
+    ----------
+    y : array_like (N,) of int
+        Class of each map.
+    groups : array_like (N,)
+        Acquisition group of each map.
+    k : int
+        Number of folds.
+    seed : int
+        Random seed.
+    val_size : float
+        Fraction of the training maps held out for validation (0: none).
+
+    Returns
+    -------
+    list of Split
+
+    Raises
+    ------
+    ValueError
+        When ``k`` is below 2 or above the number of groups.
+    """
     y, groups = np.asarray(y), np.asarray(groups).astype(str)
     splits = []
     for i, test in enumerate(group_folds(y, groups, k, seed=seed)):
@@ -174,7 +228,28 @@ def cross_validate(data, model: str = "features", task=None, k: int = 5, *, seed
 def cross_validate_models(data, models, task=None, k: int = 5, *, out, **kw) -> tuple[pd.DataFrame, dict]:
     """:func:`cross_validate` each of ``models`` on the same folds (into ``out/cv_<model>``); returns the
     pooled table of every model and the baselines (written to ``out/cv_comparison.csv/.md``) and the
-    :class:`CrossValidation` of each model."""
+    :class:`CrossValidation` of each model.
+
+    Parameters
+    ----------
+    data : str, Path or OPDDataset
+        The dataset.
+    models : sequence of str
+        Model names.
+    task : str, optional
+        The task (default: all classes).
+    k : int
+        Number of folds.
+    out : str or Path
+        Output folder.
+    **kw
+        Further arguments of :func:`cross_validate`.
+
+    Returns
+    -------
+    tuple of (pandas.DataFrame, dict)
+        The pooled table, and model name -> CrossValidation.
+    """
     out = Path(out)
     runs = {model: cross_validate(data, model, task, k, out=out / f"cv_{model}", **kw) for model in models}
     table = pd.concat([run.table for run in runs.values()], ignore_index=True).drop_duplicates("model")

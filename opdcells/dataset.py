@@ -172,7 +172,19 @@ def _now() -> str:
 
 
 def settings_of(config: PreprocessConfig) -> dict:
-    """Dataset-level preprocessing settings (the ``SETTINGS`` attrs) of a PreprocessConfig."""
+    """Dataset-level preprocessing settings (the ``SETTINGS`` attrs) of a PreprocessConfig.
+
+    Parameters
+    ----------
+    config : PreprocessConfig
+        The preprocessing the maps are made with.
+
+    Returns
+    -------
+    dict
+        ``pixel_size_um`` (um, the output pixel size), ``out_size`` (px), ``alpha_ml_per_g`` (mL/g),
+        ``background_order``.
+    """
     return config.as_settings()
 
 
@@ -180,12 +192,32 @@ def settings_of(config: PreprocessConfig) -> dict:
 
 
 def real_path(path: str | os.PathLike) -> Path:
-    """``path`` with every symbolic link (of the file or a folder above it) resolved."""
+    """``path`` with every symbolic link (of the file or a folder above it) resolved.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+
+    Returns
+    -------
+    Path
+    """
     return Path(os.path.realpath(path))
 
 
 def shard_folder(real: Path) -> Path:
-    """The folder of the shards of the dataset whose (real) index is ``real``."""
+    """The folder of the shards of the dataset whose (real) index is ``real``.
+
+    Parameters
+    ----------
+    real : Path
+        The dataset index file, links resolved (:func:`real_path`).
+
+    Returns
+    -------
+    Path
+        ``DATASET.h5.shards`` beside it.
+    """
     return real.with_name(f"{real.name}.shards")
 
 
@@ -273,6 +305,19 @@ class OPDDataset:
     """
 
     def __init__(self, path: str | os.PathLike):
+        """Open the index and its shards read-only and check the layout; no map is read.
+
+        Parameters
+        ----------
+        path : str or os.PathLike
+            The dataset (HDF5 index file; may be a symbolic link).
+
+        Raises
+        ------
+        DatasetError
+            When the file is missing or not an opdcells dataset (wrong or newer schema, missing or
+            inconsistent columns or shards), naming the file.
+        """
         self.path = Path(path)
         self.real_path = real_path(self.path)
         self._h5 = _open_h5(self.path, self.real_path)
@@ -414,7 +459,23 @@ class OPDDataset:
 
 
 def open_dataset(path: str | os.PathLike) -> OPDDataset:
-    """Open an opdcells dataset lazily; raise DatasetError naming the file if it is not one."""
+    """Open an opdcells dataset lazily; raise DatasetError naming the file if it is not one.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The dataset (HDF5 index file).
+
+    Returns
+    -------
+    OPDDataset
+        Open (a context manager; close it). Maps are (N, S, S) float32 OPD in nm at ``pixel_size_um``.
+
+    Raises
+    ------
+    DatasetError
+        When the file is missing or not an opdcells dataset.
+    """
     return OPDDataset(path)
 
 
@@ -538,6 +599,17 @@ class DatasetWriter:
     """
 
     def __init__(self, path: str | os.PathLike, config: PreprocessConfig, *, batch_size: int = 64):
+        """Prepare a run; nothing is opened or written before :meth:`open` (or ``with``).
+
+        Parameters
+        ----------
+        path : str or os.PathLike
+            The dataset index file (created if missing; a symbolic link writes its target).
+        config : PreprocessConfig
+            The preprocessing of the maps added; it must match an existing dataset's settings.
+        batch_size : int
+            Maps buffered before they are written to the shard.
+        """
         self.path = Path(path)
         self.real = real_path(self.path)
         self.settings = settings_of(config)

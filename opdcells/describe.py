@@ -20,6 +20,13 @@ _UNITS = {"wavelength_nm": "nm", "pixel_size_um": "um", "medium_index": ""}
 def describe_export(path: str | os.PathLike, options: IngestOptions | None = None) -> dict:
     """Describe one export as ``load_data.py`` would read it with ``options``; never raises for the file.
 
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The export.
+    options : IngestOptions, optional
+        Reading options and user metadata (default: none).
+
     Returns
     -------
     dict
@@ -62,7 +69,17 @@ def _first_sideband(reader) -> int | None:
 
 
 def format_description(info: dict) -> str:
-    """Multi-line text of :func:`describe_export`'s result, for the command line."""
+    """Multi-line text of :func:`describe_export`'s result, for the command line.
+
+    Parameters
+    ----------
+    info : dict
+        What :func:`describe_export` returned.
+
+    Returns
+    -------
+    str
+    """
     lines = [info["path"]]
     known = f" (qpformat: {info['qpformat']})" if info["qpformat"] else ""
     if info["error"] is not None:

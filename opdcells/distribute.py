@@ -37,6 +37,11 @@ __all__ = ["DISTRIBUTE", "cluster_spec", "resolve", "make_strategy", "is_chief",
 def cluster_spec() -> dict | None:
     """The cluster named by ``TF_CONFIG`` (None when it is unset or names no cluster).
 
+    Returns
+    -------
+    dict or None
+        The parsed ``TF_CONFIG`` (``cluster``, ``task``).
+
     Raises
     ------
     ValueError
@@ -54,6 +59,17 @@ def cluster_spec() -> dict | None:
 
 def resolve(setting: str) -> str:
     """``setting`` with ``"auto"`` replaced by what this machine and ``TF_CONFIG`` call for.
+
+    Parameters
+    ----------
+    setting : str
+        One of :data:`DISTRIBUTE` ("auto", "none", "mirrored", "multiworker").
+
+    Returns
+    -------
+    str
+        "multiworker" with a cluster in ``TF_CONFIG``, "mirrored" on two or more GPUs, else "none"
+        (for "auto"); otherwise ``setting``.
 
     Raises
     ------
@@ -75,7 +91,22 @@ def resolve(setting: str) -> str:
 
 
 def make_strategy(setting: str):
-    """The ``tf.distribute.Strategy`` of ``setting`` (the default strategy for ``"none"``)."""
+    """The ``tf.distribute.Strategy`` of ``setting`` (the default strategy for ``"none"``).
+
+    Parameters
+    ----------
+    setting : str
+        One of :data:`DISTRIBUTE`; "auto" is resolved first (:func:`resolve`).
+
+    Returns
+    -------
+    tf.distribute.Strategy
+
+    Raises
+    ------
+    ValueError
+        As :func:`resolve`.
+    """
     import tensorflow as tf
 
     setting = resolve(setting)
@@ -88,7 +119,17 @@ def make_strategy(setting: str):
 
 def is_chief() -> bool:
     """True on the worker that writes the outputs: without a cluster, or the ``chief`` task, or worker 0
-    of a cluster without a chief (``TF_CONFIG``'s task)."""
+    of a cluster without a chief (``TF_CONFIG``'s task).
+
+    Returns
+    -------
+    bool
+
+    Raises
+    ------
+    ValueError
+        ``TF_CONFIG`` is not JSON.
+    """
     spec = cluster_spec()
     if spec is None:
         return True

@@ -129,7 +129,17 @@ def classification_report(y_true, proba, class_names, *, n_boot: int = 1000, see
 def headline_metric(y_true) -> str:
     """"balanced_accuracy" when the classes present are imbalanced (largest / smallest count >=
     :data:`IMBALANCE_RATIO`), else "accuracy": always answering the majority class scores the majority's
-    share in accuracy but 1/K in balanced accuracy."""
+    share in accuracy but 1/K in balanced accuracy.
+
+    Parameters
+    ----------
+    y_true : array_like (N,) of int
+        True class indices.
+
+    Returns
+    -------
+    str
+    """
     counts = np.bincount(np.asarray(y_true, dtype=np.int64))
     counts = counts[counts > 0]
     return "balanced_accuracy" if counts.max() >= IMBALANCE_RATIO * counts.min() else "accuracy"
@@ -137,7 +147,22 @@ def headline_metric(y_true) -> str:
 
 def small_study_warnings(y_true, groups, class_names) -> list[str]:
     """Plain-words warnings when a class's test maps come from fewer than :data:`MIN_GROUPS_PER_CLASS`
-    acquisition groups: what the figures can and cannot show, and what to do."""
+    acquisition groups: what the figures can and cannot show, and what to do.
+
+    Parameters
+    ----------
+    y_true : array_like (N,) of int
+        True class indices of the test maps.
+    groups : array_like (N,)
+        Their acquisition groups.
+    class_names : sequence of str
+        The classes.
+
+    Returns
+    -------
+    list of str
+        Empty when every class present has enough groups.
+    """
     per_class = _groups_per_class(np.asarray(y_true), np.asarray(groups).astype(str), class_names)
     few = {name: n for name, n in per_class.items() if 0 < n < MIN_GROUPS_PER_CLASS}
     if not few:
@@ -154,6 +179,16 @@ def metrics_from_confusion(cms) -> dict[str, np.ndarray]:
 
     Same conventions as scikit-learn: balanced accuracy averages recall over classes present in
     y_true; macro F1 averages over classes present in y_true or y_pred.
+
+    Parameters
+    ----------
+    cms : array_like (B, K, K) or (K, K)
+        Confusion matrices (counts; rows true, columns predicted), e.g. of bootstrap resamples.
+
+    Returns
+    -------
+    dict of str to ndarray
+        ``accuracy``, ``balanced_accuracy``, ``macro_f1``: (B,) each (0-1).
     """
     cms = np.asarray(cms, dtype=float)
     cms = cms[None] if cms.ndim == 2 else cms
@@ -172,8 +207,20 @@ def metrics_from_confusion(cms) -> dict[str, np.ndarray]:
 def sensitivity_at_fpr(y_pos, score, fpr: float) -> dict:
     """Highest true-positive rate reachable with false-positive rate <= ``fpr`` (step ROC, no interpolation).
 
-    Returns {"fpr", "value", "threshold", "achieved_fpr", "reason"}; value is None (with the reason)
-    when there are no positives, or fewer than ceil(1/fpr) negatives (the target FPR is not resolvable).
+    Parameters
+    ----------
+    y_pos : array_like (N,) of bool
+        True for the positive (target) maps.
+    score : array_like (N,)
+        Their scores (higher: more likely positive).
+    fpr : float
+        Largest false-positive rate (a fraction).
+
+    Returns
+    -------
+    dict
+        {"fpr", "value", "threshold", "achieved_fpr", "reason"}; value is None (with the reason) when
+        there are no positives, or fewer than ceil(1/fpr) negatives (the target FPR is not resolvable).
     """
     y_pos = np.asarray(y_pos, dtype=bool)
     score = np.asarray(score, dtype=float)
@@ -189,7 +236,29 @@ def sensitivity_at_fpr(y_pos, score, fpr: float) -> dict:
 
 def roc_auc(y_true, proba, class_names, *, positive_class: str | None = None) -> dict:
     """One-vs-rest ROC AUC per class and their macro mean (two classes: the positive class's AUC);
-    classes absent from y_true are skipped with a note."""
+    classes absent from y_true are skipped with a note.
+
+    Parameters
+    ----------
+    y_true : ndarray (N,) of int
+        True class indices.
+    proba : ndarray (N, C)
+        Class probabilities.
+    class_names : sequence of str
+        The C classes.
+    positive_class : str, optional
+        The positive class of a two-class task (default: the first).
+
+    Returns
+    -------
+    dict
+        ``macro`` (float or None), ``per_class`` (name -> AUC or None), ``notes`` (list of str).
+
+    Raises
+    ------
+    ValueError
+        When ``positive_class`` is not a class (two classes).
+    """
     per_class, notes = {}, []
     for k, name in enumerate(class_names):
         positives = y_true == k
@@ -207,7 +276,24 @@ def roc_auc(y_true, proba, class_names, *, positive_class: str | None = None) ->
 
 
 def positive_index(class_names, positive_class: str | None = None) -> int:
-    """Index of the positive class in ``class_names`` (default: the first); ValueError if unknown."""
+    """Index of the positive class in ``class_names`` (default: the first); ValueError if unknown.
+
+    Parameters
+    ----------
+    class_names : sequence of str
+        The classes.
+    positive_class : str, optional
+        Its name.
+
+    Returns
+    -------
+    int
+
+    Raises
+    ------
+    ValueError
+        When ``positive_class`` is not one of ``class_names``.
+    """
     names = [str(n) for n in class_names]
     positive_class = names[0] if positive_class is None else str(positive_class)
     if positive_class not in names:
@@ -217,7 +303,22 @@ def positive_index(class_names, positive_class: str | None = None) -> int:
 
 def expected_calibration_error(y_true, proba, n_bins: int = ECE_BINS) -> float:
     """Expected calibration error: |accuracy - mean confidence| per equal-width bin of the top
-    probability, weighted by the bin's share of maps."""
+    probability, weighted by the bin's share of maps.
+
+    Parameters
+    ----------
+    y_true : array_like (N,) of int
+        True class indices.
+    proba : array_like (N, C)
+        Class probabilities.
+    n_bins : int
+        Equal-width confidence bins on [0, 1].
+
+    Returns
+    -------
+    float
+        ECE (0-1).
+    """
     proba = np.asarray(proba, dtype=float)
     confidence = proba.max(axis=1)
     correct = (proba.argmax(axis=1) == np.asarray(y_true)).astype(float)
@@ -228,7 +329,18 @@ def expected_calibration_error(y_true, proba, n_bins: int = ECE_BINS) -> float:
 
 
 def format_report(report: Mapping) -> str:
-    """Compact printable table: headline numbers with CIs, per-class table, confusion matrix."""
+    """Compact printable table: headline numbers with CIs, per-class table, confusion matrix.
+
+    Parameters
+    ----------
+    report : Mapping
+        A classification report (:func:`classification_report`).
+
+    Returns
+    -------
+    str
+        Several lines.
+    """
     names = report["class_names"]
     counts = ", ".join(f"{k} {v}" for k, v in report["class_counts"].items())
     lines = [f"n = {report['n']}  ({counts})"]
@@ -269,7 +381,19 @@ def format_report(report: Mapping) -> str:
 
 
 def flatten_report(report: Mapping) -> dict:
-    """One row of scalars from a report: headline metrics with CI columns, AUC, ECE, sensitivities, n."""
+    """One row of scalars from a report: headline metrics with CI columns, AUC, ECE, sensitivities, n.
+
+    Parameters
+    ----------
+    report : Mapping
+        A classification report.
+
+    Returns
+    -------
+    dict
+        Column -> scalar (``<metric>``, ``<metric>_ci_low``, ``<metric>_ci_high``, ``roc_auc_macro``,
+        ``ece``, ``n``, ``n_groups``, ...).
+    """
     row = {}
     for key in HEADLINE:
         row.update(_estimate_columns(key, report[key]))
@@ -285,7 +409,17 @@ def flatten_report(report: Mapping) -> dict:
 
 def comparison_table(rows: Iterable[Mapping]) -> pd.DataFrame:
     """DataFrame of model/task results; each row's "report" (a classification_report) is flattened
-    into metric columns, every other key (task, model, init, ...) is kept as an identifying column."""
+    into metric columns, every other key (task, model, init, ...) is kept as an identifying column.
+
+    Parameters
+    ----------
+    rows : iterable of Mapping
+        One per result.
+
+    Returns
+    -------
+    pandas.DataFrame
+    """
     records = []
     for row in rows:
         record = {k: v for k, v in row.items() if k != "report"}
@@ -297,7 +431,20 @@ def comparison_table(rows: Iterable[Mapping]) -> pd.DataFrame:
 
 def write_table(df: pd.DataFrame, path_stem: str | os.PathLike) -> tuple[Path, Path]:
     """Write ``df`` as ``<stem>.csv`` (full precision) and ``<stem>.md`` (3 decimals, CIs merged as
-    "value [low, high]"); return both paths."""
+    "value [low, high]"); return both paths.
+
+    Parameters
+    ----------
+    df : pandas.DataFrame
+        The table.
+    path_stem : str or os.PathLike
+        Path without suffix (folders are created).
+
+    Returns
+    -------
+    tuple of (Path, Path)
+        The CSV and the Markdown file.
+    """
     stem = Path(path_stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
     csv_path, md_path = stem.with_name(stem.name + ".csv"), stem.with_name(stem.name + ".md")
@@ -308,7 +455,18 @@ def write_table(df: pd.DataFrame, path_stem: str | os.PathLike) -> tuple[Path, P
 
 
 def markdown_table(df: pd.DataFrame) -> str:
-    """GitHub Markdown table (no ``tabulate`` needed); ``X_ci_low``/``X_ci_high`` merge into column X."""
+    """GitHub Markdown table (no ``tabulate`` needed); ``X_ci_low``/``X_ci_high`` merge into column X.
+
+    Parameters
+    ----------
+    df : pandas.DataFrame
+        The table.
+
+    Returns
+    -------
+    str
+        The Markdown, one line per row.
+    """
     cols = [c for c in df.columns if not str(c).endswith(("_ci_low", "_ci_high"))]
     integral = {c: _is_integral(df[c]) for c in cols}
     body = [[_md_cell(row, c, df.columns, integral[c]) for c in cols] for _, row in df.iterrows()]

@@ -43,7 +43,22 @@ _CONV_TYPES = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D, keras.layers.S
 
 
 def as_batch(maps) -> np.ndarray:
-    """OPD maps as a float32 batch (N, S, S, 1) from (S, S), (N, S, S) or (N, S, S, 1)."""
+    """OPD maps as a float32 batch (N, S, S, 1) from (S, S), (N, S, S) or (N, S, S, 1).
+
+    Parameters
+    ----------
+    maps : array_like
+        OPD maps (nm).
+
+    Returns
+    -------
+    (N, S, S, 1) float32 ndarray
+
+    Raises
+    ------
+    ValueError
+        For any other shape.
+    """
     maps = np.asarray(maps, dtype=np.float32)
     if maps.ndim == 2:
         maps = maps[None]
@@ -61,7 +76,28 @@ def _batches(maps: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
 
 def embed(encoder: keras.Model, maps, batch_size: int = 64, *, tta: bool = False) -> np.ndarray:
     """Embeddings (N, D) float32 of OPD maps in nm, the encoder in inference mode; ``tta``: the mean
-    embedding of the map's 8 rotations and reflections (``pipeline.dihedral_views``), orientation-free."""
+    embedding of the map's 8 rotations and reflections (``pipeline.dihedral_views``), orientation-free.
+
+    Parameters
+    ----------
+    encoder : keras.Model
+        An encoder (maps in, (N, D) embeddings out).
+    maps : array_like (N, S, S) or (N, S, S, 1)
+        OPD maps (nm).
+    batch_size : int
+        Maps per encoder call.
+    tta : bool
+        Average over the 8 dihedral views.
+
+    Returns
+    -------
+    (N, D) float32 ndarray
+
+    Raises
+    ------
+    ValueError
+        For maps of another shape.
+    """
     from .pipeline import dihedral_views
 
     maps = as_batch(maps)
@@ -85,7 +121,28 @@ def _scores(y_true, y_pred, n_train: int) -> dict:
 def linear_probe(train_emb, y_train, test_emb, y_test, *, C: float = 1.0, max_iter: int = 2000) -> dict:
     """Logistic regression on standardised embeddings: accuracy and balanced accuracy on the test set.
 
-    The scaler is fitted on the training embeddings only. Returns the scores plus ``predictions``.
+    The scaler is fitted on the training embeddings only.
+
+    Parameters
+    ----------
+    train_emb : array_like (n_train, D)
+        Embeddings of the training maps.
+    y_train : array_like (n_train,) of int
+        Their classes.
+    test_emb : array_like (n_test, D)
+        Embeddings of the test maps.
+    y_test : array_like (n_test,) of int
+        Their classes.
+    C : float
+        Inverse regularisation strength.
+    max_iter : int
+        Solver iterations.
+
+    Returns
+    -------
+    dict
+        ``accuracy``, ``balanced_accuracy`` (0-1), ``n_train``, ``n_test``, ``predictions`` (n_test,),
+        ``probe`` ("linear") and ``C``.
     """
     clf = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=max_iter))
     clf.fit(np.asarray(train_emb), np.asarray(y_train))
@@ -94,7 +151,27 @@ def linear_probe(train_emb, y_train, test_emb, y_test, *, C: float = 1.0, max_it
 
 
 def knn_probe(train_emb, y_train, test_emb, y_test, *, k: int = 5) -> dict:
-    """k-nearest-neighbour vote (cosine distance) on the raw embeddings: accuracy and balanced accuracy."""
+    """k-nearest-neighbour vote (cosine distance) on the raw embeddings: accuracy and balanced accuracy.
+
+    Parameters
+    ----------
+    train_emb : array_like (n_train, D)
+        Embeddings of the training maps.
+    y_train : array_like (n_train,) of int
+        Their classes.
+    test_emb : array_like (n_test, D)
+        Embeddings of the test maps.
+    y_test : array_like (n_test,) of int
+        Their classes.
+    k : int
+        Neighbours (at most the training maps).
+
+    Returns
+    -------
+    dict
+        ``accuracy``, ``balanced_accuracy`` (0-1), ``n_train``, ``n_test``, ``predictions`` (n_test,),
+        ``probe`` ("knn") and ``k``.
+    """
     clf = KNeighborsClassifier(n_neighbors=min(k, len(y_train)), metric="cosine")
     clf.fit(np.asarray(train_emb), np.asarray(y_train))
     pred = clf.predict(np.asarray(test_emb))
@@ -103,7 +180,26 @@ def knn_probe(train_emb, y_train, test_emb, y_test, *, k: int = 5) -> dict:
 
 def embedding_2d(emb, method: str = "pca", seed: int = 0) -> np.ndarray:
     """2-D projection (N, 2) of standardised embeddings by PCA or t-SNE (perplexity fitted to N;
-    exact gradients up to 1000 points, Barnes-Hut above)."""
+    exact gradients up to 1000 points, Barnes-Hut above).
+
+    Parameters
+    ----------
+    emb : array_like (N, D)
+        Embeddings.
+    method : {"pca", "tsne"}
+        The projection.
+    seed : int
+        Random seed.
+
+    Returns
+    -------
+    (N, 2) float64 ndarray
+
+    Raises
+    ------
+    ValueError
+        For an unknown method.
+    """
     from sklearn.decomposition import PCA
     from sklearn.manifold import TSNE
 
@@ -163,6 +259,23 @@ def find_last_conv_layer(model: keras.Model, min_grid: int = 4) -> keras.layers.
     Searches nested models. The grid floor matters at small inputs: MobileNetV2's final ``out_relu``
     is 2 x 2 at 64 px, too coarse for a heatmap, so the last 4 x 4 (stride-16) layer is used there.
     Padding layers are skipped. ``min_grid=1`` gives the classic choice, the very last feature map.
+
+    Parameters
+    ----------
+    model : keras.Model
+        A CNN classifier or encoder.
+    min_grid : int
+        Smallest side of the layer's feature grid (px).
+
+    Returns
+    -------
+    keras.layers.Layer
+
+    Raises
+    ------
+    ValueError
+        When the model has no convolutional layer (a ViT: use :func:`dino_attention`), or no feature map
+        of at least ``min_grid`` x ``min_grid`` px.
     """
     layers = models._all_layers(model)
     conv_at = [i for i, layer in enumerate(layers) if isinstance(layer, _CONV_TYPES)]
@@ -200,10 +313,34 @@ def grad_cam(model: keras.Model, maps, class_index=None, layer_name: str | None 
              min_grid: int = 4, batch_size: int = 32) -> np.ndarray:
     """Grad-CAM heatmaps (N, S, S) in [0, 1] of a classifier's score for ``class_index``.
 
-    class_index: None (each map's predicted class), an int, or one id per map.
-    layer_name: the feature layer (searched through nested models); default
-    :func:`find_last_conv_layer` with ``min_grid``.
-    The heatmap is ReLU(sum_c mean(dscore/dA_c) A_c), resized to the input map size.
+    The heatmap is ReLU(sum_c mean(dscore/dA_c) A_c), resized to the input map size (Selvaraju et al.
+    2017, ICCV, "Grad-CAM: Visual Explanations from Deep Networks via Gradient-based Localization").
+
+    Parameters
+    ----------
+    model : keras.Model
+        A classifier (maps (N, S, S, 1) in, class probabilities out).
+    maps : array_like (N, S, S) or (N, S, S, 1)
+        OPD maps (nm).
+    class_index : int or array_like of int, optional
+        None (each map's predicted class), an int, or one id per map.
+    layer_name : str, optional
+        The feature layer (searched through nested models); default :func:`find_last_conv_layer` with
+        ``min_grid``.
+    min_grid : int
+        Smallest feature grid side of the default layer.
+    batch_size : int
+        Maps per gradient pass.
+
+    Returns
+    -------
+    (N, S, S) float32 ndarray
+        Heatmaps in [0, 1].
+
+    Raises
+    ------
+    ValueError
+        For maps of another shape, an unknown ``layer_name``, or a model without a convolutional layer.
     """
     maps = as_batch(maps)
     layer = _find_layer(model, layer_name) if layer_name else find_last_conv_layer(model, min_grid)
@@ -281,8 +418,24 @@ def _cls_attention(block, tokens: tf.Tensor, n_skip: int) -> tf.Tensor:
 def dino_attention(encoder: keras.Model, maps, batch_size: int = 32) -> np.ndarray:
     """CLS-token attention of the last DINOv2 layer, head-averaged, on the patch grid, at input size.
 
-    Returns (N, S, S) float32 in [0, 1]. ``encoder`` is a ``build_encoder("dinov2")`` encoder or any
-    model containing a keras_hub ``DINOV2Backbone``.
+    Parameters
+    ----------
+    encoder : keras.Model
+        A ``build_encoder("dinov2")`` encoder or any model containing a keras_hub ``DINOV2Backbone``.
+    maps : array_like (N, S, S) or (N, S, S, 1)
+        OPD maps (nm).
+    batch_size : int
+        Maps per forward pass.
+
+    Returns
+    -------
+    (N, S, S) float32 ndarray
+        Attention maps in [0, 1].
+
+    Raises
+    ------
+    ValueError
+        For maps of another shape, or an encoder without a DINOv2 backbone.
     """
     maps = as_batch(maps)
     backbone = _dinov2_backbone(encoder)

@@ -136,7 +136,22 @@ def _radial_features(opd: np.ndarray, mask: np.ndarray, props) -> dict[str, floa
 
 def extract_features(opd_nm, pixel_size_um: float) -> dict[str, float]:
     """Features (see ``FEATURE_NAMES``) of the cell in a background-free OPD map (nm) with the given pixel
-    size. All NaN if no cell rises above the background noise."""
+    size. All NaN if no cell rises above the background noise.
+
+    The map is first resampled to ``REFERENCE_PIXEL_UM``, so features do not depend on the pixel size.
+
+    Parameters
+    ----------
+    opd_nm : array_like (H, W)
+        Background-free OPD (nm).
+    pixel_size_um : float
+        Its pixel size (um).
+
+    Returns
+    -------
+    dict of str to float
+        Feature name -> value, in ``FEATURE_NAMES`` order (units in the names: pg, um, um^2, nm).
+    """
     opd = resample(np.asarray(opd_nm, dtype=np.float64), pixel_size_um, REFERENCE_PIXEL_UM)
     px = REFERENCE_PIXEL_UM
     mask = _outline(opd, cell_mask(opd, px, margin_um=0.0))
@@ -153,7 +168,20 @@ def extract_features(opd_nm, pixel_size_um: float) -> dict[str, float]:
 def feature_matrix(maps: Iterable[np.ndarray], pixel_size_um: float | Sequence[float]) -> tuple[np.ndarray,
                                                                                                   list[str]]:
     """Stack :func:`extract_features` of each map into an (N, F) array; ``pixel_size_um`` is one value or
-    one per map. Returns the matrix and the feature names (column order)."""
+    one per map.
+
+    Parameters
+    ----------
+    maps : iterable of (H, W) ndarray
+        Background-free OPD maps (nm).
+    pixel_size_um : float or sequence of float
+        Pixel size (um), one for all or one per map.
+
+    Returns
+    -------
+    tuple of ((N, F) float64 ndarray, list of str)
+        The matrix and the feature names (column order).
+    """
     maps = list(maps)
     sizes = np.broadcast_to(np.asarray(pixel_size_um, dtype=np.float64), (len(maps),))
     rows = [list(extract_features(m, float(px)).values()) for m, px in zip(maps, sizes, strict=True)]

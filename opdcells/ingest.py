@@ -59,27 +59,61 @@ _META_KEYS = ("units", "wavelength_nm", "pixel_size_um", "medium_index")
 class IngestOptions:
     """How to read and preprocess exports. Metadata given here wins over what a file says.
 
-    var: variable/key/dataset name inside the export (None: the reader picks).
-    stack_axis: axis of a 3-D array that indexes maps (None: format default).
-    units, wavelength_nm, pixel_size_um, medium_index: user metadata (see :class:`Meta`).
-    fields: each map is a field of view, segmented into single cells first.
-    touching: with ``fields``, "split" touching cells (watershed) or "drop" them (isolated cells only; for
+    Attributes
+    ----------
+    var : str, optional
+        Variable/key/dataset name inside the export (None: the reader picks).
+    stack_axis : int, optional
+        Axis of a 3-D array that indexes maps (None: format default).
+    units : {"nm", "um", "rad", "pg/um2"}, optional
+        Units of the stored values (see :class:`Meta`).
+    wavelength_nm : float, optional
+        Vacuum imaging wavelength (nm); needed for phase in rad.
+    pixel_size_um : float, optional
+        Object-plane pixel size of the exports (um).
+    medium_index : float, optional
+        Refractive index of the medium.
+    fields : bool
+        Each map is a field of view, segmented into single cells first.
+    hologram : bool
+        Exports are raw off-axis holograms to reconstruct.
+    channel : int, optional
+        Channel holding the maps in multi-channel files (ImageJ hyperstacks, OME-TIFF, RGB pages).
+    scale, offset : float, optional
+        Calibration of the stored samples, ``value = offset + scale * sample`` (required for integer
+        samples unless the file carries its own, e.g. ImageJ's; wins over the file's).
+    invert_phase : bool
+        Multiply every map by -1 (exports whose phase sign convention is reversed).
+    sideband : str
+        Hologram sideband: "+1", "-1" or "auto" (the one giving a cell above its background).
+    filter_name : str, optional
+        qpretrieve Fourier filter (see :class:`Retrieval`).
+    filter_size : float, optional
+        Its size, a fraction of the central band to sideband distance.
+    config : PreprocessConfig
+        Preprocessing settings (output pixel size um and size px, background order, alpha mL/g).
+    ranges : PlausibleRanges
+        Plausible physical ranges of each cell (:class:`~opdcells.preprocess.PlausibleRanges`).
+    touching : {"split", "drop"}
+        With ``fields``, "split" touching cells (watershed) or "drop" them (isolated cells only; for
         smears where cells overlap).
-    masks: with ``fields`` (implied), the cells come from a label image beside each field instead:
-        a pattern with ``{stem}`` relative to the field's folder (``"{stem}_cp_masks.png"``); each
+    masks : str, optional
+        With ``fields`` (implied), the cells come from a label image beside each field instead: a
+        pattern with ``{stem}`` relative to the field's folder (``"{stem}_cp_masks.png"``); each
         connected piece of a label value is one cell (see :func:`opdcells.segment.read_label_image`).
-    cell_diameter_um: with automatic ``fields``, (min, max) equivalent diameter of a cell in um (smaller
-        objects are debris or fragments, larger ones clumps); None: ``segment_field``'s defaults (2, 30).
-    min_dry_mass_pg: with automatic ``fields``, objects of less dry mass are debris or fragments of
-        over-split cells (None: no limit).
-    hologram: exports are raw off-axis holograms to reconstruct.
-    channel: channel holding the maps in multi-channel files (ImageJ hyperstacks, OME-TIFF, RGB pages).
-    scale, offset: calibration of the stored samples, ``value = offset + scale * sample`` (required for
-        integer samples unless the file carries its own, e.g. ImageJ's; wins over the file's).
-    invert_phase: multiply every map by -1 (exports whose phase sign convention is reversed).
-    sideband, filter_name, filter_size: phase retrieval of interferograms (see :class:`Retrieval`).
-    config: preprocessing settings (output pixel size and size, background order, alpha).
-    ranges: plausible physical ranges of each cell (:class:`~opdcells.preprocess.PlausibleRanges`).
+    cell_diameter_um : tuple of float, optional
+        With automatic ``fields``, (min, max) equivalent diameter of a cell in um (smaller objects are
+        debris or fragments, larger ones clumps); None: ``segment_field``'s defaults (2, 30).
+    min_dry_mass_pg : float, optional
+        With automatic ``fields``, objects of less dry mass (pg) are debris or fragments of over-split
+        cells (None: no limit).
+
+    Raises
+    ------
+    ValueError
+        For invalid metadata or numbers, ``offset`` without ``scale``, a zero or non-finite ``scale``, an
+        unknown sideband, filter or ``touching``, diameter limits not ``0 < MIN < MAX``, a non-positive
+        ``min_dry_mass_pg``, or a ``masks`` pattern without ``{stem}``.
     """
 
     var: str | None = None
@@ -174,7 +208,22 @@ READING_OPTIONS = ("var", "stack_axis", "units", "wavelength_nm", "pixel_size_um
 
 
 def positive_number(text: str) -> float:
-    """argparse type: a positive finite number."""
+    """argparse type: a positive finite number.
+
+    Parameters
+    ----------
+    text : str
+        The option's value.
+
+    Returns
+    -------
+    float
+
+    Raises
+    ------
+    argparse.ArgumentTypeError
+        When it is not a number, or not positive and finite.
+    """
     try:
         value = float(text)
     except ValueError:
@@ -193,7 +242,14 @@ def _fraction(text: str) -> float:
 
 
 def add_reading_options(parser: argparse.ArgumentParser) -> None:
-    """Add the options that say how to read exports (shared by ``load_data.py`` and ``predict``)."""
+    """Add the options that say how to read exports (shared by ``load_data.py`` and ``predict``).
+
+    Parameters
+    ----------
+    parser : argparse.ArgumentParser
+        The command's parser; ``--var``, ``--units``, ``--wavelength-nm`` (nm), ``--pixel-size-um`` (um),
+        ``--fields``, ``--hologram``, ``--plausible``, ... are added to it (:data:`READING_OPTIONS`).
+    """
     add = parser.add_argument
     add("--var", metavar="NAME", help="variable / key / dataset holding the maps in each export")
     add("--stack-axis", type=int, metavar="N", help="axis of a 3-D array that indexes the maps")
@@ -231,7 +287,22 @@ def add_reading_options(parser: argparse.ArgumentParser) -> None:
 
 
 def plausible_range(text: str) -> tuple[str, tuple[float, float]]:
-    """argparse type: ``NAME=LOW:HIGH`` -> ``(NAME, (LOW, HIGH))``."""
+    """argparse type: ``NAME=LOW:HIGH`` -> ``(NAME, (LOW, HIGH))``.
+
+    Parameters
+    ----------
+    text : str
+        The option's value; LOW and HIGH in the unit of NAME (a :class:`PlausibleRanges` field).
+
+    Returns
+    -------
+    tuple of (str, tuple of float)
+
+    Raises
+    ------
+    argparse.ArgumentTypeError
+        When the text is not of that form.
+    """
     try:
         name, bounds = text.split("=", 1)
         low, high = (float(v) for v in bounds.split(":"))
@@ -252,7 +323,20 @@ def _mask_pattern(text: str) -> str:
 def reading_options(args: argparse.Namespace) -> dict:
     """The IngestOptions fields given on a command line built with :func:`add_reading_options`.
 
-    Raises ValueError for an unknown or empty plausibility range.
+    Parameters
+    ----------
+    args : argparse.Namespace
+        The parsed options.
+
+    Returns
+    -------
+    dict
+        IngestOptions field -> value (``ranges`` widened by ``--plausible``).
+
+    Raises
+    ------
+    ValueError
+        For an unknown or empty plausibility range.
     """
     options = {name: getattr(args, name) for name in READING_OPTIONS}
     if args.plausible:
@@ -269,7 +353,22 @@ def open_regular(path: str | os.PathLike):
     Symbolic links to regular files are followed. The file is opened without blocking and checked with
     ``fstat`` on the opened descriptor, so a FIFO, a device (``/dev/zero``), a socket or a folder (or a
     link to one) is refused at once instead of hanging or streaming forever; it is ``stat``-ed first so
-    that a device is never even opened. Raises ExportError.
+    that a device is never even opened.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The export.
+
+    Returns
+    -------
+    io.BufferedReader
+        The open file (close it).
+
+    Raises
+    ------
+    ExportError
+        When the file is missing, a folder, not a regular file, or cannot be opened.
     """
     check_regular_file(path)
     try:
@@ -293,7 +392,17 @@ def open_regular(path: str | os.PathLike):
 
 
 def check_regular_file(path: str | os.PathLike) -> None:
-    """Raise ExportError unless ``path`` is a regular file or a symbolic link to one (never opens it)."""
+    """Raise ExportError unless ``path`` is a regular file or a symbolic link to one (never opens it).
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+
+    Raises
+    ------
+    ExportError
+        When it is missing (or a broken link), cannot be ``stat``-ed, or is not a regular file.
+    """
     try:
         mode = os.stat(path).st_mode
     except FileNotFoundError:
@@ -312,7 +421,25 @@ def _file_kind(mode: int) -> str:
 
 def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
     """SHA-256 hex digest of a regular file's bytes (streamed); ExportError if it cannot be read or is
-    not a regular file (see :func:`open_regular`)."""
+    not a regular file (see :func:`open_regular`).
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The file.
+    chunk_size : int
+        Bytes read at a time.
+
+    Returns
+    -------
+    str
+        64 hex digits.
+
+    Raises
+    ------
+    ExportError
+        When the file is not a regular file or cannot be read.
+    """
     digest = hashlib.sha256()
     with open_regular(path) as fh:
         try:
@@ -327,6 +454,22 @@ def file_key(path: str | os.PathLike, options: IngestOptions) -> tuple[str, str]
     """``(sha256, key)``: the file's hash and its identity under ``options`` (stored in datasets).
 
     With ``options.masks`` the key also holds the hash of the field's label image (an edited mask is new).
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The export.
+    options : IngestOptions
+        How it is read (their ``identity`` is part of the key).
+
+    Returns
+    -------
+    tuple of (str, str)
+
+    Raises
+    ------
+    ExportError
+        When the export, or its label image, cannot be read.
     """
     sha = sha256_file(path)
     key = f"{sha}:{options.identity}"
@@ -352,13 +495,36 @@ class Found(NamedTuple):
 
 
 def is_export_name(name: str) -> bool:
-    """True for a visible file whose name ends in one of ``readers.EXPORT_SUFFIXES``."""
+    """True for a visible file whose name ends in one of ``readers.EXPORT_SUFFIXES``.
+
+    Parameters
+    ----------
+    name : str
+        A file name.
+
+    Returns
+    -------
+    bool
+    """
     lower = name.lower()
     return not name.startswith(".") and any(lower.endswith(s.lower()) for s in EXPORT_SUFFIXES)
 
 
 def group_of(folder: Path, root: Path) -> str:
-    """Folder relative to ``root`` as a POSIX path (``root``'s own name for ``root`` itself)."""
+    """Folder relative to ``root`` as a POSIX path (``root``'s own name for ``root`` itself).
+
+    Parameters
+    ----------
+    folder : Path
+        The folder of an export.
+    root : Path
+        The source folder.
+
+    Returns
+    -------
+    str
+        The acquisition group (``folder`` as given when it is not under ``root``).
+    """
     try:
         rel = folder.relative_to(root).as_posix()
     except ValueError:
@@ -367,7 +533,19 @@ def group_of(folder: Path, root: Path) -> str:
 
 
 def stack_group(found_group: str, path: Path) -> str:
-    """Group of a multi-map (stack or field-of-view) file: the file itself, under its folder group."""
+    """Group of a multi-map (stack or field-of-view) file: the file itself, under its folder group.
+
+    Parameters
+    ----------
+    found_group : str
+        The group of the file's folder (:func:`group_of`).
+    path : Path
+        The file.
+
+    Returns
+    -------
+    str
+    """
     return f"{found_group}/{path.name}" if found_group else path.name
 
 
@@ -416,8 +594,26 @@ def discover(sources: Iterable[str | os.PathLike], label: str | None = None, *,
     Without ``label`` every source is a folder with one sub-folder per class (files at any depth);
     groups are folders relative to the source (``SW480/session_2``); an export directly in the
     source has ``label=None``. With ``label`` every source is a folder or file of that one class;
-    groups are relative to the source's parent (``day1/session_2``). ``exclude``: files to leave
-    out (e.g. the output dataset). Raises ExportError for a missing source or a file without label.
+    groups are relative to the source's parent (``day1/session_2``).
+
+    Parameters
+    ----------
+    sources : iterable of str or os.PathLike
+        Folders (or, with ``label``, files).
+    label : str, optional
+        The one class of every source.
+    exclude : iterable of str or os.PathLike
+        Files to leave out (e.g. the output dataset).
+
+    Returns
+    -------
+    list of Found
+        Path, class (None if unknown) and acquisition group of every export.
+
+    Raises
+    ------
+    ExportError
+        For a missing source or a file given without label.
     """
     skip = {os.path.realpath(p) for p in exclude}   # realpath: a link loop is not an error here
     found: list[Found] = []
@@ -444,7 +640,18 @@ def _class_of(path: Path, root: Path) -> str | None:
 
 def labelled_twice(items: Iterable[Found]) -> dict[str, str]:
     """Exports reached under two or more labels in one run (class folders, ``--label``, manifest rows,
-    symbolic links): their real path mapped to a reason naming every label and where it came from."""
+    symbolic links): their real path mapped to a reason naming every label and where it came from.
+
+    Parameters
+    ----------
+    items : iterable of Found
+        The exports of the run.
+
+    Returns
+    -------
+    dict of str to str
+        Real path -> reason (one line).
+    """
     labels: dict[str, dict[str, Path]] = {}
     for found in items:
         if found.label is not None:
@@ -462,10 +669,25 @@ MANIFEST_COLUMNS = ("path", "label", *_META_KEYS, "var")
 def read_manifest(csv_path: str | os.PathLike) -> list[tuple[Found, dict]]:
     """Rows of a manifest CSV as ``(Found, overrides)``; overrides are IngestOptions fields per row.
 
-    Columns: ``path``, ``label`` (required), ``units``, ``wavelength_nm``, ``pixel_size_um``,
+    Columns: ``path``, ``label`` (required), ``units``, ``wavelength_nm`` (nm), ``pixel_size_um`` (um),
     ``medium_index``, ``var``, ``group`` (optional, empty = not given). Relative paths are relative to
     the CSV; the acquisition group is the ``group`` column, else the folder relative to the CSV's
-    folder. ExportError names the CSV and the line.
+    folder.
+
+    Parameters
+    ----------
+    csv_path : str or os.PathLike
+        The manifest (UTF-8, a BOM allowed).
+
+    Returns
+    -------
+    list of tuple of (Found, dict)
+
+    Raises
+    ------
+    ExportError
+        Naming the CSV and the line: a missing or unreadable manifest, no rows, a missing column or
+        value, or an invalid value.
     """
     csv_path = Path(csv_path)
     if not os.path.lexists(csv_path):
@@ -563,6 +785,27 @@ class ProcessedExport:
     def __init__(self, path: str | os.PathLike, options: IngestOptions, *,
                  on_error: Callable[[ExportError], None] | None = None,
                  on_drop: Callable[[Dropped], None] | None = None):
+        """Open the export with its reader; maps are read and preprocessed while iterating.
+
+        Parameters
+        ----------
+        path : str or os.PathLike
+            The export.
+        options : IngestOptions
+            How to read and preprocess it.
+        on_error : callable, optional
+            Called with the ExportError of a bad map of a stack (or a bad cell of a field), which is then
+            skipped; without it, the error is raised.
+        on_drop : callable, optional
+            Called with a :class:`Dropped` for every map, cell or object that yields no map.
+
+        Raises
+        ------
+        ExportError
+            When the file cannot be opened (naming it).
+        MetadataError
+            When its metadata are invalid.
+        """
         self.path = Path(path)
         self.options = options
         self.on_error = on_error
@@ -744,10 +987,20 @@ def field_position(crop, cell: int, pixel_size_um: float) -> FieldPosition:
 class Dropped:
     """A map, cell or segmented object of an export that yields no map, and why.
 
-    path: the export. index: the map in the file (None: the whole file). cell: the cell's number among its
-    field's segmented cells (preprocessing refused it), else None. label: its label in the field's label
-    image (cells and objects of fields), else None. bbox: its own (row0, col0, row1, col1) in the field
-    (px), else None. reason: one line.
+    Attributes
+    ----------
+    path : Path
+        The export.
+    index : int or None
+        The map in the file (None: the whole file).
+    cell : int or None
+        The cell's number among its field's segmented cells (preprocessing refused it), else None.
+    label : int or None
+        Its label in the field's label image (cells and objects of fields), else None.
+    bbox : tuple of int or None
+        Its own (row0, col0, row1, col1) in the field (px, end exclusive), else None.
+    reason : str
+        One line.
     """
 
     path: Path
@@ -764,7 +1017,24 @@ def iter_processed(path: str | os.PathLike, options: IngestOptions, *,
                    ) -> Iterator[tuple[int, ProcessedMap, Meta]]:
     """Yield ``(source_index, ProcessedMap, Meta)`` for every map (or cell) of one export.
 
-    Raises ExportError naming the file; ``on_error`` and ``on_drop`` as in :class:`ProcessedExport`.
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The export.
+    options : IngestOptions
+        How to read and preprocess it.
+    on_error, on_drop : callable, optional
+        As in :class:`ProcessedExport`.
+
+    Yields
+    ------
+    tuple of (int, ProcessedMap, Meta)
+        The map's index in the file, the preprocessed cell (OPD (S, S) float32, nm) and its metadata.
+
+    Raises
+    ------
+    ExportError
+        Naming the file: it cannot be read, metadata are missing, or a map is bad and ``on_error`` is None.
     """
     with ProcessedExport(path, options, on_error=on_error, on_drop=on_drop) as export:
         yield from export

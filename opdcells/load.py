@@ -70,18 +70,46 @@ PARSER = dict(description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.R
 
 
 def build_parser(prog: str = "load_data.py") -> argparse.ArgumentParser:
-    """The stand-alone parser of ``load_data.py`` (the same options as ``python -m opdcells load``)."""
+    """The stand-alone parser of ``load_data.py`` (the same options as ``python -m opdcells load``).
+
+    Parameters
+    ----------
+    prog : str
+        The program name usage lines show.
+
+    Returns
+    -------
+    argparse.ArgumentParser
+    """
     return add_arguments(argparse.ArgumentParser(prog=prog, **PARSER))
 
 
 def register(subparsers) -> None:
-    """Add the ``load`` subcommand (see :mod:`opdcells.cli`)."""
+    """Add the ``load`` subcommand (see :mod:`opdcells.cli`).
+
+    Parameters
+    ----------
+    subparsers : argparse._SubParsersAction
+        The subcommands of ``python -m opdcells``.
+    """
     p = add_arguments(subparsers.add_parser("load", help="load exports into a dataset", **PARSER))
     p.set_defaults(run=lambda args: execute(p, args), summary_logger=__name__)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the options of ``load`` to ``p``; return it."""
+    """Add the options of ``load`` to ``p``; return it.
+
+    Parameters
+    ----------
+    p : argparse.ArgumentParser
+        A parser (``load_data.py``'s or the ``load`` subcommand's).
+
+    Returns
+    -------
+    argparse.ArgumentParser
+        ``p``, with SOURCE, ``--out``, the reading options (:func:`opdcells.ingest.add_reading_options`),
+        ``--out-pixel-size-um`` (um), ``--out-size`` (px) and the rest.
+    """
     p.add_argument("sources", nargs="*", metavar="SOURCE",
                    help="folder with one sub-folder per class (or, with --label, folders/files of one class)")
     p.add_argument("--out", type=Path, metavar="DATASET.h5",
@@ -111,7 +139,26 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def resolve_config(args: argparse.Namespace, jobs: list[Job]) -> PreprocessConfig:
-    """Output geometry: the existing dataset's, else fitted to the cells (``ingest.output_geometry``)."""
+    """Output geometry: the existing dataset's, else fitted to the cells (``ingest.output_geometry``).
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        The parsed options of ``load``.
+    jobs : list of Job
+        The files to load (their cells are measured when the geometry is fitted).
+
+    Returns
+    -------
+    PreprocessConfig
+
+    Raises
+    ------
+    DatasetError
+        When ``--out`` exists but is not a dataset.
+    ExportError
+        When the window given cannot hold most of the cells (naming the file of the widest cell).
+    """
     existing = None
     if args.out.exists():
         with open_dataset(args.out) as ds:
@@ -126,7 +173,17 @@ def resolve_config(args: argparse.Namespace, jobs: list[Job]) -> PreprocessConfi
 
 @dataclass
 class Job:
-    """One export file to load: where it is, its class and group, and how to read it."""
+    """One export file to load: where it is, its class and group, and how to read it.
+
+    Attributes
+    ----------
+    found : Found
+        The file, its class and acquisition group.
+    options : IngestOptions
+        How to read it (a manifest row's overrides included).
+    conflict : str or None
+        Why the file cannot be loaded at all (e.g. given two labels).
+    """
 
     found: Found
     options: IngestOptions
@@ -135,7 +192,24 @@ class Job:
 
 def collect_jobs(args: argparse.Namespace, options: IngestOptions) -> list[Job]:
     """Jobs from SOURCE folders/files and the manifest, in a deterministic order; an export reached
-    under two labels becomes a job that fails naming both (it is never loaded under either)."""
+    under two labels becomes a job that fails naming both (it is never loaded under either).
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        The parsed options of ``load``.
+    options : IngestOptions
+        The reading options of the command line.
+
+    Returns
+    -------
+    list of Job
+
+    Raises
+    ------
+    ExportError
+        For a missing source, a file without label or a bad manifest.
+    """
     store = shard_folder(real_path(args.out))  # the output's own shards are not exports
     jobs = [Job(f, options) for f in discover(args.sources, args.label, exclude=[args.out])
             if store not in Path(os.path.realpath(f.path)).parents]
@@ -152,6 +226,23 @@ def collect_jobs(args: argparse.Namespace, options: IngestOptions) -> list[Job]:
 
 @dataclass
 class Summary:
+    """What a ``load`` run did, for its summary line and exit status.
+
+    Attributes
+    ----------
+    maps_added : int
+        Maps (cells) added to the dataset.
+    files_added : int
+        Files that added maps.
+    files_present : int
+        Files already in the dataset.
+    skipped : list of str
+        "path: reason" of each skipped file.
+    bad_maps : int
+        Bad maps or cells inside files that were loaded.
+    content : dict
+        SHA-256 -> the first (label, path) met with those bytes in this run.
+    """
     maps_added: int = 0
     files_added: int = 0
     files_present: int = 0
@@ -170,7 +261,25 @@ class StrictStop(ExportError):
 
 
 def load_job(job: Job, writer: DatasetWriter, summary: Summary, *, strict: bool) -> None:
-    """Append one export to ``writer``, updating ``summary``; raises ExportError for a bad file."""
+    """Append one export to ``writer``, updating ``summary``; raises ExportError for a bad file.
+
+    Parameters
+    ----------
+    job : Job
+        The file.
+    writer : DatasetWriter
+        The open dataset run.
+    summary : Summary
+        Updated with what was added or found present.
+    strict : bool
+        A bad map stops the run (StrictStop) instead of being skipped.
+
+    Raises
+    ------
+    ExportError
+        When the file has a conflict or no label, is already in the dataset under another label, or
+        cannot be read; ``StrictStop`` for a bad map under ``strict``.
+    """
     path = job.found.path
     if job.conflict:
         raise ExportError(path, job.conflict)
@@ -221,6 +330,15 @@ class BadMaps:
     """
 
     def __init__(self, path: Path, shown: int = 5):
+        """Start with no bad map.
+
+        Parameters
+        ----------
+        path : Path
+            The file.
+        shown : int
+            Positions kept (and reported) per reason.
+        """
         self.path, self.shown = path, shown
         self.count = 0
         self._by_reason: dict[str, list] = {}   # reason -> [count, first positions]
@@ -241,7 +359,17 @@ class BadMaps:
 
 
 def check_content_label(summary: Summary, sha: str, job: Job) -> None:
-    """Warn, naming both, when this file's bytes were already met in this run under another label."""
+    """Warn, naming both, when this file's bytes were already met in this run under another label.
+
+    Parameters
+    ----------
+    summary : Summary
+        Holds the first (label, path) of each SHA-256 met.
+    sha : str
+        The file's SHA-256.
+    job : Job
+        The file.
+    """
     label, first = summary.content.setdefault(sha, (job.found.label, job.found.path))
     if label != job.found.label:
         log.warning("%s has the same content as %s but the label %r there and %r here",
@@ -249,7 +377,28 @@ def check_content_label(summary: Summary, sha: str, job: Job) -> None:
 
 
 def load_all(jobs: list[Job], writer: DatasetWriter, *, strict: bool, progress: bool) -> Summary:
-    """Load every job into ``writer``; bad files are logged and skipped (raised under ``strict``)."""
+    """Load every job into ``writer``; bad files are logged and skipped (raised under ``strict``).
+
+    Parameters
+    ----------
+    jobs : list of Job
+        The files.
+    writer : DatasetWriter
+        The open dataset run.
+    strict : bool
+        Stop at the first bad file or map.
+    progress : bool
+        Show a progress bar (on stderr, for long runs only).
+
+    Returns
+    -------
+    Summary
+
+    Raises
+    ------
+    StrictStop
+        At a bad file or map under ``strict``.
+    """
     from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -274,7 +423,17 @@ def _count(n: int, noun: str) -> str:
 
 
 def report(summary: Summary, writer: DatasetWriter, out: Path) -> None:
-    """The summary line: what was added, what was already there, what was skipped."""
+    """The summary line: what was added, what was already there, what was skipped.
+
+    Parameters
+    ----------
+    summary : Summary
+        What the run did.
+    writer : DatasetWriter
+        The dataset (its size and classes after the run).
+    out : Path
+        The dataset, as the line names it.
+    """
     bad = f"; {_count(summary.bad_maps, 'bad map')} skipped" if summary.bad_maps else ""
     log.info("%s: added %s from %s (now %s, %s); %s already present; %s skipped%s", out,
              _count(summary.maps_added, "map"), _count(summary.files_added, "file"),
@@ -285,7 +444,15 @@ def report(summary: Summary, writer: DatasetWriter, out: Path) -> None:
 def inspect(args: argparse.Namespace) -> int:
     """``--inspect``: describe every export given (files, or folders walked) on stdout; write nothing.
 
-    Exit status 0 when every file can be read, 1 when some cannot, 2 when none can.
+    Parameters
+    ----------
+    args : argparse.Namespace
+        The parsed options of ``load``.
+
+    Returns
+    -------
+    int
+        Exit status: 0 when every file can be read, 1 when some cannot, 2 when none can.
     """
     options = IngestOptions(**reading_options(args))
     paths = [f.path for f in discover(args.sources, "-")]
@@ -303,6 +470,23 @@ def inspect(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Load the exports of ``args`` into ``args.out``: collect the files, fix the output geometry, write.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        The parsed options of ``load``.
+
+    Returns
+    -------
+    int
+        Exit status (:mod:`opdcells.console`): 0 all loaded, 1 some files or maps skipped, 2 nothing loaded.
+
+    Raises
+    ------
+    OPDCellsError
+        For a bad source, manifest or dataset (:func:`execute` turns it into one line).
+    """
     jobs = collect_jobs(args, IngestOptions(**reading_options(args)))
     if not jobs:
         log.error("no export files found in %s", ", ".join(map(str, args.sources or [args.manifest])))
@@ -318,7 +502,20 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None, prog: str = "load_data.py") -> int:
-    """``load_data.py``: parse ``argv`` (default ``sys.argv[1:]``), load, return the exit status."""
+    """``load_data.py``: parse ``argv`` (default ``sys.argv[1:]``), load, return the exit status.
+
+    Parameters
+    ----------
+    argv : list of str, optional
+        The command line without the program.
+    prog : str
+        The program name usage lines show.
+
+    Returns
+    -------
+    int
+        Exit status (:mod:`opdcells.console`).
+    """
     parser = build_parser(prog)
     try:
         args = parser.parse_args(argv)
@@ -332,7 +529,20 @@ def main(argv: list[str] | None = None, prog: str = "load_data.py") -> int:
 
 
 def execute(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    """Run ``load`` with parsed ``args`` (logging set up); every error becomes one line and an exit status."""
+    """Run ``load`` with parsed ``args`` (logging set up); every error becomes one line and an exit status.
+
+    Parameters
+    ----------
+    parser : argparse.ArgumentParser
+        The parser, for usage errors.
+    args : argparse.Namespace
+        The parsed options of ``load``.
+
+    Returns
+    -------
+    int
+        0 all loaded (or ``--formats``), 1 some skipped, 2 failed or nothing loaded, 130 interrupted.
+    """
     if args.formats:
         print(format_table(), end="")
         return EXIT_OK

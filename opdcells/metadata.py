@@ -21,11 +21,22 @@ OPTIONAL_KEYS = ("wavelength_nm", "medium_index")
 class Meta:
     """Metadata of one map or file. ``None`` means unknown.
 
-    units: unit of the stored values: "nm" or "um" (optical path delay), "rad" (phase) or "pg/um2"
+    Attributes
+    ----------
+    units : {"nm", "um", "rad", "pg/um2"} or None
+        Unit of the stored values: "nm" or "um" (optical path delay), "rad" (phase) or "pg/um2"
         (dry-mass surface density).
-    wavelength_nm: vacuum imaging wavelength in nanometres.
-    pixel_size_um: object-plane pixel size in micrometres.
-    medium_index: refractive index of the medium around the cells.
+    wavelength_nm : float or None
+        Vacuum imaging wavelength in nanometres.
+    pixel_size_um : float or None
+        Object-plane pixel size in micrometres.
+    medium_index : float or None
+        Refractive index of the medium around the cells.
+
+    Raises
+    ------
+    ValueError
+        For unknown units or a value that is not a positive finite number.
     """
 
     units: str | None = None

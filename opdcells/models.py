@@ -91,6 +91,20 @@ class OPDScale(keras.layers.Layer):
     """Fixed normalisation of OPD maps: ``x / scale_nm`` (no weights; the scale is in the config)."""
 
     def __init__(self, scale_nm: float = DEFAULT_NORM_SCALE_NM, **kwargs):
+        """Fix the scale.
+
+        Parameters
+        ----------
+        scale_nm : float
+            OPD (nm) that maps to 1.
+        **kwargs
+            Arguments of ``keras.layers.Layer``.
+
+        Raises
+        ------
+        ValueError
+            When ``scale_nm`` is not positive.
+        """
         super().__init__(**kwargs)
         if not scale_nm > 0:
             raise ValueError(f"norm_scale_nm must be positive, got {scale_nm}")
@@ -286,12 +300,33 @@ def _all_layers(model) -> list:
 
 
 def batch_norm_layers(model) -> list:
-    """Every BatchNormalization layer of ``model``, nested models included."""
+    """Every BatchNormalization layer of ``model``, nested models included.
+
+    Parameters
+    ----------
+    model : keras.Model
+
+    Returns
+    -------
+    list of keras.layers.BatchNormalization
+    """
     return [layer for layer in _all_layers(model) if isinstance(layer, keras.layers.BatchNormalization)]
 
 
 def set_bn_momentum(model, momentum: float) -> int:
-    """Set every BatchNormalization layer's momentum (nested models included); returns how many."""
+    """Set every BatchNormalization layer's momentum (nested models included); returns how many.
+
+    Parameters
+    ----------
+    model : keras.Model
+    momentum : float
+        Momentum of the moving mean and variance (0-1).
+
+    Returns
+    -------
+    int
+        The number of BatchNormalization layers set.
+    """
     layers = batch_norm_layers(model)
     for layer in layers:
         layer.momentum = float(momentum)
@@ -301,7 +336,25 @@ def set_bn_momentum(model, momentum: float) -> int:
 def saved_encoder_config(name: str, weights) -> dict | None:
     """The ``config.json`` of the encoder folder ``build_encoder(name, weights=weights)`` would load
     (``opd_mobilenetv2`` and "opd" included), or None (random, ImageNet, a bare weights file).
-    Raises ``errors.RegistryError`` for an unusable pretrained encoder."""
+
+    Parameters
+    ----------
+    name : str
+        Model name (a family or an alias).
+    weights : str or os.PathLike or None
+        The weights asked for (see :func:`build_encoder`).
+
+    Returns
+    -------
+    dict or None
+
+    Raises
+    ------
+    RegistryError
+        For an unusable pretrained encoder (not registered, missing or corrupt file).
+    ConfigError
+        For an unknown model, or an alias given contradicting weights.
+    """
     family, weights = resolve_alias(name, weights)
     return registry.resolve_weights(family, weights).config
 
@@ -379,6 +432,45 @@ def build_encoder(
     (default 0.35). DINOv2: ``input_size`` is rounded to a multiple of the patch size (logged);
     ``dinov2_config`` overrides :data:`DINOV2_CPU_CONFIG`; ``dinov2_preset`` is a keras_hub preset name
     or folder. ``seed`` seeds Keras' global RNGs (``keras.utils.set_random_seed``) before building.
+
+    Parameters
+    ----------
+    name : str
+        A backbone family or alias (:data:`ARCHITECTURES`).
+    input_shape : tuple of int
+        (S, S, 1) of the OPD maps the encoder takes (px).
+    input_size : int
+        Side (px) the maps are resized to for the backbone.
+    weights : str or os.PathLike or None
+        Initial weights (see above).
+    norm_scale_nm : float
+        OPD (nm) the maps are divided by (:class:`OPDScale`).
+    bn_momentum : float
+        Momentum of every BatchNormalization layer.
+    alpha : float, optional
+        MobileNetV2 width multiplier.
+    seed : int
+        Random seed of the initial weights.
+    dinov2_preset : str, optional
+        keras_hub preset name or folder.
+    dinov2_config : dict, optional
+        DINOv2 architecture overrides.
+
+    Returns
+    -------
+    tuple of (keras.Model, dict)
+        The encoder ((N, S, S, 1) nm -> (N, D)) and its record (architecture, init, weights source,
+        input size px, ``norm_scale_nm``, embedding dimension, parameters, ...).
+
+    Raises
+    ------
+    ConfigError
+        For an unknown model, or an alias given contradicting weights.
+    RegistryError
+        For an unusable pretrained encoder (a missing or corrupt file is never a random start).
+    ValueError
+        For weights that do not fit the architecture, ImageNet weights for DINOv2, or an input size
+        that DINOv2 cannot take.
     """
     family = _family(name)
     resolved, alpha, dinov2_config = _resolve_weights(
@@ -431,7 +523,31 @@ def build_encoder(
 def build_model(
     name: str, n_classes: int, *, dropout: float = 0.2, **encoder_kwargs
 ) -> tuple[keras.Model, dict]:
-    """Classifier: :func:`build_encoder` (same keyword arguments) + dropout + Dense softmax head."""
+    """Classifier: :func:`build_encoder` (same keyword arguments) + dropout + Dense softmax head.
+
+    Parameters
+    ----------
+    name : str
+        A backbone family or alias.
+    n_classes : int
+        Classes of the softmax head (at least 2).
+    dropout : float
+        Dropout rate before the head.
+    **encoder_kwargs
+        Arguments of :func:`build_encoder`.
+
+    Returns
+    -------
+    tuple of (keras.Model, dict)
+        The classifier ((N, S, S, 1) OPD in nm -> (N, n_classes) probabilities; its encoder is the layer
+        ``encoder``, its head ``classifier``) and the encoder's record with ``n_classes``, ``dropout`` and
+        ``params``.
+
+    Raises
+    ------
+    ValueError
+        When ``n_classes`` is under 2, or as :func:`build_encoder`.
+    """
     if n_classes < 2:
         raise ValueError(f"n_classes must be at least 2, got {n_classes}")
     encoder, info = build_encoder(name, **encoder_kwargs)
@@ -444,7 +560,22 @@ def build_model(
 
 
 def save_encoder(encoder: keras.Model, info: dict, folder: str | os.PathLike) -> Path:
-    """Write ``folder/encoder.weights.h5`` and ``folder/config.json`` (loadable as ``weights=folder``)."""
+    """Write ``folder/encoder.weights.h5`` and ``folder/config.json`` (loadable as ``weights=folder``).
+
+    Parameters
+    ----------
+    encoder : keras.Model
+        The encoder.
+    info : dict
+        Its record from :func:`build_encoder`.
+    folder : str or os.PathLike
+        The folder (created).
+
+    Returns
+    -------
+    Path
+        ``folder``.
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     encoder.save_weights(folder / ENCODER_WEIGHTS)
@@ -461,12 +592,31 @@ def save_encoder(encoder: keras.Model, info: dict, folder: str | os.PathLike) ->
 
 
 def count_params(model: keras.Model) -> int:
-    """Number of parameters (trainable and not)."""
+    """Number of parameters (trainable and not).
+
+    Parameters
+    ----------
+    model : keras.Model
+
+    Returns
+    -------
+    int
+    """
     return int(model.count_params())
 
 
 def describe(info: dict) -> str:
-    """One line summary of a build record from :func:`build_encoder` / :func:`build_model`."""
+    """One line summary of a build record from :func:`build_encoder` / :func:`build_model`.
+
+    Parameters
+    ----------
+    info : dict
+        The record.
+
+    Returns
+    -------
+    str
+    """
     arch = info["architecture"] + (f" (alpha {info['alpha']})" if info.get("alpha") else "")
     source = f" from {info['weights_source']}" if info.get("weights_source") else ""
     params = info.get("params", info.get("encoder_params"))

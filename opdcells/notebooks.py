@@ -132,7 +132,18 @@ def execute_notebook(path, parameters: dict | None = None, output_dir=None, time
 
 
 def notebook_parameters(args) -> dict:
-    """Parameters injected into every notebook from the command line."""
+    """Parameters injected into every notebook from the command line.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        The parsed options of ``notebooks``.
+
+    Returns
+    -------
+    dict
+        ``QUICK``, ``DATA_PATH``, ``SEED``, ``SAVED_MODELS``, ``RESULTS`` and, when given, ``EPOCHS``.
+    """
     params = {"QUICK": args.profile == "quick", "DATA_PATH": str(args.data), "SEED": args.seed,
               "SAVED_MODELS": str(args.saved_models), "RESULTS": str(args.results)}
     if args.epochs is not None:
@@ -141,7 +152,13 @@ def notebook_parameters(args) -> dict:
 
 
 def register(subparsers) -> None:
-    """Add the ``notebooks`` subcommand (see ``opdcells.cli``)."""
+    """Add the ``notebooks`` subcommand (see ``opdcells.cli``).
+
+    Parameters
+    ----------
+    subparsers : argparse._SubParsersAction
+        The subcommands of ``python -m opdcells``.
+    """
     p = subparsers.add_parser("notebooks", parents=[common_options()],
                               help="execute the project notebooks headless",
                               description="Execute the notebooks headless with papermill and injected "
@@ -162,7 +179,23 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    """Execute each notebook in turn; a failing cell stops with one line (exit 2 via the CLI)."""
+    """Execute each notebook in turn; a failing cell stops with one line (exit 2 via the CLI).
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        The parsed options of ``notebooks``.
+
+    Returns
+    -------
+    int
+        0 when every notebook ran.
+
+    Raises
+    ------
+    NotebookError
+        At the first notebook that fails (a cell's error, a timeout), naming it and the cell.
+    """
     parameters = notebook_parameters(args)
     for name in args.names:
         start = time.perf_counter()

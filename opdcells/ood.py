@@ -405,7 +405,22 @@ def fit_for_model(folder: str | os.PathLike, learner, dataset, split, *, seed: i
 
 
 def load_detector(model) -> OODDetector | None:
-    """The detector of a loaded model (``SavedModel``), or None (one info line) when its folder has none."""
+    """The detector of a loaded model (``SavedModel``), or None (one info line) when its folder has none.
+
+    Parameters
+    ----------
+    model : SavedModel
+        A loaded model (:func:`opdcells.modelfolder.load_model`).
+
+    Returns
+    -------
+    OODDetector or None
+
+    Raises
+    ------
+    OODError
+        When the folder's ``ood.npz`` is unusable (unreadable, newer format, other features), naming it.
+    """
     path = Path(model.folder) / OOD_FILE
     if not path.is_file():
         log.info("model %s has no %s (trained before out-of-distribution detection): no ood columns",

@@ -33,7 +33,23 @@ __all__ = ["AugmentConfig", "augment_batch", "make_tf_dataset", "iter_batches", 
 def dihedral_views(maps: np.ndarray) -> list[np.ndarray]:
     """The 8 rotations and reflections of a batch of square maps (N, S, S[, C]) on axes 1 and 2, the
     identity first: a cell has no preferred orientation, so averaging a model over them (test-time
-    augmentation) removes orientation from its answer."""
+    augmentation) removes orientation from its answer.
+
+    Parameters
+    ----------
+    maps : ndarray (N, S, S) or (N, S, S, C)
+        OPD maps (nm).
+
+    Returns
+    -------
+    list of ndarray
+        8 arrays of the shape of ``maps``.
+
+    Raises
+    ------
+    ValueError
+        When the maps are not square batches.
+    """
     maps = np.asarray(maps)
     if maps.ndim < 3 or maps.shape[1] != maps.shape[2]:
         raise ValueError(f"expected square maps (N, S, S[, C]), got shape {maps.shape}")
@@ -163,6 +179,20 @@ def augment_batch(x, seed, config: AugmentConfig = DEFAULT_AUGMENT):
     Same seed, same result. Order: orientation and shift, zoom, defocus, OPD scale, background, noise.
     Background tilt/offset and noise are added only where the map is non-zero (preprocessing zeroes
     everything outside the dilated cell mask, so real maps carry them there only).
+
+    Parameters
+    ----------
+    x : tensor-like (B, S, S, 1) float32
+        OPD maps (nm).
+    seed : tensor-like (2,) int
+        Stateless random seed.
+    config : AugmentConfig
+        What to vary and by how much (shifts in px, OPD in nm).
+
+    Returns
+    -------
+    tf.Tensor (B, S, S, 1) float32
+        The augmented maps (nm).
     """
     x = tf.convert_to_tensor(x, tf.float32)
     n = tf.shape(x)[0]
@@ -201,7 +231,21 @@ def _as_dataset(dataset):
 
 
 def iter_batches(n: int, batch_size: int, rng: np.random.Generator | None = None):
-    """Yield position arrays covering ``range(n)`` in batches (shuffled when ``rng`` is given)."""
+    """Yield position arrays covering ``range(n)`` in batches (shuffled when ``rng`` is given).
+
+    Parameters
+    ----------
+    n : int
+        Positions.
+    batch_size : int
+        Positions a batch (the last may be shorter).
+    rng : numpy.random.Generator, optional
+        Shuffles the positions.
+
+    Yields
+    ------
+    ndarray of int
+    """
     positions = rng.permutation(n) if rng is not None else np.arange(n)
     for start in range(0, n, batch_size):
         yield positions[start:start + batch_size]
@@ -213,6 +257,22 @@ def shuffled_windows(indices, window: int, rng: np.random.Generator, block: int 
     Block shuffle: the indices in file order are cut into blocks of ``block`` neighbours, the blocks
     are shuffled and dealt into windows; a window is read from HDF5 in a few contiguous runs
     (neighbouring maps share one read) and then shuffled map by map. Every position once per epoch.
+
+    Parameters
+    ----------
+    indices : array_like of int
+        Dataset map indices.
+    window : int
+        Positions a window.
+    rng : numpy.random.Generator
+        Shuffles the blocks.
+    block : int
+        Neighbouring maps a block.
+
+    Yields
+    ------
+    ndarray of int
+        Positions into ``indices``.
     """
     order = np.argsort(np.asarray(indices), kind="stable")
     blocks = [order[i:i + block] for i in range(0, len(order), block)]
@@ -244,13 +304,42 @@ def make_tf_dataset(dataset, indices, y=None, *, batch_size: int = 32, training:
                     block: int = 8) -> tf.data.Dataset:
     """Stream maps ``dataset.opd[indices]`` as batches ``(maps (B, S, S, 1) float32 nm, labels)``.
 
-    dataset: an opened dataset (``opdcells.dataset.open_dataset``) or its path; it must stay open
-        while the returned ``tf.data.Dataset`` is used.
-    indices: map indices into the dataset; ``y`` the label of each (int), or None for maps only.
-    training: shuffle every epoch (block shuffle, see :func:`shuffled_windows`: ``window_batches``
-        batches read at a time, in blocks of ``block`` neighbouring maps) and apply ``augment`` (if
-        not None); otherwise batches follow the order of ``indices``.
-    one_hot: labels as one-hot float32 vectors of length ``n_classes`` instead of int32 ids.
+    Each element also carries the (2,) int64 seed of its augmentation (used by the training loop).
+
+    Parameters
+    ----------
+    dataset : OPDDataset or str or Path
+        An opened dataset (``opdcells.dataset.open_dataset``) or its path; it must stay open while the
+        returned ``tf.data.Dataset`` is used.
+    indices : array_like of int
+        Map indices into the dataset.
+    y : array_like of int, optional
+        The label of each, or None for maps only.
+    batch_size : int
+        Maps a batch.
+    training : bool
+        Shuffle every epoch (block shuffle, see :func:`shuffled_windows`: ``window_batches`` batches
+        read at a time, in blocks of ``block`` neighbouring maps) and apply ``augment`` (if not None);
+        otherwise batches follow the order of ``indices``.
+    augment : AugmentConfig or None
+        Augmentation when training.
+    seed : int
+        Random seed of shuffling and augmentation.
+    one_hot : bool
+        Labels as one-hot float32 vectors of length ``n_classes`` instead of int32 ids.
+    n_classes : int, optional
+        Length of the one-hot vectors (default: the largest label + 1).
+    window_batches, block : int
+        See ``training``.
+
+    Returns
+    -------
+    tf.data.Dataset
+
+    Raises
+    ------
+    ValueError
+        When ``indices`` is not 1-D within the dataset, or ``y`` does not have one label per index.
     """
     ds = _as_dataset(dataset)
     n_maps, size = len(ds), (ds.out_size, ds.out_size)

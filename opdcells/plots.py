@@ -56,25 +56,80 @@ HATCHES = ("", "///", "...", "xxx", "\\\\", "ooo")
 
 def series_colours(names: Sequence[str]) -> dict[str, str]:
     """A colour per distinct name of one figure: the fixed model colour where there is one, otherwise the
-    next unused colour of matplotlib's 20-colour table (distinct within the figure, unlike a hash)."""
+    next unused colour of matplotlib's 20-colour table (distinct within the figure, unlike a hash).
+
+    Parameters
+    ----------
+    names : sequence of str
+        The series (models) of the figure.
+
+    Returns
+    -------
+    dict of str to str
+        Name -> hex colour, in the order of first appearance.
+    """
     fixed = {n: MODEL_COLOURS[n.lower()] for n in names if n.lower() in MODEL_COLOURS}
     free = (c for c in mpl.colormaps["tab20"].colors if mpl.colors.to_hex(c) not in fixed.values())
     return {n: fixed.get(n) or mpl.colors.to_hex(next(free)) for n in dict.fromkeys(names)}
 
 
 def class_colour(name: str) -> str:
-    """Fixed colour of a class name (case-insensitive); unknown names get a stable palette colour."""
+    """Fixed colour of a class name (case-insensitive); unknown names get a stable palette colour.
+
+    Parameters
+    ----------
+    name : str
+        A class name.
+
+    Returns
+    -------
+    str
+        A hex colour.
+    """
     return _named_colour(name, CLASS_COLOURS)
 
 
 def model_colour(name: str) -> str:
-    """Fixed colour of a model name; unknown names get a stable palette colour."""
+    """Fixed colour of a model name; unknown names get a stable palette colour.
+
+    Parameters
+    ----------
+    name : str
+        A model name.
+
+    Returns
+    -------
+    str
+        A hex colour.
+    """
     return _named_colour(name, MODEL_COLOURS)
 
 
 def training_curves(history, path, title: str = "Training", *, step: str = "epoch") -> Path:
     """Loss and accuracy per ``step`` (an epoch; for the features model a boosting iteration), train
-    (solid) vs validation (dashed); Keras history dict or DataFrame."""
+    (solid) vs validation (dashed); Keras history dict or DataFrame.
+
+    Parameters
+    ----------
+    history : dict or pandas.DataFrame
+        Columns ``loss``, ``accuracy`` and their ``val_`` counterparts (any present), one row per step.
+    path : str or Path
+        The PNG to write (folders are created).
+    title : str
+        Figure title.
+    step : str
+        What one row is (the x-axis label).
+
+    Returns
+    -------
+    Path
+        The PNG written.
+
+    Raises
+    ------
+    ValueError
+        When the history has no loss or accuracy column.
+    """
     df = pd.DataFrame(history)
     panels = [(key, cols) for key in ("loss", "accuracy")
               if (cols := [c for c in (key, f"val_{key}") if c in df.columns])]
@@ -99,7 +154,26 @@ def training_curves(history, path, title: str = "Training", *, step: str = "epoc
 def confusion_matrix(cm, class_names: Sequence[str], path, title: str = "Confusion matrix",
                      normalise: bool = True) -> Path:
     """Confusion matrix (rows true, columns predicted): colours row-normalised (or counts), counts
-    written in."""
+    written in.
+
+    Parameters
+    ----------
+    cm : array_like (C, C) of int
+        Counts, rows the true class, columns the predicted one.
+    class_names : sequence of str
+        The C class names.
+    path : str or Path
+        The PNG to write (folders are created).
+    title : str
+        Figure title.
+    normalise : bool
+        Colour by the fraction of each true class (else by the counts).
+
+    Returns
+    -------
+    Path
+        The PNG written.
+    """
     cm = np.asarray(cm)
     rows = cm.sum(axis=1, keepdims=True)
     colour = np.divide(cm, rows, out=np.zeros(cm.shape), where=rows > 0) if normalise else cm
@@ -129,6 +203,26 @@ def accuracy_bars(df: pd.DataFrame, path, metric: str = "accuracy", *, bar: str 
 
     Bars named ``"<model> | <variant>"`` take the model's colour and one hatch pattern per variant, so
     every series can be told apart however many there are.
+
+    Parameters
+    ----------
+    df : pandas.DataFrame
+        One row per (group, bar): the metric (0-1) and optionally its CI columns.
+    path : str or Path
+        The PNG to write (folders are created).
+    metric : str
+        The column drawn.
+    bar : str
+        The column naming each bar (the model).
+    group : str
+        The column grouping bars (the task).
+    title : str, optional
+        Figure title.
+
+    Returns
+    -------
+    Path
+        The PNG written.
     """
     df = df.copy()
     if group not in df.columns:
@@ -165,7 +259,30 @@ def accuracy_bars(df: pd.DataFrame, path, metric: str = "accuracy", *, bar: str 
 def roc_curves(y_true, proba, class_names: Sequence[str], path, *, positive_class: str | None = None,
                log_x: bool = False, title: str = "ROC") -> Path:
     """One-vs-rest ROC curves with AUC in the legend; for two classes one curve for the positive class
-    (default: class_names[0]) with the operating points at FPR 1% and 0.1% marked."""
+    (default: class_names[0]) with the operating points at FPR 1% and 0.1% marked.
+
+    Parameters
+    ----------
+    y_true : array_like (N,) of int
+        True class indices.
+    proba : array_like (N, C)
+        Predicted class probabilities.
+    class_names : sequence of str
+        The C class names.
+    path : str or Path
+        The PNG to write (folders are created).
+    positive_class : str, optional
+        The positive class of a two-class task.
+    log_x : bool
+        Logarithmic false-positive-rate axis (shows the low-FPR end).
+    title : str
+        Figure title.
+
+    Returns
+    -------
+    Path
+        The PNG written.
+    """
     y_true, proba = np.asarray(y_true), np.asarray(proba, dtype=float)
     names = list(class_names)
     if len(names) == 2:
@@ -195,7 +312,30 @@ def roc_curves(y_true, proba, class_names: Sequence[str], path, *, positive_clas
 def gallery(maps, y_true, y_pred, class_names: Sequence[str], path, per_class: int = 4, *,
             seed: int = 0, title: str = "Correct (left) and misclassified (right) maps") -> Path:
     """OPD maps in nm, one row per class: up to ``per_class`` correct then ``per_class`` wrong examples,
-    titled true->pred (green right, red wrong), with one shared colour bar."""
+    titled true->pred (green right, red wrong), with one shared colour bar.
+
+    Parameters
+    ----------
+    maps : array_like (N, S, S)
+        OPD maps (nm).
+    y_true, y_pred : array_like (N,) of int
+        True and predicted class indices.
+    class_names : sequence of str
+        The class names.
+    path : str or Path
+        The PNG to write (folders are created).
+    per_class : int
+        Correct and wrong examples per class (each).
+    seed : int
+        Random seed of the choice.
+    title : str
+        Figure title.
+
+    Returns
+    -------
+    Path
+        The PNG written.
+    """
     y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
     rng = np.random.default_rng(seed)
     images, titles, colours = [], [], []
@@ -221,6 +361,43 @@ def image_grid(images: Sequence, titles: Sequence[str], path, cmap: str = OPD_CM
 
     With ``overlays`` (one heatmap per image, any size, rescaled to [0, 1] each) the images are drawn
     in ``cmap`` and the heatmaps on top, and the colour bar shows the heatmap scale.
+
+    Parameters
+    ----------
+    images : sequence of (H, W) array_like or None
+        The images (OPD maps in nm by default).
+    titles : sequence of str
+        One title per image.
+    path : str or Path
+        The PNG to write (folders are created).
+    cmap : str
+        Matplotlib colour map of the images.
+    ncols : int, optional
+        Columns of the grid (default: up to 6).
+    vmin, vmax : float, optional
+        Colour limits (default: the images' range, :func:`colour_limits`).
+    colorbar_label : str
+        Label of the colour bar (its unit).
+    title : str, optional
+        Figure title.
+    title_colours : sequence of str, optional
+        Colour of each image's title.
+    overlays : sequence of array_like, optional
+        One heatmap per image.
+    overlay_cmap : str
+        Colour map of the heatmaps.
+    overlay_alpha : float
+        Opacity of the heatmaps (0-1).
+
+    Returns
+    -------
+    Path
+        The PNG written.
+
+    Raises
+    ------
+    ValueError
+        When every entry is None.
     """
     n = len(images)
     ncols = ncols or min(n, 6)
@@ -267,6 +444,17 @@ def colour_limits(images: Sequence, vmin: float | None = None, vmax: float | Non
     Defaults: the minimum and maximum of all finite values (so a 700 nm SW480 cell is not drawn at the
     colour of a 460 nm one). Given limits that cut off data are kept, and the colour bar is extended and
     labelled with the clipped range (" (clipped; data -12 to 700)").
+
+    Parameters
+    ----------
+    images : sequence of array_like
+        The images (any shapes; OPD in nm for maps).
+    vmin, vmax : float, optional
+        Limits fixed by the caller, in the images' unit.
+
+    Returns
+    -------
+    ColourLimits
     """
     values = np.concatenate([np.asarray(im, dtype=float).ravel() for im in images])
     values = values[np.isfinite(values)]
@@ -284,7 +472,33 @@ def colour_limits(images: Sequence, vmin: float | None = None, vmax: float | Non
 
 def overlay_grid(maps: Sequence, heatmaps: Sequence, titles: Sequence[str], path, *,
                  ncols: int | None = None, title: str | None = None) -> Path:
-    """OPD maps in grey with attention / Grad-CAM heatmaps on top (see :func:`image_grid`)."""
+    """OPD maps in grey with attention / Grad-CAM heatmaps on top (see :func:`image_grid`).
+
+    Parameters
+    ----------
+    maps : sequence of array_like (S, S)
+        OPD maps (nm; a trailing channel axis is squeezed).
+    heatmaps : sequence of array_like
+        One heatmap per map (any size; rescaled to [0, 1] each).
+    titles : sequence of str
+        One title per map.
+    path : str or Path
+        The PNG to write (folders are created).
+    ncols : int, optional
+        Columns of the grid.
+    title : str, optional
+        Figure title.
+
+    Returns
+    -------
+    Path
+        The PNG written.
+
+    Raises
+    ------
+    ValueError
+        When the numbers of maps and heatmaps differ.
+    """
     if len(maps) != len(heatmaps):
         raise ValueError(f"overlay_grid: {len(maps)} maps but {len(heatmaps)} heatmaps")
     maps = [np.squeeze(np.asarray(m, dtype=float)) for m in maps]
@@ -293,9 +507,25 @@ def overlay_grid(maps: Sequence, heatmaps: Sequence, titles: Sequence[str], path
 
 def label_efficiency(df: pd.DataFrame, path, metric: str = "accuracy", *, title: str | None = None) -> Path:
     """``metric`` vs labelled fraction (log x) per model: seeds as dots, mean line and 95% band over seeds
-    and the test sample (:func:`mean_band`); one panel per task (columns: model, fraction, <metric>,
-    optional seed and task). Curves named ``"<model> (<curve>)"`` share the model's colour; frozen-probe
-    curves are dashed."""
+    and the test sample (:func:`mean_band`); one panel per task. Curves named ``"<model> (<curve>)"``
+    share the model's colour; frozen-probe curves are dashed.
+
+    Parameters
+    ----------
+    df : pandas.DataFrame
+        Columns model, fraction (0-1], ``metric`` (0-1), optional seed and task.
+    path : str or Path
+        The PNG to write (folders are created).
+    metric : str
+        The column drawn.
+    title : str, optional
+        Figure title.
+
+    Returns
+    -------
+    Path
+        The PNG written.
+    """
     df = df.copy()
     if "task" not in df.columns:
         df["task"] = ""
@@ -329,7 +559,30 @@ def label_efficiency(df: pd.DataFrame, path, metric: str = "accuracy", *, title:
 def embedding_scatter(emb2d, labels, class_names: Sequence[str], path, extra=None, *,
                       title: str = "Embedding", axis: str = "dimension") -> Path:
     """2-D embedding coloured by class; ``extra`` = [(points (M, 2), name, marker), ...] drawn on top;
-    ``axis`` names the projection on the axes ("PCA" gives "PCA 1", "PCA 2")."""
+    ``axis`` names the projection on the axes ("PCA" gives "PCA 1", "PCA 2").
+
+    Parameters
+    ----------
+    emb2d : array_like (N, 2)
+        The projected embeddings.
+    labels : array_like (N,) of int
+        Class indices.
+    class_names : sequence of str
+        The class names.
+    path : str or Path
+        The PNG to write (folders are created).
+    extra : sequence of tuple, optional
+        ``(points (M, 2), name, marker)`` drawn on top (e.g. real cells).
+    title : str
+        Figure title.
+    axis : str
+        Name of the projection.
+
+    Returns
+    -------
+    Path
+        The PNG written.
+    """
     emb2d, labels = np.asarray(emb2d, dtype=float), np.asarray(labels)
     with _figure(path, figsize=(5.4, 4.2)) as (fig, axes):
         ax = axes[0, 0]
@@ -351,7 +604,28 @@ def embedding_scatter(emb2d, labels, class_names: Sequence[str], path, extra=Non
 
 def feature_histograms(frame: pd.DataFrame, columns: Sequence[str], by: str, path, *, bins: int = 40,
                        title: str | None = None) -> Path:
-    """One panel per column of ``frame``: overlaid per-class histograms (``by`` names the class column)."""
+    """One panel per column of ``frame``: overlaid per-class histograms (``by`` names the class column).
+
+    Parameters
+    ----------
+    frame : pandas.DataFrame
+        One row per map.
+    columns : sequence of str
+        The features drawn (their names carry their units, e.g. "dry mass (pg)").
+    by : str
+        The class column.
+    path : str or Path
+        The PNG to write (folders are created).
+    bins : int
+        Histogram bins (shared by the classes of a panel).
+    title : str, optional
+        Figure title.
+
+    Returns
+    -------
+    Path
+        The PNG written.
+    """
     classes = list(dict.fromkeys(frame[by]))
     with _figure(path, 1, len(columns), figsize=(4.2 * len(columns), 3.2)) as (fig, axes):
         for ax, column in zip(axes[0], columns, strict=True):
@@ -371,6 +645,20 @@ def reliability_diagram(record: dict, path, title: str = "Calibration on the val
 
     Bars: accuracy of the maps in each confidence bin; the diagonal is perfect calibration. The legend
     gives the expected calibration error (ECE) and the temperature.
+
+    Parameters
+    ----------
+    record : dict
+        The calibration record (``reliability`` curves ``before`` and ``after``, ECE, temperature).
+    path : str or Path
+        The PNG to write (folders are created).
+    title : str
+        Figure title.
+
+    Returns
+    -------
+    Path
+        The PNG written.
     """
     curves = record["reliability"]
     with _figure(path, 1, 2, figsize=(8, 3.6), sharey=True) as (fig, axes):
@@ -438,6 +726,20 @@ def mean_band(rows: pd.DataFrame, x: str, y: str) -> tuple[pd.Series, pd.Series,
     run's bootstrap interval, ``<y>_ci_low/_ci_high``, when present, else the binomial interval of its
     accuracy on ``n_test`` maps: their mean half-width). They add in quadrature, so a point where every
     seed gives the same number (e.g. all labels used) still shows the uncertainty of the test set.
+
+    Parameters
+    ----------
+    rows : pandas.DataFrame
+        One row per run.
+    x : str
+        The column grouped by (the labelled fraction).
+    y : str
+        The metric column (0-1).
+
+    Returns
+    -------
+    tuple of pandas.Series
+        (mean, low, high), indexed by ``x``.
     """
     grouped = rows.groupby(x)[y]
     mean, sem, n = grouped.mean(), grouped.sem().fillna(0.0), grouped.count()

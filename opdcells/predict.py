@@ -60,7 +60,21 @@ DROPPED_COLUMNS = (*ID_COLUMNS, "bbox_row0", "bbox_col0", "bbox_row1", "bbox_col
 class PredictResult:
     """What :func:`predict_files` did: the CSVs, counts and every skipped file or map ("path: reason").
 
-    ``dropped``: every map, cell or object that yields no prediction (see :class:`opdcells.ingest.Dropped`).
+    Attributes
+    ----------
+    out : Path
+        The predictions CSV.
+    n_maps : int
+        Maps (cells) predicted.
+    n_files : int
+        Files with at least one prediction.
+    skipped_files : list of str
+        "path: reason" of every file that could not be read.
+    skipped_maps : list of str
+        "path [map i]: reason" of every map that could not be preprocessed.
+    dropped : list of Dropped
+        Every map, cell or object that yields no prediction (see :class:`opdcells.ingest.Dropped`),
+        written to ``OUT.dropped.csv``.
     """
 
     out: Path
@@ -101,7 +115,18 @@ def dropped_path(out: str | os.PathLike) -> Path:
 
 def expand_exports(paths: Iterable[str | os.PathLike]) -> list[Path]:
     """Export files named in ``paths``: files as given, folders walked (export suffixes, sorted);
-    each file once."""
+    each file once.
+
+    Parameters
+    ----------
+    paths : iterable of str or os.PathLike
+        Files and folders; a missing file is kept and reported when it is read.
+
+    Returns
+    -------
+    list of Path
+        The files, in order, without repeats.
+    """
     files: list[Path] = []
     for path in map(Path, paths):
         if path.is_dir():
@@ -113,7 +138,27 @@ def expand_exports(paths: Iterable[str | os.PathLike]) -> list[Path]:
 
 def ingest_options(model, **user) -> IngestOptions:
     """IngestOptions for ``model``: its preprocessing (pixel size, size, background, alpha) plus the
-    user's reading options and metadata (``units``, ``wavelength_nm``, ``pixel_size_um``, ``var``, ...)."""
+    user's reading options and metadata (``units``, ``wavelength_nm``, ``pixel_size_um``, ``var``, ...).
+
+    Parameters
+    ----------
+    model : SavedModel
+        A loaded model (:func:`opdcells.modelfolder.load_model`); its ``preprocess_config`` is used, so
+        new maps are preprocessed as the training maps were.
+    **user
+        Reading options and metadata (wavelength in nm, pixel size in um, ...); None values are left out.
+
+    Returns
+    -------
+    IngestOptions
+
+    Raises
+    ------
+    TypeError
+        For an option IngestOptions does not take.
+    ValueError
+        For an invalid value (units, numbers, sideband, ...).
+    """
     return IngestOptions(**{k: v for k, v in user.items() if v is not None}, config=model.preprocess_config)
 
 
@@ -126,6 +171,12 @@ def csv_columns(class_names, ood_columns: Iterable[str] = ()) -> list[str]:
         The model's classes: one ``p_<class>`` probability column each.
     ood_columns : iterable of str
         Out-of-distribution columns, last: ``OOD_COLUMNS`` for a model with a detector, else none.
+
+    Returns
+    -------
+    list of str
+        ``ID_COLUMNS``, ``POSITION_COLUMNS`` (px and um), ``MEASURE_COLUMNS`` (pg, um^2), ``predicted``,
+        the probabilities, then ``ood_columns``.
     """
     return [*ID_COLUMNS, *POSITION_COLUMNS, *MEASURE_COLUMNS, "predicted",
             *(f"p_{name}" for name in class_names), *ood_columns]
@@ -137,7 +188,19 @@ def _blank(value) -> str:
 
 
 def position_values(processed: ProcessedMap) -> list[str]:
-    """cell, object and the POSITION_COLUMNS of a map (empty for whole maps)."""
+    """cell, object and the POSITION_COLUMNS of a map (empty for whole maps).
+
+    Parameters
+    ----------
+    processed : ProcessedMap
+        A preprocessed map; its ``position`` is set for cells cut from fields of view.
+
+    Returns
+    -------
+    list of str
+        ``2 + len(POSITION_COLUMNS)`` values: cell number, object label, centroid (px, then um) and the
+        crop window (px); all empty strings when the map is a whole single-cell export.
+    """
     pos = processed.position
     if pos is None:
         return [""] * (2 + len(POSITION_COLUMNS))
@@ -175,7 +238,18 @@ def csv_row(path: Path, index: int, processed: ProcessedMap, proba: np.ndarray, 
 
 
 def dropped_row(dropped: Dropped) -> list:
-    """One row of ``OUT.dropped.csv``, in ``DROPPED_COLUMNS`` order."""
+    """One row of ``OUT.dropped.csv``, in ``DROPPED_COLUMNS`` order.
+
+    Parameters
+    ----------
+    dropped : Dropped
+        A map, cell or object that yields no prediction.
+
+    Returns
+    -------
+    list
+        File, index, cell, object, crop window (px; blank when unknown) and the reason, as storable text.
+    """
     bbox = dropped.bbox or ("",) * 4
     return [storable_text(str(dropped.path)), _blank(dropped.index), _blank(dropped.cell),
             _blank(dropped.label), *bbox, storable_text(dropped.reason)]
@@ -252,12 +326,29 @@ def read_export(path: str | os.PathLike, options: IngestOptions, morphology: boo
 def read_error(read: ExportMaps):
     """``on_error`` of :func:`read_export`: a bad map is kept as text (exceptions of opdcells do not
     pickle), and logged by :meth:`FileBatches.add_read` in the main process (a worker's log is not
-    shown)."""
+    shown).
+
+    Parameters
+    ----------
+    read : ExportMaps
+        The file being read; each error's text is appended to its ``skipped_maps``.
+
+    Returns
+    -------
+    callable
+        ``on_error(exc)``.
+    """
     return lambda exc: read.skipped_maps.append(str(exc))
 
 
 def default_workers() -> int:
-    """Reading processes by default: the cores this process may run on."""
+    """Reading processes by default: the cores this process may run on.
+
+    Returns
+    -------
+    int
+        The CPUs of this process's affinity mask (``os.cpu_count()`` where there is none), at least 1.
+    """
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
@@ -268,6 +359,22 @@ def read_exports(paths: Sequence[Path], options: IngestOptions, *, workers: int 
     At most ``2 * workers`` files are read ahead of the one being consumed (a bounded queue: memory
     stays at a few files' maps whatever the sample's size). Results are those of one process, in the
     same order. Workers are started by a fork server: the caller's TensorFlow threads are not forked.
+
+    Parameters
+    ----------
+    paths : sequence of Path
+        The export files.
+    options : IngestOptions
+        Reading options, metadata and preprocessing.
+    workers : int
+        Reading processes; 1 (or one file) reads in this process.
+    morphology : bool
+        Also compute each map's morphology features (:attr:`ExportMaps.morphology`).
+
+    Yields
+    ------
+    ExportMaps
+        One per path, in the order of ``paths``; a bad file is reported in its ``error``, not raised.
     """
     workers = min(workers, len(paths))
     if workers <= 1:
@@ -299,7 +406,13 @@ def _note_resampling(pixel_size_um: float, options: IngestOptions, seen: set) ->
 class FileBatches(abc.ABC):
     """Maps of several files gathered into batches of ``batch_size``; the rows :meth:`rows_of` makes of a
     batch are kept per file, and written in file order once complete (used by ``predict`` and ``screen``).
-    Each map may carry its morphology features (:attr:`ExportMaps.morphology`)."""
+    Each map may carry its morphology features (:attr:`ExportMaps.morphology`).
+
+    Parameters
+    ----------
+    batch_size : int
+        Maps per call of :meth:`rows_of` (the model's batch); a batch may span files.
+    """
 
     def __init__(self, batch_size: int):
         self.batch_size = batch_size

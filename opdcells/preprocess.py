@@ -77,11 +77,27 @@ def _check_order(order: int) -> None:
 class PreprocessConfig:
     """Output geometry and physical constants of preprocessing.
 
-    out_pixel_size_um: 0.25 um samples the ~0.5 um optical resolution (Abbe lambda / 2NA for NA ~0.6 at
-        633 nm) at Nyquist, so resampling to it loses no resolved detail of typical QPI microscopes.
-    out_size: 128 px = 32 um at 0.25 um/px, so the largest cells (~20 um) fit with margin.
-    background_order: 1 fits a plane (tilt + offset), 2 a quadratic surface (also curvature).
-    alpha_ml_per_g: specific refraction increment of cell dry mass, 0.18-0.19 mL/g.
+    Attributes
+    ----------
+    out_pixel_size_um : float
+        Output pixel size (um), default 0.25: samples the ~0.5 um optical resolution (Abbe lambda / 2NA
+        for NA ~0.6 at 633 nm) at Nyquist, so resampling to it loses no resolved detail of typical QPI
+        microscopes.
+    out_size : int
+        Side of the square output map (px), default 128 = 32 um at 0.25 um/px, so the largest cells
+        (~20 um) fit with margin.
+    background_order : int
+        Polynomial order of the background surface: 0 an offset, 1 (default) a plane (tilt + offset),
+        2 a quadratic surface (also curvature).
+    alpha_ml_per_g : float
+        Specific refraction increment of cell dry mass (mL/g), default 0.19; 0.18-0.19 mL/g for cell
+        protein/dry mass (Barer 1952, Nature 169:366; Zangle & Teitell 2014, Nat. Methods 11:1221).
+
+    Raises
+    ------
+    ValueError
+        When ``background_order`` is not 0, 1 or 2, ``out_pixel_size_um`` or ``alpha_ml_per_g`` is not a
+        positive finite number, or ``out_size`` is under ``MIN_SIDE_PX``.
     """
 
     out_pixel_size_um: float = 0.25
@@ -99,13 +115,34 @@ class PreprocessConfig:
             raise ValueError(f"alpha_ml_per_g must be positive, not {self.alpha_ml_per_g!r}")
 
     def as_settings(self) -> dict:
-        """The settings a dataset stores (its ``pixel_size_um`` is this ``out_pixel_size_um``)."""
+        """The settings a dataset stores (its ``pixel_size_um`` is this ``out_pixel_size_um``).
+
+        Returns
+        -------
+        dict
+            ``pixel_size_um`` (um), ``out_size`` (px), ``alpha_ml_per_g`` (mL/g) and ``background_order``.
+        """
         return {"pixel_size_um": float(self.out_pixel_size_um), "out_size": int(self.out_size),
                 "alpha_ml_per_g": float(self.alpha_ml_per_g), "background_order": int(self.background_order)}
 
     @classmethod
     def from_settings(cls, settings: dict) -> PreprocessConfig:
-        """The config of stored settings (a dataset's, a model's); missing keys take the defaults."""
+        """The config of stored settings (a dataset's, a model's); missing keys take the defaults.
+
+        Parameters
+        ----------
+        settings : dict
+            As :meth:`as_settings` writes them (``pixel_size_um`` is the output pixel size, um).
+
+        Returns
+        -------
+        PreprocessConfig
+
+        Raises
+        ------
+        ValueError
+            When a stored value is invalid (see the class).
+        """
         default = cls()
         return cls(out_pixel_size_um=float(settings.get("pixel_size_um", default.out_pixel_size_um)),
                    out_size=int(settings.get("out_size", default.out_size)),
@@ -123,14 +160,26 @@ class PlausibleRanges:
 
     Each field is ``(low, high)``; an expert widens them with ``--plausible NAME=LOW:HIGH``.
 
-    peak_opd_nm: highest OPD of the cell. Cells are at most ~25 um thick with a refractive index at most
-        ~0.1 above the medium (nucleoli ~1.38-1.40 in media of 1.33-1.34; Choi et al. 2007, Nat. Methods
-        4:717), so ~2,500 nm; 5,000 nm leaves room. 10 nm is far below any cell's peak.
-    dry_mass_pg: red blood cells ~27-30 pg (Popescu et al. 2008, Am. J. Physiol. Cell Physiol.
-        295:C538); mammalian cells span tens to thousands of pg (Zangle & Teitell 2014, Nat. Methods
-        11:1221); 1 pg (platelets) to 5,000 pg (large polyploid cancer cells).
-    area_um2: projected area, from a platelet (~3 um^2) to a widely spread adherent cell (~10,000 um^2).
-    diameter_um: longest axis of the cell mask, 2 um (platelet) to 150 um (spread adherent cell).
+    Attributes
+    ----------
+    peak_opd_nm : tuple of float
+        Highest OPD of the cell (nm), default 10-5,000. Cells are at most ~25 um thick with a refractive
+        index at most ~0.1 above the medium (nucleoli ~1.38-1.40 in media of 1.33-1.34; Choi et al. 2007,
+        Nat. Methods 4:717), so ~2,500 nm; 5,000 nm leaves room. 10 nm is far below any cell's peak.
+    dry_mass_pg : tuple of float
+        Dry mass (pg), default 1-5,000: red blood cells ~27-30 pg (Popescu et al. 2008, Am. J. Physiol.
+        Cell Physiol. 295:C538); mammalian cells span tens to thousands of pg (Zangle & Teitell 2014,
+        Nat. Methods 11:1221); 1 pg (platelets) to 5,000 pg (large polyploid cancer cells).
+    area_um2 : tuple of float
+        Projected area (um^2), default 3-10,000: from a platelet (~3 um^2) to a widely spread adherent
+        cell (~10,000 um^2).
+    diameter_um : tuple of float
+        Longest axis of the cell mask (um), default 2-150: platelet to spread adherent cell.
+
+    Raises
+    ------
+    ValueError
+        When a range is not ``0 <= low < high`` with finite ends.
     """
 
     peak_opd_nm: tuple[float, float] = (10.0, 5000.0)
@@ -144,7 +193,22 @@ class PlausibleRanges:
                 raise ValueError(f"plausible range of {name} must be 0 <= low < high, not {low}:{high}")
 
     def widened(self, **ranges: tuple[float, float]) -> PlausibleRanges:
-        """A copy with the given ranges replaced (ValueError for unknown names)."""
+        """A copy with the given ranges replaced.
+
+        Parameters
+        ----------
+        **ranges : tuple of float
+            Field name -> ``(low, high)`` in the field's unit.
+
+        Returns
+        -------
+        PlausibleRanges
+
+        Raises
+        ------
+        ValueError
+            For an unknown name or an invalid range.
+        """
         unknown = set(ranges) - {f.name for f in dataclasses.fields(self)}
         if unknown:
             raise ValueError(f"unknown plausibility range {sorted(unknown)}; known: "
@@ -174,7 +238,20 @@ _QUANTITY = {"peak_opd_nm": ("peak OPD", "nm"), "dry_mass_pg": ("dry mass", "pg"
 def check_plausible(values: dict[str, float], ranges: PlausibleRanges, path) -> None:
     """Raise ExportError naming ``path`` when a measured quantity lies outside its plausible range.
 
-    ``values``: quantity name (a field of :class:`PlausibleRanges`) -> measured value.
+    Parameters
+    ----------
+    values : dict of str to float
+        Quantity name (a field of :class:`PlausibleRanges`: ``peak_opd_nm`` nm, ``dry_mass_pg`` pg,
+        ``area_um2`` um^2, ``diameter_um`` um) -> measured value.
+    ranges : PlausibleRanges
+        The accepted ranges.
+    path : str or os.PathLike
+        What the error names.
+
+    Raises
+    ------
+    ExportError
+        At the first value outside its range, with the likely cause and the ``--plausible`` hint.
     """
     for name, value in values.items():
         low, high = getattr(ranges, name)
@@ -191,11 +268,18 @@ def check_plausible(values: dict[str, float], ranges: PlausibleRanges, path) -> 
 class FieldPosition:
     """Where a cell cut from a field of view lies in that field (export pixels, row-major).
 
-    cell: the cell's number among the cells kept from its field (0, 1, ... in segmentation order).
-    label: its label in the field's label image (the segmentation's or the user's mask).
-    centroid_px: (row, col) of the centroid of the cell's segment, in pixels of the field.
-    bbox: (row0, col0, row1, col1) of the crop window in the field (end exclusive, px).
-    pixel_size_um: the field's object-plane pixel size, so ``centroid_um`` = ``centroid_px`` * it.
+    Attributes
+    ----------
+    cell : int
+        The cell's number among the cells kept from its field (0, 1, ... in segmentation order).
+    label : int
+        Its label in the field's label image (the segmentation's or the user's mask).
+    centroid_px : tuple of float
+        (row, col) of the centroid of the cell's segment, in pixels of the field.
+    bbox : tuple of int
+        (row0, col0, row1, col1) of the crop window in the field (end exclusive, px).
+    pixel_size_um : float
+        The field's object-plane pixel size (um), so ``centroid_um`` = ``centroid_px`` * it.
     """
 
     cell: int
@@ -214,10 +298,19 @@ class FieldPosition:
 class ProcessedMap:
     """One cell: OPD (nm, float32, ``out_size`` square, background ~0, cell centred) and what was measured.
 
-    dry_mass_pg, area_um2: the cell's dry mass (pg) and projected area (um^2) at native resolution.
-    extent_um: side (um) of the smallest square window centred like ``opd`` that holds the cell's
-        (dilated) mask: what an output window must at least be (NaN when not measured).
-    position: where the cell lies in its field of view (maps cut from fields), else None.
+    Attributes
+    ----------
+    opd : (out_size, out_size) float32 ndarray
+        The cell's OPD (nm) at the output pixel size, centred, exactly 0 outside the dilated cell mask.
+    dry_mass_pg : float
+        The cell's dry mass (pg), measured at native resolution.
+    area_um2 : float
+        Its projected area (um^2), measured at native resolution.
+    extent_um : float
+        Side (um) of the smallest square window centred like ``opd`` that holds the cell's (dilated)
+        mask: what an output window must at least be (NaN when not measured).
+    position : FieldPosition or None
+        Where the cell lies in its field of view (maps cut from fields), else None.
     """
 
     opd: np.ndarray
@@ -233,8 +326,30 @@ def to_opd_nm(data, units: str, wavelength_nm: float | None = None, *, path="<ar
 
     nm: as is; um: x 1000; rad: phase * wavelength / (2 pi); pg/um2 (dry-mass surface density):
     density * alpha * 1000, with the specific refraction increment ``alpha_ml_per_g`` (mL/g = um^3/pg, so
-    pg/um^2 * um^3/pg = um of OPD; the inverse of :func:`dry_mass_pg`). Raises MetadataError for unknown
-    units or a missing/invalid wavelength with phase data.
+    pg/um^2 * um^3/pg = um of OPD; the inverse of :func:`dry_mass_pg`).
+
+    Parameters
+    ----------
+    data : array_like (H, W)
+        The map in ``units``.
+    units : {"nm", "um", "rad", "pg/um2"}
+        Unit of ``data``.
+    wavelength_nm : float, optional
+        Illumination wavelength (nm); required for ``rad``.
+    path : str or os.PathLike
+        What an error names.
+    alpha_ml_per_g : float
+        Specific refraction increment (mL/g), for ``pg/um2``.
+
+    Returns
+    -------
+    (H, W) float64 ndarray
+        OPD in nm.
+
+    Raises
+    ------
+    MetadataError
+        For unknown units, or phase in rad without a positive finite wavelength.
     """
     values = np.array(data, dtype=np.float64)
     if units == "nm":
@@ -253,8 +368,19 @@ def to_opd_nm(data, units: str, wavelength_nm: float | None = None, *, path="<ar
 def check_map(data, path) -> None:
     """Raise ExportError naming ``path`` if ``data`` is not a usable 2-D map.
 
-    Rejects: not 2-D, non-real values, a side under ``MIN_SIDE_PX``, more than ``MAX_NONFINITE_FRACTION``
-    NaN/inf pixels (fewer are filled by :func:`fill_nonfinite`), all-zero and constant maps.
+    Parameters
+    ----------
+    data : array_like
+        The raw map, expected (H, W) real numbers.
+    path : str or os.PathLike
+        What the error names.
+
+    Raises
+    ------
+    ExportError
+        When the map is not 2-D, holds non-real values, has a side under ``MIN_SIDE_PX``, more than
+        ``MAX_NONFINITE_FRACTION`` NaN/inf pixels (fewer are filled by :func:`fill_nonfinite`), or is all
+        zeros or constant.
     """
     arr = np.asarray(data)
     if arr.ndim != 2:
@@ -278,7 +404,18 @@ def check_map(data, path) -> None:
 
 def fill_nonfinite(data) -> np.ndarray:
     """Float64 (complex128 for complex input) copy of ``data`` with each NaN/inf pixel replaced by its
-    nearest finite neighbour."""
+    nearest finite neighbour.
+
+    Parameters
+    ----------
+    data : array_like (H, W)
+        A map, any unit.
+
+    Returns
+    -------
+    (H, W) float64 or complex128 ndarray
+        The filled copy (same unit).
+    """
     values = np.array(data, dtype=np.result_type(np.asarray(data).dtype, np.float64))
     bad = ~np.isfinite(values)
     if bad.any():
@@ -290,7 +427,20 @@ def fill_nonfinite(data) -> np.ndarray:
 
 def check_not_wrapped(phase_rad, path) -> None:
     """Raise ExportError if a phase map (rad) is wrapped: all values within one 2 pi interval and at
-    least ``MIN_WRAP_JUMPS`` neighbouring pixels that differ by more than pi."""
+    least ``MIN_WRAP_JUMPS`` neighbouring pixels that differ by more than pi.
+
+    Parameters
+    ----------
+    phase_rad : array_like (H, W)
+        Phase (rad).
+    path : str or os.PathLike
+        What the error names.
+
+    Raises
+    ------
+    ExportError
+        When the phase is wrapped (hint: unwrap it or export the complex field).
+    """
     phase = np.asarray(phase_rad, dtype=np.float64)
     finite = phase[np.isfinite(phase)]
     if finite.size == 0 or np.ptp(finite) > 2 * np.pi * 1.01:
@@ -307,7 +457,23 @@ def check_not_wrapped(phase_rad, path) -> None:
 def check_not_inverted(opd_nm, pixel_size_um: float, path, *, smoothed: np.ndarray | None = None) -> None:
     """Raise ExportError if the cell lies below the background: the deepest dip of the smoothed map below
     the level of its border frame is ``INVERTED_RATIO`` times its highest rise (a reversed phase sign).
-    ``smoothed``: :func:`smooth` of the map when already made."""
+
+    Parameters
+    ----------
+    opd_nm : array_like (H, W)
+        OPD (nm).
+    pixel_size_um : float
+        Pixel size (um), for the smoothing.
+    path : str or os.PathLike
+        What the error names.
+    smoothed : (H, W) ndarray, optional
+        :func:`smooth` of the map when already made.
+
+    Raises
+    ------
+    ExportError
+        When the map is inverted (hint: ``--invert-phase`` or the other ``--sideband``).
+    """
     if smoothed is None:
         smoothed = smooth(np.asarray(opd_nm, dtype=np.float64), pixel_size_um)
     level, sigma = _robust_level(smoothed[_border_frame(smoothed.shape)])
@@ -319,7 +485,20 @@ def check_not_inverted(opd_nm, pixel_size_um: float, path, *, smoothed: np.ndarr
 
 
 def smooth(opd_nm: np.ndarray, pixel_size_um: float) -> np.ndarray:
-    """Gaussian smoothing over ``SMOOTH_SIGMA_UM`` (suppresses pixel noise before thresholding)."""
+    """Gaussian smoothing over ``SMOOTH_SIGMA_UM`` (suppresses pixel noise before thresholding).
+
+    Parameters
+    ----------
+    opd_nm : (H, W) ndarray
+        OPD (nm).
+    pixel_size_um : float
+        Pixel size (um): the Gaussian's sigma is ``SMOOTH_SIGMA_UM / pixel_size_um`` px.
+
+    Returns
+    -------
+    (H, W) float64 ndarray
+        The smoothed OPD (nm).
+    """
     return filters.gaussian(opd_nm, sigma=SMOOTH_SIGMA_UM / pixel_size_um, preserve_range=True)
 
 
@@ -334,6 +513,16 @@ def noise_threshold(smoothed: np.ndarray) -> float:
 
     Level and sigma come from the pixels below Otsu (mostly background), so the threshold follows any
     offset, and a cell with a bright nucleus cannot push it above its faint cytoplasm.
+
+    Parameters
+    ----------
+    smoothed : (H, W) ndarray
+        A smoothed OPD map (nm, :func:`smooth`).
+
+    Returns
+    -------
+    float
+        The threshold (nm).
     """
     otsu = filters.threshold_otsu(smoothed)
     level, sigma = _robust_level(smoothed[smoothed <= otsu])
@@ -354,6 +543,17 @@ def dilate(mask: np.ndarray, radius_px: float) -> np.ndarray:
 
     The distance transform runs on the mask's bounding box grown by the radius: pixels farther out are
     farther than ``radius_px`` from the mask, so the result is that of the whole map.
+
+    Parameters
+    ----------
+    mask : (H, W) bool ndarray
+        The mask to grow.
+    radius_px : float
+        Radius (px); 0 or less returns a copy.
+
+    Returns
+    -------
+    (H, W) bool ndarray
     """
     if radius_px <= 0 or not mask.any():
         return mask.copy()
@@ -375,6 +575,14 @@ def fill_holes(mask: np.ndarray) -> np.ndarray:
 
     The same as ``scipy.ndimage.binary_fill_holes`` (background 4-connected), found by labelling the
     background once instead of growing it from the edge pixel by pixel.
+
+    Parameters
+    ----------
+    mask : (H, W) bool ndarray
+
+    Returns
+    -------
+    (H, W) bool ndarray
     """
     background, n = ndi.label(~mask)
     filled = np.ones(n + 1, dtype=bool)
@@ -385,7 +593,21 @@ def fill_holes(mask: np.ndarray) -> np.ndarray:
 
 def objects_above(smoothed: np.ndarray, threshold: float, pixel_size_um: float) -> np.ndarray:
     """Boolean map of the objects above ``threshold``: holes filled, specks under
-    ``MIN_OBJECT_DIAMETER_UM`` removed."""
+    ``MIN_OBJECT_DIAMETER_UM`` removed.
+
+    Parameters
+    ----------
+    smoothed : (H, W) ndarray
+        A smoothed OPD map (nm).
+    threshold : float
+        Foreground threshold (nm, :func:`noise_threshold`).
+    pixel_size_um : float
+        Pixel size (um), to size the specks.
+
+    Returns
+    -------
+    (H, W) bool ndarray
+    """
     objects = fill_holes(smoothed > threshold)
     speck_px = int(np.pi / 4 * (MIN_OBJECT_DIAMETER_UM / pixel_size_um) ** 2)
     return morphology.remove_small_objects(objects, max_size=speck_px)
@@ -402,7 +624,22 @@ def _smoothed_objects(smoothed: np.ndarray, pixel_size_um: float) -> np.ndarray:
 
 
 def foreground_mask(opd_nm, pixel_size_um: float, *, margin_um: float = MASK_MARGIN_UM) -> np.ndarray:
-    """All objects above background noise, dilated by ``margin_um`` (pixels excluded from background fits)."""
+    """All objects above background noise, dilated by ``margin_um`` (pixels excluded from background fits).
+
+    Parameters
+    ----------
+    opd_nm : array_like (H, W)
+        OPD (nm).
+    pixel_size_um : float
+        Pixel size (um).
+    margin_um : float
+        Dilation (um).
+
+    Returns
+    -------
+    (H, W) bool ndarray
+        True on the objects and their margin.
+    """
     return dilate(_objects(np.asarray(opd_nm, dtype=np.float64), pixel_size_um), margin_um / pixel_size_um)
 
 
@@ -411,9 +648,25 @@ def cell_mask(opd_nm, pixel_size_um: float, *, margin_um: float = MASK_MARGIN_UM
     """Mask of the cell: the connected object with the largest integrated OPD, dilated by ``margin_um``.
 
     Expects a background-removed map (background ~0). All False if nothing rises above the noise.
-    ``labels``: the map's objects (:func:`object_labels`) when already computed. ``prefer_whole``: only
-    objects clear of the map's edge compete when one of them has ``WHOLE_CELL_FRACTION`` of the largest
-    object's area (a single-cell export whose neighbour is partly in view).
+
+    Parameters
+    ----------
+    opd_nm : array_like (H, W)
+        Background-removed OPD (nm).
+    pixel_size_um : float
+        Pixel size (um).
+    margin_um : float
+        Dilation of the chosen object (um).
+    labels : (H, W) int ndarray, optional
+        The map's objects (:func:`object_labels`) when already computed.
+    prefer_whole : bool
+        Only objects clear of the map's edge compete when one of them has ``WHOLE_CELL_FRACTION`` of the
+        largest object's area (a single-cell export whose neighbour is partly in view).
+
+    Returns
+    -------
+    (H, W) bool ndarray
+        The cell's (dilated) mask.
     """
     opd = np.asarray(opd_nm, dtype=np.float64)
     labels = object_labels(opd, pixel_size_um) if labels is None else labels
@@ -563,7 +816,31 @@ def remove_background(opd_nm, mask=None, order: int = 1, *, pixel_size_um: float
 
     With ``mask`` (True = cell) one fit over ``~mask``. Without: a first fit over the border frame,
     then twice: mask all objects of the corrected map (:func:`foreground_mask`) and refit outside them.
-    ``pixel_size_um`` only scales smoothing and mask margins. Raises ExportError if too little background.
+
+    Parameters
+    ----------
+    opd_nm : array_like (H, W)
+        OPD (nm).
+    mask : (H, W) bool array_like, optional
+        The cells (True), excluded from the fit.
+    order : {0, 1, 2}
+        Polynomial order of the background surface.
+    pixel_size_um : float
+        Pixel size (um); only scales smoothing and mask margins.
+    path : str or os.PathLike
+        What an error names.
+
+    Returns
+    -------
+    (H, W) float64 ndarray
+        Background-removed OPD (nm; background ~0).
+
+    Raises
+    ------
+    ValueError
+        For an order other than 0, 1 or 2.
+    ExportError
+        If too little of the map is background to fit the surface.
     """
     _check_order(order)
     opd = np.asarray(opd_nm, dtype=np.float64)
@@ -610,7 +887,22 @@ def _resampling_matrix(n_in: int, scale: float) -> np.ndarray:
 def resample(opd_nm, pixel_size_um: float, out_pixel_size_um: float) -> np.ndarray:
     """Resample to ``out_pixel_size_um``, conserving sum(OPD) * pixel area (dry mass).
 
-    Area-weighted (anti-aliased when shrinking), separable; see :func:`_resample_axis`.
+    Area-weighted (anti-aliased when shrinking), separable: each output pixel is the mean over its area
+    of a cubic spline interpolant of the cumulative integral; the output grid covers the input, centred.
+
+    Parameters
+    ----------
+    opd_nm : array_like (H, W)
+        OPD (nm).
+    pixel_size_um : float
+        Input pixel size (um).
+    out_pixel_size_um : float
+        Output pixel size (um).
+
+    Returns
+    -------
+    (H', W') float64 ndarray
+        OPD (nm), ``H' = ceil(H * pixel_size_um / out_pixel_size_um)`` (likewise ``W'``).
     """
     values = np.asarray(opd_nm, dtype=np.float64)
     scale = pixel_size_um / out_pixel_size_um
@@ -643,6 +935,20 @@ def centre_crop(opd_nm, out_size: int, mask=None) -> np.ndarray:
 
     Weights are the positive OPD inside ``mask`` (whole map if None); the centroid lands on pixel
     ``out_size // 2`` (integer shift, no interpolation).
+
+    Parameters
+    ----------
+    opd_nm : array_like (H, W)
+        OPD (nm).
+    out_size : int
+        Side of the window (px).
+    mask : (H, W) bool array_like, optional
+        The cell, which weighs the centroid.
+
+    Returns
+    -------
+    (out_size, out_size) float64 ndarray
+        OPD (nm), 0 where the window leaves the map.
     """
     opd = np.asarray(opd_nm, dtype=np.float64)
     weights = np.clip(opd if mask is None else np.where(mask, opd, 0.0), 0.0, None)
@@ -665,6 +971,27 @@ def dry_mass_pg(opd_nm, pixel_size_um: float, mask=None, alpha_ml_per_g: float =
     alpha is the specific refraction increment, 0.18-0.19 mL/g for cell protein/dry mass (Barer 1952,
     Nature 169:366; Zangle & Teitell 2014, Nat. Methods 11:1221). With OPD in um, area in um^2 and
     alpha in mL/g = um^3/pg, m is in pg.
+
+    Parameters
+    ----------
+    opd_nm : array_like (H, W)
+        Background-removed OPD (nm).
+    pixel_size_um : float
+        Pixel size (um).
+    mask : (H, W) bool array_like, optional
+        The cell; the whole map if None.
+    alpha_ml_per_g : float
+        Specific refraction increment (mL/g).
+
+    Returns
+    -------
+    float
+        Dry mass (pg).
+
+    Raises
+    ------
+    ValueError
+        When the pixel size or alpha is not positive.
     """
     if not (pixel_size_um > 0 and alpha_ml_per_g > 0):
         raise ValueError(f"pixel size and alpha must be positive, got {pixel_size_um!r}, {alpha_ml_per_g!r}")
@@ -675,7 +1002,31 @@ def dry_mass_pg(opd_nm, pixel_size_um: float, mask=None, alpha_ml_per_g: float =
 
 def opd_of(data, meta: Meta, config: PreprocessConfig = DEFAULT_CONFIG, path="<array>") -> np.ndarray:
     """A raw map (or field of view) as OPD in nm, checked: usable values (:func:`check_map`), phase not
-    wrapped, cell not below the background. Non-finite pixels are filled. Raises ExportError."""
+    wrapped, cell not below the background. Non-finite pixels are filled.
+
+    Parameters
+    ----------
+    data : array_like (H, W)
+        The raw map in ``meta.units``.
+    meta : Meta
+        Its metadata (units, wavelength in nm, pixel size in um).
+    config : PreprocessConfig
+        Gives the specific refraction increment for ``pg/um2`` maps.
+    path : str or os.PathLike
+        What an error names.
+
+    Returns
+    -------
+    (H, W) float64 ndarray
+        OPD (nm), background not yet removed.
+
+    Raises
+    ------
+    ExportError
+        When the map is unusable, wrapped or inverted.
+    MetadataError
+        For unknown units or phase without a wavelength.
+    """
     return _checked_opd(data, meta, config, path)[0]
 
 
@@ -700,13 +1051,38 @@ def preprocess_map(data, meta: Meta, config: PreprocessConfig = DEFAULT_CONFIG,
     exactly 0 (``opdcells.pipeline`` relies on it): neighbours, debris and background noise do not reach
     the model, and neither does the outline of the original field of view, whose size in the output
     would betray the source microscope. The cell's peak OPD, dry mass, area and diameter must lie in
-    ``ranges`` (:class:`PlausibleRanges`). ``single_cell_map``: the map is an export of one cell, so a
-    field of view or a cell cut by the map's edge is refused (:func:`check_single_cell`); False for the
-    crops :mod:`opdcells.segment` cut from fields (segmentation already chose whole single cells).
+    ``ranges`` (:class:`PlausibleRanges`).
 
-    Raises MetadataError if ``meta`` is incomplete and ExportError if the map is unusable, holds no cell,
-    is wrapped or inverted, is a field of view or a cut cell, the cell is implausible, or more than
-    ``MAX_CUT_FRACTION`` of its OPD falls outside the output window (with the window it needs).
+    Parameters
+    ----------
+    data : array_like (H, W)
+        The raw map in ``meta.units`` (nm, um, rad or pg/um2).
+    meta : Meta
+        Its metadata (units, wavelength nm, pixel size um).
+    config : PreprocessConfig
+        Output geometry (``out_size`` px at ``out_pixel_size_um``), background order, alpha.
+    path : str or os.PathLike
+        What an error names.
+    ranges : PlausibleRanges
+        The plausible ranges of the cell's measurements.
+    single_cell_map : bool
+        The map is an export of one cell, so a field of view or a cell cut by the map's edge is refused
+        (:func:`check_single_cell`); False for the crops :mod:`opdcells.segment` cut from fields
+        (segmentation already chose whole single cells).
+
+    Returns
+    -------
+    ProcessedMap
+        ``opd`` is (``out_size``, ``out_size``) float32, nm.
+
+    Raises
+    ------
+    MetadataError
+        If ``meta`` is incomplete.
+    ExportError
+        If the map is unusable, holds no cell, is wrapped or inverted, is a field of view or a cut cell,
+        the cell is implausible, or more than ``MAX_CUT_FRACTION`` of its OPD falls outside the output
+        window (with the window it needs).
     """
     meta.check(path)
     px = meta.pixel_size_um

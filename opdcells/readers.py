@@ -78,7 +78,18 @@ _LIBRARY_ERRORS = (Exception,)
 
 @dataclass
 class RawMap:
-    """One map as stored in the file (phase unwrapped), with what the file says about it."""
+    """One map as stored in the file (phase unwrapped), with what the file says about it.
+
+    Attributes
+    ----------
+    data : (H, W) float64 ndarray
+        The map in the units of ``meta`` (or of the user's ``--units``): OPD in nm or um, unwrapped phase
+        in rad, dry-mass density in pg/um2, or integer samples still to be scaled.
+    index : int
+        Its position in the file (0-based).
+    meta : Meta
+        What the file says about it (units, wavelength nm, pixel size um, medium index).
+    """
 
     data: np.ndarray
     index: int
@@ -89,8 +100,16 @@ class RawMap:
 class SampleScale:
     """Linear calibration of integer samples: ``value = offset + scale * sample`` (ImageJ ``c0 + c1 x``).
 
-    ``units``: unit of the calibrated values when the file names it (None otherwise); ``source``: where
-    the calibration was found (for messages).
+    Attributes
+    ----------
+    scale : float
+        Value per sample step (in ``units``).
+    offset : float
+        Value of sample 0.
+    units : str or None
+        Unit of the calibrated values when the file names it (None otherwise).
+    source : str
+        Where the calibration was found (for messages).
     """
 
     scale: float
@@ -99,6 +118,18 @@ class SampleScale:
     source: str = "the file"
 
     def apply(self, samples: np.ndarray) -> np.ndarray:
+        """The calibrated values of ``samples``.
+
+        Parameters
+        ----------
+        samples : array_like
+            Integer samples.
+
+        Returns
+        -------
+        float64 ndarray
+            ``offset + scale * samples``, same shape.
+        """
         return self.offset + self.scale * np.asarray(samples, dtype=np.float64)
 
 
@@ -150,7 +181,28 @@ def stack_axis_of(shape: tuple[int, ...], stack_axis: int | None, default_axis: 
                   label: str = "array") -> int | None:
     """Axis along which ``shape`` stacks its 2-D maps (None for a single 2-D map).
 
-    Raises ExportError for an empty array, a rank other than 2 or 3, or an out-of-range ``stack_axis``.
+    Parameters
+    ----------
+    shape : tuple of int
+        The stored array's shape.
+    stack_axis : int or None
+        The user's axis (negative counts from the end); None takes ``default_axis``.
+    default_axis : int
+        The format's stack axis.
+    path : str or os.PathLike
+        What an error names.
+    label : str
+        How the message names the array.
+
+    Returns
+    -------
+    int or None
+        The axis (0-2), None for a 2-D map.
+
+    Raises
+    ------
+    ExportError
+        For an empty array, a rank other than 2 or 3, or an out-of-range ``stack_axis``.
     """
     shape = tuple(shape)
     if len(shape) not in (2, 3):
@@ -170,7 +222,21 @@ def check_stack_axis(shape: tuple[int, ...], axis: int | None, path, label: str 
     """Refuse a stack whose maps cannot be cells: narrower than ``MIN_STACK_MAP_SIDE_PX`` and than the
     stack is long (a NumPy ``N x H x W`` stack saved to MATLAB and read as ``H x W x N``, say).
 
-    Raises ExportError naming the axis that would give plausible maps (``--stack-axis``).
+    Parameters
+    ----------
+    shape : tuple of int
+        The stored array's shape.
+    axis : int or None
+        The stack axis (:func:`stack_axis_of`); None (a 2-D map) passes.
+    path : str or os.PathLike
+        What an error names.
+    label : str
+        How the message names the array.
+
+    Raises
+    ------
+    ExportError
+        Naming the axis that would give plausible maps (``--stack-axis``).
     """
     if axis is None:
         return
@@ -187,7 +253,20 @@ def check_stack_axis(shape: tuple[int, ...], axis: int | None, path, label: str 
 
 
 def iter_maps(array, axis: int | None) -> Iterator[np.ndarray]:
-    """Yield the 2-D maps of an array-like (ndarray, memmap, h5py dataset, ...) one at a time."""
+    """Yield the 2-D maps of an array-like (ndarray, memmap, h5py dataset, ...) one at a time.
+
+    Parameters
+    ----------
+    array : array-like
+        A 2-D map or a 3-D stack with numpy-style indexing.
+    axis : int or None
+        The stack axis; None for a single 2-D map.
+
+    Yields
+    ------
+    (H, W) ndarray
+        Each map in its stored dtype.
+    """
     if axis is None:
         yield np.asarray(array[()])
         return
@@ -201,8 +280,25 @@ def field_to_phase(field: np.ndarray, path="<array>") -> np.ndarray:
 
     Non-finite values are dealt with before unwrapping (scikit-image's ``unwrap_phase`` never returns
     on NaN input): a few (at most ``MAX_NONFINITE_FRACTION`` of the pixels) are filled from their
-    nearest finite neighbour, more raise ExportError naming ``path``. A field that is zero everywhere
-    (a dark hologram, an empty export) has no phase and raises ExportError too.
+    nearest finite neighbour.
+
+    Parameters
+    ----------
+    field : (H, W) complex ndarray
+        The complex field.
+    path : str or os.PathLike
+        What an error names.
+
+    Returns
+    -------
+    (H, W) float64 ndarray
+        Unwrapped phase (rad), background near 0.
+
+    Raises
+    ------
+    ExportError
+        When more than ``MAX_NONFINITE_FRACTION`` of the field is NaN or infinite, or the field is zero
+        everywhere (a dark hologram, an empty export).
     """
     field = np.asarray(field)
     bad = ~np.isfinite(field)
@@ -221,7 +317,25 @@ def field_to_phase(field: np.ndarray, path="<array>") -> np.ndarray:
 
 
 def as_map(values: np.ndarray, path="<array>") -> np.ndarray:
-    """A stored 2-D map as a new, writable float64 array: complex fields become unwrapped phase (rad)."""
+    """A stored 2-D map as a new, writable float64 array: complex fields become unwrapped phase (rad).
+
+    Parameters
+    ----------
+    values : (H, W) ndarray
+        A stored map (real or complex).
+    path : str or os.PathLike
+        What an error names.
+
+    Returns
+    -------
+    (H, W) float64 ndarray
+        A copy (never a view into a read-only memory map).
+
+    Raises
+    ------
+    ExportError
+        For an unusable complex field (:func:`field_to_phase`).
+    """
     if np.iscomplexobj(values):
         return field_to_phase(values, path)
     return np.array(values, dtype=np.float64)    # a copy: never a view into a read-only memory map
@@ -230,7 +344,29 @@ def as_map(values: np.ndarray, path="<array>") -> np.ndarray:
 def reconstruct_hologram(hologram: np.ndarray, background: np.ndarray | None = None, path="<array>",
                          **qpretrieve_kw) -> np.ndarray:
     """Unwrapped phase (rad) of an off-axis hologram (qpretrieve), referenced to the background
-    hologram's field when one is given (processed with the same sideband and filter)."""
+    hologram's field when one is given (processed with the same sideband and filter).
+
+    Parameters
+    ----------
+    hologram : (H, W) ndarray
+        The raw interferogram (camera counts).
+    background : (H, W) ndarray, optional
+        A hologram of the empty field of view.
+    path : str or os.PathLike
+        What an error names.
+    **qpretrieve_kw
+        Arguments of ``qpretrieve.OffAxisHologram`` (sideband, filter name and size).
+
+    Returns
+    -------
+    (H, W) float64 ndarray
+        Unwrapped phase (rad).
+
+    Raises
+    ------
+    ExportError
+        When the reconstructed field is unusable (:func:`field_to_phase`).
+    """
     qpretrieve = _import_quietly("qpretrieve")
     holo = qpretrieve.OffAxisHologram(data=hologram, **qpretrieve_kw)
     holo.run_pipeline()
@@ -244,7 +380,26 @@ def reconstruct_hologram(hologram: np.ndarray, background: np.ndarray | None = N
 
 
 def choose_variable(path, variables: list[Variable], var: str | None) -> Variable:
-    """The variable named ``var``, else the single numeric 2-D/3-D array that is not metadata."""
+    """The variable named ``var``, else the single numeric 2-D/3-D array that is not metadata.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The container file, for messages.
+    variables : list of Variable
+        What the file holds.
+    var : str or None
+        The user's choice (``--var``).
+
+    Returns
+    -------
+    Variable
+
+    Raises
+    ------
+    ExportError
+        When ``var`` is absent or not numeric, or, without ``var``, there is no candidate or several.
+    """
     by_name = {v.name: v for v in variables}
     if var is not None:
         if var not in by_name:
@@ -341,7 +496,21 @@ def meta_from_variables(values: dict[str, Any], path, classes: dict[str, str] | 
 def scale_from_variables(values: dict[str, Any], path) -> SampleScale | None:
     """SampleScale from ``scale`` (and ``offset``) variables of a container file, None without ``scale``.
 
-    Raises ExportError when they are present but not finite numbers.
+    Parameters
+    ----------
+    values : dict
+        Variable name -> stored value.
+    path : str or os.PathLike
+        The file, for messages.
+
+    Returns
+    -------
+    SampleScale or None
+
+    Raises
+    ------
+    ExportError
+        When they are present but not single finite numbers (or the scale is 0).
     """
     if "scale" not in values:
         return None
@@ -356,7 +525,25 @@ def scale_from_variables(values: dict[str, Any], path) -> SampleScale | None:
 
 
 def meta_from_qpimage(meta: dict, path) -> Meta:
-    """Meta (units rad) from qpimage metadata, which is in SI units (wavelength and pixel size in m)."""
+    """Meta (units rad) from qpimage metadata, which is in SI units (wavelength and pixel size in m).
+
+    Parameters
+    ----------
+    meta : dict
+        qpimage's metadata (``wavelength`` m, ``pixel size`` m, ``medium index``).
+    path : str or os.PathLike
+        The file, for messages.
+
+    Returns
+    -------
+    Meta
+        Units rad, wavelength in nm, pixel size in um, medium index; absent values None.
+
+    Raises
+    ------
+    MetadataError
+        For invalid values.
+    """
     def known(key, scale=1.0):
         # ``in`` first: qpimage's MetaDict.get raises MetaDataMissingError (a BaseException) for a
         # known key that is absent, e.g. a file without wavelength or medium index
@@ -384,6 +571,26 @@ class Reader(abc.ABC):
     reconstructs: bool = False
 
     def __init__(self, path, *, var: str | None = None, stack_axis: int | None = None):
+        """Open ``path``; subclasses read the file's headers and metadata here, not its maps.
+
+        Parameters
+        ----------
+        path : str or os.PathLike
+            The export file.
+        var : str, optional
+            Variable to read from a container file (``.mat``, ``.npz``); default: the single numeric 2-D/3-D
+            array that is not metadata. Ignored (logged) by formats that hold one image stack.
+        stack_axis : int, optional
+            Axis of a 3-D stack along which the maps lie (default: the format's, ``N x H x W`` for NumPy and
+            TIFF, ``H x W x N`` for MATLAB).
+
+        Raises
+        ------
+        ExportError
+            When the file cannot be read (a library's error, named with the file), holds no numeric array,
+            several candidates without ``var``, a stack whose maps are narrower than a cell, or an unusable
+            sample scale. (Unusable metadata variables are not an error here: see ``meta_problems``.)
+        """
         self.path = Path(path)
         self.var = var
         self.stack_axis = stack_axis
@@ -402,7 +609,17 @@ class Reader(abc.ABC):
 
     @classmethod
     def verify(cls, path) -> bool:
-        """Cheap sniff: the suffix is one of ours and the content looks like our format. Never raises."""
+        """Cheap sniff: the suffix is one of ours and the content looks like our format. Never raises.
+
+        Parameters
+        ----------
+        path : str or os.PathLike
+            A file.
+
+        Returns
+        -------
+        bool
+        """
         try:
             return Path(path).suffix.lower() in cls.suffixes and cls._sniff(Path(path))
         except BaseException as exc:  # a sniff must never raise, whatever the file holds
@@ -419,7 +636,13 @@ class Reader(abc.ABC):
     @property
     @abc.abstractmethod
     def map_shape(self) -> tuple[int, int]:
-        """(rows, columns) of each map."""
+        """(rows, columns) of each map.
+
+        Returns
+        -------
+        tuple of int
+            (H, W) in pixels of the stored map.
+        """
 
     @abc.abstractmethod
     def __len__(self) -> int:
@@ -427,9 +650,22 @@ class Reader(abc.ABC):
 
     @abc.abstractmethod
     def __iter__(self) -> Iterator[RawMap]:
-        """Stream the maps one at a time."""
+        """Stream the maps one at a time (the read of a reader: one map in memory at a time).
+
+        Yields
+        ------
+        RawMap
+            Each map, in file order, as (H, W) float64 values in the file's (or the user's) units; unwrapped
+            phase (rad) for complex fields and holograms.
+
+        Raises
+        ------
+        ExportError
+            When a map cannot be read (a truncated file, a library's error), naming the file.
+        """
 
     def close(self) -> None:
+        """Release the file handles and temporary files the reader holds (also on leaving ``with``)."""
         self._resources.close()
 
     def __enter__(self):
@@ -449,6 +685,26 @@ class ArrayReader(Reader):
     default_stack_axis = 0
 
     def __init__(self, path, *, var=None, stack_axis=None):
+        """Open the array (:meth:`_open_array`) and check its dtype, rank and stack axis.
+
+        Parameters
+        ----------
+        path : str or os.PathLike
+            The export file.
+        var : str, optional
+            Variable to read from a container file (``.mat``, ``.npz``); default: the single numeric 2-D/3-D
+            array that is not metadata. Ignored (logged) by formats that hold one image stack.
+        stack_axis : int, optional
+            Axis of a 3-D stack along which the maps lie (default: the format's, ``N x H x W`` for NumPy and
+            TIFF, ``H x W x N`` for MATLAB).
+
+        Raises
+        ------
+        ExportError
+            When the file cannot be read (a library's error, named with the file), holds no numeric array,
+            several candidates without ``var``, a stack whose maps are narrower than a cell, or an unusable
+            sample scale. (Unusable metadata variables are not an error here: see ``meta_problems``.)
+        """
         super().__init__(path, var=var, stack_axis=stack_axis)
         try:
             with _reading(self.path, f"cannot read the {self.name} file"):
@@ -481,7 +737,17 @@ class ArrayReader(Reader):
         self.sample_scale = scale_from_variables(values, self.path)
 
     def variable_array(self, name: str) -> np.ndarray | None:
-        """Another variable of a container file (e.g. the background hologram), None if absent."""
+        """Another variable of a container file (e.g. the background hologram), None if absent.
+
+        Parameters
+        ----------
+        name : str
+            The variable.
+
+        Returns
+        -------
+        ndarray or None
+        """
         return None
 
     @property
@@ -495,7 +761,18 @@ class ArrayReader(Reader):
         return 1 if self._axis is None else self._array.shape[self._axis]
 
     def raw_maps(self) -> Iterator[np.ndarray]:
-        """The stored 2-D maps in their stored dtype, one at a time."""
+        """The stored 2-D maps in their stored dtype, one at a time.
+
+        Yields
+        ------
+        (H, W) ndarray
+            Each map as stored (integers, floats or complex values; no unit conversion).
+
+        Raises
+        ------
+        ExportError
+            When a map cannot be read, naming the file.
+        """
         with _reading(self.path, f"cannot read a map from the {self.name} file"):
             yield from iter_maps(self._array, self._axis)
 
@@ -534,7 +811,17 @@ def _npy_header(fh) -> tuple[tuple[int, ...], bool, np.dtype] | None:
 
 
 def npz_variables(path) -> list[Variable]:
-    """Names, shapes and dtypes of the arrays in an ``.npz``, read from the headers only."""
+    """Names, shapes and dtypes of the arrays in an ``.npz``, read from the headers only.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The ``.npz`` file.
+
+    Returns
+    -------
+    list of Variable
+    """
     variables = []
     with zipfile.ZipFile(path) as zf:
         for info in zf.infolist():
@@ -556,6 +843,15 @@ class NpzMember:
     size); other access (a 2-D map, other axes) reads the array whole."""
 
     def __init__(self, path: Path, name: str):
+        """Read the member's ``.npy`` header.
+
+        Parameters
+        ----------
+        path : Path
+            The ``.npz`` file.
+        name : str
+            The array's name (its member is ``name.npy``).
+        """
         self.path, self.member = path, f"{name}.npy"
         self._zip = self._stream = None
         self._next = 0
@@ -646,6 +942,19 @@ class Mat5Stack:
     """
 
     def __init__(self, path: Path, name: str, shape: tuple[int, ...], dtype: np.dtype):
+        """Find the variable's data element (a complex one is read whole).
+
+        Parameters
+        ----------
+        path : Path
+            The MATLAB v5/v7 file.
+        name : str
+            The variable.
+        shape : tuple of int
+            Its ``H x W x N`` shape (``scipy.io.whosmat``).
+        dtype : numpy.dtype
+            Its NumPy type (``MATLAB_DTYPES`` of its class).
+        """
         self.path, self.name, self.shape, self.dtype = path, name, tuple(shape), np.dtype(dtype)
         self._fh = self._data = None
         self._next = 0
@@ -761,7 +1070,20 @@ class MatReader(ArrayReader):
 def check_hdf5_self_contained(h5: h5py.File, path) -> None:
     """Raise ExportError if an HDF5 file keeps data outside itself: external links, datasets with
     external raw data, or virtual datasets. Only link and dataset headers are inspected, nothing is
-    followed or read, so a link to a FIFO or a device cannot hang the reader."""
+    followed or read, so a link to a FIFO or a device cannot hang the reader.
+
+    Parameters
+    ----------
+    h5 : h5py.File
+        The open file.
+    path : str or os.PathLike
+        What the error names.
+
+    Raises
+    ------
+    ExportError
+        Naming up to three of the links or datasets stored elsewhere.
+    """
     links: list[str] = []
     h5.visititems_links(lambda name, link: links.append(f"{name} -> {link.filename}")
                         if isinstance(link, h5py.ExternalLink) else None)
@@ -785,6 +1107,13 @@ class MatlabH5Array:
     because MATLAB is column-major); compound (real, imag) datasets read as complex."""
 
     def __init__(self, dataset: h5py.Dataset):
+        """Wrap ``dataset`` (nothing is read).
+
+        Parameters
+        ----------
+        dataset : h5py.Dataset
+            A top-level dataset of a MATLAB v7.3 file.
+        """
         self.dataset = dataset
         self.shape = tuple(reversed(dataset.shape))
         names = dataset.dtype.names or ()
@@ -811,7 +1140,20 @@ def _attr_text(value) -> str:
 
 def mat73_variable(name: str, obj) -> Variable:
     """A top-level MATLAB v7.3 object described like ``scipy.io.whosmat`` describes v5 variables:
-    structs and sparse matrices (HDF5 groups) by their class, empty arrays with their zero shape."""
+    structs and sparse matrices (HDF5 groups) by their class, empty arrays with their zero shape.
+
+    Parameters
+    ----------
+    name : str
+        The variable's name.
+    obj : h5py.Dataset or h5py.Group
+        The object.
+
+    Returns
+    -------
+    Variable
+        Shape in MATLAB's axis order.
+    """
     matlab_class = _attr_text(obj.attrs.get("MATLAB_class", b""))
     if isinstance(obj, h5py.Group):
         if "MATLAB_sparse" in obj.attrs:
@@ -898,6 +1240,26 @@ def channel_index(path, n: int, channel: int | None, what: str) -> int:
 
     A second channel (intensity, fluorescence, a mask) is never a map, so a multi-channel file without
     ``--channel`` is refused rather than split into maps.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        What an error names.
+    n : int
+        Channels in the file.
+    channel : int or None
+        The user's ``--channel``.
+    what : str
+        What the file holds, in words (for the message).
+
+    Returns
+    -------
+    int
+
+    Raises
+    ------
+    ExportError
+        When ``channel`` is None or not in ``0 .. n - 1``.
     """
     if channel is None:
         raise ExportError(path, f"holds {what}: a channel (intensity, fluorescence, ...) is never a map; "
@@ -917,6 +1279,23 @@ class TiffPages:
     """
 
     def __init__(self, tif: tifffile.TiffFile, path, channel: int | None = None):
+        """List the pages and choose those of ``channel`` (no page is read).
+
+        Parameters
+        ----------
+        tif : tifffile.TiffFile
+            The open TIFF.
+        path : str or os.PathLike
+            What an error names.
+        channel : int, optional
+            The channel holding the maps in a multi-channel file.
+
+        Raises
+        ------
+        ExportError
+            For a damaged file, pages of different shapes or types, pages that are not single-sample 2-D
+            images, or a multi-channel file without a valid ``channel``.
+        """
         self.tif = tif
         with _tifffile_errors(path):
             self.pages = list(tif.pages)
@@ -975,7 +1354,19 @@ def _length_um(value: float, unit: str | None) -> float | None:
 
 def imagej_meta(tif: tifffile.TiffFile) -> tuple[Meta, SampleScale | None]:
     """Pixel size (``XResolution`` in ImageJ's ``unit``) and the straight-line calibration of sample
-    values (``cf=0``: value = c0 + c1 * sample, in ``vunit``) of an ImageJ TIFF."""
+    values (``cf=0``: value = c0 + c1 * sample, in ``vunit``) of an ImageJ TIFF.
+
+    Parameters
+    ----------
+    tif : tifffile.TiffFile
+        An open ImageJ TIFF.
+
+    Returns
+    -------
+    tuple of (Meta, SampleScale or None)
+        The pixel size (um; None when the unit is unknown) and units of the calibrated values, and the
+        calibration (None without one).
+    """
     info = tif.imagej_metadata or {}
     page = tif.pages[0]
     pixel_size_um = None
@@ -992,7 +1383,18 @@ def imagej_meta(tif: tifffile.TiffFile) -> tuple[Meta, SampleScale | None]:
 
 
 def ome_meta(tif: tifffile.TiffFile) -> Meta:
-    """Pixel size from OME-XML (``Pixels`` ``PhysicalSizeX`` in ``PhysicalSizeXUnit``, default um)."""
+    """Pixel size from OME-XML (``Pixels`` ``PhysicalSizeX`` in ``PhysicalSizeXUnit``, default um).
+
+    Parameters
+    ----------
+    tif : tifffile.TiffFile
+        An open OME-TIFF.
+
+    Returns
+    -------
+    Meta
+        ``pixel_size_um`` (um) when found, else empty.
+    """
     import xml.etree.ElementTree as ElementTree
 
     try:
@@ -1015,6 +1417,29 @@ class TiffReader(ArrayReader):
     suffixes = (".tif", ".tiff")
 
     def __init__(self, path, *, var=None, stack_axis=None, channel: int | None = None):
+        """Open the TIFF (pages, ImageJ/OME metadata) without reading its maps.
+
+        Parameters
+        ----------
+        path : str or os.PathLike
+            The export file.
+        var : str, optional
+            Variable to read from a container file (``.mat``, ``.npz``); default: the single numeric 2-D/3-D
+            array that is not metadata. Ignored (logged) by formats that hold one image stack.
+        stack_axis : int, optional
+            Axis of a 3-D stack along which the maps lie (default: the format's, ``N x H x W`` for NumPy and
+            TIFF, ``H x W x N`` for MATLAB).
+        channel : int, optional
+            Channel of a multi-channel file (ImageJ, OME, samples per pixel) holding the maps.
+
+        Raises
+        ------
+        ExportError
+            When the file cannot be read (a library's error, named with the file), holds no numeric array,
+            several candidates without ``var``, a stack whose maps are narrower than a cell, or an unusable
+            sample scale, a damaged TIFF, pages that are not one stack, or a multi-channel file without a
+            valid ``channel``. (Unusable metadata variables are not an error here: see ``meta_problems``.)
+        """
         self.channel = channel
         super().__init__(path, var=var, stack_axis=stack_axis)
 
@@ -1054,6 +1479,24 @@ class PhasicsTiffReader(Reader):
         return bool(fmt.SinglePhasePhasicsTif.verify(path))
 
     def __init__(self, path, *, var=None, stack_axis=None):
+        """Read the OPD page's shape and the wavelength (nm) from the Phasics tags.
+
+        Parameters
+        ----------
+        path : str or os.PathLike
+            The export file.
+        var : str, optional
+            Variable to read from a container file (``.mat``, ``.npz``); default: the single numeric 2-D/3-D
+            array that is not metadata. Ignored (logged) by formats that hold one image stack.
+        stack_axis : int, optional
+            Axis of a 3-D stack along which the maps lie (default: the format's, ``N x H x W`` for NumPy and
+            TIFF, ``H x W x N`` for MATLAB).
+
+        Raises
+        ------
+        ExportError
+            When the file cannot be read.
+        """
         super().__init__(path, var=var, stack_axis=stack_axis)
         self._ignore_var()
         with _reading(self.path, "cannot read the Phasics TIFF"):
@@ -1100,6 +1543,26 @@ class QPImageReader(Reader):
         return _head(path, len(HDF5_SIGNATURE)) == HDF5_SIGNATURE
 
     def __init__(self, path, *, var=None, stack_axis=None):
+        """Open the qpimage file or series and read the first image's metadata (SI units -> nm, um).
+
+        Parameters
+        ----------
+        path : str or os.PathLike
+            The export file.
+        var : str, optional
+            Variable to read from a container file (``.mat``, ``.npz``); default: the single numeric 2-D/3-D
+            array that is not metadata. Ignored (logged) by formats that hold one image stack.
+        stack_axis : int, optional
+            Axis of a 3-D stack along which the maps lie (default: the format's, ``N x H x W`` for NumPy and
+            TIFF, ``H x W x N`` for MATLAB).
+
+        Raises
+        ------
+        ExportError
+            When the HDF5 file is neither a qpimage image nor a series, or cannot be read.
+        MetadataError
+            For invalid qpimage metadata.
+        """
         super().__init__(path, var=var, stack_axis=stack_axis)
         self._ignore_var()
         qpimage = _import_quietly("qpimage")
@@ -1172,6 +1635,32 @@ class HologramReader(Reader):
 
     def __init__(self, path, *, var=None, stack_axis=None, channel: int | None = None,
                  qpretrieve_kw: dict | None = None, retrieval: Retrieval | None = None):
+        """Open the holograms with the reader of their file format, and the background hologram ``bg_data``.
+
+        Parameters
+        ----------
+        path : str or os.PathLike
+            The export file.
+        var : str, optional
+            Variable to read from a container file (``.mat``, ``.npz``); default: the single numeric 2-D/3-D
+            array that is not metadata. Ignored (logged) by formats that hold one image stack.
+        stack_axis : int, optional
+            Axis of a 3-D stack along which the maps lie (default: the format's, ``N x H x W`` for NumPy and
+            TIFF, ``H x W x N`` for MATLAB).
+        channel : int, optional
+            Channel of a multi-channel file holding the holograms.
+        qpretrieve_kw : dict, optional
+            Extra ``qpretrieve.OffAxisHologram`` arguments, over those of ``retrieval``.
+        retrieval : Retrieval, optional
+            Sideband and Fourier filter of the phase retrieval (default:
+            :class:`~opdcells.retrieval.Retrieval` with its defaults).
+
+        Raises
+        ------
+        ExportError
+            When the file holds phase maps or complex fields rather than raw holograms, cannot be read, or
+            its background hologram's shape differs from the holograms'.
+        """
         super().__init__(path, var=var, stack_axis=stack_axis)
         self.retrieval = retrieval or Retrieval()
         self.qpretrieve_kw = {**self.retrieval.qpretrieve_kw(), **(qpretrieve_kw or {})}
@@ -1295,11 +1784,34 @@ def open_export(path: str | os.PathLike, *, var: str | None = None, stack_axis: 
                 retrieval: Retrieval | None = None) -> Reader:
     """Open a microscope export with the reader whose sniff accepts it.
 
-    ``var``: variable to read from ``.mat``/``.npz``; ``stack_axis``: axis of a 3-D stack;
-    ``hologram``: read the images as raw off-axis holograms and reconstruct their phase (a format that
-    holds interferograms by its layout, e.g. qpformat's raw HDF5, is read by its own reader);
-    ``channel``: channel of a multi-channel file (TIFF: ImageJ, OME, samples per pixel) holding the maps;
-    ``retrieval``: sideband and Fourier filter of the phase retrieval (readers that reconstruct).
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The export file.
+    var : str, optional
+        Variable to read from ``.mat``/``.npz``.
+    stack_axis : int, optional
+        Axis of a 3-D stack.
+    hologram : bool
+        Read the images as raw off-axis holograms and reconstruct their phase (a format that holds
+        interferograms by its layout, e.g. qpformat's raw HDF5, is read by its own reader).
+    channel : int, optional
+        Channel of a multi-channel file (TIFF: ImageJ, OME, samples per pixel) holding the maps.
+    retrieval : Retrieval, optional
+        Sideband and Fourier filter of the phase retrieval (readers that reconstruct).
+
+    Returns
+    -------
+    Reader
+        Open (a context manager; close it).
+
+    Raises
+    ------
+    ExportError
+        When the file is missing, empty, not a regular file, an HDF5 file with data outside itself, of an
+        unsupported type, not readable by any reader, or refused by the reader that takes it.
+    MetadataError
+        When metadata stored in the file are invalid.
     """
     kwargs = {"var": var, "stack_axis": stack_axis} | ({} if channel is None else {"channel": channel})
     if hologram:
@@ -1314,7 +1826,13 @@ def open_export(path: str | os.PathLike, *, var: str | None = None, stack_axis: 
 
 def format_table() -> str:
     """The README's table of readable formats, generated from :data:`READERS` (Markdown, one row per
-    reader in the order :func:`open_export` tries them, then the readers used only with ``--hologram``)."""
+    reader in the order :func:`open_export` tries them, then the readers used only with ``--hologram``).
+
+    Returns
+    -------
+    str
+        The Markdown table (the first paragraph of each reader class's docstring says what it reads).
+    """
     rows = ["| reader | suffixes | what it reads | qpformat format |", "|---|---|---|---|"]
     for reader in [*READERS, *HOLOGRAM_ONLY_READERS]:
         what = " ".join((reader.__doc__ or "").strip().split("\n\n")[0].split()).replace("``", "`")

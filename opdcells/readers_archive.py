@@ -34,7 +34,19 @@ ARCHIVE_SUFFIXES = (".zip",)
 @dataclass
 class MemberError(RawMap):
     """Stands for the maps of an archive member that cannot be read: ``error`` says why (ingest reports
-    it as a bad map and goes on with the next member)."""
+    it as a bad map and goes on with the next member).
+
+    Attributes
+    ----------
+    data : ndarray
+        Empty (0, 0): there is no map.
+    index : int
+        The member's position among the archive's exports.
+    meta : Meta
+        Empty.
+    error : ExportError or None
+        Why the member cannot be read.
+    """
 
     error: ExportError | None = None
 
@@ -49,7 +61,27 @@ def _is_member_export(name: str, suffixes: set[str]) -> bool:
 
 
 def archive_members(path, suffixes: set[str]) -> list[str]:
-    """Names of the export members of a zip archive, sorted (ExportError for a damaged archive)."""
+    """Names of the export members of a zip archive, sorted (ExportError for a damaged archive).
+
+    Hidden members, macOS resource-fork litter, folders and nested archives are left out.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The zip archive.
+    suffixes : set of str
+        Export suffixes (lower case, with the dot).
+
+    Returns
+    -------
+    list of str
+        Member names.
+
+    Raises
+    ------
+    ExportError
+        When the archive cannot be read.
+    """
     with _reading(path, "cannot read the zip archive"), zipfile.ZipFile(path) as zf:
         return sorted(n for n in zf.namelist() if _is_member_export(n, suffixes))
 
@@ -71,6 +103,27 @@ class ZipSeriesReader(Reader):
 
     def __init__(self, path, *, var=None, stack_axis=None, retrieval: Retrieval | None = None,
                  hologram: bool = False):
+        """List the archive's export members and survey each (maps, shape, error) without keeping their maps.
+
+        Parameters
+        ----------
+        path : str or os.PathLike
+            The zip archive.
+        var : str, optional
+            Variable to read from each container member (``.mat``, ``.npz``).
+        stack_axis : int, optional
+            Axis of a 3-D stack in each member.
+        retrieval : Retrieval, optional
+            Sideband and Fourier filter for members holding holograms.
+        hologram : bool
+            Read every member as raw off-axis holograms.
+
+        Raises
+        ------
+        ExportError
+            When the archive cannot be read or holds no export files (a member that cannot be read is
+            reported as a :class:`MemberError` map instead).
+        """
         from .readers import EXPORT_SUFFIXES
 
         super().__init__(path, var=var, stack_axis=stack_axis)

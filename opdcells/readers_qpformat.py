@@ -52,7 +52,17 @@ def _guess(path: str, mtime_ns: int, size: int) -> str | None:
 
 def qpformat_format(path: str | os.PathLike) -> str | None:
     """Name of the qpformat format class that recognises ``path`` (e.g. ``"SeriesRawOAHQpformatHDF5"``),
-    None when qpformat knows none; never raises (cached per path, modification time and size)."""
+    None when qpformat knows none; never raises (cached per path, modification time and size).
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        A file.
+
+    Returns
+    -------
+    str or None
+    """
     try:
         stat = os.stat(path)
         return _guess(os.fspath(Path(path).resolve()), stat.st_mtime_ns, stat.st_size)
@@ -76,6 +86,26 @@ class QPFormatReader(Reader):
         return qpformat_format(path) == cls.fmt
 
     def __init__(self, path, *, var=None, stack_axis=None, retrieval: Retrieval | None = None):
+        """Open the file with qpformat (format ``fmt``) and read the first image's metadata.
+
+        Parameters
+        ----------
+        path : str or os.PathLike
+            The file.
+        var : str, optional
+            Ignored (logged): these files hold one image series.
+        stack_axis : int, optional
+            Ignored.
+        retrieval : Retrieval, optional
+            Sideband and Fourier filter for raw off-axis holograms (``storage == "raw-oah"``).
+
+        Raises
+        ------
+        ExportError
+            When qpformat cannot read the file or it holds no images.
+        MetadataError
+            For invalid metadata (SI units in the file, converted to nm and um).
+        """
         super().__init__(path, var=var, stack_axis=stack_axis)
         self._ignore_var()
         self.retrieval = retrieval or Retrieval()

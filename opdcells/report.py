@@ -37,7 +37,20 @@ def _threshold_used(summary: dict) -> str:
 
 
 def score_histogram(scores: np.ndarray, threshold: float) -> str:
-    """base64 PNG: histogram of the target scores (log counts) with the threshold marked."""
+    """base64 PNG: histogram of the target scores (log counts) with the threshold marked.
+
+    Parameters
+    ----------
+    scores : (N,) ndarray
+        Calibrated target probabilities (0-1).
+    threshold : float
+        The operating point's threshold.
+
+    Returns
+    -------
+    str
+        The PNG, base64-encoded (for an ``<img src="data:...">``).
+    """
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(7, 3.2), layout="constrained")

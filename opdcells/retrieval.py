@@ -86,6 +86,16 @@ def object_sign(phase: np.ndarray) -> int:
     The background is the median of the image border; the object is every pixel departing from it by at
     least :data:`OBJECT_FRACTION` of the largest departure; the sign is that of its integrated departure.
     Non-finite pixels are ignored. A flat map counts as +1.
+
+    Parameters
+    ----------
+    phase : (H, W) ndarray
+        Unwrapped phase (rad).
+
+    Returns
+    -------
+    int
+        +1 or -1.
     """
     phase = np.asarray(phase, dtype=np.float64)
     border = np.concatenate([phase[0], phase[-1], phase[1:-1, 0], phase[1:-1, -1]])
@@ -103,8 +113,20 @@ def orient_phase(phase: np.ndarray, retrieval: Retrieval,
                  where: str = "<hologram>") -> tuple[np.ndarray, int]:
     """Apply ``retrieval.sideband`` to a phase map retrieved with ``retrieval.qpretrieve_kw()``.
 
-    Returns ``(phase, sideband)``: the phase (negated where "auto" chose the conjugate sideband) and the
-    sideband used (+1 or -1), which is logged at INFO level naming ``where``.
+    Parameters
+    ----------
+    phase : (H, W) ndarray
+        Unwrapped phase (rad) with qpretrieve's sideband.
+    retrieval : Retrieval
+        The sideband ("auto", "+1" or "-1") and filter.
+    where : str
+        What the log line names.
+
+    Returns
+    -------
+    tuple of (ndarray, int)
+        The phase (negated where "auto" chose the conjugate sideband) and the sideband used (+1 or -1),
+        which is logged at INFO level naming ``where``.
     """
     if retrieval.sideband != "auto":
         sideband = int(retrieval.sideband)
@@ -131,7 +153,17 @@ HOLOGRAM_PEAK_CONCENTRATION = 0.8
 def looks_like_hologram(image: np.ndarray) -> bool:
     """Whether a 2-D image looks like a raw off-axis hologram: its spectrum is dominated by a narrow
     carrier peak at high spatial frequency (thresholds :data:`HOLOGRAM_OUTER_ENERGY`,
-    :data:`HOLOGRAM_PEAK_CONCENTRATION`). Non-finite pixels count as the mean."""
+    :data:`HOLOGRAM_PEAK_CONCENTRATION`). Non-finite pixels count as the mean.
+
+    Parameters
+    ----------
+    image : ndarray
+        The image (False unless 2-D).
+
+    Returns
+    -------
+    bool
+    """
     image = np.asarray(image, dtype=np.float64)
     finite = np.isfinite(image)
     if image.ndim != 2 or not finite.any():

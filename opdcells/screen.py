@@ -130,6 +130,28 @@ def screen_settings(model, *, targets: Sequence[str] | None = None, fpr: float |
     The operating point stored at training time is used when it fits; other targets or rates are set
     again on the validation scores kept in the model folder.
 
+    Parameters
+    ----------
+    model : SavedModel
+        A loaded, calibrated model (:func:`opdcells.modelfolder.load_model`).
+    targets : sequence of str, optional
+        The classes screened for (e.g. the cancer cells); default: the stored targets, else
+        :func:`default_targets` of the model's classes.
+    fpr : float, optional
+        Wanted false-positive rate of the operating point (a fraction); default: the stored one, else
+        ``DEFAULT_FPR``.
+    prevalence : float
+        Assumed fraction of target cells in the sample (default ``DEFAULT_PREVALENCE``, 1e-5), for the
+        expected precision the report shows.
+    shard : tuple of int
+        ``(k, n)``: this run screens the k-th of n shards of the files (1-based).
+    sample_check : bool
+        Compare the sample's score distribution with the validation data's.
+
+    Returns
+    -------
+    ScreenSettings
+
     Raises
     ------
     ScreenError
@@ -175,7 +197,29 @@ def _new_point(model, temperature: float, targets: list[str], fpr: float) -> Ope
 
 @dataclass
 class ScreenResult:
-    """What :func:`screen_files` did: the output folder, counts, and every skipped file or map."""
+    """What :func:`screen_files` did: the output folder, counts, and every skipped file or map.
+
+    Attributes
+    ----------
+    out : Path
+        The output folder (scores.csv, candidates.csv, candidates.npz, summary.json, report.html).
+    n_maps : int
+        Maps (cells) screened.
+    n_files : int
+        Files read.
+    n_flagged : int
+        Maps flagged as candidates.
+    n_ood : int
+        Maps the out-of-distribution detector vetoed.
+    skipped_files : list of str
+        "path: reason" of every file that could not be read.
+    skipped_maps : list of str
+        "path [map i]: reason" of every map that could not be preprocessed.
+    dropped : list of Dropped
+        Every map, cell or object that yields no score (``scores.dropped.csv``).
+    seconds : float
+        Wall time of the run (s; the sum over shards once merged).
+    """
 
     out: Path
     n_maps: int = 0
@@ -266,7 +310,19 @@ def encoder_pass(model):
     """``(maps, batch_size) -> (proba, embedding)`` from one pass of the encoder, for Keras models built as
     an encoder and a softmax ``classifier`` layer (:func:`opdcells.models.build_model`; dropout is off
     when predicting); None for other models. Screening needs both (the embedding for the OOD detector),
-    and the encoder is nearly all of the inference time."""
+    and the encoder is nearly all of the inference time.
+
+    Parameters
+    ----------
+    model : SavedModel
+        A loaded model.
+
+    Returns
+    -------
+    callable or None
+        ``run(maps, batch_size)`` with ``maps`` (N, S, S) OPD (nm, as ``predict_proba`` takes them), giving
+        ``proba`` (N, C) float64 and ``embedding`` (N, D); None when the model has no such layers.
+    """
     keras_model = getattr(getattr(model, "learner", None), "model", None)
     try:
         encoder, head = keras_model.get_layer("encoder"), keras_model.get_layer("classifier")
@@ -289,8 +345,20 @@ def encoder_pass(model):
 def ood_check(model):
     """``(maps, morphology=None, embedding=None) -> (score, flag)`` of the model's out-of-distribution
     detector (:mod:`opdcells.ood`; ``morphology``, ``embedding``: the maps' features and encoder embedding
-    when already computed), or None for a model
-    saved without one (logged). ``check.morphology`` says whether the detector uses the features."""
+    when already computed), or None for a model saved without one (logged). ``check.morphology`` says
+    whether the detector uses the features.
+
+    Parameters
+    ----------
+    model : SavedModel
+        A loaded model; its folder may hold ``ood.npz``.
+
+    Returns
+    -------
+    callable or None
+        ``check(maps, morphology=None, embedding=None)`` with ``maps`` (N, S, S) OPD (nm), ``morphology``
+        (N, F) and ``embedding`` (N, D), giving ``scores`` (N,) and ``flags`` (N,) bool.
+    """
     from .ood import load_detector, model_inputs
 
     detector = load_detector(model)
@@ -310,7 +378,19 @@ def ood_check(model):
 
 
 def shard_files(files: Sequence[Path], shard: tuple[int, int]) -> list[Path]:
-    """Files of shard ``(k, n)``: every n-th of ``files`` starting with the k-th (1-based)."""
+    """Files of shard ``(k, n)``: every n-th of ``files`` starting with the k-th (1-based).
+
+    Parameters
+    ----------
+    files : sequence of Path
+        All files, in a fixed order.
+    shard : tuple of int
+        ``(k, n)``, ``1 <= k <= n``.
+
+    Returns
+    -------
+    list of Path
+    """
     k, n = shard
     return list(files[k - 1::n])
 
@@ -373,7 +453,23 @@ def _key(row: dict) -> tuple:
 
 def write_outputs(out: Path, rows: list[dict], kept: dict, settings: ScreenSettings, result: ScreenResult,
                   *, model_name: str) -> None:
-    """Write scores.csv, candidates.csv, candidates.npz, summary.json and report.html (each atomically)."""
+    """Write scores.csv, candidates.csv, candidates.npz, summary.json and report.html (each atomically).
+
+    Parameters
+    ----------
+    out : Path
+        The output folder (exists).
+    rows : list of dict
+        One scores row per map (columns ``SCORE_COLUMNS``); each gets its ``flagged`` value.
+    kept : dict
+        ``(file, index, cell)`` -> (S, S) OPD map (nm) of the maps that may be shown in the gallery.
+    settings : ScreenSettings
+        Targets, calibration, operating point, prevalence.
+    result : ScreenResult
+        Updated with the numbers of maps, flagged and out-of-distribution maps.
+    model_name : str
+        The model, as the summary names it.
+    """
     rows = sorted(rows, key=_key)
     threshold, check = _threshold(rows, settings)
     for row in rows:
@@ -492,6 +588,18 @@ def _atomic_csv(path: Path, rows: list[dict]) -> None:
 
 def merge_screens(folders: Sequence[str | os.PathLike], out: str | os.PathLike) -> ScreenResult:
     """Join the outputs of shard runs into the outputs one run over all files would have written.
+
+    Parameters
+    ----------
+    folders : sequence of str or os.PathLike
+        The shard runs' output folders.
+    out : str or os.PathLike
+        Folder for the joined outputs (created).
+
+    Returns
+    -------
+    ScreenResult
+        The counts over all shards.
 
     Raises
     ------

@@ -100,12 +100,20 @@ OnDrop = Callable[[int, tuple[int, int, int, int], str], None]
 class CellCrop:
     """One cell cut from a field of view.
 
-    data: ``(h, w)`` window of the background-corrected field (input units) around the cell, with the
-        pixels of every other cell (its segment grown over its faint edge) set to 0.
-    bbox: (row0, col0, row1, col1) of the window in the field (cell bounding box plus margin, clipped).
-    area_px: pixel area of the cell's segment.
-    mask: ``(h, w)`` bool, the cell's own segment in the window.
-    label: the cell's label in the field's label image.
+    Attributes
+    ----------
+    data : (h, w) float ndarray
+        Window of the background-corrected field (input units) around the cell, with the pixels of
+        every other cell (its segment grown over its faint edge) set to 0.
+    bbox : tuple of int
+        (row0, col0, row1, col1) of the window in the field (cell bounding box plus margin, clipped; px,
+        end exclusive).
+    area_px : int
+        Pixel area of the cell's segment.
+    mask : (h, w) bool ndarray
+        The cell's own segment in the window.
+    label : int
+        The cell's label in the field's label image.
     """
 
     data: np.ndarray
@@ -232,6 +240,31 @@ def label_cells(opd_nm, pixel_size_um: float, *, touching: str = "split", backgr
     ``touching="split"``: everything above the background noise (:func:`preprocess.noise_threshold`),
     touching cells split (:func:`split_touching`); ``"drop"``: Otsu objects, unsplit. Background removed,
     smoothed, holes filled, specks under ``MIN_OBJECT_DIAMETER_UM`` removed.
+
+    Parameters
+    ----------
+    opd_nm : array_like (H, W)
+        The field (OPD in nm, or phase; cells positive).
+    pixel_size_um : float
+        Object-plane pixel size (um).
+    touching : {"split", "drop"}
+        Split touching cells or leave objects whole.
+    background_order : int
+        Polynomial order of the background fitted over the field.
+    path : str or os.PathLike
+        What an error names.
+
+    Returns
+    -------
+    (H, W) int ndarray
+        0 background, one label per object.
+
+    Raises
+    ------
+    ValueError
+        For an unknown ``touching``.
+    ExportError
+        When too little of the field is background to fit it.
     """
     _check_touching(touching)
     corrected = _background_removed(opd_nm, pixel_size_um, background_order, path)
@@ -275,12 +308,18 @@ def _touches_border(bbox, shape) -> bool:
 class Limits:
     """What a whole single cell must satisfy (lengths in um of the field's pixel size).
 
-    min_diameter_um, max_diameter_um: equivalent diameter; smaller objects are debris or fragments, larger
-        ones merged cells.
-    min_solidity: area / convex hull area; less convex objects are merged cells.
-    min_dry_mass_pg: dry mass (OPD in nm, alpha 0.19 mL/g); None = no limit.
-    min_outline_contrast: mean :func:`seam_response` along the outline; None = no limit (isolated cells).
-    isolated: no pixel of another object may lie in the cell's crop window (``touching="drop"``).
+    Attributes
+    ----------
+    min_diameter_um, max_diameter_um : float
+        Equivalent diameter (um); smaller objects are debris or fragments, larger ones merged cells.
+    min_solidity : float
+        Area / convex hull area; less convex objects are merged cells.
+    min_dry_mass_pg : float or None
+        Dry mass (pg; OPD in nm, alpha 0.19 mL/g); None = no limit.
+    min_outline_contrast : float or None
+        Mean :func:`seam_response` along the outline; None = no limit (isolated cells).
+    isolated : bool
+        No pixel of another object may lie in the cell's crop window (``touching="drop"``).
     """
 
     min_diameter_um: float
@@ -295,8 +334,14 @@ class Limits:
 class DroppedObject:
     """An object of a field that is not kept as a whole single cell.
 
-    label: its label in the field's label image; bbox: (row0, col0, row1, col1) in the field;
-    reason: why it was dropped (one line, e.g. ``"dry mass 61 pg < 100 pg (fragment or debris?)"``).
+    Attributes
+    ----------
+    label : int
+        Its label in the field's label image.
+    bbox : tuple of int
+        (row0, col0, row1, col1) in the field (px, end exclusive).
+    reason : str
+        Why it was dropped (one line, e.g. ``"dry mass 61 pg < 100 pg (fragment or debris?)"``).
     """
 
     label: int
@@ -308,6 +353,15 @@ class DroppedObject:
 class FieldSegmentation:
     """Result of :func:`find_cells`: the kept cells' crops, the dropped objects with their reasons, and the
     ``(H, W)`` int label image of all objects (before the limits; crops and dropped objects name its labels).
+
+    Attributes
+    ----------
+    crops : list of CellCrop
+        One per kept cell.
+    dropped : list of DroppedObject
+        Every other object, in label order.
+    labels : (H, W) int ndarray
+        All objects.
     """
 
     crops: list[CellCrop]
@@ -424,6 +478,13 @@ def find_cells(opd_nm, pixel_size_um: float, *, touching: str = "split", min_dia
                background_order: int = 1, path="<array>") -> FieldSegmentation:
     """:func:`segment_field` with the dropped objects and the label image (same parameters and errors).
 
+    Parameters
+    ----------
+    opd_nm, pixel_size_um, touching, min_diameter_um, max_diameter_um, margin_um, min_solidity
+        As in :func:`segment_field` (lengths in um).
+    min_dry_mass_pg, min_outline_contrast, background_order, path
+        As in :func:`segment_field` (dry mass in pg).
+
     Returns
     -------
     FieldSegmentation
@@ -510,8 +571,22 @@ def read_label_image(path: str | os.PathLike) -> np.ndarray:
 
     Reads cellpose ``_seg.npy`` (its ``masks``; the pickle is parsed with an unpickler that only builds
     NumPy arrays, so no code in the file can run), plain ``.npy``, TIFF (Fiji label images, cellpose
-    ``_cp_masks.tif``) and PNG (cellpose ``_cp_masks.png``). Raises ExportError naming the file for a
-    missing or unreadable file, a non-integer or negative image, or one that is not 2-D.
+    ``_cp_masks.tif``) and PNG (cellpose ``_cp_masks.png``).
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The label image.
+
+    Returns
+    -------
+    (H, W) int64 ndarray
+
+    Raises
+    ------
+    ExportError
+        Naming the file, for a missing or unreadable file, a non-integer or negative image, or one that
+        is not 2-D.
     """
     path = Path(path)
     if not path.is_file():
@@ -542,7 +617,18 @@ def read_label_image(path: str | os.PathLike) -> np.ndarray:
 
 def relabel_components(labels: np.ndarray) -> np.ndarray:
     """One label per connected component of each value (for annotations that reuse a value for cells that
-    do not touch, e.g. the 25*k colouring of the dense Q-Phase fields; 8-connectivity)."""
+    do not touch, e.g. the 25*k colouring of the dense Q-Phase fields; 8-connectivity).
+
+    Parameters
+    ----------
+    labels : (H, W) int ndarray
+        A label image (0 background).
+
+    Returns
+    -------
+    (H, W) int64 ndarray
+        Labels 1..n, one per connected piece.
+    """
     labels = np.asarray(labels)
     out = np.zeros(labels.shape, dtype=np.int64)
     for value in np.unique(labels[labels > 0]):
@@ -553,7 +639,24 @@ def relabel_components(labels: np.ndarray) -> np.ndarray:
 
 def mask_path(field_path: str | os.PathLike, pattern: str) -> Path:
     """The label image of a field: ``pattern`` with ``{stem}`` (the field's name without suffix),
-    relative to the field's folder (``"{stem}_cp_masks.png"`` -> ``fov_1_cp_masks.png``)."""
+    relative to the field's folder (``"{stem}_cp_masks.png"`` -> ``fov_1_cp_masks.png``).
+
+    Parameters
+    ----------
+    field_path : str or os.PathLike
+        The field-of-view export.
+    pattern : str
+        The ``--masks`` pattern.
+
+    Returns
+    -------
+    Path
+
+    Raises
+    ------
+    ValueError
+        When ``pattern`` holds no ``{stem}``.
+    """
     field_path = Path(field_path)
     if "{stem}" not in pattern:
         raise ValueError(f"a mask pattern needs {{stem}} (e.g. '{{stem}}_cp_masks.png'), not {pattern!r}")
@@ -575,6 +678,11 @@ def segment_labelled(opd_nm, pixel_size_um: float, labels, *, margin_um: float =
         0 background, one positive value per cell (relabel reused values with :func:`relabel_components`).
     margin_um, background_order, on_drop
         As in :func:`segment_field`.
+
+    Returns
+    -------
+    list of CellCrop
+        One per label kept (labels touching the field's border are dropped, through ``on_drop``).
 
     Raises
     ------
@@ -617,6 +725,22 @@ def match_instances(predicted: np.ndarray, truth: np.ndarray, min_iou: float = 0
 
     With ``min_iou >= 0.5`` a label has at most one partner (two sets each over half of a third one would
     overlap). Used to score a segmentation against an annotation (whole cells found).
+
+    Parameters
+    ----------
+    predicted, truth : (H, W) int ndarray
+        Label images (0 background).
+    min_iou : float
+        Smallest intersection over union of a pair (0-1).
+
+    Returns
+    -------
+    list of tuple of (int, int)
+
+    Raises
+    ------
+    ValueError
+        When the label images differ in shape.
     """
     predicted, truth = np.asarray(predicted), np.asarray(truth)
     if predicted.shape != truth.shape:
@@ -630,7 +754,19 @@ def match_instances(predicted: np.ndarray, truth: np.ndarray, min_iou: float = 0
 
 
 def crops_to_labels(crops: list[CellCrop], shape: tuple[int, int]) -> np.ndarray:
-    """Label image ``shape`` (int) of the kept cells: crop ``i`` painted with label ``i + 1``."""
+    """Label image ``shape`` (int) of the kept cells: crop ``i`` painted with label ``i + 1``.
+
+    Parameters
+    ----------
+    crops : list of CellCrop
+        The kept cells.
+    shape : tuple of int
+        (H, W) of the field.
+
+    Returns
+    -------
+    (H, W) int64 ndarray
+    """
     labels = np.zeros(shape, dtype=np.int64)
     for i, crop in enumerate(crops, start=1):
         r0, c0, r1, c1 = crop.bbox

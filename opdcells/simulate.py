@@ -65,14 +65,48 @@ TRUTH_COLUMNS = (
 class CellType:
     """Morphology and refractive indices of one cell type (ranges are (low, high), pairs (mean, sd)).
 
-    diameter_um: volume-equivalent diameter in suspension (mean, sd).
-    aspect: in-plane axis ratio range; height_ratio: height / in-plane size range (1 = sphere).
-    irregularity: relative amplitude of the boundary harmonics (orders 2-5).
-    nucleus: "round", "lobed" (granulocytes), "kidney" (monocytes); lobes: lobe count range.
-    nucleus_fraction: nucleus / cell diameter (mean, sd); multinucleated: probability of 2-3 nuclei.
-    n_cytoplasm: refractive index (mean, sd); nucleus_drop: n_cytoplasm - n_nucleus (mean, sd), > 0.
-    nuclear_bodies: count range of nucleoli / heterochromatin clumps, radius range, index excess over
-    the cytoplasm. granules, vacuoles: count range, radius range (um), absolute index.
+    Attributes
+    ----------
+    diameter_um : tuple of float
+        Volume-equivalent diameter in suspension (um; mean, sd).
+    aspect : tuple of float
+        In-plane axis ratio range.
+    height_ratio : tuple of float
+        Height / in-plane size range (1 = sphere).
+    irregularity : float
+        Relative amplitude of the boundary harmonics (orders 2-5).
+    nucleus : {"round", "lobed", "kidney"}
+        Nucleus shape: "lobed" for granulocytes, "kidney" for monocytes.
+    nucleus_fraction : tuple of float
+        Nucleus / cell diameter (mean, sd).
+    n_cytoplasm : tuple of float
+        Refractive index of the cytoplasm (mean, sd).
+    nucleus_drop : tuple of float
+        n_cytoplasm - n_nucleus (mean, sd), > 0.
+    source : str
+        The literature the values come from (shown in docs/simulator.md).
+    lobes : tuple of int
+        Nuclear lobe count range.
+    multinucleated : float
+        Probability of 2-3 nuclei.
+    nuclear_bodies : tuple of int
+        Count range of nucleoli / heterochromatin clumps.
+    nuclear_body_radius_um : tuple of float
+        Their radius range (um).
+    nuclear_body_excess : float
+        Their refractive index excess over the cytoplasm.
+    granules : tuple of int
+        Granule count range.
+    granule_radius_um : tuple of float
+        Granule radius range (um).
+    n_granule : float
+        Absolute refractive index of granules.
+    vacuoles : tuple of int
+        Vacuole count range.
+    vacuole_radius_um : tuple of float
+        Vacuole radius range (um).
+    n_vacuole : float
+        Absolute refractive index of vacuoles.
     """
 
     diameter_um: tuple[float, float]
@@ -187,7 +221,13 @@ def _organelles(count: tuple[int, int], radius: tuple[float, float], index: str)
 
 
 def parameter_table_markdown() -> str:
-    """:data:`CLASS_PARAMETERS` and :data:`CLASS_MIXTURE` as Markdown tables (for docs/simulator.md)."""
+    """:data:`CLASS_PARAMETERS` and :data:`CLASS_MIXTURE` as Markdown tables (for docs/simulator.md).
+
+    Returns
+    -------
+    str
+        The Markdown (diameters and radii in um, refractive indices, sources).
+    """
     header = ("| cell type | diameter um | aspect | height ratio | nucleus | nucleus / cell diameter "
               "| n cytoplasm | n nucleus | nucleoli / chromatin (count, r um, +n) "
               "| granules (count, r um, n) | vacuoles (count, r um, n) | multinucleated | source |")
@@ -218,7 +258,51 @@ MICROSCOPES = (("IPM-532", 532.0), ("DHM-633", 633.0))
 
 @dataclass(frozen=True)
 class Session:
-    """Acquisition settings of one session; everything here varies between sessions (batch effects)."""
+    """Acquisition settings of one session; everything here varies between sessions (batch effects).
+
+    Attributes
+    ----------
+    class_name : str
+        The class imaged (one of :data:`CLASS_NAMES`).
+    session_id : str
+        Name of the session.
+    microscope : str
+        The simulated instrument.
+    wavelength_nm : float
+        Vacuum wavelength (nm).
+    pixel_size_um : float
+        Object-plane pixel size (um).
+    shape : tuple of int
+        (H, W) of each exported map (px).
+    na : float
+        Numerical aperture of the objective.
+    medium_index : float
+        Refractive index of the medium.
+    defocus_um : float
+        Mean defocus of the session (um).
+    defocus_sd_um : float
+        Cell-to-cell spread of the defocus (um; cells at different depths in the flow).
+    noise_rad : float
+        White (shot/read) phase noise (rad).
+    smooth_noise_rad : float
+        Spatially correlated background noise (rad).
+    fringe_rad : float
+        Parasitic interference fringes (rad).
+    tilt_rad_per_um : float
+        Typical background tilt (rad/um).
+    opd_scale : float
+        Calibration drift of the OPD scale (a factor).
+    off_centre_um : float
+        Standard deviation of the cell position (um).
+    debris_rate : float
+        Probability of debris beside the cell in a map.
+    neighbour_rate : float
+        Probability of a neighbouring cell in view of a map.
+    size_scale : float
+        Biological batch effect on size (culture passage, donor; a factor).
+    index_shift : float
+        Biological batch effect on the refractive index.
+    """
 
     class_name: str
     session_id: str
@@ -247,6 +331,24 @@ def sample_session(rng: np.random.Generator, class_name: str, k: int) -> Session
 
     Optics and noise are drawn from the same distributions for every class, so a classifier can only
     profit from them when the same session is in train and test.
+
+    Parameters
+    ----------
+    rng : numpy.random.Generator
+        The session's random stream (:func:`cell_rng` with ``index=None``).
+    class_name : str
+        One of :data:`CLASS_NAMES`.
+    k : int
+        Session number (1-based).
+
+    Returns
+    -------
+    Session
+
+    Raises
+    ------
+    ValueError
+        For an unknown class.
     """
     _check_class(class_name)
     microscope, wavelength = MICROSCOPES[int(rng.integers(len(MICROSCOPES)))]
@@ -279,6 +381,17 @@ class Ellipsoid:
 
     ``harmonics`` = ((order, relative amplitude, phase), ...) modulates the in-plane radius, giving
     irregular (spread, blebbing) outlines while keeping the z profile ellipsoidal.
+
+    Attributes
+    ----------
+    axes : tuple of float
+        Semi-axes (um).
+    centre : tuple of float
+        (x, y, z) of the centre relative to the cell's origin (um).
+    angle : float
+        Rotation about z (rad).
+    harmonics : tuple of tuple
+        ``(order, relative amplitude, phase)`` of each boundary harmonic.
     """
 
     axes: tuple[float, float, float]
@@ -316,7 +429,17 @@ class Ellipsoid:
 
 @dataclass(frozen=True)
 class Part:
-    """A shape painted with tissue ``tissue`` over the voxels whose tissue is in ``over`` (None: all)."""
+    """A shape painted with tissue ``tissue`` over the voxels whose tissue is in ``over`` (None: all).
+
+    Attributes
+    ----------
+    shape : Ellipsoid
+        The part's shape.
+    tissue : int
+        Tissue code (a key of :attr:`CellModel.indices`).
+    over : tuple of int or None
+        Tissues it may paint over (None: all).
+    """
 
     shape: Ellipsoid
     tissue: int
@@ -325,7 +448,19 @@ class Part:
 
 @dataclass
 class CellModel:
-    """Parts painted in order (later parts win) plus the refractive index of each tissue."""
+    """Parts painted in order (later parts win) plus the refractive index of each tissue.
+
+    Attributes
+    ----------
+    parts : list of Part
+        Body, nuclei, nuclear bodies, granules, vacuoles.
+    indices : dict of int to float
+        Tissue code -> refractive index.
+    subtype : str
+        The cell type drawn (e.g. a PBMC subtype).
+    n_nuclei, n_granules, n_vacuoles : int
+        Counts, for the truth table.
+    """
 
     parts: list[Part]
     indices: dict[int, float]
@@ -343,7 +478,17 @@ class CellModel:
 
 @dataclass
 class Rendered:
-    """OPD patch (nm) of a voxelised model and its true volume (fL) and dry mass (pg)."""
+    """OPD patch (nm) of a voxelised model and its true volume (fL) and dry mass (pg).
+
+    Attributes
+    ----------
+    opd_nm : (h, w) float64 ndarray
+        OPD (nm).
+    volume_fl : float
+        Volume (fL = um^3).
+    dry_mass_pg : float
+        Dry mass (pg), with alpha = :data:`ALPHA_UM3_PER_PG`.
+    """
 
     opd_nm: np.ndarray
     volume_fl: float
@@ -365,7 +510,26 @@ def render_opd(model: CellModel, x_um: np.ndarray, y_um: np.ndarray, pixel_size_
                medium_index: float, dz_um: float = DZ_UM) -> Rendered:
     """Voxelise ``model`` on pixel centres ``x_um``, ``y_um`` (1-D, ascending, spaced ``pixel_size_um``,
     relative to the cell centre) with axial step ``dz_um``; integrate ``(n - n_medium) dz`` into an OPD
-    map in nm."""
+    map in nm.
+
+    Parameters
+    ----------
+    model : CellModel
+        The 3-D cell.
+    x_um, y_um : (W,) and (H,) ndarray
+        Pixel centres (um).
+    pixel_size_um : float
+        Their spacing (um).
+    medium_index : float
+        Refractive index of the medium.
+    dz_um : float
+        Axial voxel size (um).
+
+    Returns
+    -------
+    Rendered
+        ``opd_nm`` (H, W), volume (fL) and dry mass (pg).
+    """
     n_z = max(1, math.ceil(2.0 * model.reach_z() / dz_um))
     z_um = (np.arange(n_z) - (n_z - 1) / 2.0) * dz_um
     labels = np.zeros((n_z, y_um.size, x_um.size), dtype=np.uint8)
@@ -504,7 +668,26 @@ def _nucleus(rng, ct: CellType, body: Ellipsoid) -> tuple[list[Part], int]:
 
 
 def build_cell_model(cell_type: str, rng: np.random.Generator, session: Session | None = None) -> CellModel:
-    """Draw one 3-D cell of ``cell_type`` (a key of :data:`CLASS_PARAMETERS`)."""
+    """Draw one 3-D cell of ``cell_type`` (a key of :data:`CLASS_PARAMETERS`).
+
+    Parameters
+    ----------
+    cell_type : str
+        The cell type.
+    rng : numpy.random.Generator
+        The cell's random stream.
+    session : Session, optional
+        Its batch effects on size and refractive index (none without).
+
+    Returns
+    -------
+    CellModel
+
+    Raises
+    ------
+    KeyError
+        For an unknown cell type.
+    """
     ct = CLASS_PARAMETERS[cell_type]
     size_scale = session.size_scale if session else 1.0
     shift = session.index_shift if session else 0.0
@@ -543,7 +726,26 @@ def _pixel_coords(n: int, pixel_size_um: float) -> np.ndarray:
 def paste_model(canvas: np.ndarray, model: CellModel, centre_um: tuple[float, float], pixel_size_um: float,
                 medium_index: float) -> Rendered:
     """Add the OPD (nm) of ``model`` centred at ``centre_um`` (x, y from the field centre) to ``canvas``;
-    only the visible part is voxelised."""
+    only the visible part is voxelised.
+
+    Parameters
+    ----------
+    canvas : (H, W) float ndarray
+        The map (nm), changed in place.
+    model : CellModel
+        The 3-D cell.
+    centre_um : tuple of float
+        (x, y) of the cell from the map's centre (um).
+    pixel_size_um : float
+        Pixel size (um).
+    medium_index : float
+        Refractive index of the medium.
+
+    Returns
+    -------
+    Rendered
+        The visible patch, its volume (fL) and dry mass (pg).
+    """
     xs = _pixel_coords(canvas.shape[1], pixel_size_um)
     ys = _pixel_coords(canvas.shape[0], pixel_size_um)
     reach = model.reach_xy() + pixel_size_um
@@ -560,7 +762,28 @@ def coherent_image(phase_rad: np.ndarray, pixel_size_um: float, wavelength_nm: f
     """Image a phase object through a coherent microscope: the field ``exp(i phase)`` is filtered by the
     pupil (cut-off NA / wavelength: an Airy amplitude PSF) with angular-spectrum defocus, and the phase
     is read back unwrapped relative to the low-passed input phase. The map is zero-padded to a fast
-    FFT size (background phase 0 outside)."""
+    FFT size (background phase 0 outside).
+
+    Parameters
+    ----------
+    phase_rad : (H, W) ndarray
+        Object phase (rad).
+    pixel_size_um : float
+        Pixel size (um).
+    wavelength_nm : float
+        Vacuum wavelength (nm).
+    na : float
+        Numerical aperture.
+    medium_index : float
+        Refractive index of the medium (for the defocus propagation).
+    defocus_um : float
+        Defocus (um).
+
+    Returns
+    -------
+    (H, W) float64 ndarray
+        Imaged phase (rad).
+    """
     shape = phase_rad.shape
     padded = tuple(scipy.fft.next_fast_len(n) for n in shape)
     phase = np.pad(phase_rad, [(0, p - n) for p, n in zip(padded, shape, strict=True)])
@@ -641,8 +864,25 @@ def _add_debris(rng, canvas: np.ndarray, session: Session) -> int:
 def simulate_cell(class_name: str, rng: np.random.Generator, session: Session) -> tuple[np.ndarray, dict]:
     """Simulate one measured map of a cell of ``class_name`` in ``session``.
 
-    Returns the OPD in nm (float64, ``session.shape``, at ``session.pixel_size_um``; background offset,
-    tilt and noise included, as the microscope would export it) and a truth dict (see ``TRUTH_COLUMNS``).
+    Parameters
+    ----------
+    class_name : str
+        One of :data:`CLASS_NAMES`.
+    rng : numpy.random.Generator
+        The cell's random stream (:func:`cell_rng`).
+    session : Session
+        The acquisition settings.
+
+    Returns
+    -------
+    tuple of (ndarray, dict)
+        The OPD in nm (float64, ``session.shape``, at ``session.pixel_size_um``; background offset, tilt
+        and noise included, as the microscope would export it) and a truth dict (see ``TRUTH_COLUMNS``).
+
+    Raises
+    ------
+    ValueError
+        For an unknown class.
     """
     _check_class(class_name)
     model = build_cell_model(_draw_cell_type(rng, class_name), rng, session)
@@ -675,7 +915,28 @@ def simulate_cell(class_name: str, rng: np.random.Generator, session: Session) -
 
 
 def cell_rng(seed: int, class_name: str, session_k: int, index: int | None = None) -> np.random.Generator:
-    """Independent random stream of a session (``index=None``) or of one cell in it."""
+    """Independent random stream of a session (``index=None``) or of one cell in it.
+
+    Parameters
+    ----------
+    seed : int
+        The dataset's seed.
+    class_name : str
+        One of :data:`CLASS_NAMES`.
+    session_k : int
+        Session number.
+    index : int, optional
+        The cell's number in the session.
+
+    Returns
+    -------
+    numpy.random.Generator
+
+    Raises
+    ------
+    ValueError
+        For an unknown class.
+    """
     key = (CLASS_NAMES.index(class_name), session_k) + (() if index is None else (index,))
     return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=key))
 
@@ -690,7 +951,17 @@ def _mat_meta(session: Session) -> dict:
 
 def write_mat5(path: Path, phase_rad: np.ndarray, session: Session) -> None:
     """One map as a compressed MATLAB v5 file: ``phase`` (single, rad) plus scalar metadata; the header
-    text carries :data:`SIMULATOR_STAMP` (MATLAB ignores the text)."""
+    text carries :data:`SIMULATOR_STAMP` (MATLAB ignores the text).
+
+    Parameters
+    ----------
+    path : Path
+        The ``.mat`` file to write.
+    phase_rad : (H, W) ndarray
+        Phase (rad).
+    session : Session
+        Gives the metadata (wavelength nm, pixel size um, medium index).
+    """
     scipy.io.savemat(path, {"phase": phase_rad.astype(np.float32), **_mat_meta(session), "units": "rad"},
                      do_compression=True)
     with open(path, "r+b") as fh:   # the 116-byte descriptive text of the MAT header
@@ -778,6 +1049,17 @@ class Mat73Stack:
     """MATLAB v7.3 stack ``phase`` (H x W x N in MATLAB = (N, W, H) in HDF5), written one map at a time."""
 
     def __init__(self, path: Path, n_maps: int, session: Session):
+        """Create the file and its ``phase`` dataset and metadata; maps are written by :meth:`write`.
+
+        Parameters
+        ----------
+        path : Path
+            The ``.mat`` file.
+        n_maps : int
+            Maps in the stack.
+        session : Session
+            Gives the map shape and the metadata.
+        """
         self.path = Path(path)
         h, w = session.shape
         self._file = h5py.File(self.path, "w", userblock_size=512, libver="earliest")
@@ -885,7 +1167,26 @@ def simulate_preprocessed(seed: int, class_name: str, k: int, n_maps: int, confi
                           ) -> tuple[list[np.ndarray], int]:
     """Maps ``0 .. n_maps-1`` of session ``k`` of ``class_name``, simulated and preprocessed in memory
     (``preprocess.preprocess_map`` with ``config``): (maps, number the preprocessing rejected).
-    Deterministic for (seed, class, k, index); picklable, so corpora can be made in worker processes."""
+    Deterministic for (seed, class, k, index); picklable, so corpora can be made in worker processes.
+
+    Parameters
+    ----------
+    seed : int
+        The corpus's seed.
+    class_name : str
+        One of :data:`CLASS_NAMES`.
+    k : int
+        Session number.
+    n_maps : int
+        Maps to simulate.
+    config : PreprocessConfig, optional
+        The preprocessing (default :class:`~opdcells.preprocess.PreprocessConfig`).
+
+    Returns
+    -------
+    tuple of (list of ndarray, int)
+        The preprocessed maps ((S, S) float32 OPD, nm) and the number rejected.
+    """
     from .errors import OPDCellsError
     from .metadata import Meta
     from .preprocess import PreprocessConfig, preprocess_map
@@ -913,6 +1214,31 @@ def simulate_dataset(out_dir: str | os.PathLike, n_per_class: int = 400, seed: i
     Maps go to ``out_dir/<class>/session_<k>/`` as MATLAB v5 files (one map each) or, for the last
     session of each class when ``sessions_per_class >= 2``, as one MATLAB v7.3 stack; ``truth.csv``
     and ``README.txt`` describe them. Deterministic for a seed; maps are written as they are made.
+
+    Parameters
+    ----------
+    out_dir : str or os.PathLike
+        The folder (created; if not empty it must hold an earlier simulation, which is replaced).
+    n_per_class : int
+        Maps per class.
+    seed : int
+        Random seed.
+    sessions_per_class : int
+        Acquisition sessions per class (the maps of a class are shared among them).
+    progress : bool
+        Show a progress bar.
+
+    Returns
+    -------
+    Path
+        ``out_dir/truth.csv``.
+
+    Raises
+    ------
+    ValueError
+        When ``n_per_class`` or ``sessions_per_class`` is below 1.
+    DatasetError
+        When ``out_dir`` is not empty and holds no earlier simulation.
     """
     if n_per_class < 1 or sessions_per_class < 1:
         raise ValueError("n_per_class and sessions_per_class must be >= 1")

@@ -45,6 +45,16 @@ random order. truth.csv: one row per map (path, index, class, ... as a simulated
 def parse_spikes(text: str) -> dict[str, int]:
     """``"SW480:10,SW620:10"`` -> ``{"SW480": 10, "SW620": 10}``.
 
+    Parameters
+    ----------
+    text : str
+        Comma-separated ``CLASS:COUNT`` items (the ``--spike`` option).
+
+    Returns
+    -------
+    dict of str to int
+        Class -> number of cells spiked in.
+
     Raises
     ------
     ValueError
@@ -62,19 +72,59 @@ def parse_spikes(text: str) -> dict[str, int]:
 
 
 def sample_rng(seed: int, *key: int) -> np.random.Generator:
-    """Independent random stream of the sample (``key=()``) or of one of its cells."""
+    """Independent random stream of the sample (``key=()``) or of one of its cells.
+
+    Parameters
+    ----------
+    seed : int
+        The sample's seed.
+    *key : int
+        The cell's position in the spawn tree (none: the sample's own stream).
+
+    Returns
+    -------
+    numpy.random.Generator
+    """
     return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(_SAMPLE_KEY, *key)))
 
 
 def sample_session_of(seed: int) -> Session:
-    """The sample's one acquisition session (drawn like a training session, from its own stream)."""
+    """The sample's one acquisition session (drawn like a training session, from its own stream).
+
+    Parameters
+    ----------
+    seed : int
+        The sample's seed.
+
+    Returns
+    -------
+    Session
+        ``class_name="sample"``, ``session_id="sample_<seed>"``.
+    """
     session = sample_session(sample_rng(seed), "granulocytes", 1)
     return dataclasses.replace(session, class_name="sample", session_id=f"sample_{seed}")
 
 
 def cell_classes(n_blood: int, spikes: dict[str, int], seed: int,
                  blood_mix: dict[str, float] | None = None) -> list[str]:
-    """Class of every map of the sample, in acquisition order (spiked cells at random positions)."""
+    """Class of every map of the sample, in acquisition order (spiked cells at random positions).
+
+    Parameters
+    ----------
+    n_blood : int
+        Blood cells in the sample.
+    spikes : dict of str to int
+        Class -> cells spiked in (:func:`parse_spikes`).
+    seed : int
+        The sample's seed.
+    blood_mix : dict of str to float, optional
+        Blood class -> relative frequency (default ``BLOOD_MIX``).
+
+    Returns
+    -------
+    list of str
+        ``n_blood + sum(spikes.values())`` class names.
+    """
     mix = blood_mix or BLOOD_MIX
     rng = sample_rng(seed, 0)
     names = list(mix)

@@ -22,7 +22,19 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Comparison:
-    """What :func:`compare_models` made: one table row per (task, model), runs and files."""
+    """What :func:`compare_models` made: one table row per (task, model), runs and files.
+
+    Attributes
+    ----------
+    table : pandas.DataFrame
+        The comparison table: one row per (task, model) and per baseline, test accuracy with 95% CIs.
+    runs : dict
+        ``(task, model)`` -> ``TrainResult``.
+    files : dict
+        Name -> Path of the tables (CSV, Markdown) and summary figures.
+    folders : dict
+        ``(task, model)`` -> Path of the run's figures.
+    """
 
     table: pd.DataFrame
     runs: dict = field(default_factory=dict)        # (task, model) -> TrainResult
@@ -36,13 +48,39 @@ AXIS_LABELS = {"dry_mass_pg": "dry mass (pg)", "area_um2": "projected cell area 
 
 def tasks_of(data) -> list[str]:
     """The reference tasks a dataset has the classes for, or ``["all"]`` (every class) when none fits:
-    the notebooks' default tasks."""
+    the notebooks' default tasks.
+
+    Parameters
+    ----------
+    data : str, Path or Dataset
+        A dataset file (HDF5) or an opened dataset.
+
+    Returns
+    -------
+    list of str
+        Task names (:func:`opdcells.tasks.resolve_task` reads them).
+    """
     ds = open_dataset(data) if isinstance(data, (str, Path)) else data
     return default_tasks(ds.class_names, ds.labels)
 
 
 def dataset_overview(data, results) -> dict:
-    """Class counts per acquisition group and example maps per class; returns table and figure paths."""
+    """Class counts per acquisition group and example maps per class; returns table and figure paths.
+
+    Parameters
+    ----------
+    data : str, Path or Dataset
+        A dataset file (HDF5) or an opened dataset.
+    results : str or Path
+        Folder for the table and figures.
+
+    Returns
+    -------
+    dict
+        ``table``: per class the number of maps and acquisition groups and the median dry mass (pg) and
+        area (um^2); ``files``: name -> Path of the class table, example grid (6 maps a class) and dry-mass
+        histograms.
+    """
     ds = open_dataset(data) if isinstance(data, (str, Path)) else data
     results = Path(results)
     names = [str(c) for c in ds.class_names]
@@ -70,13 +108,43 @@ def compare_models(data, models, tasks=("five_class",), *, name="comparison", pr
                    n_boot=1000, **train_kw) -> Comparison:
     """Train every model in ``models`` on every task in ``tasks``; evaluate each on its held-out groups.
 
-    ``tasks``: as :func:`opdcells.tasks.resolve_task` reads them (reference tasks, "all", "A,B",
-    "NAME=A,B NAME=C"). Model folders go to ``saved_models/<name>_<model>_<task>``; per-run figures
-    (confusion matrix, ROC, training curves, gallery) to ``results/<name>/<model>_<task>/`` (``<task>``:
+    Model folders go to ``saved_models/<name>_<model>_<task>``; per-run figures (confusion matrix, ROC,
+    training curves, gallery) to ``results/<name>/<model>_<task>/`` (``<task>``:
     :func:`opdcells.tasks.task_slug`); the comparison table (CSV and Markdown; the baselines of
     ``opdcells.baselines`` on the same test maps beside the models) and the accuracy bar chart with 95%
-    CIs to ``results/<name>/``. ``model_options`` maps a model name to extra
-    :func:`opdcells.train.train` arguments (split options such as ``test_groups`` go in ``train_kw``).
+    CIs to ``results/<name>/``. A run made before with the same settings, dataset, split and code is read
+    back (:func:`earlier_run`), not retrained.
+
+    Parameters
+    ----------
+    data : str, Path or Dataset
+        A dataset file (HDF5) or an opened dataset.
+    models : sequence of str
+        Model names (:mod:`opdcells.models`).
+    tasks : sequence of str
+        As :func:`opdcells.tasks.resolve_task` reads them (reference tasks, "all", "A,B",
+        "NAME=A,B NAME=C").
+    name : str
+        The comparison's name (folder and file prefix).
+    profile : str
+        Training profile (e.g. "quick").
+    seed : int
+        Random seed of splits and training.
+    saved_models, results : str or Path
+        Folders for the model folders and for tables and figures.
+    model_options : dict, optional
+        Model name -> extra :func:`opdcells.train.train` arguments.
+    verbose : int
+        Keras verbosity.
+    n_boot : int
+        Bootstrap resamples of the confidence intervals.
+    **train_kw
+        Arguments of :func:`opdcells.train.train` for every model (split options such as
+        ``test_groups``).
+
+    Returns
+    -------
+    Comparison
     """
     from ..config import write_json_atomic
     from ..evaluate import write_results
@@ -118,7 +186,28 @@ RUN_DIGEST_FILE = "run_digest.json"
 def comparison_digest(ds, model: str, task: str, *, profile: str, seed: int, **options) -> str | None:
     """The :func:`opdcells.study.transfer.run_digest` of the run ``train(ds, model, task, profile=, seed=,
     **options)`` would make (its split follows from the config and the dataset); None when ``options``
-    are not all :class:`~opdcells.config.TrainConfig` fields (such a run is always trained)."""
+    are not all :class:`~opdcells.config.TrainConfig` fields (such a run is always trained).
+
+    Parameters
+    ----------
+    ds : Dataset
+        The opened dataset (its fingerprint enters the digest).
+    model : str
+        Model name.
+    task : str
+        Task, as :func:`opdcells.tasks.resolve_task` reads it.
+    profile : str
+        Training profile.
+    seed : int
+        Random seed.
+    **options
+        Further training settings.
+
+    Returns
+    -------
+    str or None
+        A hex digest.
+    """
     import dataclasses
 
     from ..config import TrainConfig
@@ -134,7 +223,23 @@ def earlier_run(ds, saved_models, digest: str | None, *, seed: int = 0):
     """The run of ``saved_models`` that ``compare_models`` made with the same ``digest`` (same settings,
     dataset, split and package source), as a ``train.TrainResult`` re-evaluated on its test maps; None
     when there is none. Both notebooks train ``features`` on the same split, and a second ``make demo``
-    repeats every run: those are read back, not retrained."""
+    repeats every run: those are read back, not retrained.
+
+    Parameters
+    ----------
+    ds : Dataset
+        The opened dataset.
+    saved_models : str or Path
+        Folder of model folders.
+    digest : str or None
+        :func:`comparison_digest` of the wanted run; None finds nothing.
+    seed : int
+        Random seed of the re-evaluation.
+
+    Returns
+    -------
+    TrainResult or None
+    """
     import json
 
     from ..evaluate import evaluate_model

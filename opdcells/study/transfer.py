@@ -62,7 +62,17 @@ def _opened(data):
 
 
 def preprocess_config_of(ds):
-    """PreprocessConfig that makes maps like the dataset's (for real exports)."""
+    """PreprocessConfig that makes maps like the dataset's (for real exports).
+
+    Parameters
+    ----------
+    ds : Dataset
+        An opened dataset; its stored settings (pixel size um, size px, background order, alpha) are used.
+
+    Returns
+    -------
+    PreprocessConfig
+    """
     from ..preprocess import PreprocessConfig
 
     return PreprocessConfig.from_settings(ds.settings)
@@ -72,7 +82,24 @@ def preprocess_config_of(ds):
 
 
 def run_dir(saved_models, name: str, model: str, task: str) -> Path:
-    """Folder ``experiments.compare_models`` writes the run of ``model`` on ``task`` to."""
+    """Folder ``experiments.compare_models`` writes the run of ``model`` on ``task`` to.
+
+    Parameters
+    ----------
+    saved_models : str or Path
+        Folder of model folders.
+    name : str
+        The comparison's name.
+    model : str
+        Model name.
+    task : str
+        Task (its :func:`opdcells.tasks.task_slug` names the folder).
+
+    Returns
+    -------
+    Path
+        ``saved_models/<name>_<model>_<task slug>``.
+    """
     return Path(saved_models) / f"{name}_{model}_{task_slug(task)}"
 
 
@@ -80,7 +107,28 @@ def task_split(ds, task: str, *, saved_models="saved_models", name="opd_dinov2",
                ) -> tuple[Split, str]:
     """(split, where it came from) for ``task``: the ``split.json`` of the first fine-tuned run
     ``<name>_<model>_<task>`` (``models`` in order) made on this dataset, else ``train.make_split``
-    with ``seed`` -- the split :func:`opdcells.train.train` makes with that seed."""
+    with ``seed`` -- the split :func:`opdcells.train.train` makes with that seed.
+
+    Parameters
+    ----------
+    ds : Dataset
+        The opened dataset (a run's split is used only when made on the same dataset fingerprint).
+    task : str
+        Task, as :func:`opdcells.tasks.resolve_task` reads it.
+    saved_models : str or Path
+        Folder of model folders.
+    name : str
+        The comparison's name.
+    models : sequence of str
+        Models whose runs are looked at, in order.
+    seed : int
+        Random seed of a new split.
+
+    Returns
+    -------
+    tuple of (Split, str)
+        The split (train, validation and test indices of the dataset's maps) and its source.
+    """
     import json
 
     from ..train import make_split
@@ -107,7 +155,27 @@ class Encoders:
     the registry's, ``opdcells.registry``) initialise DINOv2; otherwise it is random.
     ``opd_mobilenetv2`` is MobileNetV2 with the registry's OPD-pretrained weights. Random-init
     encoders with BatchNormalization are recalibrated on the training maps they are given.
-    ``tta``: embeddings are the mean over each map's 8 rotations and reflections (``explain.embed``).
+
+    Attributes
+    ----------
+    ds : Dataset
+        The opened dataset whose maps are embedded.
+    profile : str
+        Training profile whose model settings (input size, ...) the encoders take.
+    input_size : int, optional
+        Encoder input side (px); default: the profile's.
+    dinov2_weights : str, optional
+        OPD-pretrained DINOv2 folder, or "opd" for the registry's.
+    dinov2_preset : str, optional
+        A KerasHub DINOv2 preset.
+    seed : int
+        Random seed of random-init encoders.
+    batch_size : int
+        Maps per encoder call.
+    tta : bool
+        Embeddings are the mean over each map's 8 rotations and reflections (``explain.embed``).
+    infos : dict
+        Model name -> how its encoder was initialised (filled as encoders are built).
     """
 
     ds: object
@@ -202,7 +270,23 @@ class Encoders:
 
 
 def init_table(encoders: Encoders, models, comparison=None) -> pd.DataFrame:
-    """How each model was initialised: frozen encoder (this module) and fine-tuned run (its config)."""
+    """How each model was initialised: frozen encoder (this module) and fine-tuned run (its config).
+
+    Parameters
+    ----------
+    encoders : Encoders
+        The frozen encoders (built on demand).
+    models : sequence of str
+        Model names (``features`` included: "n/a").
+    comparison : Comparison, optional
+        The fine-tuned runs (``experiments.compare_models``).
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per model: ``model``, ``frozen_encoder_init``, ``weights_source``, ``input_size`` (px),
+        ``fine_tuned_init``.
+    """
     rows = []
     for model in models:
         if model == FEATURES:
@@ -251,7 +335,17 @@ def _probe(train_emb, y_train, test_emb, y_test, method: str) -> np.ndarray:
 
 @dataclass
 class ProbeResult:
-    """What :func:`frozen_probes` made: the table, the splits used per task, written files."""
+    """What :func:`frozen_probes` made: the table, the splits used per task, written files.
+
+    Attributes
+    ----------
+    table : pandas.DataFrame
+        One row per (task, model, method): test accuracy with 95% CIs.
+    splits : dict
+        Task -> (Split, where it came from).
+    files : dict
+        Name -> Path of the written tables.
+    """
 
     table: pd.DataFrame
     splits: dict = field(default_factory=dict)      # task -> (Split, source)
@@ -262,7 +356,31 @@ def frozen_probes(encoders: Encoders, tasks, models, *, comparison=None, name="o
                   saved_models="saved_models", results="results", seed=0, n_boot=1000) -> ProbeResult:
     """Frozen-embedding linear probe (logistic regression) and 5-NN for each model and task, fitted on
     the training maps of the task's group split and scored on its test maps; fine-tuned rows from
-    ``comparison`` (an ``experiments.Comparison``) alongside. Writes ``results/<name>/probes.{csv,md}``."""
+    ``comparison`` (an ``experiments.Comparison``) alongside. Writes ``results/<name>/probes.{csv,md}``.
+
+    Parameters
+    ----------
+    encoders : Encoders
+        The frozen encoders and their cached embeddings.
+    tasks : sequence of str
+        Tasks, as :func:`opdcells.tasks.resolve_task` reads them.
+    models : sequence of str
+        Model names.
+    comparison : Comparison, optional
+        Fine-tuned runs shown beside the probes.
+    name : str
+        The study's name (folder of the results, prefix of the runs).
+    saved_models, results : str or Path
+        Folders of model folders and of tables.
+    seed : int
+        Random seed of splits and probes.
+    n_boot : int
+        Bootstrap resamples of the confidence intervals.
+
+    Returns
+    -------
+    ProbeResult
+    """
     ds = encoders.ds
     rows, splits = [], {}
     for task in tasks:
@@ -298,7 +416,18 @@ def frozen_probes(encoders: Encoders, tasks, models, *, comparison=None, name="o
 
 def probes_conclusion(table: pd.DataFrame) -> str:
     """:func:`opdcells.study.experiments.conclusion` of a :func:`frozen_probes` table: each encoder-and-method
-    pair competes as one model ("opd_mobilenetv2 (frozen linear probe)"), the baselines as baselines."""
+    pair competes as one model ("opd_mobilenetv2 (frozen linear probe)"), the baselines as baselines.
+
+    Parameters
+    ----------
+    table : pandas.DataFrame
+        :attr:`ProbeResult.table`.
+
+    Returns
+    -------
+    str
+        Markdown.
+    """
     from .experiments import conclusion
 
     named = table["model"].where(table["method"] == "baseline", table["model"] + " (" + table["method"] + ")")
@@ -309,7 +438,24 @@ def label_efficiency_conclusion(summary: pd.DataFrame, task: str, *, pretrained=
                                 scratch="mobilenetv2", few: float = 0.1) -> str:
     """The notebook's question in one sentence: is ``pretrained`` fine-tuned on ``few`` of the labels at
     least as accurate as ``scratch`` fine-tuned on all of them (means and 95% bands of ``summary``, the
-    table of :func:`label_efficiency`)? "" when the table lacks either point."""
+    table of :func:`label_efficiency`)? "" when the table lacks either point.
+
+    Parameters
+    ----------
+    summary : pandas.DataFrame
+        The summary table of :func:`label_efficiency` (per task, curve, model and fraction).
+    task : str
+        The task compared.
+    pretrained, scratch : str
+        The pretrained and the randomly initialised model.
+    few : float
+        The pretrained model's fraction of the labelled training maps (0-1).
+
+    Returns
+    -------
+    str
+        Markdown, or "".
+    """
     rows = summary[(summary["task"] == task) & (summary["curve"] == "fine-tuned")]
 
     def point(model, fraction):
@@ -442,7 +588,33 @@ class FinetuneCache:
 
 def finetune_config(model: str, task: str, *, profile="quick", epochs=None, input_size=None, seed=0,
                     batch_size=None, dinov2_preset=None, weights=None) -> TrainConfig:
-    """The :class:`TrainConfig` :func:`finetune_subset` trains with (profile defaults, given overrides)."""
+    """The :class:`TrainConfig` :func:`finetune_subset` trains with (profile defaults, given overrides).
+
+    Parameters
+    ----------
+    model : str
+        Model name.
+    task : str
+        Task, as :func:`opdcells.tasks.resolve_task` reads it.
+    profile : str
+        Training profile giving the defaults.
+    epochs : int, optional
+        Training epochs.
+    input_size : int, optional
+        Encoder input side (px).
+    seed : int
+        Random seed.
+    batch_size : int, optional
+        Maps per training step.
+    dinov2_preset : str, optional
+        KerasHub preset of ``dinov2``.
+    weights : str, optional
+        Initial weights ("opd", a folder); default "none" (random).
+
+    Returns
+    -------
+    TrainConfig
+    """
     kw = {"dinov2_preset": dinov2_preset} if model == "dinov2" and dinov2_preset else None
     return TrainConfig.from_profile(model, profile, epochs=epochs, input_size=input_size, seed=seed,
                                     batch_size=batch_size, weights=weights or "none", model_kw=kw, task=task)
@@ -453,8 +625,30 @@ def finetune_subset(ds, model: str, task: str, split: Split, train_indices, *,
     """Fine-tune ``model`` with :func:`opdcells.train.train` on ``train_indices`` (a subset of
     ``split.train``) and the split's own validation maps; return its predictions on ``split.test``.
 
-    ``settings`` are those of :func:`finetune_config`. The model folder is temporary; with ``cache`` a run
-    already made (same :func:`run_digest`) is not trained again, and a new one is stored.
+    The model folder is temporary; with ``cache`` a run already made (same :func:`run_digest`) is not
+    trained again, and a new one is stored.
+
+    Parameters
+    ----------
+    ds : Dataset
+        The opened dataset.
+    model : str
+        Model name.
+    task : str
+        Task, as :func:`opdcells.tasks.resolve_task` reads it.
+    split : Split
+        The task's group split.
+    train_indices : array_like of int
+        The labelled training maps (dataset indices within ``split.train``).
+    cache : FinetuneCache, optional
+        Predictions of runs already made.
+    **settings
+        Those of :func:`finetune_config`.
+
+    Returns
+    -------
+    (n_test,) int ndarray
+        Predicted class (task class index) of each test map.
     """
     from ..train import labelled_subset, train
 
@@ -489,17 +683,52 @@ def label_efficiency(encoders: Encoders, tasks, models, *, fractions, seeds, spl
     fraction, seed)`` (nested across fractions); the test maps are the split's test groups. Curves:
     ``frozen linear probe`` (the probe of :func:`frozen_probes`) on each encoder's embeddings (computed
     once; BN of random-init CNNs recalibrated on all training maps -- no labels used) and on the
-    standardised morphology features for ``features``, and ``fine-tuned``
-    for models in ``finetune`` on ``finetune_tasks`` (default: all ``tasks``) at ``finetune_fractions``
-    (default: ``fractions``), trained by :func:`finetune_subset` with ``finetune_kw`` (epochs,
-    input_size, profile, ...) from each encoder's initialisation (``encoders.weights_of``), for the
-    labelled subsets of ``finetune_seeds`` (default ``seeds``).
+    standardised morphology features for ``features``, and ``fine-tuned`` for models in ``finetune``
+    trained by :func:`finetune_subset` from each encoder's initialisation (``encoders.weights_of``).
     A fine-tuning run identical to one made before (:func:`run_digest`: same config, dataset, split and
     labelled maps) is not repeated: at 100% of the labels every seed draws the same maps, and that run is
-    ``comparison``'s full-data run (an ``experiments.Comparison``) when its settings match. The predictions
-    are kept in ``saved_models/<name>_finetune_cache/`` (:class:`FinetuneCache`), so a second demo re-uses
-    them too.
-    Writes ``results/<name>/label_efficiency.{csv,md,png}``; returns (table, files).
+    ``comparison``'s full-data run when its settings match. The predictions are kept in
+    ``saved_models/<name>_finetune_cache/`` (:class:`FinetuneCache`), so a second demo re-uses them too.
+    Writes ``results/<name>/label_efficiency.{csv,md,png}``.
+
+    Parameters
+    ----------
+    encoders : Encoders
+        The frozen encoders.
+    tasks : sequence of str
+        Tasks of the probe curves.
+    models : sequence of str
+        Model names.
+    fractions : sequence of float
+        Fractions of the labelled training maps (0-1].
+    seeds : sequence of int
+        Seeds of the labelled subsets.
+    splits : dict, optional
+        Task -> (Split, source) already chosen (:attr:`ProbeResult.splits`); others by :func:`task_split`.
+    finetune : sequence of str
+        Models also fine-tuned.
+    finetune_tasks : sequence of str, optional
+        Tasks fine-tuned on (default: all ``tasks``).
+    finetune_fractions : sequence of float, optional
+        Fractions fine-tuned at (default: ``fractions``).
+    finetune_kw : dict, optional
+        :func:`finetune_config` settings (epochs, input_size, profile, ...).
+    name : str
+        The study's name.
+    saved_models, results : str or Path
+        Folders of model folders (and the cache) and of tables and figures.
+    seed : int
+        Random seed of the splits.
+    comparison : Comparison, optional
+        Its full-data runs seed the cache.
+    finetune_seeds : sequence of int, optional
+        Seeds of the fine-tuned subsets (default ``seeds``).
+
+    Returns
+    -------
+    tuple of (pandas.DataFrame, dict)
+        One row per run (task, model, curve, fraction, seed, accuracy, balanced accuracy), and name ->
+        Path of the tables and the figure.
     """
     ds = encoders.ds
     splits = dict(splits or {})
@@ -581,7 +810,24 @@ def _summary(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def example_indices(ds, indices, per_class: int = 2, seed: int = 0) -> np.ndarray:
-    """``per_class`` maps of every class among ``indices`` (dataset class labels)."""
+    """``per_class`` maps of every class among ``indices`` (dataset class labels).
+
+    Parameters
+    ----------
+    ds : Dataset
+        The opened dataset.
+    indices : array_like of int
+        Dataset indices to choose from.
+    per_class : int
+        Maps a class (fewer when a class has fewer).
+    seed : int
+        Random seed.
+
+    Returns
+    -------
+    int64 ndarray
+        The chosen indices, sorted within each class, classes in order.
+    """
     rng = np.random.default_rng(seed)
     indices = np.asarray(indices)
     labels = ds.labels[indices]
@@ -593,7 +839,34 @@ def example_indices(ds, indices, per_class: int = 2, seed: int = 0) -> np.ndarra
 def embedding_view(encoders: Encoders, model: str, indices, path, *, method="pca", calibration=None,
                    real: dict | None = None, seed=0, title=None) -> Path:
     """2-D embedding (PCA or t-SNE, fitted jointly) of the dataset maps ``indices`` by ``model``'s frozen
-    encoder, coloured by class; ``real`` = {name: maps (M, S, S)} drawn on top (embedded the same way)."""
+    encoder, coloured by class; ``real`` = {name: maps (M, S, S)} drawn on top (embedded the same way).
+
+    Parameters
+    ----------
+    encoders : Encoders
+        The frozen encoders.
+    model : str
+        Model name.
+    indices : array_like of int
+        Dataset maps shown.
+    path : str or Path
+        The figure (PNG).
+    method : {"pca", "tsne"}
+        The 2-D projection.
+    calibration : array_like of int, optional
+        Training maps for BatchNormalization recalibration of a random-init encoder.
+    real : dict, optional
+        Name -> (M, S, S) OPD maps (nm) of real cells, preprocessed like the dataset.
+    seed : int
+        Random seed of t-SNE.
+    title : str, optional
+        Figure title.
+
+    Returns
+    -------
+    Path
+        The figure.
+    """
     from ..explain import embed, embedding_2d
 
     ds = encoders.ds
@@ -627,10 +900,28 @@ HEATMAP_MEANING = {
 def explain_examples(ds, runs: dict, indices, out_dir, *, min_grid=4) -> dict[str, Path]:
     """Grad-CAM (CNNs) or last-layer CLS attention (DINOv2) of fine-tuned models on the maps ``indices``.
 
-    ``runs`` maps a model name to a ``train.SavedModel`` (Keras); one overlay grid per model is written
-    to ``out_dir/<model>_explain.png``. Titles give the true class, the model's prediction and the share of
-    the heat on the cell (:func:`opdcells.explain.heat_in_cell`); the figure title says what the heatmap
-    shows and the median share against the cell's area (what heat spread evenly would give).
+    One overlay grid per model is written to ``out_dir/<model>_explain.png``. Titles give the true class,
+    the model's prediction and the share of the heat on the cell (:func:`opdcells.explain.heat_in_cell`);
+    the figure title says what the heatmap shows and the median share against the cell's area (what heat
+    spread evenly would give).
+
+    Parameters
+    ----------
+    ds : Dataset
+        The opened dataset.
+    runs : dict
+        Model name -> ``train.SavedModel`` (Keras; other models are skipped).
+    indices : array_like of int
+        Dataset maps explained.
+    out_dir : str or Path
+        Folder of the figures.
+    min_grid : int
+        Fewest maps a grid is drawn with.
+
+    Returns
+    -------
+    dict of str to Path
+        Model name -> figure.
     """
     from ..explain import dino_attention, grad_cam, heat_in_cell
 
@@ -699,7 +990,18 @@ def real_cell_predictions(runs: dict, real: dict) -> pd.DataFrame:
 
 def real_cells_conclusion(table: pd.DataFrame) -> str:
     """One Markdown sentence per row of :func:`real_cell_predictions`: what the model called the real cells
-    and how many it flagged as out of distribution."""
+    and how many it flagged as out of distribution.
+
+    Parameters
+    ----------
+    table : pandas.DataFrame
+        :func:`real_cell_predictions`'s table.
+
+    Returns
+    -------
+    str
+        A Markdown list, or "" for an empty table.
+    """
     lines = []
     for _, row in table.iterrows():
         flagged = ("it has no out-of-distribution detector" if pd.isna(row["flagged_ood"]) else
@@ -723,8 +1025,26 @@ def load_real_cells(real_qpi, config, *, hl60_every: int = 10, rbc_files=("gt_ph
 
     ``HL60 (real)``: every ``hl60_every``-th map of the qpimage series (one HL60 leukaemia cell seen from
     140 angles; radians, metadata in the file). ``RBC (real)``: red blood cells segmented from the fields
-    ``rbc_files`` (radians, 532 nm, ``rbc_pixel_size_um`` estimated). Returns {name: (M, S, S) maps};
-    an empty dict when ``real_qpi`` is missing.
+    ``rbc_files`` (radians, 532 nm, ``rbc_pixel_size_um`` estimated).
+
+    Parameters
+    ----------
+    real_qpi : str or Path
+        The real-data folder (``shared/real_qpi``).
+    config : PreprocessConfig
+        Preprocessing of the dataset (:func:`preprocess_config_of`).
+    hl60_every : int
+        Keep every n-th map of the HL60 series.
+    rbc_files : sequence of str
+        Field-of-view files of red blood cells.
+    rbc_pixel_size_um : float
+        Their pixel size (um), ``RBC_PIXEL_SIZE_UM`` = 0.38 estimated from the segmentation (RBC diameter
+        20.5 px for ~7.8 um).
+
+    Returns
+    -------
+    dict of str to ndarray
+        Name -> (M, S, S) OPD maps (nm); an empty dict when ``real_qpi`` is missing.
     """
     from ..ingest import IngestOptions, iter_processed
 

@@ -112,7 +112,20 @@ def build_optimizer(settings, *, epochs: int, steps_per_epoch: int, schedule: st
 
 
 def steps_per_epoch(n_maps: int, batch_size: int) -> int:
-    """Optimizer steps of one epoch over ``n_maps`` maps (the last batch may be short)."""
+    """Optimizer steps of one epoch over ``n_maps`` maps (the last batch may be short).
+
+    Parameters
+    ----------
+    n_maps : int
+        Training maps of one epoch.
+    batch_size : int
+        Maps a step.
+
+    Returns
+    -------
+    int
+        ``ceil(n_maps / batch_size)``, at least 1.
+    """
     return max(1, math.ceil(n_maps / batch_size))
 
 

@@ -10,7 +10,9 @@ N_PER_CLASS ?= 400
 SEED ?= 0
 PROFILE ?= quick
 # pytest-xdist workers: one per core of a 2-core machine (each holds TensorFlow, ~1.5 GB); whole files per
-# worker, the slowest first (tests/conftest.py SLOW_FILES)
+# worker, the slowest first (tests/conftest.py SLOW_FILES); one TensorFlow/BLAS thread per worker
+# (tests/conftest.py; OPDCELLS_TEST_THREADS=0 keeps the libraries' defaults, OPDCELLS_TEST_CPU=FILE
+# records each test's CPU and wall seconds)
 TEST_WORKERS ?= 2
 
 .PHONY: demo test venv lint bench clean-demo

@@ -2,11 +2,25 @@
 from __future__ import annotations
 
 import os
+import resource
+import time
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+#: Threads per pytest-xdist worker for TensorFlow's intra-/inter-op pools and BLAS/OpenMP. ``make test``
+#: runs one worker per core; each worker with its default pools (one thread per core each, BLAS likewise)
+#: would put 2-3x more busy threads on the cores than there are cores, and they fight (spin-waits, cache).
+#: Set here, at conftest import, before any test module imports TensorFlow or NumPy's BLAS; the variables
+#: are inherited by the subprocesses tests start (CLI commands, notebook kernels, distributed workers).
+#: ``OPDCELLS_TEST_THREADS=0`` leaves the libraries' defaults; without xdist nothing is changed.
+_THREADS = os.environ.get("OPDCELLS_TEST_THREADS", "1" if os.environ.get("PYTEST_XDIST_WORKER") else "0")
+if _THREADS != "0":
+    for _variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
+                      "TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS"):
+        os.environ.setdefault(_variable, _THREADS)
 
 
 def _real_qpi_dir() -> Path:
@@ -90,3 +104,22 @@ def pytest_collection_modifyitems(items) -> None:
         return SLOW_FILES.index(name) if name in SLOW_FILES else len(SLOW_FILES)
 
     items.sort(key=rank)   # stable: the order within a file, and of the other files, is kept
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU seconds of this process and its waited-for children so far."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """With ``$OPDCELLS_TEST_CPU`` set to a file, append ``nodeid<TAB>cpu_s<TAB>wall_s`` for each test
+    (setup, call and teardown; CPU of the worker and of the subprocesses it waited for): the measure of a
+    test's cost on a shared machine, where wall time depends on the neighbours."""
+    record = os.environ.get("OPDCELLS_TEST_CPU")
+    cpu, wall = _cpu_seconds(), time.perf_counter()
+    yield
+    if record:
+        with open(record, "a") as handle:
+            handle.write(f"{item.nodeid}\t{_cpu_seconds() - cpu:.2f}\t{time.perf_counter() - wall:.2f}\n")

@@ -291,8 +291,9 @@ def test_a_pretrained_encoder_sets_width_input_size_and_normalisation(data, tmp_
     assert settings.learning_rate == PRETRAINED_LEARNING_RATE < profile("mobilenetv2").learning_rate
     scratch = TrainConfig.from_profile("mobilenetv2", "full")
     assert scratch.head_epochs == 0 and not scratch.freeze_batchnorm
+    # no augmentation, no test-time augmentation: neither bears on what is asserted, and both cost tracing
     result = train(data, "mobilenetv2", "cancer_vs_blood", tmp_path / "run", weights=str(folder), epochs=1,
-                   batch_size=16, n_boot=0, head_epochs=1, freeze_batchnorm=True)
+                   batch_size=16, n_boot=0, head_epochs=1, freeze_batchnorm=True, augment=False, tta=False)
     norm = result.config["normalisation"]
     assert norm["norm_scale_nm"] == 250.0 and "pretrained encoder" in norm["method"]
     assert result.config["init"].startswith(f"file:{folder}@")

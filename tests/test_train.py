@@ -236,8 +236,8 @@ def test_stored_split_still_found_after_maps_are_appended(mobilenet, data, tmp_p
 
 
 def test_profiles_and_explicit_overrides():
-    quick = TrainConfig.from_profile("mobilenetv2", "quick")
-    assert (quick.input_size, quick.epochs, quick.patience, quick.alpha) == (64, 8, 3, 0.35)
+    quick = TrainConfig.from_profile("mobilenetv2", "quick")   # the recipe (docs/recipe.md)
+    assert (quick.input_size, quick.epochs, quick.patience, quick.alpha) == (64, 20, 6, 0.35)
     assert TrainConfig.from_profile("dinov2", "quick").input_size == 56
     full = TrainConfig.from_profile("resnet50", "full")
     assert 96 <= full.input_size <= 128 and full.epochs > quick.epochs and full.patience > quick.patience

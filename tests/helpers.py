@@ -106,6 +106,29 @@ def disc_field(shape, centres_um, *, px: float = 0.5, radius_um: float = 4.0, pe
     return field.astype(np.float32)
 
 
+@contextlib.contextmanager
+def eager_functions():
+    """Run every ``tf.function`` (Keras' train, test and predict steps) eagerly inside the block.
+
+    For a test's own small trainings of a few steps: tracing MobileNetV2's training graph costs far more
+    than the steps (measured on 2 shared cores: a 3-epoch tiny run took 38 s of CPU traced, 14 s eager).
+    tf.data functions (the augmentations) are traced either way. Graph mode stays covered where it matters
+    to users: the shared :func:`tiny_run` models, the executed notebooks and the CLI subprocesses.
+    """
+    import warnings
+
+    import tensorflow as tf
+
+    before = tf.config.functions_run_eagerly()
+    tf.config.run_functions_eagerly(True)
+    try:
+        with warnings.catch_warnings():   # TensorFlow's note that tf.data functions stay traced
+            warnings.filterwarnings("ignore", message="Even though the `tf.config.experimental_run_functions")
+            yield
+    finally:
+        tf.config.run_functions_eagerly(before)
+
+
 # --------------------------------------------------------------------------------------------------
 # shared across test modules and pytest-xdist workers: made once per test session
 

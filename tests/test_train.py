@@ -248,7 +248,7 @@ def test_profiles_and_explicit_overrides():
         TrainConfig.from_profile("mobilenetv2", "fast")
 
 
-def test_another_architecture_trains_and_reloads(tmp_path_factory, data):
+def test_another_architecture_trains_and_reloads(tmp_path_factory, data, eager):
     result = tiny_run(tmp_path_factory, "dinov2", "sw480_vs_sw620", input_size=28, epochs=1)   # one will do
     check_folder(result, "model.keras")
     assert result.config["model_info"]["architecture"] == "dinov2"
@@ -275,7 +275,7 @@ def test_train_on_a_labelled_subset_of_a_given_split(features, data, tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
-def test_a_pretrained_encoder_sets_width_input_size_and_normalisation(data, tmp_path):
+def test_a_pretrained_encoder_sets_width_input_size_and_normalisation(data, tmp_path, eager):
     from opdcells import models
     from opdcells.train import train
 

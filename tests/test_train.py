@@ -248,7 +248,7 @@ def test_profiles_and_explicit_overrides():
         TrainConfig.from_profile("mobilenetv2", "fast")
 
 
-def test_another_architecture_trains_and_reloads(tmp_path_factory, data, eager):
+def test_another_architecture_trains_and_reloads(tmp_path_factory, data):
     result = tiny_run(tmp_path_factory, "dinov2", "sw480_vs_sw620", input_size=28, epochs=1)   # one will do
     check_folder(result, "model.keras")
     assert result.config["model_info"]["architecture"] == "dinov2"

@@ -103,7 +103,7 @@ def repository_left_alone():
 #: one at a time as a worker runs out; by default it would start with the files of most tests, which are
 #: quick ones, and leave a long file of few tests running alone at the end while the other worker idles.
 #: Longest first (longest-processing-time-first scheduling) keeps both workers busy to the end.
-SLOW_FILES = ("test_transfer.py", "test_models.py", "test_pretrain.py", "test_distribute.py", "test_train.py",
+SLOW_FILES = ("test_distribute.py", "test_transfer.py", "test_models.py", "test_pretrain.py", "test_train.py",
               "test_cli.py", "test_notebooks.py", "test_ood.py", "test_small_study.py", "test_config.py")
 
 

@@ -165,8 +165,7 @@ def test_bad_names_and_arguments_are_refused():
 #   bn_momentum 0.9:            train maps 0.95, unseen maps 0.72
 #   bn_momentum 0.999 (Keras):  train maps 0.50, unseen maps 0.50 (chance after every one of the 12 epochs)
 # (After 10 epochs, re-estimating the moving statistics of either model on the train maps gave 0.69 on
-# unseen maps: the weights are the same, only the statistics differ.) Each run takes 25-50 s here. Traced,
-# not eager (the `eager` fixture): its 96 eager steps cost more than twice the CPU of tracing once.
+# unseen maps: the weights are the same, only the statistics differ.) Each run takes 25-50 s here.
 
 
 @pytest.mark.slow

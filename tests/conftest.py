@@ -66,6 +66,16 @@ def cases_dir() -> Path:
     return path
 
 
+@pytest.fixture
+def eager():
+    """Keras steps and every other ``tf.function`` run eagerly during the test (helpers.eager_functions):
+    for tests that train a small model as a means, not to test the traced training graph."""
+    from helpers import eager_functions
+
+    with eager_functions():
+        yield
+
+
 #: Folders of the repository that commands write to by default; tests must write to their own tmp_path
 #: (several pytest-xdist workers run at once, and a developer's results must survive `make test`).
 GUARDED = ("saved_models", "results", "data")
@@ -87,14 +97,14 @@ def repository_left_alone():
     assert not changed, f"tests wrote into the repository: {changed[:10]}"
 
 
-#: The test files that take longest (sum of their tests' durations, slowest first, measured with
-#: ``pytest -n 2 --dist loadfile --durations=0``). With ``--no-loadscope-reorder`` (``make test``),
-#: pytest-xdist's ``--dist loadfile`` hands the files to the workers in collection order, one at a time as a
-#: worker runs out; by default it would start with the files of most tests, which are quick ones, and leave
-#: a long file of few tests running alone at the end while the other worker idles. Longest first
-#: (longest-processing-time-first scheduling) keeps both workers busy to the end.
-SLOW_FILES = ("test_train.py", "test_transfer.py", "test_pretrain.py", "test_models.py", "test_notebooks.py",
-              "test_cli.py", "test_ood.py", "test_small_study.py", "test_distribute.py", "test_config.py")
+#: The test files that take longest (sum of their tests' CPU seconds, slowest first, measured with
+#: ``OPDCELLS_TEST_CPU=FILE``: CPU, not wall, on a shared machine). With ``--no-loadscope-reorder``
+#: (``make test``), pytest-xdist's ``--dist loadfile`` hands the files to the workers in collection order,
+#: one at a time as a worker runs out; by default it would start with the files of most tests, which are
+#: quick ones, and leave a long file of few tests running alone at the end while the other worker idles.
+#: Longest first (longest-processing-time-first scheduling) keeps both workers busy to the end.
+SLOW_FILES = ("test_distribute.py", "test_transfer.py", "test_models.py", "test_pretrain.py", "test_train.py",
+              "test_cli.py", "test_notebooks.py", "test_ood.py", "test_small_study.py", "test_config.py")
 
 
 def pytest_collection_modifyitems(items) -> None:
@@ -114,12 +124,15 @@ def _cpu_seconds() -> float:
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item, nextitem):
-    """With ``$OPDCELLS_TEST_CPU`` set to a file, append ``nodeid<TAB>cpu_s<TAB>wall_s`` for each test
-    (setup, call and teardown; CPU of the worker and of the subprocesses it waited for): the measure of a
-    test's cost on a shared machine, where wall time depends on the neighbours."""
+    """With ``$OPDCELLS_TEST_CPU`` set to a file, append ``nodeid<TAB>cpu_s<TAB>wall_s<TAB>worker`` for each
+    test (setup, call and teardown; CPU of the worker and of the subprocesses it waited for; the
+    pytest-xdist worker, ``main`` without xdist): the measure of a test's cost on a shared machine, where wall
+    time depends on the neighbours, and of how evenly the workers share the suite."""
     record = os.environ.get("OPDCELLS_TEST_CPU")
     cpu, wall = _cpu_seconds(), time.perf_counter()
     yield
     if record:
+        cpu, wall = _cpu_seconds() - cpu, time.perf_counter() - wall
+        worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
         with open(record, "a") as handle:
-            handle.write(f"{item.nodeid}\t{_cpu_seconds() - cpu:.2f}\t{time.perf_counter() - wall:.2f}\n")
+            handle.write(f"{item.nodeid}\t{cpu:.2f}\t{wall:.2f}\t{worker}\n")

@@ -106,6 +106,31 @@ def disc_field(shape, centres_um, *, px: float = 0.5, radius_um: float = 4.0, pe
     return field.astype(np.float32)
 
 
+@contextlib.contextmanager
+def eager_functions(eager: bool = True):
+    """Run every ``tf.function`` (Keras' train, test and predict steps) eagerly inside the block (or, with
+    ``eager=False``, traced as in normal use, whatever the caller's setting).
+
+    For small trainings of a few steps that a test needs as a means: tracing MobileNetV2's training graph
+    costs far more than the steps (measured on 2 shared cores: a 3-epoch tiny run took 38 s of CPU traced,
+    14 s eager). tf.data functions (the augmentations) are traced either way. Traced training stays covered
+    where users meet it: the executed notebooks (VGG16, OPD-pretrained MobileNetV2, DINOv2), the
+    two-worker ``train`` subprocesses and ``pretrain``; traced prediction by every test that loads a model.
+    """
+    import warnings
+
+    import tensorflow as tf
+
+    before = tf.config.functions_run_eagerly()
+    tf.config.run_functions_eagerly(eager)
+    try:
+        with warnings.catch_warnings():   # TensorFlow's note that tf.data functions stay traced
+            warnings.filterwarnings("ignore", message="Even though the `tf.config.experimental_run_functions")
+            yield
+    finally:
+        tf.config.run_functions_eagerly(before)
+
+
 # --------------------------------------------------------------------------------------------------
 # shared across test modules and pytest-xdist workers: made once per test session
 
@@ -204,18 +229,25 @@ def tiny_run(tmp_path_factory, model: str = "mobilenetv2", task: str = "five_cla
 
     The worker that trains it gets the in-memory result; another pytest-xdist worker gets one read back
     from the model folder (:func:`load_model`, config.json, history.csv, metrics.json; no ``evaluation``).
-    :func:`trained_proba` gives the trained model's own probabilities either way.
+    :func:`trained_proba` gives the trained model's own probabilities either way, traced as a loaded
+    model's are (the training steps of a deep model run eagerly: :func:`eager_functions`).
     """
     from opdcells.dataset import open_dataset
     from opdcells.train import train
 
     name = f"{model}_{task}"
     made = []
+    deep = model != "features"
+
+    def steps(eager: bool):   # the features baseline runs no TensorFlow
+        return eager_functions(eager) if deep else contextlib.nullcontext()
 
     def make(folder):
-        settings = {**(TINY_TRAINING if model != "features" else {"n_boot": 20}), **kwargs}
-        result = train(scaled_test_dataset(tmp_path_factory, task), model, task, folder / name, **settings)
-        with open_dataset(result.config["dataset"]["path"]) as ds:
+        settings = {**(TINY_TRAINING if deep else {"n_boot": 20}), **kwargs}
+        data = scaled_test_dataset(tmp_path_factory, task)
+        with steps(eager=True):
+            result = train(data, model, task, folder / name, **settings)
+        with open_dataset(result.config["dataset"]["path"]) as ds, steps(eager=False):
             np.save(folder / TRAINED_PROBA, result.model.predict_proba(round_trip_maps(ds)))
         made.append(result)
 

@@ -114,9 +114,10 @@ def test_resolve_reads_tf_config(monkeypatch):
 
 
 @pytest.mark.slow
-def test_train_command_with_two_workers_gives_the_one_process_model(tmp_path, monkeypatch):
+def test_train_command_with_two_workers_gives_the_one_process_model(tmp_path, monkeypatch, eager):
     """``python -m opdcells train --distribute multiworker`` on two localhost workers: the chief writes the
-    model folder, and it predicts like the one trained by one process (this one, through cli.main)."""
+    model folder, and it predicts like the one trained by one process (this one, through cli.main, its
+    steps run eagerly: the workers trace theirs)."""
     from helpers import write_tiny_dataset
 
     from opdcells.cli import main

@@ -261,14 +261,16 @@ def test_pretrain_writes_a_loadable_folder(tmp_path):
     assert any(changed)
 
 
-def test_cli_pretrain_supervised_sim(tmp_path, capsys):
-    out = tmp_path / "sup"
-    status = cli.main(["pretrain", "--method", "supervised-sim", "--backbone", "dinov2", "--n-sim", "10",
-                       "--epochs", "2", "--batch-size", "5", "--input-size", "28", "--out", str(out),
-                       "--max-minutes", "0",
-                       "--sim-cache", str(tmp_path / "cache"), "-q"])
-    assert status == 0
-    config = json.loads((out / "config.json").read_text())
+def test_cli_pretrain_supervised_sim_stops_at_max_minutes_and_continues_from_an_encoder_folder(tmp_path,
+                                                                                              capsys):
+    common = ["pretrain", "--method", "supervised-sim", "--backbone", "dinov2", "--n-sim", "10",
+              "--batch-size", "5", "--input-size", "28", "--sim-cache", str(tmp_path / "cache"), "-q"]
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert cli.main([*common, "--epochs", "2", "--out", str(first)]) == 0
+    assert cli.main([*common, "--epochs", "2", "--max-minutes", "0", "--out", str(second),
+                     "--init", str(first)]) == 0
+    assert str(second) in capsys.readouterr().out
+    config = json.loads((second / "config.json").read_text())
     expected = "python -m opdcells pretrain --backbone dinov2 --method supervised-sim"
     assert config["command"].startswith(expected)
     sim = config["data"]["simulated"]
@@ -276,17 +278,8 @@ def test_cli_pretrain_supervised_sim(tmp_path, capsys):
     assert sim["session_numbers"][0] == pretrain_corpus.SIM_FIRST_SESSION
     # --max-minutes 0 stops after the first of 2 x 2 steps, and says so
     assert config["steps"] == 1 and config["epochs"] == 2 and config["pretraining"]["stopped_early"]
-    assert str(out) in capsys.readouterr().out
-
-
-def test_cli_pretrain_continues_from_an_encoder_folder(tmp_path, capsys):
-    common = ["pretrain", "--method", "supervised-sim", "--backbone", "dinov2", "--n-sim", "10",
-              "--batch-size", "5", "--input-size", "28", "--sim-cache", str(tmp_path / "cache"), "-q"]
-    first, second = tmp_path / "first", tmp_path / "second"
-    assert cli.main([*common, "--epochs", "2", "--out", str(first)]) == 0
-    assert cli.main([*common, "--epochs", "1", "--max-minutes", "0", "--out", str(second),
-                     "--init", str(first)]) == 0
-    config = json.loads((second / "config.json").read_text())
+    assert not json.loads((first / "config.json").read_text())["pretraining"]["stopped_early"]
+    # --init: the second run continued from the first one's encoder
     assert config["init"] == "opd-pretrained"
     assert config["init_from"]["folder"] == str(first) and config["init_from"]["epochs_run"] == 2
     assert f"--init {first}" in config["command"]

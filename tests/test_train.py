@@ -275,7 +275,7 @@ def test_train_on_a_labelled_subset_of_a_given_split(features, data, tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
-def test_a_pretrained_encoder_sets_width_input_size_and_normalisation(data, tmp_path):
+def test_a_pretrained_encoder_sets_width_input_size_and_normalisation(data, tmp_path, eager):
     from opdcells import models
     from opdcells.train import train
 

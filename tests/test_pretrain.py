@@ -369,31 +369,28 @@ def test_shipped_encoder_is_the_default_of_its_family(shipped):
 
 
 #: Largest deviation of a float16-stored encoder's embeddings from the float32 one, relative to the
-#: largest float32 embedding value (half precision rounds each weight by <= 2**-11 relative).
-FLOAT16_EMBEDDING_RTOL = 1e-2
+#: largest float32 embedding value (half precision rounds each weight by <= 2**-11 relative; measured
+#: 1.1e-3 for the shipped MobileNetV2).
+FLOAT16_EMBEDDING_RTOL = 5e-3
 
 
 def test_float16_weights_predict_like_float32_and_loading_runs_no_code(tmp_path):
-    encoder, info = models.build_encoder("mobilenetv2", input_shape=(32, 32, 1), input_size=32, seed=2)
-    maps = cell_maps(16)[..., None]
-    pretrain_probes.recalibrate_batchnorm(encoder, maps, info["bn_momentum"])   # informative embeddings
-    f32 = models.save_encoder(encoder, info, tmp_path / "f32")
-    f16 = tmp_path / "f16"
+    f32, f16 = SHIPPED, tmp_path / "f16"        # a trained encoder (a random one is chaotic, not typical)
     shutil.copytree(f32, f16)
     pretrain_store.cast_weights_file(f16 / "encoder.weights.h5", f16 / "encoder.weights.h5")
     assert pretrain_store.weights_file_dtypes(f16 / "encoder.weights.h5") == {"float16"}
     sizes = [(folder / "encoder.weights.h5").stat().st_size for folder in (f32, f16)]
-    assert sizes[1] < 0.65 * sizes[0]   # half, plus HDF5 overhead of 260 small datasets
+    assert sizes[1] < 0.65 * sizes[0]   # half, plus the HDF5 overhead of 260 small datasets
     # a folder that would run code if loading deserialised anything: a module and config entries naming it
     marker = tmp_path / "ran"
     (f16 / "evil.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
     config = json.loads((f16 / "config.json").read_text())
     config.update(module="evil", class_name="Evil", registered_name="evil>Evil")
     (f16 / "config.json").write_text(json.dumps(config))
+    maps = np.stack([np.pad(m, 48) for m in cell_maps(16)])[..., None]
     embeddings = {}
     for name, folder in (("f32", f32), ("f16", f16)):
-        loaded, _ = models.build_encoder("mobilenetv2", input_shape=(32, 32, 1), input_size=32,
-                                         weights=folder)
+        loaded, _ = models.build_encoder("mobilenetv2", weights=folder, input_size=config["input_size"])
         assert {w.dtype for w in loaded.weights} == {"float32"}
         embeddings[name] = loaded(maps, training=False).numpy()
     assert not marker.exists()

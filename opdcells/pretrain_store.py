@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -74,6 +75,7 @@ def cast_weights_file(src: str | os.PathLike, dst: str | os.PathLike, dtype: str
     try:
         with h5py.File(src, "r") as fin, h5py.File(tmp, "w") as fout:
             _copy_group(fin, fout, np.dtype(dtype), Path(src))
+        shutil.copymode(src, tmp)   # mkstemp's file is private (0600); keep the source's permissions
         os.replace(tmp, dst)
     finally:
         if os.path.exists(tmp):

@@ -39,16 +39,33 @@ import tensorflow as tf
 
 # imported at start-up, not lazily at the end of a run: a long run must finish with the code it began with
 from . import __version__, models, registry
+from .config import AugmentConfig
 from .files import json_default, staging, versions, write_history
 from .pipeline import iter_batches, make_tf_dataset
 from .pretrain_corpus import SimCorpus, check_disjoint, dataset_record, simulate_corpus, simulated_probe_set
 from .pretrain_methods import ViewConfig, build_pretrainer
-from .pretrain_options import BACKBONES, DEFAULT_N_SIM, METHOD_DEFAULTS, METHODS, SIM_MAPS_PER_SESSION
+from .pretrain_options import (
+    BACKBONES,
+    DEFAULT_N_SIM,
+    FLOAT16_BACKBONES,
+    METHOD_DEFAULTS,
+    METHODS,
+    SIM_MAPS_PER_SESSION,
+)
 from .pretrain_probes import PROBE_TASKS, calibration_maps, probe_encoder, recalibrate_batchnorm
+from .pretrain_store import (
+    WEIGHTS_DTYPES,
+    cast_weights_file,
+    checkpoint_folder,
+    read_checkpoint_state,
+    restore_checkpoint,
+    write_checkpoint,
+)
 
 log = logging.getLogger(__name__)
 
-__all__ = ["dataset_stream", "corpus_stream", "PretrainResult", "pretrain", "probe_labels"]
+__all__ = ["dataset_stream", "corpus_stream", "PretrainResult", "pretrain", "resume_pretraining",
+           "default_weights_dtype", "probe_labels"]
 
 
 # ---------------------------------------------------------------------- losses and heads
@@ -118,8 +135,10 @@ def dataset_stream(datasets, *, batch_size: int, seed: int = 0, exclude_test=())
     return stream.apply(tf.data.experimental.assert_cardinality(n_maps // batch_size)), n_maps, records
 
 
-def corpus_stream(corpus: SimCorpus, *, batch_size: int, seed: int = 0, labelled: bool) -> tf.data.Dataset:
-    """Shuffled batches of the in-memory corpus (remainder dropped).
+def corpus_stream(corpus: SimCorpus, *, batch_size: int, seed: int = 0, labelled: bool,
+                  skip_epochs: int = 0) -> tf.data.Dataset:
+    """Shuffled batches of the in-memory corpus (remainder dropped); each pass over the stream is one
+    epoch, in the order a numpy generator seeded with ``seed`` draws them.
 
     Parameters
     ----------
@@ -131,6 +150,9 @@ def corpus_stream(corpus: SimCorpus, *, batch_size: int, seed: int = 0, labelled
         Seed of the shuffling.
     labelled : bool
         Yield the class labels too (supervised-sim).
+    skip_epochs : int
+        Epochs whose orders are drawn and dropped first: the stream of a run resumed after that many
+        epochs continues with the order the uninterrupted run had.
 
     Returns
     -------
@@ -138,6 +160,8 @@ def corpus_stream(corpus: SimCorpus, *, batch_size: int, seed: int = 0, labelled
         Maps (B, S, S, 1) float32 nm, with int32 labels (B,) if ``labelled``.
     """
     rng = np.random.default_rng(seed)
+    for _ in range(skip_epochs):   # iter_batches draws one permutation per epoch
+        rng.permutation(len(corpus))
     size = corpus.maps.shape[1]
 
     def generate():
@@ -224,7 +248,11 @@ class _StepCounter(keras.callbacks.Callback):
 def _open_all(data) -> list:
     from .dataset import open_dataset
 
-    return [open_dataset(p) for p in ([data] if isinstance(data, (str, Path)) else list(data or []))]
+    return [open_dataset(p) for p in _paths(data)]
+
+
+def _paths(data) -> list[str]:
+    return [str(p) for p in ([data] if isinstance(data, (str, Path)) else list(data or []))]
 
 
 def pretrain(data=None, *, backbone: str = "mobilenetv2", method: str = "simclr",
@@ -235,11 +263,14 @@ def pretrain(data=None, *, backbone: str = "mobilenetv2", method: str = "simclr"
              dinov2_config: dict | None = None,
              views: ViewConfig = ViewConfig(),  # noqa: B008 - a frozen dataclass
              exclude_test=(), n_probe: int = 0,
-             max_minutes: float | None = None, sim_cache=None,
+             max_minutes: float | None = None, chunk_epochs: int | None = None, sim_cache=None,
              sim_maps_per_session: int = SIM_MAPS_PER_SESSION,
-             workers: int = 1, init=None, method_kw: dict | None = None, command: str | None = None,
-             verbose=0) -> PretrainResult:
+             workers: int = 1, init=None, method_kw: dict | None = None, weights_dtype: str | None = None,
+             checkpoint: bool = True, command: str | None = None, verbose=0) -> PretrainResult:
     """Pretrain a ``backbone`` encoder with ``method`` and write it to ``out`` (see the module docstring).
+
+    With ``checkpoint``, the state of the run is written atomically to ``<out>.checkpoint`` at the end
+    of every epoch (``pretrain_store``); :func:`resume_pretraining` continues it.
 
     Parameters
     ----------
@@ -255,7 +286,8 @@ def pretrain(data=None, *, backbone: str = "mobilenetv2", method: str = "simclr"
     out : str or os.PathLike
         The encoder folder, replaced atomically.
     epochs : int, optional
-        Epochs (default per method, :data:`~opdcells.pretrain_options.METHOD_DEFAULTS`).
+        Epochs of the whole run, which set its learning-rate schedule (default per method,
+        :data:`~opdcells.pretrain_options.METHOD_DEFAULTS`).
     input_size : int
         Side (px) the encoder resizes the maps to.
     n_sim : int
@@ -280,7 +312,11 @@ def pretrain(data=None, *, backbone: str = "mobilenetv2", method: str = "simclr"
         If > 0, simulate that many maps from further unseen sessions and record linear / k-NN
         probe accuracy of the starting and of the pretrained encoder in the config.
     max_minutes : float, optional
-        Stop early after this much training time, minutes (recorded).
+        Stop this chunk after this much training time, minutes (recorded; the encoder folder is
+        written; a resumed run restarts from the last complete epoch).
+    chunk_epochs : int, optional
+        Train at most this many epochs now (the schedule still spans ``epochs``; continue with
+        :func:`resume_pretraining`).
     sim_cache : str or os.PathLike, optional
         Folder where simulated corpora are cached as ``.npz``.
     sim_maps_per_session : int
@@ -292,6 +328,11 @@ def pretrain(data=None, *, backbone: str = "mobilenetv2", method: str = "simclr"
         start from instead of random weights, at this run's ``input_size`` (its width is kept).
     method_kw : dict, optional
         Keyword arguments of the method's :class:`~opdcells.pretrain_methods.Pretrainer`.
+    weights_dtype : {"float32", "float16"}, optional
+        Storage dtype of ``encoder.weights.h5`` (default float16 for
+        :data:`~opdcells.pretrain_options.FLOAT16_BACKBONES`, else float32); loaded back as float32.
+    checkpoint : bool
+        Write ``<out>.checkpoint`` at the end of every epoch.
     command : str, optional
         The command line recorded in config.json (default: the equivalent Python call).
     verbose : int
@@ -305,7 +346,7 @@ def pretrain(data=None, *, backbone: str = "mobilenetv2", method: str = "simclr"
     Raises
     ------
     ValueError
-        An unknown method or backbone, or datasets of different geometry.
+        An unknown method, backbone or weights dtype, or datasets of different geometry.
     RegistryError
         ``init`` names a registry entry that is missing or corrupt.
     """
@@ -313,57 +354,242 @@ def pretrain(data=None, *, backbone: str = "mobilenetv2", method: str = "simclr"
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if backbone not in BACKBONES:
         raise ValueError(f"unknown backbone {backbone!r}; choose one of {', '.join(BACKBONES)}")
+    weights_dtype = weights_dtype or default_weights_dtype(backbone)
+    if weights_dtype not in WEIGHTS_DTYPES:
+        raise ValueError(f"weights dtype {weights_dtype!r}: choose one of {', '.join(WEIGHTS_DTYPES)}")
     defaults = METHOD_DEFAULTS[method]
     epochs = int(epochs or defaults["epochs"])
-    learning_rate = float(learning_rate or defaults["learning_rate"])
-    weight_decay = float(defaults["weight_decay"] if weight_decay is None else weight_decay)
-    datasets = _open_all(data)
-    started = time.perf_counter()
-    git = _git_commit()    # the code that runs, recorded before a long run (the tree may change meanwhile)
-    init_from = _init_record(init, BACKBONES[backbone])   # likewise the starting folder, before it can change
+    spec = {
+        "data": _paths(data), "backbone": backbone, "method": method, "out": str(out), "epochs": epochs,
+        "input_size": int(input_size), "n_sim": int(n_sim), "seed": int(seed), "batch_size": int(batch_size),
+        "learning_rate": float(learning_rate or defaults["learning_rate"]),
+        "weight_decay": float(defaults["weight_decay"] if weight_decay is None else weight_decay),
+        "alpha": alpha, "norm_scale_nm": float(norm_scale_nm), "dinov2_config": dinov2_config,
+        "views": views.as_dict(), "exclude_test": _paths(exclude_test), "n_probe": int(n_probe),
+        "sim_cache": None if sim_cache is None else str(sim_cache),
+        "sim_maps_per_session": int(sim_maps_per_session), "init": None if init is None else str(init),
+        "method_kw": dict(method_kw or {}), "weights_dtype": weights_dtype, "checkpoint": bool(checkpoint),
+        "command": command or _python_command(data, backbone, method, out, epochs, input_size, n_sim, seed,
+                                              batch_size)}
+    return _run(spec, None, checkpoint_folder(out), max_minutes=max_minutes, chunk_epochs=chunk_epochs,
+                workers=workers, command=spec["command"], verbose=verbose)
+
+
+def resume_pretraining(checkpoint, *, max_minutes: float | None = None, chunk_epochs: int | None = None,
+                       workers: int = 1, out=None, export_only: bool = False, command: str | None = None,
+                       verbose=0) -> PretrainResult:
+    """Continue the pretraining run of a checkpoint folder (``<out>.checkpoint``) to its own schedule.
+
+    The model, its heads and EMA teachers, AdamW's moments and step counter (hence the learning-rate
+    schedule and the seeds of the views) come back from the checkpoint, and the simulated corpus is
+    drawn in the order the uninterrupted run had (self-supervised runs on datasets reshuffle with
+    ``seed + epochs done``); every setting is the checkpoint's. The encoder folder's config and README
+    list every chunk's command and git commit.
+
+    Parameters
+    ----------
+    checkpoint : str or os.PathLike
+        The checkpoint folder.
+    max_minutes : float, optional
+        Stop this chunk after this much training time, minutes.
+    chunk_epochs : int, optional
+        Train at most this many more epochs now.
+    workers : int
+        Processes that simulate the corpus if its cache is gone.
+    out : str or os.PathLike, optional
+        Write the encoder folder here instead of the run's own ``out``.
+    export_only : bool
+        Train nothing: write the encoder folder of the checkpoint (BatchNorm recalibrated, probed).
+    command : str, optional
+        This chunk's command line (recorded).
+    verbose : int
+        Passed to Keras.
+
+    Returns
+    -------
+    PretrainResult
+        The folder, the whole run's history and the config written.
+
+    Raises
+    ------
+    ModelError
+        Not a checkpoint folder, or its variables do not fit the model its arguments build.
+    """
+    state = read_checkpoint_state(checkpoint)
+    spec = dict(state["spec"])
+    if out is not None:
+        spec["out"] = str(out)
+    command = command or (f"opdcells.pretrain.resume_pretraining({str(checkpoint)!r}, max_minutes="
+                          f"{max_minutes}, chunk_epochs={chunk_epochs}, export_only={export_only})")
+    return _run(spec, state, Path(checkpoint), max_minutes=max_minutes, chunk_epochs=chunk_epochs,
+                workers=workers, command=command, verbose=verbose, export_only=export_only)
+
+
+def default_weights_dtype(backbone: str) -> str:
+    """Storage dtype of a ``backbone`` encoder's weights file unless asked otherwise.
+
+    Parameters
+    ----------
+    backbone : str
+        A key of :data:`~opdcells.pretrain_options.BACKBONES`.
+
+    Returns
+    -------
+    str
+        ``"float16"`` for :data:`~opdcells.pretrain_options.FLOAT16_BACKBONES`, else ``"float32"``.
+    """
+    return "float16" if backbone in FLOAT16_BACKBONES else "float32"
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+
+
+def _view_config(record: dict) -> ViewConfig:
+    return ViewConfig(zoom=record["zoom"], crop_shift=record["crop_shift"],
+                      augment=AugmentConfig(**record["augment"]))
+
+
+def _build_encoder(spec: dict, size: int, state: dict | None):
+    """The run's encoder: from ``init`` (or random) for a new run; a resumed run rebuilds the recorded
+    architecture (random weights: the checkpoint's are assigned later)."""
+    saved = (state or {}).get("info") or {}
+    weights = spec["init"] if state is None and spec["init"] is not None else "none"
+    encoder, info = models.build_encoder(
+        BACKBONES[spec["backbone"]], input_shape=(size, size, 1), input_size=spec["input_size"],
+        weights=weights, norm_scale_nm=spec["norm_scale_nm"], alpha=saved.get("alpha", spec["alpha"]),
+        seed=spec["seed"], dinov2_config=saved.get("dinov2_config") or spec["dinov2_config"])
+    if state is not None:
+        info = {**info, **{k: saved[k] for k in ("init", "weights_source") if k in saved}}
+    return encoder, info
+
+
+def _variables(trainer) -> dict[str, list]:
+    """What a checkpoint holds: the pretraining model's variables and its optimiser's."""
+    return {"model": list(trainer.weights), "optimizer": list(trainer.optimizer.variables)}
+
+
+def _restore(trainer, folder: Path, batch) -> None:
+    """Create every variable of ``trainer`` (one inference pass of its loss, the optimiser's slots) and
+    assign the checkpoint's values."""
+    x, y = batch if isinstance(batch, (tuple, list)) else (batch, None)
+    trainer.pretext_loss(x, x, y, training=False)   # builds the heads (no state changes in inference)
+    trainer.optimizer.build(trainer.trainable_variables)
+    restore_checkpoint(folder, _variables(trainer))
+    trainer.reset_metrics()
+
+
+class _Checkpointer(keras.callbacks.Callback):
+    """At the end of every complete epoch, write the run's checkpoint (``pretrain_store``)."""
+
+    def __init__(self, folder: Path, state: dict, chunk: dict, steps_per_epoch: int,
+                 started: tuple[float, float]):
+        super().__init__()
+        self.folder, self.state, self.chunk, self.steps_per_epoch = folder, state, chunk, steps_per_epoch
+        self.history: dict[str, list[float]] = {}
+        self.started, self.cpu_started = started   # the chunk's perf_counter() and process_time()
+        self.fit_start, self.first_step = self.started, 0
+
+    def on_train_begin(self, logs=None):
+        self.fit_start, self.first_step = time.perf_counter(), int(self.model.optimizer.iterations.numpy())
+
+    def on_epoch_end(self, epoch, logs=None):
+        for key, value in (logs or {}).items():
+            self.history.setdefault(key, []).append(float(value))
+        steps = int(self.model.optimizer.iterations.numpy())
+        if steps != (epoch + 1) * self.steps_per_epoch:   # an epoch cut short by max_minutes
+            log.info("epoch %d ended after %d of %d steps: no checkpoint", epoch + 1,
+                     steps - epoch * self.steps_per_epoch, self.steps_per_epoch)
+            return
+        now = time.perf_counter()
+        chunk = {**self.chunk, "epochs": [self.chunk["epochs"][0], epoch + 1],
+                 "steps": steps - self.first_step,
+                 "fit_time_s": round(now - self.fit_start, 1), "time_s": round(now - self.started, 1),
+                 "cpu_time_s": round(time.process_time() - self.cpu_started, 1), "stopped_early": False,
+                 "ended": _now()}
+        state = {**self.state, "epochs_done": epoch + 1, "steps_done": steps,
+                 "history": _joined(self.state["history"], self.history),
+                 "chunks": [*self.state["chunks"], chunk]}
+        write_checkpoint(self.folder, state, _variables(self.model))
+
+
+def _joined(before: dict, after: dict) -> dict[str, list[float]]:
+    return {k: [float(v) for v in before.get(k, [])] + [float(v) for v in after.get(k, [])]
+            for k in {**before, **after}}
+
+
+def _run(spec: dict, state: dict | None, ckpt: Path, *, max_minutes, chunk_epochs, workers, command,
+         verbose, export_only: bool = False) -> PretrainResult:
+    """One chunk of a pretraining run (all of it unless stopped): train, probe, write the folder."""
+    started, cpu_started = time.perf_counter(), time.process_time()
+    # recorded before a long run (the tree may change meanwhile), as is the starting folder
+    chunk = {"command": command, "git": _git_commit(), "started": _now()}
+    init_from = state["init_from"] if state else _init_record(spec["init"], BACKBONES[spec["backbone"]])
+    done = int(state["epochs_done"]) if state else 0
+    epochs = int(spec["epochs"])
+    datasets = _open_all(spec["data"])
     try:
-        stream, n_maps, data_record, n_classes = _training_data(
-            method, datasets, n_sim=n_sim, seed=seed, batch_size=batch_size, exclude_test=exclude_test,
-            sim_cache=sim_cache, maps_per_session=sim_maps_per_session, workers=workers)
+        make_stream, n_maps, data_record, n_classes = _training_data(
+            spec["method"], datasets, n_sim=spec["n_sim"], seed=spec["seed"], batch_size=spec["batch_size"],
+            exclude_test=spec["exclude_test"], sim_cache=spec["sim_cache"],
+            maps_per_session=spec["sim_maps_per_session"], workers=workers)
         size = int(data_record["out_size"])
-        steps_per_epoch = n_maps // batch_size
+        steps_per_epoch = n_maps // spec["batch_size"]
         if steps_per_epoch < 1:
-            raise ValueError(f"{n_maps} maps are fewer than one batch of {batch_size}")
-        encoder, info = models.build_encoder(
-            BACKBONES[backbone], input_shape=(size, size, 1), input_size=input_size,
-            weights="none" if init is None else init, norm_scale_nm=norm_scale_nm, alpha=alpha, seed=seed,
-            dinov2_config=dinov2_config)
-        probe = simulated_probe_set(n_probe, seed, cache_dir=sim_cache) if n_probe else None
-        calibration = calibration_maps(stream)
-        recalibrate_batchnorm(encoder, calibration, info["bn_momentum"] or 0.9)
-        probe_before = probe_encoder(encoder, probe) if probe is not None else None
-        trainer = build_pretrainer(method, encoder, n_classes=n_classes, seed=seed, views=views,
-                                   **(method_kw or {}))
-        trainer.compile(optimizer=_optimizer(learning_rate, weight_decay, epochs * steps_per_epoch),
-                        jit_compile=False)
+            raise ValueError(f"{n_maps} maps are fewer than one batch of {spec['batch_size']}")
+        encoder, info = _build_encoder(spec, size, state)
+        probe = simulated_probe_set(spec["n_probe"], spec["seed"], cache_dir=spec["sim_cache"]) \
+            if spec["n_probe"] else None
+        calibration = calibration_maps(make_stream(0))
+        momentum = info["bn_momentum"] or 0.9
+        if state is None:
+            recalibrate_batchnorm(encoder, calibration, momentum)
+            probe_before = probe_encoder(encoder, probe) if probe is not None else None
+        else:
+            probe_before = state["probe_before"]
+        trainer = build_pretrainer(spec["method"], encoder, n_classes=n_classes, seed=spec["seed"],
+                                   views=_view_config(spec["views"]), **spec["method_kw"])
+        trainer.compile(optimizer=_optimizer(spec["learning_rate"], spec["weight_decay"],
+                                             epochs * steps_per_epoch), jit_compile=False)
+        if state is not None:   # a batch of its own stream: the training stream's order stays untouched
+            _restore(trainer, ckpt, next(iter(make_stream(0))))
+            log.info("resumed %s after epoch %d of %d (step %d)", ckpt, done, epochs,
+                     int(trainer.optimizer.iterations.numpy()))
+        stop = epochs if chunk_epochs is None else min(epochs, done + int(chunk_epochs))
         limit, counter = _TimeLimit(None if max_minutes is None else 60.0 * max_minutes), _StepCounter()
+        chunk["epochs"] = [done, done]
+        callbacks = [limit, counter]
+        if spec["checkpoint"]:
+            base = {"spec": spec, "steps_per_epoch": steps_per_epoch, "info": info, "init_from": init_from,
+                    "probe_before": probe_before, "history": (state or {}).get("history", {}),
+                    "chunks": (state or {}).get("chunks", [])}
+            callbacks.append(_Checkpointer(ckpt, base, chunk, steps_per_epoch, (started, cpu_started)))
         fit_start = time.perf_counter()
-        history = trainer.fit(stream, epochs=epochs, callbacks=[limit, counter], shuffle=False,
-                              verbose=verbose).history
+        new = {}
+        if not export_only and done < stop:
+            new = trainer.fit(make_stream(done), epochs=stop, initial_epoch=done, callbacks=callbacks,
+                              shuffle=False, verbose=verbose).history
         fit_time = time.perf_counter() - fit_start
-        recalibrate_batchnorm(encoder, calibration, info["bn_momentum"] or 0.9)
+        recalibrate_batchnorm(encoder, calibration, momentum)
         probe_after = probe_encoder(encoder, probe) if probe is not None else None
     finally:
         for ds in datasets:
             ds.close()
-    history = {k: [float(v) for v in values] for k, values in history.items()}
+    history = _joined((state or {}).get("history", {}), new)
+    chunk.update(epochs=[done, done + len(new.get("loss", []))], steps=counter.steps,
+                 fit_time_s=round(fit_time, 1), time_s=round(time.perf_counter() - started, 1),
+                 cpu_time_s=round(time.process_time() - cpu_started, 1), stopped_early=limit.hit,
+                 ended=_now())
+    chunks = [*(state or {}).get("chunks", []), *([] if export_only else [chunk])]
     config = _pretrain_config(
-        info=info, method=method, backbone=backbone, trainer=trainer, data_record=data_record,
-        history=history, epochs=epochs, steps=counter.steps, steps_per_epoch=steps_per_epoch,
-        batch_size=batch_size, learning_rate=learning_rate, weight_decay=weight_decay, seed=seed,
-        fit_time=fit_time, total_time=time.perf_counter() - started, stopped_early=limit.hit,
-        max_minutes=max_minutes, git=git, init_from=init_from,
-        probe={"before": probe_before, "after": probe_after, "record": probe.record} if probe else None,
-        command=command or _python_command(data, backbone, method, out, epochs, input_size, n_sim, seed,
-                                           batch_size))
-    folder = _write_folder(Path(out), encoder, info, config, history)
-    log.info("pretrained %s (%s) in %.0f s: final loss %.4f -> %s", backbone, method, config["time_s"],
-             config["final_loss"], folder)
+        info=info, spec=spec, trainer=trainer, data_record=data_record, history=history,
+        steps=int(trainer.optimizer.iterations.numpy()), steps_per_epoch=steps_per_epoch, chunks=chunks,
+        stopped_early=limit.hit or len(history.get("loss", [])) < epochs, max_minutes=max_minutes,
+        init_from=init_from, checkpoint=str(ckpt) if spec["checkpoint"] else None,
+        probe={"before": probe_before, "after": probe_after, "record": probe.record} if probe else None)
+    folder = _write_folder(Path(spec["out"]), encoder, info, config, history, spec["weights_dtype"])
+    log.info("pretrained %s (%s), epoch %d of %d: final loss %.4f -> %s", spec["backbone"], spec["method"],
+             config["epochs_run"], epochs, config["final_loss"], folder)
     return PretrainResult(folder, history, config)
 
 
@@ -378,21 +604,30 @@ def _common_geometry(datasets) -> tuple[float, int]:
 
 def _training_data(method, datasets, *, n_sim, seed, batch_size, exclude_test, sim_cache,
                    maps_per_session=SIM_MAPS_PER_SESSION, workers=1):
-    """(stream, number of maps, data record, number of classes or None) for ``method``."""
+    """(stream factory, number of maps, data record, number of classes or None) for ``method``; the
+    factory takes the number of epochs already done (:func:`corpus_stream`'s ``skip_epochs``)."""
     if datasets and method != "supervised-sim":
         pixel_size, size = _common_geometry(datasets)
-        stream, n_maps, records = dataset_stream(datasets, batch_size=batch_size, seed=seed,
-                                                 exclude_test=exclude_test)
-        return stream, n_maps, {"kind": "datasets", "labels_used": False, "pixel_size_um": pixel_size,
-                                "out_size": size, "datasets": records}, None
+
+        def make_stream(done: int) -> tf.data.Dataset:
+            return dataset_stream(datasets, batch_size=batch_size, seed=seed + done,
+                                  exclude_test=exclude_test)[0]
+
+        _, n_maps, records = dataset_stream(datasets, batch_size=batch_size, seed=seed,
+                                            exclude_test=exclude_test)
+        return make_stream, n_maps, {"kind": "datasets", "labels_used": False, "pixel_size_um": pixel_size,
+                                     "out_size": size, "datasets": records}, None
     corpus = simulate_corpus(n_sim, seed, cache_dir=sim_cache, maps_per_session=maps_per_session,
                              workers=workers)
     labelled = method == "supervised-sim"
     record = {"kind": "simulated", "labels_used": labelled, "pixel_size_um": corpus.record["pixel_size_um"],
               "out_size": corpus.record["out_size"], "simulated": corpus.record,
               "disjoint_from": check_disjoint(corpus, datasets)}
-    stream = corpus_stream(corpus, batch_size=batch_size, seed=seed, labelled=labelled)
-    return stream, len(corpus), record, len(corpus.class_names) if labelled else None
+
+    def make_stream(done: int) -> tf.data.Dataset:
+        return corpus_stream(corpus, batch_size=batch_size, seed=seed, labelled=labelled, skip_epochs=done)
+
+    return make_stream, len(corpus), record, len(corpus.class_names) if labelled else None
 
 
 def _python_command(data, backbone, method, out, epochs, input_size, n_sim, seed, batch_size) -> str:
@@ -402,33 +637,38 @@ def _python_command(data, backbone, method, out, epochs, input_size, n_sim, seed
             f"batch_size={batch_size})")
 
 
-def _pretrain_config(*, info, method, backbone, trainer, data_record, history, epochs, steps, steps_per_epoch,
-                     batch_size, learning_rate, weight_decay, seed, fit_time, total_time, stopped_early,
-                     max_minutes, probe, command, git, init_from=None) -> dict:
+def _pretrain_config(*, info, spec, trainer, data_record, history, steps, steps_per_epoch, chunks,
+                     stopped_early, max_minutes, probe, init_from, checkpoint) -> dict:
     losses = history.get("loss") or [float("nan")]
     return {
-        "method": method,
-        "backbone": backbone,
+        "method": spec["method"],
+        "backbone": spec["backbone"],
         "data": data_record,
-        "epochs": epochs,
+        "epochs": spec["epochs"],
         "epochs_run": len(history.get("loss", [])),
         "steps": int(steps),
         "final_loss": losses[-1],
-        "time_s": round(total_time, 1),
+        "time_s": round(sum(c["time_s"] for c in chunks), 1),
         "pretraining": {
-            "steps_per_epoch": steps_per_epoch, "batch_size": batch_size, "optimizer": "AdamW",
-            "learning_rate": learning_rate, "schedule": "linear warmup (10% of steps, <= 500) + cosine decay",
-            "weight_decay": weight_decay, "clipnorm": 3.0, "seed": seed, "views": trainer.views.as_dict(),
-            "hyperparameters": trainer.hyperparameters, "fit_time_s": round(fit_time, 1),
+            "steps_per_epoch": steps_per_epoch, "batch_size": spec["batch_size"], "optimizer": "AdamW",
+            "learning_rate": spec["learning_rate"],
+            "schedule": "linear warmup (10% of steps, <= 500) + cosine decay",
+            "weight_decay": spec["weight_decay"], "clipnorm": 3.0, "seed": spec["seed"],
+            "views": trainer.views.as_dict(), "hyperparameters": trainer.hyperparameters,
+            "fit_time_s": round(sum(c["fit_time_s"] for c in chunks), 1),
+            "cpu_time_s": round(sum(c["cpu_time_s"] for c in chunks), 1),
             "stopped_early": bool(stopped_early), "max_minutes": max_minutes,
             "batchnorm": "moving statistics recalibrated on up to 256 clean training maps after training",
         },
         "probe": probe,
-        "command": command,
-        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "command": spec["command"],
+        "chunks": chunks,
+        "checkpoint": checkpoint,
+        "weights_dtype": spec["weights_dtype"],
+        "created": _now(),
         "versions": versions(),
         "init_from": init_from,
-        "git": git,
+        "git": chunks[0]["git"] if chunks else None,
         "build_info": {k: v for k, v in info.items() if k not in ("weights_note",)},
     }
 
@@ -448,10 +688,13 @@ def _init_record(init, architecture: str) -> dict | None:
     return record
 
 
-def _write_folder(out: Path, encoder, info: dict, config: dict, history: dict) -> Path:
-    """Encoder weights + config (``models.save_encoder``) with the pretraining record, history, README."""
+def _write_folder(out: Path, encoder, info: dict, config: dict, history: dict, weights_dtype: str) -> Path:
+    """Encoder weights (stored as ``weights_dtype``) + config (``models.save_encoder``) with the pretraining
+    record, history, README."""
     with staging(out) as tmp:
         models.save_encoder(encoder, {**info, "init": "opd-pretrained", "weights_source": None}, tmp)
+        if weights_dtype != "float32":
+            cast_weights_file(tmp / models.ENCODER_WEIGHTS, tmp / models.ENCODER_WEIGHTS, weights_dtype)
         saved = json.loads((tmp / models.ENCODER_CONFIG).read_text())
         merged = {**saved, **config}
         (tmp / models.ENCODER_CONFIG).write_text(json.dumps(merged, indent=1, default=json_default) + "\n")
@@ -515,16 +758,38 @@ def _readme(name: str, config: dict) -> str:
         f"input {config['input_size']} px, OPD / {config['norm_scale_nm']:g} nm) "
         f"pretrained with **{config['method']}** by `opdcells.pretrain`.", "",
         f"* data: {_data_summary(config['data'])}",
-        f"* {config['epochs_run']} epochs, {config['steps']} steps of {batch} maps, "
-        f"final loss {config['final_loss']:.4f}, {config['time_s']:.0f} s",
+        f"* {config['epochs_run']} of {config['epochs']} epochs, {config['steps']} steps of {batch} maps, "
+        f"final loss {config['final_loss']:.4f}, {config['time_s']:.0f} s "
+        f"({config['pretraining']['cpu_time_s']:.0f} s CPU)",
+        f"* weights stored as {config.get('weights_dtype', 'float32')} (loaded as float32)",
         *([f"* continued from `{config['init_from']['folder']}` (its command: "
            f"`{config['init_from'].get('command', '?')}`)"] if config.get("init_from") else []),
         f"* opdcells {__version__}, keras {keras.__version__}, tensorflow {tf.__version__}", "",
         *(_probe_table(config["probe"], probe_labels(config)) if config.get("probe") else []),
         "Reproduce:", "", "```", config["command"], "```", "",
+        *_chunk_lines(config),
         use,
     ]
     return "\n".join(lines) + "\n"
+
+
+def _chunk_lines(config: dict) -> list[str]:
+    """The README's record of the chunks the run ran in, and how to continue an unfinished one."""
+    chunks = config.get("chunks") or []
+    lines = []
+    if len(chunks) > 1 or config["epochs_run"] < config["epochs"]:
+        lines += ["Run in chunks (each continues the last checkpoint; commit of its code):", "",
+                  "| epochs | time | CPU | commit | command |", "|---|---|---|---|---|"]
+        for c in chunks:
+            git = c.get("git") or {}
+            commit = git.get("commit", "?")[:12] + ("+" if git.get("dirty") else "")
+            lines.append(f"| {c['epochs'][0]}-{c['epochs'][1]} | {c['time_s']:.0f} s | "
+                         f"{c['cpu_time_s']:.0f} s | {commit} | `{c['command']}` |")
+        lines.append("")
+    if config["epochs_run"] < config["epochs"] and config.get("checkpoint"):
+        lines += ["Unfinished: continue with", "", "```",
+                  f"python -m opdcells pretrain --resume {config['checkpoint']}", "```", ""]
+    return lines
 
 
 # ---------------------------------------------------------------------- CLI

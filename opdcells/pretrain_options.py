@@ -10,12 +10,15 @@ import shlex
 
 from .console import EXIT_OK, common_options, import_tensorflow
 
-__all__ = ["METHODS", "BACKBONES", "METHOD_DEFAULTS", "DEFAULT_N_SIM", "SIM_MAPS_PER_SESSION", "register",
-           "cli_command", "run"]
+__all__ = ["METHODS", "BACKBONES", "FLOAT16_BACKBONES", "METHOD_DEFAULTS", "DEFAULT_N_SIM",
+           "SIM_MAPS_PER_SESSION", "register", "cli_command", "resume_command", "run"]
 
 METHODS = ("simclr", "byol", "dino", "supervised-sim")
 #: ``--backbone`` -> ``models.build_encoder`` architecture.
 BACKBONES = {"mobilenetv2": "mobilenetv2", "resnet50": "resnet50", "vgg16": "vgg16", "dinov2": "dinov2"}
+#: Backbones whose encoder weights are stored as float16 by default (float32 no-top files: ResNet50
+#: ~94 MB, VGG16 ~59 MB; the shipped encoders must stay under 150 MB together).
+FLOAT16_BACKBONES = ("resnet50", "vgg16")
 SIM_MAPS_PER_SESSION = 40
 DEFAULT_N_SIM = 10000
 #: Per-method defaults: epochs, learning rate, weight decay.
@@ -45,7 +48,8 @@ def register(subparsers) -> None:
                    help="encoder architecture (default %(default)s)")
     p.add_argument("--method", choices=METHODS, default="simclr",
                    help="pretraining method (default %(default)s)")
-    p.add_argument("--out", required=True, help="output folder, e.g. saved_models/NAME; to ship the encoder, "
+    p.add_argument("--out", default=None, help="output folder, e.g. saved_models/NAME (required unless "
+                   "--resume); its checkpoint is OUT.checkpoint; to ship the encoder, "
                    "opdcells/pretrained/NAME plus its opdcells.registry entry (docs/pretraining.md)")
     p.add_argument("--epochs", type=int, default=None, help="default per method: " + ", ".join(
         f"{m} {d['epochs']}" for m, d in METHOD_DEFAULTS.items()))
@@ -63,7 +67,19 @@ def register(subparsers) -> None:
                    help="simulate N maps from unseen sessions and record linear/k-NN probe accuracy "
                         "(default %(default)s: no probe)")
     p.add_argument("--max-minutes", type=float, default=None,
-                   help="stop training after this many minutes (default: no limit)")
+                   help="stop training after this many minutes and write the encoder folder (default: no "
+                        "limit); --resume continues from the last complete epoch")
+    p.add_argument("--chunk-epochs", type=int, default=None, metavar="N",
+                   help="train at most N epochs now (the schedule spans --epochs); continue with --resume")
+    p.add_argument("--resume", default=None, metavar="CHECKPOINT_DIR",
+                   help="continue the run of this checkpoint (OUT.checkpoint, written after every epoch) "
+                        "with its own settings and schedule; only --max-minutes, --chunk-epochs, --workers, "
+                        "--out and --export-only may be given with it")
+    p.add_argument("--export-only", action="store_true",
+                   help="with --resume: train nothing, write the encoder folder of the checkpoint (probed)")
+    p.add_argument("--weights-dtype", choices=("float32", "float16"), default=None,
+                   help="storage of encoder.weights.h5, loaded back as float32 (default float16 for "
+                        f"{', '.join(FLOAT16_BACKBONES)}, else float32)")
     p.add_argument("--sim-cache", default=None, metavar="DIR", help="cache simulated maps as .npz here")
     p.add_argument("--sim-maps-per-session", type=int, default=SIM_MAPS_PER_SESSION, metavar="N",
                    help="maps per simulated session (fewer: more sessions, more acquisition variety; "
@@ -73,15 +89,18 @@ def register(subparsers) -> None:
     p.add_argument("--init", default=None, metavar="ENCODER_DIR",
                    help="start from this encoder folder (an earlier run), or opd / opd:NAME (a registry "
                         "entry), instead of random weights")
-    p.set_defaults(run=run)
+    p.set_defaults(run=run, option_defaults={key: p.get_default(key) for key, _ in _CLI_OPTIONS})
 
 
 _CLI_OPTIONS = (("data", "--data"), ("backbone", "--backbone"), ("method", "--method"), ("out", "--out"),
                 ("epochs", "--epochs"), ("input_size", "--input-size"), ("n_sim", "--n-sim"),
                 ("seed", "--seed"), ("batch_size", "--batch-size"), ("lr", "--lr"), ("alpha", "--alpha"),
                 ("exclude_test", "--exclude-test"), ("probe", "--probe"), ("max_minutes", "--max-minutes"),
-                ("sim_cache", "--sim-cache"), ("sim_maps_per_session", "--sim-maps-per-session"),
-                ("init", "--init"))
+                ("chunk_epochs", "--chunk-epochs"), ("sim_cache", "--sim-cache"),
+                ("sim_maps_per_session", "--sim-maps-per-session"), ("init", "--init"),
+                ("weights_dtype", "--weights-dtype"))
+#: What ``--resume`` takes besides the checkpoint (everything else is the checkpoint's).
+_RESUME_OPTIONS = ("out", "max_minutes", "chunk_epochs")
 
 
 def cli_command(args) -> str:
@@ -106,8 +125,47 @@ def cli_command(args) -> str:
     return " ".join(shlex.quote(p) for p in parts)
 
 
+def resume_command(args) -> str:
+    """The ``python -m opdcells pretrain --resume`` command line of a chunk (recorded in the run).
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        The parsed options.
+
+    Returns
+    -------
+    str
+        The command, shell-quoted.
+    """
+    parts = ["python", "-m", "opdcells", "pretrain", "--resume", str(args.resume)]
+    for key, flag in _CLI_OPTIONS:
+        if key in _RESUME_OPTIONS and getattr(args, key, None) is not None:
+            parts += [flag, str(getattr(args, key))]
+    if args.export_only:
+        parts.append("--export-only")
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def _check_resume_options(args) -> None:
+    """ConfigError unless ``--out`` (new run) or ``--resume`` (only with the options a chunk may change)."""
+    from .errors import ConfigError
+
+    if args.resume is None:
+        if args.out is None:
+            raise ConfigError("--out", "required: the encoder folder to write (or --resume CHECKPOINT_DIR)")
+        if args.export_only:
+            raise ConfigError("--export-only", "needs --resume CHECKPOINT_DIR")
+        return
+    fixed = [flag for key, flag in _CLI_OPTIONS if key not in _RESUME_OPTIONS
+             and getattr(args, key) != args.option_defaults[key]]
+    if fixed:
+        raise ConfigError("--resume", "continues the run with the settings its checkpoint records; "
+                                      f"leave out {', '.join(fixed)}")
+
+
 def run(args) -> int:
-    """Run the ``pretrain`` command: pretrain, then print where the encoder went and its probes.
+    """Run the ``pretrain`` command: pretrain (or resume), then print where the encoder went and its probes.
 
     Parameters
     ----------
@@ -118,20 +176,35 @@ def run(args) -> int:
     -------
     int
         Exit status 0.
-    """
-    import_tensorflow(args.verbose)
-    from .pretrain import pretrain, probe_labels
 
-    command = cli_command(args)
-    result = pretrain(args.data, backbone=args.backbone, method=args.method, out=args.out,
-                      epochs=args.epochs, input_size=args.input_size, n_sim=args.n_sim, seed=args.seed,
-                      batch_size=args.batch_size, learning_rate=args.lr, alpha=args.alpha,
-                      exclude_test=args.exclude_test, n_probe=args.probe, max_minutes=args.max_minutes,
-                      sim_cache=args.sim_cache, sim_maps_per_session=args.sim_maps_per_session,
-                      workers=args.workers, init=args.init, command=command, verbose=0 if args.quiet else 2)
+    Raises
+    ------
+    ConfigError
+        Neither ``--out`` nor ``--resume``, or ``--resume`` with settings of the run.
+    """
+    _check_resume_options(args)
+    import_tensorflow(args.verbose)
+    from .pretrain import pretrain, probe_labels, resume_pretraining
+
+    verbose = 0 if args.quiet else 2
+    if args.resume is not None:
+        result = resume_pretraining(args.resume, max_minutes=args.max_minutes, chunk_epochs=args.chunk_epochs,
+                                    workers=args.workers, out=args.out, export_only=args.export_only,
+                                    command=resume_command(args), verbose=verbose)
+    else:
+        result = pretrain(args.data, backbone=args.backbone, method=args.method, out=args.out,
+                          epochs=args.epochs, input_size=args.input_size, n_sim=args.n_sim, seed=args.seed,
+                          batch_size=args.batch_size, learning_rate=args.lr, alpha=args.alpha,
+                          exclude_test=args.exclude_test, n_probe=args.probe, max_minutes=args.max_minutes,
+                          chunk_epochs=args.chunk_epochs, sim_cache=args.sim_cache,
+                          sim_maps_per_session=args.sim_maps_per_session, workers=args.workers,
+                          init=args.init, weights_dtype=args.weights_dtype, command=cli_command(args),
+                          verbose=verbose)
     cfg = result.config
-    print(f"{result.folder}: {cfg['method']} {cfg['backbone']}, {cfg['steps']} steps, final loss "
-          f"{cfg['final_loss']:.4f}, {cfg['time_s']:.0f} s")
+    print(f"{result.folder}: {cfg['method']} {cfg['backbone']}, epoch {cfg['epochs_run']} of "
+          f"{cfg['epochs']}, {cfg['steps']} steps, final loss {cfg['final_loss']:.4f}, {cfg['time_s']:.0f} s")
+    if cfg["epochs_run"] < cfg["epochs"] and cfg.get("checkpoint"):
+        print(f"  unfinished: python -m opdcells pretrain --resume {cfg['checkpoint']}")
     if cfg.get("probe"):
         for label, key in probe_labels(cfg):
             for task, probe in cfg["probe"][key].items():

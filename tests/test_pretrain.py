@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import h5py
@@ -21,6 +22,7 @@ from opdcells import (
     pretrain_methods,
     pretrain_options,
     pretrain_probes,
+    pretrain_store,
     registry,
 )
 from opdcells.dataset import open_dataset
@@ -354,3 +356,79 @@ def test_shipped_encoder_is_the_default_of_its_family(shipped):
     maps = np.stack([np.pad(m, 48) for m in cell_maps(4)])
     emb = encoder(maps[..., None], training=False).numpy()
     assert np.isfinite(emb).all() and emb.std(axis=0).mean() > 1e-3
+
+
+# ---------------------------------------------------------------------- float16 weights, checkpoints
+
+
+#: Largest deviation of a float16-stored encoder's embeddings from the float32 one, relative to the
+#: largest float32 embedding value (half precision rounds each weight by <= 2**-11 relative; measured
+#: 1.1e-3 for the shipped MobileNetV2).
+FLOAT16_EMBEDDING_RTOL = 5e-3
+
+
+def test_float16_weights_predict_like_float32_and_loading_runs_no_code(tmp_path):
+    f32, f16 = SHIPPED, tmp_path / "f16"        # a trained encoder (a random one is chaotic, not typical)
+    shutil.copytree(f32, f16)
+    pretrain_store.cast_weights_file(f16 / "encoder.weights.h5", f16 / "encoder.weights.h5")
+    assert pretrain_store.weights_file_dtypes(f16 / "encoder.weights.h5") == {"float16"}
+    sizes = [(folder / "encoder.weights.h5").stat().st_size for folder in (f32, f16)]
+    assert sizes[1] < 0.65 * sizes[0]   # half, plus the HDF5 overhead of 260 small datasets
+    # a folder that would run code if loading deserialised anything: a module and config entries naming it
+    marker = tmp_path / "ran"
+    (f16 / "evil.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    config = json.loads((f16 / "config.json").read_text())
+    config.update(module="evil", class_name="Evil", registered_name="evil>Evil")
+    (f16 / "config.json").write_text(json.dumps(config))
+    maps = np.stack([np.pad(m, 48) for m in cell_maps(16)])[..., None]
+    embeddings = {}
+    for name, folder in (("f32", f32), ("f16", f16)):
+        loaded, _ = models.build_encoder("mobilenetv2", weights=folder, input_size=config["input_size"])
+        assert {w.dtype for w in loaded.weights} == {"float32"}
+        embeddings[name] = loaded(maps, training=False).numpy()
+    assert not marker.exists()
+    scale = np.abs(embeddings["f32"]).max()
+    assert scale > 1e-3
+    np.testing.assert_allclose(embeddings["f16"], embeddings["f32"], rtol=0,
+                               atol=FLOAT16_EMBEDDING_RTOL * scale)
+    assert not np.array_equal(embeddings["f16"], embeddings["f32"])   # really stored at lower precision
+
+
+def test_float16_cast_refuses_weights_beyond_its_range(tmp_path):
+    path = tmp_path / "big.weights.h5"
+    with h5py.File(path, "w") as h5:
+        h5.create_dataset("layers/dense/vars/0", data=np.array([1.0, 7e4], np.float32))
+    with pytest.raises(ValueError, match="exceeds float16's range"):
+        pretrain_store.cast_weights_file(path, tmp_path / "out.weights.h5")
+    assert not (tmp_path / "out.weights.h5").exists() and not list(tmp_path.glob(".out*"))
+
+
+def _encoder_weights(folder: Path) -> list[np.ndarray]:
+    encoder, _ = models.build_encoder("dinov2", input_shape=(128, 128, 1), input_size=28, weights=folder)
+    return encoder.get_weights()
+
+
+def test_resumed_run_continues_the_schedule_of_the_uninterrupted_one(tmp_path, capsys):
+    kw = {"backbone": "dinov2", "method": "supervised-sim", "epochs": 2, "input_size": 28, "n_sim": 10,
+          "batch_size": 5, "dinov2_config": TINY_DINOV2, "sim_cache": tmp_path / "cache",
+          "sim_maps_per_session": 1}
+    whole = pretrain.pretrain(out=tmp_path / "whole", checkpoint=False, **kw)
+    first = pretrain.pretrain(out=tmp_path / "chunked", chunk_epochs=1, **kw)
+    assert (first.config["epochs_run"], first.config["steps"]) == (1, 2)
+    assert "--resume" in (tmp_path / "chunked" / "README.md").read_text()
+    checkpoint = tmp_path / "chunked.checkpoint"
+    assert pretrain_store.read_checkpoint_state(checkpoint)["epochs_done"] == 1
+    assert cli.main(["pretrain", "--resume", str(checkpoint), "--epochs", "3", "-q"]) == 2   # fixed settings
+    assert "leave out --epochs" in capsys.readouterr().err
+    assert cli.main(["pretrain", "--resume", str(checkpoint), "-q"]) == 0
+    config = json.loads((tmp_path / "chunked" / "config.json").read_text())
+    assert (config["epochs_run"], config["steps"]) == (2, 4) and config["weights_dtype"] == "float32"
+    assert [c["epochs"] for c in config["chunks"]] == [[0, 1], [1, 2]]
+    assert config["chunks"][1]["command"] == f"python -m opdcells pretrain --resume {checkpoint}"
+    assert config["chunks"][1]["git"] == config["git"] and config["command"] == first.config["command"]
+    np.testing.assert_allclose(config["final_loss"], whole.config["final_loss"], rtol=1e-4)
+    weights = [_encoder_weights(tmp_path / name) for name in ("whole", "chunked")]
+    for a, b in zip(*weights, strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
+    assert cli.main(["pretrain", "--resume", str(tmp_path / "whole"), "-q"]) == 2
+    assert "whole: not a pretraining checkpoint" in capsys.readouterr().err

@@ -301,3 +301,23 @@ def test_morphology_measured_near_the_threshold_only_gives_the_same_candidates(s
     assert (tmp_path / "near/candidates.csv").read_bytes() == (tmp_path / "all/candidates.csv").read_bytes()
     with pytest.raises(ScreenError, match="ood_morphology"):
         screen_settings(model, ood_morphology="some")
+
+
+def test_only_maps_near_or_above_the_threshold_are_predicted_again_with_tta(sample, tmp_path):
+    from opdcells.screen import REFINE_MARGIN_LOGIT
+
+    class TTAModel(MassModel):
+        tta = True
+        augmented: list = []
+
+        def predict_proba(self, maps, batch_size=64, *, tta=None):
+            if tta:
+                self.augmented.append(len(maps))
+            return super().predict_proba(maps, batch_size)
+
+    model = TTAModel(tmp_path, {"temperature": 1.0, "targets": ["SW480"], "operating_point": point(0.9)})
+    run(model, [sample], tmp_path / "out")
+    logits = special.logit(np.clip([float(r["p_target"]) for r in read(tmp_path / "out/scores.csv")], 1e-9,
+                                   1 - 1e-9))
+    near = int((logits >= special.logit(0.9) - REFINE_MARGIN_LOGIT).sum())
+    assert 0 < sum(model.augmented) == near < len(logits)

@@ -60,6 +60,8 @@ def main(argv=None) -> int:
     p.add_argument("--sample", type=Path, help="screen this sample folder instead of simulating one")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--ood-morphology", choices=("near", "all"), default="near",
+                   help="maps whose OOD morphology features are measured (screen's; 'all' as before)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
@@ -89,7 +91,7 @@ def main(argv=None) -> int:
         keras_model.predict(np.zeros((8, *model.input_shape[:2], 1), np.float32), verbose=0)   # tracing
         _, t_bare, c_bare = timed(lambda: keras_model.predict(np.load(Path(tmp) / "maps.npy")[..., None],
                                                               batch_size=args.batch_size, verbose=0))
-        settings = screen_settings(model)
+        settings = screen_settings(model, ood_morphology=args.ood_morphology)
         result, t_screen, c_screen = timed(lambda: screen_files(
             model, [sample], Path(tmp) / "out", settings, options=options, ood=ood_check(model),
             batch_size=args.batch_size, workers=args.workers))

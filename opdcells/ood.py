@@ -258,11 +258,32 @@ class OODDetector:
         self.quantile = float(quantile)
         return self.score(inputs)
 
-    def score(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+    def score(self, inputs: dict[str, np.ndarray],
+              measured: dict[str, np.ndarray] | None = None) -> np.ndarray:
         """OOD score (N,) of maps: the largest block distance over that block's threshold (above 1:
-        out of distribution)."""
-        return np.max([block.distance(inputs[name]) / block.threshold for name, block in self.blocks.items()],
-                      axis=0)
+        out of distribution).
+
+        Parameters
+        ----------
+        inputs : dict of str to (N, D) ndarray
+            The blocks' inputs (:func:`model_inputs`); a block's rows need only be filled where
+            ``measured`` says so.
+        measured : dict of str to (N,) bool ndarray, optional
+            Per block, the maps whose input was measured; the others are scored on the remaining blocks
+            only (screening measures the morphology block only for maps near the threshold). Every map
+            must have at least one measured block. Default: every block of every map.
+
+        Returns
+        -------
+        (N,) float64 ndarray
+        """
+        n = len(next(iter(inputs.values())))
+        scores = np.full(n, -np.inf)
+        for name, block in self.blocks.items():
+            rows = np.asarray(measured[name]) if measured and name in measured else np.ones(n, bool)
+            if rows.any():
+                scores[rows] = np.maximum(scores[rows], block.distance(inputs[name][rows]) / block.threshold)
+        return scores
 
     def flag(self, scores) -> np.ndarray:
         """Boolean flags (N,): score above the threshold."""

@@ -794,14 +794,33 @@ def _smoothed_basis(shape: tuple[int, int], order: int, pixel_size_um: float) ->
     return smoothed
 
 
+@functools.lru_cache(maxsize=32)
+def _axis_powers(n: int, order: int) -> np.ndarray:
+    """``(n, order + 1)`` powers ``t**p`` of the ``n`` pixel coordinates ``t`` on [-1, 1] (read-only)."""
+    powers = np.linspace(-1.0, 1.0, n)[:, None] ** np.arange(order + 1)
+    powers.setflags(write=False)
+    return powers
+
+
 def _surface_coefficients(opd: np.ndarray, use: np.ndarray, order: int, path) -> np.ndarray:
-    """Least-squares coefficients of the polynomial surface through ``opd[use]`` (normal equations)."""
-    basis = _surface_basis(opd.shape, order)
-    if use.mean() < MIN_BACKGROUND_FRACTION or use.sum() < 10 * len(basis):
-        raise ExportError(path, f"only {use.mean():.1%} of the map is background: too little to fit the "
-                                f"background (a cell filling the field of view, or no clear cell at all)")
-    weighted = basis * use.ravel()
-    return np.linalg.solve(weighted @ basis.T, weighted @ opd.ravel())
+    """Least-squares coefficients of the polynomial surface through ``opd[use]`` (normal equations).
+
+    The monomials ``x**i * y**j`` are separable, so the normal equations' sums over the used pixels are
+    ``y**b @ use @ x**a`` (and ``y**j @ (use * opd) @ x**i``): a few matrix-vector products over the map
+    instead of one product per pair of monomials.
+    """
+    n_terms = (order + 1) * (order + 2) // 2
+    n_used = int(np.count_nonzero(use))
+    if n_used < MIN_BACKGROUND_FRACTION * use.size or n_used < 10 * n_terms:
+        raise ExportError(path, f"only {n_used / use.size:.1%} of the map is background: too little to fit "
+                                f"the background (a cell filling the field of view, or no clear cell at all)")
+    y, x = _axis_powers(opd.shape[0], 2 * order), _axis_powers(opd.shape[1], 2 * order)
+    weights = use.astype(np.float64)
+    moments = y.T @ (weights @ x)                                          # [b, a]: sum y**b x**a
+    data = y[:, :order + 1].T @ ((weights * opd) @ x[:, :order + 1])     # [j, i]: sum y**j x**i opd
+    powers = [(i, j) for i in range(order + 1) for j in range(order + 1 - i)]   # as _surface_basis
+    gram = np.array([[moments[j + q, i + p] for p, q in powers] for i, j in powers])
+    return np.linalg.solve(gram, np.array([data[j, i] for i, j in powers]))
 
 
 def _fit_surface(opd: np.ndarray, use: np.ndarray, order: int, path) -> np.ndarray:
@@ -1139,5 +1158,9 @@ def window_too_small(config: PreprocessConfig, extent_um: float, cut_fraction: f
 
 
 def _longest_axis_px(mask: np.ndarray) -> float:
-    """Major axis length (px) of the ellipse with the same second moments as ``mask`` (scikit-image)."""
-    return float(measure.regionprops(mask.astype(np.uint8))[0].axis_major_length)
+    """Major axis length (px) of the ellipse with the same second moments as ``mask``: 4 sqrt of the
+    larger eigenvalue of its pixels' covariance (scikit-image's ``axis_major_length``)."""
+    rows, cols = np.nonzero(mask)
+    rows, cols = rows - rows.mean(), cols - cols.mean()
+    a, c, b = float(np.mean(rows * rows)), float(np.mean(cols * cols)), float(np.mean(rows * cols))
+    return 4.0 * math.sqrt((a + c) / 2 + math.hypot((a - c) / 2, b))

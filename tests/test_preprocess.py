@@ -298,6 +298,15 @@ def test_fill_holes_and_dilate_equal_scipy_on_the_whole_map(seed):
     np.testing.assert_array_equal(pp.dilate(single, 3.2), ndi.distance_transform_edt(~single) <= 3.2)
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_longest_axis_equals_scikit_image_major_axis(seed):
+    from skimage.measure import label, regionprops
+
+    blobs = label(random_blobs(np.random.default_rng(seed)))
+    for region in regionprops(blobs)[:5]:
+        assert pp._longest_axis_px(blobs == region.label) == pytest.approx(region.axis_major_length, rel=1e-9)
+
+
 @pytest.mark.parametrize("order", [0, 1, 2])
 def test_background_fit_equals_least_squares_and_smooths_once(order):
     rng = np.random.default_rng(order)

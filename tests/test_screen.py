@@ -256,3 +256,68 @@ def test_predict_reads_with_processes_into_the_same_csv_in_file_order(sample, mo
     order = [(r["file"], int(r["index"])) for r in rows]
     dropped_maps = [r for r in read(tmp_path / "w2.dropped.csv") if r["index"] != ""]
     assert order == sorted(order) and len(order) == 44 - len(dropped_maps)
+
+
+def test_morphology_measured_near_the_threshold_only_gives_the_same_candidates(sample, tmp_path, monkeypatch):
+    from opdcells import ood, screen
+    from opdcells.features import feature_matrix
+
+    def embed(maps):   # a stand-in embedding: total OPD and area of each map
+        maps = np.asarray(maps, float)
+        return np.stack([maps.sum(axis=(1, 2)) * 1e-4, (maps > 50).sum(axis=(1, 2)) * 1e-2], axis=1)
+
+    model = MassModel(tmp_path, {"temperature": 1.0, "targets": ["SW480"], "operating_point": point(0.5)})
+    model.config["pixel_size_um"], model.learner = CONFIG.out_pixel_size_um, object()
+    reads = screen.read_exports(sorted(sample.glob("*.mat")), IngestOptions(config=CONFIG))
+    maps = np.stack([m.opd for r in reads for _, m in r.maps])
+    inputs = {"embedding": embed(maps), "morphology": feature_matrix(maps, CONFIG.out_pixel_size_um)[0]}
+    detector = ood.OODDetector.fit(inputs, np.zeros(len(maps)))
+    detector.calibrate(inputs)
+    detector.save(tmp_path)
+    forward = lambda m, batch_size: (model.predict_proba(m), embed(m))  # noqa: E731  (encoder + head)
+    monkeypatch.setattr(screen, "encoder_pass", lambda model: forward)
+    monkeypatch.setattr(screen._Scorer, "first_pass", lambda self, m: self.forward(m, 64))
+    measured = []
+    real = feature_matrix
+    monkeypatch.setattr("opdcells.features.feature_matrix",
+                        lambda m, px: measured.append(len(m)) or real(m, px))
+    rows, counts = {}, {}
+    for how in ("near", "all"):
+        measured.clear()
+        settings = screen_settings(model, ood_morphology=how)
+        screen_files(model, [sample], tmp_path / how, settings, options=IngestOptions(config=CONFIG),
+                     ood=screen.ood_check(model))
+        rows[how], counts[how] = read(tmp_path / how / "scores.csv"), sum(measured)
+    near = [float(special.logit(np.clip(float(r["p_target"]), 1e-9, 1 - 1e-9))) >= -screen.REFINE_MARGIN_LOGIT
+            for r in rows["all"]]
+    assert 0 < counts["near"] == sum(near) < counts["all"] == len(near)   # "near": only those maps measured
+    for a, b, is_near in zip(rows["near"], rows["all"], near, strict=True):
+        assert (a["file"], a["index"], a["p_target"], a["flagged"]) == (b["file"], b["index"], b["p_target"],
+                                                                        b["flagged"])
+        if is_near:
+            assert a["ood_score"] == b["ood_score"]
+        else:   # the embedding block alone: never above the score of both blocks
+            assert float(a["ood_score"]) <= float(b["ood_score"])
+    assert (tmp_path / "near/candidates.csv").read_bytes() == (tmp_path / "all/candidates.csv").read_bytes()
+    with pytest.raises(ScreenError, match="ood_morphology"):
+        screen_settings(model, ood_morphology="some")
+
+
+def test_only_maps_near_or_above_the_threshold_are_predicted_again_with_tta(sample, tmp_path):
+    from opdcells.screen import REFINE_MARGIN_LOGIT
+
+    class TTAModel(MassModel):
+        tta = True
+        augmented: list = []
+
+        def predict_proba(self, maps, batch_size=64, *, tta=None):
+            if tta:
+                self.augmented.append(len(maps))
+            return super().predict_proba(maps, batch_size)
+
+    model = TTAModel(tmp_path, {"temperature": 1.0, "targets": ["SW480"], "operating_point": point(0.9)})
+    run(model, [sample], tmp_path / "out")
+    logits = special.logit(np.clip([float(r["p_target"]) for r in read(tmp_path / "out/scores.csv")], 1e-9,
+                                   1 - 1e-9))
+    near = int((logits >= special.logit(0.9) - REFINE_MARGIN_LOGIT).sum())
+    assert 0 < sum(model.augmented) == near < len(logits)

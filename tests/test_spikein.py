@@ -63,3 +63,17 @@ def test_parse_spikes_names_the_bad_item(text, message):
 
 def test_parse_spikes_adds_repeated_classes():
     assert parse_spikes("SW480:2, SW620:1,SW480:3") == {"SW480": 5, "SW620": 1}
+
+
+def test_stacks_hold_the_simulated_phase_losslessly_and_shuffled(tmp_path):
+    from opdcells.simulate import simulate_cell
+    from opdcells.spikein import cell_classes, sample_rng
+
+    simulate_sample(tmp_path, 2, {"SW480": 1}, seed=4, maps_per_file=3, progress=False)
+    session, classes = sample_session_of(4), cell_classes(2, {"SW480": 1}, 4)
+    with h5py.File(tmp_path / "stack_0000.mat") as fh:
+        assert fh["phase"].shuffle and fh["phase"].compression == "gzip"
+        for i, name in enumerate(classes):
+            opd_nm = simulate_cell(name, sample_rng(4, 1, i), session)[0]
+            expected = (opd_nm * (2 * np.pi / session.wavelength_nm)).T.astype(np.float32)
+            assert np.array_equal(fh["phase"][i], expected)

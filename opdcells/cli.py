@@ -430,7 +430,7 @@ def register_screen(subparsers) -> None:
         The commands of the parser.
     """
     from .calibration import DEFAULT_FPR
-    from .screen import DEFAULT_PREVALENCE
+    from .screen import DEFAULT_PREVALENCE, OOD_MORPHOLOGY
 
     p = subparsers.add_parser(
         "screen", parents=[common_options()], help="screen a sample for rare target cells",
@@ -453,6 +453,10 @@ def register_screen(subparsers) -> None:
                    help="raise the threshold to the sample's own upper quantile when more maps score "
                         "above it than --fpr and --prevalence allow (caps the candidates: give the largest "
                         "plausible --prevalence)")
+    p.add_argument("--ood-morphology", choices=OOD_MORPHOLOGY, default="near",
+                   help="maps whose out-of-distribution morphology features (dry mass, area, shape) are "
+                        "measured: 'near' the threshold or above it (the candidates and flags are the same, "
+                        "8 ms a map less) or 'all' (every map's OOD score uses them) (default %(default)s)")
     p.add_argument("--batch-size", type=int, default=256, metavar="B",
                    help="maps predicted together (default %(default)s)")
     add_workers_option(p)
@@ -494,7 +498,8 @@ def run_screen(args) -> int:
 
     model = load_model(args.model, saved_models=args.saved_models)
     settings = screen_settings(model, targets=args.target, fpr=args.fpr, prevalence=args.prevalence,
-                               shard=args.shard, sample_check=args.sample_check)
+                               shard=args.shard, sample_check=args.sample_check,
+                               ood_morphology=args.ood_morphology)
     result = screen_files(model, args.exports, args.out, settings, options=ingest_options(model,
                           **reading_options(args)), ood=ood_check(model), batch_size=args.batch_size,
                           workers=args.workers, progress=not args.quiet)

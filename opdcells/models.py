@@ -664,7 +664,7 @@ def build_model(
     """Classifier: :func:`build_encoder` (same keyword arguments) + dropout + Dense softmax head.
 
     With ``physical_quantities`` the layer named ``encoder`` is the CNN encoder (then named
-    ``cnn_encoder``) with :class:`PhysicalQuantities` of the input, standardised by the Normalization layer
+    ``map_encoder``) with :class:`PhysicalQuantities` of the input, standardised by the Normalization layer
     ``quantities_norm``, concatenated to its embedding (:func:`with_quantities`); adapt that layer on the
     training maps (:func:`adapt_quantities`) before training.
 
@@ -715,7 +715,7 @@ def build_model(
 
 
 def with_quantities(encoder: keras.Model, quantities, pixel_size_um: float) -> keras.Model:
-    """The encoder ``encoder`` (renamed ``cnn_encoder``) whose embedding is concatenated with standardised
+    """The encoder ``encoder`` (renamed ``map_encoder``) whose embedding is concatenated with standardised
     :class:`PhysicalQuantities` of its input.
 
     Parameters
@@ -733,7 +733,7 @@ def with_quantities(encoder: keras.Model, quantities, pixel_size_um: float) -> k
         ``encoder``: (N, S, S, 1) nm -> (N, D + Q); the Normalization layer ``quantities_norm`` is the
         identity until adapted (:func:`adapt_quantities`).
     """
-    encoder.name = "cnn_encoder"
+    encoder.name = "map_encoder"
     inputs = keras.Input(shape=encoder.input_shape[1:], name="opd_nm")
     measured = PhysicalQuantities(pixel_size_um, quantities, name="physical_quantities")(inputs)
     standardised = keras.layers.Normalization(axis=-1, name="quantities_norm")(measured)

@@ -470,7 +470,7 @@ def test_model_with_quantities_saves_loads_safely_and_its_encoder_feeds_the_head
 
     from opdcells.explain import grad_cam
 
-    maps, labels = discs_and_rings(12, seed=2)
+    maps = discs_and_rings(12, seed=2)[0]
     names = ("dry_mass_pg", "area_um2", "gyration_radius_um")
     model, info = build_model("mobilenetv2", 2, **tiny_kwargs("mobilenetv2"), physical_quantities=names,
                               pixel_size_um=0.5)
@@ -480,8 +480,6 @@ def test_model_with_quantities_saves_loads_safely_and_its_encoder_feeds_the_head
     measured = models.adapt_quantities(model, [maps[:6], maps[6:]])
     norm = model.get_layer("encoder").get_layer("quantities_norm")
     np.testing.assert_allclose(np.asarray(norm.mean).ravel(), measured.mean(axis=0), rtol=1e-4)
-    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", run_eagerly=True)
-    model.fit(maps, labels, batch_size=12, epochs=1, verbose=0)
     proba = np.asarray(model(maps, training=False))
 
     model.save(tmp_path / "model.keras")

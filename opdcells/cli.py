@@ -178,6 +178,7 @@ TRAIN_OPTIONS = [
     (("--label-smoothing",), "label_smoothing", {"type": float, "metavar": "EPS"}),
     (("--head-epochs",), "head_epochs", {"type": int, "metavar": "N"}),
     (("--freeze-batchnorm",), "freeze_batchnorm", _BOOL),
+    (("--physical-quantities",), "physical_quantities", _BOOL),
     (("--augment",), "augment", _BOOL),
     (("--tta",), "tta", _BOOL),
     (("--norm-scale-nm",), "norm_scale_nm", {"type": float, "metavar": "NM"}),

@@ -46,6 +46,12 @@ LR_SCHEDULES = ("constant", "cosine")
 OPTIMIZERS = ("adam", "adamw")
 #: What a saved train_config without the recipe's fields (written before them) was trained with.
 PRE_RECIPE = {"optimizer": "adam", "weight_decay": 0.0, "warmup_epochs": 0, "label_smoothing": 0.0}
+#: Physical quantities the deep models' head can see (``opdcells.models.PhysicalQuantities``; units in
+#: the names, ``ring_*`` relative to the cell's mean OPD).
+PHYSICAL_QUANTITIES = ("dry_mass_pg", "area_um2", "phase_volume_um3", "opd_mean_nm", "opd_max_nm",
+                       "opd_std_nm", "gyration_radius_um", "ring_0", "ring_1", "ring_2", "ring_3")
+#: The quantities of ``physical_quantities=True``: all but the phase volume (dry mass x alpha).
+DEFAULT_PHYSICAL_QUANTITIES = tuple(q for q in PHYSICAL_QUANTITIES if q != "phase_volume_um3")
 #: ``split_by`` settings: whole acquisition groups in each part, or single maps (``splits.map_split``).
 SPLIT_BY = ("group", "map")
 #: ``distribute`` settings (:mod:`opdcells.distribute`).
@@ -246,6 +252,12 @@ class TrainConfig:
         fine-tune).
     freeze_batchnorm : bool
         Keep the encoder's BatchNorm statistics fixed while fine-tuning.
+    physical_quantities : bool or list of str
+        The softmax head also sees physical quantities of each map, measured in the model
+        (opdcells.models.PhysicalQuantities): dry mass (pg), projected area (um^2), mean, peak and spread of
+        OPD (nm), radius of gyration (um) and radial-profile ring means (relative), standardised on the
+        training maps. True: DEFAULT_PHYSICAL_QUANTITIES; a list: those names of PHYSICAL_QUANTITIES;
+        False: the map only (model folders saved before this field read as False).
     augment : dict or None
         Augmentation of the training maps (the fields of AugmentConfig: shifts in px, noise and background
         in nm); None: none.
@@ -299,6 +311,7 @@ class TrainConfig:
     label_smoothing: float = 0.1
     head_epochs: int = 0
     freeze_batchnorm: bool = False
+    physical_quantities: bool | list = True
     augment: dict | None = field(default_factory=lambda: AugmentConfig().as_dict())
     tta: bool = True
     norm_scale_nm: float | None = None
@@ -349,6 +362,11 @@ class TrainConfig:
             (not (0 <= self.test_size < 1 and 0 <= self.val_size < 1),
              "test_size and val_size must lie in [0, 1)"),
         ]
+        if isinstance(self.physical_quantities, list):
+            unknown = sorted(set(self.physical_quantities) - set(PHYSICAL_QUANTITIES))
+            problems.append((bool(unknown) or not self.physical_quantities,
+                             "physical_quantities must be true, false or some of "
+                             f"{', '.join(PHYSICAL_QUANTITIES)} (not {', '.join(unknown) or 'none'})"))
         if self.augment is not None:
             unknown = set(self.augment) - {f.name for f in dataclasses.fields(AugmentConfig)}
             problems.append((bool(unknown), f"augment has unknown keys {', '.join(sorted(unknown))}"))
@@ -367,6 +385,13 @@ class TrainConfig:
     def build_kw(self) -> dict:
         """Keyword arguments of ``models.build_model`` beyond the geometry: ``alpha`` and ``model_kw``."""
         return {**({"alpha": self.alpha} if self.alpha is not None else {}), **self.model_kw}
+
+    @property
+    def quantity_names(self) -> tuple[str, ...]:
+        """The names :attr:`physical_quantities` stands for (empty when off)."""
+        if self.physical_quantities is True:
+            return DEFAULT_PHYSICAL_QUANTITIES
+        return tuple(self.physical_quantities or ())
 
     @property
     def resolved_split_seed(self) -> int:
@@ -430,7 +455,8 @@ class TrainConfig:
         if model == FEATURES:
             if given.pop("tta", None):
                 log.warning("features ignore orientation: test-time augmentation would not change them; off")
-            deep_only = {"alpha", "input_size", "head_epochs", "freeze_batchnorm", "model_kw"}
+            deep_only = {"alpha", "input_size", "head_epochs", "freeze_batchnorm", "model_kw",
+                         "physical_quantities"}
             ignored = sorted(set(given) & deep_only)
             if ignored or weights != RANDOM:   # settings shared with deep models in one call (notebooks)
                 log.info("features are hand-crafted: %s ignored", ", ".join(ignored + ["weights"] * (
@@ -439,7 +465,7 @@ class TrainConfig:
             defaults = {"epochs": p.features_epochs, "patience": p.features_patience,
                         "learning_rate": p.features_learning_rate, "batch_size": p.batch_size}
             return cls(model=model, profile=profile, weights=RANDOM, alpha=None, input_size=None,
-                       augment=None, tta=False, **{**defaults, **given})
+                       augment=None, tta=False, physical_quantities=False, **{**defaults, **given})
         from .registry import resolve_weights  # the encoder folder's config.json (no TensorFlow)
 
         saved = resolve_weights(model, weights).config
@@ -455,6 +481,7 @@ class TrainConfig:
                 model, p.learning_rate),
             "head_epochs": PRETRAINED_HEAD_EPOCHS if pretrained else 0, "freeze_batchnorm": pretrained,
             "tta": bool(augment and augment["rotate90"] and augment["flip"]),
+            "physical_quantities": not pretrained,   # unmeasured on OPD-pretrained encoders
             **({**PRE_RECIPE, "lr_schedule": "constant"} if pretrained else {}),
         }
         return cls(model=model, profile=profile, weights=weights, augment=augment, **{**defaults, **given})
@@ -508,7 +535,8 @@ class TrainConfig:
         a saved config lacks (:data:`PRE_RECIPE`) are what it was trained with then, not today's defaults."""
         if "train_config" in config:   # saved before the recipe's fields: trained without them
             saved = config["train_config"]
-            return cls.from_dict({**PRE_RECIPE, **saved} if isinstance(saved, dict) else saved, where)
+            before = {**PRE_RECIPE, "physical_quantities": False}
+            return cls.from_dict({**before, **saved} if isinstance(saved, dict) else saved, where)
         training, split = config.get("training") or {}, config.get("split") or {}
         model_kw = dict(training.get("model_kw") or {})
         alpha = model_kw.pop("alpha", None)
@@ -521,7 +549,7 @@ class TrainConfig:
             "alpha": alpha, "input_size": config.get("input_size"), "model_kw": model_kw,
             **{k: training[k] for k in ("epochs", "patience", "batch_size", "learning_rate", "seed",
                                         "head_epochs", "freeze_batchnorm", "augment") if k in training},
-            "profile": training.get("profile"), **PRE_RECIPE,
+            "profile": training.get("profile"), **PRE_RECIPE, "physical_quantities": False,
             "tta": config.get("test_time_augmentation") == TTA_DIHEDRAL,
             "norm_scale_nm": None,
             "split_seed": split.get("seed"), "test_size": split.get("test_size"),

@@ -12,10 +12,11 @@ Settings (``distribute`` of the training configuration):
 
 Keras 3's ``model.fit`` cannot run under ``MultiWorkerMirroredStrategy`` (it fails converting the
 per-replica batches, keras-team/keras#20585, open for Keras 3.7-3.15), so distributed training uses
-:func:`fit_distributed`: a plain loop over ``strategy.run`` with the same loss (class-weighted sparse
-cross-entropy over the global batch), the same optimizer and early stopping on the validation loss with
-the best weights restored. Synchronous data parallelism with the global batch split over the replicas
-computes the same gradients as one device (up to summation order; BatchNorm statistics are per replica).
+:func:`fit_distributed`: a plain loop over ``strategy.run`` with the same loss (the recipe's
+class-weighted cross-entropy with label smoothing, over the global batch), the same optimizer and early
+stopping on the validation loss with the best weights restored. Synchronous data parallelism with the
+global batch split over the replicas computes the same gradients as one device (up to summation order;
+BatchNorm statistics are per replica).
 """
 from __future__ import annotations
 
@@ -149,7 +150,7 @@ def _sharded(dataset):
 
 def fit_distributed(strategy, model, optimizer, train, val, *, epochs: int, global_batch: int,
                     class_weight: dict[int, float] | None = None, patience: int | None = None,
-                    log_every_epoch: bool = True) -> dict[str, list[float]]:
+                    label_smoothing: float = 0.0, log_every_epoch: bool = True) -> dict[str, list[float]]:
     """Train ``model`` under ``strategy`` with synchronous data parallelism.
 
     Parameters
@@ -168,21 +169,26 @@ def fit_distributed(strategy, model, optimizer, train, val, *, epochs: int, glob
         Class id -> weight of its maps in the loss.
     patience : int, optional
         Stop after this many epochs without a lower validation loss; the best weights are restored.
+    label_smoothing : float
+        The recipe's label smoothing of the loss (``recipe.SmoothedSparseCrossentropy``), in [0, 1).
+    log_every_epoch : bool
+        Log each epoch's losses and accuracies.
 
     Returns
     -------
     dict
         ``loss``, ``accuracy`` (and ``val_loss``, ``val_accuracy``) per epoch, like Keras' history.
     """
-    import keras
     import tensorflow as tf
+
+    from .recipe import SmoothedSparseCrossentropy  # the recipe's loss, as model.fit gets it
 
     n_classes = int(model.output_shape[-1])
     weights = np.ones(n_classes, np.float32)
     for k, w in (class_weight or {}).items():
         weights[int(k)] = w
     weights = tf.constant(weights)
-    cross_entropy = keras.losses.SparseCategoricalCrossentropy(reduction="none")
+    cross_entropy = SmoothedSparseCrossentropy(label_smoothing, reduction="none")
 
     def totals(x, y, training: bool):
         proba = model(x, training=training)

@@ -807,7 +807,35 @@ def evaluate_model(model: SavedModel, dataset, indices=None, *, batch_size: int 
             log.warning("%s: %s", model.name, geometry)
             report["warnings"].append(geometry)
         report["test_time_augmentation"] = TTA_DIHEDRAL if model.uses_tta(tta) else None
+        report["validation_at_best_epoch"] = validation_at_best_epoch(model)
         return Evaluation(report, indices, y_true, proba, model.class_names)
+
+
+def validation_at_best_epoch(model: SavedModel) -> dict | None:
+    """The validation accuracy and loss of the epoch whose weights the model kept (early stopping's best),
+    from its history.csv and config.json ``training.best_epoch``.
+
+    Parameters
+    ----------
+    model : SavedModel
+        A trained model folder.
+
+    Returns
+    -------
+    dict or None
+        ``epoch`` (1-based; a boosting iteration for ``features``), ``val_accuracy`` and ``val_loss``; None
+        when the folder has no history or the run had no validation maps.
+    """
+    best = (model.config.get("training") or {}).get("best_epoch")
+    path = Path(model.folder) / "history.csv"
+    if not best or not path.is_file():
+        return None
+    frame = pd.read_csv(path)
+    if "val_accuracy" not in frame or len(frame) < best:
+        return None
+    row = frame.iloc[int(best) - 1]
+    return {"epoch": int(best), "val_accuracy": float(row["val_accuracy"]),
+            "val_loss": float(row["val_loss"]) if "val_loss" in frame else None}
 
 
 def rows_digest(dataset, indices) -> str:

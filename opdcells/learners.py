@@ -52,14 +52,17 @@ class _KerasLearner:
         self._build = build        # () -> (model, info): the same model outside any strategy
 
     @classmethod
-    def create(cls, settings: TrainConfig, n_classes: int, input_shape, norm_scale_nm: float):
+    def create(cls, settings: TrainConfig, n_classes: int, input_shape, norm_scale_nm: float,
+               pixel_size_um: float | None = None):
         from .distribute import make_strategy, resolve
         from .models import build_model
 
         def build():
             return build_model(settings.model, n_classes, input_shape=tuple(input_shape),
                                input_size=settings.input_size, weights=settings.weights,
-                               norm_scale_nm=norm_scale_nm, seed=settings.seed, **settings.build_kw)
+                               norm_scale_nm=norm_scale_nm, seed=settings.seed,
+                               physical_quantities=settings.quantity_names, pixel_size_um=pixel_size_um,
+                               **settings.build_kw)
 
         if resolve(settings.distribute) == "none":
             return cls(*build())
@@ -95,8 +98,10 @@ class _KerasLearner:
                                   class_weight=class_weight, callbacks=callbacks, verbose=verbose,
                                   shuffle=False).history   # the stream shuffles every epoch itself
 
-        from .models import batch_norm_layers
+        from .models import adapt_quantities, batch_norm_layers
 
+        # the head's physical quantities, standardised on the training maps as they are (no augmentation)
+        adapt_quantities(self.model, make_tf_dataset(dataset, split.train, None, batch_size=256))
         encoder = self.model.get_layer("encoder")
         history = {}
         if settings.head_epochs > 0:   # linear probe, then fine-tune (LP-FT, Kumar et al. 2022)
@@ -127,7 +132,8 @@ class _KerasLearner:
         with self.strategy.scope():
             optimizer = make_optimizer()
         return fit_distributed(self.strategy, self.model, optimizer, train_stream, val_stream, epochs=epochs,
-                               global_batch=settings.batch_size, class_weight=class_weight, patience=patience)
+                               global_batch=settings.batch_size, class_weight=class_weight, patience=patience,
+                               label_smoothing=settings.label_smoothing)
 
     def _leave_strategy(self) -> None:
         """Copy the trained weights into the same model built outside the strategy (Keras predicts and saves

@@ -13,10 +13,16 @@ Encoder (:func:`build_encoder`), input ``(S, S, 1)`` float32 OPD in nm at the da
    ``keras_hub`` DINOV2Backbone -- and pooling (global average of the last feature map; the CLS token,
    DINOv2's pooled output, for DINOv2) to an embedding vector.
 
-:func:`build_model` adds dropout and a Dense softmax head. Every BatchNormalization layer gets momentum
-``bn_momentum`` (default 0.9): with Keras' 0.99/0.999 the moving statistics never settle when training
-from scratch on a few thousand maps, and evaluation-mode accuracy stays at chance while training accuracy
-climbs (measured in tests/test_models.py).
+:func:`build_model` adds dropout and a Dense softmax head; with ``physical_quantities`` the head also
+sees rotation-invariant physical quantities of the map measured in-graph (:class:`PhysicalQuantities`:
+dry mass, projected area, mean / peak / spread of OPD, radius of gyration, radial-profile rings),
+standardised by a Normalization layer adapted on the training maps (:func:`adapt_quantities`); the
+layer named ``encoder`` then outputs the CNN embedding concatenated with them, so it stays the exact
+input of the ``classifier`` layer (what screening's OOD detector and ``explain.embed`` read).
+
+Every BatchNormalization layer gets momentum ``bn_momentum`` (default 0.9): with Keras' 0.99/0.999 the
+moving statistics never settle when training from scratch on a few thousand maps, and evaluation-mode
+accuracy stays at chance while training accuracy climbs (measured in tests/test_models.py).
 
 Weights (``weights=``, resolved by ``opdcells.registry.resolve_weights``): ``"random"`` (or "none"),
 ``"imagenet"`` (keras.applications' own cache/download mechanism; if that fails the model is random and
@@ -43,9 +49,11 @@ from typing import Any
 
 import keras
 import keras_hub  # imported eagerly: registers DINOV2Backbone for keras.saving.load_model
+import numpy as np
 
 from . import __version__, registry
-from .config import ALIASES, FAMILIES, IMAGENET, resolve_alias
+from .config import ALIASES, FAMILIES, IMAGENET, PHYSICAL_QUANTITIES, resolve_alias
+from .features import ALPHA_ML_PER_G, OUTLINE_FRACTION
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +126,135 @@ class OPDScale(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "scale_nm": self.scale_nm}
+
+
+#: Radial-profile rings of :class:`PhysicalQuantities` (equal widths out to the equivalent radius), as
+#: ``opdcells.features.RADIAL_BINS``.
+QUANTITY_RINGS = 4
+#: Floor (nm) of the cell outline of :class:`PhysicalQuantities`: a map whose peak is noise finds no cell.
+QUANTITY_MIN_THRESHOLD_NM = 5.0
+
+
+@keras.saving.register_keras_serializable(package="opdcells")
+class PhysicalQuantities(keras.layers.Layer):
+    """Rotation-invariant physical quantities of each OPD map, measured in-graph (no weights).
+
+    The cell is every pixel above ``outline_fraction`` of the map's peak OPD (at least ``min_threshold_nm``)
+    -- the outline of :mod:`opdcells.features`, without its connected-component step. Sums over the cell
+    do not change under rotations and reflections of the pixel grid, nor do distances to its mass centre,
+    so every quantity is invariant to the dihedral group of the map:
+
+    * ``dry_mass_pg``: sum of OPD x pixel area / ``alpha_ml_per_g`` (pg; OPD in um, area in um^2 and
+      alpha in mL/g = um^3/pg); alpha is the specific refraction increment, 0.19 mL/g as
+      ``opdcells.features.ALPHA_ML_PER_G`` (Barer 1952, Nature 169:366; Zangle & Teitell 2014, Nat.
+      Methods 11:1221);
+    * ``area_um2``: projected area (um^2); ``phase_volume_um3``: sum of OPD x pixel area (um^3, dry mass x
+      alpha: collinear with the dry mass, so not in the default set);
+    * ``opd_mean_nm``, ``opd_max_nm``, ``opd_std_nm``: mean, peak and standard deviation of OPD over the
+      cell (nm);
+    * ``gyration_radius_um``: OPD-weighted radius of gyration about the mass centre (um);
+    * ``ring_0`` .. ``ring_3``: mean OPD in :data:`QUANTITY_RINGS` rings of equal width out to the
+      equivalent radius, relative to the cell's mean OPD (as ``features``' ``radial_ring_*``).
+
+    Parameters
+    ----------
+    pixel_size_um : float
+        Pixel size (um) of the maps the layer takes (the dataset's, before any resizing).
+    quantities : sequence of str
+        Names of :data:`opdcells.config.PHYSICAL_QUANTITIES`, in the output's column order.
+    outline_fraction : float
+        Fraction of the peak OPD that outlines the cell (``opdcells.features.OUTLINE_FRACTION``).
+    min_threshold_nm : float
+        Lowest outline threshold (nm).
+    alpha_ml_per_g : float
+        Specific refraction increment (mL/g).
+    **kwargs
+        Arguments of ``keras.layers.Layer``.
+
+    Raises
+    ------
+    ValueError
+        For an unknown quantity, none asked for, or a non-positive pixel size or alpha.
+
+    Notes
+    -----
+    Input ``(N, S, S, 1)`` OPD (nm); output ``(N, Q)`` float32, one column per name of ``quantities``.
+    """
+
+    def __init__(self, pixel_size_um: float = 0.25, quantities=PHYSICAL_QUANTITIES,
+                 outline_fraction: float = OUTLINE_FRACTION,
+                 min_threshold_nm: float = QUANTITY_MIN_THRESHOLD_NM,
+                 alpha_ml_per_g: float = ALPHA_ML_PER_G, **kwargs):
+        super().__init__(**kwargs)
+        unknown = sorted(set(quantities) - set(PHYSICAL_QUANTITIES))
+        if unknown or not quantities:
+            raise ValueError(f"physical quantities must be some of {', '.join(PHYSICAL_QUANTITIES)}, "
+                             f"not {unknown or 'none'}")
+        if not (pixel_size_um > 0 and alpha_ml_per_g > 0):
+            raise ValueError("pixel_size_um and alpha_ml_per_g must be positive")
+        self.pixel_size_um = float(pixel_size_um)
+        self.quantities = [str(q) for q in quantities]
+        self.outline_fraction = float(outline_fraction)
+        self.min_threshold_nm = float(min_threshold_nm)
+        self.alpha_ml_per_g = float(alpha_ml_per_g)
+
+    def call(self, x):
+        ops = keras.ops
+        opd = ops.cast(x[..., 0], "float32")                                      # (N, H, W) nm
+        peak = ops.max(opd, axis=(1, 2), keepdims=True)
+        mask = ops.cast(opd > ops.maximum(self.outline_fraction * peak, self.min_threshold_nm), "float32")
+        pixels = ops.maximum(ops.sum(mask, axis=(1, 2)), 1.0)
+        total = ops.sum(opd * mask, axis=(1, 2))                                  # nm x pixels
+        mean = total / pixels
+        spread = ops.sqrt(ops.sum(mask * ops.square(opd - mean[:, None, None]), axis=(1, 2)) / pixels)
+        weight = mask * ops.maximum(opd, 0.0)
+        r2, radius = self._radii(weight, ops.shape(opd)[1], ops.shape(opd)[2])    # px^2, px
+        mass = ops.maximum(ops.sum(weight, axis=(1, 2)), 1e-6)
+        gyration = ops.sqrt(ops.sum(weight * r2, axis=(1, 2)) / mass)
+        pixel_area = self.pixel_size_um ** 2
+        values = {
+            "dry_mass_pg": total * 1e-3 * pixel_area / self.alpha_ml_per_g,
+            "area_um2": ops.sum(mask, axis=(1, 2)) * pixel_area,
+            "phase_volume_um3": total * 1e-3 * pixel_area,
+            "opd_mean_nm": mean, "opd_max_nm": peak[:, 0, 0], "opd_std_nm": spread,
+            "gyration_radius_um": gyration * self.pixel_size_um,
+            **self._rings(opd, mask, ops.sqrt(r2) / radius[:, None, None], mean),
+        }
+        return ops.stack([values[name] for name in self.quantities], axis=-1)
+
+    @staticmethod
+    def _radii(weight, height, width):
+        """Squared distance (px^2) of every pixel to the OPD-weighted mass centre, and the equivalent
+        radius sqrt(area / pi) (px)."""
+        ops = keras.ops
+        rows = ops.cast(ops.arange(height), "float32")[None, :, None]
+        cols = ops.cast(ops.arange(width), "float32")[None, None, :]
+        mass = ops.maximum(ops.sum(weight, axis=(1, 2)), 1e-6)
+        centre_r = ops.sum(weight * rows, axis=(1, 2)) / mass
+        centre_c = ops.sum(weight * cols, axis=(1, 2)) / mass
+        r2 = ops.square(rows - centre_r[:, None, None]) + ops.square(cols - centre_c[:, None, None])
+        area = ops.sum(ops.cast(weight > 0, "float32"), axis=(1, 2))
+        return r2, ops.maximum(ops.sqrt(area / 3.141592653589793), 1.0)
+
+    @staticmethod
+    def _rings(opd, mask, relative_radius, mean):
+        """Mean OPD in each ring of relative radius [k/R, (k+1)/R) (the last one open), over ``mean``."""
+        ops = keras.ops
+        ring = ops.minimum(ops.floor(relative_radius * QUANTITY_RINGS), QUANTITY_RINGS - 1)
+        rings = {}
+        for k in range(QUANTITY_RINGS):
+            inside = mask * ops.cast(ops.equal(ring, float(k)), "float32")
+            ring_mean = ops.sum(opd * inside, axis=(1, 2)) / ops.maximum(ops.sum(inside, axis=(1, 2)), 1.0)
+            rings[f"ring_{k}"] = ring_mean / ops.maximum(mean, 1e-6)
+        return rings
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], len(self.quantities))
+
+    def get_config(self):
+        return {**super().get_config(), "pixel_size_um": self.pixel_size_um, "quantities": self.quantities,
+                "outline_fraction": self.outline_fraction, "min_threshold_nm": self.min_threshold_nm,
+                "alpha_ml_per_g": self.alpha_ml_per_g}
 
 
 @keras.saving.register_keras_serializable(package="opdcells")
@@ -521,9 +658,15 @@ def build_encoder(
 
 
 def build_model(
-    name: str, n_classes: int, *, dropout: float = 0.2, **encoder_kwargs
+    name: str, n_classes: int, *, dropout: float = 0.2, physical_quantities=(),
+    pixel_size_um: float | None = None, **encoder_kwargs
 ) -> tuple[keras.Model, dict]:
     """Classifier: :func:`build_encoder` (same keyword arguments) + dropout + Dense softmax head.
+
+    With ``physical_quantities`` the layer named ``encoder`` is the CNN encoder (then named
+    ``map_encoder``) with :class:`PhysicalQuantities` of the input, standardised by the Normalization layer
+    ``quantities_norm``, concatenated to its embedding (:func:`with_quantities`); adapt that layer on the
+    training maps (:func:`adapt_quantities`) before training.
 
     Parameters
     ----------
@@ -533,6 +676,10 @@ def build_model(
         Classes of the softmax head (at least 2).
     dropout : float
         Dropout rate before the head.
+    physical_quantities : sequence of str
+        Names of ``config.PHYSICAL_QUANTITIES`` the head also sees (empty: the CNN embedding only).
+    pixel_size_um : float, optional
+        Pixel size (um) of the input maps; required with ``physical_quantities``.
     **encoder_kwargs
         Arguments of :func:`build_encoder`.
 
@@ -540,23 +687,112 @@ def build_model(
     -------
     tuple of (keras.Model, dict)
         The classifier ((N, S, S, 1) OPD in nm -> (N, n_classes) probabilities; its encoder is the layer
-        ``encoder``, its head ``classifier``) and the encoder's record with ``n_classes``, ``dropout`` and
-        ``params``.
+        ``encoder``, its head ``classifier``) and the encoder's record with ``n_classes``, ``dropout``,
+        ``physical_quantities`` and ``params``.
 
     Raises
     ------
     ValueError
-        When ``n_classes`` is under 2, or as :func:`build_encoder`.
+        When ``n_classes`` is under 2, quantities are asked for without ``pixel_size_um`` or are unknown,
+        or as :func:`build_encoder`.
     """
     if n_classes < 2:
         raise ValueError(f"n_classes must be at least 2, got {n_classes}")
     encoder, info = build_encoder(name, **encoder_kwargs)
+    quantities = [str(q) for q in physical_quantities or ()]
+    if quantities:
+        if pixel_size_um is None:
+            raise ValueError("physical quantities need the pixel size of the maps (pixel_size_um)")
+        encoder = with_quantities(encoder, quantities, pixel_size_um)
+        info.update(embedding_dim=int(encoder.output_shape[-1]), pixel_size_um=float(pixel_size_um))
     inputs = keras.Input(shape=encoder.input_shape[1:], name="opd_nm")
     x = keras.layers.Dropout(dropout, seed=info["seed"], name="dropout")(encoder(inputs))
     outputs = keras.layers.Dense(n_classes, activation="softmax", name="classifier")(x)
     model = keras.Model(inputs, outputs, name=f"opdcells_{name}")
-    info.update(n_classes=int(n_classes), dropout=float(dropout), params=count_params(model))
+    info.update(n_classes=int(n_classes), dropout=float(dropout), physical_quantities=quantities,
+                params=count_params(model))
     return model, info
+
+
+def with_quantities(encoder: keras.Model, quantities, pixel_size_um: float) -> keras.Model:
+    """The encoder ``encoder`` (renamed ``map_encoder``) whose embedding is concatenated with standardised
+    :class:`PhysicalQuantities` of its input.
+
+    Parameters
+    ----------
+    encoder : keras.Model
+        A :func:`build_encoder` encoder ((N, S, S, 1) nm -> (N, D)).
+    quantities : sequence of str
+        Names of ``config.PHYSICAL_QUANTITIES``.
+    pixel_size_um : float
+        Pixel size (um) of the input maps.
+
+    Returns
+    -------
+    keras.Model
+        ``encoder``: (N, S, S, 1) nm -> (N, D + Q); the Normalization layer ``quantities_norm`` is the
+        identity until adapted (:func:`adapt_quantities`).
+    """
+    encoder.name = "map_encoder"
+    inputs = keras.Input(shape=encoder.input_shape[1:], name="opd_nm")
+    measured = PhysicalQuantities(pixel_size_um, quantities, name="physical_quantities")(inputs)
+    standardised = keras.layers.Normalization(axis=-1, name="quantities_norm")(measured)
+    joined = keras.layers.Concatenate(name="embedding_and_quantities")([encoder(inputs), standardised])
+    return keras.Model(inputs, joined, name="encoder")
+
+
+def quantity_layers(model: keras.Model) -> tuple[PhysicalQuantities, keras.layers.Normalization] | None:
+    """The :class:`PhysicalQuantities` layer of ``model`` and its Normalization (nested models included),
+    or None for a model without them.
+
+    Parameters
+    ----------
+    model : keras.Model
+
+    Returns
+    -------
+    tuple or None
+    """
+    layers = {layer.name: layer for layer in _all_layers(model)}
+    if not isinstance(layers.get("physical_quantities"), PhysicalQuantities):
+        return None
+    return layers["physical_quantities"], layers["quantities_norm"]
+
+
+def adapt_quantities(model: keras.Model, maps) -> np.ndarray | None:
+    """Standardise the physical quantities of ``model`` on ``maps``: adapt ``quantities_norm`` to their
+    mean and variance. Nothing for a model without quantities.
+
+    Parameters
+    ----------
+    model : keras.Model
+        A :func:`build_model` classifier (or its encoder).
+    maps : iterable of array_like (B, S, S, 1)
+        Batches of training maps (nm), e.g. a ``tf.data.Dataset`` of maps without augmentation.
+
+    Returns
+    -------
+    (N, Q) ndarray or None
+        The quantities measured on ``maps`` (None without quantities).
+
+    Raises
+    ------
+    ValueError
+        When ``maps`` holds no map.
+    """
+    layers = quantity_layers(model)
+    if layers is None:
+        return None
+    measure, norm = layers
+    blocks = [keras.ops.convert_to_numpy(measure(batch[0] if isinstance(batch, tuple) else batch))
+              for batch in maps]
+    if not blocks:
+        raise ValueError("no training maps to standardise the physical quantities on")
+    values = np.concatenate(blocks)
+    norm.adapt(values)
+    log.info("physical quantities standardised on %d maps: %s", len(values), ", ".join(
+        f"{name} {m:.3g}" for name, m in zip(measure.quantities, values.mean(axis=0), strict=True)))
+    return values
 
 
 def save_encoder(encoder: keras.Model, info: dict, folder: str | os.PathLike) -> Path:
@@ -621,6 +857,9 @@ def describe(info: dict) -> str:
     source = f" from {info['weights_source']}" if info.get("weights_source") else ""
     params = info.get("params", info.get("encoder_params"))
     head = f", {info['n_classes']} classes" if "n_classes" in info else ""
+    if info.get("physical_quantities"):
+        head += f"; the head sees {len(info['physical_quantities'])} physical quantities (" + ", ".join(
+            info["physical_quantities"][:3]) + (", ..." if len(info["physical_quantities"]) > 3 else "") + ")"
     return (
         f"{arch}, init {info['init']}{source}; input {info['input_size']} px, "
         f"OPD / {info['norm_scale_nm']:g} nm, embedding {info['embedding_dim']}{head}, {params:,} parameters"

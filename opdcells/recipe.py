@@ -11,6 +11,9 @@ experiments, with the commands that ran them, are in ``docs/recipe.md``:
   2017 "SGDR"): keras.optimizers.AdamW and keras.optimizers.schedules.CosineDecay;
 * cross-entropy with label smoothing (Szegedy et al. 2016) on integer labels
   (:class:`SmoothedSparseCrossentropy`; Keras' sparse loss has no smoothing);
+* a head that also sees the map's physical quantities (dry mass, area, OPD profile;
+  ``TrainConfig.physical_quantities``, :class:`opdcells.models.PhysicalQuantities`), standardised on the
+  training maps (``models.adapt_quantities``, called by the Keras learner before fitting);
 * BatchNorm momentum 0.9 for every backbone (:func:`opdcells.models.set_bn_momentum`, applied by
   ``models.build_encoder``): keras.applications' 0.99/0.999 leave the moving statistics unsettled after
   the few hundred steps a few thousand maps give, and evaluation-mode accuracy stays at chance.

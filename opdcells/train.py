@@ -277,7 +277,8 @@ def _create_learner(settings: TrainConfig, dataset, split: Split, n_classes: int
     norm = _normalisation(settings, dataset, split)
     log.info("normalisation scale %.1f nm (%s)", norm["norm_scale_nm"], norm["method"])
     size = dataset.out_size
-    learner = _KerasLearner.create(settings, n_classes, (size, size, 1), norm["norm_scale_nm"])
+    learner = _KerasLearner.create(settings, n_classes, (size, size, 1), norm["norm_scale_nm"],
+                                   dataset.pixel_size_um)
     from .models import saved_encoder_config
 
     saved = saved_encoder_config(settings.model, settings.weights)

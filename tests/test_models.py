@@ -420,3 +420,75 @@ def test_opd_weights_resolve_to_the_backbone_registry_entry(family, tmp_path, mo
     loaded, linfo = build_encoder(family, input_shape=(S, S, 1), input_size=S, weights="opd", seed=9)
     assert weights_equal(loaded, encoder) and linfo["init"] == entry.init
     assert linfo["input_scaling"] == "opd"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The head's physical quantities (issue 13, item 4)
+
+
+def _cell(size: int = 96, centre=(41.3, 52.8), radius_px: float = 20.0, seed: int = 0) -> np.ndarray:
+    """A cell-like OPD map (nm): a spherical cap of 220 nm on a 40 nm plateau, an off-centre nucleolus-like
+    bump (so the map has no rotational symmetry), 1 nm noise."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size].astype(np.float64)
+    r = np.hypot(yy - centre[0], xx - centre[1])
+    cap = np.where(r < radius_px, 40.0 + 220.0 * np.sqrt(np.clip(1 - (r / radius_px) ** 2, 0, 1)), 0.0)
+    bump = 60.0 * np.exp(-((yy - centre[0] - 6) ** 2 + (xx - centre[1] + 4) ** 2) / 18.0) * (r < radius_px)
+    return (cap + bump + rng.normal(0, 1.0, (size, size))).astype(np.float32)
+
+
+def test_physical_quantities_match_the_features_dry_mass_and_area():
+    from opdcells.features import extract_features
+
+    opd = _cell()
+    layer = models.PhysicalQuantities(0.25, ("dry_mass_pg", "area_um2", "opd_mean_nm"))
+    dry_mass, area, mean = np.asarray(layer(opd[None, :, :, None]))[0]
+    expected = extract_features(opd, 0.25)
+    assert dry_mass == pytest.approx(expected["dry_mass_pg"], rel=0.01)
+    assert area == pytest.approx(expected["area_um2"], rel=0.02)
+    assert mean == pytest.approx(expected["opd_mean_nm"], rel=0.02)
+    # and the formula itself: sum of OPD (um) x pixel area (um^2) / 0.19 mL/g, a disc of pi R^2 pixels
+    assert area == pytest.approx(np.pi * 20.0 ** 2 * 0.25 ** 2, rel=0.02)
+
+
+def test_physical_quantities_are_invariant_to_rotations_and_flips():
+    opd = _cell(seed=3)
+    views = [np.rot90(opd, k) for k in range(4)]
+    views += [np.fliplr(v) for v in views]
+    layer = models.PhysicalQuantities(0.25, models.PHYSICAL_QUANTITIES)
+    values = np.asarray(layer(np.stack(views)[..., None].astype(np.float32)))
+    assert values.shape == (8, len(models.PHYSICAL_QUANTITIES)) and np.isfinite(values).all()
+    np.testing.assert_allclose(values, np.broadcast_to(values[0], values.shape), rtol=1e-4)
+    moved = np.asarray(layer(np.roll(opd, (5, -7), axis=(0, 1))[None, :, :, None]))   # and to shifts
+    np.testing.assert_allclose(moved[0], values[0], rtol=1e-4)
+    with pytest.raises(ValueError, match="physical quantities must be some of"):
+        models.PhysicalQuantities(0.25, ("dry_mass_pg", "colour"))
+
+
+def test_model_with_quantities_saves_loads_safely_and_its_encoder_feeds_the_head(tmp_path):
+    from scipy import special
+
+    from opdcells.explain import grad_cam
+
+    maps = discs_and_rings(12, seed=2)[0]
+    names = ("dry_mass_pg", "area_um2", "gyration_radius_um")
+    model, info = build_model("mobilenetv2", 2, **tiny_kwargs("mobilenetv2"), physical_quantities=names,
+                              pixel_size_um=0.5)
+    assert info["physical_quantities"] == list(names) and "sees 3 physical quantities" in describe(info)
+    with pytest.raises(ValueError, match="pixel_size_um"):
+        build_model("mobilenetv2", 2, **tiny_kwargs("mobilenetv2"), physical_quantities=names)
+    measured = models.adapt_quantities(model, [maps[:6], maps[6:]])
+    norm = model.get_layer("encoder").get_layer("quantities_norm")
+    np.testing.assert_allclose(np.asarray(norm.mean).ravel(), measured.mean(axis=0), rtol=1e-4)
+    proba = np.asarray(model(maps, training=False))
+
+    model.save(tmp_path / "model.keras")
+    loaded = keras.saving.load_model(tmp_path / "model.keras", compile=False, safe_mode=True)
+    np.testing.assert_allclose(np.asarray(loaded(maps, training=False)), proba, rtol=1e-5, atol=1e-6)
+    # the layer named encoder gives exactly the classifier's input (screening's OOD embedding reads it)
+    embedding = np.asarray(loaded.get_layer("encoder")(maps, training=False), np.float64)
+    assert embedding.shape == (12, info["embedding_dim"]) == (12, 1280 + len(names))
+    kernel, bias = loaded.get_layer("classifier").get_weights()
+    np.testing.assert_allclose(special.softmax(embedding @ kernel + bias, axis=1), proba, atol=1e-5)
+    heat = grad_cam(loaded, maps[:2])   # Grad-CAM still finds the CNN's feature map
+    assert heat.shape == (2, S, S) and np.isfinite(heat).all()

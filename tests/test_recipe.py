@@ -104,3 +104,21 @@ def test_profiles_give_scratch_models_the_recipe_and_pretrained_ones_their_measu
     assert {k: getattr(tuned, k) for k in PRE_RECIPE} == PRE_RECIPE and tuned.lr_schedule == "constant"
     assert (tuned.epochs, tuned.patience) == (8, 3)
     assert TrainConfig.from_profile("opd_mobilenetv2", "quick", optimizer="adamw").optimizer == "adamw"
+
+
+def test_physical_quantities_default_on_from_scratch_and_old_configs_read_them_off(tmp_path):
+    from opdcells.config import DEFAULT_PHYSICAL_QUANTITIES
+
+    fresh = TrainConfig.from_profile("resnet50", "quick")
+    assert fresh.physical_quantities is True and fresh.quantity_names == DEFAULT_PHYSICAL_QUANTITIES
+    assert TrainConfig.from_profile("features", "quick").quantity_names == ()
+    assert TrainConfig(physical_quantities=["dry_mass_pg"]).quantity_names == ("dry_mass_pg",)
+    for bad in (["dry_mass_pg", "colour"], [], "yes"):
+        with pytest.raises(ConfigError, match="physical_quantities"):
+            TrainConfig(physical_quantities=bad)
+    written = TrainConfig(physical_quantities=["area_um2", "dry_mass_pg"]).to_json(tmp_path / "c.json")
+    assert TrainConfig.from_json(written).quantity_names == ("area_um2", "dry_mass_pg")
+    old = {k: v for k, v in fresh.to_dict().items() if k != "physical_quantities"}   # saved before it
+    folder_config = tmp_path / "config.json"
+    folder_config.write_text(json.dumps({"format": "opdcells-model", "train_config": old}))
+    assert TrainConfig.from_json(folder_config).physical_quantities is False

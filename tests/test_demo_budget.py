@@ -11,15 +11,19 @@ from opdcells.study import transfer
 
 
 @pytest.mark.parametrize("model", ["resnet50", "vgg16"])
-def test_quick_heavy_backbones_predict_each_map_once_unless_told(model):
-    assert not TrainConfig.from_profile(model, "quick").tta
-    assert TrainConfig.from_profile(model, "quick", tta=True).tta, "an explicit setting wins"
-    assert TrainConfig.from_profile(model, "full").tta
+def test_quick_heavy_backbones_see_48_px_and_predict_each_map_once_unless_told(model):
+    quick = TrainConfig.from_profile(model, "quick")
+    assert not quick.tta and quick.input_size == 48
+    told = TrainConfig.from_profile(model, "quick", tta=True, input_size=64)
+    assert told.tta and told.input_size == 64, "explicit settings win"
+    full = TrainConfig.from_profile(model, "full")
+    assert full.tta and full.input_size == 128
 
 
 @pytest.mark.parametrize("model", ["mobilenetv2", "opd_mobilenetv2", "dinov2"])
-def test_the_demo_s_other_networks_keep_test_time_augmentation(model):
-    assert TrainConfig.from_profile(model, "quick").tta
+def test_the_demo_s_other_networks_keep_their_size_and_test_time_augmentation(model):
+    quick = TrainConfig.from_profile(model, "quick")
+    assert quick.tta and quick.input_size == {"mobilenetv2": 64, "opd_mobilenetv2": 128, "dinov2": 56}[model]
 
 
 def test_label_efficiency_probes_the_same_labelled_maps_once(tmp_path_factory, tmp_path, monkeypatch):

@@ -176,6 +176,8 @@ PROFILES = {
     # over the 400 validation and 400 test maps, 6,400 forward passes against 3 x 1,200 training steps)
     # cost about half their training. And they see 48 px instead of 64: (48/64)^2 = 0.56 of the
     # convolutions (ResNet50 31 s and VGG16 45 s an epoch of the demo's maps at 64 px on 2 idle cores).
+    # Measured on the demo's test sessions: ResNet50 0.640 at 48 px with one view against 0.642 at 64 px
+    # with eight, VGG16 0.615 against 0.583 (docs/demo.md).
     "quick": Profile(input_size=64, dinov2_input_size=56, epochs=20, patience=6, mobilenet_alpha=0.35,
                      features_epochs=200, epochs_by_model={"resnet50": 3, "vgg16": 3},
                      tta_by_model={"resnet50": False, "vgg16": False},

@@ -69,7 +69,8 @@ def register_simulate(subparsers) -> None:
     sample.add_argument("--spike", default="", metavar="CLASS:K,...",
                         help="cancer cells spiked into the sample, e.g. SW480:10,SW620:10")
     sample.add_argument("--maps-per-file", type=int, default=1000, metavar="N", help="maps per stack (1000)")
-    sample.add_argument("--workers", type=int, default=1, metavar="N", help="simulating processes (1)")
+    p.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="simulating processes (1); the files are the same whatever it is")
     p.set_defaults(run=run_simulate)
 
 
@@ -98,8 +99,8 @@ def run_simulate(args) -> int:
         return EXIT_OK
     if args.spike:
         raise ValueError("--spike needs --sample N_BLOOD")
-    truth = simulate_dataset(args.out, args.n_per_class, args.seed,
-                             sessions_per_class=args.sessions_per_class, progress=not args.quiet)
+    truth = simulate_dataset(args.out, args.n_per_class, args.seed, progress=not args.quiet,
+                             sessions_per_class=args.sessions_per_class, workers=args.workers)
     print(f"simulated exports in {args.out} (truth: {truth})")
     return EXIT_OK
 

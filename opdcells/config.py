@@ -146,6 +146,11 @@ class Profile:
     pretrained_epochs, pretrained_patience : int
         Epochs and patience of fine-tuning an OPD-pretrained encoder (which keeps the settings it was
         measured with, :data:`PRE_RECIPE` at a constant rate, until the recipe is measured on it).
+    tta_by_model : dict
+        Families whose saved models predict each map as it is (False) instead of with the mean over its 8
+        rotations and reflections (the default of a model trained with both).
+    input_size_by_model : dict
+        Per-family input side (px) instead of ``input_size`` (heavy backbones in the quick profile).
     """
 
     input_size: int
@@ -164,15 +169,25 @@ class Profile:
     learning_rate_by_model: dict = field(default_factory=lambda: {"vgg16": 1e-4})
     pretrained_epochs: int = 8
     pretrained_patience: int = 3
+    tta_by_model: dict = field(default_factory=dict)
+    input_size_by_model: dict = field(default_factory=dict)
 
 
 PROFILES = {
     # MobileNetV2-0.35: 20 epochs of the recipe (warm-up + cosine) gave 0.61 on the demo's validation groups
     # against 0.59 for 8 (docs/recipe.md), about 70 s on 2 idle cores. ResNet50 and VGG16 cost 7-10x a
     # MobileNetV2-0.35 epoch: the quick profile gives them 3 epochs so the demo stays within minutes
-    # (their quick figures are a smoke test, not a verdict).
+    # (their quick figures are a smoke test, not a verdict). For `make demo` within 15 minutes on 2 cores
+    # (issue 12; docs/demo.md) they predict each map once: their 8-view test-time augmentation (8 passes
+    # over the 400 validation and 400 test maps, 6,400 forward passes against 3 x 1,200 training steps)
+    # cost about half their training. And they see 48 px instead of 64: (48/64)^2 = 0.56 of the
+    # convolutions (ResNet50 31 s and VGG16 45 s an epoch of the demo's maps at 64 px on 2 idle cores).
+    # Measured on the demo's test sessions: ResNet50 0.640 at 48 px with one view against 0.642 at 64 px
+    # with eight, VGG16 0.615 against 0.583 (docs/demo.md).
     "quick": Profile(input_size=64, dinov2_input_size=56, epochs=20, patience=6, mobilenet_alpha=0.35,
-                     features_epochs=200, epochs_by_model={"resnet50": 3, "vgg16": 3}),
+                     features_epochs=200, epochs_by_model={"resnet50": 3, "vgg16": 3},
+                     tta_by_model={"resnet50": False, "vgg16": False},
+                     input_size_by_model={"resnet50": 48, "vgg16": 48}),
     "full": Profile(input_size=128, dinov2_input_size=112, epochs=40, patience=8, mobilenet_alpha=1.0,
                     learning_rate=5e-4, features_epochs=500, pretrained_epochs=40, pretrained_patience=8),
 }
@@ -473,14 +488,15 @@ class TrainConfig:
         defaults = {
             "alpha": ((saved or {}).get("alpha") or p.mobilenet_alpha) if model == "mobilenetv2" else None,
             "input_size": (saved or {}).get("input_size") or (
-                p.dinov2_input_size if model == "dinov2" else p.input_size),
+                p.dinov2_input_size if model == "dinov2" else p.input_size_by_model.get(model, p.input_size)),
             "epochs": p.pretrained_epochs if pretrained else p.epochs_by_model.get(model, p.epochs),
             "patience": p.pretrained_patience if pretrained else p.patience,
             "batch_size": p.batch_size,
             "learning_rate": PRETRAINED_LEARNING_RATE if pretrained else p.learning_rate_by_model.get(
                 model, p.learning_rate),
             "head_epochs": PRETRAINED_HEAD_EPOCHS if pretrained else 0, "freeze_batchnorm": pretrained,
-            "tta": bool(augment and augment["rotate90"] and augment["flip"]),
+            "tta": bool(augment and augment["rotate90"] and augment["flip"]
+                        and p.tta_by_model.get(model, True)),
             "physical_quantities": not pretrained,   # unmeasured on OPD-pretrained encoders
             **({**PRE_RECIPE, "lr_schedule": "constant"} if pretrained else {}),
         }

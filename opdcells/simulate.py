@@ -20,6 +20,7 @@ import math
 import os
 import shutil
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -1171,6 +1172,23 @@ def _simulate_session(out_dir: Path, seed: int, class_name: str, k: int, n_maps:
             stack.close()
 
 
+def _session_rows(job: tuple) -> list[dict]:
+    """The truth rows of one session simulated and written by :func:`_simulate_session` (``job``: its
+    arguments); a top-level function, so worker processes can run it."""
+    return list(_simulate_session(*job))
+
+
+def _simulated_sessions(jobs: list[tuple], workers: int) -> Iterator[list[dict]]:
+    """The truth rows of every session of ``jobs``, in their order, simulated ``workers`` sessions at a
+    time. Each map has its own random stream (:func:`cell_rng`) and each session its own folder, so the
+    files and rows are the same whatever ``workers`` is."""
+    if workers <= 1 or len(jobs) <= 1:
+        yield from map(_session_rows, jobs)
+        return
+    with ProcessPoolExecutor(min(workers, len(jobs))) as pool:
+        yield from pool.map(_session_rows, jobs)
+
+
 def simulate_preprocessed(seed: int, class_name: str, k: int, n_maps: int, config=None
                           ) -> tuple[list[np.ndarray], int]:
     """Maps ``0 .. n_maps-1`` of session ``k`` of ``class_name``, simulated and preprocessed in memory
@@ -1216,7 +1234,7 @@ def simulate_preprocessed(seed: int, class_name: str, k: int, n_maps: int, confi
 
 
 def simulate_dataset(out_dir: str | os.PathLike, n_per_class: int = 400, seed: int = 0, *,
-                     sessions_per_class: int = 5, progress: bool = True) -> Path:
+                     sessions_per_class: int = 5, progress: bool = True, workers: int = 1) -> Path:
     """Write a simulated dataset of the five classes to ``out_dir`` and return the path of truth.csv.
 
     Maps go to ``out_dir/<class>/session_<k>/`` as MATLAB v5 files (one map each) or, for the last
@@ -1235,6 +1253,8 @@ def simulate_dataset(out_dir: str | os.PathLike, n_per_class: int = 400, seed: i
         Acquisition sessions per class (the maps of a class are shared among them).
     progress : bool
         Show a progress bar.
+    workers : int
+        Processes simulating sessions at once (the files are the same whatever it is).
 
     Returns
     -------
@@ -1259,16 +1279,17 @@ def simulate_dataset(out_dir: str | os.PathLike, n_per_class: int = 400, seed: i
             tqdm(total=total, desc="simulating", unit="map", disable=not progress) as bar:
         writer = csv.DictWriter(fh, fieldnames=TRUTH_COLUMNS)
         writer.writeheader()
+        jobs = []
         for class_name in CLASS_NAMES:
             first = 0
             for k, n_maps in enumerate(counts, start=1):
-                if n_maps == 0:   # fewer maps than sessions
-                    continue
-                as_stack = sessions_per_class >= 2 and k == sessions_per_class
-                for row in _simulate_session(out_dir, seed, class_name, k, n_maps, as_stack, first):
-                    writer.writerow(row)
-                    bar.update()
+                if n_maps:   # none when there are fewer maps than sessions
+                    as_stack = sessions_per_class >= 2 and k == sessions_per_class
+                    jobs.append((out_dir, seed, class_name, k, n_maps, as_stack, first))
                 first += n_maps
+        for rows in _simulated_sessions(jobs, workers):
+            writer.writerows(rows)
+            bar.update(len(rows))
     (out_dir / "README.txt").write_text(README.format(
         seed=seed, classes=", ".join(CLASS_NAMES), n_per_class=n_per_class, sessions=sessions_per_class))
     log.info("simulated %d maps in %s", total, out_dir)

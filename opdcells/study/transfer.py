@@ -189,6 +189,7 @@ class Encoders:
     infos: dict = field(default_factory=dict)
     _built: dict = field(default_factory=dict, repr=False)
     _cache: dict = field(default_factory=dict, repr=False)
+    _probes: dict = field(default_factory=dict, repr=False)
 
     def weights_of(self, model: str):
         """``weights`` for ``models.build_encoder`` / ``train`` (``config.resolve_alias``: "opd" for
@@ -250,6 +251,38 @@ class Encoders:
             self._cache[key] = self._embed_all(model, calibration)
         return self._cache[key]
 
+    def probe(self, model: str, y_all, train, test, method: str = "linear", calibration=None) -> np.ndarray:
+        """Predicted class of each ``test`` map by a probe (``"linear"`` or ``"knn"``) fitted on the frozen
+        embeddings of the ``train`` maps. A probe already fitted on the same maps, labels and embeddings is
+        not fitted again (label efficiency at 100% of the labels draws the same maps for every seed: the
+        frozen probe of :func:`frozen_probes`).
+
+        Parameters
+        ----------
+        model : str
+            Model name (``features``: the morphology feature matrix).
+        y_all : array_like (N,) of int
+            Task class of every dataset map.
+        train, test : array_like of int
+            Dataset indices of the training and test maps.
+        method : {"linear", "knn"}
+            Logistic regression on standardised embeddings, or a cosine k-NN vote.
+        calibration : array_like of int, optional
+            Training maps for BatchNormalization recalibration of a random-init encoder.
+
+        Returns
+        -------
+        (n_test,) int ndarray
+        """
+        emb = self.embeddings(model, calibration=calibration)
+        train, test = np.asarray(train, dtype=np.int64), np.asarray(test, dtype=np.int64)
+        y_all = np.asarray(y_all)
+        key = (model, None if calibration is None else _digest(calibration), method, _digest(train),
+               _digest(test), _digest(y_all[train]))
+        if key not in self._probes:
+            self._probes[key] = _probe(emb[train], y_all[train], emb[test], y_all[test], method)
+        return self._probes[key]
+
     def _embed_all(self, model: str, calibration) -> np.ndarray:
         from ..files import iter_maps
 
@@ -267,6 +300,11 @@ class Encoders:
                   for m in iter_maps(self.ds, np.arange(len(self.ds)), batch_size=512)]
         log.info("embedded %d maps with %s", len(self.ds), model)
         return np.concatenate(blocks)
+
+
+def _digest(values) -> str:
+    """SHA-256 (hex) of an integer array's values, in order."""
+    return hashlib.sha256(np.ascontiguousarray(values, dtype=np.int64).tobytes()).hexdigest()
 
 
 def init_table(encoders: Encoders, models, comparison=None) -> pd.DataFrame:
@@ -388,11 +426,10 @@ def frozen_probes(encoders: Encoders, tasks, models, *, comparison=None, name="o
         splits[task] = (split, source)
         y_all, names = _task_labels(ds, task), list(resolve_task(task, ds.class_names, ds.labels).classes)
         for model in models:
-            emb = encoders.embeddings(model, calibration=split.train)
+            encoders.embeddings(model, calibration=split.train)
             init = encoders.infos.get(model, {}).get("init")
             for method, label in (("linear", "frozen linear probe"), ("knn", f"frozen {KNN_K}-NN")):
-                tr, te = split.train, split.test
-                pred = _probe(emb[tr], y_all[tr], emb[te], y_all[te], method)
+                pred = encoders.probe(model, y_all, split.train, split.test, method, calibration=split.train)
                 rows.append({"task": task, "model": model, "method": label, "init": init,
                              **_metrics(y_all[split.test], pred, names, n_boot, seed, ds.groups[split.test]),
                              "n_train": len(split.train), "n_test": len(split.test), "split": source})
@@ -746,7 +783,6 @@ def label_efficiency(encoders: Encoders, tasks, models, *, fractions, seeds, spl
         curves = [(m, "frozen linear probe") for m in models]
         curves += [(m, "fine-tuned") for m in finetune if task in finetune_tasks and m != FEATURES]
         for model, curve in curves:
-            emb = None if curve == "fine-tuned" else encoders.embeddings(model, calibration=split.train)
             for s in (finetune_seeds if curve == "fine-tuned" and finetune_seeds is not None else seeds):
                 tuned = curve == "fine-tuned" and finetune_fractions is not None
                 for fraction in sorted(finetune_fractions if tuned else fractions):
@@ -757,8 +793,8 @@ def label_efficiency(encoders: Encoders, tasks, models, *, fractions, seeds, spl
                         pred = finetune_subset(ds, model, task, split, sub, seed=seed, cache=cache, **kw)
                     elif len(np.unique(y_all[sub])) < 2:
                         pred = np.full(len(test_y), y_all[sub][0])
-                    else:
-                        pred = _probe(emb[sub], y_all[sub], emb[split.test], test_y, "linear")
+                    else:   # the same maps (100% for every seed) are probed once
+                        pred = encoders.probe(model, y_all, sub, split.test, calibration=split.train)
                     rows.append({"task": task, "model": _curve_label(model, curve), "encoder": model,
                                  "curve": curve, "fraction": float(fraction), "seed": int(s),
                                  "n_labelled": len(sub), "n_test": len(test_y),

@@ -424,7 +424,8 @@ def _write_model_folder(folder: Path, learner, config: dict, history: dict, spli
 
 def train(data, model: str | None = None, task: str | Task | None = None, out=None, *,
           config: TrainConfig | None = None, profile: str = "quick", split: Split | None = None,
-          train_indices=None, verbose=0, n_boot: int = 1000, saved_models=None, **settings) -> TrainResult:
+          train_indices=None, verbose=0, n_boot: int = 1000, saved_models=None, calibrate: bool = True,
+          ood: bool = True, **settings) -> TrainResult:
     """Train a model for a task on a dataset and write its folder (model, config.json, history.csv,
     metrics.json, split.json).
 
@@ -457,6 +458,10 @@ def train(data, model: str | None = None, task: str | Task | None = None, out=No
         Bootstrap resamples of the test metrics' confidence intervals.
     saved_models : str or os.PathLike, optional
         The saved_models folder of the default ``out``.
+    calibrate, ood : bool
+        Calibrate the model on the validation maps, fit its out-of-distribution detector (default both;
+        off for a run read only for its test predictions, such as a label-efficiency point, whose
+        ``config.json`` then records None for them: the class predicted is the same).
     **settings
         Fields of :class:`TrainConfig` (epochs, weights, learning_rate, test_groups, ...).
 
@@ -525,9 +530,10 @@ def train(data, model: str | None = None, task: str | Task | None = None, out=No
             groups = dataset_groups(ds, config.group_pattern)
             record["dataset"].update(dataset_origin(ds))   # simulated / measured, from the sources
             record["split"].update(by=split.by, group_pattern=config.group_pattern, warning=split.warning)
-            record["calibration"] = calibrate_on_validation(SavedModel(folder, record, learner), ds, y_all,
-                                                            split, folder, groups=groups, seed=seed)
-            record["ood"] = fit_for_model(folder, learner, ds, split, seed=seed)   # writes ood.npz
+            record["calibration"] = calibrate_on_validation(
+                SavedModel(folder, record, learner), ds, y_all, split, folder, groups=groups, seed=seed
+            ) if calibrate else None
+            record["ood"] = fit_for_model(folder, learner, ds, split, seed=seed) if ood else None   # ood.npz
             _write_model_folder(folder, learner, record, history, split)
             evaluation = evaluate_model(SavedModel(folder, record, learner), ds, split.test, n_boot=n_boot,
                                         seed=seed, groups=groups)

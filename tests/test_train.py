@@ -266,7 +266,12 @@ def test_train_on_a_labelled_subset_of_a_given_split(features, data, tmp_path):
     split = Split.from_json(features.model_dir / "split.json")
     subset = split.train[::3]
     result = train(data, "features", "cancer_vs_blood", tmp_path / "subset", split=split,
-                   train_indices=subset, n_boot=0)
+                   train_indices=subset, n_boot=0, calibrate=False, ood=False)
+    # a run read only for its test predictions: neither calibrated nor given an OOD detector
+    assert result.config["calibration"] is None and result.config["ood"] is None
+    assert not (result.model_dir / "ood.npz").exists() and not (result.model_dir / "reliability.png").exists()
+    assert (features.model_dir / "ood.npz").exists() and features.config["calibration"] is not None
+    assert load_model(result.model_dir).predict_dataset(data, split.test[:4]).shape == (4, 2)
     saved = Split.from_json(result.model_dir / "split.json")
     np.testing.assert_array_equal(saved.train, subset)
     np.testing.assert_array_equal(saved.val, split.val)

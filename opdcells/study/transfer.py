@@ -699,7 +699,7 @@ def finetune_subset(ds, model: str, task: str, split: Split, train_indices, *,
         return cached
     with tempfile.TemporaryDirectory(prefix="opdcells-finetune-") as tmp:
         result = train(ds, model, task, Path(tmp) / f"{model}_{task_slug(task)}", config=config, split=split,
-                       train_indices=train_indices, n_boot=0)
+                       train_indices=train_indices, n_boot=0, calibrate=False, ood=False)
     predicted = result.evaluation.proba.argmax(axis=1)   # rows of split.test, in order
     if cache is not None:
         cache.put(digest, predicted, f"finetune_subset({model}, {task}, {len(subset.train)} maps)")

@@ -116,13 +116,20 @@ def cli_command(args) -> str:
     str
         The command, shell-quoted.
     """
-    parts = ["python", "-m", "opdcells", "pretrain"]
+    parts = ["python", "-m", "opdcells", "pretrain", *_given_options(args)]
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def _given_options(args, keys=None) -> list[str]:
+    """The flags and values of the options of ``args`` that were given (of ``keys`` only, if given)."""
+    parts = []
     for key, flag in _CLI_OPTIONS:
         value = getattr(args, key, None)
-        if value is None or value == [] or (key == "probe" and not value):
+        if (keys is not None and key not in keys) or value is None or value == [] or (key == "probe"
+                                                                                      and not value):
             continue
         parts += [flag, *map(str, value)] if isinstance(value, list) else [flag, str(value)]
-    return " ".join(shlex.quote(p) for p in parts)
+    return parts
 
 
 def resume_command(args) -> str:
@@ -138,10 +145,8 @@ def resume_command(args) -> str:
     str
         The command, shell-quoted.
     """
-    parts = ["python", "-m", "opdcells", "pretrain", "--resume", str(args.resume)]
-    for key, flag in _CLI_OPTIONS:
-        if key in _RESUME_OPTIONS and getattr(args, key, None) is not None:
-            parts += [flag, str(getattr(args, key))]
+    parts = ["python", "-m", "opdcells", "pretrain", "--resume", str(args.resume),
+             *_given_options(args, _RESUME_OPTIONS)]
     if args.export_only:
         parts.append("--export-only")
     return " ".join(shlex.quote(p) for p in parts)

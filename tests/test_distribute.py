@@ -125,7 +125,7 @@ def test_train_command_with_two_workers_gives_the_one_process_model(tmp_path, mo
     data = write_tiny_dataset(tmp_path / "d.h5", sessions_per_class=3, maps_per_session=6)
     arguments = ["train", "--data", str(data), "--model", "mobilenetv2", "--task", "cancer_vs_blood",
                  "--epochs", "2", "--input-size", "32", "--batch-size", "16", "--no-tta", "--no-augment",
-                 "--seed", "1", "-q"]
+                 "--seed", "1", "--freeze-batchnorm", "--n-boot", "0", "-q"]
     monkeypatch.delenv("TF_CONFIG", raising=False)
     assert main([*arguments, "--out", str(tmp_path / "one")]) == 0
     command = [sys.executable, "-m", "opdcells", *arguments]
@@ -142,7 +142,8 @@ def test_train_command_with_two_workers_gives_the_one_process_model(tmp_path, mo
     assert two["train_config"]["distribute"] == "multiworker" and two["calibration"] is not None
     h1, h2 = (pd.read_csv(tmp_path / f"{r}/history.csv") for r in ("one", "two"))
     assert list(h1.columns) == list(h2.columns) and len(h1) == len(h2) == 2
-    # The same updates up to MobileNetV2's BatchNorm, which sees 8 maps per replica instead of 16 (the exact
-    # agreement of the loop itself is the test above); measured: losses within 12%.
-    assert np.allclose(h1["loss"], h2["loss"], rtol=0.25)
-    assert np.allclose(h1["val_loss"], h2["val_loss"], rtol=0.25)
+    # BatchNorm statistics fixed (--freeze-batchnorm): otherwise each replica normalises its own 8 maps
+    # instead of 16, which moved the losses by up to 34% with the head's physical quantities. So the same
+    # updates up to summation order; measured: losses within 1%, validation losses within 4%.
+    assert np.allclose(h1["loss"], h2["loss"], rtol=0.1)
+    assert np.allclose(h1["val_loss"], h2["val_loss"], rtol=0.1)

@@ -686,7 +686,8 @@ def _atomic_csv(path: Path, rows: list[dict]) -> None:
     _atomic(path, write)
 
 
-def merge_screens(folders: Sequence[str | os.PathLike], out: str | os.PathLike) -> ScreenResult:
+def merge_screens(folders: Sequence[str | os.PathLike], out: str | os.PathLike,
+                  settings: ScreenSettings | None = None) -> ScreenResult:
     """Join the outputs of shard runs into the outputs one run over all files would have written.
 
     Parameters
@@ -695,6 +696,10 @@ def merge_screens(folders: Sequence[str | os.PathLike], out: str | os.PathLike) 
         The shard runs' output folders.
     out : str or os.PathLike
         Folder for the joined outputs (created).
+    settings : ScreenSettings, optional
+        Flag at this operating point (e.g. a negative control's) instead of the shards' own: the outputs of
+        screening with it, provided its threshold is not below the shards' (whose maps near and above their
+        threshold, all those the new one can flag, were refined with test-time augmentation and kept).
 
     Returns
     -------
@@ -704,7 +709,8 @@ def merge_screens(folders: Sequence[str | os.PathLike], out: str | os.PathLike) 
     Raises
     ------
     ScreenError
-        A folder without a screening summary, or shards screened with other settings or models.
+        A folder without a screening summary, shards screened with other settings or models, or
+        ``settings`` with a threshold below the shards'.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -724,10 +730,16 @@ def merge_screens(folders: Sequence[str | os.PathLike], out: str | os.PathLike) 
         with np.load(folder / "candidates.npz", allow_pickle=False) as data:
             for m, f, i, c in zip(data["maps"], data["files"], data["index"], data["cell"], strict=True):
                 kept[(str(f), int(i), int(c))] = m
-    settings = ScreenSettings(first["targets"], first["temperature"],
+    screened = ScreenSettings(first["targets"], first["temperature"],
                               OperatingPoint.from_dict(first["operating_point"]), first["prevalence"], (1, 1),
                               bool(first["settings"].get("sample_check", False)),
                               first["settings"].get("ood_morphology", "all"))
+    if settings is not None and (settings.point.threshold < screened.point.threshold
+                                 or settings.targets != screened.targets):
+        raise ScreenError(folders[0], f"screened at threshold {screened.point.threshold:.4g} for "
+                                      f"{', '.join(screened.targets)}: maps near a lower threshold or for "
+                                      "other targets were not scored alike; screen again")
+    settings = settings or screened
     result = ScreenResult(out, n_files=sum(s["files_read"] for s in summaries),
                           seconds=sum(s["seconds"] for s in summaries))
     for s in summaries:

@@ -146,10 +146,12 @@ def _tail_threshold(negatives: np.ndarray, fpr: float) -> float:
     z = np.sort(_logit(negatives))
     u = np.quantile(z, 1 - TAIL_FRACTION)
     excess = z[z > u] - u
+    p_exceed = len(excess) / len(z)
+    if fpr >= p_exceed:    # the rate lies below the tail: its quantile needs no extrapolation
+        return float(special.expit(np.quantile(z, 1 - fpr, method="higher")))
     if len(excess) < 5 or np.ptp(excess) == 0:
         return float(special.expit(z[-1]))        # too few distinct tail scores: the largest seen
     shape, _, scale = stats.genpareto.fit(excess, floc=0)
-    p_exceed = len(excess) / len(z)
     return float(special.expit(u + stats.genpareto.isf(fpr / p_exceed, shape, loc=0, scale=scale)))
 
 
@@ -412,6 +414,8 @@ def control_point(scores: np.ndarray, fpr: float = 1e-3, *, n_out_of_distributio
     if not n:
         raise ValueError("the control has no in-distribution map to set a threshold on")
     threshold, extrapolated = threshold_at_fpr(scores, fpr)
+    if not np.isfinite(threshold):
+        raise ValueError(f"no finite threshold for a rate of {fpr:g} from {n} control maps")
     rng = np.random.default_rng(seed)
     boot = [threshold_at_fpr(scores[rng.integers(0, n, n)], fpr)[0] for _ in range(n_boot)]
     n_above = int(np.sum(scores >= threshold))

@@ -19,11 +19,12 @@ from opdcells.calibration import (
     save_operating_point,
     save_validation_scores,
 )
+from opdcells.cli import main
 from opdcells.control import calibrate_control, control_scores
 from opdcells.errors import ScreenError
 from opdcells.ingest import IngestOptions
 from opdcells.preprocess import PreprocessConfig
-from opdcells.screen import screen_files, screen_settings
+from opdcells.screen import merge_screens, screen_files, screen_settings
 from opdcells.spikein import session_seed_of, simulate_sample
 
 CONFIG = PreprocessConfig(out_pixel_size_um=0.5, out_size=48)
@@ -81,7 +82,9 @@ def test_control_threshold_meets_its_rate_on_held_out_negatives(seed):
 def test_a_control_too_small_for_the_rate_says_so_and_how_large_it_must_be():
     scores = special.expit(np.random.default_rng(0).normal(-6, 1.5, 2000))
     point = control_point(scores, 1e-3, n_boot=20)
-    assert point.extrapolated
+    assert point.extrapolated and 0 < point.threshold < 1 and point.control["n_above"] < 10
+    small = control_point(scores[:40], 0.2, n_boot=5)      # a rate above the fitted tail: its quantile
+    assert small.threshold == pytest.approx(np.quantile(scores[:40], 0.8, method="higher"))
     assert "extrapolated" in point.basis and "2000 in-distribution" in point.basis and "10000" in point.basis
     empirical = control_point(scores, 1e-2, n_boot=20)
     assert not empirical.extrapolated and empirical.control["n_above"] == 20
@@ -173,3 +176,30 @@ def test_clopper_pearson_matches_the_beta_quantiles():
     assert low == pytest.approx(stats.beta.ppf(0.025, 10, 9991)) and high == pytest.approx(
         stats.beta.ppf(0.975, 11, 9990))
     assert clopper_pearson(0, 50)[0] == 0.0
+
+
+def test_a_screen_flagged_again_at_a_higher_threshold_equals_screening_at_it(sample_and_control, tmp_path):
+    sample, _ = sample_and_control
+    model = OPDModel(tmp_path)
+    screened = screen_settings(model)                               # threshold 1e-9: every map refined
+    screen_files(model, [sample], tmp_path / "low", screened, options=OPTIONS)
+    scores, _, _ = control_scores(tmp_path / "low")
+    point = control_point(scores, 0.25, n_boot=5)
+    assert not point.extrapolated and 0 < point.threshold < 1
+    path = save_operating_point(tmp_path / "op.json", point, model=model, targets=["SW480"], temperature=1.0)
+    higher = screen_settings(model, operating_point=path)
+    screen_files(model, [sample], tmp_path / "direct", higher, options=OPTIONS)
+    merge_screens([tmp_path / "low"], tmp_path / "again", higher)
+    for name in ("scores.csv", "candidates.csv"):
+        assert (tmp_path / "again" / name).read_bytes() == (tmp_path / "direct" / name).read_bytes()
+    assert json.loads((tmp_path / "again/summary.json").read_text())["threshold_source"] == "control"
+    with pytest.raises(ScreenError, match="screen again"):           # maps near a lower one were not refined
+        merge_screens([tmp_path / "direct"], tmp_path / "lower", screened)
+
+
+def test_simulate_refuses_a_control_with_the_sample_s_own_seed(sample_and_control, tmp_path, capsys):
+    sample, _ = sample_and_control
+    status = main(["simulate", "--out", str(tmp_path / "c"), "--sample", "5", "--control-of", str(sample),
+                   "--seed", "2", "-q"])
+    assert status == 2 and "its own --seed" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()

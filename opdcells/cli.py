@@ -104,8 +104,9 @@ def run_simulate(args) -> int:
                                 workers=args.workers, progress=not args.quiet)
         print(f"simulated sample in {args.out} (truth: {truth})")
         return EXIT_OK
-    if args.spike or args.control_of:
-        raise ValueError("--spike and --control-of need --sample N_BLOOD")
+    for given, option in ((args.spike, "--spike"), (args.control_of, "--control-of")):
+        if given:
+            raise ValueError(f"{option} needs --sample N_BLOOD")
     truth = simulate_dataset(args.out, args.n_per_class, args.seed, progress=not args.quiet,
                              sessions_per_class=args.sessions_per_class, workers=args.workers)
     print(f"simulated exports in {args.out} (truth: {truth})")

@@ -57,6 +57,27 @@ def compare(sample: Path, out: Path) -> dict:
             "false_positives": len(flagged - spiked), "blood_vetoed": len(vetoed - spiked)}
 
 
+def needed(sample: Path, out: Path, k: int) -> str:
+    """What finding ``k`` spiked cells costs on this sample: the highest threshold that flags ``k`` of them
+    (in distribution) and the blood cells flagged there (Clopper-Pearson interval of the rate)."""
+    with open(sample / "truth.csv", newline="") as fh:
+        truth = {(r["path"], int(r["index"])): r["spiked"] == "1" for r in csv.DictReader(fh)}
+    with open(out / "scores.csv", newline="", encoding="utf-8") as fh:
+        rows = [(float(r["p_target"]), truth[(Path(r["file"]).name, int(r["index"]))])
+                for r in csv.DictReader(fh) if r["ood_flag"] != "True"]
+    spiked = sorted((p for p, s in rows if s), reverse=True)
+    blood = [p for p, s in rows if not s]
+    if len(spiked) < k:
+        return f"finding {k} is impossible: only {len(spiked)} spiked cells are in distribution"
+    threshold = spiked[k - 1]
+    flagged = sum(p >= threshold for p in blood)
+    low, high = clopper_pearson(flagged, len(blood))
+    return (f"finding {k} spiked cells needs threshold {threshold:.6g}, which flags {flagged} of "
+            f"{len(blood)} "
+            f"in-distribution blood cells ({100 * flagged / len(blood):.2f}%, 95% CI {100 * low:.2f}-"
+            f"{100 * high:.2f}%)")
+
+
 def report(label: str, sample: Path, out: Path) -> dict:
     """Print one screen's found / flagged / expected false positives against the truth; return the counts."""
     counts = compare(sample, out)
@@ -105,6 +126,7 @@ def main(argv=None) -> int:
     p.add_argument("--control-seed", type=int, default=202,
                    help="the control's cells (not the sample's seed)")
     p.add_argument("--control-dir", type=Path, help="this simulated control (simulate --control-of) instead")
+    p.add_argument("--need", type=int, default=16, help="spiked cells to find (what it costs is printed)")
     p.add_argument("--fpr", type=float, help="the control's false-positive rate (default the model's)")
     p.add_argument("--prevalence", type=float, default=1e-5, help="the screen's assumed prevalence")
     p.add_argument("--sample-check", action="store_true", help="raise the threshold on the sample (screen's)")
@@ -172,6 +194,7 @@ def main(argv=None) -> int:
             out = root / f"screen_{label}"
             merge_screens([screened], out, chosen)
             report(label, sample, out)
+        print(needed(sample, screened, args.need))
     print("goals: >= 16 of 20 found, <= 0.1% of blood flagged, expected FP within the observed CI, "
           ">= 300 maps/s")
     return 0

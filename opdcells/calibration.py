@@ -430,10 +430,9 @@ def control_point(scores: np.ndarray, fpr: float = 1e-3, *, n_out_of_distributio
     needed = math.ceil(MIN_EXCEEDANCES / fpr)
     basis = (f"empirical {1 - fpr:.6g} quantile of {n} in-distribution negative-control maps "
              f"({n_out_of_distribution} out of distribution left out)" if not extrapolated else
-             f"extrapolated: the control's {n} in-distribution maps support rates down to about "
-             f"{MIN_EXCEEDANCES / n:.2g}, not {fpr:g}; generalised Pareto fit to their top "
-             f"{TAIL_FRACTION:.0%} (logit scale); image a control of at least {needed} cells to measure "
-             "this rate")
+             f"extrapolated: {n} in-distribution control maps, fewer than the {needed} that measure a rate "
+             f"of {fpr:g} ({MIN_EXCEEDANCES} above the threshold); generalised Pareto fit to their top "
+             f"{TAIL_FRACTION:.0%} (logit scale); image a larger control to measure it")
     if extrapolated:
         log.warning("negative control too small for a false-positive rate of %g: %s", fpr, basis)
     control = {"n_maps": n + int(n_out_of_distribution), "n_in_distribution": n,

@@ -625,9 +625,9 @@ def _threshold(rows: list[dict], settings: ScreenSettings) -> tuple[float, dict]
     if check["source"] == "sample":
         log.warning("%d of %d maps score at or above the %s threshold %.4g, more than the %d that a "
                     "false-positive rate of %g allows: this sample's non-target cells score higher than the "
-                    "validation maps (or it holds more target cells than a prevalence of %g); %s",
+                    "%s maps (or it holds more target cells than a prevalence of %g); %s",
                     check["above_validation_threshold"], check["n"], source, settings.point.threshold,
-                    check["allowed"], settings.point.fpr, settings.prevalence,
+                    check["allowed"], settings.point.fpr, source, settings.prevalence,
                     f"the threshold is raised to {threshold:.4g} (the sample's own upper quantile)"
                     if settings.sample_check else "the threshold is kept (--sample-check raises it)")
         if not settings.sample_check:

@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/bench_spikein.py --model MODEL_DIR [--n-blood 100000] [--spike SW480:20]
         [--seed 101] [--workers 2] [--maps-per-file 1000] [--keep DIR]
-        [--control 10000 [--control-seed 202] | --control-dir DIR] [--sample DIR [--sample-screen DIR]]
+        [--control 10000 [--control-seed 202] | --control-dir DIR [--control-screen DIR]]
+        [--sample DIR [--sample-screen DIR]] [--need 16]
 
 A sample is simulated (:func:`opdcells.spikein.simulate_sample`: one new session, never a training one;
 pick a ``--seed`` not used to choose anything), screened with :func:`opdcells.screen.screen_files` and
@@ -126,6 +127,9 @@ def main(argv=None) -> int:
     p.add_argument("--control-seed", type=int, default=202,
                    help="the control's cells (not the sample's seed)")
     p.add_argument("--control-dir", type=Path, help="this simulated control (simulate --control-of) instead")
+    p.add_argument("--control-screen", type=Path,
+                   help="an earlier screen of --control-dir with this model at its validation threshold (a "
+                        "calibration's control/ folder): its scores set the threshold")
     p.add_argument("--need", type=int, default=16, help="spiked cells to find (what it costs is printed)")
     p.add_argument("--fpr", type=float, help="the control's false-positive rate (default the model's)")
     p.add_argument("--prevalence", type=float, default=1e-5, help="the screen's assumed prevalence")
@@ -169,7 +173,8 @@ def main(argv=None) -> int:
             t_sim, c_sim = time.perf_counter() - start, time.process_time() - cpu
             start, cpu = time.perf_counter(), time.process_time()
             done = calibrate_control(model, [control], root / "calibration", options=options, fpr=args.fpr,
-                                     ood=ood, batch_size=args.batch_size, workers=args.workers)
+                                     ood=ood, batch_size=args.batch_size, workers=args.workers,
+                                     screened=args.control_screen)
             c = done.point.control
             print(f"control: {control}, {c['n_maps']} maps ({c['n_out_of_distribution']} out of "
                   f"distribution), simulated in {t_sim:.0f} s ({c_sim:.0f} s CPU), scored in "

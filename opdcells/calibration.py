@@ -364,16 +364,27 @@ def clopper_pearson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
     return float(interval.low), float(interval.high)
 
 
+def _control_threshold(scores: np.ndarray, fpr: float) -> tuple[float, bool]:
+    """The control's threshold: the empirical quantile (an order statistic, distribution-free) while at
+    least one control map is expected above it, else :func:`threshold_at_fpr`'s tail extrapolation."""
+    if fpr * len(scores) >= 1:
+        return float(np.quantile(scores, 1 - fpr, method="higher")), False
+    return threshold_at_fpr(scores, fpr)
+
+
 def control_point(scores: np.ndarray, fpr: float = 1e-3, *, n_out_of_distribution: int = 0,
                   validation_positives: np.ndarray | None = None, positive_groups: np.ndarray | None = None,
                   files: list[str] | None = None, n_boot: int = 500, seed: int = 0) -> OperatingPoint:
     """Set the threshold for false-positive rate ``fpr`` on a negative control's scores.
 
     A negative control is a sample with no target cells (healthy donor blood, a blood-only fraction)
-    imaged in the screened sample's session. The threshold is :func:`threshold_at_fpr` of the control's
-    in-distribution scores (an empirical quantile when ``fpr * n >= MIN_EXCEEDANCES``, else extrapolated,
-    and ``basis`` says so and what control size would measure the rate), with a bootstrap interval over
-    the control's maps; the false-positive rate actually reached on the control, ``n_above / n``, gets an
+    imaged in the screened sample's session. The threshold is the empirical ``1 - fpr`` quantile of the
+    control's in-distribution scores while at least one map is expected above it (an order statistic: its
+    false-positive rate on new negatives is Beta-distributed whatever the scores' distribution; ``basis``
+    says "imprecise" and what control size would measure the rate while fewer than
+    :data:`MIN_EXCEEDANCES` are), else extrapolated by :func:`threshold_at_fpr`'s tail fit (``basis``
+    says so), with a bootstrap interval over the control's maps; the false-positive rate actually reached
+    on the control, ``n_above / n``, gets an
     exact Clopper-Pearson interval, from which a screen derives its expected false positives with their
     interval (:func:`expected_yield`).
 
@@ -413,11 +424,11 @@ def control_point(scores: np.ndarray, fpr: float = 1e-3, *, n_out_of_distributio
     n = len(scores)
     if not n:
         raise ValueError("the control has no in-distribution map to set a threshold on")
-    threshold, extrapolated = threshold_at_fpr(scores, fpr)
+    threshold, extrapolated = _control_threshold(scores, fpr)
     if not np.isfinite(threshold):
         raise ValueError(f"no finite threshold for a rate of {fpr:g} from {n} control maps")
     rng = np.random.default_rng(seed)
-    boot = [threshold_at_fpr(scores[rng.integers(0, n, n)], fpr)[0] for _ in range(n_boot)]
+    boot = [_control_threshold(scores[rng.integers(0, n, n)], fpr)[0] for _ in range(n_boot)]
     n_above = int(np.sum(scores >= threshold))
     positives = np.asarray([] if validation_positives is None else validation_positives, dtype=np.float64)
     sensitivity, sensitivity_ci = float("nan"), (float("nan"), float("nan"))
@@ -428,12 +439,14 @@ def control_point(scores: np.ndarray, fpr: float = 1e-3, *, n_out_of_distributio
                   for _ in range(n_boot)]
         sensitivity_ci = _interval(boot_s, sensitivity)
     needed = math.ceil(MIN_EXCEEDANCES / fpr)
-    basis = (f"empirical {1 - fpr:.6g} quantile of {n} in-distribution negative-control maps "
-             f"({n_out_of_distribution} out of distribution left out)" if not extrapolated else
-             f"extrapolated: {n} in-distribution control maps, fewer than the {needed} that measure a rate "
-             f"of {fpr:g} ({MIN_EXCEEDANCES} above the threshold); generalised Pareto fit to their top "
-             f"{TAIL_FRACTION:.0%} (logit scale); image a larger control to measure it")
-    if extrapolated:
+    short = (f"{n} in-distribution control maps, fewer than the {needed} that measure a rate of {fpr:g} "
+             f"({MIN_EXCEEDANCES} above the threshold)")
+    basis = (f"extrapolated: {short}; generalised Pareto fit to their top {TAIL_FRACTION:.0%} (logit scale); "
+             "image a larger control to measure it" if extrapolated else
+             f"empirical {1 - fpr:.6g} quantile of {n} in-distribution negative-control maps "
+             f"({n_out_of_distribution} out of distribution left out)"
+             + ("" if fpr * n >= MIN_EXCEEDANCES else f"; imprecise: {short}, see the rate's interval"))
+    if fpr * n < MIN_EXCEEDANCES:
         log.warning("negative control too small for a false-positive rate of %g: %s", fpr, basis)
     control = {"n_maps": n + int(n_out_of_distribution), "n_in_distribution": n,
                "n_out_of_distribution": int(n_out_of_distribution), "n_above": n_above,

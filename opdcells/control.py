@@ -60,15 +60,15 @@ class ControlResult:
         The control's operating point (``source="control"``).
     path : Path
         The operating-point file written.
-    screen : ScreenResult
-        The control's screening run (its outputs in ``OUT/control/``).
+    screen : ScreenResult or None
+        The control's screening run (its outputs in ``OUT/control/``; None when an earlier one was used).
     passes : int
         Scoring passes over the control (2 when its threshold lay below the validation one).
     """
 
     point: OperatingPoint
     path: Path
-    screen: ScreenResult
+    screen: ScreenResult | None
     passes: int
 
 
@@ -106,7 +106,7 @@ def _validation_positives(model, targets: list[str], temperature: float):
 def calibrate_control(model, paths: Iterable[str | os.PathLike], out: str | os.PathLike, *,
                       options: IngestOptions, fpr: float | None = None, targets: list[str] | None = None,
                       ood=None, batch_size: int = 256, workers: int = 1, n_boot: int = 500,
-                      progress: bool = False) -> ControlResult:
+                      progress: bool = False, screened: str | os.PathLike | None = None) -> ControlResult:
     """Score a negative control and write the operating point for ``fpr`` set on it.
 
     Parameters
@@ -134,6 +134,10 @@ def calibrate_control(model, paths: Iterable[str | os.PathLike], out: str | os.P
         Bootstrap replicates of the threshold's interval.
     progress : bool
         Show a progress bar.
+    screened : path, optional
+        An earlier screen of the control with this model at its validation operating point (a ``control/``
+        folder this function wrote): its scores are used instead of scoring the control again, unless the
+        threshold comes out below that screen's (then the control is scored again into ``OUT/control/``).
 
     Returns
     -------
@@ -152,13 +156,17 @@ def calibrate_control(model, paths: Iterable[str | os.PathLike], out: str | os.P
         raise ScreenError(path, "exists: choose another --out (an operating point is never overwritten)")
     settings = screen_settings(model, targets=targets, fpr=fpr)
     positives, groups = _validation_positives(model, settings.targets, settings.temperature)
-    screen_dir, passes = out / CONTROL_SCREEN, 0
+    screen_dir, passes, result = out / CONTROL_SCREEN, 0, None
     while True:
         passes += 1
-        result = screen_files(model, paths, screen_dir, settings, options=options, ood=ood,
-                              batch_size=batch_size, workers=workers, progress=progress)
-        if not result.n_maps:
-            raise ScreenError(out, "no map of the control could be read (see control/scores.dropped.csv)")
+        if screened is not None and passes == 1:
+            screen_dir = Path(screened)
+        else:
+            screen_dir = out / CONTROL_SCREEN
+            result = screen_files(model, paths, screen_dir, settings, options=options, ood=ood,
+                                  batch_size=batch_size, workers=workers, progress=progress)
+            if not result.n_maps:
+                raise ScreenError(out, "no map of the control could be read (see control/scores.dropped.csv)")
         scores, n_ood, files = control_scores(screen_dir)
         try:
             point = control_point(scores, settings.point.fpr, n_out_of_distribution=n_ood,

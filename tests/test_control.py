@@ -81,13 +81,16 @@ def test_control_threshold_meets_its_rate_on_held_out_negatives(seed):
 
 def test_a_control_too_small_for_the_rate_says_so_and_how_large_it_must_be():
     scores = special.expit(np.random.default_rng(0).normal(-6, 1.5, 2000))
-    point = control_point(scores, 1e-3, n_boot=20)
-    assert point.extrapolated and 0 < point.threshold < 1 and point.control["n_above"] < 10
-    small = control_point(scores[:40], 0.2, n_boot=5)      # a rate above the fitted tail: its quantile
-    assert small.threshold == pytest.approx(np.quantile(scores[:40], 0.8, method="higher"))
-    assert point.basis.startswith("extrapolated: 2000 in-distribution control maps, fewer than the 10000")
+    imprecise = control_point(scores, 1e-3, n_boot=20)      # 2 maps expected above: an order statistic
+    assert not imprecise.extrapolated and imprecise.control["n_above"] == 2
+    assert "imprecise: 2000 in-distribution control maps, fewer than the 10000" in imprecise.basis
+    extrapolated = control_point(scores[:500], 1e-3, n_boot=20)    # none expected above: the tail fit
+    assert extrapolated.extrapolated and 0 < extrapolated.threshold < 1
+    assert extrapolated.basis.startswith("extrapolated: 500 in-distribution control maps, fewer than the "
+                                         "10000")
     empirical = control_point(scores, 1e-2, n_boot=20)
     assert not empirical.extrapolated and empirical.control["n_above"] == 20
+    assert "imprecise" not in empirical.basis
 
 
 def test_out_of_distribution_control_maps_do_not_set_the_threshold(tmp_path):

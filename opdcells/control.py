@@ -179,6 +179,7 @@ def calibrate_control(model, paths: Iterable[str | os.PathLike], out: str | os.P
         log.info("the control's threshold %.4g lies below the validation threshold %.4g: scoring the control "
                  "again around its own threshold", point.threshold, settings.point.threshold)
         settings = dataclasses.replace(settings, point=point)
+    out.mkdir(parents=True, exist_ok=True)
     save_operating_point(path, point, model=model, targets=settings.targets, temperature=settings.temperature)
     log.info("operating point for a false-positive rate of %g: threshold %.4g (95%% CI %.4g-%.4g), %s; "
              "control rate %d/%d", point.fpr, point.threshold, *point.threshold_ci, point.basis,

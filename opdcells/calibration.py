@@ -15,11 +15,23 @@ Two questions a screening run must answer beside "which class": how far a probab
   ``10 / n``; below that the threshold is extrapolated from a generalised Pareto distribution fitted to
   the upper tail of the non-target scores on the logit scale (peaks over threshold; Pickands 1975,
   Ann. Stat. 3:119), and the result says so. Bootstrap intervals resample acquisition groups when given.
+* Negative control (:func:`control_point`): how clinical assays set a cut-off. A blood-only sample imaged
+  on the same instrument and day as the screened sample has thousands of non-target maps of the sample's
+  own session, so the threshold for a rate of 1e-3 is an empirical quantile (no extrapolation from a
+  hundred validation maps, no carry-over from other sessions' optics) and its false-positive rate has an
+  exact binomial interval (Clopper and Pearson 1934, Biometrika 26:404). Maps the out-of-distribution
+  detector flags are left out: a screen never flags them, so they must not set its threshold, and the
+  rate is per in-distribution map. The point is stored as a file (:func:`save_operating_point`) that
+  ``screen --operating-point`` reads back (:func:`load_operating_point`) for that model only.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
-from dataclasses import asdict, dataclass
+import math
+import os
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -134,10 +146,12 @@ def _tail_threshold(negatives: np.ndarray, fpr: float) -> float:
     z = np.sort(_logit(negatives))
     u = np.quantile(z, 1 - TAIL_FRACTION)
     excess = z[z > u] - u
+    p_exceed = len(excess) / len(z)
+    if fpr >= p_exceed:    # the rate lies below the tail: its quantile needs no extrapolation
+        return float(special.expit(np.quantile(z, 1 - fpr, method="higher")))
     if len(excess) < 5 or np.ptp(excess) == 0:
         return float(special.expit(z[-1]))        # too few distinct tail scores: the largest seen
     shape, _, scale = stats.genpareto.fit(excess, floc=0)
-    p_exceed = len(excess) / len(z)
     return float(special.expit(u + stats.genpareto.isf(fpr / p_exceed, shape, loc=0, scale=scale)))
 
 
@@ -185,6 +199,15 @@ class OperatingPoint:
         True when ``n_negative`` cannot support ``fpr`` empirically and the tail fit was used.
     basis : str
         One sentence saying how the threshold was found.
+    source : str
+        Where the threshold was set: "validation" (the model's validation maps) or "control" (a negative
+        control sample, :func:`control_point`).
+    control : dict, optional
+        For ``source="control"``: ``n_maps`` (control maps scored), ``n_in_distribution`` (those the
+        threshold was set on; ``n_negative`` is the same), ``n_out_of_distribution`` (left out),
+        ``n_above`` (in-distribution maps at or above the threshold), ``rate`` (``n_above /
+        n_in_distribution``, the false-positive rate expected per in-distribution non-target map) and
+        ``rate_ci`` (its 95% Clopper-Pearson interval), ``files`` (the control's exports).
     """
 
     fpr: float
@@ -196,6 +219,8 @@ class OperatingPoint:
     n_positive: int
     extrapolated: bool
     basis: str
+    source: str = "validation"
+    control: dict | None = field(default=None)
 
     def as_dict(self) -> dict:
         """JSON-ready (intervals as lists, as config.json reads them back)."""
@@ -282,7 +307,8 @@ def _interval(values: list[float], fallback: float) -> tuple[float, float]:
     return (float(lo), float(hi))
 
 
-def expected_yield(n_maps: int, prevalence: float, point: OperatingPoint) -> dict:
+def expected_yield(n_maps: int, prevalence: float, point: OperatingPoint,
+                   n_in_distribution: int | None = None) -> dict:
     """What a screening run of ``n_maps`` cells at ``prevalence`` should flag at ``point``.
 
     Parameters
@@ -292,19 +318,144 @@ def expected_yield(n_maps: int, prevalence: float, point: OperatingPoint) -> dic
     prevalence : float
         Fraction of target cells in the sample (e.g. 1e-5 for one tumour cell in 10^5 blood cells).
     point : OperatingPoint
+    n_in_distribution : int, optional
+        Cells screened that the out-of-distribution detector did not veto (default ``n_maps``); a control
+        point's rate is per such map.
 
     Returns
     -------
     dict
-        ``expected_false_positives`` (n_non_target * fpr), ``expected_true_positives``
+        ``expected_false_positives`` (n_non_target * rate: the control's measured rate for a control point,
+        else ``fpr``), ``expected_false_positives_ci`` (95% interval from the control's Clopper-Pearson
+        interval of its rate; None for a validation point), ``expected_true_positives``
         (n_target * sensitivity) and ``expected_purity`` (positive predictive value: true / all flagged;
         NaN when nothing is expected to be flagged).
     """
     n_target = n_maps * prevalence
-    fp = (n_maps - n_target) * point.fpr
     tp = n_target * point.sensitivity
-    return {"expected_false_positives": fp, "expected_true_positives": tp,
+    if point.control:
+        n_negative = (n_maps if n_in_distribution is None else n_in_distribution) - n_target
+        fp = n_negative * point.control["rate"]
+        ci = [n_negative * r for r in point.control["rate_ci"]]
+    else:
+        fp, ci = (n_maps - n_target) * point.fpr, None
+    return {"expected_false_positives": fp, "expected_false_positives_ci": ci, "expected_true_positives": tp,
             "expected_purity": tp / (tp + fp) if tp + fp > 0 else float("nan")}
+
+
+def clopper_pearson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Exact binomial interval of a proportion ``k / n`` (Clopper and Pearson 1934, Biometrika 26:404).
+
+    Parameters
+    ----------
+    k : int
+        Successes (e.g. control maps at or above a threshold).
+    n : int
+        Trials (``n >= 1``).
+    level : float
+        Coverage of the interval.
+
+    Returns
+    -------
+    (float, float)
+        Lower and upper bound of the proportion.
+    """
+    interval = stats.binomtest(int(k), int(n)).proportion_ci(confidence_level=level, method="exact")
+    return float(interval.low), float(interval.high)
+
+
+def _control_threshold(scores: np.ndarray, fpr: float) -> tuple[float, bool]:
+    """The control's threshold: the empirical quantile (an order statistic, distribution-free) while at
+    least one control map is expected above it, else :func:`threshold_at_fpr`'s tail extrapolation."""
+    if fpr * len(scores) >= 1:
+        return float(np.quantile(scores, 1 - fpr, method="higher")), False
+    return threshold_at_fpr(scores, fpr)
+
+
+def control_point(scores: np.ndarray, fpr: float = 1e-3, *, n_out_of_distribution: int = 0,
+                  validation_positives: np.ndarray | None = None, positive_groups: np.ndarray | None = None,
+                  files: list[str] | None = None, n_boot: int = 500, seed: int = 0) -> OperatingPoint:
+    """Set the threshold for false-positive rate ``fpr`` on a negative control's scores.
+
+    A negative control is a sample with no target cells (healthy donor blood, a blood-only fraction)
+    imaged in the screened sample's session. The threshold is the empirical ``1 - fpr`` quantile of the
+    control's in-distribution scores while at least one map is expected above it (an order statistic: its
+    false-positive rate on new negatives is Beta-distributed whatever the scores' distribution; ``basis``
+    says "imprecise" and what control size would measure the rate while fewer than
+    :data:`MIN_EXCEEDANCES` are), else extrapolated by :func:`threshold_at_fpr`'s tail fit (``basis``
+    says so), with a bootstrap interval over the control's maps; the false-positive rate actually reached
+    on the control, ``n_above / n``, gets an
+    exact Clopper-Pearson interval, from which a screen derives its expected false positives with their
+    interval (:func:`expected_yield`).
+
+    Parameters
+    ----------
+    scores : (n,) array
+        Calibrated target scores (0-1) of the control's maps that are NOT out of distribution.
+    fpr : float
+        Wanted fraction of non-target maps flagged, in (0, 1).
+    n_out_of_distribution : int
+        Control maps the out-of-distribution detector flagged (left out of ``scores``; reported).
+    validation_positives : (m,) array, optional
+        Calibrated target scores of the model's validation target maps: the sensitivity at the control's
+        threshold (NaN when not given).
+    positive_groups : (m,) array, optional
+        Acquisition group of each validation target map (cluster bootstrap of the sensitivity).
+    files : list of str, optional
+        The control's export files (recorded).
+    n_boot : int
+        Bootstrap replicates of the threshold and the sensitivity.
+    seed : int
+
+    Returns
+    -------
+    OperatingPoint
+        ``source="control"``, ``n_negative`` the in-distribution control maps, ``control`` the counts, the
+        rate and its interval.
+
+    Raises
+    ------
+    ValueError
+        ``fpr`` outside (0, 1), or no in-distribution control map.
+    """
+    if not 0 < fpr < 1:
+        raise ValueError(f"false-positive rate must be in (0, 1), got {fpr}")
+    scores = np.asarray(scores, dtype=np.float64)
+    n = len(scores)
+    if not n:
+        raise ValueError("the control has no in-distribution map to set a threshold on")
+    threshold, extrapolated = _control_threshold(scores, fpr)
+    if not np.isfinite(threshold):
+        raise ValueError(f"no finite threshold for a rate of {fpr:g} from {n} control maps")
+    rng = np.random.default_rng(seed)
+    boot = [_control_threshold(scores[rng.integers(0, n, n)], fpr)[0] for _ in range(n_boot)]
+    n_above = int(np.sum(scores >= threshold))
+    positives = np.asarray([] if validation_positives is None else validation_positives, dtype=np.float64)
+    sensitivity, sensitivity_ci = float("nan"), (float("nan"), float("nan"))
+    if len(positives):
+        sensitivity = float(np.mean(positives >= threshold))
+        groups = None if positive_groups is None else np.asarray(positive_groups)
+        boot_s = [float(np.mean(positives[_resample(rng, groups, len(positives))] >= threshold))
+                  for _ in range(n_boot)]
+        sensitivity_ci = _interval(boot_s, sensitivity)
+    needed = math.ceil(MIN_EXCEEDANCES / fpr)
+    short = (f"{n} in-distribution control maps, fewer than the {needed} that measure a rate of {fpr:g} "
+             f"({MIN_EXCEEDANCES} above the threshold)")
+    basis = (f"extrapolated: {short}; generalised Pareto fit to their top {TAIL_FRACTION:.0%} (logit scale); "
+             "image a larger control to measure it" if extrapolated else
+             f"empirical {1 - fpr:.6g} quantile of {n} in-distribution negative-control maps "
+             f"({n_out_of_distribution} out of distribution left out)"
+             + ("" if fpr * n >= MIN_EXCEEDANCES else f"; imprecise: {short}, see the rate's interval"))
+    if fpr * n < MIN_EXCEEDANCES:
+        log.warning("negative control too small for a false-positive rate of %g: %s", fpr, basis)
+    control = {"n_maps": n + int(n_out_of_distribution), "n_in_distribution": n,
+               "n_out_of_distribution": int(n_out_of_distribution), "n_above": n_above,
+               "rate": n_above / n, "rate_ci": list(clopper_pearson(n_above, n)),
+               "files": list(files or [])}
+    return OperatingPoint(fpr=fpr, threshold=threshold, threshold_ci=_interval(boot, threshold),
+                          sensitivity=sensitivity, sensitivity_ci=sensitivity_ci, n_negative=n,
+                          n_positive=int(len(positives)), extrapolated=extrapolated, basis=basis,
+                          source="control", control=control)
 
 
 def sample_checked_threshold(scores: np.ndarray, threshold: float, fpr: float,
@@ -493,3 +644,99 @@ def load_validation_scores(folder) -> dict | None:
         return None
     with np.load(path, allow_pickle=False) as data:
         return {key: data[key] for key in ("proba", "labels", "groups")}
+
+
+# ------------------------------------------------------------------------------- operating-point files
+#: ``kind`` of an operating-point file (:func:`save_operating_point`).
+POINT_KIND = "opdcells operating point"
+
+
+def model_digest(model) -> str:
+    """SHA-256 of what a model's scores depend on for an operating point: its name, classes and calibration.
+
+    Parameters
+    ----------
+    model : SavedModel
+        A loaded model (``name``, ``class_names``, ``config``).
+
+    Returns
+    -------
+    str
+        Hex digest; a model trained again (new calibration) has another.
+    """
+    record = {"name": model.name, "classes": list(model.class_names),
+              "calibration": model.config.get("calibration")}
+    return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def save_operating_point(path, point: OperatingPoint, *, model, targets: list[str],
+                         temperature: float) -> Path:
+    """Write ``point`` as an operating-point file for ``model`` (JSON, atomically; never over another file).
+
+    Parameters
+    ----------
+    path : str or Path
+        The file to write (must not exist).
+    point : OperatingPoint
+        Typically from :func:`control_point`.
+    model : SavedModel
+        The model whose scores set it.
+    targets : list of str
+        Target classes of the score.
+    temperature : float
+        The calibration temperature the scores were computed with.
+
+    Returns
+    -------
+    Path
+
+    Raises
+    ------
+    FileExistsError
+        ``path`` exists (an earlier operating point is never overwritten).
+    """
+    path = Path(path)
+    if path.exists():
+        raise FileExistsError(f"{path} exists: choose another --out (an operating point is never "
+                              "overwritten)")
+    record = {"kind": POINT_KIND, "version": 1, "model": model.name, "model_digest": model_digest(model),
+              "targets": list(targets), "temperature": float(temperature), "point": point.as_dict()}
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text(json.dumps(record, indent=2), encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def load_operating_point(path, model) -> dict:
+    """Read an operating-point file written for ``model``.
+
+    Parameters
+    ----------
+    path : str or Path
+        A file :func:`save_operating_point` wrote.
+    model : SavedModel
+        The model that will screen with it.
+
+    Returns
+    -------
+    dict
+        ``targets`` (list of str), ``temperature`` (float), ``point`` (:class:`OperatingPoint`).
+
+    Raises
+    ------
+    ValueError
+        Unreadable, not an operating-point file, or set with another model (or the model trained again);
+        the message does not name ``path``.
+    """
+    try:
+        record = json.loads(Path(path).read_text(encoding="utf-8"))
+        if record.get("kind") != POINT_KIND:
+            raise ValueError("not an opdcells operating-point file")
+        point = OperatingPoint.from_dict(record["point"])
+        targets, temperature = list(record["targets"]), float(record["temperature"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise ValueError(f"not a readable operating point ({err})") from err
+    if record.get("model_digest") != model_digest(model):
+        raise ValueError(f"set with model {record.get('model')!r}, not with {model.name!r} as it is "
+                         "now (another model, or trained again): calibrate the threshold again")
+    return {"targets": targets, "temperature": temperature, "point": point}

@@ -69,6 +69,9 @@ def register_simulate(subparsers) -> None:
     sample.add_argument("--spike", default="", metavar="CLASS:K,...",
                         help="cancer cells spiked into the sample, e.g. SW480:10,SW620:10")
     sample.add_argument("--maps-per-file", type=int, default=1000, metavar="N", help="maps per stack (1000)")
+    sample.add_argument("--control-of", type=Path, metavar="SAMPLE_DIR",
+                        help="a negative control: blood cells of the same session as this simulated sample "
+                             "(its optics and batch), none of its cells; give the control its own --seed")
     p.add_argument("--workers", type=int, default=1, metavar="N",
                    help="simulating processes (1); the files are the same whatever it is")
     p.set_defaults(run=run_simulate)
@@ -90,15 +93,20 @@ def run_simulate(args) -> int:
     from .simulate import simulate_dataset
 
     if args.sample is not None:
-        from .spikein import parse_spikes, simulate_sample
+        from .spikein import parse_spikes, session_seed_of, simulate_sample
 
+        session_seed = None if args.control_of is None else session_seed_of(args.control_of)
+        if session_seed is not None and session_seed == args.seed:
+            raise ValueError(f"--seed {args.seed} is the seed of {args.control_of}: a control needs its own "
+                             "--seed, or it repeats the sample's cells")
         truth = simulate_sample(args.out, args.sample, parse_spikes(args.spike), args.seed,
-                                maps_per_file=args.maps_per_file, workers=args.workers,
-                                progress=not args.quiet)
+                                session_seed=session_seed, maps_per_file=args.maps_per_file,
+                                workers=args.workers, progress=not args.quiet)
         print(f"simulated sample in {args.out} (truth: {truth})")
         return EXIT_OK
-    if args.spike:
-        raise ValueError("--spike needs --sample N_BLOOD")
+    for given, option in ((args.spike, "--spike"), (args.control_of, "--control-of")):
+        if given:
+            raise ValueError(f"{option} needs --sample N_BLOOD")
     truth = simulate_dataset(args.out, args.n_per_class, args.seed, progress=not args.quiet,
                              sessions_per_class=args.sessions_per_class, workers=args.workers)
     print(f"simulated exports in {args.out} (truth: {truth})")
@@ -459,10 +467,30 @@ def register_screen(subparsers) -> None:
                    help="maps whose out-of-distribution morphology features (dry mass, area, shape) are "
                         "measured: 'near' the threshold or above it (the candidates and flags are the same, "
                         "8 ms a map less) or 'all' (every map's OOD score uses them) (default %(default)s)")
+    p.add_argument("--operating-point", type=Path, metavar="FILE",
+                   help="threshold from this operating-point file (calibrate-threshold: a negative control "
+                        "of the sample's session) instead of the model's validation one")
     p.add_argument("--batch-size", type=int, default=256, metavar="B",
                    help="maps predicted together (default %(default)s)")
     add_workers_option(p)
     p.set_defaults(run=run_screen)
+    c = subparsers.add_parser(
+        "calibrate-threshold", parents=[common_options()],
+        help="set the screening threshold on a negative control",
+        description="Score a negative control (blood only, imaged in the sample's session) as screen does "
+                    "and set the threshold for --fpr on its in-distribution maps; write "
+                    "DIR/operating_point.json (for screen --operating-point) and the control's screening "
+                    "outputs in DIR/control/.",
+        epilog="Exit status: 0 operating point written; 2 an error.")
+    add_model_and_exports(c, "DIR")
+    c.add_argument("--target", type=_names, metavar="CLASS,...",
+                   help="target classes (default: the model's cancer classes)")
+    c.add_argument("--fpr", type=float, metavar="RATE",
+                   help=f"wanted false-positive rate (default the model's, {DEFAULT_FPR:g})")
+    c.add_argument("--batch-size", type=int, default=256, metavar="B",
+                   help="maps predicted together (default %(default)s)")
+    add_workers_option(c)
+    c.set_defaults(run=run_calibrate_threshold)
     m = subparsers.add_parser("screen-merge", parents=[common_options()],
                               help="join the outputs of screen shards",
                               description="Join the --out folders of screen --shard runs into the outputs "
@@ -501,12 +529,45 @@ def run_screen(args) -> int:
     model = load_model(args.model, saved_models=args.saved_models)
     settings = screen_settings(model, targets=args.target, fpr=args.fpr, prevalence=args.prevalence,
                                shard=args.shard, sample_check=args.sample_check,
-                               ood_morphology=args.ood_morphology)
+                               ood_morphology=args.ood_morphology, operating_point=args.operating_point)
     result = screen_files(model, args.exports, args.out, settings, options=ingest_options(model,
                           **reading_options(args)), ood=ood_check(model), batch_size=args.batch_size,
                           workers=args.workers, progress=not args.quiet)
     _print_screen(result)
     return result.status
+
+
+def run_calibrate_threshold(args) -> int:
+    """Run the ``calibrate-threshold`` command: an operating point set on a negative control.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        The parsed options.
+
+    Returns
+    -------
+    int
+        The exit status (:mod:`opdcells.console`).
+    """
+    import_tensorflow(args.verbose)
+    from .control import calibrate_control
+    from .ingest import reading_options
+    from .modelfolder import load_model
+    from .predict import ingest_options
+    from .screen import ood_check
+
+    model = load_model(args.model, saved_models=args.saved_models)
+    options = ingest_options(model, **reading_options(args))
+    done = calibrate_control(model, args.exports, args.out, options=options, fpr=args.fpr,
+                             targets=args.target, ood=ood_check(model), batch_size=args.batch_size,
+                             workers=args.workers, progress=not args.quiet)
+    point, control = done.point, done.point.control
+    print(f"threshold {point.threshold:.4g} (95% CI {point.threshold_ci[0]:.4g}-{point.threshold_ci[1]:.4g}) "
+          f"for a false-positive rate of {point.fpr:g}: {point.basis}; control rate {control['n_above']}/"
+          f"{control['n_in_distribution']} (95% CI {control['rate_ci'][0]:.2g}-{control['rate_ci'][1]:.2g}) "
+          f"-> {done.path}")
+    return EXIT_OK
 
 
 def run_screen_merge(args) -> int:

@@ -26,14 +26,35 @@ def _png(figure_or_array, **imsave_kwargs) -> str:
 
 
 def _threshold_used(summary: dict) -> str:
-    """The run's threshold and why (the validation one, or raised on the sample's own scores)."""
+    """The run's threshold and why (the validation or control one, or raised on the sample's own scores)."""
     check = summary["threshold_check"]
+    source = summary.get("operating_point", {}).get("source", "validation")
     if check["source"] != "sample":
         return (f"{summary['threshold']:.4g}, the {check['source']}: {check['above_validation_threshold']} "
                 f"of {check['n']} in-distribution maps at or above it; {check['allowed']} allowed")
     return (f"{summary['threshold']:.4g}, raised on this sample: {check['above_validation_threshold']} of "
-            f"{check['n']} in-distribution maps scored at or above the validation threshold, more than the "
+            f"{check['n']} in-distribution maps scored at or above the {source} threshold, more than the "
             f"{check['allowed']} its false-positive rate allows (this session's cells score higher)")
+
+
+def _control_facts(summary: dict) -> list[tuple[str, str]]:
+    """Report lines on the negative control that set the threshold (none for a validation threshold)."""
+    control = summary.get("control")
+    if not control:
+        return []
+    low, high = control["rate_ci"]
+    return [("negative control", f"{control['n_maps']} maps, {control['n_in_distribution']} in distribution "
+             f"({control['n_out_of_distribution']} out of distribution left out), "
+             f"{len(control['files'])} files"),
+            ("control maps at or above the threshold", f"{control['n_above']} ({control['rate']:.3g}, 95% CI "
+             f"{low:.3g}-{high:.3g})")]
+
+
+def _expected_fp(summary: dict) -> str:
+    """Expected false positives, with the control's interval when a control set the threshold."""
+    ci = summary.get("expected_false_positives_ci")
+    text = _fmt(summary["expected_false_positives"])
+    return f"{text} (95% CI {ci[0]:.3g}-{ci[1]:.3g}, from the control's rate)" if ci else text
 
 
 def score_histogram(scores: np.ndarray, threshold: float) -> str:
@@ -93,6 +114,7 @@ def screening_report(summary: dict, gallery: Sequence[dict], maps: np.ndarray, r
         HTML with every figure embedded.
     """
     point = summary["operating_point"]
+    source = point.get("source", "validation")
     vmax = float(np.percentile(maps, THUMB_PERCENTILE)) if len(gallery) else 1.0
     vmax = max(vmax, 1.0)
     facts = [("model", summary["model"]), ("maps screened", summary["maps_read"]),
@@ -100,14 +122,17 @@ def screening_report(summary: dict, gallery: Sequence[dict], maps: np.ndarray, r
              ("maps skipped", summary["maps_skipped"]), ("flagged", summary["flagged"]),
              ("out of distribution (never flagged)", summary["out_of_distribution"]),
              ("target classes", ", ".join(summary["targets"])),
-             ("false-positive rate", point["fpr"]), ("threshold on validation", f"{point['threshold']:.4g} "
+             ("false-positive rate", point["fpr"]),
+             ("threshold source", summary.get("threshold_source", source)),
+             (f"threshold on {source}", f"{point['threshold']:.4g} "
               f"(95% CI {point['threshold_ci'][0]:.4g}-{point['threshold_ci'][1]:.4g})"),
+             *_control_facts(summary),
              ("threshold used", _threshold_used(summary)),
              ("sensitivity on validation", f"{point['sensitivity']:.3f} (95% CI "
               f"{point['sensitivity_ci'][0]:.3f}-{point['sensitivity_ci'][1]:.3f})"),
              ("how the threshold was set", point["basis"]),
              ("prevalence assumed", summary["prevalence"]),
-             ("expected false positives", summary["expected_false_positives"]),
+             ("expected false positives", _expected_fp(summary)),
              ("expected purity of the flagged maps", summary["expected_purity"]),
              ("maps per second", summary["maps_per_second"])]
     table = "\n".join(f"<tr><th>{_e(k)}</th><td>{_e(_fmt(v))}</td></tr>" for k, v in facts)

@@ -21,7 +21,11 @@ The threshold: the operating point's, checked on the sample itself
 cells, so when more of it scores above the validation threshold than ``fpr`` (plus ``prevalence``)
 allows, that is logged and recorded (``summary.json`` ``threshold_check``), and with ``sample_check``
 (``--sample-check``) the threshold is raised to the sample's own upper quantile. Merged shards check it
-on all their maps together, as one run does.
+on all their maps together, as one run does. With an operating-point file (``operating_point``,
+``--operating-point``, written by ``calibrate-threshold`` from a negative control of the sample's session,
+:mod:`opdcells.control`) the threshold is the control's, and the expected false positives and their
+interval come from the control's measured rate; ``summary.json`` ``threshold_source`` says which threshold
+flagged the maps ("validation", "control" or "sample-check").
 
 Speed: exports are read and preprocessed by ``workers`` processes (:func:`opdcells.predict.read_exports`,
 which, with ``ood_morphology="all"``, also measure the OOD detector's morphology features there), a
@@ -55,6 +59,7 @@ from .calibration import (
     apply_temperature,
     default_targets,
     expected_yield,
+    load_operating_point,
     load_validation_scores,
     operating_point,
     sample_checked_threshold,
@@ -136,11 +141,13 @@ class ScreenSettings:
 
 def screen_settings(model, *, targets: Sequence[str] | None = None, fpr: float | None = None,
                     prevalence: float = DEFAULT_PREVALENCE, shard: tuple[int, int] = (1, 1),
-                    sample_check: bool = False, ood_morphology: str = "near") -> ScreenSettings:
+                    sample_check: bool = False, ood_morphology: str = "near",
+                    operating_point: str | os.PathLike | None = None) -> ScreenSettings:
     """The calibration and operating point of ``model`` for ``targets`` at ``fpr``.
 
     The operating point stored at training time is used when it fits; other targets or rates are set
-    again on the validation scores kept in the model folder.
+    again on the validation scores kept in the model folder. An ``operating_point`` file (a negative
+    control's, ``calibrate-threshold``) replaces both.
 
     Parameters
     ----------
@@ -161,6 +168,9 @@ def screen_settings(model, *, targets: Sequence[str] | None = None, fpr: float |
         Compare the sample's score distribution with the validation data's.
     ood_morphology : {"near", "all"}
         Which maps the OOD detector's morphology block scores (:class:`ScreenSettings`).
+    operating_point : path, optional
+        An operating-point file for this model (:func:`opdcells.calibration.save_operating_point`): its
+        targets, rate and threshold are used.
 
     Returns
     -------
@@ -170,8 +180,9 @@ def screen_settings(model, *, targets: Sequence[str] | None = None, fpr: float |
     ------
     ScreenError
         The model has no calibration (trained before screening existed), a target is not one of its
-        classes, no target class can be found, a shard is not ``1 <= k <= n``, or ``ood_morphology`` is
-        neither "near" nor "all".
+        classes, no target class can be found, a shard is not ``1 <= k <= n``, ``ood_morphology`` is
+        neither "near" nor "all", or the operating-point file is unreadable, was set with another model,
+        or disagrees with ``targets`` or ``fpr``.
     """
     if ood_morphology not in OOD_MORPHOLOGY:
         raise ScreenError(model.folder, f"ood_morphology must be one of {', '.join(OOD_MORPHOLOGY)}, "
@@ -181,6 +192,7 @@ def screen_settings(model, *, targets: Sequence[str] | None = None, fpr: float |
         raise ScreenError(model.folder, "the model has no calibration (it was trained before opdcells "
                                         "calibrated models): train it again to screen with it")
     names = model.class_names
+    asked = list(targets or [])
     targets = list(targets or record.get("targets") or default_targets(names))
     unknown = [t for t in targets if t not in names]
     if unknown or not targets:
@@ -189,6 +201,10 @@ def screen_settings(model, *, targets: Sequence[str] | None = None, fpr: float |
     k, n = shard
     if not 1 <= k <= n:
         raise ScreenError(model.folder, f"shard {k}/{n}: K must be between 1 and N")
+    if operating_point is not None:
+        point = _file_point(model, operating_point, asked, fpr)
+        return ScreenSettings(list(point["targets"]), point["temperature"], point["point"], prevalence, shard,
+                              sample_check, ood_morphology)
     stored = record.get("operating_point")
     wanted = fpr if fpr is not None else (stored or {}).get("fpr", DEFAULT_FPR)
     if stored and stored["fpr"] == wanted and targets == record.get("targets"):
@@ -197,6 +213,24 @@ def screen_settings(model, *, targets: Sequence[str] | None = None, fpr: float |
         point = _new_point(model, record["temperature"], targets, wanted)
     return ScreenSettings(targets, float(record["temperature"]), point, prevalence, shard, sample_check,
                           ood_morphology)
+
+
+def _file_point(model, path, targets: list[str], fpr: float | None) -> dict:
+    """The operating-point file ``path`` read for ``model``, checked against the asked targets (none: any)
+    and rate."""
+    try:
+        loaded = load_operating_point(path, model)
+    except ValueError as err:
+        raise ScreenError(path, str(err)) from err
+    if targets and targets != loaded["targets"]:
+        raise ScreenError(path, f"set for targets {', '.join(loaded['targets'])}, not {', '.join(targets)}: "
+                                "leave out --target or calibrate the threshold for them")
+    if fpr is not None and fpr != loaded["point"].fpr:
+        raise ScreenError(path, f"set for a false-positive rate of {loaded['point'].fpr:g}, not {fpr:g}: "
+                                "leave out --fpr or calibrate the threshold for it")
+    log.info("operating point from %s: threshold %.4g (%s)", path, loaded["point"].threshold,
+             loaded["point"].basis)
+    return loaded
 
 
 def _new_point(model, temperature: float, targets: list[str], fpr: float) -> OperatingPoint:
@@ -585,30 +619,37 @@ def _threshold(rows: list[dict], settings: ScreenSettings) -> tuple[float, dict]
     scores = [_written(r) for r in rows if not _true(r["ood_flag"])]
     threshold, check = sample_checked_threshold(scores, settings.point.threshold, settings.point.fpr,
                                                 settings.prevalence)
+    source = settings.point.source
+    if source != "validation":    # the check's record names the threshold it checked
+        check = {**check, "source": check["source"].replace("validation", source, 1)}
     if check["source"] == "sample":
-        log.warning("%d of %d maps score at or above the validation threshold %.4g, more than the %d that a "
+        log.warning("%d of %d maps score at or above the %s threshold %.4g, more than the %d that a "
                     "false-positive rate of %g allows: this sample's non-target cells score higher than the "
-                    "validation maps (or it holds more target cells than a prevalence of %g); %s",
-                    check["above_validation_threshold"], check["n"], settings.point.threshold,
-                    check["allowed"], settings.point.fpr, settings.prevalence,
+                    "%s maps (or it holds more target cells than a prevalence of %g); %s",
+                    check["above_validation_threshold"], check["n"], source, settings.point.threshold,
+                    check["allowed"], settings.point.fpr, source, settings.prevalence,
                     f"the threshold is raised to {threshold:.4g} (the sample's own upper quantile)"
                     if settings.sample_check else "the threshold is kept (--sample-check raises it)")
         if not settings.sample_check:
-            return settings.point.threshold, {**check, "source": "validation (sample check not applied)"}
+            return settings.point.threshold, {**check, "source": f"{source} (sample check not applied)"}
     return threshold, check
 
 
 def _summary(rows: list[dict], settings: ScreenSettings, result: ScreenResult, model_name: str,
              threshold: float, check: dict) -> dict:
     n = len(rows)
-    expected = expected_yield(n, settings.prevalence, settings.point)
-    if check["source"] == "sample":   # at most (fpr + prevalence) n flagged, of them the targets found
+    expected = expected_yield(n, settings.prevalence, settings.point, n - result.n_ood)
+    sample_set = check["source"] == "sample"
+    if sample_set:   # at most (fpr + prevalence) n flagged, of them the targets found
         fp = max(result.n_flagged - expected["expected_true_positives"], 0.0)
         tp = expected["expected_true_positives"]
-        expected = {"expected_false_positives": fp, "expected_true_positives": tp,
+        expected = {"expected_false_positives": fp, "expected_false_positives_ci": None,
+                    "expected_true_positives": tp,
                     "expected_purity": tp / (tp + fp) if tp + fp > 0 else float("nan")}
     return {
         "threshold": threshold, "threshold_check": check,
+        "threshold_source": "sample-check" if sample_set else settings.point.source,
+        "control": settings.point.control,
         "model": model_name, "maps_read": n, "files_read": result.n_files,
         "files_skipped": len(result.skipped_files), "maps_skipped": len(result.skipped_maps),
         "skipped": result.skipped_files + result.skipped_maps,
@@ -616,6 +657,7 @@ def _summary(rows: list[dict], settings: ScreenSettings, result: ScreenResult, m
         "targets": settings.targets, "temperature": settings.temperature,
         "operating_point": settings.point.as_dict(), "prevalence": settings.prevalence,
         "expected_false_positives": expected["expected_false_positives"],
+        "expected_false_positives_ci": expected["expected_false_positives_ci"],
         "expected_true_positives": expected["expected_true_positives"],
         "expected_purity": expected["expected_purity"],
         "seconds": result.seconds, "maps_per_second": n / result.seconds if result.seconds > 0 else None,
@@ -644,7 +686,8 @@ def _atomic_csv(path: Path, rows: list[dict]) -> None:
     _atomic(path, write)
 
 
-def merge_screens(folders: Sequence[str | os.PathLike], out: str | os.PathLike) -> ScreenResult:
+def merge_screens(folders: Sequence[str | os.PathLike], out: str | os.PathLike,
+                  settings: ScreenSettings | None = None) -> ScreenResult:
     """Join the outputs of shard runs into the outputs one run over all files would have written.
 
     Parameters
@@ -653,6 +696,10 @@ def merge_screens(folders: Sequence[str | os.PathLike], out: str | os.PathLike) 
         The shard runs' output folders.
     out : str or os.PathLike
         Folder for the joined outputs (created).
+    settings : ScreenSettings, optional
+        Flag at this operating point (e.g. a negative control's) instead of the shards' own: the outputs of
+        screening with it, provided its threshold is not below the shards' (whose maps near and above their
+        threshold, all those the new one can flag, were refined with test-time augmentation and kept).
 
     Returns
     -------
@@ -662,7 +709,8 @@ def merge_screens(folders: Sequence[str | os.PathLike], out: str | os.PathLike) 
     Raises
     ------
     ScreenError
-        A folder without a screening summary, or shards screened with other settings or models.
+        A folder without a screening summary, shards screened with other settings or models, or
+        ``settings`` with a threshold below the shards'.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -682,10 +730,16 @@ def merge_screens(folders: Sequence[str | os.PathLike], out: str | os.PathLike) 
         with np.load(folder / "candidates.npz", allow_pickle=False) as data:
             for m, f, i, c in zip(data["maps"], data["files"], data["index"], data["cell"], strict=True):
                 kept[(str(f), int(i), int(c))] = m
-    settings = ScreenSettings(first["targets"], first["temperature"],
+    screened = ScreenSettings(first["targets"], first["temperature"],
                               OperatingPoint.from_dict(first["operating_point"]), first["prevalence"], (1, 1),
                               bool(first["settings"].get("sample_check", False)),
                               first["settings"].get("ood_morphology", "all"))
+    if settings is not None and (settings.point.threshold < screened.point.threshold
+                                 or settings.targets != screened.targets):
+        raise ScreenError(folders[0], f"screened at threshold {screened.point.threshold:.4g} for "
+                                      f"{', '.join(screened.targets)}: maps near a lower threshold or for "
+                                      "other targets were not scored alike; screen again")
+    settings = settings or screened
     result = ScreenResult(out, n_files=sum(s["files_read"] for s in summaries),
                           seconds=sum(s["seconds"] for s in summaries))
     for s in summaries:

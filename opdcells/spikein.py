@@ -5,14 +5,21 @@ a blood sample and the assay must find them. :func:`simulate_sample` writes such
 microscope run would: one session (optics, noise and biological batch drawn once, different from every
 training session), maps in MATLAB v7.3 stacks of ``maps_per_file`` each, with ``truth.csv`` saying which
 map is which cell. Per-cell random streams make a sample identical whatever ``workers`` is.
+
+A negative control (:func:`simulate_sample` with ``session_seed``, ``simulate --sample N --control-of
+SAMPLE``): blood cells only, imaged in the SAME session as a sample (its optics, noise and biological batch)
+but drawn from the control's own seed, so it shares no cell with the sample -- what a lab images beside a
+sample to set the screen's threshold on (:func:`opdcells.calibration.control_point`).
 """
 from __future__ import annotations
 
 import csv
 import dataclasses
+import json
 import logging
 import math
 import os
+import re
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -35,10 +42,13 @@ SAMPLE_COLUMNS = (*TRUTH_COLUMNS, "spiked")
 #: gzip level of the sample's stacks (with the byte-shuffle filter): level 1 compresses these noisy float32
 #: maps as well as 3 (74% of their size) in less CPU time (:class:`opdcells.simulate.Mat73Stack`).
 STACK_GZIP_LEVEL = 1
+#: The sample's own description (seeds, counts), read back by :func:`session_seed_of`.
+SAMPLE_FILE = "sample.json"
 README = """Simulated screening sample (opdcells.spikein, seed {seed}) -- NOT real measurements.
 
 {n_blood} blood cells ({mix}) with spiked cells {spikes}, imaged in ONE session
-({microscope}, {wavelength_nm} nm, {pixel_size_um} um/px) that is not one of the training sessions.
+(session seed {session_seed}: {microscope}, {wavelength_nm} nm, {pixel_size_um} um/px) that is not one of
+the training sessions.
 Maps: stack_NNNN.mat, MATLAB v7.3, variable phase (H x W x N, radians), {maps_per_file} maps per file, in
 random order. truth.csv: one row per map (path, index, class, ... as a simulated dataset's truth.csv) plus
 'spiked' (1 for the spiked cells).
@@ -89,6 +99,41 @@ def sample_rng(seed: int, *key: int) -> np.random.Generator:
     numpy.random.Generator
     """
     return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(_SAMPLE_KEY, *key)))
+
+
+def session_seed_of(sample_dir: str | os.PathLike) -> int:
+    """The session seed of a simulated sample (to simulate a control of the same session).
+
+    Parameters
+    ----------
+    sample_dir : path
+        A folder :func:`simulate_sample` wrote (its ``sample.json``; samples written before it existed: the
+        seed in the first line of its ``README.txt``).
+
+    Returns
+    -------
+    int
+
+    Raises
+    ------
+    DatasetError
+        The folder holds no simulated sample.
+    """
+    folder = Path(sample_dir)
+    try:
+        return int(json.loads((folder / SAMPLE_FILE).read_text(encoding="utf-8"))["session_seed"])
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise DatasetError(folder / SAMPLE_FILE, f"unreadable sample description ({err})") from err
+    try:
+        first = (folder / "README.txt").read_text(encoding="utf-8").splitlines()[0]
+    except (OSError, IndexError) as err:
+        raise DatasetError(folder, "not a simulated sample (no sample.json or README.txt)") from err
+    found = re.search(r"\(opdcells\.spikein, seed (-?\d+)\)", first)
+    if not found:
+        raise DatasetError(folder, "not a simulated sample (its README.txt names no seed)")
+    return int(found.group(1))
 
 
 def sample_session_of(seed: int) -> Session:
@@ -152,8 +197,9 @@ def _write_stack(out_dir: Path, number: int, classes: list[str], first: int, see
 
 
 def simulate_sample(out_dir: str | os.PathLike, n_blood: int, spikes: dict[str, int], seed: int = 0, *,
-                    maps_per_file: int = 1000, blood_mix: dict[str, float] | None = None,
-                    workers: int = 1, progress: bool = True) -> Path:
+                    session_seed: int | None = None, maps_per_file: int = 1000,
+                    blood_mix: dict[str, float] | None = None, workers: int = 1,
+                    progress: bool = True) -> Path:
     """Write a blood sample of ``n_blood`` cells with ``spikes`` cancer cells to ``out_dir``.
 
     Parameters
@@ -165,7 +211,11 @@ def simulate_sample(out_dir: str | os.PathLike, n_blood: int, spikes: dict[str, 
     spikes : dict
         Class name -> number of spiked cells (e.g. ``{"SW480": 10, "SW620": 10}``).
     seed : int
-        The sample is a deterministic function of the seed (and independent of ``workers``).
+        The sample's cells are a deterministic function of the seed (and independent of ``workers``).
+    session_seed : int, optional
+        Seed of the acquisition session (optics, noise, batch; default ``seed``). A negative control of a
+        sample: the sample's session seed (:func:`session_seed_of`) with another ``seed``, so the two share
+        the session but no cell.
     maps_per_file : int
         Maps per MATLAB v7.3 stack file.
     workers : int
@@ -185,9 +235,10 @@ def simulate_sample(out_dir: str | os.PathLike, n_blood: int, spikes: dict[str, 
     """
     if n_blood < 0 or maps_per_file < 1 or any(k < 0 for k in spikes.values()):
         raise ValueError("cell counts must be >= 0 and maps_per_file >= 1")
+    session_seed = seed if session_seed is None else session_seed
     out_dir = Path(out_dir)
     _prepare(out_dir)
-    session = sample_session_of(seed)
+    session = sample_session_of(session_seed)
     classes = cell_classes(n_blood, spikes, seed, blood_mix)
     spiked = {i for i, c in enumerate(classes) if c in spikes}
     starts = range(0, len(classes), maps_per_file)
@@ -201,8 +252,12 @@ def simulate_sample(out_dir: str | os.PathLike, n_blood: int, spikes: dict[str, 
             writer.writerows(rows)
             bar.update(len(rows))
     mix = blood_mix or BLOOD_MIX
+    description = {"seed": seed, "session_seed": session_seed, "n_blood": n_blood, "spikes": spikes,
+                   "blood_mix": mix, "maps_per_file": maps_per_file, "session_id": session.session_id}
+    (out_dir / SAMPLE_FILE).write_text(json.dumps(description, indent=2), encoding="utf-8")
     (out_dir / "README.txt").write_text(README.format(
-        seed=seed, n_blood=n_blood, mix=", ".join(f"{k} {v:.0%}" for k, v in mix.items()),
+        seed=seed, session_seed=session_seed, n_blood=n_blood,
+        mix=", ".join(f"{k} {v:.0%}" for k, v in mix.items()),
         spikes=", ".join(f"{k} x{v}" for k, v in spikes.items()) or "(none)",
         microscope=session.microscope, wavelength_nm=session.wavelength_nm,
         pixel_size_um=session.pixel_size_um, maps_per_file=maps_per_file))

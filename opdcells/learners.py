@@ -461,7 +461,18 @@ class _FusedLearner:
 
 def features_settings(settings: TrainConfig) -> TrainConfig:
     """The settings the features part of a fused model is fit with: the features model's profile defaults
-    (boosting iterations, learning rate, patience) with the deep run's seed and class weighting."""
+    (boosting iterations, learning rate, patience) with the deep run's seed and class weighting.
+
+    Parameters
+    ----------
+    settings : TrainConfig
+        The fused run's settings.
+
+    Returns
+    -------
+    TrainConfig
+        What ``train --model features`` with the same profile, seed and class weighting would use.
+    """
     return TrainConfig.from_profile(FEATURES, settings.profile, seed=settings.seed,
                                     class_weight=settings.class_weight)
 

@@ -605,7 +605,7 @@ def train(data, model: str | None = None, task: str | Task | None = None, out=No
             groups = dataset_groups(ds, config.group_pattern)
             record["dataset"].update(dataset_origin(ds))   # simulated / measured, from the sources
             record["split"].update(by=split.by, group_pattern=config.group_pattern, warning=split.warning)
-            fused_val = None
+            fused_val, record["fusion"] = None, None   # None: the model is one learner
             if isinstance(learner, _FusedLearner):
                 fitted = SavedModel(folder, record, learner)
                 record["fusion"], fused_val = fuse_on_validation(fitted, ds, y_all, split)

@@ -429,8 +429,7 @@ class _FusedLearner:
         """Fit the deep part (its history is returned: history.csv is the deep part's), then the features
         part with the features model's own settings (``features_settings``), from the cache when set."""
         history = self.deep.fit(dataset, split, y_all, settings, class_weight, verbose)
-        self.features_history = self.features_part.fit(dataset, split, y_all, features_settings(settings),
-                                                        class_weight, verbose)
+        self.features_part.fit(dataset, split, y_all, features_settings(settings), class_weight, verbose)
         return history
 
     def fuse(self, p_deep, p_features) -> np.ndarray:

@@ -63,7 +63,7 @@ class SavedModel:
         The model folder.
     config : dict
         Its config.json.
-    learner : learners._KerasLearner or learners._FeaturesLearner
+    learner : learners._KerasLearner, learners._FeaturesLearner or learners._FusedLearner
         The fitted model.
     """
 

@@ -360,8 +360,10 @@ class FeaturesCache:
         try:
             learner.save(tmp)
             write_json_atomic(tmp / "history.json", {"key": key, "history": history})
-            shutil.rmtree(entry, ignore_errors=True)
+            shutil.rmtree(entry, ignore_errors=True)   # an unreadable entry (a readable one was a hit)
             tmp.rename(entry)
+        except OSError as exc:   # e.g. another process stored the same entry meanwhile: the cache is a saving
+            log.warning("features cache: could not store %s (%s)", entry, exc)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return entry

@@ -71,7 +71,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         path = make_dataset(Path(tmp) / "bench.h5", args.maps, args.size)
         result = train(path, "mobilenetv2", "five_class", Path(tmp) / "run", epochs=1, profile="quick",
-                       n_boot=0, val_size=0.15, tta=False)
+                       n_boot=0, val_size=0.15, tta=False, fusion="none")   # the Keras model alone
         with open_dataset(path) as ds:
             model = load_model(result.model_dir, dataset=ds)
             keras_model = model.learner.model

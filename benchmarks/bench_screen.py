@@ -87,7 +87,7 @@ def main(argv=None) -> int:
         n = len(maps)
         np.save(Path(tmp) / "maps.npy", maps)
         del reads, maps
-        keras_model = model.learner.model
+        keras_model = getattr(model.learner, "deep", model.learner).model   # a fused model's deep part
         keras_model.predict(np.zeros((8, *model.input_shape[:2], 1), np.float32), verbose=0)   # tracing
         _, t_bare, c_bare = timed(lambda: keras_model.predict(np.load(Path(tmp) / "maps.npy")[..., None],
                                                               batch_size=args.batch_size, verbose=0))

@@ -22,6 +22,7 @@ from . import load, notebooks, pretrain_options
 from .config import (
     CLASS_WEIGHTINGS,
     DISTRIBUTE,
+    FUSIONS,
     LR_SCHEDULES,
     MODEL_NAMES,
     OPTIMIZERS,
@@ -188,6 +189,7 @@ TRAIN_OPTIONS = [
     (("--head-epochs",), "head_epochs", {"type": int, "metavar": "N"}),
     (("--freeze-batchnorm",), "freeze_batchnorm", _BOOL),
     (("--physical-quantities",), "physical_quantities", _BOOL),
+    (("--fusion",), "fusion", {"choices": FUSIONS}),
     (("--augment",), "augment", _BOOL),
     (("--tta",), "tta", _BOOL),
     (("--norm-scale-nm",), "norm_scale_nm", {"type": float, "metavar": "NM"}),

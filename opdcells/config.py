@@ -52,6 +52,12 @@ PHYSICAL_QUANTITIES = ("dry_mass_pg", "area_um2", "phase_volume_um3", "opd_mean_
                        "opd_std_nm", "gyration_radius_um", "ring_0", "ring_1", "ring_2", "ring_3")
 #: The quantities of ``physical_quantities=True``: all but the phase volume (dry mass x alpha).
 DEFAULT_PHYSICAL_QUANTITIES = tuple(q for q in PHYSICAL_QUANTITIES if q != "phase_volume_um3")
+#: ``fusion`` settings: the deep model alone, or late fusion with the features model
+#: (``learners._FusedLearner``).
+FUSIONS = ("none", FEATURES)
+#: Weights of the deep part tried for a fused model on the validation groups (never 0: the features model
+#: alone is a model of its own, ``--model features``); ties go to the weight nearest 0.5.
+FUSION_DEEP_WEIGHTS = (0.25, 0.5, 0.75)
 #: ``split_by`` settings: whole acquisition groups in each part, or single maps (``splits.map_split``).
 SPLIT_BY = ("group", "map")
 #: ``distribute`` settings (:mod:`opdcells.distribute`).
@@ -59,7 +65,7 @@ DISTRIBUTE = ("none", "auto", "mirrored", "multiworker")
 #: Fields whose default comes from the profile (and a pretrained encoder), not from the dataclass.
 PROFILE_FIELDS = ("alpha", "input_size", "epochs", "patience", "batch_size", "learning_rate", "head_epochs",
                   "freeze_batchnorm", "tta", "optimizer", "weight_decay", "lr_schedule", "warmup_epochs",
-                  "label_smoothing")
+                  "label_smoothing", "fusion")
 CLASS_WEIGHTINGS = ("balanced", "none")
 
 #: Head-only epochs before fine-tuning an OPD-pretrained encoder (linear probe, then fine-tune).
@@ -151,6 +157,9 @@ class Profile:
         rotations and reflections (the default of a model trained with both).
     input_size_by_model : dict
         Per-family input side (px) instead of ``input_size`` (heavy backbones in the quick profile).
+    fusion : str
+        ``TrainConfig.fusion`` of the deep backbones trained from scratch or ImageNet weights (chosen on the
+        demo's validation groups, docs/recipe.md "Late fusion").
     """
 
     input_size: int
@@ -171,6 +180,7 @@ class Profile:
     pretrained_patience: int = 3
     tta_by_model: dict = field(default_factory=dict)
     input_size_by_model: dict = field(default_factory=dict)
+    fusion: str = FEATURES
 
 
 PROFILES = {
@@ -273,6 +283,12 @@ class TrainConfig:
         OPD (nm), radius of gyration (um) and radial-profile ring means (relative), standardised on the
         training maps. True: DEFAULT_PHYSICAL_QUANTITIES; a list: those names of PHYSICAL_QUANTITIES;
         False: the map only (model folders saved before this field read as False).
+    fusion : str
+        none: the deep model alone; features: the features model (OPD morphology + boosting, as model
+        features) is trained on the same split and saved in the same folder, and the model predicts the
+        weighted mean of both parts' class probabilities, the deep part's weight chosen on the validation
+        groups from FUSION_DEEP_WEIGHTS (late fusion; docs/recipe.md). Deep models only; model folders saved
+        before this field read as none.
     augment : dict or None
         Augmentation of the training maps (the fields of AugmentConfig: shifts in px, noise and background
         in nm); None: none.
@@ -327,6 +343,7 @@ class TrainConfig:
     head_epochs: int = 0
     freeze_batchnorm: bool = False
     physical_quantities: bool | list = True
+    fusion: str = "none"
     augment: dict | None = field(default_factory=lambda: AugmentConfig().as_dict())
     tta: bool = True
     norm_scale_nm: float | None = None
@@ -367,6 +384,9 @@ class TrainConfig:
             (self.class_weight not in CLASS_WEIGHTINGS,
              f"class_weight must be one of {', '.join(CLASS_WEIGHTINGS)}"),
             (self.profile not in PROFILES, f"profile must be one of {', '.join(PROFILES)}"),
+            (self.fusion not in FUSIONS, f"fusion must be one of {', '.join(FUSIONS)}"),
+            (self.model == FEATURES and self.fusion != "none", "fusion is for deep models (the features "
+                                                               "model is one of its parts)"),
             (self.split_by not in SPLIT_BY, f"split_by must be one of {', '.join(SPLIT_BY)}"),
             (self.distribute not in DISTRIBUTE, f"distribute must be one of {', '.join(DISTRIBUTE)}"),
             (self.epochs < 1 or self.batch_size < 1, "epochs and batch_size must be at least 1"),
@@ -471,7 +491,7 @@ class TrainConfig:
             if given.pop("tta", None):
                 log.warning("features ignore orientation: test-time augmentation would not change them; off")
             deep_only = {"alpha", "input_size", "head_epochs", "freeze_batchnorm", "model_kw",
-                         "physical_quantities"}
+                         "physical_quantities", "fusion"}
             ignored = sorted(set(given) & deep_only)
             if ignored or weights != RANDOM:   # settings shared with deep models in one call (notebooks)
                 log.info("features are hand-crafted: %s ignored", ", ".join(ignored + ["weights"] * (
@@ -498,6 +518,7 @@ class TrainConfig:
             "tta": bool(augment and augment["rotate90"] and augment["flip"]
                         and p.tta_by_model.get(model, True)),
             "physical_quantities": not pretrained,   # unmeasured on OPD-pretrained encoders
+            "fusion": "none" if pretrained else p.fusion,   # measured on backbones from scratch only
             **({**PRE_RECIPE, "lr_schedule": "constant"} if pretrained else {}),
         }
         return cls(model=model, profile=profile, weights=weights, augment=augment, **{**defaults, **given})

@@ -370,6 +370,13 @@ def format_report(report: Mapping) -> str:
               " " * width + "".join(f"{n:>{cell}}" for n in names)]
     for name, row in zip(names, report["confusion_matrix"]["counts"], strict=True):
         lines.append(f"{name:<{width}}" + "".join(f"{c:>{cell}}" for c in row))
+    fusion = report.get("fusion")
+    if fusion:
+        lines += ["", f"a late fusion: {fusion['deep_weight']:g} x the deep part + "
+                      f"{1 - fusion['deep_weight']:g} x the features model; its parts alone on the same maps"]
+        for part, entry in fusion["parts"].items():
+            lines.append(f"{part:<28}" + "  ".join(f"{key.replace('_', ' ')} {_fmt_estimate(entry[key])}"
+                                                   for key in HEADLINE))
     baselines = report.get("baselines") or {}
     if baselines:
         lines += ["", "baselines on the same test maps (fit on the training maps)"]
@@ -754,7 +761,10 @@ def evaluate_model(model: SavedModel, dataset, indices=None, *, batch_size: int 
 
     Confidence intervals resample the maps' acquisition groups (:func:`classification_report`); too few
     test groups per class are warned about, and so is an encoder used at another geometry than it was
-    pretrained at (config ``model_info``).
+    pretrained at (config ``model_info``). A fused model (config ``fusion``) is reported on its fused
+    probabilities, and each part alone on the same maps under ``report["fusion"]["parts"]``
+    (``"<backbone> alone"``: the deep part with its test-time augmentation; ``"features alone"``), with the
+    same bootstrap.
 
     Parameters
     ----------
@@ -795,11 +805,24 @@ def evaluate_model(model: SavedModel, dataset, indices=None, *, batch_size: int 
         if len(outside):
             raise DatasetError(ds.path, f"{len(outside)} of the maps to evaluate are not of the task's "
                                         "classes")
-        proba = model.predict_dataset(ds, indices, batch_size=batch_size, tta=tta)
+        groups = (ds.groups if groups is None else groups)[indices]
         y_true = y_all[indices]
-        report = classification_report(y_true, proba, model.class_names, n_boot=n_boot, seed=seed,
-                                       positive_class=_positive_class(model.class_names),
-                                       groups=(ds.groups if groups is None else groups)[indices])
+
+        def report_of(proba):
+            return classification_report(y_true, proba, model.class_names, n_boot=n_boot, seed=seed,
+                                         positive_class=_positive_class(model.class_names), groups=groups)
+
+        if model.fused:   # one prediction of each part: the fused report and each part's own
+            parts = model.predict_dataset_parts(ds, indices, batch_size=batch_size, tta=tta)
+            proba = model.learner.fuse(**parts)
+        else:
+            proba = model.predict_dataset(ds, indices, batch_size=batch_size, tta=tta)
+        report = report_of(proba)
+        if model.fused:
+            report["fusion"] = {
+                "deep_weight": model.learner.deep_weight, "rule": model.config["fusion"]["rule"],
+                "parts": {f"{model.config['model']} alone": report_of(parts["p_deep"]),
+                          "features alone": report_of(parts["p_features"])}}
         for warning in report["warnings"]:
             log.warning("%s: %s", model.name, warning)
         geometry = model.config.get("model_info", {}).get("geometry_warning")

@@ -1,19 +1,24 @@
-"""The two kinds of learner behind a saved model: a deep Keras model (``_KerasLearner``) and the OPD
-morphology features baseline (``_FeaturesLearner``).
+"""The kinds of learner behind a saved model: a deep Keras model (``_KerasLearner``), the OPD
+morphology features baseline (``_FeaturesLearner``), and the late fusion of both (``_FusedLearner``,
+``TrainConfig.fusion="features"``).
 
-Both have the same methods (``create``, ``fit``, ``predict_proba``, ``predict_indices``, ``save``,
+All have the same methods (``create``, ``fit``, ``predict_proba``, ``predict_indices``, ``save``,
 ``load``): :func:`opdcells.train.train` fits one, :class:`opdcells.modelfolder.SavedModel` predicts with
 one, and every other step (task targets, group split, class weights, config, evaluation, loading) is
 shared. Imports TensorFlow (through :mod:`opdcells.pipeline`).
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from .config import FEATURES, TrainConfig
+from .config import FEATURES, FUSION_DEEP_WEIGHTS, TrainConfig, write_json_atomic
 from .errors import ModelError
 from .files import iter_maps
 from .pipeline import make_tf_dataset
@@ -21,6 +26,11 @@ from .splits import Split
 
 log = logging.getLogger(__name__)
 
+
+#: Feature rows of the last dataset this process measured (``"dataset"``: its real path, fingerprint and
+#: pixel size; ``"rows"``: row -> feature vector): the features model, the features part of every fused
+#: backbone on the same split and their evaluations measure each map once (a 128 px map takes 8-25 ms).
+_DATASET_ROWS: dict = {}
 
 #: The only types a ``features`` model.skops may hold beyond skops' own safe defaults (numpy, builtins and
 #: the scikit-learn estimators skops vets): the fitted trees of HistGradientBoostingClassifier.
@@ -177,6 +187,7 @@ class _FeaturesLearner:
         self.pixel_size_um = pixel_size_um
         self.info = info
         self.feature_names = feature_names
+        self.cache: FeaturesCache | None = None   # fitted models of identical runs (set by train)
 
     @classmethod
     def create(cls, settings: TrainConfig, n_classes: int, pixel_size_um: float):
@@ -201,10 +212,37 @@ class _FeaturesLearner:
         return x
 
     def dataset_features(self, dataset, indices) -> np.ndarray:
-        blocks = [self.features(maps) for maps in iter_maps(dataset, indices)]
-        return np.concatenate(blocks) if blocks else np.empty((0, 0))
+        """Feature rows (N, F) of dataset maps ``indices``; rows this process measured before on the same
+        dataset content (:data:`_DATASET_ROWS`) are not measured again."""
+        key = (str(getattr(dataset, "real_path", dataset.path)), dataset.fingerprint, self.pixel_size_um)
+        if _DATASET_ROWS.get("dataset") != key:
+            _DATASET_ROWS.clear()
+            _DATASET_ROWS.update(dataset=key, rows={})
+        known = _DATASET_ROWS["rows"]
+        indices = np.asarray(indices, dtype=np.int64)
+        todo = np.array(sorted(set(indices.tolist()) - set(known)), dtype=np.int64)
+        blocks = iter_maps(dataset, todo, batch_size=256)
+        for start, maps in zip(range(0, len(todo), 256), blocks, strict=True):
+            known.update(zip(todo[start:start + 256].tolist(), self.features(maps), strict=True))
+        if self.feature_names is None and len(indices):   # named by the features module, as ``features``
+            self.features(dataset.read(indices[:1]))
+        return np.stack([known[i] for i in indices.tolist()]) if len(indices) else np.empty((0, 0))
 
     def fit(self, dataset, split: Split, y_all, settings: TrainConfig, class_weight, verbose) -> dict:
+        if self.cache is None:
+            return self._fit(dataset, split, y_all, settings, class_weight)
+        key = self.cache.key(dataset, split, y_all, settings, class_weight)
+        cached = self.cache.get(key, self.info)
+        if cached is not None:
+            fitted, history = cached
+            self.estimator, self.feature_names = fitted.estimator, fitted.feature_names
+            self.info["cache"] = "re-used an identical fit"
+            return history
+        history = self._fit(dataset, split, y_all, settings, class_weight)
+        self.cache.put(key, self, history)
+        return history
+
+    def _fit(self, dataset, split: Split, y_all, settings: TrainConfig, class_weight) -> dict:
         w = np.array([class_weight[k] for k in sorted(class_weight)])
         x_train, y_train = self.dataset_features(dataset, split.train), y_all[split.train]
         val = {}
@@ -256,5 +294,247 @@ def _staged_accuracy(estimator, x, y) -> list[float]:
     return [float(np.mean(p.argmax(axis=1) == y)) for p in estimator.staged_predict_proba(x)]
 
 
-def _learner_class(model: str):
-    return _FeaturesLearner if model == FEATURES else _KerasLearner
+class FeaturesCache:
+    """Fitted features models by what determines them, so that one split's features model is fit once for
+    every deep backbone fused with it (and for the ``features`` run itself).
+
+    An entry is a folder ``<key>/`` holding ``model.skops`` (loaded as any features model folder: skops,
+    trusted types only, no code) and ``history.json``, written to a temporary sibling and renamed. The key
+    hashes the dataset's content fingerprint, the training and validation rows with their labels and class
+    weights, the fit's settings (boosting iterations, learning rate, patience, seed) and the source of
+    ``opdcells.features`` and the scikit-learn version; anything else is another key. An unreadable entry is
+    fit again and replaced.
+
+    Parameters
+    ----------
+    folder : str or os.PathLike
+        Where the entries live (e.g. ``saved_models/final_project_features_cache``).
+    """
+
+    def __init__(self, folder):
+        self.folder = Path(folder)
+        self.hits = 0
+        self.misses = 0
+
+    @staticmethod
+    def key(dataset, split: Split, y_all, settings: TrainConfig, class_weight) -> str:
+        """The hex SHA-256 of everything a features fit depends on (see the class)."""
+        import sklearn
+
+        from . import features
+
+        y_all = np.asarray(y_all)
+        record = {"fingerprint": dataset.fingerprint,
+                  "train": [np.asarray(split.train).tolist(), y_all[split.train].tolist()],
+                  "val": [np.asarray(split.val).tolist(), y_all[split.val].tolist()],
+                  "class_weight": {str(k): round(float(v), 12) for k, v in sorted(class_weight.items())},
+                  "fit": [settings.epochs, settings.learning_rate, settings.patience, settings.seed],
+                  "features_source": hashlib.sha256(Path(features.__file__).read_bytes()).hexdigest(),
+                  "sklearn": sklearn.__version__}
+        return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
+
+    def get(self, key: str, info: dict):
+        """``(fitted _FeaturesLearner, history)`` of entry ``key``, or None (a miss)."""
+        entry = self.folder / key[:32]
+        if not (entry / "history.json").is_file():
+            self.misses += 1
+            return None
+        try:
+            stored = json.loads((entry / "history.json").read_text(encoding="utf-8"))
+            if stored["key"] != key:
+                raise ValueError("another key")
+            fitted = _FeaturesLearner.load(entry, {"model_info": info})
+        except (OSError, ValueError, KeyError, ModelError) as exc:
+            log.warning("features cache entry %s unreadable (%s): fitting again", entry, exc)
+            self.misses += 1
+            return None
+        self.hits += 1
+        log.info("features model: re-using the identical fit %s", entry)
+        return fitted, stored["history"]
+
+    def put(self, key: str, learner: _FeaturesLearner, history: dict) -> Path:
+        """Store a fitted features learner and its history under ``key``; returns the entry folder."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        entry = self.folder / key[:32]
+        tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}-", dir=self.folder))
+        try:
+            learner.save(tmp)
+            write_json_atomic(tmp / "history.json", {"key": key, "history": history})
+            shutil.rmtree(entry, ignore_errors=True)   # an unreadable entry (a readable one was a hit)
+            tmp.rename(entry)
+        except OSError as exc:   # e.g. another process stored the same entry meanwhile: the cache is a saving
+            log.warning("features cache: could not store %s (%s)", entry, exc)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return entry
+
+
+class _DeepEncoderView:
+    """What a fused learner shows as ``.model``: its deep part's ``encoder`` layer only.
+
+    The out-of-distribution detector embeds maps with ``model.get_layer("encoder")`` (it stays on the deep
+    encoder's embedding); any other layer (the deep softmax ``classifier``) is refused with ValueError, as
+    Keras refuses an unknown layer, so that nothing scores a fused model with its deep part alone.
+    """
+
+    def __init__(self, model):
+        self._model = model
+
+    def get_layer(self, name: str):
+        if name != "encoder":
+            raise ValueError(f"a fused model exposes only its deep part's encoder, not layer {name!r}")
+        return self._model.get_layer("encoder")
+
+
+class _FusedLearner:
+    """Late fusion: a deep Keras learner and the features learner, fit on the same split and saved in one
+    folder (``model.keras`` and ``model.skops``), predicting the weighted mean of their class probabilities
+    ``w * p_deep + (1 - w) * p_features`` (:func:`fuse`).
+
+    ``deep_weight`` (w) is set by :func:`opdcells.train.train` from
+    :data:`~opdcells.config.FUSION_DEEP_WEIGHTS` on the validation groups (:func:`choose_deep_weight`) and
+    read back from config.json ``fusion``.
+    """
+
+    file_name = _KerasLearner.file_name   # the deep part's; the features part's is model.skops beside it
+    part_files = (_KerasLearner.file_name, _FeaturesLearner.file_name)
+
+    def __init__(self, deep: _KerasLearner, features_part: _FeaturesLearner, deep_weight: float = 0.5):
+        self.deep = deep
+        self.features_part = features_part
+        self.deep_weight = float(deep_weight)
+
+    @property
+    def info(self) -> dict:
+        """The deep part's model_info (what config.json ``init`` and ``model_info`` describe)."""
+        return self.deep.info
+
+    @property
+    def model(self) -> _DeepEncoderView:
+        return _DeepEncoderView(self.deep.model)
+
+    @property
+    def cache(self):
+        return self.features_part.cache
+
+    @cache.setter
+    def cache(self, value) -> None:
+        self.features_part.cache = value
+
+    @classmethod
+    def create(cls, settings: TrainConfig, n_classes: int, input_shape, norm_scale_nm: float,
+               pixel_size_um: float | None = None):
+        deep = _KerasLearner.create(settings, n_classes, input_shape, norm_scale_nm, pixel_size_um)
+        return cls(deep, _FeaturesLearner.create(features_settings(settings), n_classes, pixel_size_um))
+
+    def fit(self, dataset, split: Split, y_all, settings: TrainConfig, class_weight, verbose) -> dict:
+        """Fit the deep part (its history is returned: history.csv is the deep part's), then the features
+        part with the features model's own settings (``features_settings``), from the cache when set."""
+        history = self.deep.fit(dataset, split, y_all, settings, class_weight, verbose)
+        self.features_part.fit(dataset, split, y_all, features_settings(settings), class_weight, verbose)
+        return history
+
+    def fuse(self, p_deep, p_features) -> np.ndarray:
+        """``w * p_deep + (1 - w) * p_features`` (N, K) of the parts' class probabilities (N, K)."""
+        return fuse(p_deep, p_features, self.deep_weight)
+
+    def predict_proba(self, maps, batch_size: int = 64) -> np.ndarray:
+        return self.fuse(self.deep.predict_proba(maps, batch_size), self.features_part.predict_proba(maps))
+
+    def predict_indices(self, dataset, indices, batch_size: int = 64) -> np.ndarray:
+        return self.fuse(self.deep.predict_indices(dataset, indices, batch_size),
+                         self.features_part.predict_indices(dataset, indices))
+
+    def save(self, folder: Path) -> None:
+        self.deep.save(folder)
+        self.features_part.save(folder)
+
+    @classmethod
+    def load(cls, folder: Path, config: dict):
+        """Both parts, each as its own kind loads (Keras safe_mode; skops with trusted types only)."""
+        fusion = config.get("fusion") or {}
+        if not isinstance(fusion.get("deep_weight"), (int, float)) or not 0 < fusion["deep_weight"] <= 1:
+            raise ModelError(folder, "config.json fusion has no deep_weight in (0, 1]")
+        deep = _KerasLearner.load(folder, config)
+        features_part = _FeaturesLearner.load(folder, {"model_info": fusion.get("features_model_info", {})})
+        return cls(deep, features_part, fusion["deep_weight"])
+
+
+def features_settings(settings: TrainConfig) -> TrainConfig:
+    """The settings the features part of a fused model is fit with: the features model's profile defaults
+    (boosting iterations, learning rate, patience) with the deep run's seed and class weighting.
+
+    Parameters
+    ----------
+    settings : TrainConfig
+        The fused run's settings.
+
+    Returns
+    -------
+    TrainConfig
+        What ``train --model features`` with the same profile, seed and class weighting would use.
+    """
+    return TrainConfig.from_profile(FEATURES, settings.profile, seed=settings.seed,
+                                    class_weight=settings.class_weight)
+
+
+def fuse(p_deep, p_features, deep_weight: float) -> np.ndarray:
+    """Weighted mean of two parts' class probabilities.
+
+    Parameters
+    ----------
+    p_deep, p_features : array of float, shape (N, K)
+        Class probabilities of the deep part and of the features part.
+    deep_weight : float
+        Weight of the deep part, in (0, 1].
+
+    Returns
+    -------
+    numpy.ndarray, shape (N, K)
+        ``deep_weight * p_deep + (1 - deep_weight) * p_features`` (rows sum to 1).
+    """
+    p_deep, p_features = np.asarray(p_deep, dtype=np.float64), np.asarray(p_features, dtype=np.float64)
+    return deep_weight * p_deep + (1.0 - deep_weight) * p_features
+
+
+def choose_deep_weight(p_deep, p_features, y, weights=FUSION_DEEP_WEIGHTS) -> tuple[float, dict]:
+    """The deep part's weight of a fused model with the best balanced accuracy on validation maps.
+
+    Parameters
+    ----------
+    p_deep, p_features : array of float, shape (N, K)
+        The parts' class probabilities of the validation maps.
+    y : array of int, shape (N,)
+        Their task labels.
+    weights : sequence of float
+        Weights tried, each in (0, 1] (the features model alone, 0, is not a fusion); ties go to the one
+        nearest 0.5 (the plain mean).
+
+    Returns
+    -------
+    (float, dict)
+        The chosen weight, and the balanced accuracy of every weight tried (str(weight) -> accuracy).
+
+    Raises
+    ------
+    ValueError
+        A weight outside (0, 1], or no validation maps.
+    """
+    from sklearn.metrics import balanced_accuracy_score
+
+    y = np.asarray(y)
+    if any(not 0 < w <= 1 for w in weights) or not len(weights):
+        raise ValueError(f"deep weights must lie in (0, 1], got {list(weights)}")
+    if len(y) == 0:
+        raise ValueError("no validation maps to choose the fusion weight on")
+    scores = {float(w): float(balanced_accuracy_score(y, fuse(p_deep, p_features, w).argmax(axis=1)))
+              for w in weights}
+    best = max(scores.values())
+    chosen = min((w for w, s in scores.items() if np.isclose(s, best)), key=lambda w: (abs(w - 0.5), w))
+    return chosen, {str(w): s for w, s in scores.items()}
+
+
+def _learner_class(model: str, fusion: str = "none"):
+    if model == FEATURES:
+        return _FeaturesLearner
+    return _FusedLearner if fusion == FEATURES else _KerasLearner

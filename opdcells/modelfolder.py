@@ -2,7 +2,8 @@
 
 One folder per trained model (``saved_models/RUN/``)::
 
-    model.keras | model.skops    the fitted model (Keras, or the scikit-learn features baseline)
+    model.keras | model.skops    the fitted model (Keras, or the scikit-learn features baseline; a fused
+                                 model, ``fusion: features``, holds both: its deep and its features part)
     config.json                  everything needed to use and judge it (see ``train._make_config``)
     history.csv                  per-epoch (per boosting iteration for ``features``) losses and accuracy
     metrics.json                 classification_report on the held-out test groups
@@ -28,7 +29,7 @@ from . import __version__
 from .config import FEATURES, TTA_DIHEDRAL, TrainConfig
 from .errors import DatasetError, ModelError, OPDCellsError, TaskError
 from .files import iter_maps, opened
-from .learners import _learner_class
+from .learners import _FusedLearner, _learner_class
 from .pipeline import dihedral_views
 from .tasks import Task, resolve_task, task_targets
 
@@ -62,7 +63,7 @@ class SavedModel:
         The model folder.
     config : dict
         Its config.json.
-    learner : learners._KerasLearner or learners._FeaturesLearner
+    learner : learners._KerasLearner, learners._FeaturesLearner or learners._FusedLearner
         The fitted model.
     """
 
@@ -129,19 +130,45 @@ class SavedModel:
         """``tta`` if given, else the model's own setting."""
         return self.tta if tta is None else bool(tta)
 
+    @property
+    def fused(self) -> bool:
+        """Whether the model is a late fusion of a deep part and the features model (``fusion: features``)."""
+        return isinstance(self.learner, _FusedLearner)
+
     def predict_proba(self, maps, batch_size: int = 64, *, tta: bool | None = None) -> np.ndarray:
         """Class probabilities (N, K) of OPD maps in nm, (N, S, S) or (N, S, S, 1), at the model's
         pixel size and map size (``config['pixel_size_um']``, ``config['out_size']``). ``tta``: mean
-        over the map's 8 rotations and reflections (default: the model's own setting, :attr:`tta`)."""
+        over the map's 8 rotations and reflections (default: the model's own setting, :attr:`tta`); of a
+        fused model, the fused probabilities (:meth:`predict_parts`)."""
+        if self.fused:
+            return self.learner.fuse(**self.predict_parts(maps, batch_size, tta=tta))
+        return self._deep_proba(self.learner, self._check_maps(maps), batch_size, tta)
+
+    def predict_parts(self, maps, batch_size: int = 64, *, tta: bool | None = None) -> dict[str, np.ndarray]:
+        """Class probabilities of each part of a fused model: ``p_deep`` (N, K), with test-time augmentation
+        as :meth:`predict_proba` (it applies to the deep part only), and ``p_features`` (N, K).
+
+        Raises
+        ------
+        ValueError
+            The model is not fused, or the maps do not fit it.
+        """
+        if not self.fused:
+            raise ValueError(f"model {self.name} is not a fusion of parts")
         maps = self._check_maps(maps)
+        return {"p_deep": self._deep_proba(self.learner.deep, maps, batch_size, tta),
+                "p_features": self.learner.features_part.predict_proba(maps) if len(maps) else
+                np.empty((0, len(self.class_names)))}
+
+    def _deep_proba(self, learner, maps: np.ndarray, batch_size: int, tta: bool | None) -> np.ndarray:
         if len(maps) == 0:
             return np.empty((0, len(self.class_names)), dtype=np.float32)
         if not self.uses_tta(tta):
-            return self.learner.predict_proba(maps, batch_size=batch_size)
+            return learner.predict_proba(maps, batch_size=batch_size)
         chunks = []
         for start in range(0, len(maps), TTA_CHUNK):   # 8 views of a chunk at a time: bounded memory
             chunk = maps[start:start + TTA_CHUNK]
-            proba = self.learner.predict_proba(np.concatenate(dihedral_views(chunk)), batch_size=batch_size)
+            proba = learner.predict_proba(np.concatenate(dihedral_views(chunk)), batch_size=batch_size)
             chunks.append(proba.reshape(8, len(chunk), -1).mean(axis=0))
         return np.concatenate(chunks)
 
@@ -150,6 +177,8 @@ class SavedModel:
         """Class probabilities of maps ``indices`` (default all) of a dataset, read from HDF5 a block at a
         time: streamed through ``opdcells.pipeline`` without test-time augmentation, with it through
         :meth:`predict_proba` (``tta`` as there)."""
+        if self.fused:
+            return self.learner.fuse(**self.predict_dataset_parts(dataset, indices, batch_size, tta=tta))
         with opened(dataset) as ds:
             self.check_dataset(ds, need_classes=False)
             indices = np.arange(len(ds)) if indices is None else np.asarray(indices, dtype=np.int64)
@@ -159,6 +188,24 @@ class SavedModel:
                 return np.concatenate([self.predict_proba(maps, batch_size, tta=True)
                                        for maps in iter_maps(ds, indices, batch_size=TTA_CHUNK)])
             return self.learner.predict_indices(ds, indices, batch_size=batch_size)
+
+    def predict_dataset_parts(self, dataset, indices=None, batch_size: int = 64, *,
+                              tta: bool | None = None) -> dict[str, np.ndarray]:
+        """:meth:`predict_parts` of maps ``indices`` (default all) of a dataset, read a block at a time."""
+        if not self.fused:
+            raise ValueError(f"model {self.name} is not a fusion of parts")
+        with opened(dataset) as ds:
+            self.check_dataset(ds, need_classes=False)
+            indices = np.arange(len(ds)) if indices is None else np.asarray(indices, dtype=np.int64)
+            if len(indices) == 0:
+                empty = np.empty((0, len(self.class_names)))
+                return {"p_deep": empty, "p_features": empty}
+            if self.uses_tta(tta):
+                parts = [self.predict_parts(maps, batch_size, tta=True)
+                         for maps in iter_maps(ds, indices, batch_size=TTA_CHUNK)]
+                return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+            return {"p_deep": self.learner.deep.predict_indices(ds, indices, batch_size=batch_size),
+                    "p_features": self.learner.features_part.predict_indices(ds, indices)}
 
     def check_dataset(self, dataset, *, need_classes: bool = True) -> None:
         """Raise DatasetError/TaskError (clear message) if ``dataset`` does not fit this model."""
@@ -273,8 +320,9 @@ def _read_config(folder: Path) -> dict:
 
 
 def _refuse_pickles(folder: Path, config: dict) -> None:
-    """ModelError for a ``features`` folder that holds a pickle or predates model.skops (format 3)."""
-    if config.get("model") != FEATURES:
+    """ModelError for a ``features`` (or fused) folder that holds a pickle or predates model.skops
+    (format 3)."""
+    if config.get("model") != FEATURES and _fusion_of(config) == "none":
         return
     pickles = [name for name in PICKLE_FILES if (folder / name).exists()]
     old = int(config.get("format_version", 0)) < FEATURES_MIN_FORMAT
@@ -284,6 +332,12 @@ def _refuse_pickles(folder: Path, config: dict) -> None:
                                  f"model.skops (model format {FEATURES_MIN_FORMAT}): retrain it with "
                                  "`python -m opdcells train --model features --task TASK --data DATASET.h5 "
                                  "--out FOLDER` (seconds) and delete the pickle")
+
+
+def _fusion_of(config: dict) -> str:
+    """config.json ``train_config`` ``fusion`` (none for model folders saved before it)."""
+    settings = config.get("train_config")
+    return str(settings.get("fusion", "none")) if isinstance(settings, dict) else "none"
 
 
 def load_model(path, dataset=None, *, saved_models=None) -> SavedModel:
@@ -318,9 +372,10 @@ def load_model(path, dataset=None, *, saved_models=None) -> SavedModel:
     folder = resolve_model_dir(path, saved_models)
     config = _read_config(folder)
     _refuse_pickles(folder, config)
-    learner_cls = _learner_class(config["model"])
-    if not (folder / learner_cls.file_name).is_file():
-        raise ModelError(folder, f"missing {learner_cls.file_name}")
+    learner_cls = _learner_class(config["model"], _fusion_of(config))
+    for name in getattr(learner_cls, "part_files", (learner_cls.file_name,)):
+        if not (folder / name).is_file():
+            raise ModelError(folder, f"missing {name}")
     try:
         learner = learner_cls.load(folder, config)
     except OPDCellsError:

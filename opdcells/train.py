@@ -23,7 +23,15 @@ from .config import FEATURES, TrainConfig, augment_dict, resolve_alias
 from .errors import ConfigError, SplitError
 from .evaluate import Evaluation, baseline_summary, evaluate_model, rows_digest
 from .files import iter_maps, opened, staging, versions, write_history, write_json
-from .learners import _class_weights, _FeaturesLearner, _KerasLearner, _learner_class
+from .learners import (
+    FeaturesCache,
+    _class_weights,
+    _FeaturesLearner,
+    _FusedLearner,
+    _KerasLearner,
+    _learner_class,
+    choose_deep_weight,
+)
 from .modelfolder import FORMAT, FORMAT_VERSION, SavedModel, saved_models_root
 from .ood import fit_for_model
 from .simulate import dataset_origin
@@ -277,8 +285,8 @@ def _create_learner(settings: TrainConfig, dataset, split: Split, n_classes: int
     norm = _normalisation(settings, dataset, split)
     log.info("normalisation scale %.1f nm (%s)", norm["norm_scale_nm"], norm["method"])
     size = dataset.out_size
-    learner = _KerasLearner.create(settings, n_classes, (size, size, 1), norm["norm_scale_nm"],
-                                   dataset.pixel_size_um)
+    kind = _FusedLearner if settings.fusion == FEATURES else _KerasLearner
+    learner = kind.create(settings, n_classes, (size, size, 1), norm["norm_scale_nm"], dataset.pixel_size_um)
     from .models import saved_encoder_config
 
     saved = saved_encoder_config(settings.model, settings.weights)
@@ -365,7 +373,7 @@ def _output_of_this_worker(out: Path, config: TrainConfig) -> Path:
 
 
 def calibrate_on_validation(model: SavedModel, dataset, y_all, split: Split, folder: Path, *,
-                            groups=None, seed: int = 0) -> dict | None:
+                            groups=None, seed: int = 0, proba=None) -> dict | None:
     """Calibrate a freshly trained model on its validation groups (:func:`opdcells.calibration.calibrate`).
 
     Writes ``validation_scores.npz`` (so screening can set operating points for other targets and rates)
@@ -387,6 +395,8 @@ def calibrate_on_validation(model: SavedModel, dataset, y_all, split: Split, fol
         Every map's acquisition group (default the dataset's).
     seed : int
         Seed of the bootstrap.
+    proba : array of float, shape (N_val, K), optional
+        The model's probabilities of the validation maps, when already predicted.
 
     Returns
     -------
@@ -398,7 +408,7 @@ def calibrate_on_validation(model: SavedModel, dataset, y_all, split: Split, fol
     if len(split.val) == 0:
         log.info("no validation maps: the model is not calibrated (screening needs a calibrated model)")
         return None
-    proba = model.predict_dataset(dataset, split.val)
+    proba = model.predict_dataset(dataset, split.val) if proba is None else proba
     groups = np.asarray(dataset.groups if groups is None else groups)[split.val]
     labels = y_all[split.val]
     record = calibration.calibrate(proba, labels, model.class_names, groups=groups, seed=seed)
@@ -414,6 +424,65 @@ def calibrate_on_validation(model: SavedModel, dataset, y_all, split: Split, fol
     return record
 
 
+def fuse_on_validation(model: SavedModel, dataset, y_all, split: Split) -> tuple[dict, np.ndarray | None]:
+    """Choose a fused model's deep weight on its validation groups
+    (:func:`opdcells.learners.choose_deep_weight`) and set it on ``model.learner``.
+
+    Parameters
+    ----------
+    model : SavedModel
+        A freshly trained fused model (``fusion: features``).
+    dataset : OPDDataset
+        The dataset it was trained on.
+    y_all : array of int, shape (N_maps,)
+        Task label of every dataset map (-1 outside the task).
+    split : Split
+        The run's split; its validation maps are used.
+
+    Returns
+    -------
+    (dict, numpy.ndarray or None)
+        config.json ``fusion`` (the rule, the weight, the weights tried with their validation balanced
+        accuracy, each part's and the fusion's validation accuracy, the features part's model info) and
+        the fused validation probabilities (N_val, K) (None without validation maps: the weight is 0.5).
+    """
+    from .config import FUSION_DEEP_WEIGHTS
+
+    learner = model.learner
+    record = {"parts": [model.config["model"], FEATURES], "features_file": _FeaturesLearner.file_name,
+              "rule": "weighted mean of the class probabilities: deep_weight x the deep part (with its "
+                      "test-time augmentation) + (1 - deep_weight) x the features model",
+              "weights_tried": list(FUSION_DEEP_WEIGHTS),
+              "features_model_info": learner.features_part.info,
+              "features_iterations": int(learner.features_part.estimator.n_iter_)}
+    if len(split.val) == 0:
+        learner.deep_weight = 0.5
+        log.info("no validation maps: the fused model takes the plain mean of its parts")
+        return {**record, "deep_weight": 0.5, "chosen_by": "no validation maps: the plain mean",
+                "validation": None}, None
+    parts = model.predict_dataset_parts(dataset, split.val)
+    y = y_all[split.val]
+    learner.deep_weight, grid = choose_deep_weight(parts["p_deep"], parts["p_features"], y)
+    fused = learner.fuse(**parts)
+    validation = {"deep": _accuracies(parts["p_deep"], y), "features": _accuracies(parts["p_features"], y),
+                  "fused": _accuracies(fused, y), "balanced_accuracy_by_weight": grid, "n_maps": len(y)}
+    log.info("fusion: deep weight %.2f on %d validation maps (balanced accuracy by weight %s); validation "
+             "accuracy deep part %.3f, features %.3f, fused %.3f", learner.deep_weight, len(y), grid,
+             *(validation[part]["accuracy"] for part in ("deep", "features", "fused")))
+    return {**record, "deep_weight": learner.deep_weight,
+            "chosen_by": "best balanced accuracy on the validation groups (ties: nearest 0.5)",
+            "validation": validation}, fused
+
+
+def _accuracies(proba, y) -> dict:
+    """Accuracy and balanced accuracy of probabilities (N, K) against labels (N,)."""
+    from sklearn.metrics import balanced_accuracy_score
+
+    pred = np.asarray(proba).argmax(axis=1)
+    return {"accuracy": float(np.mean(pred == y)),
+            "balanced_accuracy": float(balanced_accuracy_score(y, pred))}
+
+
 def _write_model_folder(folder: Path, learner, config: dict, history: dict, split: Split) -> None:
     """The model file, config.json, history.csv and split.json (metrics.json comes after evaluation)."""
     learner.save(folder)
@@ -425,7 +494,7 @@ def _write_model_folder(folder: Path, learner, config: dict, history: dict, spli
 def train(data, model: str | None = None, task: str | Task | None = None, out=None, *,
           config: TrainConfig | None = None, profile: str = "quick", split: Split | None = None,
           train_indices=None, verbose=0, n_boot: int = 1000, saved_models=None, calibrate: bool = True,
-          ood: bool = True, **settings) -> TrainResult:
+          ood: bool = True, features_cache=None, **settings) -> TrainResult:
     """Train a model for a task on a dataset and write its folder (model, config.json, history.csv,
     metrics.json, split.json).
 
@@ -462,6 +531,10 @@ def train(data, model: str | None = None, task: str | Task | None = None, out=No
         Calibrate the model on the validation maps, fit its out-of-distribution detector (default both;
         off for a run read only for its test predictions, such as a label-efficiency point, whose
         ``config.json`` then records None for them: the class predicted is the same).
+    features_cache : str or os.PathLike, optional
+        Folder of :class:`opdcells.learners.FeaturesCache`: the features model (``model="features"``, or
+        the features part of a fused model) is fit once per dataset content, split and settings, and
+        re-used by every later run that would fit the same one.
     **settings
         Fields of :class:`TrainConfig` (epochs, weights, learning_rate, test_groups, ...).
 
@@ -517,6 +590,8 @@ def train(data, model: str | None = None, task: str | Task | None = None, out=No
         log.info("training %s for %s on %s: %s maps (train/val/test)", config.model, task.name, ds.path,
                  split.sizes)
         learner, normalisation = _create_learner(config, ds, split, len(task.classes))
+        if features_cache is not None and hasattr(learner, "cache"):
+            learner.cache = FeaturesCache(features_cache)
         out = _output_of_this_worker(out, config)
         with staging(out) as folder:
             start = time.perf_counter()
@@ -530,9 +605,13 @@ def train(data, model: str | None = None, task: str | Task | None = None, out=No
             groups = dataset_groups(ds, config.group_pattern)
             record["dataset"].update(dataset_origin(ds))   # simulated / measured, from the sources
             record["split"].update(by=split.by, group_pattern=config.group_pattern, warning=split.warning)
+            fused_val, record["fusion"] = None, None   # None: the model is one learner
+            if isinstance(learner, _FusedLearner):
+                fitted = SavedModel(folder, record, learner)
+                record["fusion"], fused_val = fuse_on_validation(fitted, ds, y_all, split)
             record["calibration"] = calibrate_on_validation(
-                SavedModel(folder, record, learner), ds, y_all, split, folder, groups=groups, seed=seed
-            ) if calibrate else None
+                SavedModel(folder, record, learner), ds, y_all, split, folder, groups=groups, seed=seed,
+                proba=fused_val) if calibrate else None
             record["ood"] = fit_for_model(folder, learner, ds, split, seed=seed) if ood else None   # ood.npz
             _write_model_folder(folder, learner, record, history, split)
             evaluation = evaluate_model(SavedModel(folder, record, learner), ds, split.test, n_boot=n_boot,

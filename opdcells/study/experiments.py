@@ -113,7 +113,11 @@ def compare_models(data, models, tasks=("five_class",), *, name="comparison", pr
     :func:`opdcells.tasks.task_slug`); the comparison table (CSV and Markdown; the baselines of
     ``opdcells.baselines`` on the same test maps beside the models) and the accuracy bar chart with 95%
     CIs to ``results/<name>/``. A run made before with the same settings, dataset, split and code is read
-    back (:func:`earlier_run`), not retrained.
+    back (:func:`earlier_run`), not retrained. A fused model (``TrainConfig.fusion``, the default of the
+    backbones from scratch) gives two rows: ``<model> + features`` (the fused model) and ``<model>`` (its
+    deep part alone on the same test maps); every row carries the recall of each class. The features model
+    is fit once per split for all of them (``saved_models/<name>_features_cache``,
+    :class:`opdcells.learners.FeaturesCache`).
 
     Parameters
     ----------
@@ -162,13 +166,14 @@ def compare_models(data, models, tasks=("five_class",), *, name="comparison", pr
             if result is None:
                 log.info("%s: training %s on %s", name, model, task)
                 result = train(ds, model, task, saved_models / f"{name}_{model}_{slug}", profile=profile,
-                               seed=seed, verbose=verbose, n_boot=n_boot, **options)
+                               seed=seed, verbose=verbose, n_boot=n_boot,
+                               features_cache=saved_models / f"{name}_features_cache", **options)
                 if digest:
                     write_json_atomic(result.model_dir / RUN_DIGEST_FILE, {"digest": digest})
             folders[(task, model)] = out_root / f"{model}_{slug}"
             write_results(result.evaluation, result.model, ds, folders[(task, model)])
             runs[(task, model)] = result
-            rows.append(_row(task, model, result))
+            rows += _rows(task, model, result)
         if models:
             rows += _baseline_rows(ds, task, runs[(task, models[0])], n_boot=n_boot, seed=seed)
     table = comparison_table(rows)
@@ -279,16 +284,42 @@ def _baseline_rows(ds, task, result, *, n_boot: int, seed: int) -> list[dict]:
     reports = baseline_reports(ds, task_labels(ds, saved.task), split, saved.class_names, n_boot=n_boot,
                                seed=seed, positive_class=sens["positive_class"] if sens else None)
     return [{"task": task, "model": baseline, "init": "baseline", "predicts_only": predicted_only(report),
-             "report": report} for baseline, report in reports.items()]
+             **recall_columns(report), "report": report} for baseline, report in reports.items()]
 
 
-def _row(task: str, model: str, result) -> dict:
-    """Identifying columns of one comparison row plus its report."""
-    config = result.config
-    return {"task": task, "model": model, "init": config.get("init"),
-            "input_size": config.get("input_size"), "epochs_run": config["training"]["epochs_run"],
-            "train_time_s": config["training"]["time_s"], "predicts_only": predicted_only(result.metrics),
-            "report": result.metrics}
+def _rows(task: str, model: str, result) -> list[dict]:
+    """Comparison rows of one run: its own, and for a fused model (config ``fusion``) its deep part alone
+    (``metrics.json`` ``fusion.parts``), named ``<model>``, the fused one ``<model> + features``."""
+    config, report = result.config, result.metrics
+    common = {"task": task, "init": config.get("init"), "input_size": config.get("input_size"),
+              "epochs_run": config["training"]["epochs_run"], "train_time_s": config["training"]["time_s"]}
+    fusion = report.get("fusion")
+    if not fusion:
+        return [{**common, "model": model, "fusion": "none", "predicts_only": predicted_only(report),
+                 **recall_columns(report), "report": report}]
+    deep = fusion["parts"][f"{config['model']} alone"]
+    return [{**common, "model": f"{model} + features", "fusion": f"deep weight {fusion['deep_weight']:g}",
+             "predicts_only": predicted_only(report), **recall_columns(report), "report": report},
+            {**common, "model": model, "fusion": "deep part alone", "predicts_only": predicted_only(deep),
+             **recall_columns(deep), "report": deep}]
+
+
+def recall_columns(report: dict) -> dict:
+    """``{"recall <class>": recall}`` of every class of a classification report (per-class columns of a
+    comparison table).
+
+    Parameters
+    ----------
+    report : dict
+        A ``evaluate.classification_report``.
+
+    Returns
+    -------
+    dict
+        Column name -> recall (a fraction; NaN for a class without test maps).
+    """
+    return {f"recall {name}": float(entry["recall"]) if entry["recall"] is not None else float("nan")
+            for name, entry in report["per_class"].items()}
 
 
 def predicted_only(report: dict) -> str:

@@ -625,7 +625,8 @@ class FinetuneCache:
 
 def finetune_config(model: str, task: str, *, profile="quick", epochs=None, input_size=None, seed=0,
                     batch_size=None, dinov2_preset=None, weights=None) -> TrainConfig:
-    """The :class:`TrainConfig` :func:`finetune_subset` trains with (profile defaults, given overrides).
+    """The :class:`TrainConfig` :func:`finetune_subset` trains with (profile defaults, given overrides; the
+    deep model alone, without late fusion: a label-efficiency curve measures the encoder).
 
     Parameters
     ----------
@@ -654,7 +655,8 @@ def finetune_config(model: str, task: str, *, profile="quick", epochs=None, inpu
     """
     kw = {"dinov2_preset": dinov2_preset} if model == "dinov2" and dinov2_preset else None
     return TrainConfig.from_profile(model, profile, epochs=epochs, input_size=input_size, seed=seed,
-                                    batch_size=batch_size, weights=weights or "none", model_kw=kw, task=task)
+                                    batch_size=batch_size, weights=weights or "none", model_kw=kw, task=task,
+                                    fusion="none" if model != "features" else None)
 
 
 def finetune_subset(ds, model: str, task: str, split: Split, train_indices, *,
@@ -966,7 +968,8 @@ def explain_examples(ds, runs: dict, indices, out_dir, *, min_grid=4) -> dict[st
     names = [str(c) for c in ds.class_names]
     files = {}
     for model, saved in runs.items():
-        keras_model = getattr(saved.learner, "model", None)
+        deep = getattr(saved.learner, "deep", saved.learner)   # a fused model's deep part
+        keras_model = getattr(deep, "model", None)
         if keras_model is None:
             continue
         proba = saved.predict_proba(maps)

@@ -848,7 +848,7 @@ class ProcessedExport:
                 meta = self.options.user_meta.over(raw.meta.over(file_meta)).check(
                     self.path, self._reader.meta_problems)
                 data = sign * np.asarray(raw.data if scale is None else scale.apply(raw.data))
-                if self.options.fields or self._n <= 1:
+                if self.options.fields or self._n <= 1 or stack_chunk(data.shape) == 1:
                     yield from self._process(data, raw.index, meta)
                     continue
                 if batch and (len(batch) >= stack_chunk(data.shape) or meta != batch[0][2]

@@ -1181,10 +1181,16 @@ def _longest_axis_px(mask: np.ndarray) -> float:
 STACK_BYTES = 2 ** 21
 #: Most maps of one call (small maps).
 STACK_MAPS = 64
+#: Larger maps go one by one: their own pixel work (noise thresholds, labels) is nearly all of their cost,
+#: and the stacked steps, which work on whole maps where :func:`preprocess_map` works on the cell's
+#: bounding box, made them slower (measured, CPU a map, one by one / batched: 1.25 at 64 x 64 px, 1.04-1.12
+#: at 140 x 140 (HL60), 0.8-0.9 at 241 x 246).
+STACK_MAX_PIXELS = 160 * 160
 
 
 def stack_chunk(shape: tuple[int, ...]) -> int:
-    """How many maps of ``shape`` to preprocess together (:data:`STACK_BYTES`, at most :data:`STACK_MAPS`).
+    """How many maps of ``shape`` to preprocess together (:data:`STACK_BYTES`, at most :data:`STACK_MAPS`);
+    1 (one by one, :func:`preprocess_map`) for maps over :data:`STACK_MAX_PIXELS`.
 
     Parameters
     ----------
@@ -1196,7 +1202,10 @@ def stack_chunk(shape: tuple[int, ...]) -> int:
     int
         At least 1.
     """
-    return int(max(1, min(STACK_MAPS, STACK_BYTES // (8 * max(1, math.prod(shape))))))
+    pixels = max(1, math.prod(shape))
+    if pixels > STACK_MAX_PIXELS:
+        return 1
+    return int(max(1, min(STACK_MAPS, STACK_BYTES // (8 * pixels))))
 
 
 def preprocess_stack(data, meta: Meta, config: PreprocessConfig = DEFAULT_CONFIG, paths=None,

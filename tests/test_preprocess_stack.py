@@ -198,3 +198,23 @@ def test_load_dataset_same_either_way(tmp_path, monkeypatch):
     np.testing.assert_allclose(batched["opd"], expected["opd"], rtol=0, atol=OPD_ATOL_NM)
     assert np.array_equal(batched["labels"], expected["labels"])
     np.testing.assert_allclose(batched["dry_mass_pg"], expected["dry_mass_pg"], rtol=1e-6)   # stored float32
+
+
+def test_traced_encoder_pass_matches_the_model_and_pads_the_last_call():
+    """screen's encoder pass (a traced graph, its last call padded) against the Keras model's own output;
+    a map scores the same in a call of 70 maps (64 + 6 padded to 64) as in one of 5 (a shard's last)."""
+    import keras
+
+    from opdcells.screen import encoder_pass
+
+    inputs = keras.Input((16, 16, 1))
+    encoder = keras.Sequential([keras.layers.Conv2D(4, 3, activation="relu"),
+                                keras.layers.GlobalAveragePooling2D()], name="encoder")
+    head = keras.layers.Dense(3, activation="softmax", name="classifier")
+    model = keras.Model(inputs, head(encoder(inputs)))
+    saved = type("Saved", (), {"learner": type("Learner", (), {"model": model})})()
+    maps = np.random.default_rng(0).normal(0, 1, (70, 16, 16)).astype(np.float32)
+    proba, embedding = encoder_pass(saved)(maps, 256)
+    assert proba.shape == (70, 3) and embedding.shape == (70, 4)
+    np.testing.assert_allclose(proba, keras.ops.convert_to_numpy(model(maps[..., None])), atol=1e-6)
+    np.testing.assert_allclose(encoder_pass(saved)(maps[64:69], 256)[0], proba[64:69], rtol=0, atol=1e-7)

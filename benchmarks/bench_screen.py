@@ -10,7 +10,10 @@ of 250 maps) is simulated in a temporary folder (or ``--sample`` is used), then 
   kept and saved as one ``.npy`` for the baseline;
 * ``bare``: ``np.load`` of those preprocessed maps plus the bare Keras ``model.predict`` (batch
   ``--batch-size``): the floor of any screening run on this machine;
-* ``screen``: :func:`opdcells.screen.screen_files` end to end, exports to report (with ``--workers``).
+* ``screen``: :func:`opdcells.screen.screen_files` end to end, exports to report (with ``--workers``);
+* ``preprocess, 1 process``: CPU ms per map of reading and preprocessing ``--compare-maps`` maps of the
+  first file in this process, the maps of the stack preprocessed together (``preprocess_stack``, what
+  screen does) and one by one (``preprocess_map``, before), with the ratio.
 
 Maps/s, CPU seconds and the peak resident memory of this process are printed, with each time as a ratio
 to ``bare`` (timings on a shared machine are noisy; the ratio survives load). The reading workers are
@@ -22,6 +25,7 @@ end on 2 cores, memory bounded
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 import resource
 import sys
@@ -32,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(1, str(Path(__file__).resolve().parent))   # bench_load's per-map ingest
 
 
 def cpu_seconds() -> float:
@@ -53,6 +58,15 @@ def timed(fn):
     return out, time.perf_counter() - wall, cpu_seconds() - cpu
 
 
+def preprocess_cpu_ms(path: Path, options, n: int) -> float:
+    """CPU ms per map of reading and preprocessing the first ``n`` maps of ``path`` in this process."""
+    from opdcells.ingest import iter_processed
+
+    cpu = time.process_time()
+    done = sum(1 for _ in itertools.islice(iter_processed(path, options, on_error=lambda exc: None), n))
+    return (time.process_time() - cpu) / max(done, 1) * 1e3
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, type=Path, help="a trained model folder with calibration")
@@ -62,6 +76,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--ood-morphology", choices=("near", "all"), default="near",
                    help="maps whose OOD morphology features are measured (screen's; 'all' as before)")
+    p.add_argument("--compare-maps", type=int, default=300,
+                   help="maps of the first file preprocessed in this process both ways (0: skip)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
@@ -95,6 +111,12 @@ def main(argv=None) -> int:
         result, t_screen, c_screen = timed(lambda: screen_files(
             model, [sample], Path(tmp) / "out", settings, options=options, ood=ood_check(model),
             batch_size=args.batch_size, workers=args.workers))
+        if args.compare_maps:
+            from bench_load import per_map_ingest
+
+            batched_ms = preprocess_cpu_ms(files[0], options, args.compare_maps)
+            with per_map_ingest():
+                per_map_ms = preprocess_cpu_ms(files[0], options, args.compare_maps)
     rss_self, rss_child = peak_rss_mb()
     print(f"{n} maps of {len(files)} files, model {model.name}, {args.workers} workers, "
           f"batch {args.batch_size}")
@@ -105,6 +127,9 @@ def main(argv=None) -> int:
         print(f"  {name:<36}{n / wall:9.1f}{wall:9.1f}{cpu:9.1f}{wall / t_bare:13.2f}")
     print(f"  screened {result.n_maps} maps, {result.n_flagged} flagged; peak RSS of this process "
           f"{rss_self:.0f} MB (finished children: {rss_child:.0f} MB)")
+    if args.compare_maps:
+        print(f"  read + preprocess, 1 process: {batched_ms:.2f} ms CPU/map batched (preprocess_stack), "
+              f"{per_map_ms:.2f} one by one (preprocess_map): {per_map_ms / batched_ms:.2f}x")
     print("goal: >= 300 maps/s end to end on 2 cores (issue 14)")
     return 0
 

@@ -37,6 +37,8 @@ from .preprocess import (
     ProcessedMap,
     opd_of,
     preprocess_map,
+    preprocess_stack,
+    stack_chunk,
     window_too_small,
 )
 from .readers import EXPORT_SUFFIXES, SampleScale, open_export
@@ -837,14 +839,40 @@ class ProcessedExport:
             self._check_units(file_meta)
             scale = self._sample_scale()
             sign = -1.0 if self.options.invert_phase else 1.0
+            batch: list[tuple[int, np.ndarray, Meta]] = []
             for raw in self._reader:
                 if getattr(raw, "error", None) is not None:    # an archive member that cannot be read
+                    yield from self._process_batch(batch)
                     self._bad(raw.error, whole_file=self._n <= 1)
                     continue
                 meta = self.options.user_meta.over(raw.meta.over(file_meta)).check(
                     self.path, self._reader.meta_problems)
-                data = raw.data if scale is None else scale.apply(raw.data)
-                yield from self._process(sign * data, raw.index, meta)
+                data = sign * np.asarray(raw.data if scale is None else scale.apply(raw.data))
+                if self.options.fields or self._n <= 1 or stack_chunk(data.shape) == 1:
+                    yield from self._process(data, raw.index, meta)
+                    continue
+                if batch and (len(batch) >= stack_chunk(data.shape) or meta != batch[0][2]
+                              or data.shape != batch[0][1].shape or data.dtype != batch[0][1].dtype):
+                    yield from self._process_batch(batch)
+                batch.append((raw.index, data, meta))
+            yield from self._process_batch(batch)
+
+    def _process_batch(self, batch: list[tuple[int, np.ndarray, Meta]],
+                       ) -> Iterator[tuple[int, ProcessedMap, Meta]]:
+        """Preprocess maps of one shape and metadata gathered from a stack together
+        (:func:`~opdcells.preprocess.preprocess_stack`: the maps of :func:`preprocess_map`), in order;
+        empties ``batch``."""
+        if not batch:
+            return
+        indices, meta = [index for index, _, _ in batch], batch[0][2]
+        results = preprocess_stack(np.stack([data for _, data, _ in batch]), meta, self.options.config,
+                                   [self._where(index) for index in indices], self.options.ranges)
+        batch.clear()
+        for index, result in zip(indices, results, strict=True):
+            if isinstance(result, ExportError):
+                self._bad(result, index=index)
+            else:
+                yield index, result, meta
 
     def _check_units(self, file_meta: Meta) -> None:
         """Refuse user units that conflict with the units the reader itself fixes (phase in rad from a

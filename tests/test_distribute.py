@@ -58,6 +58,35 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
+#: Seconds a localhost cluster may take (about 40 s each on an idle 2-core machine; a run beside the
+#: suite's other worker and a loaded machine took over 600 s): a guard against a hang, not a speed goal.
+CLUSTER_TIMEOUT_S = 1200
+
+
+def run_cluster(command: list[str], n: int, timeout: float = CLUSTER_TIMEOUT_S) -> list[str]:
+    """Run ``command`` as the ``n`` workers of a localhost cluster (``TF_CONFIG``); their logs.
+
+    Fails the test with both logs' ends when a worker fails or the cluster runs past ``timeout``; no
+    worker outlives the call (a timed-out one is killed and waited for, so its CPU time is this test's).
+    """
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
+    cluster = {"worker": [f"localhost:{p}" for p in free_ports(n)]}
+    procs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              env={**env, "TF_CONFIG": json.dumps({"cluster": cluster,
+                                                                   "task": {"type": "worker", "index": i}})})
+             for i in range(n)]
+    try:
+        logs = [p.communicate(timeout=timeout)[0].decode(errors="replace") for p in procs]
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        logs = [p.communicate()[0].decode(errors="replace") for p in procs]
+        tails = "\n".join(log[-2000:] for log in logs)
+        pytest.fail(f"the {n}-worker cluster ran past {timeout} s:\n{tails}")
+    assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
+    return logs
+
+
 def run_workers(tmp_path: Path, n: int, monkeypatch) -> dict:
     """The WORKER's result: in this process for n == 1 (no strategy, no TF_CONFIG: this worker's
     TensorFlow, already started), else in ``n`` worker processes of a localhost cluster."""
@@ -70,16 +99,7 @@ def run_workers(tmp_path: Path, n: int, monkeypatch) -> dict:
             patch.setattr(sys, "argv", [str(script), str(out), "none"])
             runpy.run_path(str(script), run_name="__main__")
         return json.loads(out.read_text())
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
-    ports = free_ports(n)
-    cluster = {"worker": [f"localhost:{p}" for p in ports]}
-    procs = [subprocess.Popen([sys.executable, str(script), str(out), "auto"], stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT,
-                              env={**env, "TF_CONFIG": json.dumps({"cluster": cluster,
-                                                                   "task": {"type": "worker", "index": i}})})
-             for i in range(n)]
-    logs = [p.communicate(timeout=300)[0].decode(errors="replace") for p in procs]
-    assert all(p.returncode == 0 for p in procs), logs[0][-3000:] + logs[1][-3000:]
+    run_cluster([sys.executable, str(script), str(out), "auto"], n)
     return json.loads(out.read_text())
 
 
@@ -128,16 +148,8 @@ def test_train_command_with_two_workers_gives_the_one_process_model(tmp_path, mo
                  "--seed", "1", "--freeze-batchnorm", "--n-boot", "0", "-q"]
     monkeypatch.delenv("TF_CONFIG", raising=False)
     assert main([*arguments, "--out", str(tmp_path / "one")]) == 0
-    command = [sys.executable, "-m", "opdcells", *arguments]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
-    cluster = {"worker": [f"localhost:{p}" for p in free_ports(2)]}
-    procs = [subprocess.Popen([*command, "--out", str(tmp_path / "two"), "--distribute", "multiworker"],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              env={**env, "TF_CONFIG": json.dumps({"cluster": cluster,
-                                                                   "task": {"type": "worker", "index": i}})})
-             for i in range(2)]
-    logs = [p.communicate(timeout=600)[0].decode(errors="replace") for p in procs]
-    assert all(p.returncode == 0 for p in procs), "\n".join(log[-2000:] for log in logs)
+    run_cluster([sys.executable, "-m", "opdcells", *arguments, "--out", str(tmp_path / "two"),
+                 "--distribute", "multiworker"], 2)
     two = json.loads((tmp_path / "two/config.json").read_text())
     assert two["train_config"]["distribute"] == "multiworker" and two["calibration"] is not None
     h1, h2 = (pd.read_csv(tmp_path / f"{r}/history.csv") for r in ("one", "two"))

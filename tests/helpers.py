@@ -137,7 +137,9 @@ def eager_functions(eager: bool = True):
 _MADE: dict = {}
 
 #: Settings that make a deep model train in seconds: up to three epochs of two batches.
-TINY_TRAINING = {"epochs": 3, "patience": 1, "input_size": 32, "batch_size": 16, "n_boot": 20, "verbose": 0}
+#: a tiny deep training; without late fusion (a features fit per run), which tests/test_fusion.py tests
+TINY_TRAINING = {"epochs": 3, "patience": 1, "input_size": 32, "batch_size": 16, "n_boot": 20, "verbose": 0,
+                 "fusion": "none"}
 
 
 def once(key, make):

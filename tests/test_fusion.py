@@ -32,8 +32,8 @@ def fused(data, cache):
     from opdcells.train import train
 
     with eager_functions():
-        result = train(data, "mobilenetv2", "five_class", cache.parent / "run", fusion=FEATURES,
-                       features_cache=cache, **TINY_TRAINING)
+        result = train(data, "mobilenetv2", "five_class", cache.parent / "run", features_cache=cache,
+                       **{**TINY_TRAINING, "fusion": FEATURES})
     with open_dataset(data) as ds:
         result.trained_proba = result.model.predict_proba(round_trip_maps(ds))
     return result

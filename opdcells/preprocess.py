@@ -1177,8 +1177,9 @@ def _longest_axis_px(mask: np.ndarray) -> float:
 
 #: Bytes of one float64 copy of the maps :func:`preprocess_stack` is given at once by its callers
 #: (:func:`stack_chunk`): the per-map steps then find the stack's maps in the processor's cache (2 MB of
-#: level-2 cache a core here; larger stacks of 241 x 246 px maps were 1.3 times slower).
-STACK_BYTES = 2 ** 21
+#: level-2 cache a core here; larger stacks of 241 x 246 px maps were 1.3 times slower), and the stacked
+#: steps' copies (about ten) stay far below one stack file (``load``'s memory bound, tested).
+STACK_BYTES = 2 ** 19
 #: Most maps of one call (small maps).
 STACK_MAPS = 64
 #: Larger maps go one by one: their own pixel work (noise thresholds, labels) is nearly all of their cost,
@@ -1268,12 +1269,18 @@ def preprocess_stack(data, meta: Meta, config: PreprocessConfig = DEFAULT_CONFIG
     _check_order(config.background_order)
     px = meta.pixel_size_um
     alive, opd = _usable_stack(stack, meta, config, paths, results)
+    if not len(alive):
+        return _detached(results)
     smoothed = ndi.gaussian_filter(opd, SMOOTH_SIGMA_UM / px, mode="nearest", truncate=4.0, axes=(1, 2))
     keep = _not_inverted(opd, smoothed, px, [paths[i] for i in alive], results, alive)
     alive, opd, smoothed = alive[keep], opd[keep], smoothed[keep]
+    if not len(alive):
+        return _detached(results)
     keep, opd, smoothed = _stack_background_removed(opd, smoothed, config.background_order, px,
                                                     [paths[i] for i in alive], results, alive)
     alive = alive[keep]
+    if not len(alive):
+        return _detached(results)
     cells = []
     for i, one_opd, one_smoothed in zip(alive, opd, smoothed, strict=True):
         try:
@@ -1289,6 +1296,15 @@ def preprocess_stack(data, meta: Meta, config: PreprocessConfig = DEFAULT_CONFIG
         for i, (_, mass, area, extent_um), support, cell in zip(alive[ok], measured, supports, resampled,
                                                                   strict=True):
             results[i] = _centred_cell(cell, support, config, mass, area, extent_um, paths[i])
+    return _detached(results)
+
+
+def _detached(results: list) -> list:
+    """``results`` with each error's traceback (and the exceptions it arose from) dropped: a traceback holds
+    the frames of the stacked steps and their arrays, and refused maps' errors are kept by callers."""
+    for result in results:
+        if isinstance(result, BaseException):
+            result.__traceback__ = result.__context__ = result.__cause__ = None
     return results
 
 

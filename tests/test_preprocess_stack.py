@@ -111,6 +111,18 @@ def test_refused_maps_get_the_per_map_reasons():
     assert_alike(expected, preprocess_stack(stack, NM_META, config, names))
 
 
+def test_a_stack_of_refused_maps_gives_each_its_reason():
+    """Every map refused at each stage (checks, inversion, background): each its per-map reason, no crash."""
+    stack, names = refused_stack()
+    config = PreprocessConfig(out_pixel_size_um=1.0, out_size=32)
+    expected = per_map(stack, NM_META, config, names)
+    for stage in (["constant", "zeros", "nans"], ["inverted"], ["empty"]):
+        picked = [names.index(name) for name in stage]
+        got = preprocess_stack(stack[picked], NM_META, config, stage)
+        assert all(isinstance(result, ExportError) for result in got)
+        assert_alike([expected[i] for i in picked], got)
+
+
 def test_wrapped_phase_refused_like_per_map():
     """Phase (rad): an unwrapped cell, the same cell wrapped into (-pi, pi], and a cell under pi."""
     phase = disc_field((64, 64), [(16, 16)], peak_nm=12.0).astype(np.float64) - 20.0
@@ -132,7 +144,7 @@ def test_dilate_stack_is_dilate(radius):
 
 
 def test_stack_chunk_bounds_memory():
-    assert stack_chunk((140, 140)) == 13 and stack_chunk((32, 32)) == 64 and stack_chunk((241, 246)) == 1
+    assert stack_chunk((140, 140)) == 3 and stack_chunk((32, 32)) == 64 and stack_chunk((241, 246)) == 1
 
 
 def test_bad_stack_arguments():

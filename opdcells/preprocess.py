@@ -1115,24 +1115,12 @@ def preprocess_map(data, meta: Meta, config: PreprocessConfig = DEFAULT_CONFIG,
     opd, smoothed = _checked_opd(data, meta, config, path)
     _check_order(config.background_order)
     opd, smoothed = _background_removed(opd, smoothed, config.background_order, px, path)
-    labels = measure.label(_smoothed_objects(smoothed, px))   # object_labels(opd, px), smoothed once
-    core = cell_mask(opd, px, margin_um=0.0, labels=labels, prefer_whole=single_cell_map)
-    mask = dilate(core, MASK_MARGIN_UM / px)
-    if not core.any() or not _stands_out(smoothed, core, mask):
-        raise ExportError(path, "no cell found: nothing rises clearly above the background noise")
-    if single_cell_map:
-        check_single_cell(labels, core, px, path)
-    mass = dry_mass_pg(opd, px, mask, config.alpha_ml_per_g)
-    area = float(core.sum() * px ** 2)
-    check_plausible({"peak_opd_nm": float(opd[core].max()), "dry_mass_pg": mass, "area_um2": area,
-                     "diameter_um": _longest_axis_px(core) * px}, ranges, path)
-    extent_um = centred_extent_px(mask, opd) * px
+    mask, mass, area, extent_um = _measured_cell(opd, smoothed, px, config, path, ranges, single_cell_map)
     support, resampled = _resample_cell(opd, mask, px, config.out_pixel_size_um)
-    window = centre_crop(resampled, config.out_size, support)
-    kept = window.sum() / resampled.sum() if resampled.sum() > 0 else 1.0
-    if kept < 1 - MAX_CUT_FRACTION:
-        raise ExportError(path, window_too_small(config, extent_um, 1 - kept))
-    return ProcessedMap(opd=window.astype(np.float32), dry_mass_pg=mass, area_um2=area, extent_um=extent_um)
+    result = _centred_cell(resampled, support, config, mass, area, extent_um, path)
+    if isinstance(result, ExportError):
+        raise result
+    return result
 
 
 def window_too_small(config: PreprocessConfig, extent_um: float, cut_fraction: float | None = None, *,
@@ -1465,7 +1453,7 @@ def _measured_cell(opd: np.ndarray, smoothed: np.ndarray, px: float, config: Pre
                    ranges: PlausibleRanges, single_cell_map: bool) -> tuple[np.ndarray, float, float, float]:
     """The cell of one background-removed map, as :func:`preprocess_map` finds, checks and measures it:
     its (dilated) mask, dry mass (pg), area (um^2) and extent (um)."""
-    labels = measure.label(_smoothed_objects(smoothed, px))
+    labels = measure.label(_smoothed_objects(smoothed, px))   # object_labels(opd, px), smoothed once
     core = cell_mask(opd, px, margin_um=0.0, labels=labels, prefer_whole=single_cell_map)
     mask = dilate(core, MASK_MARGIN_UM / px)
     if not core.any() or not _stands_out(smoothed, core, mask):

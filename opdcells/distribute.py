@@ -148,7 +148,7 @@ def _sharded(dataset):
     return dataset.with_options(options)
 
 
-def fit_distributed(strategy, model, optimizer, train, val, *, epochs: int, global_batch: int,
+def fit_distributed(strategy, model, optimizer, train, val, *, epochs: int,
                     class_weight: dict[int, float] | None = None, patience: int | None = None,
                     label_smoothing: float = 0.0, log_every_epoch: bool = True) -> dict[str, list[float]]:
     """Train ``model`` under ``strategy`` with synchronous data parallelism.
@@ -161,10 +161,9 @@ def fit_distributed(strategy, model, optimizer, train, val, *, epochs: int, glob
         Outputs class probabilities ``(batch, n_classes)``.
     optimizer : keras.optimizers.Optimizer
     train, val : tf.data.Dataset
-        Batches ``(maps, labels)`` of ``global_batch`` maps; ``val`` may be None.
+        Batches ``(maps, labels)`` over all replicas; ``val`` may be None. Each step's loss is the mean over
+        the maps it holds on all replicas (a last, partial batch included), as in Keras' ``fit``.
     epochs : int
-    global_batch : int
-        Maps per step over all replicas (the loss is a mean over it).
     class_weight : dict, optional
         Class id -> weight of its maps in the loss.
     patience : int, optional
@@ -193,7 +192,9 @@ def fit_distributed(strategy, model, optimizer, train, val, *, epochs: int, glob
     def totals(x, y, training: bool):
         proba = model(x, training=training)
         y = tf.cast(tf.reshape(y, [-1]), tf.int32)
-        loss = tf.reduce_sum(cross_entropy(y, proba) * tf.gather(weights, y))
+        per_map = cross_entropy(y, proba)
+        # class weights weigh the training loss only, as in Keras' fit (its validation loss is unweighted)
+        loss = tf.reduce_sum(per_map * tf.gather(weights, y) if training else per_map)
         correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(proba, axis=-1, output_type=tf.int32), y),
                                         tf.float32))
         return loss, correct, tf.cast(tf.size(y), tf.float32)
@@ -201,7 +202,10 @@ def fit_distributed(strategy, model, optimizer, train, val, *, epochs: int, glob
     def train_replica(x, y):
         with tf.GradientTape() as tape:
             loss, correct, n = totals(x, y, True)
-            scaled = loss / global_batch
+            # the mean over the maps of this step on all replicas: a last, partial batch is averaged over the
+            # maps it holds, as Keras' fit does, not over the full batch size
+            n_step = tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, n)
+            scaled = loss / tf.maximum(n_step, 1.0)
         optimizer.apply(tape.gradient(scaled, model.trainable_variables), model.trainable_variables)
         return loss, correct, n
 

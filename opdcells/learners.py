@@ -142,7 +142,7 @@ class _KerasLearner:
         with self.strategy.scope():
             optimizer = make_optimizer()
         return fit_distributed(self.strategy, self.model, optimizer, train_stream, val_stream, epochs=epochs,
-                               global_batch=settings.batch_size, class_weight=class_weight, patience=patience,
+                               class_weight=class_weight, patience=patience,
                                label_smoothing=settings.label_smoothing)
 
     def _leave_strategy(self) -> None:

@@ -34,13 +34,16 @@ log = logging.getLogger(__name__)
 FEATURES = "features"
 #: Backbone families of ``opdcells.models`` (deep models); ``features`` is the scikit-learn baseline.
 FAMILIES = ("mobilenetv2", "resnet50", "vgg16", "dinov2")
-#: Model names that are a family with preset weights; resolved only by :func:`resolve_alias`.
-ALIASES = {"opd_mobilenetv2": ("mobilenetv2", "opd")}
-#: Every name ``--model`` accepts.
-MODEL_NAMES = (*FAMILIES, *ALIASES, FEATURES)
 #: ``weights`` values that are no file: random initialisation, keras.applications' ImageNet weights, the
 #: registry's default OPD-pretrained encoder of the family (``"opd:NAME"`` names another entry).
 RANDOM, IMAGENET, OPD = "random", "imagenet", "opd"
+#: Model names that are a family with preset weights; resolved only by :func:`resolve_alias`:
+#: ``opd_<family>`` (``opd_mobilenetv2``, the name users know) and ``imagenet_<cnn>`` (DINOv2 has no
+#: keras.applications weights). They name the runs of a comparison of initialisations per backbone.
+ALIASES = {**{f"opd_{f}": (f, OPD) for f in FAMILIES},
+           **{f"imagenet_{f}": (f, IMAGENET) for f in FAMILIES if f != "dinov2"}}
+#: Every name ``--model`` accepts.
+MODEL_NAMES = (*FAMILIES, *ALIASES, FEATURES)
 LR_SCHEDULES = ("constant", "cosine")
 #: ``optimizer`` settings: keras.optimizers.Adam, or AdamW (decoupled weight decay; opdcells.recipe).
 OPTIMIZERS = ("adam", "adamw")
@@ -226,9 +229,9 @@ def resolve_alias(model: str, weights: str | None = None) -> tuple[str, str]:
     given = None if weights is None or str(weights).lower() in ("none", RANDOM, "") else os.fspath(weights)
     if model in ALIASES:
         family, preset = ALIASES[model]
-        if given == IMAGENET:
-            raise ConfigError("<arguments>", f"{model} is {family} with weights={preset!r}; for ImageNet "
-                                              f"weights use --model {family} --weights imagenet")
+        if given is not None and (given == IMAGENET) != (preset == IMAGENET):
+            raise ConfigError("<arguments>", f"{model} is {family} with weights={preset!r}; for other "
+                                              f"weights use --model {family} --weights {given}")
         return family, given or preset
     if model not in (*FAMILIES, FEATURES):
         raise ConfigError("<arguments>", f"unknown model {model!r}; choose one of {', '.join(MODEL_NAMES)}")

@@ -368,6 +368,28 @@ def _imagenet_file(family: str, alpha: float, size: int) -> str:
     return f"{family}_weights_tf_dim_ordering_tf_kernels_notop.h5"
 
 
+def imagenet_weights_file(family: str, alpha: float = 1.0, input_size: int = 224) -> Path:
+    """The file keras.applications reads a CNN's no-top ImageNet weights from (and downloads them to).
+
+    Parameters
+    ----------
+    family : str
+        mobilenetv2, resnet50 or vgg16.
+    alpha : float
+        MobileNetV2's width (ignored for the others).
+    input_size : int
+        Input side in px: MobileNetV2 has files for 96-224 px (others read the 224 px file).
+
+    Returns
+    -------
+    Path
+        ``$KERAS_HOME/models/<keras.applications' file name>`` (``KERAS_HOME`` defaults to ``~/.keras``);
+        whether it exists says whether a machine without internet can start from ImageNet.
+    """
+    cache = Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")) / "models"
+    return cache / _imagenet_file(family, alpha, input_size)
+
+
 def _application_backbone(family: str, size: int, alpha: float, imagenet: bool) -> tuple[Any, dict]:
     """keras.applications backbone (no top, no pooling) and its init record."""
     kwargs = {"input_shape": (size, size, 3), "include_top": False, "weights": None, "name": "backbone"}
@@ -387,8 +409,7 @@ def _application_backbone(family: str, size: int, alpha: float, imagenet: bool) 
     notes = [str(w.message) for w in caught if "Weights for input shape" in str(w.message)]
     for note in notes:
         log.info("%s ImageNet weights at input_size %d: %s", family, size, note)
-    cache = Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")) / "models"
-    file = cache / _imagenet_file(family, alpha, size)
+    file = imagenet_weights_file(family, alpha, size)
     source = str(file) if file.is_file() else f"keras.applications:{file.name}"
     return backbone, {"init": "imagenet", "weights_source": source, "weights_note": "; ".join(notes) or None}
 

@@ -214,8 +214,44 @@ def test_imagenet_refused_where_no_such_weights_exist():
         build_encoder("mobilenetv2", input_shape=(S, S, 1), input_size=S, weights="imagenet", alpha=0.6)
     with pytest.raises(ValueError, match="dinov2 has no ImageNet weights"):
         build_encoder("dinov2", weights="imagenet")
-    with pytest.raises(ValueError, match="opd_mobilenetv2 is mobilenetv2 with weights='opd'; for ImageNet"):
+    with pytest.raises(ValueError, match="opd_mobilenetv2 is mobilenetv2 with weights='opd'; for other "
+                                         "weights use --model mobilenetv2 --weights imagenet"):
         build_encoder("opd_mobilenetv2", weights="imagenet")
+    with pytest.raises(ValueError, match="imagenet_vgg16 is vgg16 with weights='imagenet'"):
+        build_encoder("imagenet_vgg16", weights="opd")
+
+
+def test_a_comparison_of_initialisations_runs_only_the_weights_this_machine_has(keras_home, monkeypatch):
+    from opdcells import registry
+    from opdcells.study.experiments import initialisation_runs
+
+    models = ["features", "mobilenetv2", "resnet50", "dinov2"]
+    names, notes = initialisation_runs(models)
+    assert names == ["features", "mobilenetv2", "opd_mobilenetv2", "resnet50", "dinov2", "opd_dinov2"]
+    assert any("resnet50 OPD-pretrained: no encoder registered" in n for n in notes)
+    assert any("resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5 is not in" in n for n in notes)
+    (keras_home / "models" / "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5").write_bytes(b"x")
+    monkeypatch.setitem(registry.DEFAULTS, "resnet50", "opd_resnet50_pretrained")
+    names, notes = initialisation_runs(models, ["random", "opd", "imagenet"])
+    assert names[3:6] == ["resnet50", "opd_resnet50", "imagenet_resnet50"]
+    assert "imagenet_mobilenetv2" not in names
+    assert "imagenet_resnet50" not in initialisation_runs(models, imagenet=False)[0]
+    assert "imagenet_mobilenetv2" in initialisation_runs(models, imagenet=True)[0]
+    assert initialisation_runs(models, ["random"])[0] == models
+    with pytest.raises(ValueError, match="unknown initialisation"):
+        initialisation_runs(models, ["imagenet21k"])
+
+
+def test_every_backbone_has_an_opd_and_an_imagenet_alias():
+    from opdcells.config import FAMILIES, resolve_alias
+
+    for family in FAMILIES:
+        assert resolve_alias(f"opd_{family}") == (family, "opd")
+        assert resolve_alias(f"opd_{family}", "opd:other") == (family, "opd:other")
+        if family != "dinov2":
+            assert resolve_alias(f"imagenet_{family}") == (family, "imagenet")
+    with pytest.raises(ValueError, match="unknown model 'imagenet_dinov2'"):
+        resolve_alias("imagenet_dinov2")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -81,7 +81,7 @@ FINAL_PROJECT_MODELS = ["features", "vgg16"]
 def test_final_project_notebook_runs_headless_on_a_tiny_dataset(tmp_path_factory, tmp_path):
     data = tiny_dataset(tmp_path_factory)
     write_exports(tmp_path / "exports", per_class=1)
-    params = {"QUICK": True, "EPOCHS": 1, "INPUT_SIZE": 32, "DATA_PATH": str(data), "WEIGHTS": "none",
+    params = {"QUICK": True, "EPOCHS": 1, "INPUT_SIZE": 32, "DATA_PATH": str(data), "INITS": ["random"],
               "MODELS": FINAL_PROJECT_MODELS,
               "SAVED_MODELS": str(tmp_path / "saved_models"), "RESULTS": str(tmp_path / "results"),
               "EXPORTS_TO_PREDICT": str(tmp_path / "exports")}

@@ -103,6 +103,85 @@ def dataset_overview(data, results) -> dict:
     return {"table": counts, "files": files}
 
 
+#: Initialisations a comparison gives each backbone (Final_Project's ``INITS``): from scratch, the
+#: registry's OPD-pretrained encoder, keras.applications' ImageNet weights.
+INITIALISATIONS = ("random", "opd", "imagenet")
+
+
+def initialisation_runs(models, inits=INITIALISATIONS, *, profile: str = "quick", imagenet="cached",
+                        input_size=None) -> tuple[list[str], list[str]]:
+    """The runs of a comparison of initialisations: each backbone of ``models`` once per initialisation of
+    ``inits`` it can really have here, named as ``--model`` names them (``resnet50``, ``opd_resnet50``,
+    ``imagenet_resnet50``; :data:`opdcells.config.ALIASES`); other names (``features``, aliases) pass as
+    they are.
+
+    An OPD run needs the backbone's registered encoder (``registry.DEFAULTS``); an ImageNet run needs
+    keras.applications' file (:func:`opdcells.models.imagenet_weights_file`) unless ``imagenet`` is True
+    (download). A run left out is a note, not a run that would silently start from random weights.
+
+    Parameters
+    ----------
+    models : sequence of str
+        Model names (:data:`opdcells.config.MODEL_NAMES`).
+    inits : sequence of str
+        Of :data:`INITIALISATIONS`.
+    profile : str
+        Training profile (its input size and MobileNetV2 width name the ImageNet file).
+    imagenet : "cached", bool
+        "cached": ImageNet runs where the file is on this machine; True: always (Keras downloads it);
+        False: never.
+    input_size : int, optional
+        Input size overriding the profile's.
+
+    Returns
+    -------
+    (list of str, list of str)
+        The model names to compare, in order; one line per run left out, with the reason.
+
+    Raises
+    ------
+    ValueError
+        An initialisation not in :data:`INITIALISATIONS`.
+    """
+    from ..config import FAMILIES
+    from ..registry import DEFAULTS
+
+    unknown = sorted(set(inits) - set(INITIALISATIONS))
+    if unknown:
+        raise ValueError(f"unknown initialisation(s) {', '.join(unknown)}; choose from "
+                         f"{', '.join(INITIALISATIONS)}")
+    names, notes = [], []
+    for model in models:
+        if model not in FAMILIES:
+            names.append(model)
+            continue
+        for init in inits:
+            if init == "random":
+                names.append(model)
+            elif init == "opd" and model in DEFAULTS:
+                names.append(f"opd_{model}")
+            elif init == "opd":
+                notes.append(f"{model} OPD-pretrained: no encoder registered (opdcells.registry.DEFAULTS)")
+            elif model == "dinov2":
+                notes.append("dinov2 ImageNet: keras.applications has no DINOv2 weights")
+            else:
+                file = _imagenet_file(model, profile, input_size)
+                if imagenet is True or (imagenet == "cached" and file.is_file()):
+                    names.append(f"imagenet_{model}")
+                else:
+                    notes.append(f"{model} ImageNet: {file.name} is not in {file.parent} (no download here)")
+    return names, notes
+
+
+def _imagenet_file(model: str, profile: str, input_size) -> Path:
+    """keras.applications' ImageNet file of ``model`` at the profile's width and input size."""
+    from ..config import TrainConfig
+    from ..models import imagenet_weights_file
+
+    config = TrainConfig.from_profile(model, profile, weights="imagenet", input_size=input_size)
+    return imagenet_weights_file(model, config.alpha or 1.0, config.input_size)
+
+
 def compare_models(data, models, tasks=("five_class",), *, name="comparison", profile="quick", seed=0,
                    saved_models="saved_models", results="results", model_options=None, verbose=2,
                    n_boot=1000, **train_kw) -> Comparison:

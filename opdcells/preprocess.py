@@ -503,9 +503,52 @@ def smooth(opd_nm: np.ndarray, pixel_size_um: float) -> np.ndarray:
 
 
 def _robust_level(values: np.ndarray) -> tuple[float, float]:
-    """Median and robust standard deviation (1.4826 MAD) of ``values``."""
-    level = float(np.median(values))
-    return level, 1.4826 * float(np.median(np.abs(values - level)))
+    """Median and robust standard deviation (1.4826 MAD) of ``values`` (1-D, finite float64), which it
+    reorders and overwrites: callers pass a copy (a boolean selection). Equal to ``np.median`` of
+    ``values`` and of ``np.abs(values - level)``, without their copies."""
+    level = _median_in_place(values)
+    np.subtract(values, level, out=values)
+    return level, 1.4826 * _median_in_place(np.abs(values, out=values))
+
+
+#: Every how many values :func:`_median_in_place` samples to bracket the median before selecting it.
+MEDIAN_SAMPLE_STEP = 16
+
+
+def _median_in_place(values: np.ndarray) -> float:
+    """``float(np.median(values))`` of a 1-D finite float64 array (which it may reorder), found by
+    selection among few values: a strided sample brackets the middle element(s); counting the values
+    below and inside the bracket (two comparisons over the array, far cheaper than partitioning it)
+    proves they hold the middle ranks, and only the values inside are partitioned. For an even count the
+    result is the mean of the two middle elements as ``np.mean`` computes it (``(lower + upper) / 2``);
+    NaN for no values. A bracket that misses falls back to partitioning all values (the same result)."""
+    n = values.size
+    if not n:
+        return math.nan
+    upper_rank = n // 2
+    ranks = [upper_rank] if n % 2 else [upper_rank - 1, upper_rank]
+    middle = _select_ranks(values, ranks)
+    if n % 2:
+        return float(middle[0])
+    return float((middle[0] + middle[1]) / 2)
+
+
+def _select_ranks(values: np.ndarray, ranks: list[int]) -> np.ndarray:
+    """The elements of ``values`` (1-D, finite) at the sorted positions ``ranks`` (one or two adjacent)."""
+    n, step = values.size, MEDIAN_SAMPLE_STEP
+    sample = values[::step]
+    if sample.size >= 64:
+        m = sample.size
+        reach = int(3 * math.sqrt(m * 0.25)) + 2
+        at = [min(max(int(r / n * m) + d, 0), m - 1) for r, d in ((ranks[0], -reach), (ranks[-1], reach))]
+        low, high = np.partition(sample, at)[at]
+        below = int(np.count_nonzero(values < low))
+        inside = values[(values >= low) & (values <= high)]
+        if below <= ranks[0] and ranks[-1] < below + inside.size:
+            picked = [r - below for r in ranks]
+            return np.partition(inside, picked)[picked]
+    values.partition(ranks)
+    return values[ranks]
 
 
 def noise_threshold(smoothed: np.ndarray) -> float:
@@ -876,19 +919,28 @@ def remove_background(opd_nm, mask=None, order: int = 1, *, pixel_size_um: float
 
 
 def _background_removed(opd: np.ndarray, smoothed: np.ndarray, order: int, pixel_size_um: float,
-                        path) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`remove_background` without a mask, and :func:`smooth` of its result.
+                        path) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """:func:`remove_background` without a mask, :func:`smooth` of its result, and the objects of that
+    smoothed map (:func:`_smoothed_objects`) when already found, else None.
 
     ``smoothed`` is :func:`smooth` of ``opd``; the smoothed corrected maps are made from it and the
-    smoothed surface monomials (smoothing is linear), so the map is smoothed once, not once a fit.
+    smoothed surface monomials (smoothing is linear), so the map is smoothed once, not once a fit. When a
+    refit would use the very pixels of the last fit, it would give the same surface (and so the same
+    corrected map and objects again): the loop stops there, with the objects it found, which the cell's
+    measurement would otherwise find once more (same result, one noise threshold less).
     """
     shape, basis = opd.shape, _surface_basis(opd.shape, order)
     smooth_basis = _smoothed_basis(shape, order, float(pixel_size_um))
-    coef = _surface_coefficients(opd, _border_frame(shape), order, path)
+    fitted_on = _border_frame(shape)
+    coef = _surface_coefficients(opd, fitted_on, order, path)
     for _ in range(2):
-        found = _smoothed_objects(smoothed - (coef @ smooth_basis).reshape(shape), pixel_size_um)
-        coef = _surface_coefficients(opd, ~dilate(found, MASK_MARGIN_UM / pixel_size_um), order, path)
-    return opd - (coef @ basis).reshape(shape), smoothed - (coef @ smooth_basis).reshape(shape)
+        corrected = smoothed - (coef @ smooth_basis).reshape(shape)
+        found = _smoothed_objects(corrected, pixel_size_um)
+        use = ~dilate(found, MASK_MARGIN_UM / pixel_size_um)
+        if np.array_equal(use, fitted_on):
+            return opd - (coef @ basis).reshape(shape), corrected, found
+        fitted_on, coef = use, _surface_coefficients(opd, use, order, path)
+    return opd - (coef @ basis).reshape(shape), smoothed - (coef @ smooth_basis).reshape(shape), None
 
 
 @functools.lru_cache(maxsize=64)
@@ -1114,8 +1166,9 @@ def preprocess_map(data, meta: Meta, config: PreprocessConfig = DEFAULT_CONFIG,
     px = meta.pixel_size_um
     opd, smoothed = _checked_opd(data, meta, config, path)
     _check_order(config.background_order)
-    opd, smoothed = _background_removed(opd, smoothed, config.background_order, px, path)
-    mask, mass, area, extent_um = _measured_cell(opd, smoothed, px, config, path, ranges, single_cell_map)
+    opd, smoothed, objects = _background_removed(opd, smoothed, config.background_order, px, path)
+    mask, mass, area, extent_um = _measured_cell(opd, smoothed, px, config, path, ranges, single_cell_map,
+                                                 objects)
     support, resampled = _resample_cell(opd, mask, px, config.out_pixel_size_um)
     result = _centred_cell(resampled, support, config, mass, area, extent_um, path)
     if isinstance(result, ExportError):
@@ -1450,10 +1503,14 @@ def dilate_stack(masks: np.ndarray, radius_px: float) -> np.ndarray:
 
 
 def _measured_cell(opd: np.ndarray, smoothed: np.ndarray, px: float, config: PreprocessConfig, path,
-                   ranges: PlausibleRanges, single_cell_map: bool) -> tuple[np.ndarray, float, float, float]:
+                   ranges: PlausibleRanges, single_cell_map: bool,
+                   objects: np.ndarray | None = None) -> tuple[np.ndarray, float, float, float]:
     """The cell of one background-removed map, as :func:`preprocess_map` finds, checks and measures it:
-    its (dilated) mask, dry mass (pg), area (um^2) and extent (um)."""
-    labels = measure.label(_smoothed_objects(smoothed, px))   # object_labels(opd, px), smoothed once
+    its (dilated) mask, dry mass (pg), area (um^2) and extent (um). ``objects``: the map's
+    :func:`_smoothed_objects` when already found."""
+    if objects is None:
+        objects = _smoothed_objects(smoothed, px)
+    labels = measure.label(objects)   # object_labels(opd, px), smoothed once
     core = cell_mask(opd, px, margin_um=0.0, labels=labels, prefer_whole=single_cell_map)
     mask = dilate(core, MASK_MARGIN_UM / px)
     if not core.any() or not _stands_out(smoothed, core, mask):

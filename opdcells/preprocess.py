@@ -567,9 +567,47 @@ def noise_threshold(smoothed: np.ndarray) -> float:
     float
         The threshold (nm).
     """
-    otsu = filters.threshold_otsu(smoothed)
+    otsu = _otsu_threshold(smoothed)
     level, sigma = _robust_level(smoothed[smoothed <= otsu])
     return float(min(otsu, level + NOISE_K * sigma))
+
+
+#: Bins of the Otsu histogram (scikit-image's ``threshold_otsu`` default).
+OTSU_BINS = 256
+
+
+def _otsu_threshold(image: np.ndarray) -> float:
+    """``skimage.filters.threshold_otsu(image)`` of a finite float64 map, its 256-bin histogram counted by
+    :func:`_uniform_histogram` (the counts of ``np.histogram``, without its copies and range test)."""
+    flat = image.ravel()
+    low, high = flat.min(), flat.max()
+    if not low < high:
+        return filters.threshold_otsu(image)
+    edges = np.linspace(low, high, OTSU_BINS + 1)           # np.histogram's edges over (min, max)
+    centres = (edges[:-1] + edges[1:]) / 2.0                  # skimage.exposure.histogram's centres
+    return filters.threshold_otsu(hist=(_uniform_histogram(flat, edges), centres))
+
+
+def _uniform_histogram(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """Counts of ``np.histogram(values, bins=len(edges) - 1)`` for 1-D finite float64 ``values`` spanning
+    exactly ``edges[0]``-``edges[-1]`` (their min and max; ``edges`` from ``np.linspace`` as numpy makes
+    them). The bin of a value is numpy's: ``(v - first) / (last - first) * bins`` truncated, then moved
+    one bin down or up where that disagrees with the edges; the test is made only for the values whose
+    computed position lies within rounding of a bin edge (for the others it cannot move them)."""
+    bins, first, last = len(edges) - 1, edges[0], edges[-1]
+    position = (values - first) / (last - first) * bins
+    index = position.astype(np.intp)
+    np.minimum(index, bins - 1, out=index)                    # the maximum lies on the last (closed) edge
+    position -= index
+    # Rounding of the position and of the edges, in bins: a few ulps of the values' magnitude.
+    tol = 1e-9 + 64 * np.finfo(np.float64).eps * max(abs(first), abs(last)) / ((last - first) / bins)
+    near = np.flatnonzero((position < tol) | (position > 1 - tol))
+    if near.size:
+        where, at = values[near], index[near]
+        at -= where < edges[at]
+        at += (where >= edges[at + 1]) & (at != bins - 1)
+        index[near] = at
+    return np.bincount(index, minlength=bins)
 
 
 def _stands_out(smoothed: np.ndarray, core: np.ndarray, mask: np.ndarray) -> bool:

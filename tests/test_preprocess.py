@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from helpers import disc_field
 from scipy import ndimage as ndi
+from skimage import filters
 from skimage.transform import downscale_local_mean
 
 from opdcells import preprocess as pp
@@ -381,3 +382,29 @@ def test_background_refits_stop_when_they_would_repeat_with_the_same_result():
     final = smoothed - (coef @ smooth_basis).reshape(opd.shape)
     assert np.array_equal(smoothed_corrected, final)
     assert np.array_equal(objects, pp._smoothed_objects(final, px))
+
+
+def _arrays_for_histograms(rng):
+    """Noise at several scales and offsets, values lying on numpy's bin edges and one ulp beside them, ties,
+    an offset huge against the range, and a constant map (skimage's own path)."""
+    first, last = -37.5, 412.25
+    edges = np.linspace(first, last, pp.OTSU_BINS + 1)
+    on_edges = np.concatenate([rng.choice(edges, 5000), [first, last]])
+    yield rng.normal(size=(166, 176)) * 3 + np.where(rng.random((166, 176)) < 0.1, 250.0, 0.0)
+    yield rng.normal(size=(40, 50)) * 1e-3 + 800.0
+    yield on_edges.reshape(1, -1)
+    yield np.clip(np.nextafter(on_edges, rng.choice([-np.inf, np.inf], on_edges.size)), first, last)[None]
+    yield rng.integers(0, 5, (30, 30)).astype(np.float64)
+    yield 1e8 + rng.normal(size=(20, 30)) * 1e-3
+    yield np.full((9, 9), 3.0)
+
+
+def test_otsu_threshold_and_histogram_equal_scikit_image_and_numpy():
+    """The histogram counted without np.histogram's copies, its edge tests made only near the edges, gives
+    np.histogram's counts, so the threshold is scikit-image's, bit for bit."""
+    for image in _arrays_for_histograms(np.random.default_rng(4)):
+        assert pp._otsu_threshold(image) == filters.threshold_otsu(image)
+        if image.min() < image.max():
+            edges = np.linspace(image.min(), image.max(), pp.OTSU_BINS + 1)
+            assert np.array_equal(pp._uniform_histogram(image.ravel(), edges),
+                                  np.histogram(image, pp.OTSU_BINS)[0])

@@ -355,14 +355,16 @@ def to_opd_nm(data, units: str, wavelength_nm: float | None = None, *, path="<ar
     if units == "nm":
         return values
     if units == "um":
-        return values * 1000.0
-    if units == "pg/um2":
-        return values * (alpha_ml_per_g * 1000.0)
-    if units == "rad":
+        values *= 1000.0
+    elif units == "pg/um2":
+        values *= alpha_ml_per_g * 1000.0
+    elif units == "rad":
         if wavelength_nm is None or not (math.isfinite(wavelength_nm) and wavelength_nm > 0):
             raise MetadataError(path, f"phase in rad needs a positive wavelength_nm, got {wavelength_nm!r}")
-        return values * (wavelength_nm / (2.0 * np.pi))
-    raise MetadataError(path, f"unknown units {units!r} (expected nm, um, rad or pg/um2)")
+        values *= wavelength_nm / (2.0 * np.pi)
+    else:
+        raise MetadataError(path, f"unknown units {units!r} (expected nm, um, rad or pg/um2)")
+    return values
 
 
 def check_map(data, path) -> None:
@@ -395,7 +397,7 @@ def check_map(data, path) -> None:
     if bad > MAX_NONFINITE_FRACTION:
         raise ExportError(path, f"{bad:.1%} of the pixels are NaN or infinite "
                                 f"(at most {MAX_NONFINITE_FRACTION:.0%} can be filled)")
-    values = arr[finite]
+    values = arr if bad == 0 else arr[finite]
     if not np.any(values):
         raise ExportError(path, "map is all zeros")
     if values.min() == values.max():

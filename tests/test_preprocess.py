@@ -408,3 +408,22 @@ def test_otsu_threshold_and_histogram_equal_scikit_image_and_numpy():
             edges = np.linspace(image.min(), image.max(), pp.OTSU_BINS + 1)
             assert np.array_equal(pp._uniform_histogram(image.ravel(), edges),
                                   np.histogram(image, pp.OTSU_BINS)[0])
+
+
+def test_stands_out_proven_by_counting_only_where_the_medians_agree():
+    """The counting proof never says a peak stands out where the robust level's test says it does not
+    (peaks at the exact bound, one ulp above, just below), and it does prove a clear cell."""
+    rng = np.random.default_rng(6)
+    proven = 0
+    for trial in range(300):
+        values = rng.normal(size=int(rng.integers(100, 20_000))) * rng.uniform(0.1, 5) + rng.uniform(-50, 50)
+        if trial % 3 == 0:
+            values[:values.size // 10] += rng.uniform(0, 100)                  # a cell's edge left in
+        if trial % 5 == 0:
+            values = np.round(values, 1)                                        # ties
+        level, sigma = pp._robust_level(values.copy())
+        bound = level + 2 * pp.NOISE_K * sigma
+        for peak in (bound, np.nextafter(bound, np.inf), bound - 1e-9, bound + 1e-3 * abs(bound)):
+            assert not pp._surely_above(values, peak) or peak > bound
+        proven += pp._surely_above(values, bound + 100 * sigma + 1.0)
+    assert proven > 250

@@ -1,7 +1,7 @@
 """End-to-end screening throughput and memory (``opdcells.screen``) vs a bare baseline on the same maps.
 
     .venv/bin/python benchmarks/bench_screen.py --model MODEL_DIR [--maps 3000] [--workers 2]
-        [--batch-size 256] [--sample DIR]
+        [--batch-size 256] [--sample DIR] [--stages 200]
 
 A spike-in sample of ``--maps`` blood cells plus 10 SW480 cells (``opdcells.spikein``, MATLAB v7.3 stacks
 of 250 maps) is simulated in a temporary folder (or ``--sample`` is used), then timed:
@@ -13,7 +13,10 @@ of 250 maps) is simulated in a temporary folder (or ``--sample`` is used), then 
 * ``screen``: :func:`opdcells.screen.screen_files` end to end, exports to report (with ``--workers``);
 * ``preprocess, 1 process``: CPU ms per map of reading and preprocessing ``--compare-maps`` maps of the
   first file in this process, the maps of the stack preprocessed together (``preprocess_stack``, what
-  screen does) and one by one (``preprocess_map``, before), with the ratio.
+  screen does) and one by one (``preprocess_map``, before), with the ratio;
+* ``stages``: CPU ms per map of each step of ``preprocess_map`` (reading, checks and smoothing,
+  background fits, the cell's objects and measures, resampling and centring) over ``--stages`` maps of the
+  first file, in this process with BLAS on one thread (as ingest runs it): where the time goes.
 
 Maps/s, CPU seconds and the peak resident memory of this process are printed, with each time as a ratio
 to ``bare`` (timings on a shared machine are noisy; the ratio survives load). The reading workers are
@@ -67,6 +70,49 @@ def preprocess_cpu_ms(path: Path, options, n: int) -> float:
     return (time.process_time() - cpu) / max(done, 1) * 1e3
 
 
+def stage_cpu_ms(path: Path, options, n: int) -> dict[str, float]:
+    """CPU ms per map of each step of ``preprocess_map`` over the first ``n`` maps of ``path`` (the steps
+    as ``preprocess_map`` calls them; refused maps count up to the step that refuses them)."""
+    from opdcells import preprocess as pp
+    from opdcells.errors import ExportError
+    from opdcells.ingest import _single_threaded_blas
+    from opdcells.readers import open_export
+
+    config, ranges, spent = options.config, options.ranges, dict.fromkeys(STAGES, 0.0)
+
+    def step(name, fn, *args):
+        cpu = time.process_time()
+        try:
+            return fn(*args)
+        finally:
+            spent[name] += time.process_time() - cpu
+
+    done = 0
+    with open_export(path, **options.open_kwargs) as reader, _single_threaded_blas():
+        maps = iter(reader)
+        while done < n and (raw := step("read", next, maps, None)) is not None:
+            meta, where, done = options.user_meta.over(raw.meta.over(reader.file_meta)), str(path), done + 1
+            px = meta.pixel_size_um
+            try:
+                opd, smoothed = step("checks, smoothing", pp._checked_opd, raw.data, meta, config, where)
+                opd, smoothed, objects = step("background fits", pp._background_removed, opd, smoothed,
+                                              config.background_order, px, where)
+                mask, mass, area, extent = step("cell: objects, choice, checks, measures", pp._measured_cell,
+                                                opd, smoothed, px, config, where, ranges, True, objects)
+                support, resampled = step("resampling, centring", pp._resample_cell, opd, mask, px,
+                                          config.out_pixel_size_um)
+                step("resampling, centring", pp._centred_cell, resampled, support, config, mass, area, extent,
+                     where)
+            except ExportError:
+                pass
+    return {name: seconds / max(done, 1) * 1e3 for name, seconds in spent.items()}
+
+
+#: The steps :func:`stage_cpu_ms` times, in order.
+STAGES = ("read", "checks, smoothing", "background fits", "cell: objects, choice, checks, measures",
+          "resampling, centring")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, type=Path, help="a trained model folder with calibration")
@@ -78,6 +124,8 @@ def main(argv=None) -> int:
                    help="maps whose OOD morphology features are measured (screen's; 'all' as before)")
     p.add_argument("--compare-maps", type=int, default=300,
                    help="maps of the first file preprocessed in this process both ways (0: skip)")
+    p.add_argument("--stages", type=int, default=0,
+                   help="maps of the first file whose preprocessing steps are timed one by one (0: skip)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
@@ -117,6 +165,7 @@ def main(argv=None) -> int:
             batched_ms = preprocess_cpu_ms(files[0], options, args.compare_maps)
             with per_map_ingest():
                 per_map_ms = preprocess_cpu_ms(files[0], options, args.compare_maps)
+        stages = stage_cpu_ms(files[0], options, args.stages) if args.stages else {}
     rss_self, rss_child = peak_rss_mb()
     print(f"{n} maps of {len(files)} files, model {model.name}, {args.workers} workers, "
           f"batch {args.batch_size}")
@@ -130,6 +179,10 @@ def main(argv=None) -> int:
     if args.compare_maps:
         print(f"  read + preprocess, 1 process: {batched_ms:.2f} ms CPU/map batched (preprocess_stack), "
               f"{per_map_ms:.2f} one by one (preprocess_map): {per_map_ms / batched_ms:.2f}x")
+    if stages:
+        print(f"  preprocessing steps, CPU ms a map over {args.stages} maps of {files[0].name} (1 process): "
+              + ", ".join(f"{name} {ms:.2f}" for name, ms in stages.items())
+              + f"; total {sum(stages.values()):.2f}")
     print("goal: >= 300 maps/s end to end on 2 cores (issue 14)")
     return 0
 

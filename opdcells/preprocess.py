@@ -355,14 +355,16 @@ def to_opd_nm(data, units: str, wavelength_nm: float | None = None, *, path="<ar
     if units == "nm":
         return values
     if units == "um":
-        return values * 1000.0
-    if units == "pg/um2":
-        return values * (alpha_ml_per_g * 1000.0)
-    if units == "rad":
+        values *= 1000.0
+    elif units == "pg/um2":
+        values *= alpha_ml_per_g * 1000.0
+    elif units == "rad":
         if wavelength_nm is None or not (math.isfinite(wavelength_nm) and wavelength_nm > 0):
             raise MetadataError(path, f"phase in rad needs a positive wavelength_nm, got {wavelength_nm!r}")
-        return values * (wavelength_nm / (2.0 * np.pi))
-    raise MetadataError(path, f"unknown units {units!r} (expected nm, um, rad or pg/um2)")
+        values *= wavelength_nm / (2.0 * np.pi)
+    else:
+        raise MetadataError(path, f"unknown units {units!r} (expected nm, um, rad or pg/um2)")
+    return values
 
 
 def check_map(data, path) -> None:
@@ -395,7 +397,7 @@ def check_map(data, path) -> None:
     if bad > MAX_NONFINITE_FRACTION:
         raise ExportError(path, f"{bad:.1%} of the pixels are NaN or infinite "
                                 f"(at most {MAX_NONFINITE_FRACTION:.0%} can be filled)")
-    values = arr[finite]
+    values = arr if bad == 0 else arr[finite]
     if not np.any(values):
         raise ExportError(path, "map is all zeros")
     if values.min() == values.max():
@@ -503,9 +505,52 @@ def smooth(opd_nm: np.ndarray, pixel_size_um: float) -> np.ndarray:
 
 
 def _robust_level(values: np.ndarray) -> tuple[float, float]:
-    """Median and robust standard deviation (1.4826 MAD) of ``values``."""
-    level = float(np.median(values))
-    return level, 1.4826 * float(np.median(np.abs(values - level)))
+    """Median and robust standard deviation (1.4826 MAD) of ``values`` (1-D, finite float64), which it
+    reorders and overwrites: callers pass a copy (a boolean selection). Equal to ``np.median`` of
+    ``values`` and of ``np.abs(values - level)``, without their copies."""
+    level = _median_in_place(values)
+    np.subtract(values, level, out=values)
+    return level, 1.4826 * _median_in_place(np.abs(values, out=values))
+
+
+#: Every how many values :func:`_median_in_place` samples to bracket the median before selecting it.
+MEDIAN_SAMPLE_STEP = 16
+
+
+def _median_in_place(values: np.ndarray) -> float:
+    """``float(np.median(values))`` of a 1-D finite float64 array (which it may reorder), found by
+    selection among few values: a strided sample brackets the middle element(s); counting the values
+    below and inside the bracket (two comparisons over the array, far cheaper than partitioning it)
+    proves they hold the middle ranks, and only the values inside are partitioned. For an even count the
+    result is the mean of the two middle elements as ``np.mean`` computes it (``(lower + upper) / 2``);
+    NaN for no values. A bracket that misses falls back to partitioning all values (the same result)."""
+    n = values.size
+    if not n:
+        return math.nan
+    upper_rank = n // 2
+    ranks = [upper_rank] if n % 2 else [upper_rank - 1, upper_rank]
+    middle = _select_ranks(values, ranks)
+    if n % 2:
+        return float(middle[0])
+    return float((middle[0] + middle[1]) / 2)
+
+
+def _select_ranks(values: np.ndarray, ranks: list[int]) -> np.ndarray:
+    """The elements of ``values`` (1-D, finite) at the sorted positions ``ranks`` (one or two adjacent)."""
+    n, step = values.size, MEDIAN_SAMPLE_STEP
+    sample = values[::step]
+    if sample.size >= 64:
+        m = sample.size
+        reach = int(3 * math.sqrt(m * 0.25)) + 2
+        at = [min(max(int(r / n * m) + d, 0), m - 1) for r, d in ((ranks[0], -reach), (ranks[-1], reach))]
+        low, high = np.partition(sample, at)[at]
+        below = int(np.count_nonzero(values < low))
+        inside = values[(values >= low) & (values <= high)]
+        if below <= ranks[0] and ranks[-1] < below + inside.size:
+            picked = [r - below for r in ranks]
+            return np.partition(inside, picked)[picked]
+    values.partition(ranks)
+    return values[ranks]
 
 
 def noise_threshold(smoothed: np.ndarray) -> float:
@@ -524,18 +569,82 @@ def noise_threshold(smoothed: np.ndarray) -> float:
     float
         The threshold (nm).
     """
-    otsu = filters.threshold_otsu(smoothed)
+    otsu = _otsu_threshold(smoothed)
     level, sigma = _robust_level(smoothed[smoothed <= otsu])
     return float(min(otsu, level + NOISE_K * sigma))
+
+
+#: Bins of the Otsu histogram (scikit-image's ``threshold_otsu`` default).
+OTSU_BINS = 256
+
+
+def _otsu_threshold(image: np.ndarray) -> float:
+    """``skimage.filters.threshold_otsu(image)`` of a finite float64 map, its 256-bin histogram counted by
+    :func:`_uniform_histogram` (the counts of ``np.histogram``, without its copies and range test)."""
+    flat = image.ravel()
+    low, high = flat.min(), flat.max()
+    if not low < high:
+        return filters.threshold_otsu(image)
+    edges = np.linspace(low, high, OTSU_BINS + 1)           # np.histogram's edges over (min, max)
+    centres = (edges[:-1] + edges[1:]) / 2.0                  # skimage.exposure.histogram's centres
+    return filters.threshold_otsu(hist=(_uniform_histogram(flat, edges), centres))
+
+
+def _uniform_histogram(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """Counts of ``np.histogram(values, bins=len(edges) - 1)`` for 1-D finite float64 ``values`` spanning
+    exactly ``edges[0]``-``edges[-1]`` (their min and max; ``edges`` from ``np.linspace`` as numpy makes
+    them). The bin of a value is numpy's: ``(v - first) / (last - first) * bins`` truncated, then moved
+    one bin down or up where that disagrees with the edges; the test is made only for the values whose
+    computed position lies within rounding of a bin edge (for the others it cannot move them)."""
+    bins, first, last = len(edges) - 1, edges[0], edges[-1]
+    position = (values - first) / (last - first) * bins
+    index = position.astype(np.intp)
+    np.minimum(index, bins - 1, out=index)                    # the maximum lies on the last (closed) edge
+    position -= index
+    # Rounding of the position and of the edges, in bins: a few ulps of the values' magnitude.
+    tol = 1e-9 + 64 * np.finfo(np.float64).eps * max(abs(first), abs(last)) / ((last - first) / bins)
+    near = np.flatnonzero((position < tol) | (position > 1 - tol))
+    if near.size:
+        where, at = values[near], index[near]
+        at -= where < edges[at]
+        at += (where >= edges[at + 1]) & (at != bins - 1)
+        index[near] = at
+    return np.bincount(index, minlength=bins)
 
 
 def _stands_out(smoothed: np.ndarray, core: np.ndarray, mask: np.ndarray) -> bool:
     """True if the cell's peak rises ``2 * NOISE_K`` robust sigmas above the background outside ``mask``
     (or if no background is left outside it to compare with)."""
-    if not (~mask).any():
+    outside = ~mask
+    if not outside.any():
         return True
-    level, sigma = _robust_level(smoothed[~mask])
-    return bool(smoothed[core].max() > level + 2 * NOISE_K * sigma)
+    background, peak = smoothed[outside], smoothed[core].max()
+    if _surely_above(background, peak):
+        return True
+    level, sigma = _robust_level(background)
+    return bool(peak > level + 2 * NOISE_K * sigma)
+
+
+def _surely_above(values: np.ndarray, peak: float) -> bool:
+    """Whether ``peak > level + 2 * NOISE_K * sigma`` (:func:`_robust_level` of ``values``, 1-D finite) is
+    proven by counting, without the medians: with ``low``/``high`` around a strided sample's median and
+    ``reach`` three times its MAD, more than half of the values at most ``high`` and more than half at
+    least ``low`` put the median (float as numpy rounds it) in ``[low, high]``; more than half within
+    ``[high - reach, low + reach]`` put the MAD at most ``reach`` (plus rounding, covered by a relative
+    1e-9). The exact test's float is then at most ``high + 2 * NOISE_K * 1.4826 * reach``. False when not
+    proven (the caller computes the medians)."""
+    sample = values[::MEDIAN_SAMPLE_STEP]
+    if sample.size < 64:
+        return False
+    centre = float(np.median(sample))
+    spread = float(np.median(np.abs(sample - centre)))
+    low, high, reach = centre - spread, centre + spread, 3 * spread
+    more_than_half = values.size // 2 + 1
+    if (np.count_nonzero(values <= high) < more_than_half or np.count_nonzero(values >= low) < more_than_half
+            or np.count_nonzero((values >= high - reach) & (values <= low + reach)) < more_than_half):
+        return False
+    reach += 1e-9 * (abs(low) + abs(high) + reach)
+    return bool(peak > high + 2 * NOISE_K * (1.4826 * reach))
 
 
 def dilate(mask: np.ndarray, radius_px: float) -> np.ndarray:
@@ -876,19 +985,28 @@ def remove_background(opd_nm, mask=None, order: int = 1, *, pixel_size_um: float
 
 
 def _background_removed(opd: np.ndarray, smoothed: np.ndarray, order: int, pixel_size_um: float,
-                        path) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`remove_background` without a mask, and :func:`smooth` of its result.
+                        path) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """:func:`remove_background` without a mask, :func:`smooth` of its result, and the objects of that
+    smoothed map (:func:`_smoothed_objects`) when already found, else None.
 
     ``smoothed`` is :func:`smooth` of ``opd``; the smoothed corrected maps are made from it and the
-    smoothed surface monomials (smoothing is linear), so the map is smoothed once, not once a fit.
+    smoothed surface monomials (smoothing is linear), so the map is smoothed once, not once a fit. When a
+    refit would use the very pixels of the last fit, it would give the same surface (and so the same
+    corrected map and objects again): the loop stops there, with the objects it found, which the cell's
+    measurement would otherwise find once more (same result, one noise threshold less).
     """
     shape, basis = opd.shape, _surface_basis(opd.shape, order)
     smooth_basis = _smoothed_basis(shape, order, float(pixel_size_um))
-    coef = _surface_coefficients(opd, _border_frame(shape), order, path)
+    fitted_on = _border_frame(shape)
+    coef = _surface_coefficients(opd, fitted_on, order, path)
     for _ in range(2):
-        found = _smoothed_objects(smoothed - (coef @ smooth_basis).reshape(shape), pixel_size_um)
-        coef = _surface_coefficients(opd, ~dilate(found, MASK_MARGIN_UM / pixel_size_um), order, path)
-    return opd - (coef @ basis).reshape(shape), smoothed - (coef @ smooth_basis).reshape(shape)
+        corrected = smoothed - (coef @ smooth_basis).reshape(shape)
+        found = _smoothed_objects(corrected, pixel_size_um)
+        use = ~dilate(found, MASK_MARGIN_UM / pixel_size_um)
+        if np.array_equal(use, fitted_on):
+            return opd - (coef @ basis).reshape(shape), corrected, found
+        fitted_on, coef = use, _surface_coefficients(opd, use, order, path)
+    return opd - (coef @ basis).reshape(shape), smoothed - (coef @ smooth_basis).reshape(shape), None
 
 
 @functools.lru_cache(maxsize=64)
@@ -1114,8 +1232,9 @@ def preprocess_map(data, meta: Meta, config: PreprocessConfig = DEFAULT_CONFIG,
     px = meta.pixel_size_um
     opd, smoothed = _checked_opd(data, meta, config, path)
     _check_order(config.background_order)
-    opd, smoothed = _background_removed(opd, smoothed, config.background_order, px, path)
-    mask, mass, area, extent_um = _measured_cell(opd, smoothed, px, config, path, ranges, single_cell_map)
+    opd, smoothed, objects = _background_removed(opd, smoothed, config.background_order, px, path)
+    mask, mass, area, extent_um = _measured_cell(opd, smoothed, px, config, path, ranges, single_cell_map,
+                                                 objects)
     support, resampled = _resample_cell(opd, mask, px, config.out_pixel_size_um)
     result = _centred_cell(resampled, support, config, mass, area, extent_um, path)
     if isinstance(result, ExportError):
@@ -1450,10 +1569,14 @@ def dilate_stack(masks: np.ndarray, radius_px: float) -> np.ndarray:
 
 
 def _measured_cell(opd: np.ndarray, smoothed: np.ndarray, px: float, config: PreprocessConfig, path,
-                   ranges: PlausibleRanges, single_cell_map: bool) -> tuple[np.ndarray, float, float, float]:
+                   ranges: PlausibleRanges, single_cell_map: bool,
+                   objects: np.ndarray | None = None) -> tuple[np.ndarray, float, float, float]:
     """The cell of one background-removed map, as :func:`preprocess_map` finds, checks and measures it:
-    its (dilated) mask, dry mass (pg), area (um^2) and extent (um)."""
-    labels = measure.label(_smoothed_objects(smoothed, px))   # object_labels(opd, px), smoothed once
+    its (dilated) mask, dry mass (pg), area (um^2) and extent (um). ``objects``: the map's
+    :func:`_smoothed_objects` when already found."""
+    if objects is None:
+        objects = _smoothed_objects(smoothed, px)
+    labels = measure.label(objects)   # object_labels(opd, px), smoothed once
     core = cell_mask(opd, px, margin_um=0.0, labels=labels, prefer_whole=single_cell_map)
     mask = dilate(core, MASK_MARGIN_UM / px)
     if not core.any() or not _stands_out(smoothed, core, mask):

@@ -5,7 +5,9 @@ import warnings
 
 import numpy as np
 import pytest
+from helpers import disc_field
 from scipy import ndimage as ndi
+from skimage import filters
 from skimage.transform import downscale_local_mean
 
 from opdcells import preprocess as pp
@@ -319,8 +321,10 @@ def test_background_fit_equals_least_squares_and_smooths_once(order):
     coef = np.linalg.lstsq(design, opd[use], rcond=None)[0]
     expected = sum(c * x ** i * y ** j for c, (i, j) in zip(coef, powers, strict=True))
     np.testing.assert_allclose(pp._fit_surface(opd, use, order, "x"), expected, rtol=1e-9, atol=1e-9)
-    corrected, smoothed = pp._background_removed(opd, pp.smooth(opd, 0.2), order, 0.2, "x")
+    corrected, smoothed, objects = pp._background_removed(opd, pp.smooth(opd, 0.2), order, 0.2, "x")
     np.testing.assert_allclose(smoothed, pp.smooth(corrected, 0.2), atol=1e-9 * np.abs(opd).max())
+    if objects is not None:   # the refits stopped early: the objects of the final map, found already
+        assert np.array_equal(objects, pp._smoothed_objects(smoothed, 0.2))
     plain = opd - pp._fit_surface(opd, pp._border_frame(opd.shape), order, "x")    # the refits, as written
     for _ in range(2):
         plain = opd - pp._fit_surface(opd, ~pp.foreground_mask(plain, 0.2), order, "x")
@@ -336,3 +340,90 @@ def test_resampling_the_cell_box_equals_resampling_the_whole_map(pixel_size):
     whole = np.where(whole_support, pp.resample(np.where(mask, opd, 0.0), pixel_size, OUT_PX), 0.0)
     np.testing.assert_array_equal(support, whole_support)
     np.testing.assert_allclose(resampled, whole, rtol=1e-9, atol=1e-9 * opd.max())
+
+
+def _arrays_for_medians(rng):
+    """Odd and even sizes, ties, sorted values, and values whose strided sample misses the middle."""
+    yield rng.normal(size=1)
+    yield rng.normal(size=2)
+    yield rng.normal(size=27_001)
+    yield rng.normal(size=27_000) * 3 + np.where(rng.random(27_000) < 0.05, 300.0, 0.0)
+    yield rng.integers(0, 4, 20_000).astype(np.float64)                        # many ties at the middle
+    yield np.sort(rng.normal(size=9_999))
+    misleading = rng.normal(size=16 * 500)
+    misleading[::pp.MEDIAN_SAMPLE_STEP] += 1e6                                  # the sample sees only these
+    yield misleading
+
+
+def test_median_and_robust_level_equal_numpys_bit_for_bit():
+    """The selection (a sample brackets the middle, only the values inside are partitioned; all of them when
+    the bracket misses) gives np.median's float exactly, and the robust level its MAD exactly."""
+    for values in _arrays_for_medians(np.random.default_rng(3)):
+        level = float(np.median(values))
+        assert pp._median_in_place(values.copy()) == level
+        assert pp._robust_level(values.copy()) == (level, 1.4826 * float(np.median(np.abs(values - level))))
+    assert np.isnan(pp._median_in_place(np.zeros(0)))
+
+
+def test_background_refits_stop_when_they_would_repeat_with_the_same_result():
+    """A cell on a tilted plane: the second refit's pixels are the first's, so the loop stops with the
+    objects already found; the corrected maps are those of both refits made, bit for bit."""
+    opd = disc_field((80, 90), [(20.0, 22.0)], seed=2).astype(np.float64) + np.linspace(0, 60, 90)[None, :]
+    px, order = 0.5, 1
+    smoothed = pp.smooth(opd, px)
+    corrected, smoothed_corrected, objects = pp._background_removed(opd, smoothed, order, px, "x")
+    assert objects is not None
+    basis, smooth_basis = pp._surface_basis(opd.shape, order), pp._smoothed_basis(opd.shape, order, px)
+    coef = pp._surface_coefficients(opd, pp._border_frame(opd.shape), order, "x")
+    for _ in range(2):                                                          # the loop as it was
+        found = pp._smoothed_objects(smoothed - (coef @ smooth_basis).reshape(opd.shape), px)
+        coef = pp._surface_coefficients(opd, ~pp.dilate(found, pp.MASK_MARGIN_UM / px), order, "x")
+    assert np.array_equal(corrected, opd - (coef @ basis).reshape(opd.shape))
+    final = smoothed - (coef @ smooth_basis).reshape(opd.shape)
+    assert np.array_equal(smoothed_corrected, final)
+    assert np.array_equal(objects, pp._smoothed_objects(final, px))
+
+
+def _arrays_for_histograms(rng):
+    """Noise at several scales and offsets, values lying on numpy's bin edges and one ulp beside them, ties,
+    an offset huge against the range, and a constant map (skimage's own path)."""
+    first, last = -37.5, 412.25
+    edges = np.linspace(first, last, pp.OTSU_BINS + 1)
+    on_edges = np.concatenate([rng.choice(edges, 5000), [first, last]])
+    yield rng.normal(size=(166, 176)) * 3 + np.where(rng.random((166, 176)) < 0.1, 250.0, 0.0)
+    yield rng.normal(size=(40, 50)) * 1e-3 + 800.0
+    yield on_edges.reshape(1, -1)
+    yield np.clip(np.nextafter(on_edges, rng.choice([-np.inf, np.inf], on_edges.size)), first, last)[None]
+    yield rng.integers(0, 5, (30, 30)).astype(np.float64)
+    yield 1e8 + rng.normal(size=(20, 30)) * 1e-3
+    yield np.full((9, 9), 3.0)
+
+
+def test_otsu_threshold_and_histogram_equal_scikit_image_and_numpy():
+    """The histogram counted without np.histogram's copies, its edge tests made only near the edges, gives
+    np.histogram's counts, so the threshold is scikit-image's, bit for bit."""
+    for image in _arrays_for_histograms(np.random.default_rng(4)):
+        assert pp._otsu_threshold(image) == filters.threshold_otsu(image)
+        if image.min() < image.max():
+            edges = np.linspace(image.min(), image.max(), pp.OTSU_BINS + 1)
+            assert np.array_equal(pp._uniform_histogram(image.ravel(), edges),
+                                  np.histogram(image, pp.OTSU_BINS)[0])
+
+
+def test_stands_out_proven_by_counting_only_where_the_medians_agree():
+    """The counting proof never says a peak stands out where the robust level's test says it does not
+    (peaks at the exact bound, one ulp above, just below), and it does prove a clear cell."""
+    rng = np.random.default_rng(6)
+    proven = 0
+    for trial in range(300):
+        values = rng.normal(size=int(rng.integers(100, 20_000))) * rng.uniform(0.1, 5) + rng.uniform(-50, 50)
+        if trial % 3 == 0:
+            values[:values.size // 10] += rng.uniform(0, 100)                  # a cell's edge left in
+        if trial % 5 == 0:
+            values = np.round(values, 1)                                        # ties
+        level, sigma = pp._robust_level(values.copy())
+        bound = level + 2 * pp.NOISE_K * sigma
+        for peak in (bound, np.nextafter(bound, np.inf), bound - 1e-9, bound + 1e-3 * abs(bound)):
+            assert not pp._surely_above(values, peak) or peak > bound
+        proven += pp._surely_above(values, bound + 100 * sigma + 1.0)
+    assert proven > 250

@@ -154,7 +154,8 @@ class Profile:
         Per-family exceptions (heavy backbones; VGG16 without BatchNormalization).
     pretrained_epochs, pretrained_patience : int
         Epochs and patience of fine-tuning an OPD-pretrained encoder (which keeps the settings it was
-        measured with, :data:`PRE_RECIPE` at a constant rate, until the recipe is measured on it).
+        measured with, :data:`PRE_RECIPE` at a constant rate: the recipe, the physical quantities and late
+        fusion did not beat them on the demo's validation groups, docs/recipe.md "The goals still missed").
     tta_by_model : dict
         Families whose saved models predict each map as it is (False) instead of with the mean over its 8
         rotations and reflections (the default of a model trained with both).
@@ -520,8 +521,9 @@ class TrainConfig:
             "head_epochs": PRETRAINED_HEAD_EPOCHS if pretrained else 0, "freeze_batchnorm": pretrained,
             "tta": bool(augment and augment["rotate90"] and augment["flip"]
                         and p.tta_by_model.get(model, True)),
-            "physical_quantities": not pretrained,   # unmeasured on OPD-pretrained encoders
-            "fusion": "none" if pretrained else p.fusion,   # measured on backbones from scratch only
+            # OPD-pretrained encoders: quantities and fusion measured, no gain (docs/recipe.md)
+            "physical_quantities": not pretrained,
+            "fusion": "none" if pretrained else p.fusion,
             **({**PRE_RECIPE, "lr_schedule": "constant"} if pretrained else {}),
         }
         return cls(model=model, profile=profile, weights=weights, augment=augment, **{**defaults, **given})

@@ -103,6 +103,8 @@ def test_profiles_give_scratch_models_the_recipe_and_pretrained_ones_their_measu
     tuned = TrainConfig.from_profile("opd_mobilenetv2", "quick")
     assert {k: getattr(tuned, k) for k in PRE_RECIPE} == PRE_RECIPE and tuned.lr_schedule == "constant"
     assert (tuned.epochs, tuned.patience) == (8, 3)
+    # measured on the demo's validation groups: neither raised the OPD encoder (docs/recipe.md)
+    assert tuned.fusion == "none" and tuned.physical_quantities is False
     assert TrainConfig.from_profile("opd_mobilenetv2", "quick", optimizer="adamw").optimizer == "adamw"
 
 

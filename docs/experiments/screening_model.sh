@@ -12,7 +12,10 @@
 # at seed 707), not on the seed-101 sample the README reports: at the control's 1e-3 threshold it found
 # 265 of 300 SW480 cells (0.88) where the demo's five-class model found 252 (0.84); 40 sessions of 60
 # maps (args 40 60 616) separated better before the out-of-distribution veto (286 vs 280 of 300) but its
-# embedding block vetoed 30 of them (256 found). Writes OUT/exports (the simulated MATLAB exports),
+# embedding block vetoed 30 of them (256 found). Then measured once on the README's sample (20,000 blood
+# + 20 SW480, seed 101) with its 10,000-cell control (seed 202): 16 of 20 found at the control threshold
+# (0.9817) with 27 blood cells flagged (0.135%); finding 16 costs 11 blood cells (0.06%), 39 (0.20%) with
+# the demo's five-class model. Writes OUT/exports (the simulated MATLAB exports),
 # OUT/opd_dataset.h5 and the model folder OUT/opd_mobilenetv2_cancer_vs_blood. A lab replaces the first
 # step by its own labelled exports: one folder per class and acquisition session (the sessions are the
 # split's groups), as many sessions as it can label.

@@ -97,6 +97,19 @@ def test_empirical_quantile_when_the_tail_has_enough_maps():
         ood.upper_quantile([1.0, np.nan], 0.99)
 
 
+def test_fitted_threshold_never_flags_more_calibration_maps_than_their_tail_supports():
+    rng = np.random.default_rng(3)
+    # 720 validation maps: most like the training sessions, 8% of sessions further out (a heavier tail
+    # than the gamma fit to the median and 90th percentile sees)
+    values = np.concatenate([rng.chisquare(8, 662), 3.0 * rng.chisquare(8, 58)]) ** 0.5
+    threshold, method = ood.upper_quantile(values, 0.995)
+    assert np.sum(values > threshold) <= ood.MIN_TAIL            # the fit alone flagged 17
+    assert "raised to the empirical" in method
+    light = rng.chisquare(8, 200) ** 0.5                         # no heavy tail: the fit's quantile stands
+    threshold, method = ood.upper_quantile(light, 0.99)
+    assert "raised" not in method and threshold > ood.supported_floor(light ** 2) ** 0.5
+
+
 def test_simulator_exports_are_recognised(tmp_path):
     simulated = write_exports(tmp_path / "sim", classes=("SW480",), per_class=1)[0]
     measured = tmp_path / "measured.mat"

@@ -165,7 +165,7 @@ def initialisation_runs(models, inits=INITIALISATIONS, *, profile: str = "quick"
             elif model == "dinov2":
                 notes.append("dinov2 ImageNet: keras.applications has no DINOv2 weights")
             else:
-                file = _imagenet_file(model, profile, input_size)
+                file = _imagenet_file_of_profile(model, profile, input_size)
                 if imagenet is True or (imagenet == "cached" and file.is_file()):
                     names.append(f"imagenet_{model}")
                 else:
@@ -173,7 +173,7 @@ def initialisation_runs(models, inits=INITIALISATIONS, *, profile: str = "quick"
     return names, notes
 
 
-def _imagenet_file(model: str, profile: str, input_size) -> Path:
+def _imagenet_file_of_profile(model: str, profile: str, input_size) -> Path:
     """keras.applications' ImageNet file of ``model`` at the profile's width and input size."""
     from ..config import TrainConfig
     from ..models import imagenet_weights_file

@@ -355,7 +355,7 @@ class OperatingPoint:
     n_negative, n_positive : int
         Validation non-target / target maps it was set on.
     extrapolated : bool
-        True when ``n_negative`` cannot support ``fpr`` empirically and the tail fit was used.
+        True when ``n_negative`` is below :func:`negatives_needed` and the tail fit was used (no confidence).
     basis : str
         One sentence saying how the threshold was found.
     source : str

@@ -441,7 +441,7 @@ def register_screen(subparsers) -> None:
     subparsers : argparse._SubParsersAction
         The commands of the parser.
     """
-    from .calibration import DEFAULT_FPR
+    from .calibration import DEFAULT_CONFIDENCE, DEFAULT_FPR
     from .screen import DEFAULT_PREVALENCE, OOD_MORPHOLOGY
 
     p = subparsers.add_parser(
@@ -489,6 +489,12 @@ def register_screen(subparsers) -> None:
                    help="target classes (default: the model's cancer classes)")
     c.add_argument("--fpr", type=float, metavar="RATE",
                    help=f"wanted false-positive rate (default the model's, {DEFAULT_FPR:g})")
+    c.add_argument("--fpr-confidence", type=float, default=DEFAULT_CONFIDENCE, metavar="P",
+                   help="probability that the false-positive rate on new blood cells of the session is at "
+                        "most --fpr (Neyman-Pearson order statistic of the control; default %(default)s; "
+                        "0.5 gives about the control's plain 1 - fpr quantile, a point estimate exceeded "
+                        "half the time); the control needs at least log(1 - P) / log(1 - fpr) "
+                        "in-distribution maps (2995 for 1e-3 at 0.95)")
     c.add_argument("--batch-size", type=int, default=256, metavar="B",
                    help="maps predicted together (default %(default)s)")
     add_workers_option(c)
@@ -562,13 +568,14 @@ def run_calibrate_threshold(args) -> int:
     model = load_model(args.model, saved_models=args.saved_models)
     options = ingest_options(model, **reading_options(args))
     done = calibrate_control(model, args.exports, args.out, options=options, fpr=args.fpr,
-                             targets=args.target, ood=ood_check(model), batch_size=args.batch_size,
-                             workers=args.workers, progress=not args.quiet)
-    point, control = done.point, done.point.control
-    print(f"threshold {point.threshold:.4g} (95% CI {point.threshold_ci[0]:.4g}-{point.threshold_ci[1]:.4g}) "
-          f"for a false-positive rate of {point.fpr:g}: {point.basis}; control rate {control['n_above']}/"
-          f"{control['n_in_distribution']} (95% CI {control['rate_ci'][0]:.2g}-{control['rate_ci'][1]:.2g}) "
-          f"-> {done.path}")
+                             confidence=args.fpr_confidence, targets=args.target, ood=ood_check(model),
+                             batch_size=args.batch_size, workers=args.workers, progress=not args.quiet)
+    point, control, rate = done.point, done.point.control, done.point.rate_at_threshold
+    print(f"threshold {point.threshold:.6g} (95% CI {point.threshold_ci[0]:.4g}-{point.threshold_ci[1]:.4g}) "
+          f"for a false-positive rate of {point.fpr:g} at {rate['confidence']:g} confidence: {point.basis}; "
+          f"control rate {control['n_above']}/{control['n_in_distribution']} (95% CI "
+          f"{control['rate_ci'][0]:.2g}-{control['rate_ci'][1]:.2g}), expected rate {rate['expected']:.2g} "
+          f"(95% interval {rate['expected_ci'][0]:.2g}-{rate['expected_ci'][1]:.2g}) -> {done.path}")
     return EXIT_OK
 
 

@@ -9,6 +9,13 @@ the threshold for the wanted false-positive rate on the control's in-distributio
 (:func:`opdcells.calibration.save_operating_point`), which ``screen --operating-point`` reads. The model
 folder is never written to.
 
+The threshold is the Neyman-Pearson order statistic of the control (Tong, Feng and Li 2018, Sci. Adv.
+4:eaao1659): the false-positive rate on new blood cells of the session is at most ``fpr`` with
+probability ``confidence`` (default 0.95, ``--fpr-confidence``). A control too small for that (fewer than
+:func:`opdcells.calibration.negatives_needed` in-distribution maps, 2,995 for 1e-3 at 0.95) is refused
+with the size needed (the control's screening outputs stay in ``OUT/control/``; no operating point is
+written).
+
 Maps the out-of-distribution detector flags in the control are left out of the threshold: a screen never
 flags such maps, so a debris-like control map with a high score must not raise the threshold, and the
 rate is per in-distribution map (a screen's expected false positives are its in-distribution maps times
@@ -31,10 +38,12 @@ from pathlib import Path
 import numpy as np
 
 from .calibration import (
+    DEFAULT_CONFIDENCE,
     OperatingPoint,
     apply_temperature,
     control_point,
     load_validation_scores,
+    negatives_needed,
     save_operating_point,
     target_score,
 )
@@ -104,9 +113,10 @@ def _validation_positives(model, targets: list[str], temperature: float):
 
 
 def calibrate_control(model, paths: Iterable[str | os.PathLike], out: str | os.PathLike, *,
-                      options: IngestOptions, fpr: float | None = None, targets: list[str] | None = None,
-                      ood=None, batch_size: int = 256, workers: int = 1, n_boot: int = 500,
-                      progress: bool = False, screened: str | os.PathLike | None = None) -> ControlResult:
+                      options: IngestOptions, fpr: float | None = None,
+                      confidence: float = DEFAULT_CONFIDENCE, targets: list[str] | None = None, ood=None,
+                      batch_size: int = 256, workers: int = 1, n_boot: int = 500, progress: bool = False,
+                      screened: str | os.PathLike | None = None) -> ControlResult:
     """Score a negative control and write the operating point for ``fpr`` set on it.
 
     Parameters
@@ -122,6 +132,9 @@ def calibrate_control(model, paths: Iterable[str | os.PathLike], out: str | os.P
         Reading options and the model's preprocessing (:func:`opdcells.predict.ingest_options`).
     fpr : float, optional
         Wanted false-positive rate (default: the model's operating point's, 1e-3).
+    confidence : float
+        Wanted probability that the rate on new non-target maps is at most ``fpr`` (0.95; 0.5 gives about
+        the control's plain ``1 - fpr`` quantile).
     targets : list of str, optional
         Target classes (default: the model's).
     ood : callable, optional
@@ -147,14 +160,21 @@ def calibrate_control(model, paths: Iterable[str | os.PathLike], out: str | os.P
     ------
     ScreenError
         ``OUT/operating_point.json`` exists, the model cannot screen
-        (:func:`opdcells.screen.screen_settings`), or no control map was read or all were out of
-        distribution.
+        (:func:`opdcells.screen.screen_settings`), no control map was read or all were out of
+        distribution, or the control is too small for ``fpr`` at ``confidence`` (the message names the
+        size needed; :func:`opdcells.calibration.control_too_small`).
     """
     out = Path(out)
     path = out / POINT_FILE
     if path.exists():
         raise ScreenError(path, "exists: choose another --out (an operating point is never overwritten)")
     settings = screen_settings(model, targets=targets, fpr=fpr)
+    try:       # a rate or confidence outside (0, 1) is refused before the control is scored
+        needed = negatives_needed(settings.point.fpr, confidence)
+    except ValueError as err:
+        raise ScreenError(out, str(err)) from err
+    log.info("a false-positive rate of %g at %g confidence needs at least %d in-distribution control maps",
+             settings.point.fpr, confidence, needed)
     positives, groups = _validation_positives(model, settings.targets, settings.temperature)
     screen_dir, passes, result = out / CONTROL_SCREEN, 0, None
     while True:
@@ -169,9 +189,9 @@ def calibrate_control(model, paths: Iterable[str | os.PathLike], out: str | os.P
                 raise ScreenError(out, "no map of the control could be read (see control/scores.dropped.csv)")
         scores, n_ood, files = control_scores(screen_dir)
         try:
-            point = control_point(scores, settings.point.fpr, n_out_of_distribution=n_ood,
-                                  validation_positives=positives, positive_groups=groups, files=files,
-                                  n_boot=n_boot)
+            point = control_point(scores, settings.point.fpr, confidence=confidence,
+                                  n_out_of_distribution=n_ood, validation_positives=positives,
+                                  positive_groups=groups, files=files, n_boot=n_boot)
         except ValueError as err:
             raise ScreenError(out, f"control: {err}") from err
         if passes > 1 or point.threshold >= settings.point.threshold:
@@ -181,7 +201,7 @@ def calibrate_control(model, paths: Iterable[str | os.PathLike], out: str | os.P
         settings = dataclasses.replace(settings, point=point)
     out.mkdir(parents=True, exist_ok=True)
     save_operating_point(path, point, model=model, targets=settings.targets, temperature=settings.temperature)
-    log.info("operating point for a false-positive rate of %g: threshold %.4g (95%% CI %.4g-%.4g), %s; "
-             "control rate %d/%d", point.fpr, point.threshold, *point.threshold_ci, point.basis,
-             point.control["n_above"], point.control["n_in_distribution"])
+    log.info("operating point for a false-positive rate of %g at %g confidence: threshold %.4g (95%% CI "
+             "%.4g-%.4g), %s; control rate %d/%d", point.fpr, confidence, point.threshold,
+             *point.threshold_ci, point.basis, point.control["n_above"], point.control["n_in_distribution"])
     return ControlResult(point, path, result, passes)

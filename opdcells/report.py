@@ -50,11 +50,27 @@ def _control_facts(summary: dict) -> list[tuple[str, str]]:
              f"{low:.3g}-{high:.3g})")]
 
 
+def _confidence_facts(summary: dict) -> list[tuple[str, str]]:
+    """Report line on the confidence that the threshold's false-positive rate is at most its fpr."""
+    rate = summary.get("operating_point", {}).get("rate_at_threshold")
+    if not rate:
+        return []
+    fpr, k = summary["operating_point"]["fpr"], rate["order_statistic"]
+    how = f"order statistic {k} of {rate['n']}" if k else "extrapolated threshold"
+    return [("false-positive rate at the threshold", f"at most {rate['upper']:.3g} with probability "
+             f"{rate['confidence']:g}; exceeds {fpr:g} with probability at most "
+             f"{rate['exceed_probability']:.2g} ({how})")]
+
+
 def _expected_fp(summary: dict) -> str:
-    """Expected false positives, with the control's interval when a control set the threshold."""
-    ci = summary.get("expected_false_positives_ci")
+    """Expected false positives with their interval and what they rest on (an estimate or an upper bound)."""
+    ci, basis = summary.get("expected_false_positives_ci"), summary.get("expected_false_positives_basis")
     text = _fmt(summary["expected_false_positives"])
-    return f"{text} (95% CI {ci[0]:.3g}-{ci[1]:.3g}, from the control's rate)" if ci else text
+    if basis and basis.startswith("upper bound"):
+        text = f"at most {text}"
+    if ci:
+        text += f" (interval {ci[0]:.3g}-{ci[1]:.3g})"
+    return f"{text}; {basis}" if basis else text
 
 
 def score_histogram(scores: np.ndarray, threshold: float) -> str:
@@ -126,7 +142,7 @@ def screening_report(summary: dict, gallery: Sequence[dict], maps: np.ndarray, r
              ("threshold source", summary.get("threshold_source", source)),
              (f"threshold on {source}", f"{point['threshold']:.4g} "
               f"(95% CI {point['threshold_ci'][0]:.4g}-{point['threshold_ci'][1]:.4g})"),
-             *_control_facts(summary),
+             *_control_facts(summary), *_confidence_facts(summary),
              ("threshold used", _threshold_used(summary)),
              ("sensitivity on validation", f"{point['sensitivity']:.3f} (95% CI "
               f"{point['sensitivity_ci'][0]:.3f}-{point['sensitivity_ci'][1]:.3f})"),

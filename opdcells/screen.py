@@ -23,9 +23,19 @@ allows, that is logged and recorded (``summary.json`` ``threshold_check``), and 
 (``--sample-check``) the threshold is raised to the sample's own upper quantile. Merged shards check it
 on all their maps together, as one run does. With an operating-point file (``operating_point``,
 ``--operating-point``, written by ``calibrate-threshold`` from a negative control of the sample's session,
-:mod:`opdcells.control`) the threshold is the control's, and the expected false positives and their
-interval come from the control's measured rate; ``summary.json`` ``threshold_source`` says which threshold
-flagged the maps ("validation", "control" or "sample-check").
+:mod:`opdcells.control`) the threshold is the control's; ``summary.json`` ``threshold_source`` says which
+threshold flagged the maps ("validation", "control" or "sample-check").
+
+The false-positive guarantee: a threshold set on a negative control, or on a validation set of at least
+:func:`opdcells.calibration.negatives_needed` non-target maps, lies at the Neyman-Pearson order statistic
+(Tong, Feng and Li 2018): the rate on new non-target maps like those is at most ``fpr`` with probability
+``fpr_confidence`` (0.95 by default; recorded in ``summary.json`` with the operating point's
+``rate_at_threshold``: the order statistic, the observed rate with its interval). The summary's
+``expected_false_positives`` are those that threshold will really give
+(:func:`opdcells.calibration.expected_yield`): the non-target maps (in distribution, for a control's
+rate) times the expected rate at the threshold, with its interval; for a validation threshold
+extrapolated from fewer maps, only the upper bound those maps support (``expected_false_positives_basis``
+says "upper bound"); after the sample check raised the threshold, at most the maps flagged.
 
 Speed: exports are read and preprocessed by ``workers`` processes (:func:`opdcells.predict.read_exports`,
 which, with ``ood_morphology="all"``, also measure the OOD detector's morphology features there), a
@@ -47,13 +57,14 @@ import logging
 import os
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 from scipy import special
 
 from .calibration import (
+    DEFAULT_CONFIDENCE,
     DEFAULT_FPR,
     OperatingPoint,
     apply_temperature,
@@ -62,6 +73,7 @@ from .calibration import (
     load_operating_point,
     load_validation_scores,
     operating_point,
+    rate_at_threshold,
     sample_checked_threshold,
     target_score,
 )
@@ -208,7 +220,7 @@ def screen_settings(model, *, targets: Sequence[str] | None = None, fpr: float |
     stored = record.get("operating_point")
     wanted = fpr if fpr is not None else (stored or {}).get("fpr", DEFAULT_FPR)
     if stored and stored["fpr"] == wanted and targets == record.get("targets"):
-        point = OperatingPoint.from_dict(stored)
+        point = _with_rate(model, record["temperature"], targets, OperatingPoint.from_dict(stored))
     else:
         point = _new_point(model, record["temperature"], targets, wanted)
     return ScreenSettings(targets, float(record["temperature"]), point, prevalence, shard, sample_check,
@@ -233,19 +245,43 @@ def _file_point(model, path, targets: list[str], fpr: float | None) -> dict:
     return loaded
 
 
-def _new_point(model, temperature: float, targets: list[str], fpr: float) -> OperatingPoint:
+def _validation_targets(model, temperature: float, targets: list[str]):
+    """Calibrated target scores, target flags and groups of the kept validation maps (None if not kept)."""
     scores = load_validation_scores(model.folder)
     if scores is None:
+        return None
+    calibrated = apply_temperature(scores["proba"], temperature)
+    is_target = np.isin(scores["labels"], [model.class_names.index(t) for t in targets])
+    return target_score(calibrated, model.class_names, targets), is_target, scores["groups"]
+
+
+def _new_point(model, temperature: float, targets: list[str], fpr: float) -> OperatingPoint:
+    kept = _validation_targets(model, temperature, targets)
+    if kept is None:
         raise ScreenError(model.folder, "the model keeps no validation scores, so no operating point can be "
                                         "set for other targets or rates; use its own (leave out --target "
                                         "and --fpr) or train it again")
-    calibrated = apply_temperature(scores["proba"], temperature)
-    is_target = np.isin(scores["labels"], [model.class_names.index(t) for t in targets])
+    score, is_target, groups = kept
     try:
-        return operating_point(target_score(calibrated, model.class_names, targets), is_target, fpr,
-                               groups=scores["groups"])
+        return operating_point(score, is_target, fpr, groups=groups)
     except ValueError as err:
         raise ScreenError(model.folder, str(err)) from err
+
+
+def _with_rate(model, temperature: float, targets: list[str], point: OperatingPoint) -> OperatingPoint:
+    """A stored validation point with what its validation maps support about the rate at its threshold
+    (:func:`opdcells.calibration.rate_at_threshold`), for models calibrated before that was recorded;
+    the threshold is kept. Unchanged when it has it or the model keeps no validation scores."""
+    kept = None if point.rate_at_threshold else _validation_targets(model, temperature, targets)
+    if kept is None:
+        return point
+    negatives = kept[0][~kept[1]]
+    if not len(negatives):
+        return point
+    above = int(np.sum(negatives >= point.threshold))
+    order = None if point.extrapolated or above == len(negatives) else len(negatives) - above
+    rate = rate_at_threshold(negatives, point.threshold, point.fpr, DEFAULT_CONFIDENCE, order)
+    return replace(point, rate_at_threshold=rate)
 
 
 @dataclass
@@ -654,9 +690,14 @@ def _summary(rows: list[dict], settings: ScreenSettings, result: ScreenResult, m
     expected = expected_yield(n, settings.prevalence, settings.point, n - result.n_ood)
     sample_set = check["source"] == "sample"
     if sample_set:   # at most (fpr + prevalence) n flagged, of them the targets found
-        fp = max(result.n_flagged - expected["expected_true_positives"], 0.0)
         tp = expected["expected_true_positives"]
-        expected = {"expected_false_positives": fp, "expected_false_positives_ci": None,
+        fp = max(result.n_flagged - tp, 0.0)
+        low = max(result.n_flagged - settings.prevalence * n, 0.0)
+        expected = {"expected_false_positives": fp, "expected_false_positives_ci": [low, result.n_flagged],
+                    "expected_false_positives_basis":
+                        f"in-sample: the threshold was raised on this sample itself, so its false positives "
+                        f"are at most the {result.n_flagged} maps flagged (at least those beyond the "
+                        f"{settings.prevalence:g} prevalence of targets); no confidence about other samples",
                     "expected_true_positives": tp,
                     "expected_purity": tp / (tp + fp) if tp + fp > 0 else float("nan")}
     return {
@@ -671,6 +712,8 @@ def _summary(rows: list[dict], settings: ScreenSettings, result: ScreenResult, m
         "operating_point": settings.point.as_dict(), "prevalence": settings.prevalence,
         "expected_false_positives": expected["expected_false_positives"],
         "expected_false_positives_ci": expected["expected_false_positives_ci"],
+        "expected_false_positives_basis": expected["expected_false_positives_basis"],
+        "fpr_confidence": (settings.point.rate_at_threshold or {}).get("confidence"),
         "expected_true_positives": expected["expected_true_positives"],
         "expected_purity": expected["expected_purity"],
         "seconds": result.seconds, "maps_per_second": n / result.seconds if result.seconds > 0 else None,

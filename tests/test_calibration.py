@@ -1,14 +1,18 @@
 """Temperature scaling and screening operating points on synthetic problems with a known truth."""
 import numpy as np
 import pytest
-from scipy import special
+from scipy import special, stats
 
 from opdcells.calibration import (
     OperatingPoint,
     apply_temperature,
+    control_point,
     expected_yield,
     fit_temperature,
+    negatives_needed,
+    np_order_statistic,
     operating_point,
+    rate_at_threshold,
     reliability,
     sample_checked_threshold,
     threshold_at_fpr,
@@ -63,10 +67,11 @@ def test_operating_point_meets_its_false_positive_rate_on_held_out_scores(fpr):
     neg, pos = scores(20000, 500, 0)
     point = operating_point(np.r_[neg, pos], np.r_[np.zeros(len(neg), bool), np.ones(len(pos), bool)],
                             fpr=fpr, n_boot=100)
-    assert not point.extrapolated
+    assert not point.extrapolated and point.basis.startswith("Neyman-Pearson order statistic")
     held_neg, held_pos = scores(200000, 5000, 1)
     observed = np.mean(held_neg >= point.threshold)
-    assert fpr / 2 < observed < fpr * 2
+    low, high = point.rate_at_threshold["expected_ci"]
+    assert fpr / 3 < observed < fpr and low < observed < high     # at most fpr, as expected
     assert point.threshold_ci[0] <= point.threshold <= point.threshold_ci[1]
     assert abs(np.mean(held_pos >= point.threshold) - point.sensitivity) < 0.05
 
@@ -122,10 +127,81 @@ def test_expected_yield_at_a_rare_prevalence():
     assert y["expected_purity"] == pytest.approx(8 / 107.99)
 
 
-def test_threshold_at_fpr_is_the_empirical_quantile_when_supported():
+def test_threshold_at_fpr_is_an_order_statistic_above_the_plain_quantile_when_supported():
     neg = np.linspace(0, 1, 10001)
+    median, extrapolated = threshold_at_fpr(neg, 0.01, confidence=0.5)
+    assert not extrapolated and median == pytest.approx(0.99, abs=1e-3)    # about the 1 - fpr quantile
     t, extrapolated = threshold_at_fpr(neg, 0.01)
-    assert not extrapolated and t == pytest.approx(0.99, abs=1e-3)
+    assert not extrapolated and t > median + 1e-3
+    assert t == pytest.approx(np.nextafter(neg[np_order_statistic(10001, 0.01) - 1], 1))
+
+
+def true_rate(threshold, loc=-6.0, scale=1.5):
+    """False-positive rate of ``threshold`` on non-targets scoring expit(N(loc, scale))."""
+    return stats.norm.sf((special.logit(threshold) - loc) / scale)
+
+
+def test_np_threshold_exceeds_its_rate_in_about_one_control_in_twenty_the_plain_quantile_in_half():
+    rng = np.random.default_rng(7)
+    fpr, n, draws = 1e-3, 5000, 400
+    np_rates, plain_rates, expected, covered = [], [], [], 0
+    for _ in range(draws):
+        control = special.expit(rng.normal(-6.0, 1.5, n))
+        point = control_point(control, fpr, n_boot=0)
+        np_rates.append(true_rate(point.threshold))
+        plain_rates.append(true_rate(np.quantile(control, 1 - fpr, method="higher")))
+        rate = point.rate_at_threshold
+        expected.append(rate["expected"])
+        covered += rate["expected_ci"][0] <= np_rates[-1] <= rate["expected_ci"][1]
+    exceed = int(np.sum(np.asarray(np_rates) > fpr))
+    assert stats.binomtest(exceed, draws, 0.05, alternative="greater").pvalue > 0.01   # at most ~1 in 20
+    assert 0.35 < np.mean(np.asarray(plain_rates) > fpr) < 0.65                      # a point estimate
+    assert np.mean(np_rates) == pytest.approx(np.mean(expected), rel=0.1)   # the expected rate is unbiased
+    assert stats.binomtest(covered, draws, 0.95).pvalue > 0.01                # its interval covers 95%
+
+
+def test_a_validation_set_large_enough_gets_the_same_guarantee():
+    rng = np.random.default_rng(8)
+    fpr, exceed = 1e-3, 0
+    for _ in range(200):
+        neg = special.expit(rng.normal(-6.0, 1.5, 3000))
+        point = operating_point(np.r_[neg, 0.99], np.r_[np.zeros(3000, bool), True], fpr, n_boot=0)
+        assert not point.extrapolated and point.rate_at_threshold["order_statistic"] == 3000
+        exceed += true_rate(point.threshold) > fpr
+    assert stats.binomtest(exceed, 200, 0.05, alternative="greater").pvalue > 0.01
+
+
+def test_np_order_statistic_is_the_smallest_with_the_guarantee():
+    for n, fpr, confidence in ((2995, 1e-3, 0.95), (10_000, 1e-3, 0.95), (500, 0.05, 0.9), (60, 0.2, 0.5)):
+        k = np_order_statistic(n, fpr, confidence)
+        violation = stats.binom.sf(np.array([k, k - 1]) - 1, n, 1 - fpr)   # P(rate > fpr), Tong et al.
+        assert violation[0] <= 1 - confidence < violation[1]
+    assert negatives_needed(1e-3, 0.95) == 2995 and negatives_needed(1e-3, 0.5) == 693
+    assert np_order_statistic(2994, 1e-3) is None and np_order_statistic(2995, 1e-3) == 2995
+    assert np_order_statistic(10_000, 1e-3) == 10_000 - 4         # 4 of 10,000 controls above it
+    with pytest.raises(ValueError, match="confidence"):
+        np_order_statistic(100, 0.1, confidence=1.0)
+
+
+def test_an_extrapolated_threshold_claims_only_the_bound_its_maps_support():
+    neg, pos = scores(600, 100, 2)
+    point = operating_point(np.r_[neg, pos], np.r_[np.zeros(600, bool), np.ones(100, bool)], 1e-3, n_boot=10)
+    rate = point.rate_at_threshold
+    assert point.extrapolated and rate["order_statistic"] is None and rate["expected"] is None
+    assert "fewer than the 2995" in point.basis
+    assert rate["upper"] == pytest.approx(stats.beta.ppf(0.95, rate["n_above"] + 1, 600 - rate["n_above"]))
+    y = expected_yield(100_000, 1e-5, point)
+    assert y["expected_false_positives_basis"].startswith("upper bound")
+    assert y["expected_false_positives"] == pytest.approx((100_000 - 1) * rate["upper"])
+    assert y["expected_false_positives_ci"] == [0.0, y["expected_false_positives"]]
+    held_neg, _ = scores(500_000, 1, 3)
+    assert np.mean(held_neg >= point.threshold) <= rate["upper"]        # the bound holds
+
+
+def test_rate_at_threshold_counts_the_maps_at_or_above_it():
+    rate = rate_at_threshold(np.arange(100) / 100, 0.955, 0.05, order_statistic=96)
+    assert rate["n_above"] == 4 and rate["observed"] == 0.04 and rate["expected"] == pytest.approx(5 / 101)
+    assert rate["exceed_probability"] == pytest.approx(stats.binom.cdf(4, 100, 0.05))
 
 
 def test_default_targets_are_the_cancer_classes():

@@ -318,3 +318,18 @@ def test_screen_a_spiked_sample_in_shards_and_merge_them(features_run, tmp_path,
 def test_screen_options_are_checked(argv, message, capsys):
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_calibrate_threshold_states_its_confidence(features_run, tmp_path, capsys):
+    _, model = features_run
+    control = tmp_path / "control"
+    assert main(["simulate", "--out", str(control), "--sample", "20", "--maps-per-file", "10", "-q"]) == 0
+    assert main(["calibrate-threshold", str(model), str(control), "--out", str(tmp_path / "bad"),
+                 "--fpr", "0.05", "--fpr-confidence", "1.5", "-q"]) == 2      # refused before scoring
+    assert "confidence must be in (0, 1), got 1.5" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+    assert main(["calibrate-threshold", str(model), str(control), "--out", str(tmp_path / "cal"),
+                 "--fpr", "0.05", "--fpr-confidence", "0.5", "-q"]) == 0
+    assert "at 0.5 confidence: Neyman-Pearson order statistic" in capsys.readouterr().out
+    point = json.loads((tmp_path / "cal/operating_point.json").read_text())["point"]
+    assert point["rate_at_threshold"]["confidence"] == 0.5 and point["control"]["n_in_distribution"] <= 20

@@ -16,6 +16,7 @@ from opdcells.calibration import (
     clopper_pearson,
     control_point,
     load_operating_point,
+    np_order_statistic,
     save_operating_point,
     save_validation_scores,
 )
@@ -71,26 +72,40 @@ def test_control_threshold_meets_its_rate_on_held_out_negatives(seed):
     point = control_point(draw(20_000), 1e-3, n_boot=50, seed=seed)
     held_out = draw(400_000)
     flagged = int(np.sum(held_out >= point.threshold))
-    assert not point.extrapolated and point.source == "control" and "empirical" in point.basis
-    assert point.control["n_above"] == 20 and point.control["rate"] == pytest.approx(1e-3)
-    low, high = point.control["rate_ci"]
-    assert low < flagged / len(held_out) < high                       # the rate carries to new negatives
+    rate = point.rate_at_threshold
+    assert not point.extrapolated and point.source == "control" and "Neyman-Pearson" in point.basis
+    assert rate["confidence"] == 0.95 and rate["order_statistic"] == np_order_statistic(20_000, 1e-3)
+    assert point.control["n_above"] == rate["n_above"] == 20_000 - rate["order_statistic"] < 20
+    assert point.control["rate_ci"] == list(clopper_pearson(rate["n_above"], 20_000))
+    low, high = rate["expected_ci"]
+    assert low < flagged / len(held_out) < min(high, 1e-3)        # at most the rate, as expected
     lo_t, hi_t = point.threshold_ci
     assert lo_t <= point.threshold <= hi_t and lo_t < hi_t
 
 
-def test_a_control_too_small_for_the_rate_says_so_and_how_large_it_must_be():
+def test_a_control_too_small_for_the_confidence_is_refused_with_the_size_needed():
     scores = special.expit(np.random.default_rng(0).normal(-6, 1.5, 2000))
-    imprecise = control_point(scores, 1e-3, n_boot=20)      # 2 maps expected above: an order statistic
-    assert not imprecise.extrapolated and imprecise.control["n_above"] == 2
-    assert "imprecise: 2000 in-distribution control maps, fewer than the 10000" in imprecise.basis
-    extrapolated = control_point(scores[:500], 1e-3, n_boot=20)    # none expected above: the tail fit
-    assert extrapolated.extrapolated and 0 < extrapolated.threshold < 1
-    assert extrapolated.basis.startswith("extrapolated: 500 in-distribution control maps, fewer than the "
-                                         "10000")
-    empirical = control_point(scores, 1e-2, n_boot=20)
-    assert not empirical.extrapolated and empirical.control["n_above"] == 20
-    assert "imprecise" not in empirical.basis
+    with pytest.raises(ValueError, match=r"^2000 in-distribution control maps are too few .* needs at least "
+                                         r"2995 \(this control supports at most 86.5%\)"):
+        control_point(scores, 1e-3, n_boot=20)
+    median = control_point(scores, 1e-3, confidence=0.5, n_boot=20)   # about the plain 0.999 quantile
+    assert median.control["n_above"] == 2000 - np_order_statistic(2000, 1e-3, 0.5) == 1
+    assert median.rate_at_threshold["exceed_probability"] <= 0.5
+
+
+def test_calibrate_threshold_refuses_a_small_control_in_one_line(sample_and_control, tmp_path):
+    _, control = sample_and_control
+    model = OPDModel(tmp_path)
+    proba = np.stack([np.linspace(0.2, 1.0, 60), np.full(60, 0.1), np.full(60, 0.1)], axis=1)
+    groups = np.array([f"g{i % 4}" for i in range(60)])
+    save_validation_scores(tmp_path, proba, np.repeat([0, 1, 2], 20), groups)
+    with pytest.raises(ScreenError, match=r"control: 60 in-distribution control maps are too few .* at "
+                                          r"least 299 \("):
+        calibrate_control(model, [control], tmp_path / "cal", options=OPTIONS, fpr=0.01, n_boot=5)
+    assert not (tmp_path / "cal/operating_point.json").exists()
+    with pytest.raises(ScreenError, match="confidence must be in"):
+        calibrate_control(model, [control], tmp_path / "cal2", options=OPTIONS, fpr=0.2, confidence=1.5)
+    assert not (tmp_path / "cal2").exists()                       # refused before the control is scored
 
 
 def test_out_of_distribution_control_maps_do_not_set_the_threshold(tmp_path):
@@ -103,8 +118,9 @@ def test_out_of_distribution_control_maps_do_not_set_the_threshold(tmp_path):
         writer.writerows(rows)
     scores, n_ood, files = control_scores(tmp_path)
     assert sorted(scores) == [0.1, 0.2, 0.3] and n_ood == 2 and files == ["a.mat"]
-    point = control_point(scores, 0.4, n_out_of_distribution=n_ood, n_boot=10)
-    assert point.threshold <= 0.3 and point.control["n_maps"] == 5 and point.control["n_in_distribution"] == 3
+    point = control_point(scores, 0.4, confidence=0.5, n_out_of_distribution=n_ood, n_boot=10)
+    assert point.threshold == np.nextafter(0.3, 1)          # the highest in-distribution score, not 0.98
+    assert point.control["n_maps"] == 5 and point.control["n_in_distribution"] == 3
 
 
 def test_control_and_sample_share_the_session_but_no_cell(sample_and_control, tmp_path):
@@ -136,7 +152,9 @@ def test_screen_with_a_control_operating_point_uses_it_and_says_so(sample_and_co
     point = done.point
     assert done.path.is_file() and (tmp_path / "cal/control/scores.csv").is_file()
     in_dist, _, _ = control_scores(tmp_path / "cal/control")
-    assert point.control["n_above"] == int(np.sum(in_dist >= point.threshold)) >= 10
+    k = np_order_statistic(60, 0.2)
+    assert point.control["n_above"] == int(np.sum(in_dist >= point.threshold)) == 60 - k
+    assert point.threshold == np.nextafter(np.sort(in_dist)[k - 1], 1)
     settings = screen_settings(model, operating_point=done.path)
     assert settings.point == point and settings.targets == ["SW480"] and done.passes == 1
     assert point.sensitivity == pytest.approx(np.mean(proba[:20, 0] >= point.threshold))
@@ -145,15 +163,21 @@ def test_screen_with_a_control_operating_point_uses_it_and_says_so(sample_and_co
     assert summary["threshold_source"] == "control" and summary["threshold"] == point.threshold
     assert summary["control"]["n_maps"] == point.control["n_maps"] == 60
     n = result.n_maps - result.n_ood
-    expected = (n - result.n_maps * 1e-5) * point.control["rate"]
+    r = point.control["n_above"]           # the estimate at this threshold: (r + 1) / (n + 1), not fpr
+    expected = (n - result.n_maps * 1e-5) * (r + 1) / 61
     assert summary["expected_false_positives"] == pytest.approx(expected)
-    low, high = summary["expected_false_positives_ci"]
-    assert low < summary["expected_false_positives"] < high
+    assert summary["expected_false_positives_ci"] == pytest.approx(
+        [(n - result.n_maps * 1e-5) * q for q in stats.beta.ppf([0.025, 0.975], r + 1, 60 - r)])
+    assert summary["expected_false_positives_basis"].startswith("estimate")
+    assert summary["fpr_confidence"] == 0.95
+    assert summary["operating_point"]["rate_at_threshold"]["order_statistic"] == k
     assert [float(r["p_target"]) >= point.threshold and r["ood_flag"] == "False"
             for r in read(tmp_path / "out/scores.csv")] == [r["flagged"] == "True"
                                                           for r in read(tmp_path / "out/scores.csv")]
     page = (tmp_path / "out/report.html").read_text()
-    assert "threshold source" in page and "negative control" in page and "from the control" in page
+    assert "threshold source" in page and "negative control" in page and "estimate: " in page
+    assert "with probability 0.95; exceeds 0.2 with probability at most" in page
+    assert f"order statistic {k} of 60" in page
     with pytest.raises(ScreenError, match="exists"):                 # an operating point is never replaced
         calibrate_control(model, [control], tmp_path / "cal", options=OPTIONS, fpr=0.2, n_boot=20)
     with pytest.raises(ScreenError, match="not 0.01"):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from scipy import special
 
-from opdcells.calibration import OperatingPoint, save_validation_scores
+from opdcells.calibration import OperatingPoint, np_order_statistic, save_validation_scores
 from opdcells.errors import ScreenError
 from opdcells.ingest import IngestOptions
 from opdcells.preprocess import PreprocessConfig
@@ -187,7 +187,12 @@ def test_another_rate_is_set_on_the_stored_validation_scores(tmp_path):
     negatives = p0[labels != 0]
     assert np.mean(negatives >= loose.point.threshold) == pytest.approx(0.05, abs=0.01)
     assert strict.point.threshold > loose.point.threshold
-    assert screen_settings(model).point.threshold == 0.5     # the stored point when nothing changes
+    assert loose.point.rate_at_threshold["order_statistic"] == np_order_statistic(len(negatives), 0.05)
+    stored = screen_settings(model).point
+    assert stored.threshold == 0.5     # the stored point when nothing changes, with what its maps support
+    rate = stored.rate_at_threshold      # (stored before rates were bounded: set from the kept scores)
+    assert rate["n_above"] == int(np.sum(negatives >= 0.5)) and rate["n"] == len(negatives)
+    assert rate["expected"] == pytest.approx((rate["n_above"] + 1) / (len(negatives) + 1))
 
 
 def test_scores_carry_the_predict_identity_and_dropped_maps_are_listed(sample, model, tmp_path):
@@ -232,6 +237,9 @@ def test_a_threshold_that_flags_too_much_of_the_sample_is_raised_and_shards_agre
     assert summary["threshold"] > 1e-4 and 0 < summary["flagged"] <= check["allowed"]
     scores = read(tmp_path / "all/scores.csv")
     assert sum(float(r["p_target"]) >= summary["threshold"] for r in scores) == summary["flagged"]
+    low, high = summary["expected_false_positives_ci"]      # in-sample: at most the maps flagged
+    assert high == summary["flagged"] and low == max(summary["flagged"] - 0.1 * len(scores), 0)
+    assert summary["expected_false_positives_basis"].startswith("in-sample")
     for k in (1, 2):
         run(model, [sample], tmp_path / f"s{k}", shard=(k, 2), prevalence=0.1, sample_check=True)
     merge_screens([tmp_path / "s1", tmp_path / "s2"], tmp_path / "merged")

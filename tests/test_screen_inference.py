@@ -8,7 +8,14 @@ import sys
 import numpy as np
 import pytest
 
-from opdcells.screen import TTA_GROUP, model_call, share_cores, tta_pass
+from opdcells.screen import (
+    BLAS_THREAD_VARIABLES,
+    TF_THREAD_VARIABLES,
+    TTA_GROUP,
+    model_call,
+    share_cores,
+    tta_pass,
+)
 
 
 @pytest.fixture(scope="module")
@@ -56,12 +63,17 @@ def test_threads_are_the_cores_the_readers_leave():
 
     cores = default_workers()
     code = ("from opdcells.console import import_tensorflow; import_tensorflow(); "
-            "from opdcells.screen import share_cores; print(share_cores(2), share_cores(1))")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TF_NUM_")}
+            "from opdcells.screen import share_cores; from threadpoolctl import threadpool_info; "
+            "two = share_cores(2); "
+            "blas = {p['num_threads'] for p in threadpool_info() if p['user_api'] == 'blas'}; "
+            "print(two, blas, share_cores(1))")
+    env = {k: v for k, v in os.environ.items() if k not in (*TF_THREAD_VARIABLES, *BLAS_THREAD_VARIABLES)}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    # two readers: the cores they leave; set again before the first operation, one reader: every core
-    assert out.stdout.split() == [f"({max(1, cores - 2)},", "1)", f"({cores},", "1)"]
+    # two readers: the cores they leave (TensorFlow and BLAS); set again before the first operation, one
+    # reader: every core
+    left = max(1, cores - 2)
+    assert out.stdout.split() == [f"({left},", "1)", f"{{{left}}}", f"({cores},", "1)"]
 
 
 def test_threads_are_left_as_they_are_once_tensorflow_runs(saved):

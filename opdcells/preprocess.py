@@ -1550,6 +1550,17 @@ def _stack_coefficients(opd: np.ndarray, use: np.ndarray, order: int, fit: np.nd
     return coef
 
 
+@functools.lru_cache(maxsize=16)
+def _disk_rows(radius_px: float) -> tuple[tuple[int, int], ...]:
+    """``(di, half)`` of each row of the disk of ``radius_px``: the row offset ``di`` and the largest column
+    offset ``dj`` with ``sqrt(di**2 + dj**2)``, computed as :func:`scipy.ndimage.distance_transform_edt`
+    does, at most ``radius_px`` (made once per radius: maps of one session share it)."""
+    reach = int(math.floor(radius_px))
+    offsets = np.arange(reach + 1)
+    return tuple((di, int(offsets[np.sqrt(np.float64(di * di + offsets * offsets)) <= radius_px].max()))
+                 for di in range(-reach, reach + 1))
+
+
 def dilate_stack(masks: np.ndarray, radius_px: float) -> np.ndarray:
     """:func:`dilate` of each mask of a stack: the union of row-shifted 1-D maximum filters, one per row
     offset of the disk of ``radius_px`` (the pixels whose Euclidean distance ``sqrt(di**2 + dj**2)``,
@@ -1568,13 +1579,12 @@ def dilate_stack(masks: np.ndarray, radius_px: float) -> np.ndarray:
     """
     if radius_px <= 0:
         return masks.copy()
-    reach = int(math.floor(radius_px))
-    offsets = np.arange(reach + 1)
     grown = np.zeros(masks.shape, dtype=bool)
     rows_grown: dict[int, np.ndarray] = {}
     height = masks.shape[1]
-    for di in range(-reach, reach + 1):
-        half = int(offsets[np.sqrt(np.float64(di * di + offsets * offsets)) <= radius_px].max())
+    for di, half in _disk_rows(float(radius_px)):
+        if abs(di) >= height:    # shifted out of the maps
+            continue
         if half not in rows_grown:
             rows_grown[half] = ndi.maximum_filter1d(masks.view(np.uint8), 2 * half + 1, axis=2,
                                                     mode="constant").view(bool)

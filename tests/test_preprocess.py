@@ -298,6 +298,9 @@ def test_fill_holes_and_dilate_equal_scipy_on_the_whole_map(seed):
     single = np.zeros((40, 40), bool)
     single[38, 1] = True                          # a box reaching past two edges
     np.testing.assert_array_equal(pp.dilate(single, 3.2), ndi.distance_transform_edt(~single) <= 3.2)
+    thin = np.zeros((3, 20), bool)
+    thin[1, 5] = True                             # a map less tall than the disk
+    np.testing.assert_array_equal(pp.dilate(thin, 4.6), ndi.distance_transform_edt(~thin) <= 4.6)
 
 
 @pytest.mark.parametrize("seed", range(3))

@@ -33,9 +33,11 @@ bounded number of files ahead; maps
 are predicted in large batches without test-time augmentation, one encoder pass giving both the
 probabilities and the OOD embedding (:func:`encoder_pass`); only maps whose score comes within
 :data:`REFINE_MARGIN_LOGIT` of the threshold (:func:`near_threshold`) are predicted again with it (8
-views), and only theirs have the OOD detector's morphology features measured (``ood_morphology="near"``,
+views, through the traced model in calls of fixed shape, :func:`tta_pass`: ``predict_proba(tta=True)`` bit
+for bit), and only theirs have the OOD detector's morphology features measured (``ood_morphology="near"``,
 the default; the other maps' ``ood_score`` is their embedding's: the flagged maps and candidates are
-those of measuring every map, which ``"all"`` does, in the reading processes). ``shard=(k, n)``
+those of measuring every map, which ``"all"`` does, in the reading processes). The command sizes the
+main process's thread pools to the cores the readers leave (:func:`share_cores`). ``shard=(k, n)``
 screens every n-th file starting with the k-th (1-based), for job arrays; :func:`merge_screens` joins
 the shards' folders into the same outputs a single run gives.
 """

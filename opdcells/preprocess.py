@@ -686,6 +686,10 @@ def _axes_any(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
 
 
+#: 4-connectivity: ``ndi.label``'s default structure in 2-D (``generate_binary_structure(2, 1)``), made once.
+CROSS = ndi.generate_binary_structure(2, 1)
+
+
 def fill_holes(mask: np.ndarray) -> np.ndarray:
     """``mask`` with every background region that does not reach the map's edge filled.
 
@@ -700,7 +704,7 @@ def fill_holes(mask: np.ndarray) -> np.ndarray:
     -------
     (H, W) bool ndarray
     """
-    background, n = ndi.label(~mask)
+    background, n = ndi.label(~mask, CROSS)
     filled = np.ones(n + 1, dtype=bool)
     filled[background[_border_frame(mask.shape, width=1)]] = False
     filled[0] = True
@@ -739,7 +743,7 @@ def objects_above(smoothed: np.ndarray, threshold: float, pixel_size_um: float) 
 def _without_specks(mask: np.ndarray, speck_px: int) -> np.ndarray:
     """``skimage.morphology.remove_small_objects(mask, max_size=speck_px)`` of a boolean mask (objects of at
     most ``speck_px`` pixels removed, 4-connected), from one labelling, without its checks and copies."""
-    labels, n = ndi.label(mask)
+    labels, n = ndi.label(mask, CROSS)
     keep = np.bincount(labels.ravel(), minlength=n + 1) > speck_px
     keep[0] = False
     return keep[labels]
@@ -899,11 +903,14 @@ def centred_extent_px(mask: np.ndarray, weights: np.ndarray) -> float:
     return float(2 * reach + 1)
 
 
+@functools.lru_cache(maxsize=64)
 def _border_frame(shape: tuple[int, int], width: int | None = None) -> np.ndarray:
-    """Boolean frame along the map's edge, ``width`` px wide (default ``BORDER_FRACTION`` of the side)."""
+    """Boolean frame along the map's edge, ``width`` px wide (default ``BORDER_FRACTION`` of the side);
+    read-only, made once per shape (maps of one export share it)."""
     width = max(2, int(BORDER_FRACTION * min(shape))) if width is None else width
     frame = np.ones(shape, dtype=bool)
     frame[width:-width, width:-width] = False
+    frame.setflags(write=False)
     return frame
 
 

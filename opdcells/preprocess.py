@@ -444,6 +444,8 @@ def check_not_wrapped(phase_rad, path) -> None:
         When the phase is wrapped (hint: unwrap it or export the complex field).
     """
     phase = np.asarray(phase_rad, dtype=np.float64)
+    if phase.size == 0:
+        return
     low, high = phase.min(), phase.max()     # NaN or inf among the values: only the finite ones count
     if not (math.isfinite(low) and math.isfinite(high)):
         finite = phase[np.isfinite(phase)]

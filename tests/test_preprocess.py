@@ -461,4 +461,5 @@ def test_wrapped_phase_is_refused_whether_or_not_some_pixels_are_not_finite():
     with pytest.raises(ExportError, match=r"\(-3\.13 to 3\.03 rad\)"):
         pp.check_not_wrapped(holed, "w.mat")
     pp.check_not_wrapped(0.4 * rows, "unwrapped.mat")     # spans more than 2 pi: accepted
-    pp.check_not_wrapped(np.full((8, 8), np.nan), "empty.mat")
+    pp.check_not_wrapped(np.full((8, 8), np.nan), "no-finite-value.mat")
+    pp.check_not_wrapped(np.zeros((0, 8)), "empty.mat")

@@ -17,6 +17,12 @@ of 250 maps) is simulated in a temporary folder (or ``--sample`` is used), then 
 * ``stages``: CPU ms per map of each step of ``preprocess_map`` (reading, checks and smoothing,
   background fits, the cell's objects and measures, resampling and centring) over ``--stages`` maps of the
   first file, in this process with BLAS on one thread (as ingest runs it): where the time goes.
+* ``main process`` (``--main``): CPU ms per map of the screening process's own steps on the preprocessed
+  maps, batch by batch as ``screen`` makes them: the encoder pass (:func:`opdcells.screen.encoder_pass`),
+  test-time augmentation of the maps near the threshold through the traced model
+  (:func:`opdcells.screen.tta_pass`) and, as before, through Keras ``predict`` (``predict_proba(tta=True)``,
+  a call per batch), and the OOD scores; each against ``bare`` (Keras ``predict`` of every map), with the
+  thread pools ``screen`` uses (:func:`opdcells.screen.share_cores`).
 
 Maps/s, CPU seconds and the peak resident memory of this process are printed, with each time as a ratio
 to ``bare`` (timings on a shared machine are noisy; the ratio survives load). The reading workers are
@@ -108,6 +114,43 @@ def stage_cpu_ms(path: Path, options, n: int) -> dict[str, float]:
     return {name: seconds / max(done, 1) * 1e3 for name, seconds in spent.items()}
 
 
+def main_cpu_ms(model, settings, maps: np.ndarray, batch_size: int) -> dict:
+    """CPU ms per map of the screening process's steps over ``maps`` (N, S, S), in batches of
+    ``batch_size`` as screen makes them (each step after one warm-up call: its tracing is left out), and
+    ``near``: how many maps were refined with test-time augmentation."""
+    from opdcells.calibration import apply_temperature, target_score
+    from opdcells.screen import _Scorer, near_threshold, ood_check
+
+    scorer = _Scorer(model, settings, ood_check(model), batch_size)
+    batches = [maps[i:i + batch_size] for i in range(0, len(maps), batch_size)]
+    spent, near = {}, []
+
+    def step(name, fn, *args):
+        cpu = time.process_time()
+        out = fn(*args)
+        spent[name] = spent.get(name, 0.0) + time.process_time() - cpu
+        return out
+
+    scorer.forward(maps[:1], batch_size)
+    for batch in batches:
+        proba, embedding = step("encoder pass", scorer.forward, batch, batch_size)
+        p_target = target_score(apply_temperature(proba, settings.temperature), model.class_names,
+                                settings.targets)
+        near.append(near_threshold(p_target, settings.point.threshold))
+        step("OOD scores", scorer.ood_of, batch, None, embedding, near[-1])
+    if model.tta and scorer.augmented is not None:
+        scorer.augmented(maps[:1])
+        scorer.augmented(maps[:8])
+        model.predict_proba(maps[:1], batch_size, tta=True)
+        for batch, close in zip(batches, near, strict=True):
+            if close.any():
+                step("TTA traced", scorer.augmented, batch[close])
+                step("TTA Keras predict (before)", lambda x: model.predict_proba(x, batch_size, tta=True),
+                     batch[close])
+    return {**{name: seconds / len(maps) * 1e3 for name, seconds in spent.items()},
+            "near": int(sum(c.sum() for c in near))}
+
+
 #: The steps :func:`stage_cpu_ms` times, in order.
 STAGES = ("read", "checks, smoothing", "background fits", "cell: objects, choice, checks, measures",
           "resampling, centring")
@@ -126,6 +169,8 @@ def main(argv=None) -> int:
                    help="maps of the first file preprocessed in this process both ways (0: skip)")
     p.add_argument("--stages", type=int, default=0,
                    help="maps of the first file whose preprocessing steps are timed one by one (0: skip)")
+    p.add_argument("--main", action="store_true",
+                   help="time the main process's steps (encoder, test-time augmentation, OOD) on the maps")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
@@ -134,7 +179,9 @@ def main(argv=None) -> int:
     import_tensorflow(False)
     from opdcells.modelfolder import load_model
     from opdcells.predict import expand_exports, ingest_options, read_exports
-    from opdcells.screen import ood_check, screen_files, screen_settings
+    from opdcells.screen import ood_check, screen_files, screen_settings, share_cores
+
+    share_cores(args.workers)   # as screen's command: before the model loads
     from opdcells.spikein import simulate_sample
 
     model = load_model(args.model)
@@ -156,6 +203,8 @@ def main(argv=None) -> int:
         _, t_bare, c_bare = timed(lambda: keras_model.predict(np.load(Path(tmp) / "maps.npy")[..., None],
                                                               batch_size=args.batch_size, verbose=0))
         settings = screen_settings(model, ood_morphology=args.ood_morphology)
+        steps = main_cpu_ms(model, settings, np.load(Path(tmp) / "maps.npy"), args.batch_size) if args.main \
+            else {}
         result, t_screen, c_screen = timed(lambda: screen_files(
             model, [sample], Path(tmp) / "out", settings, options=options, ood=ood_check(model),
             batch_size=args.batch_size, workers=args.workers))
@@ -183,6 +232,11 @@ def main(argv=None) -> int:
         print(f"  preprocessing steps, CPU ms a map over {args.stages} maps of {files[0].name} (1 process): "
               + ", ".join(f"{name} {ms:.2f}" for name, ms in stages.items())
               + f"; total {sum(stages.values()):.2f}")
+    if steps:
+        bare_ms = c_bare / n * 1e3
+        print(f"  main process, CPU ms a map over {n} maps ({steps.pop('near')} near the threshold), "
+              f"bare {bare_ms:.2f}: " + ", ".join(f"{name} {ms:.2f} ({ms / bare_ms:.2f}x bare)"
+                                                  for name, ms in steps.items()))
     print("goal: >= 300 maps/s end to end on 2 cores (issue 14)")
     return 0
 

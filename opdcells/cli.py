@@ -532,8 +532,9 @@ def run_screen(args) -> int:
     from .ingest import reading_options
     from .modelfolder import load_model
     from .predict import ingest_options
-    from .screen import ood_check, screen_files, screen_settings
+    from .screen import ood_check, screen_files, screen_settings, share_cores
 
+    share_cores(args.workers)   # before the model loads: TensorFlow's pools are fixed at its first operation
     model = load_model(args.model, saved_models=args.saved_models)
     settings = screen_settings(model, targets=args.target, fpr=args.fpr, prevalence=args.prevalence,
                                shard=args.shard, sample_check=args.sample_check,

@@ -298,6 +298,9 @@ def test_fill_holes_and_dilate_equal_scipy_on_the_whole_map(seed):
     single = np.zeros((40, 40), bool)
     single[38, 1] = True                          # a box reaching past two edges
     np.testing.assert_array_equal(pp.dilate(single, 3.2), ndi.distance_transform_edt(~single) <= 3.2)
+    thin = np.zeros((3, 20), bool)
+    thin[1, 5] = True                             # a map less tall than the disk
+    np.testing.assert_array_equal(pp.dilate(thin, 4.6), ndi.distance_transform_edt(~thin) <= 4.6)
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -427,3 +430,36 @@ def test_stands_out_proven_by_counting_only_where_the_medians_agree():
             assert not pp._surely_above(values, peak) or peak > bound
         proven += pp._surely_above(values, bound + 100 * sigma + 1.0)
     assert proven > 250
+
+
+def test_specks_and_integrated_opd_equal_scikit_image_and_scipy_bit_for_bit():
+    from skimage import morphology
+
+    rng = np.random.default_rng(3)
+    for speck_px in (0, 1, 4, 9):
+        for density in (0.2, 0.5, 0.7):
+            mask = rng.random((40, 37)) < density      # objects of every size, some exactly speck_px
+            assert np.array_equal(pp._without_specks(mask, speck_px),
+                                  morphology.remove_small_objects(mask, max_size=speck_px))
+    labels = ndi.label(rng.random((50, 50)) < 0.4)[0]
+    opd = rng.normal(0, 30, labels.shape)
+    n = int(labels.max())
+    ids = np.arange(1, n + 1)
+    sums = np.bincount(labels.ravel(), weights=opd.ravel(), minlength=n + 1)[1:]
+    assert np.array_equal(sums, ndi.sum_labels(opd, labels, index=ids))   # cell_mask's sums: scipy's own
+    chosen = pp.cell_mask(opd, 0.25, margin_um=0.0, labels=labels)
+    assert np.array_equal(chosen, labels == 1 + int(np.argmax(ndi.sum_labels(opd, labels, index=ids))))
+
+
+def test_wrapped_phase_is_refused_whether_or_not_some_pixels_are_not_finite():
+    rows = np.arange(64)[:, None] * np.ones((1, 64))
+    wrapped = np.angle(np.exp(1j * 0.4 * rows))           # jumps of 2 pi every ~16 rows, all in (-pi, pi]
+    with pytest.raises(ExportError, match=r"wrapped phase: .*\(-3\.13 to 3\.03 rad\)"):
+        pp.check_not_wrapped(wrapped, "w.mat")
+    holed = wrapped.copy()
+    holed[3, 5], holed[10, 10] = np.nan, np.inf          # the range is that of the finite values
+    with pytest.raises(ExportError, match=r"\(-3\.13 to 3\.03 rad\)"):
+        pp.check_not_wrapped(holed, "w.mat")
+    pp.check_not_wrapped(0.4 * rows, "unwrapped.mat")     # spans more than 2 pi: accepted
+    pp.check_not_wrapped(np.full((8, 8), np.nan), "no-finite-value.mat")
+    pp.check_not_wrapped(np.zeros((0, 8)), "empty.mat")

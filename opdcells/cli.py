@@ -564,8 +564,9 @@ def run_calibrate_threshold(args) -> int:
     from .ingest import reading_options
     from .modelfolder import load_model
     from .predict import ingest_options
-    from .screen import ood_check
+    from .screen import ood_check, share_cores
 
+    share_cores(args.workers)   # as screen: the control is scored the way the sample will be
     model = load_model(args.model, saved_models=args.saved_models)
     options = ingest_options(model, **reading_options(args))
     done = calibrate_control(model, args.exports, args.out, options=options, fpr=args.fpr,

@@ -259,7 +259,9 @@ class TrainConfig:
         Further keyword arguments of models.build_model (dinov2_preset, dinov2_config, dropout,
         bn_momentum).
     epochs : int
-        Maximum epochs (boosting iterations for features).
+        Maximum epochs (boosting iterations for features); of a pretrained encoder, the fine-tuning epochs
+        after ``head_epochs``, where 0 keeps the encoder frozen (a linear probe: the head alone is trained,
+        with early stopping on the validation loss).
     patience : int
         Early-stopping patience (epochs) on the validation loss; the best weights are restored.
     batch_size : int
@@ -393,7 +395,9 @@ class TrainConfig:
                                                                "model is one of its parts)"),
             (self.split_by not in SPLIT_BY, f"split_by must be one of {', '.join(SPLIT_BY)}"),
             (self.distribute not in DISTRIBUTE, f"distribute must be one of {', '.join(DISTRIBUTE)}"),
-            (self.epochs < 1 or self.batch_size < 1, "epochs and batch_size must be at least 1"),
+            (self.epochs < 1 and not (self.epochs == 0 and self.head_epochs > 0 and self.model != FEATURES),
+             "epochs must be at least 1 (0 only with head_epochs: the head alone on a frozen encoder)"),
+            (self.batch_size < 1, "batch_size must be at least 1"),
             (self.patience < 0 or self.head_epochs < 0, "patience and head_epochs must not be negative"),
             (not self.learning_rate > 0, "learning_rate must be positive"),
             (self.input_size is not None and self.input_size < 1, "input_size must be at least 1 px"),

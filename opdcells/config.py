@@ -156,6 +156,12 @@ class Profile:
         Epochs and patience of fine-tuning an OPD-pretrained encoder (which keeps the settings it was
         measured with, :data:`PRE_RECIPE` at a constant rate: the recipe, the physical quantities and late
         fusion did not beat them on the demo's validation groups, docs/recipe.md "The goals still missed").
+    pretrained_epochs_by_model : dict
+        Families whose OPD-pretrained encoder is not fine-tuned (0): the head alone is trained on the frozen
+        encoder for up to ``pretrained_epochs`` epochs (early stopping with ``pretrained_patience``).
+        ResNet50: fine-tuning all 23.5 million weights at Adam 5e-5 after the head-only epochs lowered
+        validation accuracy on the demo's five-class split (0.8875 -> 0.80-0.81 with the encoder of
+        pretraining epoch 5, 0.883 -> 0.67-0.80 with epoch 4; docs/recipe.md).
     tta_by_model : dict
         Families whose saved models predict each map as it is (False) instead of with the mean over its 8
         rotations and reflections (the default of a model trained with both).
@@ -182,6 +188,7 @@ class Profile:
     learning_rate_by_model: dict = field(default_factory=lambda: {"vgg16": 1e-4})
     pretrained_epochs: int = 8
     pretrained_patience: int = 3
+    pretrained_epochs_by_model: dict = field(default_factory=lambda: {"resnet50": 0})
     tta_by_model: dict = field(default_factory=dict)
     input_size_by_model: dict = field(default_factory=dict)
     fusion: str = FEATURES
@@ -259,7 +266,9 @@ class TrainConfig:
         Further keyword arguments of models.build_model (dinov2_preset, dinov2_config, dropout,
         bn_momentum).
     epochs : int
-        Maximum epochs (boosting iterations for features).
+        Maximum epochs (boosting iterations for features); of a pretrained encoder, the fine-tuning epochs
+        after ``head_epochs``, where 0 keeps the encoder frozen (a linear probe: the head alone is trained,
+        with early stopping on the validation loss).
     patience : int
         Early-stopping patience (epochs) on the validation loss; the best weights are restored.
     batch_size : int
@@ -393,7 +402,9 @@ class TrainConfig:
                                                                "model is one of its parts)"),
             (self.split_by not in SPLIT_BY, f"split_by must be one of {', '.join(SPLIT_BY)}"),
             (self.distribute not in DISTRIBUTE, f"distribute must be one of {', '.join(DISTRIBUTE)}"),
-            (self.epochs < 1 or self.batch_size < 1, "epochs and batch_size must be at least 1"),
+            (self.epochs < 1 and not (self.epochs == 0 and self.head_epochs > 0 and self.model != FEATURES),
+             "epochs must be at least 1 (0 only with head_epochs: the head alone on a frozen encoder)"),
+            (self.batch_size < 1, "batch_size must be at least 1"),
             (self.patience < 0 or self.head_epochs < 0, "patience and head_epochs must not be negative"),
             (not self.learning_rate > 0, "learning_rate must be positive"),
             (self.input_size is not None and self.input_size < 1, "input_size must be at least 1 px"),
@@ -450,7 +461,8 @@ class TrainConfig:
         A pretrained encoder (``weights`` opd, opd:NAME or a folder; ``opd_mobilenetv2``) fixes the
         MobileNetV2 width and suggests the input size, and by default is fine-tuned after
         :data:`PRETRAINED_HEAD_EPOCHS` head-only epochs with its BatchNorm statistics frozen (they come
-        from thousands of sessions, a training split has a few) at :data:`PRETRAINED_LEARNING_RATE`,
+        from thousands of sessions, a training split has a few) at :data:`PRETRAINED_LEARNING_RATE`
+        (families of the profile's ``pretrained_epochs_by_model`` at 0: the head alone, encoder frozen),
         with the optimizer it was measured with (Adam at a constant rate, :data:`PRE_RECIPE`) and the
         profile's ``pretrained_epochs``; other deep models get the recipe (the dataclass defaults:
         AdamW, warm-up + cosine, label smoothing; ``docs/recipe.md``).
@@ -509,16 +521,20 @@ class TrainConfig:
 
         saved = resolve_weights(model, weights).config
         pretrained = saved is not None
+        # fine-tuning epochs of a pretrained encoder; 0: the head alone (head_epochs of it)
+        fine_tune = given.get("epochs", p.pretrained_epochs_by_model.get(model, p.pretrained_epochs))
         defaults = {
             "alpha": ((saved or {}).get("alpha") or p.mobilenet_alpha) if model == "mobilenetv2" else None,
             "input_size": (saved or {}).get("input_size") or (
                 p.dinov2_input_size if model == "dinov2" else p.input_size_by_model.get(model, p.input_size)),
-            "epochs": p.pretrained_epochs if pretrained else p.epochs_by_model.get(model, p.epochs),
+            "epochs": fine_tune if pretrained else p.epochs_by_model.get(model, p.epochs),
             "patience": p.pretrained_patience if pretrained else p.patience,
             "batch_size": p.batch_size,
             "learning_rate": PRETRAINED_LEARNING_RATE if pretrained else p.learning_rate_by_model.get(
                 model, p.learning_rate),
-            "head_epochs": PRETRAINED_HEAD_EPOCHS if pretrained else 0, "freeze_batchnorm": pretrained,
+            "head_epochs": ((PRETRAINED_HEAD_EPOCHS if fine_tune else p.pretrained_epochs)
+                            if pretrained else 0),
+            "freeze_batchnorm": pretrained,
             "tta": bool(augment and augment["rotate90"] and augment["flip"]
                         and p.tta_by_model.get(model, True)),
             # OPD-pretrained encoders: quantities and fusion measured, no gain (docs/recipe.md)

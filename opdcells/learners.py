@@ -114,17 +114,21 @@ class _KerasLearner:
         adapt_quantities(self.model, make_tf_dataset(dataset, split.train, None, batch_size=256))
         encoder = self.model.get_layer("encoder")
         history = {}
-        if settings.head_epochs > 0:   # linear probe, then fine-tune (LP-FT, Kumar et al. 2022)
-            encoder.trainable = False
-            history = run(settings.head_epochs, [keras.callbacks.TerminateOnNaN()])
-            encoder.trainable = True
-        if settings.freeze_batchnorm:
-            for layer in batch_norm_layers(encoder):
-                layer.trainable = False   # Keras 3: a frozen BatchNormalization runs in inference mode
         callbacks = [keras.callbacks.EarlyStopping(monitor=monitor, patience=settings.patience,
                                                    restore_best_weights=True),
                      keras.callbacks.TerminateOnNaN()]
-        tuned = run(settings.epochs, callbacks, settings.lr_schedule)
+        if settings.epochs == 0:   # a linear probe alone: the head on the frozen encoder
+            encoder.trainable = False
+            tuned = run(settings.head_epochs, callbacks)
+        else:
+            if settings.head_epochs > 0:   # linear probe, then fine-tune (LP-FT, Kumar et al. 2022)
+                encoder.trainable = False
+                history = run(settings.head_epochs, [keras.callbacks.TerminateOnNaN()])
+                encoder.trainable = True
+            if settings.freeze_batchnorm:
+                for layer in batch_norm_layers(encoder):
+                    layer.trainable = False   # Keras 3: a frozen BatchNormalization runs in inference mode
+            tuned = run(settings.epochs, callbacks, settings.lr_schedule)
         if self.strategy is not None:
             self._leave_strategy()
         return {k: [float(v) for v in history.get(k, [])] + [float(v) for v in values]

@@ -369,6 +369,17 @@ register_encoder(RegisteredEncoder(
     commit="4bdce45b7cab07fd66d0f53d9811fe0894600374"), default=True)
 
 register_encoder(RegisteredEncoder(
+    name="opd_resnet50_pretrained", backbone="resnet50", folder="pretrained/opd_resnet50_pretrained",
+    sha256="de0fd7ef9715eb359a74ad47463518870731b5115ead5dc90d55b2ab9e0117c4",
+    input_size=64, pixel_size_um=0.25, out_size=128,
+    trained_on="20000 simulated OPD maps of the five classes (supervised-sim, labels used), 10 epochs in "
+               "three resumed chunks; weights stored as float16",
+    command="python -m opdcells pretrain --backbone resnet50 --method supervised-sim --out "
+            "saved_models/opd_resnet50_pretrained --epochs 10 --input-size 64 --n-sim 20000 --seed 0 "
+            "--batch-size 64 --lr 0.0003 --probe 500 --sim-cache data/sim_cache --sim-maps-per-session 10",
+    commit="4ce0f0b6147c984a6464f713426c6d141d67f7ba"), default=True)
+
+register_encoder(RegisteredEncoder(
     name="opd_dinov2_pretrained", backbone="dinov2", folder="pretrained/opd_dinov2_pretrained",
     sha256="412de8e2f5c306a6c184ec153fcfc7dd36676b7315b6bcdbf95d90ae03f58215",
     input_size=56, pixel_size_um=0.25, out_size=128,

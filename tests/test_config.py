@@ -12,7 +12,7 @@ import pytest
 from helpers import tiny_dataset, tiny_run
 
 from opdcells import cli
-from opdcells.config import PROFILE_FIELDS, TrainConfig, field_help, resolve_alias
+from opdcells.config import PROFILE_FIELDS, PROFILES, TrainConfig, field_help, resolve_alias
 from opdcells.errors import ConfigError, RegistryError
 
 FORMAT3 = Path(__file__).parent / "fixtures" / "model_format3"
@@ -56,8 +56,23 @@ def test_opd_mobilenetv2_is_mobilenetv2_with_opd_weights_everywhere():
     alias = TrainConfig.from_profile("opd_mobilenetv2")
     assert alias == TrainConfig.from_profile("mobilenetv2", weights="opd")
     assert (alias.model, alias.alpha, alias.input_size, alias.head_epochs) == ("mobilenetv2", 0.35, 128, 2)
-    with pytest.raises(RegistryError, match=r"registry.DEFAULTS\['resnet50'\]: no OPD-pretrained encoder"):
-        TrainConfig.from_profile("resnet50", weights="opd")
+    with pytest.raises(RegistryError, match=r"registry.DEFAULTS\['vgg16'\]: no OPD-pretrained encoder"):
+        TrainConfig.from_profile("vgg16", weights="opd")
+
+
+def test_a_pretrained_resnet50_trains_its_head_alone_other_encoders_are_fine_tuned(tmp_path):
+    folder = tmp_path / "encoder"
+    folder.mkdir()
+    (folder / "encoder.weights.h5").write_bytes(b"weights")   # resolved and hashed, not loaded
+    (folder / "config.json").write_text(json.dumps({"architecture": "resnet50", "input_size": 64}))
+    for profile in PROFILES:
+        probe = TrainConfig.from_profile("resnet50", profile, weights=str(folder))
+        assert (probe.epochs, probe.head_epochs) == (0, PROFILES[profile].pretrained_epochs)
+        assert probe.patience == PROFILES[profile].pretrained_patience and probe.input_size == 64
+        tuned = TrainConfig.from_profile("opd_mobilenetv2", profile)
+        assert (tuned.epochs, tuned.head_epochs) == (PROFILES[profile].pretrained_epochs, 2)
+    asked = TrainConfig.from_profile("resnet50", weights=str(folder), epochs=3)   # fine-tuning asked for
+    assert (asked.epochs, asked.head_epochs) == (3, 2)
 
 
 @pytest.mark.parametrize("name", ["opd_mobilenetv2", "features"])
@@ -122,8 +137,8 @@ def test_cli_train_options_are_config_fields_and_a_config_file_is_the_start(feat
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"epochs": 0}))
     assert cli.main(["train", "--data", str(data), "--config", str(bad), "--out", str(tmp_path / "x")]) == 2
-    assert f"{bad}: epochs and batch_size must be at least 1" in capsys.readouterr().err
-    assert cli.main(["train", "--data", str(data), "--model", "resnet50", "--weights", "opd",
+    assert f"{bad}: epochs must be at least 1" in capsys.readouterr().err
+    assert cli.main(["train", "--data", str(data), "--model", "vgg16", "--weights", "opd",
                      "--out", str(tmp_path / "y")]) == 2
-    assert "registry.DEFAULTS['resnet50']" in capsys.readouterr().err
+    assert "registry.DEFAULTS['vgg16']" in capsys.readouterr().err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

@@ -225,6 +225,7 @@ def test_a_comparison_of_initialisations_runs_only_the_weights_this_machine_has(
     from opdcells import registry
     from opdcells.study.experiments import initialisation_runs
 
+    monkeypatch.delitem(registry.DEFAULTS, "resnet50", raising=False)   # as on a machine without it
     models = ["features", "mobilenetv2", "resnet50", "dinov2"]
     names, notes = initialisation_runs(models)
     assert names == ["features", "mobilenetv2", "opd_mobilenetv2", "resnet50", "dinov2", "opd_dinov2"]
@@ -375,11 +376,11 @@ def test_dinov2_opd_weights_are_the_shipped_folder_and_an_offline_preset_falls_b
                                                 dinov2_preset="dinov2_small")
     assert "dinov2_small" in caplog.text and fallback_info["init"] == entry.init
     assert weights_equal(fallback, pretrained)
-    missing = r"registry.DEFAULTS\['resnet50'\]: no OPD-pretrained encoder is registered for backbone"
+    missing = r"registry.DEFAULTS\['vgg16'\]: no OPD-pretrained encoder is registered for backbone"
     with pytest.raises(RegistryError, match=missing):
-        build_encoder("resnet50", weights="opd")
+        build_encoder("vgg16", weights="opd")
     with pytest.raises(RegistryError, match=missing):
-        models.saved_encoder_config("resnet50", "opd")
+        models.saved_encoder_config("vgg16", "opd")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -448,6 +449,7 @@ def test_random_and_opd_encoders_keep_the_opd_input():
 
 @pytest.mark.parametrize("family", ["resnet50", "vgg16"])
 def test_opd_weights_resolve_to_the_backbone_registry_entry(family, tmp_path, monkeypatch):
+    monkeypatch.delitem(registry.DEFAULTS, family, raising=False)   # a backbone without a shipped encoder
     with pytest.raises(RegistryError, match=rf"registry.DEFAULTS\['{family}'\]: no OPD-pretrained encoder"):
         build_encoder(family, input_shape=(S, S, 1), input_size=S, weights="opd")
     encoder, info = build_encoder(family, input_shape=(S, S, 1), input_size=S, seed=4)

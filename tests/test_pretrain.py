@@ -307,6 +307,7 @@ def test_cli_pretrain_supervised_sim_stops_at_max_minutes_and_continues_from_an_
 
 #: shipped encoder folder -> (backbone family, largest weights file in bytes)
 SHIPPED_ENCODERS = {"mobilenetv2": (SHIPPED, 5e6),
+                    "resnet50": (registry.encoder_folder(registry.DEFAULTS["resnet50"]), 50e6),
                     "dinov2": (registry.encoder_folder(registry.DEFAULTS["dinov2"]), 10e6)}
 
 
@@ -343,7 +344,7 @@ def test_shipped_config_is_complete_and_consistent(shipped):
 
 def test_shipped_encoder_is_the_default_of_its_family(shipped):
     family, folder, cfg = shipped
-    name = "opd_mobilenetv2" if family == "mobilenetv2" else "dinov2"
+    name = "opd_mobilenetv2" if family == "mobilenetv2" else family
     encoder, info = models.build_encoder(name, weights=folder, input_size=cfg["input_size"])
     default, default_info = models.build_encoder(name, weights="opd", input_size=cfg["input_size"])
     entry = registry.get_entry(registry.DEFAULTS[family])

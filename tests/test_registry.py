@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_every_shipped_entry_is_in_the_package_and_verifies():
     shipped = {n: e for n, e in registry.get_registered_encoders().items() if e.folder}
-    assert {"opd_mobilenetv2_pretrained", "opd_dinov2_pretrained"} <= set(shipped)
+    assert {"opd_mobilenetv2_pretrained", "opd_resnet50_pretrained", "opd_dinov2_pretrained"} <= set(shipped)
     for name, entry in shipped.items():
         folder = registry.encoder_folder(name)
         assert folder.parent == registry.PACKAGE_DIR / "pretrained"
@@ -30,7 +30,7 @@ def test_every_shipped_entry_is_in_the_package_and_verifies():
         assert config["data"]["out_size"] == entry.out_size
         assert entry.init == f"opd:{name}@{registry.file_sha256(folder / registry.ENCODER_WEIGHTS)[:12]}"
     assert registry.DEFAULTS == {"mobilenetv2": "opd_mobilenetv2_pretrained",
-                                 "dinov2": "opd_dinov2_pretrained"}
+                                 "resnet50": "opd_resnet50_pretrained", "dinov2": "opd_dinov2_pretrained"}
 
 
 def test_opd_weights_resolve_to_the_default_entry_or_name_the_missing_one():

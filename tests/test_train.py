@@ -21,7 +21,7 @@ pytest.importorskip("tensorflow")
 
 from opdcells.config import PRETRAINED_LEARNING_RATE, TrainConfig  # noqa: E402
 from opdcells.dataset import open_dataset  # noqa: E402
-from opdcells.errors import DatasetError, ModelError, TaskError  # noqa: E402
+from opdcells.errors import ConfigError, DatasetError, ModelError, TaskError  # noqa: E402
 from opdcells.evaluate import evaluate_model, stored_test_indices  # noqa: E402
 from opdcells.modelfolder import FILES, load_model  # noqa: E402
 from opdcells.pipeline import dihedral_views  # noqa: E402
@@ -315,6 +315,24 @@ def test_a_pretrained_encoder_sets_width_input_size_and_normalisation(data, tmp_
     pairs = zip(tuned.get_weights(), encoder.get_weights(), strict=True)
     moved = [not np.array_equal(a, b) for a, b in pairs]
     assert any(moved)
+
+
+def test_zero_fine_tuning_epochs_train_the_head_alone_on_the_frozen_encoder(data, tmp_path, eager):
+    from opdcells import models
+    from opdcells.train import train
+
+    size = data.out_size
+    encoder, info = models.build_encoder("mobilenetv2", input_shape=(size, size, 1), input_size=32,
+                                         alpha=0.35, norm_scale_nm=250.0)
+    folder = models.save_encoder(encoder, info, tmp_path / "encoder")
+    with pytest.raises(ConfigError, match="0 only with head_epochs"):
+        TrainConfig.from_profile("mobilenetv2", weights=str(folder), epochs=0, head_epochs=0)
+    result = train(data, "mobilenetv2", "cancer_vs_blood", tmp_path / "run", weights=str(folder), epochs=0,
+                   head_epochs=2, patience=5, batch_size=16, n_boot=0, augment=False, tta=False)
+    assert len(result.history["loss"]) == result.config["training"]["epochs_run"] == 2
+    probed = result.model.learner.model
+    for after, before in zip(probed.get_layer("encoder").get_weights(), encoder.get_weights(), strict=True):
+        np.testing.assert_array_equal(after, before)   # BatchNorm statistics included
 
 
 def test_training_calibrates_on_validation_and_the_model_screens(features, tmp_path):

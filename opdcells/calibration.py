@@ -44,11 +44,14 @@ import json
 import logging
 import math
 import os
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 from scipy import optimize, special, stats
+
+from .errors import ScreenError
 
 log = logging.getLogger(__name__)
 
@@ -908,18 +911,24 @@ def save_operating_point(path, point: OperatingPoint, *, model, targets: list[st
 
     Raises
     ------
-    FileExistsError
-        ``path`` exists (an earlier operating point is never overwritten).
+    ScreenError
+        ``path`` exists (an earlier operating point is never overwritten, also not by a run that writes
+        the same file at the same time).
     """
     path = Path(path)
-    if path.exists():
-        raise FileExistsError(f"{path} exists: choose another --out (an operating point is never "
-                              "overwritten)")
     record = {"kind": POINT_KIND, "version": 1, "model": model.name, "model_digest": model_digest(model),
               "targets": list(targets), "temperature": float(temperature), "point": point.as_dict()}
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(json.dumps(record, indent=2), encoding="utf-8")
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as file:
+            file.write(json.dumps(record, indent=2))
+        os.chmod(tmp, 0o644)
+        os.link(tmp, path)   # atomic, and never over an existing file
+    except FileExistsError:
+        raise ScreenError(path, "exists: choose another --out (an operating point is never overwritten)") \
+            from None
+    finally:
+        os.unlink(tmp)
     return path
 
 

@@ -67,10 +67,12 @@ def test_a_pretrained_resnet50_trains_its_head_alone_other_encoders_are_fine_tun
     (folder / "config.json").write_text(json.dumps({"architecture": "resnet50", "input_size": 64}))
     for profile in PROFILES:
         probe = TrainConfig.from_profile("resnet50", profile, weights=str(folder))
-        assert (probe.epochs, probe.head_epochs) == (0, PROFILES[profile].pretrained_epochs)
+        expected = PROFILES[profile].probe_epochs or PROFILES[profile].pretrained_epochs
+        assert (probe.epochs, probe.head_epochs) == (0, expected)
         assert probe.patience == PROFILES[profile].pretrained_patience and probe.input_size == 64
         tuned = TrainConfig.from_profile("opd_mobilenetv2", profile)
         assert (tuned.epochs, tuned.head_epochs) == (PROFILES[profile].pretrained_epochs, 2)
+    assert TrainConfig.from_profile("resnet50", weights=str(folder)).head_epochs == 3   # the quick profile's
     asked = TrainConfig.from_profile("resnet50", weights=str(folder), epochs=3)   # fine-tuning asked for
     assert (asked.epochs, asked.head_epochs) == (3, 2)
 

@@ -194,8 +194,12 @@ def test_an_operating_point_of_another_model_is_refused(tmp_path):
     (tmp_path / "bad.json").write_text("{")
     with pytest.raises(ScreenError, match="bad.json: not a readable operating point"):
         screen_settings(model, operating_point=tmp_path / "bad.json")
-    with pytest.raises(FileExistsError):
-        save_operating_point(path, point, model=model, targets=["SW480"], temperature=1.0)
+    before = path.read_bytes()
+    other = control_point(np.linspace(0, 1, 200) ** 2, 0.1, n_boot=5)
+    with pytest.raises(ScreenError, match="op.json: exists: choose another --out"):
+        save_operating_point(path, other, model=model, targets=["SW480"], temperature=1.0)
+    assert path.read_bytes() == before    # kept, and no partial file left beside it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.json", "op.json"]
 
 
 def test_clopper_pearson_matches_the_beta_quantiles():

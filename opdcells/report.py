@@ -1,4 +1,5 @@
-"""Self-contained HTML report of a screening run (no external files: figures are embedded PNGs)."""
+"""Self-contained HTML report of a screening run (no external files: figures are embedded PNGs), and the
+same report as one picture (``report.png``) for slides and lab notebooks."""
 from __future__ import annotations
 
 import base64
@@ -11,6 +12,8 @@ import numpy as np
 
 #: Thumbnails share one colour scale: 0 nm to this percentile of the shown maps' pixels.
 THUMB_PERCENTILE = 99.9
+#: Candidates drawn in the report's picture (``report.png``); the HTML page shows every gallery map.
+FIGURE_CANDIDATES = 12
 
 
 def _png(figure_or_array, **imsave_kwargs) -> str:
@@ -73,6 +76,15 @@ def _expected_fp(summary: dict) -> str:
     return f"{text}; {basis}" if basis else text
 
 
+def _histogram(ax, scores, threshold: float) -> None:
+    """Draw the target scores' histogram (log counts) with the threshold on ``ax``."""
+    ax.hist(np.asarray(scores, float), bins=np.linspace(0, 1, 51), color="0.45", log=True)
+    ax.axvline(threshold, color="crimson", lw=2, label=f"threshold {threshold:.4g}")
+    ax.set_xlabel("calibrated probability of a target class")
+    ax.set_ylabel("maps (log scale)")
+    ax.legend(loc="upper center")
+
+
 def score_histogram(scores: np.ndarray, threshold: float) -> str:
     """base64 PNG: histogram of the target scores (log counts) with the threshold marked.
 
@@ -91,13 +103,85 @@ def score_histogram(scores: np.ndarray, threshold: float) -> str:
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(7, 3.2), layout="constrained")
-    ax = fig.subplots()
-    ax.hist(np.asarray(scores, float), bins=np.linspace(0, 1, 51), color="0.45", log=True)
-    ax.axvline(threshold, color="crimson", lw=2, label=f"threshold {threshold:.4g}")
-    ax.set_xlabel("calibrated probability of a target class")
-    ax.set_ylabel("maps (log scale)")
-    ax.legend(loc="upper center")
+    _histogram(fig.subplots(), scores, threshold)
     return _png(fig)
+
+
+def _thumbnail_scale(maps: np.ndarray) -> float:
+    """Upper end (nm) of the thumbnails' shared colour scale: the THUMB_PERCENTILE of the shown maps."""
+    return max(float(np.percentile(maps, THUMB_PERCENTILE)) if len(maps) else 1.0, 1.0)
+
+
+def _percent(value) -> str:
+    return f"{value:.2%}" if isinstance(value, float) else str(value)
+
+
+def _figure_facts(summary: dict) -> list[str]:
+    """The report's headline lines, as the picture shows them."""
+    point = summary["operating_point"]
+    confidence = summary.get("fpr_confidence")
+    rate = f"false-positive rate {point['fpr']:g}" + (f", confidence {confidence:g}" if confidence else "")
+    speed = summary.get("maps_per_second")
+    return [f"{summary['maps_read']:,} maps screened ({summary['maps_skipped']} skipped), "
+            f"{summary['out_of_distribution']} out of distribution",
+            f"flagged: {summary['flagged']} (targets {', '.join(summary['targets'])})",
+            f"threshold {summary['threshold']:.4g} from the {summary.get('threshold_source', 'validation')}; "
+            f"{rate}",
+            f"expected false positives: {_expected_fp(summary).split(';')[0]}",
+            f"expected purity at prevalence {summary['prevalence']:g}: "
+            f"{_percent(summary['expected_purity'])}",
+            f"model {summary['model']}" + (f"; {speed:.0f} maps/s" if speed else "")]
+
+
+def report_figure(summary: dict, gallery: Sequence[dict], maps: np.ndarray, rows: Sequence[dict],
+                  n_shown: int = FIGURE_CANDIDATES):
+    """The report as one picture (``report.png``): headline figures, score histogram, the first candidates.
+
+    Parameters
+    ----------
+    summary : dict
+        The run's summary.json content.
+    gallery : sequence of dict
+        Candidate rows (most probable first), matching ``maps``.
+    maps : (n, S, S) array
+        The candidates' OPD maps in nm.
+    rows : sequence of dict
+        Every scored row (for the histogram).
+    n_shown : int
+        Candidates drawn (the first ones; the HTML report shows them all).
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        Axes: the headline text, the histogram, then one per candidate shown, titled ``#k p=... / ... pg``.
+    """
+    from matplotlib.figure import Figure
+
+    shown = min(n_shown, len(gallery))
+    n_cols = FIGURE_CANDIDATES // 2
+    fig = Figure(figsize=(13, 8.4), layout="constrained")
+    top, bottom = fig.subfigures(2, 1, height_ratios=[1, 1.15])
+    text_ax, hist_ax = top.subplots(1, 2, width_ratios=[1, 1.1])
+    text_ax.axis("off")
+    text_ax.set_title("Screening report", loc="left", fontsize=14, fontweight="bold")
+    text_ax.text(0, 0.95, "\n".join(_figure_facts(summary)), va="top", fontsize=10, wrap=True,
+                 transform=text_ax.transAxes)
+    _histogram(hist_ax, [float(r["p_target"]) for r in rows], summary["threshold"])
+    bottom.suptitle(f"Candidates {shown} of {summary['flagged']} (OPD, nm; all in report.html)", x=0.02,
+                    ha="left", fontsize=11)
+    axes = bottom.subplots(2, n_cols).ravel()
+    vmax = _thumbnail_scale(np.asarray(maps[:shown], np.float32))
+    image = None
+    for i, ax in enumerate(axes):
+        ax.set_axis_off()
+        if i < shown:
+            r = gallery[i]
+            image = ax.imshow(np.asarray(maps[i], np.float32), vmin=0, vmax=vmax, cmap="viridis")
+            ax.set_title(f"#{i + 1} p={float(r['p_target']):.3f}\n{float(r['dry_mass_pg']):.0f} pg",
+                         fontsize=9)
+    if image is not None:
+        bottom.colorbar(image, ax=list(axes), label="OPD (nm)", shrink=0.8)
+    return fig
 
 
 def _e(text) -> str:
@@ -131,8 +215,7 @@ def screening_report(summary: dict, gallery: Sequence[dict], maps: np.ndarray, r
     """
     point = summary["operating_point"]
     source = point.get("source", "validation")
-    vmax = float(np.percentile(maps, THUMB_PERCENTILE)) if len(gallery) else 1.0
-    vmax = max(vmax, 1.0)
+    vmax = _thumbnail_scale(maps)
     facts = [("model", summary["model"]), ("maps screened", summary["maps_read"]),
              ("files read / skipped", f"{summary['files_read']} / {summary['files_skipped']}"),
              ("maps skipped", summary["maps_skipped"]), ("flagged", summary["flagged"]),

@@ -11,7 +11,8 @@ and writes to ``DIR``:
 * ``summary.json``: maps read and skipped, flagged, the operating point, the expected false positives
   and purity at ``prevalence``, maps per second;
 * ``report.html``: one self-contained page with the candidates as OPD thumbnails, the score histogram
-  with the threshold and the run's settings;
+  with the threshold and the run's settings; ``report.png``: the same report as one picture (headline
+  figures, histogram, the first :data:`opdcells.report.FIGURE_CANDIDATES` candidates);
 * ``candidates.npz``: the maps (float16) of the :data:`GALLERY_SIZE` best in-distribution maps at or above
   the validation threshold (the gallery's maps whatever the sample check decides), so shard outputs can
   be merged into one report.
@@ -701,7 +702,8 @@ def _key(row: dict) -> tuple:
 
 def write_outputs(out: Path, rows: list[dict], kept: dict, settings: ScreenSettings, result: ScreenResult,
                   *, model_name: str) -> None:
-    """Write scores.csv, candidates.csv, candidates.npz, summary.json and report.html (each atomically).
+    """Write scores.csv, candidates.csv, candidates.npz, summary.json, report.html and report.png (each
+    atomically).
 
     Parameters
     ----------
@@ -737,9 +739,11 @@ def write_outputs(out: Path, rows: list[dict], kept: dict, settings: ScreenSetti
     maps = _stacked(kept, [_key(r) for r in gallery])
     summary = _summary(rows, settings, result, model_name, threshold, check)
     _atomic(out / "summary.json", lambda fh: json.dump(summary, fh, indent=2))
-    from .report import screening_report
+    from .report import report_figure, screening_report
 
     _atomic(out / "report.html", lambda fh: fh.write(screening_report(summary, gallery, maps, rows)))
+    _atomic(out / "report.png", lambda fh: report_figure(summary, gallery, maps, rows).savefig(
+        fh, format="png", dpi=100), binary=True)
     log.info("%s: %d maps screened, %d flagged (%d out of distribution not flagged), %.0f maps/s",
              out, result.n_maps, result.n_flagged, result.n_ood, summary["maps_per_second"] or 0)
 

@@ -119,6 +119,26 @@ def test_report_is_self_contained_and_lists_the_candidates(sample, model, tmp_pa
     assert all(f"p={float(r['p_target']):.3f}" in text for r in candidates)
 
 
+def test_report_picture_shows_the_first_candidates_and_the_threshold(sample, model, tmp_path):
+    from matplotlib.image import imread
+
+    from opdcells.report import report_figure
+
+    run(model, [sample], tmp_path / "out")
+    assert imread(tmp_path / "out/report.png").shape[:2] == (840, 1300)      # 13 x 8.4 in at 100 dpi
+    summary = json.loads((tmp_path / "out/summary.json").read_text())
+    candidates, scores = read(tmp_path / "out/candidates.csv"), read(tmp_path / "out/scores.csv")
+    assert len(candidates) > 2                                             # so n_shown=2 leaves some out
+    maps = np.random.default_rng(0).uniform(0, 300, (len(candidates), 48, 48))
+    fig = report_figure(summary, candidates, maps, scores, n_shown=2)
+    titles = [ax.get_title() for sub in fig.subfigs[1:] for ax in sub.axes if ax.get_title()]
+    assert titles == [f"#{i + 1} p={float(r['p_target']):.3f}\n{float(r['dry_mass_pg']):.0f} pg"
+                      for i, r in enumerate(candidates[:2])]
+    hist_ax = fig.subfigs[0].axes[1]
+    assert [line.get_xdata()[0] for line in hist_ax.lines] == [summary["threshold"]]
+    assert sum(p.get_height() > 0 for p in hist_ax.patches) > 1
+
+
 def test_out_of_distribution_maps_are_never_flagged(sample, model, tmp_path):
     settings = screen_settings(model)
     veto = lambda maps: (np.full(len(maps), 9.0), np.ones(len(maps), bool))  # noqa: E731

@@ -356,7 +356,7 @@ class _Scorer(FileBatches):
             own = self.call(maps[:8])
             self.checked = True
             if not np.allclose(proba[:8], own, atol=1e-4):
-                if self.forward.lite:
+                if getattr(self.forward, "lite", False):
                     log.warning("model %s: the encoder run by TensorFlow Lite differs from the model's "
                                 "predictions; running it with TensorFlow", self.model.name)
                     self.forward, self.checked = encoder_pass(self.model, lite=False), False

@@ -18,7 +18,8 @@ of 250 maps) is simulated in a temporary folder (or ``--sample`` is used), then 
   background fits, the cell's objects and measures, resampling and centring) over ``--stages`` maps of the
   first file, in this process with BLAS on one thread (as ingest runs it): where the time goes.
 * ``main process`` (``--main``): CPU ms per map of the screening process's own steps on the preprocessed
-  maps, batch by batch as ``screen`` makes them: the encoder pass (:func:`opdcells.screen.encoder_pass`),
+  maps, batch by batch as ``screen`` makes them: the encoder pass (:func:`opdcells.screen.encoder_pass`,
+  run by TensorFlow Lite where the encoder converts) and, as before, the traced Keras encoder,
   test-time augmentation of the maps near the threshold through the traced model
   (:func:`opdcells.screen.tta_pass`) and, as before, through Keras ``predict`` (``predict_proba(tta=True)``,
   a call per batch), and the OOD scores; each against ``bare`` (Keras ``predict`` of every map), with the
@@ -119,9 +120,11 @@ def main_cpu_ms(model, settings, maps: np.ndarray, batch_size: int) -> dict:
     ``batch_size`` as screen makes them (each step after one warm-up call: its tracing is left out), and
     ``near``: how many maps were refined with test-time augmentation."""
     from opdcells.calibration import apply_temperature, target_score
-    from opdcells.screen import _Scorer, near_threshold, ood_check
+    from opdcells.screen import _Scorer, encoder_pass, near_threshold, ood_check
 
     scorer = _Scorer(model, settings, ood_check(model), batch_size)
+    traced = encoder_pass(model, lite=False)
+    forward = f"encoder pass ({'TF Lite' if getattr(scorer.forward, 'lite', False) else 'Keras traced'})"
     batches = [maps[i:i + batch_size] for i in range(0, len(maps), batch_size)]
     spent, near = {}, []
 
@@ -132,8 +135,12 @@ def main_cpu_ms(model, settings, maps: np.ndarray, batch_size: int) -> dict:
         return out
 
     scorer.forward(maps[:1], batch_size)
+    if traced is not None:
+        traced(maps[:1], batch_size)
     for batch in batches:
-        proba, embedding = step("encoder pass", scorer.forward, batch, batch_size)
+        proba, embedding = step(forward, scorer.forward, batch, batch_size)
+        if traced is not None and getattr(scorer.forward, "lite", False):
+            step("encoder pass, Keras traced (before)", traced, batch, batch_size)
         p_target = target_score(apply_temperature(proba, settings.temperature), model.class_names,
                                 settings.targets)
         near.append(near_threshold(p_target, settings.point.threshold))

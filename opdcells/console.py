@@ -16,6 +16,7 @@ that need it, after setting the environment that silences its start-up lines.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import re
@@ -184,19 +185,36 @@ def import_tensorflow(verbose: bool = False):
         import tensorflow as tf
 
         return tf
+    with captured_stderr() as lines:
+        import tensorflow as tf
+
+        tf.config.list_physical_devices()   # the CUDA probe (cuInit) happens here, inside the capture
+    kept = drop_noise("\n".join(lines))
+    if kept:
+        print("\n".join(kept), file=sys.stderr)
+    return tf
+
+
+@contextlib.contextmanager
+def captured_stderr():
+    """Capture what is written to file descriptor 2 (C and C++ libraries' lines as well as Python's) while
+    the block runs.
+
+    Yields
+    ------
+    list of str
+        Empty inside the block; afterwards (also when it raised) the lines written, in order.
+    """
+    lines: list[str] = []
     sys.stderr.flush()
     saved = os.dup(2)
     with tempfile.TemporaryFile() as captured:
         os.dup2(captured.fileno(), 2)
         try:
-            import tensorflow as tf
-
-            tf.config.list_physical_devices()   # the CUDA probe (cuInit) happens here, inside the capture
+            yield lines
         finally:
+            sys.stderr.flush()
             os.dup2(saved, 2)
             os.close(saved)
             captured.seek(0)
-            kept = drop_noise(captured.read().decode(errors="replace"))
-            if kept:
-                print("\n".join(kept), file=sys.stderr)
-    return tf
+            lines += captured.read().decode(errors="replace").splitlines()

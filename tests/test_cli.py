@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from helpers import REPO_ROOT, tiny_dataset, tiny_run, write_exports, write_tiny
 
 import load_data
 from opdcells.cli import main
-from opdcells.console import TENSORFLOW_NOISE, drop_noise
+from opdcells.console import TENSORFLOW_NOISE, captured_stderr, drop_noise
 from opdcells.predict import OOD_COLUMNS, csv_columns, dropped_path
 
 pytest.importorskip("tensorflow")
@@ -333,3 +334,19 @@ def test_calibrate_threshold_states_its_confidence(features_run, tmp_path, capsy
     assert "at 0.5 confidence: Neyman-Pearson order statistic" in capsys.readouterr().out
     point = json.loads((tmp_path / "cal/operating_point.json").read_text())["point"]
     assert point["rate_at_threshold"]["confidence"] == 0.5 and point["control"]["n_in_distribution"] <= 20
+
+
+def test_captured_stderr_holds_what_c_libraries_write_to_descriptor_2(capfd):
+    """What a library writes to file descriptor 2 (as TensorFlow Lite's C++ does) is caught, also when the
+    block raises; stderr works again afterwards."""
+    with captured_stderr() as lines:
+        os.write(2, b"INFO: Created TensorFlow Lite XNNPACK delegate for CPU.\nsecond line\n")
+        assert lines == []
+    assert lines == ["INFO: Created TensorFlow Lite XNNPACK delegate for CPU.", "second line"]
+    with pytest.raises(RuntimeError), captured_stderr() as failed:
+        os.write(2, b"converter noise\n")
+        raise RuntimeError("conversion failed")
+    assert failed == ["converter noise"]
+    os.write(2, b"shown\n")
+    assert capfd.readouterr().err == "shown\n"
+

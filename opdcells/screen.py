@@ -48,9 +48,10 @@ only maps whose score comes within :data:`REFINE_MARGIN_LOGIT` of the threshold 
 are predicted again with it (8 views, through the traced Keras model in calls of fixed shape,
 :func:`tta_pass`: ``predict_proba(tta=True)`` bit for bit, so with a model that uses test-time
 augmentation every map that can be flagged gets the Keras model's own score), and only theirs have the
-OOD detector's morphology features measured (``ood_morphology="near"``, the default; the other maps'
-``ood_score`` is their embedding's: the flagged maps and candidates are those of measuring every map,
-which ``"all"`` does, in the reading processes). The command sizes the main process's thread pools to the
+OOD detector's morphology features measured, and those of the maps predicted as a target class
+(``ood_morphology="near"``, the default; the other maps' ``ood_score`` is their embedding's: the flagged
+maps and candidates, and the OOD flags of every map called a target class, are those of measuring every
+map, which ``"all"`` does, in the reading processes). The command sizes the main process's thread pools to the
 cores the readers leave (:func:`share_cores`). ``shard=(k, n)`` screens every n-th file starting with the
 k-th (1-based), for job arrays; :func:`merge_screens` joins the shards' folders into the same outputs a
 single run gives.
@@ -141,8 +142,9 @@ class ScreenSettings:
     ood_morphology : {"near", "all"}
         Maps whose morphology features the OOD detector scores (when it has that block and the model
         gives an embedding): "near" (default) only the maps refined near or above the threshold
-        (:data:`REFINE_MARGIN_LOGIT`), the rest on their embedding alone -- the candidates are the same,
-        since only maps at or above the threshold can be flagged; "all" every map.
+        (:data:`REFINE_MARGIN_LOGIT`) and those predicted as a target class, the rest on their embedding
+        alone -- the candidates are the same, since only maps at or above the threshold can be flagged, and
+        no map is called a target class without the full check; "all" every map.
     """
 
     targets: list[str]
@@ -387,7 +389,8 @@ class _Scorer(FileBatches):
     def ood_of(self, maps: np.ndarray, morphology, embedding,
                near: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """OOD scores and flags; with ``ood_morphology="near"``, morphology features not yet measured are
-        measured for the ``near`` maps only, the others are scored on their embedding alone."""
+        measured for the ``near`` maps only (:meth:`checked_fully`), the others are scored on their
+        embedding alone."""
         lazy = (morphology is None and embedding is not None and getattr(self.ood, "morphology", False)
                 and self.settings.ood_morphology == "near")
         if not lazy:
@@ -401,12 +404,20 @@ class _Scorer(FileBatches):
         self.n_morphology += int(near.sum())
         return self.ood(maps, morphology=features, embedding=embedding, measured={"morphology": near})
 
+    def checked_fully(self, proba: np.ndarray, near: np.ndarray) -> np.ndarray:
+        """Maps every block of the OOD detector scores with ``ood_morphology="near"``: those near or above
+        the threshold (which can be flagged) and those the model calls a target class (a cell type it never
+        saw, e.g. a real leukaemia cell, is called cancer far below the threshold as often as above it;
+        its ``predicted`` class must carry the full check)."""
+        called = np.isin(np.asarray(self.model.class_names)[np.argmax(proba, axis=1)], self.settings.targets)
+        return near | called
+
     def rows_of(self, maps: np.ndarray, keys, morphology=None) -> list[dict]:
         proba, p_target, embedding, near = self.score(maps)
         if self.ood is None:
             ood_score, ood_flag = np.full(len(maps), np.nan), np.zeros(len(maps), bool)
         else:
-            ood_score, ood_flag = self.ood_of(maps, morphology, embedding, near)
+            ood_score, ood_flag = self.ood_of(maps, morphology, embedding, self.checked_fully(proba, near))
         names, rows = self.model.class_names, []
         for i, (path, index, processed) in enumerate(keys):
             flagged = bool(p_target[i] >= self.settings.point.threshold and not ood_flag[i])

@@ -286,7 +286,8 @@ def test_predict_reads_with_processes_into_the_same_csv_in_file_order(sample, mo
     assert order == sorted(order) and len(order) == 44 - len(dropped_maps)
 
 
-def test_morphology_measured_near_the_threshold_only_gives_the_same_candidates(sample, tmp_path, monkeypatch):
+def test_morphology_measured_near_the_threshold_or_for_a_called_target_gives_the_same_candidates_and_calls(
+        sample, tmp_path, monkeypatch):
     from opdcells import ood, screen
     from opdcells.features import feature_matrix
 
@@ -294,7 +295,7 @@ def test_morphology_measured_near_the_threshold_only_gives_the_same_candidates(s
         maps = np.asarray(maps, float)
         return np.stack([maps.sum(axis=(1, 2)) * 1e-4, (maps > 50).sum(axis=(1, 2)) * 1e-2], axis=1)
 
-    model = MassModel(tmp_path, {"temperature": 1.0, "targets": ["SW480"], "operating_point": point(0.5)})
+    model = MassModel(tmp_path, {"temperature": 1.0, "targets": ["SW480"], "operating_point": point(0.95)})
     model.config["pixel_size_um"], model.learner = CONFIG.out_pixel_size_um, object()
     reads = screen.read_exports(sorted(sample.glob("*.mat")), IngestOptions(config=CONFIG))
     maps = np.stack([m.opd for r in reads for _, m in r.maps])
@@ -316,14 +317,17 @@ def test_morphology_measured_near_the_threshold_only_gives_the_same_candidates(s
         screen_files(model, [sample], tmp_path / how, settings, options=IngestOptions(config=CONFIG),
                      ood=screen.ood_check(model))
         rows[how], counts[how] = read(tmp_path / how / "scores.csv"), sum(measured)
-    near = [float(special.logit(np.clip(float(r["p_target"]), 1e-9, 1 - 1e-9))) >= -screen.REFINE_MARGIN_LOGIT
-            for r in rows["all"]]
-    assert 0 < counts["near"] == sum(near) < counts["all"] == len(near)   # "near": only those maps measured
-    for a, b, is_near in zip(rows["near"], rows["all"], near, strict=True):
+    logit = special.logit(np.clip([float(r["p_target"]) for r in rows["all"]], 1e-9, 1 - 1e-9))
+    near = logit >= special.logit(0.95) - screen.REFINE_MARGIN_LOGIT
+    called = np.array([r["predicted"] == "SW480" for r in rows["all"]])
+    assert (called & ~near).any() and (near | called).sum() < len(near)  # calls far below it; maps neither
+    checked = near | called
+    assert 0 < counts["near"] == checked.sum() < counts["all"] == len(near)  # "near": only those measured
+    for a, b, full in zip(rows["near"], rows["all"], checked, strict=True):
         assert (a["file"], a["index"], a["p_target"], a["flagged"]) == (b["file"], b["index"], b["p_target"],
                                                                         b["flagged"])
-        if is_near:
-            assert a["ood_score"] == b["ood_score"]
+        if full:
+            assert (a["ood_score"], a["ood_flag"]) == (b["ood_score"], b["ood_flag"])
         else:   # the embedding block alone: never above the score of both blocks
             assert float(a["ood_score"]) <= float(b["ood_score"])
     assert (tmp_path / "near/candidates.csv").read_bytes() == (tmp_path / "all/candidates.csv").read_bytes()

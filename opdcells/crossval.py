@@ -9,13 +9,21 @@ the same training maps. The pooled out-of-fold predictions get one report per mo
 two-stage bootstrap over groups), beside the per-fold figures.
 
 Written to ``out``: ``fold_<i>/`` model folders, ``cv_table.csv/.md`` (pooled, model and baselines),
-``cv_folds.csv/.md`` (per fold), ``cv_predictions.csv`` (one row per map), ``cv_folds.png`` (per-fold
-balanced accuracy) and ``cv_confusion_<model>.png`` (pooled confusion matrices).
+``cv_folds.csv/.md`` (per fold), ``cv_predictions.csv`` (one row per map), ``cv_probabilities.npz``
+(every map's out-of-fold class probabilities per model, uncalibrated like each fold's
+``validation_scores.npz``), ``cv_folds.png`` (per-fold balanced accuracy) and ``cv_confusion_<model>.png``
+(pooled confusion matrices). A fused model (``fusion: features``) also gets a row for its deep part alone.
+
+Each fold validates on whole groups of its own training groups, the fraction ``train`` would hold out
+(``TrainConfig.val_size`` of all maps): early stopping, the fusion weight, the calibration and the
+out-of-distribution threshold of a fold never see its test groups, and the fold runs the same recipe as
+``train`` without ``--cv``.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +39,9 @@ from .splits import Split, group_split
 from .tasks import Task, resolve_task
 
 log = logging.getLogger(__name__)
+
+#: Every map's out-of-fold probabilities: ``dataset_index``, ``fold``, ``class_names``, ``proba/<model>``.
+PROBABILITIES_FILE = "cv_probabilities.npz"
 
 __all__ = ["CrossValidation", "group_folds", "fold_splits", "cross_validate", "cross_validate_models"]
 
@@ -147,7 +158,8 @@ def fold_splits(y, groups, k: int, *, seed: int = 0, val_size: float = 0.0) -> l
 
 
 def cross_validate(data, model: str = "features", task=None, k: int = 5, *, seed: int = 0,
-                   val_size: float = 0.0, out=None, n_boot: int = 1000, **train_kw) -> CrossValidation:
+                   val_size: float | None = None, out=None, n_boot: int = 1000,
+                   **train_kw) -> CrossValidation:
     """Group k-fold cross-validation of ``model`` on ``task``, beside the baselines.
 
     Parameters
@@ -162,8 +174,10 @@ def cross_validate(data, model: str = "features", task=None, k: int = 5, *, seed
         Number of folds (at most the number of acquisition groups).
     seed : int
         Seed of the folds and of training.
-    val_size : float
-        Fraction of each fold's training maps (whole groups) used for early stopping; 0: none.
+    val_size : float, optional
+        Fraction of all maps, carved as whole groups from each fold's training groups, that validates
+        (early stopping, fusion weight, calibration), as ``train`` reads ``--val-size``; 0: none. Default:
+        the training config's (``config.val_size`` if ``config`` is given, else ``TrainConfig``'s).
     out : path, optional
         Folder of the fold models, tables and figures (default ``saved_models/cv_<model>_<task>``).
     n_boot : int
@@ -175,6 +189,7 @@ def cross_validate(data, model: str = "features", task=None, k: int = 5, *, seed
     -------
     CrossValidation
     """
+    from .config import TrainConfig
     from .files import opened
     from .modelfolder import saved_models_root
     from .tasks import task_labels
@@ -188,7 +203,11 @@ def cross_validate(data, model: str = "features", task=None, k: int = 5, *, seed
         y_all = task_labels(ds, task)
         idx = np.flatnonzero(y_all >= 0)
         groups = np.asarray(ds.groups).astype(str)
-        folds = fold_splits(y_all[idx], groups[idx], k, seed=seed, val_size=val_size)
+        if val_size is None:
+            config = train_kw.get("config")
+            val_size = config.val_size if config is not None else TrainConfig.__dataclass_fields__[
+                "val_size"].default
+        folds = fold_splits(y_all[idx], groups[idx], k, seed=seed, val_size=_fold_val_fraction(val_size, k))
         proba = {name: np.zeros((idx.size, len(names))) for name in (model, *_baseline_names())}
         fold_of = np.zeros(idx.size, dtype=np.int64)
         fold_rows = []
@@ -198,9 +217,10 @@ def cross_validate(data, model: str = "features", task=None, k: int = 5, *, seed
             with _without_few_groups_warnings():   # said once below, for the pooled predictions
                 result = train(ds, model, task, out / f"fold_{i}", split=split, seed=seed,
                                n_boot=min(n_boot, 200), **train_kw)
-            fold_proba = {model: result.evaluation.proba,
+            fold_proba = {model: result.evaluation.proba, **_deep_part(model, result.evaluation),
                           **baseline_proba(ds, y_all, split.train, split.test, len(names), seed=seed)}
             for name, p in fold_proba.items():
+                proba.setdefault(name, np.zeros((idx.size, len(names))))
                 proba[name][part.test] = p
                 report = classification_report(y_all[split.test], p, names, n_boot=0)
                 fold_rows.append({"fold": i, "model": name, "test_groups": ", ".join(part.groups["test"]),
@@ -222,7 +242,9 @@ def cross_validate(data, model: str = "features", task=None, k: int = 5, *, seed
                                                                   "balanced_accuracy_ci", "macro_f1_ci"))]
     fold_table = fold_table[keep]
     return CrossValidation(task, table, fold_table, predictions, reports,
-                           _write(out, model, task, table, fold_table, predictions, reports))
+                           _write(out, model, task, table, fold_table, predictions, reports,
+                                  {"dataset_index": idx, "fold": fold_of, "class_names": np.array(names),
+                                   **{f"proba/{name}": p for name, p in proba.items()}}))
 
 
 def cross_validate_models(data, models, task=None, k: int = 5, *, out, **kw) -> tuple[pd.DataFrame, dict]:
@@ -275,19 +297,40 @@ def _without_few_groups_warnings():
         logger.removeFilter(keep)
 
 
+def _fold_val_fraction(val_size: float, k: int) -> float:
+    """``val_size`` (a fraction of all maps, as ``train`` reads it) as a fraction of a fold's training maps,
+    which hold (k - 1) / k of them: 0.15 at k = 5 -> 0.1875, as ``train`` carves 0.15 / (1 - 0.2)."""
+    if not 0 <= val_size < (k - 1) / k:
+        raise ValueError(f"--val-size {val_size:g}: with --cv {k} the validation groups come from the "
+                         f"{k - 1}/{k} of the maps a fold trains on; choose 0 <= F < {(k - 1) / k:.2f}")
+    return val_size * k / (k - 1)
+
+
+def _deep_part(model: str, evaluation) -> dict[str, np.ndarray]:
+    """``{"<model> (deep part)": proba}`` of a fused model's test maps (its deep part alone); {} otherwise."""
+    parts = evaluation.parts or {}
+    return {f"{model} (deep part)": parts["p_deep"]} if "p_deep" in parts else {}
+
+
 def _baseline_names() -> tuple[str, ...]:
     from .baselines import BASELINES
 
     return BASELINES
 
 
-def _write(out: Path, model: str, task: Task, table, fold_table, predictions, reports) -> dict[str, Path]:
-    """Tables, per-map predictions and figures of a cross-validation into ``out``."""
+def _write(out: Path, model: str, task: Task, table, fold_table, predictions, reports,
+           probabilities: dict) -> dict[str, Path]:
+    """Tables, per-map predictions and probabilities, and figures of a cross-validation into ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     files = dict(zip(("table_csv", "table_md"), write_table(table, out / "cv_table"), strict=True))
     files.update(zip(("folds_csv", "folds_md"), write_table(fold_table, out / "cv_folds"), strict=True))
     files["predictions"] = out / "cv_predictions.csv"
     predictions.to_csv(files["predictions"], index=False)
+    files["probabilities"] = out / PROBABILITIES_FILE
+    tmp = files["probabilities"].with_name(f".{PROBABILITIES_FILE}.tmp")
+    with open(tmp, "wb") as f:   # a reader sees the old file or the whole new one
+        np.savez_compressed(f, **probabilities)
+    os.replace(tmp, files["probabilities"])
     files["folds_figure"] = plots.accuracy_bars(
         fold_table.assign(fold=fold_table["fold"].map(lambda i: f"fold {i}")), out / "cv_folds.png",
         metric="balanced_accuracy", group="fold", title=f"{task.name}: balanced accuracy per fold")

@@ -130,6 +130,37 @@ def test_cross_validation_tests_every_map_once_beside_the_baselines(tmp_path_fac
         assert cv.files[name].stat().st_size > 0
 
 
+def test_cv_folds_validate_on_their_own_training_groups_as_train_does(tmp_path_factory, tmp_path, capsys):
+    # train --cv without --val-size once gave every fold no validation groups: no early stopping, the
+    # fusion weight fixed at 0.5 and no calibration, unlike train itself
+    data = lab_dataset(tmp_path_factory)
+    out = tmp_path / "cv"
+    assert main(["train", "--data", str(data), "--model", "features", "--classes", "PC3,PNT1A", "--cv", "3",
+                 "--out", str(out), "--n-boot", "20", "--quiet"]) == 0
+    with open_dataset(data) as ds:
+        class_of = dict(zip(ds.groups.astype(str), ds.class_names[ds.labels], strict=True))
+    for fold in (1, 2, 3):
+        folder = out / f"fold_{fold}"
+        groups = json.loads((folder / "split.json").read_text())["groups"]
+        assert not set(groups["val"]) & set(groups["test"]) and not set(groups["val"]) & set(groups["train"])
+        assert sorted(class_of[g] for g in groups["val"]) == ["PC-3 cells", "PNT1A"]   # one group per class
+        config = json.loads((folder / "config.json").read_text())
+        assert config["calibration"]["n_maps"] == 4 * len(groups["val"])              # calibrated on them
+    stored = np.load(out / "cv_probabilities.npz")
+    predictions = pd.read_csv(out / "cv_predictions.csv")
+    assert stored["dataset_index"].tolist() == predictions["dataset_index"].tolist()
+    predicted = stored["class_names"][stored["proba/features"].argmax(axis=1)]
+    assert predicted.tolist() == predictions["predicted (features)"].tolist()
+    assert main(["train", "--data", str(data), "--model", "features", "--classes", "PC3,PNT1A", "--cv", "3",
+                 "--val-size", "0", "--out", str(tmp_path / "none"), "--n-boot", "20", "--quiet"]) == 0
+    assert json.loads((tmp_path / "none" / "fold_1" / "split.json").read_text())["groups"]["val"] == []
+    capsys.readouterr()
+    assert main(["train", "--data", str(data), "--model", "features", "--classes", "PC3,PNT1A", "--cv", "3",
+                 "--val-size", "0.7", "--out", str(tmp_path / "x")]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "Traceback" in line or "error" in line]
+    assert len(err) == 1 and "--val-size 0.7" in err[0] and "2/3" in err[0]
+
+
 def test_cluster_bootstrap_widens_the_interval_when_groups_are_few():
     # 6 fields, 3 per class, 60 cells each; the field decides whether its cells are classified correctly
     rng = np.random.default_rng(0)

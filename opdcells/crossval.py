@@ -34,6 +34,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 
 from . import plots
 from .baselines import baseline_proba
+from .errors import ModelError
 from .evaluate import classification_report, comparison_table, write_table
 from .splits import Split, group_split
 from .tasks import Task, resolve_task
@@ -43,7 +44,8 @@ log = logging.getLogger(__name__)
 #: Every map's out-of-fold probabilities: ``dataset_index``, ``fold``, ``class_names``, ``proba/<model>``.
 PROBABILITIES_FILE = "cv_probabilities.npz"
 
-__all__ = ["CrossValidation", "group_folds", "fold_splits", "cross_validate", "cross_validate_models"]
+__all__ = ["CrossValidation", "group_folds", "fold_splits", "cross_validate", "cross_validate_models",
+           "cv_summary", "plot_cv_accuracy"]
 
 
 @dataclass
@@ -277,6 +279,77 @@ def cross_validate_models(data, models, task=None, k: int = 5, *, out, **kw) -> 
     table = pd.concat([run.table for run in runs.values()], ignore_index=True).drop_duplicates("model")
     write_table(table, out / "cv_comparison")
     return table, runs
+
+
+def cv_summary(folders) -> pd.DataFrame:
+    """One row per cross-validated model of ``train --cv`` output folders: its pooled figures over every
+    map, its per-fold accuracies and its training time (a fused model also gives its deep part's row).
+
+    Parameters
+    ----------
+    folders : iterable of str or Path
+        ``train --cv`` output folders (``cv_table.csv``, ``cv_folds.csv``, ``cv_predictions.csv``,
+        ``fold_<i>/``).
+
+    Returns
+    -------
+    pandas.DataFrame
+        Columns ``model``, ``folder``, the pooled ``accuracy`` / ``balanced_accuracy`` with their
+        ``_ci_low`` / ``_ci_high`` (95%, two-stage group bootstrap), ``recall <class>`` (pooled, from the
+        per-map predictions),
+        ``n_maps``, ``fold_accuracy`` (list, fold order), ``folds`` and ``train_time_s`` (the folds'
+        training, summed; seconds of wall time).
+
+    Raises
+    ------
+    ModelError
+        (One line) when a folder is not a finished ``train --cv`` output.
+    """
+    import json
+
+    rows = []
+    for folder in map(Path, folders):
+        files = [folder / f"cv_{name}.csv" for name in ("table", "folds", "predictions")]
+        if not all(f.is_file() for f in files):
+            raise ModelError(folder, "not a finished train --cv output (no cv_table.csv, cv_folds.csv and "
+                                     "cv_predictions.csv)")
+        table, folds, predictions = map(pd.read_csv, files)
+        models = [m for m in table["model"] if m not in _baseline_names()]
+        time_s = sum(json.loads(config.read_text())["training"]["time_s"]
+                     for config in sorted(folder.glob("fold_*/config.json")))
+        keep = ["model", "n", "accuracy", "accuracy_ci_low", "accuracy_ci_high", "balanced_accuracy",
+                "balanced_accuracy_ci_low", "balanced_accuracy_ci_high"]
+        for model in models:
+            row = table.loc[table["model"] == model, [c for c in keep if c in table]].iloc[0].to_dict()
+            hit = predictions["true"] == predictions[f"predicted ({model})"]
+            recall = hit.groupby(predictions["true"]).mean()
+            per_fold = folds[folds["model"] == model].sort_values("fold")
+            rows.append({**row, **{f"recall {name}": value for name, value in recall.items()},
+                         "folder": str(folder), "fold_accuracy": per_fold["accuracy"].tolist(),
+                         "folds": len(per_fold), "train_time_s": time_s})
+    return pd.DataFrame(rows).rename(columns={"n": "n_maps"})
+
+
+def plot_cv_accuracy(folders, path, *, goals=(0.85, 0.93), title: str | None = None) -> Path:
+    """:func:`opdcells.plots.cv_accuracy` of ``train --cv`` output folders (:func:`cv_summary`).
+
+    Parameters
+    ----------
+    folders : iterable of str or Path
+        ``train --cv`` output folders, drawn in this order.
+    path : str or Path
+        The PNG to write.
+    goals : sequence of float
+        Accuracy goals drawn as horizontal lines (issue 13: 0.85 per backbone, 0.93 the best model).
+    title : str, optional
+        Figure title.
+
+    Returns
+    -------
+    Path
+        The PNG written.
+    """
+    return plots.cv_accuracy(cv_summary(folders), path, goals=goals, title=title)
 
 
 @contextlib.contextmanager

@@ -353,6 +353,55 @@ def accuracy_bars(df: pd.DataFrame, path, metric: str = "accuracy", *, bar: str 
     return Path(path)
 
 
+def cv_accuracy(summary: pd.DataFrame, path, *, goals=(0.85, 0.93), title: str | None = None) -> Path:
+    """Pooled cross-validated accuracy per model with its 95% CI, each fold's accuracy as a point beside
+    it, and the goals as horizontal lines (colour: the backbone, :func:`backbone_of`).
+
+    Parameters
+    ----------
+    summary : pandas.DataFrame
+        :func:`opdcells.crossval.cv_summary`'s rows: ``model``, ``accuracy`` (0-1), optional
+        ``accuracy_ci_low`` / ``accuracy_ci_high``, ``fold_accuracy`` (list of 0-1 per fold).
+    path : str or Path
+        The PNG to write.
+    goals : sequence of float
+        Accuracies drawn as dashed lines.
+    title : str, optional
+        Figure title.
+
+    Returns
+    -------
+    Path
+        The PNG written.
+    """
+    models = summary["model"].tolist()
+    colours = series_colours([backbone_of(m) for m in models])
+    with _figure(path, figsize=(max(4.0, 1.2 + 0.75 * len(models)), 3.6)) as (fig, axes):
+        ax = axes[0, 0]
+        for x, (_, row) in enumerate(summary.iterrows()):
+            colour = colours[backbone_of(row["model"])]
+            err = _yerr(summary.iloc[[x]], "accuracy")
+            ax.errorbar(x, row["accuracy"], yerr=err, fmt="s", ms=7, color=colour, capsize=4,
+                        label="pooled over every map (95% CI)" if x == 0 else None)
+            folds = np.asarray(row["fold_accuracy"], float)
+            ax.scatter(x + 0.22 + np.linspace(-0.05, 0.05, folds.size), folds, s=14, color=colour, alpha=0.6,
+                       lw=0, label="one fold (its test sessions)" if x == 0 else None)
+            ax.text(x, 0.02, f"{row['accuracy']:.3f}", ha="center", va="bottom", fontsize=7,
+                    transform=ax.get_xaxis_transform())
+        for goal in goals:
+            ax.axhline(goal, color="0.4", lw=0.9, ls="--")
+            ax.text(len(models) - 0.5, goal, f" goal {goal:g}", va="center", fontsize=7, color="0.3")
+        ax.set_xticks(range(len(models)), models, rotation=30, ha="right")
+        low = summary.get("accuracy_ci_low", summary["accuracy"])
+        lows = [min([*np.asarray(f, float), lo]) for f, lo in zip(summary["fold_accuracy"], low, strict=True)]
+        ax.set(ylabel="accuracy", xlim=(-0.5, len(models) - 0.5),
+               ylim=(max(0.0, min([*lows, *goals]) - 0.05), 1.0),
+               title=title or "group cross-validation: accuracy on unseen sessions")
+        ax.grid(axis="x", visible=False)
+        ax.legend(loc="lower right", frameon=False, fontsize=7)
+    return Path(path)
+
+
 def roc_curves(y_true, proba, class_names: Sequence[str], path, *, positive_class: str | None = None,
                log_x: bool = False, title: str = "ROC") -> Path:
     """One-vs-rest ROC curves with AUC in the legend; for two classes one curve for the positive class

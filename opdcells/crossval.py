@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 PROBABILITIES_FILE = "cv_probabilities.npz"
 
 __all__ = ["CrossValidation", "group_folds", "fold_splits", "cross_validate", "cross_validate_models",
-           "cv_summary", "plot_cv_accuracy"]
+           "cv_summary", "plot_cv_accuracy", "ensemble_check"]
 
 
 @dataclass
@@ -350,6 +350,89 @@ def plot_cv_accuracy(folders, path, *, goals=(0.85, 0.93), title: str | None = N
         The PNG written.
     """
     return plots.cv_accuracy(cv_summary(folders), path, goals=goals, title=title)
+
+
+def ensemble_check(folder_a, folder_b, weights=(0.25, 0.5, 0.75)) -> tuple[pd.DataFrame, dict]:
+    """Does the weighted mean of two cross-validated models' probabilities beat each alone? Judged on each
+    fold's validation groups (``fold_<i>/validation_scores.npz``); the test maps only for the record.
+
+    Each fold picks the weight of model A among 0 (B alone), ``weights`` and 1 (A alone) with the best
+    validation accuracy (ties: the single model, then the weight nearest 0.5); the pooled test accuracy of
+    those choices (``cv_probabilities.npz``) is returned beside each model's own.
+
+    Parameters
+    ----------
+    folder_a, folder_b : str or Path
+        ``train --cv`` output folders of two models on the same folds (same data, K and seed).
+    weights : sequence of float
+        Weights of model A in the mean, strictly between 0 and 1.
+
+    Returns
+    -------
+    (pandas.DataFrame, dict)
+        One row per fold: ``fold``, ``n_val``, the validation accuracy at each weight (``val w=<w>``; w=1:
+        A alone, w=0: B alone), ``chosen_weight``; and the pooled test record: ``accuracy`` of A, of B, and
+        of the per-fold choices (``ensemble``), ``n_maps``, ``folds_choosing_the_mean``.
+
+    Raises
+    ------
+    ModelError
+        (One line) a folder without the files, or folds whose validation or test maps differ.
+    """
+    folder_a, folder_b = Path(folder_a), Path(folder_b)
+    grid = [1.0, *sorted(weights, key=lambda w: abs(w - 0.5)), 0.0]   # tie order: single, nearest 0.5
+    test = [_probabilities(folder) for folder in (folder_a, folder_b)]
+    if not np.array_equal(test[0]["dataset_index"], test[1]["dataset_index"]) or not np.array_equal(
+            test[0]["fold"], test[1]["fold"]):
+        raise ModelError(folder_b, f"its folds are not those of {folder_a}: cross-validate both with the "
+                                   "same data, --cv K and --seed")
+    rows, chosen = [], np.zeros(test[0]["fold"].size)
+    for fold in np.unique(test[0]["fold"]):
+        val = [_validation_scores(folder / f"fold_{fold}") for folder in (folder_a, folder_b)]
+        if not (np.array_equal(val[0]["labels"], val[1]["labels"])
+                and np.array_equal(val[0]["groups"], val[1]["groups"])):
+            raise ModelError(folder_b / f"fold_{fold}", f"its validation maps are not those of {folder_a}")
+        accuracy = {w: float(np.mean((w * val[0]["proba"] + (1 - w) * val[1]["proba"]).argmax(axis=1)
+                                     == val[0]["labels"])) for w in grid}
+        best = max(grid, key=lambda w: accuracy[w])   # the first of the best in tie order
+        rows.append({"fold": int(fold), "n_val": len(val[0]["labels"]),
+                     **{f"val w={w:g}": accuracy[w] for w in sorted(grid, reverse=True)},
+                     "chosen_weight": best})
+        chosen[test[0]["fold"] == fold] = best
+    y = test[0]["y"]
+    mean = chosen[:, None] * test[0]["proba"] + (1 - chosen[:, None]) * test[1]["proba"]
+    record = {"accuracy": {folder_a.name: float(np.mean(test[0]["proba"].argmax(axis=1) == y)),
+                           folder_b.name: float(np.mean(test[1]["proba"].argmax(axis=1) == y)),
+                           "ensemble": float(np.mean(mean.argmax(axis=1) == y))},
+              "n_maps": int(y.size),
+              "folds_choosing_the_mean": int(sum(0 < row["chosen_weight"] < 1 for row in rows))}
+    return pd.DataFrame(rows), record
+
+
+def _probabilities(folder: Path) -> dict:
+    """``cv_probabilities.npz`` of a ``train --cv`` folder: its model's probabilities, folds and true
+    classes (from ``cv_predictions.csv``)."""
+    path = folder / PROBABILITIES_FILE
+    if not path.is_file() or not (folder / "cv_predictions.csv").is_file():
+        raise ModelError(folder, f"no {PROBABILITIES_FILE} and cv_predictions.csv: not a train --cv "
+                                 "output of this version")
+    with np.load(path) as stored:
+        names = stored["class_names"].tolist()
+        models = [k for k in stored.files if k.startswith("proba/") and k.removeprefix("proba/") not in
+                  _baseline_names() and not k.endswith("(deep part)")]
+        proba, folds, index = stored[models[0]], stored["fold"], stored["dataset_index"]
+    true = pd.read_csv(folder / "cv_predictions.csv")["true"]
+    y = np.array([names.index(name) for name in true])
+    return {"proba": proba, "fold": folds, "dataset_index": index, "y": y}
+
+
+def _validation_scores(folder: Path) -> dict:
+    from .calibration import load_validation_scores
+
+    scores = load_validation_scores(folder)
+    if scores is None:
+        raise ModelError(folder, "no validation_scores.npz: the fold had no validation groups")
+    return scores
 
 
 @contextlib.contextmanager

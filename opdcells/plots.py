@@ -355,7 +355,8 @@ def accuracy_bars(df: pd.DataFrame, path, metric: str = "accuracy", *, bar: str 
 
 def cv_accuracy(summary: pd.DataFrame, path, *, goals=(0.85, 0.93), title: str | None = None) -> Path:
     """Pooled cross-validated accuracy per model with its 95% CI, each fold's accuracy as a point beside
-    it, and the goals as horizontal lines (colour: the backbone, :func:`backbone_of`).
+    it, and the goals as horizontal lines (colour: the backbone, :func:`backbone_of`; diamonds: an
+    OPD-pretrained encoder; open: a fused model's deep part alone).
 
     Parameters
     ----------
@@ -379,15 +380,15 @@ def cv_accuracy(summary: pd.DataFrame, path, *, goals=(0.85, 0.93), title: str |
     with _figure(path, figsize=(max(4.0, 1.2 + 0.75 * len(models)), 3.6)) as (fig, axes):
         ax = axes[0, 0]
         for x, (_, row) in enumerate(summary.iterrows()):
-            colour = colours[backbone_of(row["model"])]
+            colour, name = colours[backbone_of(row["model"])], str(row["model"])
             err = _yerr(summary.iloc[[x]], "accuracy")
-            ax.errorbar(x, row["accuracy"], yerr=err, fmt="s", ms=7, color=colour, capsize=4,
+            ax.errorbar(x, row["accuracy"], yerr=err, fmt="D" if name.startswith("opd_") else "s", ms=7,
+                        color=colour, mfc="white" if name.endswith("(deep part)") else colour, capsize=4,
                         label="pooled over every map (95% CI)" if x == 0 else None)
             folds = np.asarray(row["fold_accuracy"], float)
             ax.scatter(x + 0.22 + np.linspace(-0.05, 0.05, folds.size), folds, s=14, color=colour, alpha=0.6,
                        lw=0, label="one fold (its test sessions)" if x == 0 else None)
-            ax.text(x, 0.02, f"{row['accuracy']:.3f}", ha="center", va="bottom", fontsize=7,
-                    transform=ax.get_xaxis_transform())
+            ax.text(x - 0.12, row["accuracy"], f"{row['accuracy']:.3f}", ha="right", va="center", fontsize=7)
         for goal in goals:
             ax.axhline(goal, color="0.4", lw=0.9, ls="--")
             ax.text(len(models) - 0.5, goal, f" goal {goal:g}", va="center", fontsize=7, color="0.3")
@@ -398,7 +399,7 @@ def cv_accuracy(summary: pd.DataFrame, path, *, goals=(0.85, 0.93), title: str |
                ylim=(max(0.0, min([*lows, *goals]) - 0.05), 1.0),
                title=title or "group cross-validation: accuracy on unseen sessions")
         ax.grid(axis="x", visible=False)
-        ax.legend(loc="lower right", frameon=False, fontsize=7)
+        ax.legend(loc="lower left", frameon=False, fontsize=7)
     return Path(path)
 
 

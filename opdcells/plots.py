@@ -211,7 +211,8 @@ def confusion_matrix(cm, class_names: Sequence[str], path, title: str = "Confusi
 
 def backbone_of(model: str) -> str:
     """The backbone of a comparison row's model name: ``"opd_resnet50"`` -> ``"resnet50"``,
-    ``"vgg16 + features"`` -> ``"vgg16"``; other names (features, baselines) stay as they are.
+    ``"vgg16 + features"`` and ``"vgg16 (deep part)"`` -> ``"vgg16"``; other names (features, baselines)
+    stay as they are.
 
     Parameters
     ----------
@@ -222,7 +223,7 @@ def backbone_of(model: str) -> str:
     -------
     str
     """
-    name = str(model).split(" + ")[0]
+    name = str(model).split(" + ")[0].removesuffix(" (deep part)")
     for prefix in ("opd_", "imagenet_"):
         name = name.removeprefix(prefix)
     return name
@@ -356,7 +357,7 @@ def accuracy_bars(df: pd.DataFrame, path, metric: str = "accuracy", *, bar: str 
 def cv_accuracy(summary: pd.DataFrame, path, *, goals=(0.85, 0.93), title: str | None = None) -> Path:
     """Pooled cross-validated accuracy per model with its 95% CI, each fold's accuracy as a point beside
     it, and the goals as horizontal lines (colour: the backbone, :func:`backbone_of`; diamonds: an
-    OPD-pretrained encoder; open: a fused model's deep part alone).
+    OPD-pretrained encoder; open: a fused model's deep part alone, the fused model named ``+ features``).
 
     Parameters
     ----------
@@ -392,7 +393,9 @@ def cv_accuracy(summary: pd.DataFrame, path, *, goals=(0.85, 0.93), title: str |
         for goal in goals:
             ax.axhline(goal, color="0.4", lw=0.9, ls="--")
             ax.text(len(models) - 0.5, goal, f" goal {goal:g}", va="center", fontsize=7, color="0.3")
-        ax.set_xticks(range(len(models)), models, rotation=30, ha="right")
+        fused = {m.removesuffix(" (deep part)") for m in models if m.endswith(" (deep part)")}
+        ax.set_xticks(range(len(models)), [f"{m} + features" if m in fused else m for m in models],
+                      rotation=30, ha="right")
         low = summary.get("accuracy_ci_low", summary["accuracy"])
         lows = [min([*np.asarray(f, float), lo]) for f, lo in zip(summary["fold_accuracy"], low, strict=True)]
         ax.set(ylabel="accuracy", xlim=(-0.5, len(models) - 0.5),

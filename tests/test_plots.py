@@ -178,7 +178,7 @@ def test_twelve_series_get_twelve_colours_or_patterns(tmp_path):
 def test_comparison_bars_take_the_backbone_colour_and_the_initialisation_hatching(tmp_path):
     from matplotlib.image import imread
 
-    from opdcells.plots import INIT_HATCHES, accuracy_bars, comparison_styles
+    from opdcells.plots import INIT_HATCHES, accuracy_bars, backbone_of, comparison_styles
 
     # Final_Project's order, in which the OPD ResNet50 bar once took VGG16's colour by its position
     table = pd.DataFrame([("features", "none (hand-crafted features)", "none"),
@@ -190,6 +190,7 @@ def test_comparison_bars_take_the_backbone_colour_and_the_initialisation_hatchin
     table = table.assign(task="five_class", accuracy=0.8)
     styles = comparison_styles(table)
     resnets = [styles[m] for m in ("resnet50 + features", "resnet50", "opd_resnet50", "imagenet_resnet50")]
+    assert {backbone_of(m) for m in ("resnet50 (deep part)", "imagenet_resnet50")} == {"resnet50"}
     assert len({s.colour for s in resnets}) == 1                       # one backbone, one colour
     assert styles["opd_resnet50"].colour not in {styles["vgg16"].colour, styles["opd_mobilenetv2"].colour}
     assert styles["opd_resnet50"] != styles["resnet50 + features"] != styles["imagenet_resnet50"]

@@ -149,7 +149,9 @@ def register_train(subparsers) -> None:
     p.add_argument("--classes", metavar="A,B,...", help="the task's classes, one task class each")
     p.add_argument("--cv", type=int, metavar="K",
                    help="group k-fold cross-validation: K folds of whole acquisition groups, every map "
-                        "tested once; writes the fold models and the pooled table (with baselines) to --out")
+                        "tested once; each fold validates on --val-size of whole groups from its own "
+                        "training groups, as train does; writes the fold models, the pooled table (with "
+                        "baselines) and the out-of-fold probabilities to --out")
     p.add_argument("--out", type=Path, metavar="DIR", help="model folder (default SAVED_MODELS/MODEL_TASK)")
     add_saved_models_option(p)
     p.add_argument("--profile", default="quick", choices=sorted(PROFILES),
@@ -269,8 +271,7 @@ def _run_cv(args, task, common) -> int:
     seed = args.seed if args.seed is not None else config.seed if config else 0
     common = {k: v for k, v in common.items() if k not in ("val_size", "seed")}
     cv = cross_validate(args.data, args.model or (config.model if config else "mobilenetv2"), task, args.cv,
-                        out=args.out, val_size=0.0 if args.val_size is None else args.val_size, seed=seed,
-                        **common)
+                        out=args.out, val_size=args.val_size, seed=seed, **common)
     print(f"{args.cv}-fold group cross-validation of {args.model} on {cv.task.name} (every map tested once):")
     print(format_report(cv.reports[args.model]))
     print("\npooled out-of-fold predictions, model and baselines:")

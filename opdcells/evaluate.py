@@ -742,6 +742,8 @@ class Evaluation:
         The model's probabilities.
     class_names : list of str
         The task's classes (K).
+    parts : dict or None
+        A fused model's part probabilities (``p_deep``, ``p_features``; each (N, K)); None otherwise.
     """
 
     report: dict
@@ -749,6 +751,7 @@ class Evaluation:
     y_true: np.ndarray
     proba: np.ndarray
     class_names: list[str]
+    parts: dict | None = None
 
 
 def _positive_class(class_names) -> str | None:
@@ -831,7 +834,7 @@ def evaluate_model(model: SavedModel, dataset, indices=None, *, batch_size: int 
             report["warnings"].append(geometry)
         report["test_time_augmentation"] = TTA_DIHEDRAL if model.uses_tta(tta) else None
         report["validation_at_best_epoch"] = validation_at_best_epoch(model)
-        return Evaluation(report, indices, y_true, proba, model.class_names)
+        return Evaluation(report, indices, y_true, proba, model.class_names, parts if model.fused else None)
 
 
 def validation_at_best_epoch(model: SavedModel) -> dict | None:

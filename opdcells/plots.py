@@ -18,6 +18,7 @@ import matplotlib as mpl
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 from scipy import stats
 from sklearn.metrics import auc, roc_curve
 
@@ -52,6 +53,18 @@ OPD_CMAP = "viridis"
 
 #: Hatch patterns telling variants of one model apart (frozen probe, fine-tuned, ...).
 HATCHES = ("", "///", "...", "xxx", "\\\\", "ooo")
+#: Hatching of a comparison bar by the initialisation its model really had (config.json ``init``).
+INIT_HATCHES = {"from scratch": "", "OPD-pretrained": "///", "ImageNet": "..."}
+#: Opacity of a fused model's deep part drawn alone (not a saved model: a part of one).
+PART_ALPHA = 0.45
+
+
+class BarStyle(NamedTuple):
+    """How one bar of a comparison is drawn: its backbone's colour, its initialisation's hatching."""
+
+    colour: str
+    hatch: str = ""
+    alpha: float = 1.0
 
 
 def series_colours(names: Sequence[str]) -> dict[str, str]:
@@ -196,8 +209,75 @@ def confusion_matrix(cm, class_names: Sequence[str], path, title: str = "Confusi
     return Path(path)
 
 
+def backbone_of(model: str) -> str:
+    """The backbone of a comparison row's model name: ``"opd_resnet50"`` -> ``"resnet50"``,
+    ``"vgg16 + features"`` and ``"vgg16 (deep part)"`` -> ``"vgg16"``; other names (features, baselines)
+    stay as they are.
+
+    Parameters
+    ----------
+    model : str
+        A model name as comparison tables write it.
+
+    Returns
+    -------
+    str
+    """
+    name = str(model).split(" + ")[0].removesuffix(" (deep part)")
+    for prefix in ("opd_", "imagenet_"):
+        name = name.removeprefix(prefix)
+    return name
+
+
+def initialisation_of(init) -> str | None:
+    """``"from scratch"``, ``"OPD-pretrained"`` or ``"ImageNet"`` from config.json's ``init``
+    (``random``, ``opd:NAME@DIGEST``, ``imagenet``); None for the features model and the baselines.
+
+    Parameters
+    ----------
+    init : str or None
+        The ``init`` column of a comparison table.
+
+    Returns
+    -------
+    str or None
+    """
+    init = str(init).lower()
+    if init == "random":
+        return "from scratch"
+    return "OPD-pretrained" if init.startswith("opd") else "ImageNet" if init.startswith("imagenet") else None
+
+
+def comparison_styles(table: pd.DataFrame, *, bar: str = "model") -> dict[str, BarStyle]:
+    """A :class:`BarStyle` per bar of a comparison table: the colour of its backbone (one colour per
+    backbone, whatever the bar order), the hatching of its initialisation (:data:`INIT_HATCHES`), and a
+    pale bar for a fused model's deep part alone (``fusion == "deep part alone"``).
+
+    Parameters
+    ----------
+    table : pandas.DataFrame
+        Rows of ``bar`` (model name) with optional ``init`` and ``fusion`` columns
+        (:func:`opdcells.study.experiments.compare_models`'s table).
+    bar : str
+        The column naming each bar.
+
+    Returns
+    -------
+    dict of str to BarStyle
+        Bar name -> style, in the order of first appearance.
+    """
+    rows = table.drop_duplicates(bar)
+    colours = series_colours([backbone_of(name) for name in rows[bar]])
+    inits = rows["init"] if "init" in rows else pd.Series(None, index=rows.index)
+    fusions = rows["fusion"] if "fusion" in rows else pd.Series(None, index=rows.index)
+    return {name: BarStyle(colours[backbone_of(name)], INIT_HATCHES.get(initialisation_of(init), ""),
+                           PART_ALPHA if fusion == "deep part alone" else 1.0)
+            for name, init, fusion in zip(rows[bar], inits, fusions, strict=True)}
+
+
 def accuracy_bars(df: pd.DataFrame, path, metric: str = "accuracy", *, bar: str = "model",
-                  group: str = "task", title: str | None = None) -> Path:
+                  group: str = "task", title: str | None = None,
+                  styles: Mapping[str, BarStyle] | None = None) -> Path:
     """Bars of ``metric`` per model with 95% CI error bars (``<metric>_ci_low/_ci_high`` columns when
     present), grouped by task when the table has a ``task`` column; duplicate rows are averaged.
 
@@ -218,6 +298,9 @@ def accuracy_bars(df: pd.DataFrame, path, metric: str = "accuracy", *, bar: str 
         The column grouping bars (the task).
     title : str, optional
         Figure title.
+    styles : mapping of str to BarStyle, optional
+        Bar name -> style (:func:`comparison_styles`: colour by backbone, hatching by initialisation,
+        explained in the legend) instead of the ``"model | variant"`` rule.
 
     Returns
     -------
@@ -232,8 +315,16 @@ def accuracy_bars(df: pd.DataFrame, path, metric: str = "accuracy", *, bar: str 
         log.warning("accuracy_bars: several rows per (%s, %s); plotting their mean", group, bar)
     table = df.groupby([group, bar], sort=False)[cols].mean()
     groups, bars = list(dict.fromkeys(df[group])), list(dict.fromkeys(df[bar]))
-    colours = series_colours([name.split(" | ")[0] for name in bars])
-    variants = list(dict.fromkeys(name.partition(" | ")[2] for name in bars))
+    if styles is None:
+        colours = series_colours([name.split(" | ")[0] for name in bars])
+        variants = list(dict.fromkeys(name.partition(" | ")[2] for name in bars))
+        styles = {name: BarStyle(colours[name.split(" | ")[0]],
+                                 HATCHES[variants.index(name.partition(" | ")[2]) % len(HATCHES)])
+                  for name in bars}
+        hatch_legend = None
+    else:
+        hatch_legend = {init: hatch for init, hatch in INIT_HATCHES.items() if hatch and hatch in
+                        {styles[name].hatch for name in bars}}
     width = 0.8 / len(bars)
     with _figure(path, figsize=(min(12.0, max(4.0, 1.0 + 0.35 * len(groups) * len(bars))), 3.6)) as (
             fig, axes):
@@ -242,9 +333,9 @@ def accuracy_bars(df: pd.DataFrame, path, metric: str = "accuracy", *, bar: str 
             keys = [(g, name) for g in groups if (g, name) in table.index]
             x = np.array([groups.index(g) for g, _ in keys]) + (j - (len(bars) - 1) / 2) * width
             values = table.loc[keys, metric].to_numpy(float)
-            hatch = HATCHES[variants.index(name.partition(" | ")[2]) % len(HATCHES)]
+            style = styles[name]
             ax.bar(x, values, width * 0.92, yerr=_yerr(table.loc[keys], metric), capsize=2,
-                   color=colours[name.split(" | ")[0]], hatch=hatch, edgecolor="white", label=name)
+                   color=style.colour, hatch=style.hatch, alpha=style.alpha, edgecolor="white", label=name)
             for xi, v in zip(x[np.isfinite(values)], values[np.isfinite(values)], strict=True):
                 ax.text(xi, 0.01, f"{v:.2f}", ha="center", va="bottom", fontsize=6, rotation=90,
                         color="white")
@@ -252,7 +343,66 @@ def accuracy_bars(df: pd.DataFrame, path, metric: str = "accuracy", *, bar: str 
         label = metric.replace("_", " ")
         ax.set(ylabel=label, ylim=(0, 1.05), title=title or f"{label} (95% CI)")
         ax.grid(axis="x", visible=False)
-        ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
+        handles, labels = ax.get_legend_handles_labels()
+        for init, hatch in (hatch_legend or {}).items():   # what the hatching says (colour: the backbone)
+            handles.append(Patch(facecolor="white", edgecolor="0.3", hatch=hatch))
+            labels.append(f"hatching: {init}")
+        if any(styles[name].alpha < 1 for name in bars) and hatch_legend is not None:
+            handles.append(Patch(facecolor="0.3", alpha=PART_ALPHA))
+            labels.append("pale: deep part of a fused model alone")
+        ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
+    return Path(path)
+
+
+def cv_accuracy(summary: pd.DataFrame, path, *, goals=(0.85, 0.93), title: str | None = None) -> Path:
+    """Pooled cross-validated accuracy per model with its 95% CI, each fold's accuracy as a point beside
+    it, and the goals as horizontal lines (colour: the backbone, :func:`backbone_of`; diamonds: an
+    OPD-pretrained encoder; open: a fused model's deep part alone, the fused model named ``+ features``).
+
+    Parameters
+    ----------
+    summary : pandas.DataFrame
+        :func:`opdcells.crossval.cv_summary`'s rows: ``model``, ``accuracy`` (0-1), optional
+        ``accuracy_ci_low`` / ``accuracy_ci_high``, ``fold_accuracy`` (list of 0-1 per fold).
+    path : str or Path
+        The PNG to write.
+    goals : sequence of float
+        Accuracies drawn as dashed lines.
+    title : str, optional
+        Figure title.
+
+    Returns
+    -------
+    Path
+        The PNG written.
+    """
+    models = summary["model"].tolist()
+    colours = series_colours([backbone_of(m) for m in models])
+    with _figure(path, figsize=(max(4.0, 1.2 + 0.75 * len(models)), 3.6)) as (fig, axes):
+        ax = axes[0, 0]
+        for x, (_, row) in enumerate(summary.iterrows()):
+            colour, name = colours[backbone_of(row["model"])], str(row["model"])
+            err = _yerr(summary.iloc[[x]], "accuracy")
+            ax.errorbar(x, row["accuracy"], yerr=err, fmt="D" if name.startswith("opd_") else "s", ms=7,
+                        color=colour, mfc="white" if name.endswith("(deep part)") else colour, capsize=4,
+                        label="pooled over every map (95% CI)" if x == 0 else None)
+            folds = np.asarray(row["fold_accuracy"], float)
+            ax.scatter(x + 0.22 + np.linspace(-0.05, 0.05, folds.size), folds, s=14, color=colour, alpha=0.6,
+                       lw=0, label="one fold (its test sessions)" if x == 0 else None)
+            ax.text(x - 0.12, row["accuracy"], f"{row['accuracy']:.3f}", ha="right", va="center", fontsize=7)
+        for goal in goals:
+            ax.axhline(goal, color="0.4", lw=0.9, ls="--")
+            ax.text(len(models) - 0.5, goal, f" goal {goal:g}", va="center", fontsize=7, color="0.3")
+        fused = {m.removesuffix(" (deep part)") for m in models if m.endswith(" (deep part)")}
+        ax.set_xticks(range(len(models)), [f"{m} + features" if m in fused else m for m in models],
+                      rotation=30, ha="right")
+        low = summary.get("accuracy_ci_low", summary["accuracy"])
+        lows = [min([*np.asarray(f, float), lo]) for f, lo in zip(summary["fold_accuracy"], low, strict=True)]
+        ax.set(ylabel="accuracy", xlim=(-0.5, len(models) - 0.5),
+               ylim=(max(0.0, min([*lows, *goals]) - 0.05), 1.0),
+               title=title or "group cross-validation: accuracy on unseen sessions")
+        ax.grid(axis="x", visible=False)
+        ax.legend(loc="lower left", frameon=False, fontsize=7)
     return Path(path)
 
 

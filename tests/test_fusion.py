@@ -193,3 +193,17 @@ def test_comparison_table_gives_the_fused_model_and_its_deep_part_alone(fused):
     assert len(recalls) == 5
     first = recalls[0].removeprefix("recall ")
     assert table.loc["mobilenetv2", recalls[0]] == parts["per_class"][first]["recall"]
+
+
+def test_a_fused_evaluation_keeps_its_deep_part_for_the_cross_validation_table(fused):
+    from opdcells.crossval import _deep_part
+    from opdcells.evaluate import classification_report
+
+    evaluation = fused.evaluation
+    np.testing.assert_allclose(fused.model.learner.fuse(**evaluation.parts), evaluation.proba, atol=1e-6)
+    deep = _deep_part("mobilenetv2", evaluation)
+    assert list(deep) == ["mobilenetv2 (deep part)"]
+    alone = classification_report(evaluation.y_true, deep["mobilenetv2 (deep part)"], evaluation.class_names,
+                                  n_boot=0)
+    part = fused.metrics["fusion"]["parts"]["mobilenetv2 alone"]
+    assert alone["accuracy"]["value"] == part["accuracy"]["value"]

@@ -175,6 +175,31 @@ def test_twelve_series_get_twelve_colours_or_patterns(tmp_path):
     assert imread(path).shape[1] < 2000
 
 
+def test_comparison_bars_take_the_backbone_colour_and_the_initialisation_hatching(tmp_path):
+    from matplotlib.image import imread
+
+    from opdcells.plots import INIT_HATCHES, accuracy_bars, backbone_of, comparison_styles
+
+    # Final_Project's order, in which the OPD ResNet50 bar once took VGG16's colour by its position
+    table = pd.DataFrame([("features", "none (hand-crafted features)", "none"),
+                          ("opd_mobilenetv2", "opd:a@1", "none"),
+                          ("resnet50 + features", "random", "deep weight 0.5"),
+                          ("resnet50", "random", "deep part alone"), ("opd_resnet50", "opd:b@2", "none"),
+                          ("imagenet_resnet50", "imagenet", "none"), ("vgg16", "random", "none"),
+                          ("majority class", "baseline", None)], columns=["model", "init", "fusion"])
+    table = table.assign(task="five_class", accuracy=0.8)
+    styles = comparison_styles(table)
+    resnets = [styles[m] for m in ("resnet50 + features", "resnet50", "opd_resnet50", "imagenet_resnet50")]
+    assert {backbone_of(m) for m in ("resnet50 (deep part)", "imagenet_resnet50")} == {"resnet50"}
+    assert len({s.colour for s in resnets}) == 1                       # one backbone, one colour
+    assert styles["opd_resnet50"].colour not in {styles["vgg16"].colour, styles["opd_mobilenetv2"].colour}
+    assert styles["opd_resnet50"] != styles["resnet50 + features"] != styles["imagenet_resnet50"]
+    assert [s.hatch for s in resnets[::2]] == [INIT_HATCHES["from scratch"], INIT_HATCHES["OPD-pretrained"]]
+    assert styles["resnet50"].alpha < styles["resnet50 + features"].alpha == 1      # the part alone: pale
+    assert len(set(styles)) == len(table) and len({s.colour for s in styles.values()}) == 5
+    assert imread(accuracy_bars(table, tmp_path / "bars.png", styles=styles)).shape[1] > 0
+
+
 def test_label_efficiency_band_without_ci_columns_uses_the_test_size():
     from opdcells.plots import mean_band
 

@@ -130,6 +130,68 @@ def test_cross_validation_tests_every_map_once_beside_the_baselines(tmp_path_fac
         assert cv.files[name].stat().st_size > 0
 
 
+@pytest.fixture(scope="module")
+def lab_cv(tmp_path_factory):
+    """``train --cv 3`` of the features model on two lab classes, with the defaults: (dataset, output)."""
+    data = lab_dataset(tmp_path_factory)
+    out = tmp_path_factory.mktemp("lab_cv") / "cv"
+    assert main(["train", "--data", str(data), "--model", "features", "--classes", "PC3,PNT1A", "--cv", "3",
+                 "--out", str(out), "--n-boot", "20", "--quiet"]) == 0
+    return data, out
+
+
+def test_cv_folds_validate_on_their_own_training_groups_as_train_does(lab_cv, tmp_path, capsys):
+    # train --cv without --val-size once gave every fold no validation groups: no early stopping, the
+    # fusion weight fixed at 0.5 and no calibration, unlike train itself
+    data, out = lab_cv
+    with open_dataset(data) as ds:
+        class_of = dict(zip(ds.groups.astype(str), ds.class_names[ds.labels], strict=True))
+    for fold in (1, 2, 3):
+        folder = out / f"fold_{fold}"
+        groups = json.loads((folder / "split.json").read_text())["groups"]
+        assert not set(groups["val"]) & set(groups["test"]) and not set(groups["val"]) & set(groups["train"])
+        assert sorted(class_of[g] for g in groups["val"]) == ["PC-3 cells", "PNT1A"]   # one group per class
+        config = json.loads((folder / "config.json").read_text())
+        assert config["calibration"]["n_maps"] == 4 * len(groups["val"])              # calibrated on them
+    stored = np.load(out / "cv_probabilities.npz")
+    predictions = pd.read_csv(out / "cv_predictions.csv")
+    assert stored["dataset_index"].tolist() == predictions["dataset_index"].tolist()
+    predicted = stored["class_names"][stored["proba/features"].argmax(axis=1)]
+    assert predicted.tolist() == predictions["predicted (features)"].tolist()
+    assert main(["train", "--data", str(data), "--model", "features", "--classes", "PC3,PNT1A", "--cv", "3",
+                 "--val-size", "0", "--out", str(tmp_path / "none"), "--n-boot", "20", "--quiet"]) == 0
+    assert json.loads((tmp_path / "none" / "fold_1" / "split.json").read_text())["groups"]["val"] == []
+    capsys.readouterr()
+    assert main(["train", "--data", str(data), "--model", "features", "--classes", "PC3,PNT1A", "--cv", "3",
+                 "--val-size", "0.7", "--out", str(tmp_path / "x")]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "Traceback" in line or "error" in line]
+    assert len(err) == 1 and "--val-size 0.7" in err[0] and "2/3" in err[0]
+
+
+def test_cv_summary_reads_the_pooled_and_per_fold_figures_and_draws_them(lab_cv, tmp_path):
+    from opdcells.crossval import cv_summary, plot_cv_accuracy
+    from opdcells.errors import ModelError
+
+    _, out = lab_cv
+    predictions, table = pd.read_csv(out / "cv_predictions.csv"), pd.read_csv(out / "cv_table.csv")
+    summary = cv_summary([out])
+    row = summary.iloc[0]
+    assert summary["model"].tolist() == ["features"]                  # the baselines are not models
+    hits = predictions["true"] == predictions["predicted (features)"]
+    assert row["accuracy"] == pytest.approx(hits.mean()) and row["n_maps"] == len(predictions)
+    assert row["accuracy_ci_low"] <= row["accuracy"] <= row["accuracy_ci_high"]
+    per_fold = hits.groupby(predictions["fold"]).mean()
+    assert row["fold_accuracy"] == pytest.approx(per_fold.tolist()) and row["folds"] == 3
+    balanced = table.loc[table["model"] == "features", "balanced_accuracy"].item()
+    recalls = row[[c for c in summary.columns if c.startswith("recall ")]]
+    assert len(recalls) == 2 and recalls.mean() == pytest.approx(balanced)
+    assert row["train_time_s"] > 0
+    path = plot_cv_accuracy([out], tmp_path / "cv_accuracy.png")
+    assert path.stat().st_size > 0
+    with pytest.raises(ModelError, match=r"fold_1: not a finished train --cv output"):
+        cv_summary([out / "fold_1"])
+
+
 def test_cluster_bootstrap_widens_the_interval_when_groups_are_few():
     # 6 fields, 3 per class, 60 cells each; the field decides whether its cells are classified correctly
     rng = np.random.default_rng(0)

@@ -259,7 +259,8 @@ def compare_models(data, models, tasks=("five_class",), *, name="comparison", pr
     csv_path, md_path = write_table(table, out_root / "comparison")
     files = {"table_csv": csv_path, "table_md": md_path,
              "accuracy": plots.accuracy_bars(table, out_root / "accuracy.png",
-                                             title=f"{name}: test accuracy on unseen acquisition groups")}
+                                             title=f"{name}: test accuracy on unseen acquisition groups",
+                                             styles=plots.comparison_styles(table))}
     return Comparison(table, runs, files, folders)
 
 

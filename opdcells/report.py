@@ -65,15 +65,16 @@ def _confidence_facts(summary: dict) -> list[tuple[str, str]]:
              f"{rate['exceed_probability']:.2g} ({how})")]
 
 
-def _expected_fp(summary: dict) -> str:
-    """Expected false positives with their interval and what they rest on (an estimate or an upper bound)."""
+def _expected_fp(summary: dict, with_basis: bool = True) -> str:
+    """Expected false positives with their interval and (``with_basis``) what they rest on (an estimate or an
+    upper bound)."""
     ci, basis = summary.get("expected_false_positives_ci"), summary.get("expected_false_positives_basis")
     text = _fmt(summary["expected_false_positives"])
     if basis and basis.startswith("upper bound"):
         text = f"at most {text}"
     if ci:
         text += f" (interval {ci[0]:.3g}-{ci[1]:.3g})"
-    return f"{text}; {basis}" if basis else text
+    return f"{text}; {basis}" if basis and with_basis else text
 
 
 def _histogram(ax, scores, threshold: float) -> None:
@@ -127,7 +128,7 @@ def _figure_facts(summary: dict) -> list[str]:
             f"flagged: {summary['flagged']} (targets {', '.join(summary['targets'])})",
             f"threshold {summary['threshold']:.4g} from the {summary.get('threshold_source', 'validation')}; "
             f"{rate}",
-            f"expected false positives: {_expected_fp(summary).split(';')[0]}",
+            f"expected false positives: {_expected_fp(summary, with_basis=False)}",
             f"expected purity at prevalence {summary['prevalence']:g}: "
             f"{_percent(summary['expected_purity'])}",
             f"model {summary['model']}" + (f"; {speed:.0f} maps/s" if speed else "")]
@@ -158,7 +159,7 @@ def report_figure(summary: dict, gallery: Sequence[dict], maps: np.ndarray, rows
     from matplotlib.figure import Figure
 
     shown = min(n_shown, len(gallery))
-    n_cols = FIGURE_CANDIDATES // 2
+    n_cols = max(1, -(-n_shown // 2))   # two rows
     fig = Figure(figsize=(13, 8.4), layout="constrained")
     top, bottom = fig.subfigures(2, 1, height_ratios=[1, 1.15])
     text_ax, hist_ax = top.subplots(1, 2, width_ratios=[1, 1.1])

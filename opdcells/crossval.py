@@ -11,8 +11,10 @@ two-stage bootstrap over groups), beside the per-fold figures.
 Written to ``out``: ``fold_<i>/`` model folders, ``cv_table.csv/.md`` (pooled, model and baselines),
 ``cv_folds.csv/.md`` (per fold), ``cv_predictions.csv`` (one row per map), ``cv_probabilities.npz``
 (every map's out-of-fold class probabilities per model, uncalibrated like each fold's
-``validation_scores.npz``), ``cv_folds.png`` (per-fold balanced accuracy) and ``cv_confusion_<model>.png``
-(pooled confusion matrices). A fused model (``fusion: features``) also gets a row for its deep part alone.
+``validation_scores.npz``; the pooled table's ``ece_calibrated`` is the model's expected calibration
+error after each fold's own temperature), ``cv_folds.png`` (per-fold balanced accuracy) and
+``cv_confusion_<model>.png`` (pooled confusion matrices). A fused model (``fusion: features``) also
+gets a row for its deep part alone.
 
 Each fold validates on whole groups of its own training groups, the fraction ``train`` would hold out
 (``TrainConfig.val_size`` of all maps): early stopping, the fusion weight, the calibration and the
@@ -34,8 +36,9 @@ from sklearn.model_selection import StratifiedGroupKFold
 
 from . import plots
 from .baselines import baseline_proba
+from .calibration import apply_temperature
 from .errors import ModelError
-from .evaluate import classification_report, comparison_table, write_table
+from .evaluate import classification_report, comparison_table, expected_calibration_error, write_table
 from .splits import Split, group_split
 from .tasks import Task, resolve_task
 
@@ -212,6 +215,8 @@ def cross_validate(data, model: str = "features", task=None, k: int = 5, *, seed
         folds = fold_splits(y_all[idx], groups[idx], k, seed=seed, val_size=_fold_val_fraction(val_size, k))
         proba = {name: np.zeros((idx.size, len(names))) for name in (model, *_baseline_names())}
         fold_of = np.zeros(idx.size, dtype=np.int64)
+        calibrated = np.zeros((idx.size, len(names)))   # each fold's test maps at its own temperature
+        temperatures = []
         fold_rows = []
         for i, part in enumerate(folds, start=1):
             split = Split(idx[part.train], idx[part.val], idx[part.test], seed=seed, groups=part.groups)
@@ -228,8 +233,13 @@ def cross_validate(data, model: str = "features", task=None, k: int = 5, *, seed
                 fold_rows.append({"fold": i, "model": name, "test_groups": ", ".join(part.groups["test"]),
                                   "report": report})
             fold_of[part.test] = i
+            temperatures.append(result.evaluation.report.get("temperature"))
+            if temperatures[-1] is not None:
+                calibrated[part.test] = apply_temperature(result.evaluation.proba, temperatures[-1])
         reports = {name: classification_report(y_all[idx], p, names, n_boot=n_boot, seed=seed,
                                                groups=groups[idx]) for name, p in proba.items()}
+        if None not in temperatures:   # every fold calibrated: how its temperature carried over
+            reports[model]["ece_calibrated"] = expected_calibration_error(y_all[idx], calibrated)
         for warning in reports[model]["warnings"]:
             log.warning("cross-validation: %s", warning)
         predictions = pd.DataFrame({"dataset_index": idx, "fold": fold_of, "group": groups[idx],

@@ -353,6 +353,11 @@ def format_report(report: Mapping) -> str:
         lines.append(f"{'95% CIs':<22}{report['ci_method']}")
     lines.append(f"{'ROC AUC (macro)':<22}{_fmt(report['roc_auc']['macro'])}")
     lines.append(f"{f'ECE ({ECE_BINS} bins)':<22}{_fmt(report['ece'])}")
+    if report.get("ece_calibrated") is not None:
+        source = (f"temperature {report['temperature']:.2f}" if report.get("temperature") is not None
+                  else "each fold's temperature")
+        lines.append(f"{'ECE calibrated':<22}{_fmt(report['ece_calibrated'])}  ({source} of the validation "
+                     "groups)")
     sens = report.get("sensitivity_at_fpr")
     if sens:
         for key, entry in sens.items():
@@ -399,12 +404,14 @@ def flatten_report(report: Mapping) -> dict:
     -------
     dict
         Column -> scalar (``<metric>``, ``<metric>_ci_low``, ``<metric>_ci_high``, ``roc_auc_macro``,
-        ``ece``, ``n``, ``n_groups``, ...).
+        ``ece``, ``ece_calibrated`` (where the report has it), ``n``, ``n_groups``, ...).
     """
     row = {}
     for key in HEADLINE:
         row.update(_estimate_columns(key, report[key]))
     row.update(roc_auc_macro=report["roc_auc"]["macro"], ece=report["ece"])
+    if report.get("ece_calibrated") is not None:
+        row["ece_calibrated"] = report["ece_calibrated"]
     for key, entry in (report.get("sensitivity_at_fpr") or {}).items():
         if key != "positive_class":
             row.update(_estimate_columns(f"sensitivity_at_fpr_{key}", entry))
@@ -821,6 +828,7 @@ def evaluate_model(model: SavedModel, dataset, indices=None, *, batch_size: int 
         else:
             proba = model.predict_dataset(ds, indices, batch_size=batch_size, tta=tta)
         report = report_of(proba)
+        report.update(calibrated_ece(y_true, proba, model.config))
         if model.fused:
             report["fusion"] = {
                 "deep_weight": model.learner.deep_weight, "rule": model.config["fusion"]["rule"],
@@ -835,6 +843,36 @@ def evaluate_model(model: SavedModel, dataset, indices=None, *, batch_size: int 
         report["test_time_augmentation"] = TTA_DIHEDRAL if model.uses_tta(tta) else None
         report["validation_at_best_epoch"] = validation_at_best_epoch(model)
         return Evaluation(report, indices, y_true, proba, model.class_names, parts if model.fused else None)
+
+
+def calibrated_ece(y_true, proba, config: Mapping) -> dict:
+    """The expected calibration error of ``proba`` after the model's own temperature scaling.
+
+    ``train`` fits a temperature on the validation groups (config.json ``calibration``) that screening and
+    the operating points apply; the class probabilities a model predicts, and the report's ``ece``, are
+    before it. This says how well that temperature carries over to other maps (e.g. the test groups).
+
+    Parameters
+    ----------
+    y_true : array of int, shape (N,)
+        True class index of every map.
+    proba : array of float, shape (N, K)
+        The model's (uncalibrated) probabilities of the same maps.
+    config : Mapping
+        The model folder's config.json.
+
+    Returns
+    -------
+    dict
+        ``{"temperature": T, "ece_calibrated": ECE}``, or ``{}`` for a model without a calibration.
+    """
+    from .calibration import apply_temperature
+
+    temperature = (config.get("calibration") or {}).get("temperature")
+    if temperature is None:
+        return {}
+    return {"temperature": float(temperature),
+            "ece_calibrated": expected_calibration_error(y_true, apply_temperature(proba, temperature))}
 
 
 def validation_at_best_epoch(model: SavedModel) -> dict | None:

@@ -21,6 +21,7 @@ from sklearn.metrics import (
 from opdcells.evaluate import (
     _batched_confusion,
     _batched_sensitivity,
+    calibrated_ece,
     classification_report,
     comparison_table,
     expected_calibration_error,
@@ -130,6 +131,22 @@ def test_ece_zero_for_perfect_one_hot_and_known_for_constructed_case():
     y = np.array([0] * 6 + [1] * 4 + [0] * 5 + [1] * 5)
     assert expected_calibration_error(y, proba) == pytest.approx(0.175)
     assert classification_report(y, proba, ["a", "b"], n_boot=0)["ece"] == pytest.approx(0.175)
+
+
+def test_calibrated_ece_applies_the_models_own_temperature():
+    # an underconfident model (every map right at confidence 0.6): ECE 0.4 before its temperature, and a
+    # temperature below 1 (as fitted for flat fused probabilities) sharpens it towards 0
+    y = np.array([0, 1] * 20)
+    proba = np.where(np.eye(2)[y] == 1, 0.6, 0.4)
+    assert expected_calibration_error(y, proba) == pytest.approx(0.4)
+    entry = calibrated_ece(y, proba, {"calibration": {"temperature": 0.1}})
+    sharpened = 1 / (1 + (0.4 / 0.6) ** 10)
+    assert entry == {"temperature": 0.1, "ece_calibrated": pytest.approx(1 - sharpened)}
+    assert calibrated_ece(y, proba, {"calibration": None}) == {} == calibrated_ece(y, proba, {})
+    report = {**classification_report(y, proba, ["a", "b"], n_boot=0), **entry}
+    assert "ECE calibrated" in format_report(report) and "temperature 0.10" in format_report(report)
+    assert comparison_table([{"model": "m", "report": report}])["ece_calibrated"].item() == pytest.approx(
+        1 - sharpened)
 
 
 def test_sensitivity_at_fpr_separable_and_constructed():

@@ -168,6 +168,37 @@ def test_cv_folds_validate_on_their_own_training_groups_as_train_does(lab_cv, tm
     assert len(err) == 1 and "--val-size 0.7" in err[0] and "2/3" in err[0]
 
 
+def test_reports_give_the_calibration_error_after_each_folds_own_temperature(lab_cv):
+    # the report's ece is of the probabilities before the validation groups' temperature; what screening
+    # uses is after it: both are reported, per fold and pooled with each fold's temperature
+    from opdcells.calibration import apply_temperature
+    from opdcells.evaluate import expected_calibration_error
+
+    _, out = lab_cv
+    stored = np.load(out / "cv_probabilities.npz")
+    index_of = {int(i): row for row, i in enumerate(stored["dataset_index"])}
+    names = stored["class_names"].tolist()
+    calibrated, y = np.zeros_like(stored["proba/features"]), np.zeros(len(index_of), dtype=int)
+    for fold in (1, 2, 3):
+        folder = out / f"fold_{fold}"
+        temperature = json.loads((folder / "config.json").read_text())["calibration"]["temperature"]
+        metrics = json.loads((folder / "metrics.json").read_text())
+        test = json.loads((folder / "split.json").read_text())["test"]
+        rows = [index_of[i] for i in test]
+        predictions = pd.read_csv(out / "cv_predictions.csv").iloc[rows]
+        y[rows] = [names.index(t) for t in predictions["true"]]
+        proba = stored["proba/features"][rows]
+        assert metrics["temperature"] == temperature and temperature != 1.0
+        assert metrics["ece"] == pytest.approx(expected_calibration_error(y[rows], proba))
+        assert metrics["ece_calibrated"] == pytest.approx(
+            expected_calibration_error(y[rows], apply_temperature(proba, temperature)))
+        calibrated[rows] = apply_temperature(proba, temperature)
+    pooled = pd.read_csv(out / "cv_table.csv").set_index("model")
+    expected = expected_calibration_error(y, calibrated)
+    assert pooled.loc["features", "ece_calibrated"] == pytest.approx(expected)
+    assert np.isnan(pooled.loc[MAJORITY, "ece_calibrated"])     # the baselines are not calibrated
+
+
 def test_cv_summary_reads_the_pooled_and_per_fold_figures_and_draws_them(lab_cv, tmp_path):
     from opdcells.crossval import cv_summary, plot_cv_accuracy
     from opdcells.errors import ModelError

@@ -179,6 +179,7 @@ TRAIN_OPTIONS = [
     (("--weights",), "weights", {"metavar": "random|imagenet|opd|opd:NAME|PATH"}),
     (("--alpha",), "alpha", {"type": float, "metavar": "W"}),
     (("--input-size",), "input_size", {"type": int, "metavar": "PX"}),
+    (("--crop-px",), "crop_px", {"type": int, "metavar": "PX"}),
     (("--epochs",), "epochs", {"type": int, "metavar": "N"}),
     (("--patience",), "patience", {"type": int, "metavar": "N"}),
     (("--batch-size",), "batch_size", {"type": int, "metavar": "B"}),

@@ -268,6 +268,10 @@ class TrainConfig:
         MobileNetV2 width multiplier (None for the other families; a pretrained encoder fixes its own).
     input_size : int or None
         Side (px) the model resizes the maps to (None for features).
+    crop_px : int or None
+        Side (px) of the centre crop of each map at its own pixel size, taken inside the model before the
+        resize to input_size (e.g. 96 of 128 px maps at 0.25 um/px: a 24 um field at full resolution);
+        None or 0: the whole map. The physical quantities are measured on the whole map.
     model_kw : dict
         Further keyword arguments of models.build_model (dinov2_preset, dinov2_config, dropout,
         bn_momentum).
@@ -349,6 +353,7 @@ class TrainConfig:
     weights: str = RANDOM
     alpha: float | None = None
     input_size: int | None = 64
+    crop_px: int | None = None
     model_kw: dict = field(default_factory=dict)
     epochs: int = 8
     patience: int = 3
@@ -414,6 +419,7 @@ class TrainConfig:
             (self.patience < 0 or self.head_epochs < 0, "patience and head_epochs must not be negative"),
             (not self.learning_rate > 0, "learning_rate must be positive"),
             (self.input_size is not None and self.input_size < 1, "input_size must be at least 1 px"),
+            (self.crop_px is not None and self.crop_px < 0, "crop_px must not be negative (0: no crop)"),
             (self.norm_scale_nm is not None and not self.norm_scale_nm > 0, "norm_scale_nm must be positive"),
             (not (0 <= self.test_size < 1 and 0 <= self.val_size < 1),
              "test_size and val_size must lie in [0, 1)"),
@@ -439,8 +445,10 @@ class TrainConfig:
 
     @property
     def build_kw(self) -> dict:
-        """Keyword arguments of ``models.build_model`` beyond the geometry: ``alpha`` and ``model_kw``."""
-        return {**({"alpha": self.alpha} if self.alpha is not None else {}), **self.model_kw}
+        """Keyword arguments of ``models.build_model`` beyond the input shape and size: ``alpha``,
+        ``crop_px`` (when set) and ``model_kw``."""
+        return {**({"alpha": self.alpha} if self.alpha is not None else {}),
+                **({"crop_px": self.crop_px} if self.crop_px else {}), **self.model_kw}
 
     @property
     def quantity_names(self) -> tuple[str, ...]:
@@ -512,7 +520,7 @@ class TrainConfig:
         if model == FEATURES:
             if given.pop("tta", None):
                 log.warning("features ignore orientation: test-time augmentation would not change them; off")
-            deep_only = {"alpha", "input_size", "head_epochs", "freeze_batchnorm", "model_kw",
+            deep_only = {"alpha", "input_size", "crop_px", "head_epochs", "freeze_batchnorm", "model_kw",
                          "physical_quantities", "fusion"}
             ignored = sorted(set(given) & deep_only)
             if ignored or weights != RANDOM:   # settings shared with deep models in one call (notebooks)

@@ -4,8 +4,9 @@ Encoder (:func:`build_encoder`), input ``(S, S, 1)`` float32 OPD in nm at the da
 
 1. :class:`OPDScale` divides by ``norm_scale_nm`` -- a fixed, serialised layer, so a saved ``.keras``
    file carries its own normalisation and prediction cannot apply a different one;
-2. ``keras.layers.Resizing`` to ``input_size`` (bilinear with antialiasing, i.e. area-weighted when
-   shrinking);
+2. with ``crop_px``, ``keras.layers.CenterCrop`` (named ``crop``) to the central ``crop_px`` pixels at the
+   map's own pixel size; then ``keras.layers.Resizing`` to ``input_size`` (bilinear with antialiasing, i.e.
+   area-weighted when shrinking; the identity when the sizes agree);
 3. the OPD channel repeated to 3 channels: ImageNet filters were learnt on RGB, and feeding the same
    image to all three colour inputs is what they see for a grey image, so pretrained filters keep their
    meaning; for random initialisation the repeat is harmless (the first layer can learn any mix);
@@ -53,6 +54,7 @@ import numpy as np
 
 from . import __version__, registry
 from .config import ALIASES, FAMILIES, IMAGENET, PHYSICAL_QUANTITIES, resolve_alias
+from .errors import ConfigError
 from .features import ALPHA_ML_PER_G, OUTLINE_FRACTION
 
 log = logging.getLogger(__name__)
@@ -566,11 +568,23 @@ def _backbone(family: str, input_size: int, alpha, imagenet: bool, dinov2_preset
     return backbone, ClassToken(name="pool"), input_size, record
 
 
+def _crop_side(crop_px: int | None, input_shape) -> int | None:
+    """The centre crop's side (px), None for the whole map; a crop larger than the maps is an error."""
+    side = min(int(input_shape[0]), int(input_shape[1]))
+    if not crop_px or int(crop_px) == side:
+        return None
+    if not 0 < int(crop_px) < side:
+        raise ConfigError("<arguments>", f"crop_px {crop_px} does not fit the {input_shape[0]} x "
+                                          f"{input_shape[1]} px maps (give at most {side}, or 0 for no crop)")
+    return int(crop_px)
+
+
 def build_encoder(
     name: str,
     *,
     input_shape: tuple[int, int, int] = (128, 128, 1),
     input_size: int = 64,
+    crop_px: int | None = None,
     weights: str | os.PathLike | None = "random",
     norm_scale_nm: float = DEFAULT_NORM_SCALE_NM,
     bn_momentum: float = 0.9,
@@ -599,6 +613,9 @@ def build_encoder(
         (S, S, 1) of the OPD maps the encoder takes (px).
     input_size : int
         Side (px) the maps are resized to for the backbone.
+    crop_px : int, optional
+        Side (px) of the centre crop taken before the resize, at the maps' own pixel size (None or 0,
+        or the maps' side: the whole map).
     weights : str or os.PathLike or None
         Initial weights (see above).
     norm_scale_nm : float
@@ -623,7 +640,7 @@ def build_encoder(
     Raises
     ------
     ConfigError
-        For an unknown model, or an alias given contradicting weights.
+        For an unknown model, an alias given contradicting weights, or a crop larger than the maps.
     RegistryError
         For an unusable pretrained encoder (a missing or corrupt file is never a random start).
     ValueError
@@ -631,6 +648,7 @@ def build_encoder(
         that DINOv2 cannot take.
     """
     family = _family(name)
+    crop = _crop_side(crop_px, input_shape)
     resolved, alpha, dinov2_config = _resolve_weights(
         name, weights, alpha, dinov2_config, input_size, norm_scale_nm
     )
@@ -643,6 +661,8 @@ def build_encoder(
 
     inputs = keras.Input(shape=tuple(input_shape), name="opd_nm")
     x = OPDScale(norm_scale_nm, name="opd_scale")(inputs)
+    if crop:
+        x = keras.layers.CenterCrop(crop, crop, name="crop")(x)
     x = keras.layers.Resizing(size, size, interpolation="bilinear", antialias=True, name="resize")(x)
     x = keras.layers.Concatenate(axis=-1, name="opd_to_rgb")([x, x, x])
     scaling = _input_scaling(family, kind, resolved.config)
@@ -664,6 +684,7 @@ def build_encoder(
         "input_shape": [int(v) for v in input_shape],
         "input_size": size,
         "input_size_requested": int(input_size),
+        "crop_px": crop,
         "norm_scale_nm": float(norm_scale_nm),
         "input_scaling": scaling,
         "bn_momentum": float(bn_momentum) if n_bn else None,
@@ -878,10 +899,11 @@ def describe(info: dict) -> str:
     source = f" from {info['weights_source']}" if info.get("weights_source") else ""
     params = info.get("params", info.get("encoder_params"))
     head = f", {info['n_classes']} classes" if "n_classes" in info else ""
+    crop = f" (of a {info['crop_px']} px centre crop)" if info.get("crop_px") else ""
     if info.get("physical_quantities"):
         head += f"; the head sees {len(info['physical_quantities'])} physical quantities (" + ", ".join(
             info["physical_quantities"][:3]) + (", ..." if len(info["physical_quantities"]) > 3 else "") + ")"
     return (
-        f"{arch}, init {info['init']}{source}; input {info['input_size']} px, "
+        f"{arch}, init {info['init']}{source}; input {info['input_size']} px{crop}, "
         f"OPD / {info['norm_scale_nm']:g} nm, embedding {info['embedding_dim']}{head}, {params:,} parameters"
     )

@@ -282,9 +282,11 @@ def _create_learner(settings: TrainConfig, dataset, split: Split, n_classes: int
     if settings.model == FEATURES:
         return _FeaturesLearner.create(settings, n_classes, dataset.pixel_size_um), {"norm_scale_nm": None,
                                                                                      "method": None}
+    size = dataset.out_size
+    if settings.crop_px and settings.crop_px > size:
+        raise ConfigError(dataset.path, f"crop_px {settings.crop_px} does not fit its {size} px maps")
     norm = _normalisation(settings, dataset, split)
     log.info("normalisation scale %.1f nm (%s)", norm["norm_scale_nm"], norm["method"])
-    size = dataset.out_size
     kind = _FusedLearner if settings.fusion == FEATURES else _KerasLearner
     learner = kind.create(settings, n_classes, (size, size, 1), norm["norm_scale_nm"], dataset.pixel_size_um)
     from .models import saved_encoder_config

@@ -144,3 +144,41 @@ def test_cli_train_options_are_config_fields_and_a_config_file_is_the_start(feat
                      "--out", str(tmp_path / "y")]) == 2
     assert "registry.DEFAULTS['vgg16']" in capsys.readouterr().err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_crop_px_is_a_deep_model_field_and_configs_saved_before_it_read_as_no_crop():
+    assert "(px)" in field_help("crop_px") and "whole map" in field_help("crop_px")
+    config = TrainConfig.from_profile("mobilenetv2", crop_px=96, input_size=96)
+    assert config.crop_px == 96 and config.build_kw["crop_px"] == 96
+    assert TrainConfig.from_profile("mobilenetv2").crop_px is None
+    assert "crop_px" not in TrainConfig.from_profile("mobilenetv2", crop_px=0).build_kw
+    assert TrainConfig.from_profile("features", crop_px=96).crop_px is None   # hand-made features: no crop
+    with pytest.raises(ConfigError, match="crop_px must not be negative"):
+        TrainConfig.from_profile("mobilenetv2", crop_px=-1)
+    before = {k: v for k, v in config.to_dict().items() if k != "crop_px"}
+    read = TrainConfig.from_model_config({"format": "opdcells-model", "train_config": before})
+    assert read == config.replace(crop_px=None)
+    assert TrainConfig.from_json(FORMAT3 / "opd_mobilenetv2.config.json").crop_px is None
+
+
+def test_a_model_folder_trained_with_a_crop_records_it_and_predicts_the_same_after_loading(tmp_path_factory):
+    from helpers import round_trip_maps, trained_proba
+
+    from opdcells.dataset import open_dataset
+    from opdcells.modelfolder import load_model
+
+    result = tiny_run(tmp_path_factory, "mobilenetv2", "five_class", crop_px=24, epochs=1)
+    config = json.loads((result.model_dir / "config.json").read_text())
+    assert config["train_config"]["crop_px"] == 24 and config["model_info"]["crop_px"] == 24
+    loaded = load_model(result.model_dir)
+    assert loaded.train_config.crop_px == 24
+    with open_dataset(config["dataset"]["path"]) as data:
+        np.testing.assert_array_equal(loaded.predict_proba(round_trip_maps(data)), trained_proba(result))
+
+
+def test_a_crop_larger_than_the_maps_is_one_line_naming_the_dataset(tmp_path_factory, tmp_path, capsys):
+    data = tiny_dataset(tmp_path_factory)
+    out = tmp_path / "x"
+    assert cli.main(["train", "--data", str(data), "--crop-px", "64", "--out", str(out), "-q"]) == 2
+    assert f"{data}: crop_px 64 does not fit its 32 px maps" in capsys.readouterr().err
+    assert not out.exists()

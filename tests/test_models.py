@@ -16,7 +16,7 @@ from helpers import register_test_encoder
 
 from opdcells import models, registry
 from opdcells.config import FAMILIES
-from opdcells.errors import RegistryError
+from opdcells.errors import ConfigError, RegistryError
 from opdcells.models import (
     batch_norm_layers,
     build_encoder,
@@ -530,3 +530,54 @@ def test_model_with_quantities_saves_loads_safely_and_its_encoder_feeds_the_head
     np.testing.assert_allclose(special.softmax(embedding @ kernel + bias, axis=1), proba, atol=1e-5)
     heat = grad_cam(loaded, maps[:2])   # Grad-CAM still finds the CNN's feature map
     assert heat.shape == (2, S, S) and np.isfinite(heat).all()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Centre crop (crop_px): the backbone sees the central pixels at the maps' own pixel size.
+
+
+def test_a_centre_crop_shows_the_backbone_the_central_pixels_unresampled():
+    encoder, info = build_encoder("mobilenetv2", input_shape=(48, 48, 1), input_size=S, crop_px=S,
+                                  norm_scale_nm=100.0)
+    assert [layer.name for layer in encoder.layers] == [
+        "opd_nm", "opd_scale", "crop", "resize", "opd_to_rgb", "backbone", "pool"
+    ]
+    assert info["crop_px"] == S and info["input_size"] == S and "of a 32 px centre crop" in describe(info)
+    maps = discs_and_rings(2, size=48)[0]
+    seen = np.asarray(keras.Model(encoder.input, encoder.get_layer("resize").output)(maps))
+    np.testing.assert_allclose(seen, maps[:, 8:40, 8:40] / 100.0, rtol=1e-6, atol=1e-6)
+    # what lies outside the crop does not reach the embedding; what lies inside does
+    border, centre = maps.copy(), maps.copy()
+    border[:, :4] += 500.0
+    centre[:, 24] += 500.0
+    embed = [np.asarray(encoder(x, training=False)) for x in (maps, border, centre)]
+    np.testing.assert_array_equal(embed[1], embed[0])
+    assert not np.array_equal(embed[2], embed[0])
+
+
+def test_a_crop_the_size_of_the_maps_is_no_crop_and_a_larger_one_is_refused():
+    encoder, info = build_encoder("mobilenetv2", input_shape=(S, S, 1), input_size=S, crop_px=S)
+    assert "crop" not in [layer.name for layer in encoder.layers] and info["crop_px"] is None
+    assert build_encoder("mobilenetv2", input_shape=(S, S, 1), input_size=S, crop_px=0)[1]["crop_px"] is None
+    with pytest.raises(ConfigError, match="<arguments>: crop_px 48 does not fit the 32 x 32 px maps"):
+        build_encoder("mobilenetv2", input_shape=(S, S, 1), input_size=S, crop_px=48)
+
+
+def test_a_cropped_model_saves_loads_safely_and_measures_quantities_on_the_whole_map(tmp_path):
+    maps = discs_and_rings(6, seed=4)[0]   # discs of radius 7-11 px: a 12 px crop cuts every one
+    names = ("dry_mass_pg", "area_um2")
+    model, info = build_model("mobilenetv2", 2, input_shape=(S, S, 1), input_size=S, crop_px=12,
+                              physical_quantities=names, pixel_size_um=0.5)
+    assert info["crop_px"] == 12
+    encoder = model.get_layer("encoder")
+    measured = keras.Model(encoder.input, encoder.get_layer("physical_quantities").output)
+    whole = np.asarray(models.PhysicalQuantities(0.5, names)(maps))
+    cropped = np.asarray(models.PhysicalQuantities(0.5, names)(maps[:, 10:22, 10:22]))
+    np.testing.assert_allclose(np.asarray(measured(maps)), whole, rtol=1e-6)
+    assert (cropped[:, 1] < 0.9 * whole[:, 1]).all()   # the crop would have cut the cells' area
+    proba = np.asarray(model(maps, training=False))
+    model.save(tmp_path / "model.keras")
+    loaded = keras.saving.load_model(tmp_path / "model.keras", compile=False, safe_mode=True)
+    assert isinstance(loaded.get_layer("encoder").get_layer("map_encoder").get_layer("crop"),
+                      keras.layers.CenterCrop)
+    np.testing.assert_array_equal(np.asarray(loaded(maps, training=False)), proba)

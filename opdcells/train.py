@@ -293,7 +293,7 @@ def _create_learner(settings: TrainConfig, dataset, split: Split, n_classes: int
 
     saved = saved_encoder_config(settings.model, settings.weights)
     warning = geometry_warning(saved, dataset.pixel_size_um, size, settings.input_size,
-                               f"the {settings.model} encoder ({settings.weights})")
+                               f"the {settings.model} encoder ({settings.weights})", crop_px=settings.crop_px)
     if warning:
         log.warning("%s", warning)
         learner.info["geometry_warning"] = warning   # recorded in config.json's model_info
@@ -301,7 +301,8 @@ def _create_learner(settings: TrainConfig, dataset, split: Split, n_classes: int
 
 
 def geometry_warning(encoder_config: dict | None, pixel_size_um: float, out_size: int,
-                     input_size: int | None = None, what: str = "the pretrained encoder") -> str | None:
+                     input_size: int | None = None, what: str = "the pretrained encoder", *,
+                     crop_px: int | None = None) -> str | None:
     """A loud sentence when a pretrained encoder is used at another pixel size or window than it was
     pretrained at, or None when they match (or the encoder config does not say).
 
@@ -320,12 +321,16 @@ def geometry_warning(encoder_config: dict | None, pixel_size_um: float, out_size
         The side the model resizes them to (default: the encoder's own).
     what : str
         How to name the encoder in the sentence.
+    crop_px : int, optional
+        The centre crop (px) the model takes of each map before the resize (``TrainConfig.crop_px``): the
+        window it sees is the crop's.
 
     Returns
     -------
     str or None
         The warning, or None.
     """
+    out_size = int(crop_px or out_size)
     if not encoder_config or not encoder_config.get("pixel_size_um") or not encoder_config.get("out_size"):
         return None
     px0, size0 = float(encoder_config["pixel_size_um"]), int(encoder_config["out_size"])
@@ -337,8 +342,9 @@ def geometry_warning(encoder_config: dict | None, pixel_size_um: float, out_size
     same_size = math.isclose(scale, 1, rel_tol=1e-3)
     effect = ("cells keep their size but are sampled at another pixel size" if same_size
               else f"cells look {scale:.2g}x the size it learnt them at")
+    used = "centre crops" if crop_px else "maps"
     return (f"{what} was pretrained on {size0} px maps at {px0:g} um/px (a {size0 * px0:g} um window) but is "
-            f"used on {out_size} px maps at {pixel_size_um:g} um/px (a {out_size * pixel_size_um:g} um "
+            f"used on {out_size} px {used} at {pixel_size_um:g} um/px (a {out_size * pixel_size_um:g} um "
             f"window): {effect}, so its features may not apply; to use it as pretrained, ingest the exports "
             f"at its geometry (load_data.py --out-pixel-size-um {px0:g} --out-size {size0})")
 

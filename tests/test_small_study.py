@@ -329,3 +329,6 @@ def test_an_encoder_used_at_another_geometry_is_named_loudly():
     smaller_window = geometry_warning(encoder, 0.25, 64, 64)
     assert "cells look 2x the size it learnt them at" in smaller_window   # 16 um window, same input
     assert geometry_warning({"architecture": "dinov2"}, 0.5, 64) is None   # nothing to compare with
+    cropped = geometry_warning(encoder, 0.25, 128, crop_px=96)               # train --crop-px 96: 24 um
+    assert "used on 96 px centre crops at 0.25 um/px (a 24 um window)" in cropped
+    assert "cells look 1.3x the size" in cropped and geometry_warning(encoder, 0.25, 128, crop_px=128) is None

@@ -211,8 +211,8 @@ def confusion_matrix(cm, class_names: Sequence[str], path, title: str = "Confusi
 
 def backbone_of(model: str) -> str:
     """The backbone of a comparison row's model name: ``"opd_resnet50"`` -> ``"resnet50"``,
-    ``"vgg16 + features"`` and ``"vgg16 (deep part)"`` -> ``"vgg16"``; other names (features, baselines)
-    stay as they are.
+    ``"vgg16 + features"``, ``"vgg16 (deep part)"`` and any other parenthesised note (``"opd_mobilenetv2
+    (v2)"``) -> the backbone; other names (features, baselines) stay as they are.
 
     Parameters
     ----------
@@ -223,7 +223,7 @@ def backbone_of(model: str) -> str:
     -------
     str
     """
-    name = str(model).split(" + ")[0].removesuffix(" (deep part)")
+    name = str(model).split(" + ")[0].split(" (")[0]
     for prefix in ("opd_", "imagenet_"):
         name = name.removeprefix(prefix)
     return name

@@ -366,7 +366,20 @@ register_encoder(RegisteredEncoder(
             "saved_models/opd_mobilenetv2_pretrained --epochs 10 --input-size 128 --n-sim 20000 --seed 0 "
             "--batch-size 64 --lr 0.0003 --probe 500 --sim-cache data/sim_cache --sim-maps-per-session 10 "
             "--init saved_models/opd_mobilenetv2_128px_6ep",
-    commit="4bdce45b7cab07fd66d0f53d9811fe0894600374"), default=True)
+    commit="4bdce45b7cab07fd66d0f53d9811fe0894600374"))
+
+register_encoder(RegisteredEncoder(
+    name="opd_mobilenetv2_pretrained_v2", backbone="mobilenetv2",
+    folder="pretrained/opd_mobilenetv2_pretrained_v2",
+    sha256="c62578eea9636a947643b5554c81c27bc2857c2bd0c30817b34b3cb4f5f954e5",
+    input_size=128, pixel_size_um=0.25, out_size=128,
+    trained_on="20000 simulated OPD maps of the five classes (supervised-sim, labels used): "
+               "opd_mobilenetv2_pretrained continued 8 epochs at 128 px (peak rate 2e-4; 24 epochs in all)",
+    command="python -m opdcells pretrain --backbone mobilenetv2 --method supervised-sim --out "
+            "saved_models/opd_mobilenetv2_128px_26ep --epochs 8 --input-size 128 --n-sim 20000 --seed 0 "
+            "--batch-size 64 --lr 0.0002 --probe 500 --sim-cache data/sim_cache --sim-maps-per-session 10 "
+            "--init opd:opd_mobilenetv2_pretrained",
+    commit="825ded06afff66f882c43e1988d4a506bf4ee6c8"), default=True)
 
 register_encoder(RegisteredEncoder(
     name="opd_resnet50_pretrained", backbone="resnet50", folder="pretrained/opd_resnet50_pretrained",

@@ -190,7 +190,8 @@ def test_comparison_bars_take_the_backbone_colour_and_the_initialisation_hatchin
     table = table.assign(task="five_class", accuracy=0.8)
     styles = comparison_styles(table)
     resnets = [styles[m] for m in ("resnet50 + features", "resnet50", "opd_resnet50", "imagenet_resnet50")]
-    assert {backbone_of(m) for m in ("resnet50 (deep part)", "imagenet_resnet50")} == {"resnet50"}
+    named = ("resnet50 (deep part)", "imagenet_resnet50", "opd_resnet50 (v2)")
+    assert {backbone_of(m) for m in named} == {"resnet50"}
     assert len({s.colour for s in resnets}) == 1                       # one backbone, one colour
     assert styles["opd_resnet50"].colour not in {styles["vgg16"].colour, styles["opd_mobilenetv2"].colour}
     assert styles["opd_resnet50"] != styles["resnet50 + features"] != styles["imagenet_resnet50"]

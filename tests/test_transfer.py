@@ -63,7 +63,8 @@ def test_random_init_cnn_embeddings_need_and_get_bn_recalibration(encoders, ds):
     assert emb.std(axis=0).max() > 1e-4      # without recalibration they vanish (~1e-12)
     assert encoders.infos["mobilenetv2"]["init"] == "random"
     encoders.encoder("opd_mobilenetv2")
-    assert encoders.infos["opd_mobilenetv2"]["init"] == registry.get_entry("opd_mobilenetv2_pretrained").init
+    default = registry.get_entry(registry.DEFAULTS["mobilenetv2"])
+    assert encoders.infos["opd_mobilenetv2"]["init"] == default.init
     assert not encoders.needs_calibration("dinov2")
 
 

@@ -1,4 +1,5 @@
-"""What every command shares: the exit codes, the common options, the logging set-up and a quiet TensorFlow.
+"""What every command shares: the exit codes, the common options, the logging set-up and a quiet TensorFlow
+whose freed memory glibc keeps.
 
 Exit status of every command (``python -m opdcells COMMAND`` and ``load_data.py``):
 
@@ -31,6 +32,23 @@ EXIT_OK, EXIT_SKIPPED, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 130
 #: Environment that keeps TensorFlow's C++ INFO and WARNING lines (oneDNN notices, CPU feature notes,
 #: CUDA probing) out of the terminal; C++ errors still show. Values the user has set win.
 TENSORFLOW_ENVIRONMENT = {"TF_CPP_MIN_LOG_LEVEL": "2"}
+
+#: glibc ``malloc`` settings for TensorFlow on the CPU (the names glibc reads from the environment at
+#: process start): one arena, no chunks of their own mapping, no trimming of the heap below 1 GiB free.
+#: A training step frees and re-allocates its activation buffers; with glibc's defaults the large ones go
+#: back to the system (chunks above the mmap threshold, at most 32 MB, are mapped and unmapped, heap
+#: tops are trimmed) and the next step faults every page in again, in the kernel's time. Kept, the
+#: memory is reused: ``benchmarks/bench_allocator.py`` measures the training step with both.
+ALLOCATOR_ENVIRONMENT = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0",
+                         "MALLOC_TRIM_THRESHOLD_": str(1 << 30), "MALLOC_TOP_PAD_": str(1 << 26)}
+
+#: ``mallopt`` parameter of each :data:`ALLOCATOR_ENVIRONMENT` name (glibc's malloc.h: M_ARENA_MAX,
+#: M_MMAP_MAX, M_TRIM_THRESHOLD, M_TOP_PAD).
+_MALLOPT_PARAMETER = {"MALLOC_ARENA_MAX": -8, "MALLOC_MMAP_MAX_": -4, "MALLOC_TRIM_THRESHOLD_": -1,
+                      "MALLOC_TOP_PAD_": -2}
+
+#: ``OPDCELLS_ALLOCATOR=default`` leaves glibc's allocator as it is.
+ALLOCATOR_SWITCH = "OPDCELLS_ALLOCATOR"
 
 #: TensorFlow start-up lines that say nothing about the run: written before absl's logging is set up
 #: (so TF_CPP_MIN_LOG_LEVEL cannot hold them back), or the CUDA probe failing on a machine without a GPU.
@@ -139,6 +157,60 @@ def quiet_tensorflow_environment(environ: dict | None = None) -> dict:
     return environ
 
 
+def allocator_environment(environ: dict | None = None) -> dict:
+    """Set :data:`ALLOCATOR_ENVIRONMENT` in ``environ`` (default ``os.environ``) for child processes.
+
+    Nothing is set where the user has set any of these variables (theirs win, all of them) or
+    ``OPDCELLS_ALLOCATOR=default``. The variables act on processes started afterwards (glibc reads them
+    at start); :func:`keep_allocated_memory` also applies them to this process.
+
+    Parameters
+    ----------
+    environ : dict, optional
+        The environment to change (default ``os.environ``).
+
+    Returns
+    -------
+    dict
+        ``environ``.
+    """
+    environ = os.environ if environ is None else environ
+    if _allocator_left_to_us(environ):
+        environ.update(ALLOCATOR_ENVIRONMENT)
+    return environ
+
+
+def _allocator_left_to_us(environ) -> bool:
+    """Neither ``OPDCELLS_ALLOCATOR=default`` nor any :data:`ALLOCATOR_ENVIRONMENT` variable set."""
+    return (environ.get(ALLOCATOR_SWITCH) != "default"
+            and not any(name in environ for name in ALLOCATOR_ENVIRONMENT))
+
+
+def keep_allocated_memory() -> dict[str, str]:
+    """Apply :data:`ALLOCATOR_ENVIRONMENT` to this process (glibc's ``mallopt``) and to its children.
+
+    Call it before TensorFlow is imported (its threads then share the one arena);
+    :func:`import_tensorflow` does. Does nothing on a C library other than glibc, where the user has set
+    any of the variables, or with ``OPDCELLS_ALLOCATOR=default``.
+
+    Returns
+    -------
+    dict
+        The settings applied to this process (name -> value); empty when none were.
+    """
+    import ctypes
+    import platform
+
+    on_glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    if not on_glibc or not _allocator_left_to_us(os.environ):
+        return {}
+    mallopt = ctypes.CDLL(None).mallopt
+    applied = {name: value for name, value in ALLOCATOR_ENVIRONMENT.items()
+               if mallopt(_MALLOPT_PARAMETER[name], int(value)) == 1}   # 1: accepted
+    os.environ.update(applied)
+    return applied
+
+
 def drop_noise(text: str) -> list[str]:
     """The lines of ``text`` worth showing.
 
@@ -160,8 +232,9 @@ def import_tensorflow(verbose: bool = False):
 
     The lines TensorFlow writes to file descriptor 2 while it loads and probes for GPUs are captured;
     those matching :data:`TENSORFLOW_NOISE` are dropped and any other line is written to stderr as it
-    came (so a real error still shows). A GPU is used as before. Does nothing when TensorFlow is already
-    imported.
+    came (so a real error still shows). A GPU is used as before. Before the import, glibc's allocator is
+    told to keep the memory TensorFlow frees (:func:`keep_allocated_memory`). Does nothing when TensorFlow
+    is already imported.
 
     Parameters
     ----------
@@ -180,6 +253,7 @@ def import_tensorflow(verbose: bool = False):
     """
     if "tensorflow" in sys.modules:
         return sys.modules["tensorflow"]
+    keep_allocated_memory()
     quiet_tensorflow_environment()
     if verbose:
         import tensorflow as tf

@@ -22,6 +22,12 @@ if _THREADS != "0":
                       "TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS"):
         os.environ.setdefault(_variable, _THREADS)
 
+# glibc keeps the memory TensorFlow frees (as every opdcells command does): in this process and, through
+# the environment, in the subprocesses tests start (pytest-xdist workers, CLI commands, notebook kernels).
+from opdcells.console import keep_allocated_memory  # noqa: E402
+
+keep_allocated_memory()
+
 
 def _real_qpi_dir() -> Path:
     env = os.environ.get("OPDCELLS_REAL_QPI")

@@ -649,10 +649,11 @@ def model_call(model):
 
 
 def tta_pass(call):
-    """``maps -> proba`` with test-time augmentation, equal bit for bit to
-    ``model.predict_proba(maps, tta=True)`` (the float32 mean over the 8 dihedral views), in calls of a
-    fixed shape: the views of :data:`TTA_GROUP` maps a call, then of one map a call (two traced shapes; a
-    map's probabilities do not depend on the other maps of its call).
+    """``maps -> proba`` with test-time augmentation, equal to ``model.predict_proba(maps, tta=True)``
+    (the float32 mean over the 8 dihedral views), in calls of a fixed shape: the views of
+    :data:`TTA_GROUP` maps a call, then of one map a call (two traced shapes). Equal bit for bit where the
+    backend's kernels do not depend on the batch size; otherwise to float32 rounding (oneDNN on an AMD EPYC
+    with AVX2 differs in the 8th significant digit).
 
     Parameters
     ----------

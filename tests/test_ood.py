@@ -244,6 +244,7 @@ def test_morphology_of_dataset_maps_is_measured_once_per_process(features_model,
         return original(maps, pixel_size_um)
 
     monkeypatch.setattr(ood, "feature_matrix", counting)
+    monkeypatch.setattr(ood, "_MORPHOLOGY", {})   # rows an earlier test file measured in this process
     with open_dataset(tiny_dataset(tmp_path_factory)) as ds:
         first = ood._inputs_of(features_model.learner, ds, np.arange(10))
         again = ood._inputs_of(features_model.learner, ds, np.arange(5, 15))

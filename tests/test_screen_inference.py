@@ -49,15 +49,20 @@ def saved():
                       _KerasLearner(model, {}))
 
 
-def test_tta_pass_is_predict_proba_with_tta_bit_for_bit(saved):
+def _same_to_float32_rounding(a, b) -> bool:
+    # oneDNN may pick another kernel for another batch size (seen on an AMD EPYC with AVX2: the 8th digit)
+    return np.allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_tta_pass_is_predict_proba_with_tta(saved):
     maps = np.random.default_rng(1).normal(0, 50, (2 * TTA_GROUP + 3, 16, 16)).astype(np.float32)
     augmented = tta_pass(model_call(saved))
     proba = augmented(maps)                          # two calls of 8 maps' views, three of one map's
     assert proba.dtype == np.float32 and proba.shape == (len(maps), 3)
-    assert np.array_equal(proba, saved.predict_proba(maps, 256, tta=True))
-    assert not np.array_equal(proba, saved.predict_proba(maps, 256, tta=False))   # the views do matter
-    assert np.array_equal(augmented(maps[5:6]), proba[5:6])    # alone or among 8: the same probabilities
-    assert np.array_equal(augmented(maps[TTA_GROUP + 1:]), proba[TTA_GROUP + 1:])
+    assert _same_to_float32_rounding(proba, saved.predict_proba(maps, 256, tta=True))
+    assert not _same_to_float32_rounding(proba, saved.predict_proba(maps, 256, tta=False))   # views matter
+    assert np.array_equal(augmented(maps[5:6]), proba[5:6])    # a map's call of one: the same shape
+    assert _same_to_float32_rounding(augmented(maps[TTA_GROUP + 1:]), proba[TTA_GROUP + 1:])
 
 
 def test_model_call_is_none_for_models_that_are_not_one_keras_model(saved):

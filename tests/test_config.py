@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from helpers import tiny_dataset, tiny_run
 
-from opdcells import cli
+from opdcells import cli, registry
 from opdcells.config import PROFILE_FIELDS, PROFILES, TrainConfig, field_help, resolve_alias
 from opdcells.errors import ConfigError, RegistryError
 
@@ -127,7 +127,7 @@ def test_a_model_folder_with_an_invalid_train_config_is_refused_naming_its_file(
 
 
 def test_cli_train_options_are_config_fields_and_a_config_file_is_the_start(features, tmp_path_factory,
-                                                                          tmp_path, capsys):
+                                                                          tmp_path, capsys, monkeypatch):
     data = tiny_dataset(tmp_path_factory)
     start = TrainConfig.from_json(features.model_dir / "config.json").to_json(tmp_path / "start.json")
     out = tmp_path / "run"
@@ -140,6 +140,7 @@ def test_cli_train_options_are_config_fields_and_a_config_file_is_the_start(feat
     bad.write_text(json.dumps({"epochs": 0}))
     assert cli.main(["train", "--data", str(data), "--config", str(bad), "--out", str(tmp_path / "x")]) == 2
     assert f"{bad}: epochs must be at least 1" in capsys.readouterr().err
+    monkeypatch.delitem(registry.DEFAULTS, "vgg16", raising=False)   # a backbone without a shipped encoder
     assert cli.main(["train", "--data", str(data), "--model", "vgg16", "--weights", "opd",
                      "--out", str(tmp_path / "y")]) == 2
     assert "registry.DEFAULTS['vgg16']" in capsys.readouterr().err

@@ -376,6 +376,7 @@ def test_dinov2_opd_weights_are_the_shipped_folder_and_an_offline_preset_falls_b
                                                 dinov2_preset="dinov2_small")
     assert "dinov2_small" in caplog.text and fallback_info["init"] == entry.init
     assert weights_equal(fallback, pretrained)
+    monkeypatch.delitem(registry.DEFAULTS, "vgg16", raising=False)   # a backbone without a shipped encoder
     missing = r"registry.DEFAULTS\['vgg16'\]: no OPD-pretrained encoder is registered for backbone"
     with pytest.raises(RegistryError, match=missing):
         build_encoder("vgg16", weights="opd")

@@ -193,6 +193,7 @@ TRAIN_OPTIONS = [
     (("--freeze-batchnorm",), "freeze_batchnorm", _BOOL),
     (("--physical-quantities",), "physical_quantities", _BOOL),
     (("--fusion",), "fusion", {"choices": FUSIONS}),
+    (("--refit",), "refit", _BOOL),
     (("--augment",), "augment", _BOOL),
     (("--tta",), "tta", _BOOL),
     (("--norm-scale-nm",), "norm_scale_nm", {"type": float, "metavar": "NM"}),

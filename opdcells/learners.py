@@ -192,6 +192,8 @@ class _FeaturesLearner:
         self.info = info
         self.feature_names = feature_names
         self.cache: FeaturesCache | None = None   # fitted models of identical runs (set by train)
+        # (N_val, K) probabilities of the validation maps by the fit that did not see them (refit), else None
+        self.held_out_validation: np.ndarray | None = None
 
     @classmethod
     def create(cls, settings: TrainConfig, n_classes: int, pixel_size_um: float):
@@ -240,7 +242,9 @@ class _FeaturesLearner:
         if cached is not None:
             fitted, history = cached
             self.estimator, self.feature_names = fitted.estimator, fitted.feature_names
-            self.info["cache"] = "re-used an identical fit"
+            self.held_out_validation = fitted.held_out_validation
+            self.info.update({k: v for k, v in fitted.info.items() if k == "refit"},
+                             cache="re-used an identical fit")
             return history
         history = self._fit(dataset, split, y_all, settings, class_weight)
         self.cache.put(key, self, history)
@@ -260,7 +264,26 @@ class _FeaturesLearner:
             history["val_loss"] = [-float(s) for s in self.estimator.validation_score_[1:]]
             history["val_accuracy"] = _staged_accuracy(self.estimator, val["X_val"], val["y_val"])
         log.info("features model: %d boosting iterations", self.estimator.n_iter_)
+        if settings.refit and val:
+            self._refit(np.concatenate([x_train, val["X_val"]]), np.concatenate([y_train, val["y_val"]]), w,
+                        split)
         return history
+
+    def _refit(self, x, y, class_weights, split: Split) -> None:
+        """Keep the early-stopped fit's probabilities of the validation maps (the rows after the training
+        rows of ``x``), then fit a fresh estimator with its number of iterations on all of ``x``."""
+        from sklearn.base import clone
+
+        n_val, iterations = len(split.val), int(self.estimator.n_iter_)
+        self.held_out_validation = self.estimator.predict_proba(x[-n_val:])
+        refit = clone(self.estimator).set_params(max_iter=iterations, early_stopping=False)
+        self.estimator = refit.fit(x, y, sample_weight=class_weights[y])
+        self.info["refit"] = {"iterations": iterations, "n_maps": len(y), "n_validation_maps": n_val,
+                              "rule": "fit again on the training + validation maps with the number of "
+                                      "iterations early stopping chose; validation figures, fusion weight "
+                                      "and calibration from the first fit's held-out predictions"}
+        log.info("features model: fit again on %d training + validation maps (%d iterations)", len(y),
+                 iterations)
 
     def predict_proba(self, maps, batch_size: int = 64) -> np.ndarray:
         return self.estimator.predict_proba(self.features(maps))
@@ -305,7 +328,7 @@ class FeaturesCache:
     An entry is a folder ``<key>/`` holding ``model.skops`` (loaded as any features model folder: skops,
     trusted types only, no code) and ``history.json``, written to a temporary sibling and renamed. The key
     hashes the dataset's content fingerprint, the training and validation rows with their labels and class
-    weights, the fit's settings (boosting iterations, learning rate, patience, seed) and the source of
+    weights, the fit's settings (boosting iterations, learning rate, patience, seed, refit) and the source of
     ``opdcells.features`` and the scikit-learn version; anything else is another key. An unreadable entry is
     fit again and replaced.
 
@@ -332,7 +355,8 @@ class FeaturesCache:
                   "train": [np.asarray(split.train).tolist(), y_all[split.train].tolist()],
                   "val": [np.asarray(split.val).tolist(), y_all[split.val].tolist()],
                   "class_weight": {str(k): round(float(v), 12) for k, v in sorted(class_weight.items())},
-                  "fit": [settings.epochs, settings.learning_rate, settings.patience, settings.seed],
+                  "fit": [settings.epochs, settings.learning_rate, settings.patience, settings.seed,
+                          *(["refit"] if settings.refit else [])],
                   "features_source": hashlib.sha256(Path(features.__file__).read_bytes()).hexdigest(),
                   "sklearn": sklearn.__version__}
         return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
@@ -347,7 +371,9 @@ class FeaturesCache:
             stored = json.loads((entry / "history.json").read_text(encoding="utf-8"))
             if stored["key"] != key:
                 raise ValueError("another key")
-            fitted = _FeaturesLearner.load(entry, {"model_info": info})
+            fitted = _FeaturesLearner.load(entry, {"model_info": {**info, **stored.get("info", {})}})
+            held_out = stored.get("held_out_validation")
+            fitted.held_out_validation = None if held_out is None else np.asarray(held_out, dtype=np.float64)
         except (OSError, ValueError, KeyError, ModelError) as exc:
             log.warning("features cache entry %s unreadable (%s): fitting again", entry, exc)
             self.misses += 1
@@ -363,7 +389,11 @@ class FeaturesCache:
         tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}-", dir=self.folder))
         try:
             learner.save(tmp)
-            write_json_atomic(tmp / "history.json", {"key": key, "history": history})
+            held_out = learner.held_out_validation
+            write_json_atomic(tmp / "history.json", {
+                "key": key, "history": history,
+                "info": {k: v for k, v in learner.info.items() if k == "refit"},
+                "held_out_validation": None if held_out is None else np.asarray(held_out).tolist()})
             shutil.rmtree(entry, ignore_errors=True)   # an unreadable entry (a readable one was a hit)
             tmp.rename(entry)
         except OSError as exc:   # e.g. another process stored the same entry meanwhile: the cache is a saving
@@ -466,7 +496,7 @@ class _FusedLearner:
 
 def features_settings(settings: TrainConfig) -> TrainConfig:
     """The settings the features part of a fused model is fit with: the features model's profile defaults
-    (boosting iterations, learning rate, patience) with the deep run's seed and class weighting.
+    (boosting iterations, learning rate, patience) with the deep run's seed, class weighting and refit.
 
     Parameters
     ----------
@@ -479,7 +509,7 @@ def features_settings(settings: TrainConfig) -> TrainConfig:
         What ``train --model features`` with the same profile, seed and class weighting would use.
     """
     return TrainConfig.from_profile(FEATURES, settings.profile, seed=settings.seed,
-                                    class_weight=settings.class_weight)
+                                    class_weight=settings.class_weight, refit=settings.refit)
 
 
 def fuse(p_deep, p_features, deep_weight: float) -> np.ndarray:

@@ -447,6 +447,9 @@ def fuse_on_validation(model: SavedModel, dataset, y_all, split: Split) -> tuple
     split : Split
         The run's split; its validation maps are used.
 
+    The features part's probabilities of the validation maps are those of the fit that did not see them
+    when it was fit again on them (``TrainConfig.refit``).
+
     Returns
     -------
     (dict, numpy.ndarray or None)
@@ -469,6 +472,8 @@ def fuse_on_validation(model: SavedModel, dataset, y_all, split: Split) -> tuple
         return {**record, "deep_weight": 0.5, "chosen_by": "no validation maps: the plain mean",
                 "validation": None}, None
     parts = model.predict_dataset_parts(dataset, split.val)
+    if learner.features_part.held_out_validation is not None:   # refit: the fit that never saw them
+        parts["p_features"] = learner.features_part.held_out_validation
     y = y_all[split.val]
     learner.deep_weight, grid = choose_deep_weight(parts["p_deep"], parts["p_features"], y)
     fused = learner.fuse(**parts)
@@ -613,13 +618,15 @@ def train(data, model: str | None = None, task: str | Task | None = None, out=No
             groups = dataset_groups(ds, config.group_pattern)
             record["dataset"].update(dataset_origin(ds))   # simulated / measured, from the sources
             record["split"].update(by=split.by, group_pattern=config.group_pattern, warning=split.warning)
-            fused_val, record["fusion"] = None, None   # None: the model is one learner
+            val_proba, record["fusion"] = None, None   # None: the model is one learner
             if isinstance(learner, _FusedLearner):
                 fitted = SavedModel(folder, record, learner)
-                record["fusion"], fused_val = fuse_on_validation(fitted, ds, y_all, split)
+                record["fusion"], val_proba = fuse_on_validation(fitted, ds, y_all, split)
+            if val_proba is None:   # a refit features model: its validation maps as the first fit saw them
+                val_proba = getattr(learner, "held_out_validation", None)
             record["calibration"] = calibrate_on_validation(
                 SavedModel(folder, record, learner), ds, y_all, split, folder, groups=groups, seed=seed,
-                proba=fused_val) if calibrate else None
+                proba=val_proba) if calibrate else None
             record["ood"] = fit_for_model(folder, learner, ds, split, seed=seed) if ood else None   # ood.npz
             _write_model_folder(folder, learner, record, history, split)
             evaluation = evaluate_model(SavedModel(folder, record, learner), ds, split.test, n_boot=n_boot,

@@ -183,3 +183,18 @@ def test_a_crop_larger_than_the_maps_is_one_line_naming_the_dataset(tmp_path_fac
     assert cli.main(["train", "--data", str(data), "--crop-px", "64", "--out", str(out), "-q"]) == 2
     assert f"{data}: crop_px 64 does not fit its 32 px maps" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_refit_is_on_for_the_features_model_and_fused_parts_only_and_old_configs_read_it_as_off():
+    assert TrainConfig.from_profile("features").refit is True
+    assert TrainConfig.from_profile("mobilenetv2").refit is True            # fused: its features part
+    assert TrainConfig.from_profile("mobilenetv2", fusion="none").refit is False
+    assert TrainConfig.from_profile("features", refit=False).refit is False
+    assert TrainConfig.from_profile("mobilenetv2", weights="opd").refit is False   # not fused by default
+    with pytest.raises(ConfigError, match="refit is for the features model"):
+        TrainConfig.from_profile("mobilenetv2", fusion="none", refit=True)
+    config = TrainConfig.from_profile("features")
+    before = {k: v for k, v in config.to_dict().items() if k != "refit"}
+    assert TrainConfig.from_model_config({"format": "opdcells-model", "train_config": before}).refit is False
+    args = cli.build_parser().parse_args(["train", "--data", "x.h5", "--no-refit"])
+    assert cli.train_settings(args)["refit"] is False

@@ -119,6 +119,23 @@ def test_evaluate_reports_the_fusion_and_each_part_alone(fused, data):
     assert "late fusion" in text and "mobilenetv2 alone" in text and "features alone" in text
 
 
+def test_the_fusion_weight_is_chosen_with_the_refit_features_parts_held_out_probabilities(fused, data):
+    from opdcells.dataset import open_dataset
+    from opdcells.splits import Split
+    from opdcells.tasks import task_labels
+
+    part = fused.model.learner.features_part
+    assert fused.config["train_config"]["refit"] and part.info["refit"]["n_validation_maps"] > 0
+    split = Split.from_json(fused.model_dir / "split.json")
+    with open_dataset(data) as ds:
+        y_val = task_labels(ds, fused.model.task)[split.val]
+        refit_proba = part.predict_indices(ds, split.val)
+    held_out = part.held_out_validation
+    validation = fused.config["fusion"]["validation"]["features"]
+    assert validation["accuracy"] == pytest.approx(np.mean(held_out.argmax(axis=1) == y_val))
+    assert not np.allclose(held_out, refit_proba, atol=1e-3)   # the refit saw these maps: not used here
+
+
 def test_weight_grid_never_gives_the_features_model_alone():
     y = np.array([0, 1, 0, 1])
     right = np.eye(2)[y]
@@ -165,6 +182,10 @@ def test_features_cache_fits_a_split_once_for_every_run(fused, cache, data, tmp_
     again = train(data, "features", "five_class", tmp_path / "f", n_boot=0, features_cache=cache, ood=False,
                   calibrate=False, seed=0)   # the features model of the same split: re-used, not fit again
     assert again.config["model_info"]["cache"] and len(list(cache.iterdir())) == 1
+    # a hit brings back the refit's record and the first fit's held-out validation probabilities
+    part = fused.model.learner.features_part
+    assert again.config["model_info"]["refit"] == fused.config["fusion"]["features_model_info"]["refit"]
+    np.testing.assert_allclose(again.model.learner.held_out_validation, part.held_out_validation)
     with open_dataset(data) as ds:
         maps = round_trip_maps(ds)
         np.testing.assert_allclose(again.model.predict_proba(maps),

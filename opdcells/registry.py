@@ -379,7 +379,20 @@ register_encoder(RegisteredEncoder(
             "saved_models/opd_mobilenetv2_128px_26ep --epochs 8 --input-size 128 --n-sim 20000 --seed 0 "
             "--batch-size 64 --lr 0.0002 --probe 500 --sim-cache data/sim_cache --sim-maps-per-session 10 "
             "--init opd:opd_mobilenetv2_pretrained",
-    commit="825ded06afff66f882c43e1988d4a506bf4ee6c8"), default=True)
+    commit="825ded06afff66f882c43e1988d4a506bf4ee6c8"))
+
+register_encoder(RegisteredEncoder(
+    name="opd_mobilenetv2_pretrained_v3", backbone="mobilenetv2",
+    folder="pretrained/opd_mobilenetv2_pretrained_v3",
+    sha256="e96f2a7d7c83e0afdc7e9d034ddb28af334903dc179efe1005ac2c8eec86851f",
+    input_size=128, pixel_size_um=0.25, out_size=128,
+    trained_on="20000 simulated OPD maps of the five classes (supervised-sim, labels used): "
+               "opd_mobilenetv2_pretrained_v2 continued 8 epochs at 128 px (peak rate 2e-4; 32 epochs in all)",
+    command="python -m opdcells pretrain --backbone mobilenetv2 --method supervised-sim --out "
+            "saved_models/opd_mobilenetv2_128px_34ep --epochs 8 --input-size 128 --n-sim 20000 --seed 0 "
+            "--batch-size 64 --lr 0.0002 --probe 500 --sim-cache data/sim_cache --sim-maps-per-session 10 "
+            "--init opd:opd_mobilenetv2_pretrained_v2",
+    commit="a5235a40586813131497bde01115328eca2c80c1"), default=True)
 
 register_encoder(RegisteredEncoder(
     name="opd_resnet50_pretrained", backbone="resnet50", folder="pretrained/opd_resnet50_pretrained",

@@ -20,8 +20,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_every_shipped_entry_is_in_the_package_and_verifies():
     shipped = {n: e for n, e in registry.get_registered_encoders().items() if e.folder}
-    assert {"opd_mobilenetv2_pretrained", "opd_mobilenetv2_pretrained_v2", "opd_resnet50_pretrained",
-            "opd_dinov2_pretrained"} <= set(shipped)
+    assert {"opd_mobilenetv2_pretrained", "opd_mobilenetv2_pretrained_v2", "opd_mobilenetv2_pretrained_v3",
+            "opd_resnet50_pretrained", "opd_dinov2_pretrained"} <= set(shipped)
     for name, entry in shipped.items():
         folder = registry.encoder_folder(name)
         assert folder.parent == registry.PACKAGE_DIR / "pretrained"
@@ -30,16 +30,17 @@ def test_every_shipped_entry_is_in_the_package_and_verifies():
         assert config["data"]["pixel_size_um"] == entry.pixel_size_um
         assert config["data"]["out_size"] == entry.out_size
         assert entry.init == f"opd:{name}@{registry.file_sha256(folder / registry.ENCODER_WEIGHTS)[:12]}"
-    assert registry.DEFAULTS == {"mobilenetv2": "opd_mobilenetv2_pretrained_v2",
+    assert registry.DEFAULTS == {"mobilenetv2": "opd_mobilenetv2_pretrained_v3",
                                  "resnet50": "opd_resnet50_pretrained", "dinov2": "opd_dinov2_pretrained"}
 
 
 def test_opd_weights_resolve_to_the_default_entry_or_name_the_missing_one():
     resolved = registry.resolve_weights("mobilenetv2", "opd")
     assert resolved.kind == "file"
-    assert resolved.init == registry.get_entry("opd_mobilenetv2_pretrained_v2").init
-    earlier = registry.resolve_weights("mobilenetv2", "opd:opd_mobilenetv2_pretrained")   # still loadable
-    assert earlier.init == registry.get_entry("opd_mobilenetv2_pretrained").init != resolved.init
+    assert resolved.init == registry.get_entry("opd_mobilenetv2_pretrained_v3").init
+    for name in ("opd_mobilenetv2_pretrained", "opd_mobilenetv2_pretrained_v2"):   # earlier ones still load
+        earlier = registry.resolve_weights("mobilenetv2", f"opd:{name}")
+        assert earlier.init == registry.get_entry(name).init != resolved.init
     assert registry.resolve_weights("dinov2", "opd:opd_dinov2_pretrained").config["architecture"] == "dinov2"
     with pytest.raises(RegistryError, match=r"registry.DEFAULTS\['vgg16'\]: no OPD-pretrained encoder"):
         registry.resolve_weights("vgg16", "opd")
@@ -129,6 +130,6 @@ def test_a_wheel_of_the_repository_carries_and_verifies_the_shipped_encoders(tmp
     assert out.returncode == 0, out.stderr
     found = json.loads(out.stdout)
     assert Path(found["file"]).is_relative_to(site)
-    assert set(found["folders"]) >= {"opd_mobilenetv2_pretrained_v2", "opd_dinov2_pretrained"}
+    assert set(found["folders"]) >= {"opd_mobilenetv2_pretrained_v3", "opd_dinov2_pretrained"}
     assert all(Path(folder).is_relative_to(site) for folder in found["folders"].values())
-    assert found["init"] == registry.get_entry("opd_mobilenetv2_pretrained_v2").init
+    assert found["init"] == registry.get_entry("opd_mobilenetv2_pretrained_v3").init

@@ -574,7 +574,8 @@ class TrainConfig:
             **({**PRE_RECIPE, "lr_schedule": "constant"} if pretrained else {}),
         }
         settings = {**defaults, **given}
-        settings.setdefault("refit", p.features_refit and settings["fusion"] == FEATURES)   # its features part
+        # a fused model's features part is refit as the features model is
+        settings.setdefault("refit", p.features_refit and settings["fusion"] == FEATURES)
         return cls(model=model, profile=profile, weights=weights, augment=augment, **settings)
 
     # ------------------------------------------------------------------ JSON

@@ -387,7 +387,8 @@ register_encoder(RegisteredEncoder(
     sha256="e96f2a7d7c83e0afdc7e9d034ddb28af334903dc179efe1005ac2c8eec86851f",
     input_size=128, pixel_size_um=0.25, out_size=128,
     trained_on="20000 simulated OPD maps of the five classes (supervised-sim, labels used): "
-               "opd_mobilenetv2_pretrained_v2 continued 8 epochs at 128 px (peak rate 2e-4; 32 epochs in all)",
+               "opd_mobilenetv2_pretrained_v2 continued 8 epochs at 128 px (peak rate 2e-4; "
+               "32 epochs in all)",
     command="python -m opdcells pretrain --backbone mobilenetv2 --method supervised-sim --out "
             "saved_models/opd_mobilenetv2_128px_34ep --epochs 8 --input-size 128 --n-sim 20000 --seed 0 "
             "--batch-size 64 --lr 0.0002 --probe 500 --sim-cache data/sim_cache --sim-maps-per-session 10 "

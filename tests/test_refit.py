@@ -57,7 +57,8 @@ def test_the_saved_features_model_is_refit_on_training_and_validation_maps(data,
     np.testing.assert_allclose(scores["proba"], first.predict_proba(x_val), atol=1e-6)
     assert not np.allclose(saved.predict_proba(x_val), first.predict_proba(x_val), atol=1e-3)
 
-    plain = train(data, "features", "five_class", tmp_path / "plain", n_boot=0, ood=False, seed=0, refit=False)
+    plain = train(data, "features", "five_class", tmp_path / "plain", n_boot=0, ood=False, seed=0,
+                  refit=False)
     assert "refit" not in plain.config["model_info"]
     np.testing.assert_allclose(plain.model.learner.estimator.predict_proba(x_te), first.predict_proba(x_te),
                                atol=1e-12)

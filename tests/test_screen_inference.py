@@ -61,7 +61,8 @@ def test_tta_pass_is_predict_proba_with_tta(saved):
     assert proba.dtype == np.float32 and proba.shape == (len(maps), 3)
     assert _same_to_float32_rounding(proba, saved.predict_proba(maps, 256, tta=True))
     assert not _same_to_float32_rounding(proba, saved.predict_proba(maps, 256, tta=False))   # views matter
-    assert np.array_equal(augmented(maps[5:6]), proba[5:6])    # alone or among 8 maps: bit for bit on both machines seen
+    # alone or among 8 maps: bit for bit on both machines seen
+    assert np.array_equal(augmented(maps[5:6]), proba[5:6])
     assert _same_to_float32_rounding(augmented(maps[TTA_GROUP + 1:]), proba[TTA_GROUP + 1:])
 
 

@@ -25,7 +25,8 @@ from opdcells.tasks import resolve_task, task_labels
 
 def validation_score(x, y, fit, held) -> float:
     """Balanced accuracy on rows ``held`` of the features model fit on rows ``fit``."""
-    model = HistGradientBoostingClassifier(random_state=0, max_iter=100, learning_rate=0.1, early_stopping=False)
+    model = HistGradientBoostingClassifier(random_state=0, max_iter=100, learning_rate=0.1,
+                                           early_stopping=False)
     model.fit(x[fit], y[fit], sample_weight=compute_sample_weight("balanced", y[fit]))
     return float(balanced_accuracy_score(y[held], model.predict(x[held])))
 
@@ -35,7 +36,8 @@ def main(path: str) -> None:
     with open_dataset(path) as ds:
         y = task_labels(ds, resolve_task(None, ds.class_names))
         groups = np.asarray(ds.groups).astype(str)
-        x = np.concatenate([feature_matrix(maps, ds.pixel_size_um)[0] for maps in iter_maps(ds, np.arange(len(y)))])
+        x = np.concatenate([feature_matrix(maps, ds.pixel_size_um)[0]
+                            for maps in iter_maps(ds, np.arange(len(y)))])
     fold = session_folds(y, groups)
     for outer in np.unique(fold):
         rest = [k for k in np.unique(fold) if k != outer]
@@ -45,8 +47,8 @@ def main(path: str) -> None:
             fifteen.append(validation_score(x, y, np.isin(fold, others), fold == val))
             ten.append(np.mean([validation_score(x, y, np.isin(fold, pair), fold == val)
                                 for pair in itertools.combinations(others, 2)]))
-        print(f"outer fold {outer + 1} (unread): validation balanced accuracy, 10 sessions {np.mean(ten):.3f}, "
-              f"15 sessions {np.mean(fifteen):.3f}", flush=True)
+        print(f"outer fold {outer + 1} (unread): validation balanced accuracy, "
+              f"10 sessions {np.mean(ten):.3f}, 15 sessions {np.mean(fifteen):.3f}", flush=True)
     print(f"CPU s {time.process_time() - start:.0f}")
 
 

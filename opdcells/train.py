@@ -436,6 +436,9 @@ def fuse_on_validation(model: SavedModel, dataset, y_all, split: Split) -> tuple
     """Choose a fused model's deep weight on its validation groups
     (:func:`opdcells.learners.choose_deep_weight`) and set it on ``model.learner``.
 
+    The features part's probabilities of the validation maps are those of the fit that did not see them
+    when it was fit again on them (``TrainConfig.refit``).
+
     Parameters
     ----------
     model : SavedModel
@@ -446,9 +449,6 @@ def fuse_on_validation(model: SavedModel, dataset, y_all, split: Split) -> tuple
         Task label of every dataset map (-1 outside the task).
     split : Split
         The run's split; its validation maps are used.
-
-    The features part's probabilities of the validation maps are those of the fit that did not see them
-    when it was fit again on them (``TrainConfig.refit``).
 
     Returns
     -------

@@ -41,8 +41,14 @@ def _usage() -> tuple[float, float, float, int]:
 
 
 def train_child(args) -> dict:
-    """One variant's process: train, return per-epoch usage (after the warm-up epoch) and peak memory."""
+    """One variant's process: apply its allocator settings, train (:func:`train_epochs`)."""
     applied = keep_allocated_memory() if args.child == "kept" else {}
+    return {"applied": applied, **train_epochs(args)}
+
+
+def train_epochs(args) -> dict:
+    """Train the quick profile's ``args.backbone`` on ``args.data`` for a warm-up epoch and ``args.epochs``
+    more; return each timed epoch's usage (wall, CPU, system CPU, minor page faults) and the peak memory."""
     import keras
 
     from opdcells.config import TrainConfig
@@ -79,7 +85,7 @@ def train_child(args) -> dict:
     model.fit(stream, epochs=args.epochs + 1, verbose=0, callbacks=[usage])
     ds.close()
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"applied": applied, "epochs": usage.epochs[1:], "peak_mb": peak_mb}
+    return {"epochs": usage.epochs[1:], "peak_mb": peak_mb}
 
 
 def run_variant(variant: str, data: Path, args) -> dict:

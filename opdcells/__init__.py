@@ -5,11 +5,12 @@ The data side (readers, preprocessing, dataset, simulator) imports no deep-learn
 """
 from __future__ import annotations
 
-import os as _os
+from .console import tensorflow_environment as _tensorflow_environment
 
-# TensorFlow's C++ start-up chatter (CUDA probing, oneDNN notes) drowns the useful log lines on CPU
-# machines; users can still set TF_CPP_MIN_LOG_LEVEL themselves.
-_os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Before anything imports TensorFlow: its C++ start-up chatter (CUDA probing, oneDNN notes) kept out of
+# the log, and oneDNN's CPU kernels on where TensorFlow leaves them off (console.TENSORFLOW_ENVIRONMENT);
+# variables the user has set win.
+_tensorflow_environment()
 
 __version__ = "0.1.0"
 

@@ -29,9 +29,16 @@ from .errors import safe_text
 
 EXIT_OK, EXIT_SKIPPED, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 130
 
-#: Environment that keeps TensorFlow's C++ INFO and WARNING lines (oneDNN notices, CPU feature notes,
-#: CUDA probing) out of the terminal; C++ errors still show. Values the user has set win.
-TENSORFLOW_ENVIRONMENT = {"TF_CPP_MIN_LOG_LEVEL": "2"}
+#: TensorFlow's environment, set before it is imported; values the user has set win.
+#:
+#: - ``TF_CPP_MIN_LOG_LEVEL=2`` keeps its C++ INFO and WARNING lines (oneDNN notices, CPU feature notes,
+#:   CUDA probing) out of the terminal; C++ errors still show.
+#: - ``TF_ENABLE_ONEDNN_OPTS=1`` runs convolutions and matrix products on the CPU with oneDNN's kernels.
+#:   TensorFlow (since 2.9) turns them on by itself only on CPUs with AVX-512 VNNI / BF16, AVX-VNNI or AMX
+#:   (``tensorflow/core/util/port.cc``, ``IsMklEnabled``); elsewhere, e.g. an AMD EPYC with AVX2, its Eigen
+#:   kernels train ResNet50 2.6-4x and VGG16 1.8x slower per step and MobileNetV2 no faster
+#:   (``benchmarks/bench_onednn.py``). ``TF_ENABLE_ONEDNN_OPTS=0`` keeps Eigen's.
+TENSORFLOW_ENVIRONMENT = {"TF_CPP_MIN_LOG_LEVEL": "2", "TF_ENABLE_ONEDNN_OPTS": "1"}
 
 #: glibc ``malloc`` settings for TensorFlow on the CPU (the names glibc reads from the environment at
 #: process start): one arena, no chunks of their own mapping, no trimming of the heap below 1 GiB free.
@@ -135,11 +142,12 @@ def setup_logging(quiet: bool = False, verbose: bool = False, *, summary: str | 
 # --------------------------------------------------------------------------------------- TensorFlow
 
 
-def quiet_tensorflow_environment(environ: dict | None = None) -> dict:
+def tensorflow_environment(environ: dict | None = None) -> dict:
     """Set :data:`TENSORFLOW_ENVIRONMENT` in ``environ`` (default ``os.environ``) where not already set.
 
-    GPUs stay visible: nothing here hides a device, only log lines. Child processes (notebook kernels)
-    inherit the settings.
+    GPUs stay visible: nothing here hides a device, only log lines; oneDNN's kernels are CPU kernels.
+    TensorFlow reads the variables when it is imported: ``import opdcells`` sets them in ``os.environ``,
+    so child processes (notebook kernels, test workers) inherit them.
 
     Parameters
     ----------
@@ -254,7 +262,7 @@ def import_tensorflow(verbose: bool = False):
     if "tensorflow" in sys.modules:
         return sys.modules["tensorflow"]
     keep_allocated_memory()
-    quiet_tensorflow_environment()
+    tensorflow_environment()
     if verbose:
         import tensorflow as tf
 

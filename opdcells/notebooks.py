@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from .console import EXIT_OK, allocator_environment, common_options, drop_noise, quiet_tensorflow_environment
+from .console import EXIT_OK, allocator_environment, common_options, drop_noise, tensorflow_environment
 from .errors import NotebookError, one_line
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,13 +60,13 @@ def kernel_environment(environ: dict | None = None, threads: int | None = None) 
     Returns
     -------
     dict
-        A copy with the repository first on ``PYTHONPATH`` (so ``import opdcells`` is this checkout) and
-        TensorFlow's start-up lines silenced (:func:`opdcells.console.quiet_tensorflow_environment`) and
-        glibc's allocator keeping freed memory (:func:`opdcells.console.allocator_environment`).
+        A copy with the repository first on ``PYTHONPATH`` (so ``import opdcells`` is this checkout),
+        TensorFlow's start-up lines silenced and oneDNN on (:func:`opdcells.console.tensorflow_environment`)
+        and glibc's allocator keeping freed memory (:func:`opdcells.console.allocator_environment`).
     """
     env = dict(os.environ if environ is None else environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    return thread_environment(allocator_environment(quiet_tensorflow_environment(env)), threads)
+    return thread_environment(allocator_environment(tensorflow_environment(env)), threads)
 
 
 def thread_environment(environ: dict, threads: int | None) -> dict:

@@ -46,7 +46,7 @@ converted in memory for TensorFlow Lite, :func:`lite_encoder`, 2.7 times less CP
 graph, its scores within float32 rounding of the model's; the Keras graph where it does not convert);
 only maps whose score comes within :data:`REFINE_MARGIN_LOGIT` of the threshold (:func:`near_threshold`)
 are predicted again with it (8 views, through the traced Keras model in calls of fixed shape,
-:func:`tta_pass`: ``predict_proba(tta=True)`` bit for bit, so with a model that uses test-time
+:func:`tta_pass`: ``predict_proba(tta=True)`` to float32 rounding, so with a model that uses test-time
 augmentation every map that can be flagged gets the Keras model's own score), and only theirs have the
 OOD detector's morphology features measured, and those of the maps predicted as a target class
 (``ood_morphology="near"``, the default; the other maps' ``ood_score`` is their embedding's: the flagged

@@ -1,7 +1,8 @@
 """Screening's inference calls: the traced test-time augmentation pass gives ``predict_proba(tta=True)``
-bit for bit (whatever the maps beside a map in its call), the encoder converted for TensorFlow Lite gives
-the Keras model's probabilities and embeddings to float32 rounding (and falls back to Keras when it does
-not convert or disagrees), and TensorFlow's thread pools are sized beside the reading processes."""
+to float32 rounding (whatever the maps beside a map in its call), the encoder converted for TensorFlow
+Lite gives the Keras model's probabilities and embeddings to float32 rounding (and falls back to Keras
+when it does not convert or disagrees), and TensorFlow's thread pools are sized beside the reading
+processes."""
 import logging
 import os
 import subprocess
@@ -61,8 +62,9 @@ def test_tta_pass_is_predict_proba_with_tta(saved):
     assert proba.dtype == np.float32 and proba.shape == (len(maps), 3)
     assert _same_to_float32_rounding(proba, saved.predict_proba(maps, 256, tta=True))
     assert not _same_to_float32_rounding(proba, saved.predict_proba(maps, 256, tta=False))   # views matter
-    # alone or among 8 maps: bit for bit on both machines seen
-    assert np.array_equal(augmented(maps[5:6]), proba[5:6])
+    # alone or among 8 maps: bit for bit with TensorFlow's Eigen kernels; oneDNN's (on by import opdcells)
+    # may pick another kernel for 8 views than for 64 (seen on an AMD EPYC with AVX2: the 8th digit)
+    assert _same_to_float32_rounding(augmented(maps[5:6]), proba[5:6])
     assert _same_to_float32_rounding(augmented(maps[TTA_GROUP + 1:]), proba[TTA_GROUP + 1:])
 
 

@@ -162,6 +162,8 @@ class Profile:
         ResNet50: fine-tuning all 23.5 million weights at Adam 5e-5 after the head-only epochs lowered
         validation accuracy on the demo's five-class split (0.8875 -> 0.80-0.81 with the encoder of
         pretraining epoch 5, 0.883 -> 0.67-0.80 with epoch 4; docs/recipe.md).
+        VGG16: fine-tuning lowered it too (0.8925 after the head -> 0.82-0.86; docs/recipe.md "VGG16:
+        shipped").
     probe_epochs : int or None
         Head-only epochs of an encoder that is not fine-tuned (None: ``pretrained_epochs``).
     tta_by_model : dict
@@ -193,7 +195,7 @@ class Profile:
     learning_rate_by_model: dict = field(default_factory=lambda: {"vgg16": 1e-4})
     pretrained_epochs: int = 8
     pretrained_patience: int = 3
-    pretrained_epochs_by_model: dict = field(default_factory=lambda: {"resnet50": 0})
+    pretrained_epochs_by_model: dict = field(default_factory=lambda: {"resnet50": 0, "vgg16": 0})
     probe_epochs: int | None = None
     tta_by_model: dict = field(default_factory=dict)
     input_size_by_model: dict = field(default_factory=dict)

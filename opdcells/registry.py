@@ -417,6 +417,17 @@ register_encoder(RegisteredEncoder(
             "--batch-size 64 --probe 500 --sim-cache data/sim_cache --sim-maps-per-session 10",
     commit="dffe1a0a1d41848f1187c9201383b0b857dd0b9a"), default=True)
 
+register_encoder(RegisteredEncoder(
+    name="opd_vgg16_pretrained", backbone="vgg16", folder="pretrained/opd_vgg16_pretrained",
+    sha256="25a17b85595d69d3548de7d88b8ace90733b6f553f0739a15569c7dc79d5cd9e",
+    input_size=48, pixel_size_um=0.25, out_size=128,
+    trained_on="20000 simulated OPD maps of the five classes (supervised-sim, labels used), 10 epochs at "
+               "48 px in resumed chunks of one epoch (oneDNN kernels); weights stored as float16",
+    command="python -m opdcells pretrain --backbone vgg16 --method supervised-sim --out "
+            "saved_models/opd_vgg16_pretrained --epochs 10 --input-size 48 --n-sim 20000 --seed 0 "
+            "--batch-size 64 --lr 0.0001 --probe 500 --sim-cache data/sim_cache --sim-maps-per-session 10",
+    commit="890e83f27540d9134914628766cdd87e707f24ee"), default=True)
+
 
 # ------------------------------------------------------------------------------------- weights
 

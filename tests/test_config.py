@@ -50,17 +50,18 @@ def test_json_round_trip_and_validation_name_the_file(tmp_path):
         TrainConfig.from_profile("mobilenetv2", epoch=3)
 
 
-def test_opd_mobilenetv2_is_mobilenetv2_with_opd_weights_everywhere():
+def test_opd_mobilenetv2_is_mobilenetv2_with_opd_weights_everywhere(monkeypatch):
     assert resolve_alias("opd_mobilenetv2") == ("mobilenetv2", "opd")
     assert resolve_alias("opd_mobilenetv2", "none") == ("mobilenetv2", "opd")
     alias = TrainConfig.from_profile("opd_mobilenetv2")
     assert alias == TrainConfig.from_profile("mobilenetv2", weights="opd")
     assert (alias.model, alias.alpha, alias.input_size, alias.head_epochs) == ("mobilenetv2", 0.35, 128, 2)
+    monkeypatch.delitem(registry.DEFAULTS, "vgg16")   # a backbone without a shipped encoder
     with pytest.raises(RegistryError, match=r"registry.DEFAULTS\['vgg16'\]: no OPD-pretrained encoder"):
         TrainConfig.from_profile("vgg16", weights="opd")
 
 
-def test_a_pretrained_resnet50_trains_its_head_alone_other_encoders_are_fine_tuned(tmp_path):
+def test_pretrained_resnet50_and_vgg16_train_their_head_alone_other_encoders_are_fine_tuned(tmp_path):
     folder = tmp_path / "encoder"
     folder.mkdir()
     (folder / "encoder.weights.h5").write_bytes(b"weights")   # resolved and hashed, not loaded
@@ -72,6 +73,11 @@ def test_a_pretrained_resnet50_trains_its_head_alone_other_encoders_are_fine_tun
         assert probe.patience == PROFILES[profile].pretrained_patience and probe.input_size == 64
         tuned = TrainConfig.from_profile("opd_mobilenetv2", profile)
         assert (tuned.epochs, tuned.head_epochs) == (PROFILES[profile].pretrained_epochs, 2)
+    vgg = folder.parent / "vgg16"
+    shutil.copytree(folder, vgg)
+    (vgg / "config.json").write_text(json.dumps({"architecture": "vgg16", "input_size": 48}))
+    head = TrainConfig.from_profile("vgg16", weights=str(vgg))   # the head alone too (docs/recipe.md)
+    assert (head.epochs, head.input_size, head.fusion) == (0, 48, "none")
     assert TrainConfig.from_profile("resnet50", weights=str(folder)).head_epochs == 3   # the quick profile's
     asked = TrainConfig.from_profile("resnet50", weights=str(folder), epochs=3)   # fine-tuning asked for
     assert (asked.epochs, asked.head_epochs) == (3, 2)

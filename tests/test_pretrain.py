@@ -308,7 +308,8 @@ def test_cli_pretrain_supervised_sim_stops_at_max_minutes_and_continues_from_an_
 #: shipped encoder folder -> (backbone family, largest weights file in bytes)
 SHIPPED_ENCODERS = {"mobilenetv2": (SHIPPED, 5e6),
                     "resnet50": (registry.encoder_folder(registry.DEFAULTS["resnet50"]), 50e6),
-                    "dinov2": (registry.encoder_folder(registry.DEFAULTS["dinov2"]), 10e6)}
+                    "dinov2": (registry.encoder_folder(registry.DEFAULTS["dinov2"]), 10e6),
+                    "vgg16": (registry.encoder_folder(registry.DEFAULTS["vgg16"]), 31e6)}
 
 
 @pytest.fixture(scope="module", params=sorted(SHIPPED_ENCODERS))

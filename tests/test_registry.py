@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_every_shipped_entry_is_in_the_package_and_verifies():
     shipped = {n: e for n, e in registry.get_registered_encoders().items() if e.folder}
     assert {"opd_mobilenetv2_pretrained", "opd_mobilenetv2_pretrained_v2", "opd_mobilenetv2_pretrained_v3",
-            "opd_resnet50_pretrained", "opd_dinov2_pretrained"} <= set(shipped)
+            "opd_resnet50_pretrained", "opd_dinov2_pretrained", "opd_vgg16_pretrained"} <= set(shipped)
     for name, entry in shipped.items():
         folder = registry.encoder_folder(name)
         assert folder.parent == registry.PACKAGE_DIR / "pretrained"
@@ -31,10 +31,11 @@ def test_every_shipped_entry_is_in_the_package_and_verifies():
         assert config["data"]["out_size"] == entry.out_size
         assert entry.init == f"opd:{name}@{registry.file_sha256(folder / registry.ENCODER_WEIGHTS)[:12]}"
     assert registry.DEFAULTS == {"mobilenetv2": "opd_mobilenetv2_pretrained_v3",
-                                 "resnet50": "opd_resnet50_pretrained", "dinov2": "opd_dinov2_pretrained"}
+                                 "resnet50": "opd_resnet50_pretrained", "dinov2": "opd_dinov2_pretrained",
+                                 "vgg16": "opd_vgg16_pretrained"}
 
 
-def test_opd_weights_resolve_to_the_default_entry_or_name_the_missing_one():
+def test_opd_weights_resolve_to_the_default_entry_or_name_the_missing_one(monkeypatch):
     resolved = registry.resolve_weights("mobilenetv2", "opd")
     assert resolved.kind == "file"
     assert resolved.init == registry.get_entry("opd_mobilenetv2_pretrained_v3").init
@@ -42,6 +43,8 @@ def test_opd_weights_resolve_to_the_default_entry_or_name_the_missing_one():
         earlier = registry.resolve_weights("mobilenetv2", f"opd:{name}")
         assert earlier.init == registry.get_entry(name).init != resolved.init
     assert registry.resolve_weights("dinov2", "opd:opd_dinov2_pretrained").config["architecture"] == "dinov2"
+    assert registry.resolve_weights("vgg16", "opd").config["input_size"] == 48
+    monkeypatch.delitem(registry.DEFAULTS, "vgg16")   # a backbone without a shipped encoder
     with pytest.raises(RegistryError, match=r"registry.DEFAULTS\['vgg16'\]: no OPD-pretrained encoder"):
         registry.resolve_weights("vgg16", "opd")
     with pytest.raises(RegistryError, match="registry entry nope: no such pretrained encoder is registered"):
